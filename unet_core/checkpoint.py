@@ -1,0 +1,96 @@
+"""Trained-model files: the architecture, the weights and how to normalise inputs.
+
+A model file is a plain ``torch.save`` of a dict holding only tensors, numbers, strings,
+lists and dicts, so it loads with ``torch.load(weights_only=True)``: no arbitrary object is
+ever unpickled (a crafted pickle is rejected). The architecture (:class:`UNetSpec`) is
+stored inside, so ``unet predict`` needs no repeated model flags.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unet_core.atomic import atomic_output
+from unet_core.errors import CheckpointError
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
+
+FORMAT = "unet-pipeline/model/1"
+
+
+def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (spec + float32 CPU state dict + metadata) atomically to ``path``."""
+    payload = {
+        "format": FORMAT,
+        "spec": model.spec.to_dict(),
+        "state_dict": {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                       for k, v in model.state_dict().items()},
+        "metadata": metadata or {},
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with one-line errors for unusable files.
+
+    Raises:
+        CheckpointError: missing, truncated, not a torch file, or holding arbitrary objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model/checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain data "
+            f"({first[:160]}); only load files you trust"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupted or truncated?)") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a unet-pipeline file (top level is {type(data).__name__})")
+    return data
+
+
+def load_model(path: str | os.PathLike[str], *, expect: UNetSpec | None = None) -> tuple[UNet, dict[str, Any]]:
+    """Load a model written by :func:`save_model` (also accepts a training checkpoint).
+
+    Args:
+        path: model file.
+        expect: if given, the architecture the caller's config asks for; a mismatch is an
+            error naming the differing keys.
+
+    Returns:
+        The model in eval mode on the CPU, and its metadata dict.
+
+    Raises:
+        CheckpointError: unreadable file, wrong format, or an architecture mismatch.
+    """
+    data = safe_load(path)
+    if data.get("format") not in (FORMAT, "unet-pipeline/train-state/1") or "spec" not in data:
+        raise CheckpointError(f"{path}: not a unet-pipeline model file (format {data.get('format')!r})")
+    try:
+        spec = UNetSpec.from_dict(data["spec"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: invalid architecture in file: {err}") from err
+    if expect is not None and expect != spec:
+        diff = {k: (v, expect.to_dict()[k]) for k, v in spec.to_dict().items() if expect.to_dict()[k] != v}
+        detail = ", ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}: model does not match the config's model section ({detail})")
+    model = UNet(spec)
+    state = data.get("state_dict") or data.get("model")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from err
+    model.eval()
+    return model, dict(data.get("metadata") or {})

@@ -1,0 +1,99 @@
+"""``unet <stage>``: one subcommand per pipeline stage.
+
+Every module in this package other than ``common`` is a stage: it defines
+``add_parser(subparsers)``, which registers its subcommand and sets ``func`` to a function
+taking the parsed arguments. ``main`` parses, calls that one function, and maps errors to
+exit codes: a user mistake prints one line naming the file/key and the problem and exits
+with 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import pkgutil
+import sys
+import traceback
+
+from unet_core import __version__
+from unet_core.errors import UserInputError
+
+# Display order of the subcommands (the order data flows through the pipeline).
+STAGE_ORDER = ("synth", "ingest", "weights", "augment", "train", "predict", "merge", "evaluate", "export")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+log = logging.getLogger("unet_core")
+
+
+def _stage_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"}
+    return [s for s in STAGE_ORDER if s in found] + sorted(found - set(STAGE_ORDER))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unet",
+        description=(
+            "U-Net segmentation pipeline (Ronneberger et al. 2015). Each subcommand is one "
+            "stage of the Snakemake workflow and also runs on its own; see 'unet STAGE --help'."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"unet-pipeline {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name in _stage_modules():
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``unet`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format=f"unet {args.stage}: %(message)s",
+        stream=sys.stderr,
+    )
+    prefix = f"unet {args.stage}: error:"
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except UserInputError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix} out of memory; use smaller blocks/tiles or more memory", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        if args.debug:
+            traceback.print_exc()
+        where = f"{err.filename}: " if err.filename else ""
+        reason = err.strerror or _one_line(err)
+        if err.errno == errno.ENOSPC:
+            reason = "no space left on device; free space or choose another output directory"
+        print(f"{prefix} {where}{reason}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as err:  # a bug: keep the traceback, but say so in one line at the end
+        traceback.print_exc()
+        print(f"{prefix} internal error ({type(err).__name__}: {_one_line(err)}); please report it", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Grey-value normalisation shared by training and prediction.
+
+Images are z-scored with statistics of their whole stack (computed once at ingest and
+stored in the stack's attributes), never per tile: per-tile statistics would make a
+tiled prediction differ from a whole-image one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """Mean and standard deviation of a stack's raw grey values."""
+
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> IntensityStats:
+        return cls(float(data["mean"]), float(data["std"]))
+
+
+def normalize(raw: np.ndarray, stats: IntensityStats) -> np.ndarray:
+    """``(raw - mean) / std`` as float32, any shape; a constant stack maps to 0."""
+    std = stats.std if stats.std > 0 else 1.0
+    return ((np.asarray(raw, dtype=np.float32) - np.float32(stats.mean)) / np.float32(std)).astype(
+        np.float32, copy=False
+    )
+
+
+class RunningStats:
+    """Streaming mean/std over many arrays (Chan et al. parallel update), in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        n_b = values.size
+        if n_b == 0:
+            return
+        mean_b = float(values.mean())
+        m2_b = float(((values - mean_b) ** 2).sum())
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta**2 * self.n * n_b / n
+        self.n = n
+
+    def result(self) -> IntensityStats:
+        std = (self.m2 / self.n) ** 0.5 if self.n else 0.0
+        return IntensityStats(self.mean, std)

@@ -1,0 +1,253 @@
+"""Architecture and size arithmetic of the U-Net, without torch.
+
+The network owns its geometry: everything that tiles, crops or checks sizes asks a
+:class:`UNetSpec` instead of retyping 572 / 388 / 92.
+
+For valid (unpadded) 3x3 convolutions each level's two convolutions remove 2 px per side
+at that level's scale, so for depth ``d`` the output loses ``context = 6 * 2**d - 4`` px per
+side (92 for ``d = 4``), every max-pool needs an even size, and valid input sizes are
+``min_input_size + 2**d * k``, which for ``d = 4`` is ``188 + 16 k`` (572 -> 388).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+from unet_core.errors import ConfigError
+
+
+class Padding(str, Enum):
+    """Convolution padding: the paper's ``valid`` (exact tiling) or ``same``."""
+
+    VALID = "valid"
+    SAME = "same"
+
+
+class Norm(str, Enum):
+    """Optional normalisation after each convolution (the paper uses none)."""
+
+    NONE = "none"
+    BATCH = "batch"
+    GROUP = "group"
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Architecture of a 2-D U-Net; defaults are the paper's network.
+
+    Attributes:
+        depth: number of 2x2 max-pools (4 in the paper).
+        base_channels: feature maps at the first level (64), doubled per level.
+        in_channels: image channels (1 for grey microscopy).
+        n_classes: output classes of the final 1x1 convolution (2: background, cell).
+        padding: ``valid`` (paper; exact overlap-tile) or ``same``.
+        norm: ``none`` (paper), ``batch`` or ``group`` normalisation.
+        dropout: drop probability at the end of the contracting path (paper: dropout layers
+            there; 0.5 is the Caffe default).
+    """
+
+    depth: int = 4
+    base_channels: int = 64
+    in_channels: int = 1
+    n_classes: int = 2
+    padding: Padding = Padding.VALID
+    norm: Norm = Norm.NONE
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "padding", Padding(self.padding))
+        object.__setattr__(self, "norm", Norm(self.norm))
+        for name in ("depth", "base_channels", "in_channels", "n_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_classes < 2:
+            raise ConfigError(f"model.n_classes must be >= 2 (softmax), got {self.n_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["padding"] = self.padding.value
+        d["norm"] = self.norm.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetSpec:
+        """Build from a config mapping; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model: unknown key(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"model: {err}") from err
+
+    def fingerprint(self) -> str:
+        """Canonical JSON of the architecture (to compare checkpoints with configs)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- geometry ---------------------------------------------------------------------
+    @property
+    def stride(self) -> int:
+        """2**depth: tile origins must be multiples of this for seamless tiling."""
+        return 2**self.depth
+
+    @property
+    def context(self) -> int:
+        """Pixels the output loses per side relative to the input (92 at depth 4, valid)."""
+        if self.padding is Padding.SAME:
+            return 0
+        return 6 * 2**self.depth - 4
+
+    @property
+    def receptive_field_radius(self) -> int:
+        """Half-width of the receptive field of one output pixel, in input pixels.
+
+        Equals :attr:`context` for valid padding; for same padding it is the halo a tile
+        needs so that border effects stay outside the written region (not exact).
+        """
+        return 6 * 2**self.depth - 4
+
+    def _valid_forward(self, in_size: int) -> int | None:
+        """Output length of a valid-padded net, or None where some layer would break."""
+        size = in_size
+        for _ in range(self.depth):
+            size -= 4
+            if size < 2 or size % 2:
+                return None
+            size //= 2
+        size -= 4
+        if size < 1:
+            return None
+        for _ in range(self.depth):
+            size = 2 * size - 4
+            if size < 1:
+                return None
+        return size
+
+    def output_size(self, in_size: int) -> int:
+        """Output length along one axis for an input of ``in_size`` pixels.
+
+        Raises:
+            ValueError: ``in_size`` is not valid for this network (names the nearest ones).
+        """
+        if self.padding is Padding.SAME:
+            if in_size < 1 or in_size % self.stride:
+                raise ValueError(
+                    f"input size {in_size} is not valid for a same-padded U-Net of depth "
+                    f"{self.depth}: it must be a positive multiple of {self.stride} "
+                    f"(nearest: {self.nearest_valid_inputs(in_size)})"
+                )
+            return in_size
+        out = self._valid_forward(in_size)
+        if out is None:
+            raise ValueError(
+                f"input size {in_size} is not valid for a valid-padded U-Net of depth "
+                f"{self.depth}: it must be {self.min_input_size} + {self.stride}*k "
+                f"(nearest: {self.nearest_valid_inputs(in_size)})"
+            )
+        return out
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest valid input length (188 at depth 4, valid; 2**depth for same)."""
+        if self.padding is Padding.SAME:
+            return self.stride
+        bottom = 1  # pixels right after the last max-pool; undo the down path from there
+        while True:
+            size = bottom
+            for _ in range(self.depth):
+                size = 2 * size + 4
+            if self._valid_forward(size) is not None:
+                return size
+            bottom += 1
+
+    def is_valid_input(self, in_size: int) -> bool:
+        return in_size >= self.min_input_size and (in_size - self.min_input_size) % self.stride == 0
+
+    def nearest_valid_inputs(self, in_size: int) -> tuple[int, ...]:
+        """The valid input lengths just below and above ``in_size`` (or it, if valid)."""
+        base, step = self.min_input_size, self.stride
+        if in_size <= base:
+            return (base,)
+        k = (in_size - base) // step
+        lo, hi = base + k * step, base + (k + 1) * step
+        return (lo,) if lo == in_size else (lo, hi)
+
+    def input_size(self, out_size: int) -> int:
+        """Input length that yields an output of exactly ``out_size`` pixels.
+
+        Raises:
+            ValueError: no input gives that output; names the nearest valid output sizes.
+        """
+        in_size = out_size + 2 * self.context
+        if not self.is_valid_input(in_size):
+            near = tuple(n - 2 * self.context for n in self.nearest_valid_inputs(in_size))
+            raise ValueError(
+                f"output size {out_size} is not reachable by a {self.padding.value}-padded "
+                f"U-Net of depth {self.depth} (nearest valid output sizes: {near})"
+            )
+        return in_size
+
+    def valid_output_size_at_least(self, out_size: int) -> int:
+        """Smallest reachable output length >= ``out_size`` (and >= the minimum)."""
+        need = max(out_size + 2 * self.context, self.min_input_size)
+        return self.nearest_valid_inputs(need)[-1] - 2 * self.context
+
+    def flops_per_output_pixel(self, in_size: int) -> float:
+        """Multiply-add FLOPs (2 per MAC) per output pixel of one square tile."""
+        return self.tile_flops(in_size) / self.output_size(in_size) ** 2
+
+    def tile_flops(self, in_size: int) -> float:
+        """FLOPs (2 per multiply-add) of one forward pass on a square ``in_size`` tile."""
+        self.output_size(in_size)  # validates
+        pad = 0 if self.padding is Padding.VALID else 2
+        c_in, c = self.in_channels, self.base_channels
+        size, total = in_size, 0.0
+        skips = []
+        for level in range(self.depth + 1):
+            for _ in range(2):
+                size = size - 2 + pad
+                total += 2 * 9 * c_in * c * size * size
+                c_in = c
+            if level < self.depth:
+                skips.append(c)
+                size //= 2
+                c *= 2
+        for _ in range(self.depth):
+            c //= 2
+            size *= 2
+            total += 2 * 4 * (2 * c) * c * (size // 2) ** 2  # 2x2 up-convolution
+            c_in = 2 * c
+            for _ in range(2):
+                size = size - 2 + pad
+                total += 2 * 9 * c_in * c * size * size
+                c_in = c
+        total += 2 * c * self.n_classes * size * size
+        return total
+
+    def ideal_flops_per_output_pixel(self) -> float:
+        """FLOPs per output pixel on an infinitely large image (no tile overhead)."""
+        c, total, scale = self.base_channels, 0.0, 1.0
+        c_in = self.in_channels
+        for level in range(self.depth + 1):
+            total += 2 * 9 * (c_in * c + c * c) * scale
+            c_in = c
+            if level < self.depth:
+                scale /= 4
+                c *= 2
+        for _ in range(self.depth):
+            c //= 2
+            total += 2 * 4 * (2 * c) * c * scale  # up-conv evaluated at the coarse scale
+            scale *= 4
+            total += 2 * 9 * (2 * c * c + c * c) * scale
+        total += 2 * c * self.n_classes
+        return total

@@ -1,0 +1,59 @@
+"""The U-Net of Ronneberger et al. (2015), built from :mod:`unet_core.model.parts`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unet_core.model.parts import DoubleConv, Down, Up
+from unet_core.model.spec import UNetSpec
+
+
+class UNet(nn.Module):
+    """Contracting path, bottleneck, expanding path with crop-and-concat skips.
+
+    Input ``(N, in_channels, Y, X)`` float; output ``(N, n_classes, Y', X')`` logits with
+    ``Y' = spec.output_size(Y)`` (572 -> 388 for the paper's network).
+    """
+
+    def __init__(self, spec: UNetSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec = spec or UNetSpec()
+        kw = dict(padding=spec.padding, norm=spec.norm)
+        widths = [spec.base_channels * 2**level for level in range(spec.depth + 1)]
+        self.inc = DoubleConv(spec.in_channels, widths[0], **kw)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], **kw) for i in range(spec.depth))
+        # the paper's dropout layers sit at the end of the contracting path
+        self.dropout = nn.Dropout2d(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], **kw) for i in reversed(range(spec.depth)))
+        self.head = nn.Conv2d(widths[0], spec.n_classes, kernel_size=1)
+        self.apply(_he_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = self.dropout(skips.pop())
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+def _he_init(module: nn.Module) -> None:
+    """He initialisation as in the paper: normal, std = sqrt(2 / N), N = incoming nodes.
+
+    For a 2x2 up-convolution with stride 2 each output pixel sees one kernel tap per input
+    channel, so N = in_channels there; for a k x k convolution N = in_channels * k * k.
+    """
+    if isinstance(module, nn.ConvTranspose2d):
+        taps = (module.kernel_size[0] // module.stride[0]) * (module.kernel_size[1] // module.stride[1])
+        fan_in = module.in_channels * max(1, taps)
+    elif isinstance(module, nn.Conv2d):
+        fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    else:
+        return
+    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_in))
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,31 @@
+"""Progress bars for long work: a live bar on a terminal, sparse lines in log files."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Wrap ``iterable`` in a progress bar on stderr.
+
+    On a terminal the bar updates live; when stderr is a file (a Snakemake ``log:``) it is
+    written at most every 30 s, so logs stay readable.
+    """
+    tty = sys.stderr.isatty()
+    yield from tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        file=sys.stderr,
+        mininterval=0.2 if tty else 30.0,
+        ascii=not tty,
+        dynamic_ncols=tty,
+        leave=True,
+    )
