@@ -1,0 +1,19 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ISBI_DIR = Path(os.environ.get("UNET_ISBI_DIR", REPO.parent / "shared" / "datasets" / "isbi2012"))
+
+
+@pytest.fixture
+def isbi_dir() -> Path:
+    """The ISBI 2012 training data; skips the test when it is not on this machine."""
+    if not (ISBI_DIR / "train-volume.tif").is_file():
+        pytest.skip(f"ISBI 2012 data not found in {ISBI_DIR} (set UNET_ISBI_DIR)")
+    return ISBI_DIR
