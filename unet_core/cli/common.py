@@ -90,3 +90,27 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
     if len(set(chosen)) != len(chosen):
         raise UserInputError(f"{what}: slice selection {text!r} lists a slice twice")
     return chosen
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options describing the U-Net architecture (defaults: the paper's network)."""
+    g = parser.add_argument_group("model architecture (must match the trained model)")
+    g.add_argument("--depth", type=positive_int, default=4, help="number of 2x2 max-pools (paper: 4)")
+    g.add_argument("--base-channels", type=positive_int, default=64, help="feature maps at level 0 (paper: 64)")
+    g.add_argument("--n-classes", type=positive_int, default=2, help="output classes (2: background, cell)")
+    g.add_argument("--padding", choices=["valid", "same"], default="valid",
+                   help="convolution padding: 'valid' as in the paper (exact tiling) or 'same'")
+    g.add_argument("--norm", choices=["none", "batch", "group"], default="none",
+                   help="normalisation after each convolution (paper: none)")
+    g.add_argument("--dropout", type=nonnegative_float, default=0.5,
+                   help="dropout probability at the end of the contracting path")
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The :class:`UNetSpec` described by :func:`add_model_args` options."""
+    from unet_core.model.spec import UNetSpec
+
+    return UNetSpec(
+        depth=args.depth, base_channels=args.base_channels, n_classes=args.n_classes,
+        padding=args.padding, norm=args.norm, dropout=args.dropout,
+    )

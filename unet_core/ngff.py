@@ -1,0 +1,235 @@
+"""OME-Zarr (NGFF 0.5, Zarr v3) adapter: the project's on-disk image format.
+
+Layout of a stack written by ``unet ingest`` (and of a prediction written by ``unet merge``)::
+
+    stack.ome.zarr/            group; attrs["ome"]["multiscales"], attrs["unet"] (provenance)
+      0, 1, 2 ...              image pyramid, axes (z, y, x); 0 = full resolution
+      labels/                  group; attrs["ome"]["labels"] = ["gt"]
+        gt/                    label image group (multiscales + image-label metadata)
+          0, 1 ...             integer labels, same shape/chunks as image level 0
+
+Only this module knows the layout; stages call :func:`open_stack` and the writers below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from unet_core import __version__
+from unet_core.errors import UserInputError
+from unet_core.intensity import IntensityStats
+
+NGFF_VERSION = "0.5"
+LABEL_NAME = "gt"
+SPATIAL = ("z", "y", "x")
+
+
+def compressor() -> BloscCodec:
+    """The project's compressor: Blosc/zstd level 5 with bit-shuffle."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def create_array(
+    group: zarr.Group,
+    name: str,
+    *,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int],
+    dimension_names: Sequence[str] | None = None,
+    fill_value: Any = 0,
+) -> zarr.Array:
+    """Create a compressed Zarr v3 array in ``group`` (explicit dtype and chunks)."""
+    chunks = tuple(min(int(c), max(int(s), 1)) for c, s in zip(chunks, shape, strict=True))
+    return group.create_array(
+        name,
+        shape=tuple(int(s) for s in shape),
+        dtype=np.dtype(dtype),
+        chunks=chunks,
+        compressors=compressor(),
+        fill_value=fill_value,
+        dimension_names=tuple(dimension_names) if dimension_names else None,
+    )
+
+
+def axes_metadata(axes: str, unit: str | None) -> list[dict[str, str]]:
+    """NGFF ``axes`` entries for an axis string such as ``"zyx"`` or ``"czyx"``."""
+    out = []
+    for a in axes:
+        if a == "c":
+            out.append({"name": "c", "type": "channel"})
+        else:
+            entry = {"name": a, "type": "space"}
+            if unit:
+                entry["unit"] = unit
+            out.append(entry)
+    return out
+
+
+def pyramid_levels(shape: Sequence[int], *, min_size: int = 256, max_levels: int = 6) -> int:
+    """Levels of a 2x (Y, X) pyramid until the smaller plane axis is below ``min_size``."""
+    levels, y, x = 1, shape[-2], shape[-1]
+    while min(y, x) // 2 >= min_size and levels < max_levels:
+        y, x, levels = y // 2, x // 2, levels + 1
+    return levels
+
+
+def multiscales_metadata(
+    axes: str, scale: Sequence[float], levels: int, *, unit: str | None, name: str
+) -> dict[str, Any]:
+    """The ``multiscales`` entry for ``levels`` levels, each 2x coarser in y and x."""
+    datasets = []
+    for level in range(levels):
+        s = [float(v) for v in scale]
+        s[-1] *= 2**level
+        s[-2] *= 2**level
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": s}]})
+    return {"name": name, "axes": axes_metadata(axes, unit), "datasets": datasets}
+
+
+def downsample_plane(plane: np.ndarray, *, labels: bool) -> np.ndarray:
+    """Halve the last two axes: 2x2 mean for images, top-left pick for labels (no blending)."""
+    y, x = plane.shape[-2] // 2 * 2, plane.shape[-1] // 2 * 2
+    plane = plane[..., :y, :x]
+    if labels:
+        return plane[..., ::2, ::2]
+    mean = plane.reshape(*plane.shape[:-2], y // 2, 2, x // 2, 2).astype(np.float32).mean(axis=(-3, -1))
+    if np.issubdtype(plane.dtype, np.integer):
+        return np.rint(mean).astype(plane.dtype)
+    return mean.astype(plane.dtype)
+
+
+@dataclass
+class PyramidWriter:
+    """Write an image (or label image) plane by plane into a multiscale group.
+
+    Create it, call :meth:`write_plane` for z = 0, 1, ... (any order), then
+    :meth:`finish` to store the metadata. Memory use is one plane per level.
+    """
+
+    group: zarr.Group
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: tuple[int, ...]
+    scale: tuple[float, ...]
+    unit: str | None = None
+    axes: str = "zyx"
+    labels: bool = False
+    name: str = "image"
+    levels: int = 0
+    arrays: list[zarr.Array] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            self.levels = pyramid_levels(self.shape)
+        shape = list(self.shape)
+        for level in range(self.levels):
+            self.arrays.append(
+                create_array(
+                    self.group, str(level), shape=shape, dtype=self.dtype, chunks=self.chunks,
+                    dimension_names=list(self.axes),
+                )
+            )
+            shape[-2] //= 2
+            shape[-1] //= 2
+
+    def write_plane(self, index: tuple[int, ...] | int, plane: np.ndarray) -> None:
+        """Write one plane (the last two axes) at leading index ``index`` at every level."""
+        index = (index,) if isinstance(index, int) else tuple(index)
+        for level, arr in enumerate(self.arrays):
+            if level:
+                plane = downsample_plane(plane, labels=self.labels)
+            arr[index] = plane[: arr.shape[-2], : arr.shape[-1]]
+
+    def finish(self, extra: dict[str, Any] | None = None) -> None:
+        ome: dict[str, Any] = {
+            "version": NGFF_VERSION,
+            "multiscales": [multiscales_metadata(self.axes, self.scale, self.levels, unit=self.unit, name=self.name)],
+        }
+        if extra:
+            ome.update(extra)
+        attrs = dict(self.group.attrs)
+        attrs["ome"] = ome
+        self.group.attrs.update(attrs)
+
+
+def label_group(root: zarr.Group, name: str = LABEL_NAME) -> zarr.Group:
+    """Create ``labels/<name>`` under an image group and register it in ``labels``."""
+    labels = root.require_group("labels")
+    existing = list(dict(labels.attrs).get("ome", {}).get("labels", []))
+    if name not in existing:
+        existing.append(name)
+    labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": existing}})
+    return labels.create_group(name)
+
+
+IMAGE_LABEL = {"image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}}}
+
+
+@dataclass
+class Stack:
+    """An ingested stack opened for reading (arrays are lazy Zarr arrays).
+
+    Attributes:
+        path: the ``.ome.zarr`` directory.
+        image: (Z, Y, X) raw grey values at full resolution.
+        labels: (Z, Y, X) integer ground truth, or None.
+        label_kind: ``"instance"`` (0 = background, every other value one object),
+            ``"binary"`` (two values; the larger one is foreground) or None.
+        intensity: mean/std of the raw grey values over the whole stack.
+        scale: physical size of a voxel per axis (z, y, x), in ``unit``.
+        unit: NGFF unit name or None.
+        attrs: the ``unet`` provenance attributes.
+    """
+
+    path: Path
+    image: zarr.Array
+    labels: zarr.Array | None
+    label_kind: str | None
+    intensity: IntensityStats
+    scale: tuple[float, ...]
+    unit: str | None
+    attrs: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape)
+
+
+def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) -> Stack:
+    """Open a stack written by ``unet ingest``.
+
+    Raises:
+        UserInputError: missing store, not a unet-pipeline stack, or labels required but absent.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserInputError(f"{path}: not a Zarr store (run 'unet ingest' first)")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as err:  # zarr raises several types for damaged metadata
+        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+    attrs = dict(root.attrs)
+    unet = attrs.get("unet", {})
+    if "0" not in root or "intensity" not in unet:
+        raise UserInputError(f"{path}: not a stack written by 'unet ingest' (missing image or attributes)")
+    image = root["0"]
+    labels = None
+    label_kind = None
+    if "labels" in root and LABEL_NAME in root["labels"]:
+        labels = root["labels"][LABEL_NAME]["0"]
+        label_kind = unet.get("label_kind")
+    if require_labels and labels is None:
+        raise UserInputError(f"{path}: has no ground-truth labels (ingest it with --labels)")
+    ms = attrs["ome"]["multiscales"][0]
+    scale = tuple(ms["datasets"][0]["coordinateTransformations"][0]["scale"])
+    unit = ms["axes"][-1].get("unit")
+    return Stack(path, image, labels, label_kind, IntensityStats.from_dict(unet["intensity"]), scale, unit, unet)
