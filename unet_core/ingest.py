@@ -1,0 +1,211 @@
+"""Stage 1, ingest: raw TIFF stacks -> chunked, compressed OME-Zarr (NGFF 0.5).
+
+Reads the image stack (and optionally a label stack of the same shape) one slice at a
+time, checks every slice, writes the full-resolution arrays plus a 2x pyramid for
+viewing, and records provenance (source path, sha256, tool version, parameters) and the
+stack's intensity statistics. Peak memory is a few slices, whatever the stack size. The
+store appears under its final name only when complete (see :mod:`unet_core.atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from unet_core import __version__
+from unet_core.atomic import atomic_output
+from unet_core.errors import UserInputError
+from unet_core.intensity import RunningStats
+from unet_core.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
+from unet_core.progress import progress
+from unet_core.tiff_io import TiffStack, open_tiff_stack
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNKS = (1, 512, 512)
+LABEL_KINDS = ("auto", "instance", "binary")
+
+
+def sha256_path(path: Path, *, block_mb: int = 8) -> str:
+    """sha256 of a file, or of a folder's TIFF files in stack order (names and bytes)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(block_mb << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
+    """Reject NaN/Inf pixels in float images (they poison normalisation and training)."""
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+        bad = "NaN" if np.isnan(plane).any() else "Inf"
+        raise UserInputError(f"{path}: slice {z} contains {bad} pixels; fix or mask them before ingesting")
+    if plane.dtype.kind == "c":
+        raise UserInputError(f"{path}: complex-valued pixels are not supported")
+
+
+def check_label_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
+    """Labels must be non-negative integers."""
+    if plane.dtype.kind not in "iub":
+        raise UserInputError(
+            f"{path}: labels must be integers, got dtype {plane.dtype}; save them as uint8/uint16/uint32"
+        )
+    if plane.dtype.kind == "i" and plane.size and plane.min() < 0:
+        raise UserInputError(f"{path}: slice {z} has negative label {int(plane.min())}; labels must be >= 0")
+
+
+class LabelKindTracker:
+    """Decides ``binary`` vs ``instance`` from the values seen (two values -> binary)."""
+
+    def __init__(self) -> None:
+        self.values: set[int] = set()
+        self.many = False
+
+    def update(self, plane: np.ndarray) -> None:
+        if self.many:
+            return
+        self.values.update(int(v) for v in np.unique(plane)[:3])
+        self.many = len(self.values) > 2
+
+
+def _choose_kind(requested: str, tracker: LabelKindTracker) -> str:
+    if requested != "auto":
+        return requested
+    if tracker.many:
+        return "instance"
+    # two distinct values: a semantic mask (e.g. ISBI: 255 = cell, 0 = membrane). A mask
+    # with a single value is treated as instances (all background, or one object).
+    return "binary" if len(tracker.values) == 2 else "instance"
+
+
+def ingest(
+    image: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    labels: str | os.PathLike[str] | None = None,
+    slices: Sequence[int] | None = None,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    label_kind: str = "auto",
+    spacing_um: Sequence[float] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Convert a TIFF image stack (and optional label stack) to an OME-Zarr store.
+
+    Args:
+        image: TIFF file or folder of single-page TIFFs, (Z, Y, X) grey values.
+        out: output ``.ome.zarr`` directory (replaced atomically if it exists).
+        labels: label stack of the same shape: instance ids (0 = background) or a binary
+            mask (two values, the larger = cell interior, e.g. ISBI 2012's 255/0).
+        slices: indices of the slices to keep (default: all), in output order.
+        chunks: Zarr chunk shape (z, y, x) in voxels.
+        label_kind: ``auto`` (two values -> binary, else instance), ``instance`` or ``binary``.
+        spacing_um: voxel size (z, y, x) in µm, overriding what the file says.
+        name: dataset name stored in the metadata (default: the image file's stem).
+
+    Returns:
+        The ``unet`` provenance attributes written to the store.
+
+    Raises:
+        UserInputError: any problem with the inputs (one line naming file and problem).
+    """
+    if label_kind not in LABEL_KINDS:
+        raise UserInputError(f"label kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != 3 or min(chunks) < 1:
+        raise UserInputError(f"chunks must be three positive integers (z, y, x), got {chunks}")
+    image_path = Path(image)
+    label_path = Path(labels) if labels is not None else None
+    with open_tiff_stack(image_path) as img, (open_tiff_stack(label_path) if label_path else _null()) as lab:
+        if lab is not None and lab.shape != img.shape:
+            raise UserInputError(f"{label_path}: label stack shape {lab.shape} differs from image stack shape {img.shape} ({image_path})")
+        if lab is not None and lab.dtype.kind not in "iub":
+            raise UserInputError(f"{label_path}: labels must be integers, got dtype {lab.dtype}; save them as uint8/uint16/uint32")
+        chosen = list(range(img.shape[0])) if slices is None else [int(z) for z in slices]
+        bad = [z for z in chosen if not 0 <= z < img.shape[0]]
+        if not chosen or bad:
+            raise UserInputError(f"{image_path}: slice selection {bad or chosen} is empty or out of range for {img.shape[0]} slices")
+        spacing = _spacing(img, spacing_um)
+        with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out) as tmp:
+            hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_path, image_path)}
+            if label_path:
+                hashes["labels"] = pool.submit(sha256_path, label_path)
+            attrs = _convert(img, lab, tmp, chosen=chosen, chunks=chunks, spacing=spacing, label_kind=label_kind)
+            attrs.update(
+                name=name or image_path.name.split(".")[0],
+                source={"image": str(image_path), "labels": str(label_path) if label_path else None},
+                sha256={k: f.result() for k, f in hashes.items()},
+                slices=chosen,
+                tool=f"unet-pipeline {__version__}",
+                stage="ingest",
+                parameters={"chunks": list(chunks), "label_kind": label_kind},
+            )
+            root = zarr.open_group(tmp, mode="r+")
+            root.attrs.update({"unet": attrs})
+    log.info("wrote %s: %d slices of %d x %d (%s)", out, len(chosen), *img.shape[1:], img.dtype)
+    return attrs
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, float, float]:
+    if override is not None:
+        if len(override) != 3 or min(override) <= 0:
+            raise UserInputError(f"voxel size must be three positive numbers (z, y, x) in µm, got {list(override)}")
+        return tuple(float(v) for v in override)
+    z, y, x = img.spacing_um
+    return (z or 1.0, y or 1.0, x or 1.0)
+
+
+def _convert(
+    img: TiffStack,
+    lab: TiffStack | None,
+    tmp: Path,
+    *,
+    chosen: list[int],
+    chunks: tuple[int, ...],
+    spacing: tuple[float, float, float],
+    label_kind: str,
+) -> dict[str, Any]:
+    shape = (len(chosen), *img.shape[1:])
+    root = zarr.open_group(tmp, mode="w")
+    image_writer = PyramidWriter(root, shape, img.dtype, chunks, spacing, unit="micrometer", name="image")
+    label_writer = None
+    if lab is not None:
+        group = label_group(root, LABEL_NAME)
+        label_writer = PyramidWriter(group, shape, lab.dtype, chunks, spacing, unit="micrometer", labels=True, name=LABEL_NAME)
+    stats, kinds = RunningStats(), LabelKindTracker()
+    for out_z, z in enumerate(progress(chosen, desc="ingest", unit="slice")):
+        plane = img.read_slice(z)
+        check_image_slice(plane, path=img.path, z=z)
+        stats.update(plane)
+        image_writer.write_plane(out_z, plane)
+        if label_writer is not None:
+            lplane = lab.read_slice(z)
+            check_label_slice(lplane, path=lab.path, z=z)
+            kinds.update(lplane)
+            label_writer.write_plane(out_z, lplane)
+    image_writer.finish()
+    attrs: dict[str, Any] = {"intensity": stats.result().to_dict(), "dtype": str(img.dtype), "shape": list(shape)}
+    if label_writer is not None:
+        label_writer.finish(IMAGE_LABEL)
+        attrs["label_kind"] = _choose_kind(label_kind, kinds)
+        attrs["label_values_seen"] = sorted(kinds.values)[:3] if not kinds.many else None
+    return attrs
