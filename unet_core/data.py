@@ -1,0 +1,324 @@
+"""Training and validation data for the U-Net.
+
+Training tiles come from the augmented sets written by ``unet augment`` (the shared data
+contract)::
+
+    AUG.zarr/      image     float32 (N, H, W)  normalised with the stack's IntensityStats
+                   classes   uint8   (N, H, W)  class per pixel (1 = cell interior)
+                   weights   float32 (N, H, W)  loss weights w(x)
+                   instances int32   (N, H, W)  (not used for training)
+
+``H = W`` is a valid network input size; the targets and weights are cropped here to the
+network's output region (``UNetSpec.context`` pixels per side), which is what the loss sees.
+
+Which tile is used at which iteration is a pure function of ``(seed, iteration)``
+(:class:`IterationSampler`), so a resumed run reads exactly the tiles the uninterrupted run
+would have read, whatever the number of loader workers.
+
+Validation uses held-out slices of ingested stacks and their weights stores, predicted
+slice by slice with overlap-tile inference in the network's valid geometry (mirrored
+borders, tile origins on multiples of ``UNetSpec.stride``: equal to one monolithic pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from unet_core.errors import UserInputError
+from unet_core.geometry import Box
+from unet_core.intensity import normalize
+from unet_core.mirror import read_mirrored
+from unet_core.model.spec import UNetSpec
+from unet_core.ngff import open_stack
+
+log = logging.getLogger(__name__)
+
+TRAIN_ARRAYS = ("image", "classes", "weights")
+SCAN_BLOCK = 64  # samples read at once when checking the class values of a training set
+
+
+def crop_to_output(array: np.ndarray, *, context: int) -> np.ndarray:
+    """Cut ``context`` pixels off each side of the last two axes (input tile -> output region).
+
+    Args:
+        array: (..., H, W) any dtype, in the geometry of the network input.
+        context: pixels lost per side by the network (``UNetSpec.context``).
+
+    Returns:
+        (..., H - 2 context, W - 2 context) view.
+    """
+    if context == 0:
+        return array
+    return array[..., context:-context, context:-context]
+
+
+def check_tile_size(size: int, *, spec: UNetSpec, where: str) -> int:
+    """Output size of a square input tile, or a one-line error naming the nearest valid sizes.
+
+    Raises:
+        UserInputError: ``size`` is not a valid input size for ``spec``.
+    """
+    try:
+        return spec.output_size(size)
+    except ValueError:
+        raise UserInputError(
+            f"{where}: tile size {size} px is not a valid input for the model (depth {spec.depth}, "
+            f"{spec.padding.value} padding); nearest valid input sizes: {spec.nearest_valid_inputs(size)} "
+            f"(regenerate the set with 'unet augment --tile-out' or change the model options)"
+        ) from None
+
+
+def _open_group(path: Path, *, what: str) -> zarr.Group:
+    if not (path / "zarr.json").is_file():
+        raise UserInputError(f"{path}: not a Zarr store ({what} expected)")
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as err:  # zarr raises several types for damaged metadata
+        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+
+
+def _check_classes(classes, *, n_classes: int, where: str) -> None:
+    """Raise when a classes array holds a value the model cannot predict."""
+    for start in range(0, classes.shape[0], SCAN_BLOCK):
+        top = int(np.max(classes[start : start + SCAN_BLOCK]))
+        if top >= n_classes:
+            raise UserInputError(
+                f"{where}: labels hold class {top} but the model has n_classes={n_classes} "
+                f"(classes 0..{n_classes - 1}); train with --n-classes {top + 1} or fix the labels"
+            )
+
+
+class AugmentedTiles(torch.utils.data.Dataset):
+    """Training tiles of one or more augmented sets, cropped to the network output.
+
+    Item ``i`` is a tuple of tensors: image ``(1, H, W)`` float32, classes ``(h, w)`` int64
+    and weights ``(h, w)`` float32 with ``h = spec.output_size(H)``. Zarr arrays are opened
+    lazily in each process, so the dataset can be used by forked loader workers.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, spec: UNetSpec) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.spec = spec
+        if not self.paths:
+            raise UserInputError("--train: no training set given (pass one or more AUG.zarr from 'unet augment')")
+        self.lengths: list[int] = []
+        tile = None
+        for path in self.paths:
+            group = _open_group(path, what="an augmented training set from 'unet augment'")
+            missing = [name for name in TRAIN_ARRAYS if name not in group]
+            if missing:
+                raise UserInputError(f"{path}: not an augmented training set (missing arrays {missing})")
+            shapes = {name: tuple(group[name].shape) for name in TRAIN_ARRAYS}
+            if len(set(shapes.values())) != 1 or len(shapes["image"]) != 3:
+                raise UserInputError(f"{path}: arrays image/classes/weights must share one (N, H, W) shape, got {shapes}")
+            n, h, w = shapes["image"]
+            if h != w:
+                raise UserInputError(f"{path}: tiles must be square, got {h} x {w} px")
+            if tile is not None and h != tile:
+                raise UserInputError(f"{path}: tile size {h} px differs from {tile} px of {self.paths[0]}; use one size")
+            tile = h
+            check_tile_size(h, spec=spec, where=str(path))
+            _check_classes(group["classes"], n_classes=spec.n_classes, where=f"{path}/classes")
+            self.lengths.append(n)
+        if sum(self.lengths) == 0:
+            raise UserInputError(f"--train: the training sets {[str(p) for p in self.paths]} hold no tiles")
+        self.in_size = int(tile)
+        self.out_size = spec.output_size(self.in_size)
+        self.offsets = np.cumsum([0, *self.lengths])
+        self._arrays: list[dict[str, zarr.Array]] | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _open(self) -> list[dict[str, zarr.Array]]:
+        if self._arrays is None or self._pid != os.getpid():
+            groups = [zarr.open_group(p, mode="r") for p in self.paths]
+            self._arrays = [{name: g[name] for name in TRAIN_ARRAYS} for g in groups]
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        which = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        local = index - int(self.offsets[which])
+        arrays = self._open()[which]
+        context = self.spec.context
+        image = np.asarray(arrays["image"][local], dtype=np.float32)
+        classes = crop_to_output(np.asarray(arrays["classes"][local]), context=context).astype(np.int64)
+        weights = crop_to_output(np.asarray(arrays["weights"][local], dtype=np.float32), context=context)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image[None])),
+            torch.from_numpy(np.ascontiguousarray(classes)),
+            torch.from_numpy(np.ascontiguousarray(weights)),
+        )
+
+
+class IterationSampler(torch.utils.data.Sampler[int]):
+    """Sample indices for iterations ``[start, stop)``, ``batch_size`` per iteration.
+
+    The dataset is visited in epochs; epoch ``e`` is the permutation drawn by
+    ``numpy.random.default_rng([seed, e])``, so the index used at any (iteration, slot) is
+    fixed by the seed alone and a run resumed at ``start`` sees the same tiles.
+    """
+
+    def __init__(self, n_samples: int, *, batch_size: int, start: int, stop: int, seed: int) -> None:
+        self.n_samples, self.batch_size = int(n_samples), int(batch_size)
+        self.start, self.stop, self.seed = int(start), int(stop), int(seed)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, order = -1, np.empty(0, dtype=np.int64)
+        for position in range(self.start * self.batch_size, self.stop * self.batch_size):
+            e, k = divmod(position, self.n_samples)
+            if e != epoch:
+                epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.n_samples)
+            yield int(order[k])
+
+
+@dataclass(frozen=True)
+class ValidationSlice:
+    """One held-out slice: normalised image, target classes and loss weights.
+
+    Attributes:
+        source: ``"STACK:z"`` for logs.
+        image: (Y, X) float32 z-scored grey values.
+        classes: (Y, X) uint8 target classes.
+        weights: (Y, X) float32 loss weights w(x).
+    """
+
+    source: str
+    image: np.ndarray
+    classes: np.ndarray
+    weights: np.ndarray
+
+
+def parse_validation_pair(text: str) -> tuple[Path, Path]:
+    """Split ``STACK:WEIGHTS.zarr`` (the ``--val`` syntax) into two paths."""
+    stack, sep, weights = str(text).rpartition(":")
+    if not sep or not stack or not weights:
+        raise UserInputError(f"--val {text!r}: expected STACK:WEIGHTS.zarr (an ingested stack and its weights store)")
+    return Path(stack), Path(weights)
+
+
+def load_validation(
+    pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, n_classes: int
+) -> list[ValidationSlice]:
+    """Read held-out slices of ingested stacks with their weights stores.
+
+    Args:
+        pairs: ``(stack, weights store)`` paths.
+        slices: z indices to use from every stack, or None for all slices.
+        n_classes: classes of the model (targets must be below it).
+
+    Returns:
+        One :class:`ValidationSlice` per (stack, z).
+
+    Raises:
+        UserInputError: unreadable stores, mismatched shapes, out-of-range slices or classes.
+    """
+    out: list[ValidationSlice] = []
+    for stack_path, weights_path in pairs:
+        stack = open_stack(stack_path)
+        group = _open_group(weights_path, what="a weights store from 'unet weights'")
+        missing = [name for name in ("weights", "classes") if name not in group]
+        if missing:
+            raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")
+        if tuple(group["classes"].shape) != stack.shape or tuple(group["weights"].shape) != stack.shape:
+            raise UserInputError(
+                f"{weights_path}: shape {tuple(group['classes'].shape)} does not match stack {stack_path} {stack.shape}"
+            )
+        chosen = range(stack.shape[0]) if slices is None else slices
+        for z in chosen:
+            if not 0 <= z < stack.shape[0]:
+                raise UserInputError(f"--val-slices: slice {z} out of range for {stack_path} ({stack.shape[0]} slices)")
+            classes = np.asarray(group["classes"][z], dtype=np.uint8)
+            _check_classes(classes[None], n_classes=n_classes, where=f"{weights_path}/classes")
+            out.append(
+                ValidationSlice(
+                    source=f"{stack_path}:{z}",
+                    image=normalize(np.asarray(stack.image[z]), stack.intensity),
+                    classes=classes,
+                    weights=np.asarray(group["weights"][z], dtype=np.float32),
+                )
+            )
+    return out
+
+
+def tile_origins(length: int, step: int) -> list[int]:
+    """Origins ``0, step, 2 step, ...`` of output tiles covering ``[0, length)``."""
+    return list(range(0, length, step))
+
+
+@torch.no_grad()
+def tiled_logits(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    spec: UNetSpec,
+    tile_out: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Overlap-tile prediction of one slice (mirrored borders), as float32 logits.
+
+    Each tile computes a ``tile_out`` output and keeps the first ``step`` pixels per axis,
+    ``step`` = the largest multiple of ``spec.stride`` <= ``tile_out``, so tile origins are
+    multiples of the stride and the result equals one monolithic pass over the mirrored image.
+
+    Args:
+        model: the U-Net, already on ``device`` and in eval mode.
+        image: (Y, X) float32 normalised slice.
+        spec: the model's architecture.
+        tile_out: output tile size in pixels (a valid output size of ``spec``).
+        device: where to run.
+        autocast_dtype: bf16/fp16 autocast on CUDA, or None for float32.
+        channels_last: feed channels-last tensors.
+
+    Returns:
+        (C, Y, X) float32 logits.
+    """
+    spec.input_size(tile_out)  # validates tile_out
+    step = max(spec.stride, tile_out // spec.stride * spec.stride)
+    height, width = image.shape
+    logits = np.empty((spec.n_classes, height, width), dtype=np.float32)
+    for y0 in tile_origins(height, step):
+        for x0 in tile_origins(width, step):
+            write = Box((y0, x0), (step, step)).intersect(Box.from_shape(image.shape))
+            read = Box((y0, x0), (tile_out, tile_out)).grow(spec.context)
+            block = read_mirrored(image, read.offset, read.end)
+            x = torch.from_numpy(np.ascontiguousarray(block))[None, None].to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                out = model(x)
+            out = out[0, :, : write.shape[0], : write.shape[1]].float().cpu().numpy()
+            logits[(slice(None), *write.to_slices())] = out
+    return logits
+
+
+def hash_stores(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """SHA-256 over every file (relative path and bytes) of the given stores, in sorted order."""
+    digest = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(str(path.relative_to(root) if path != root else "").encode())
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,50 @@
+"""The U-Net training loss: pixel-wise softmax + cross-entropy weighted by w(x).
+
+The paper's energy is ``E = sum_x w(x) * log p_{l(x)}(x)`` over the output region (the
+network's valid output, i.e. the input tile minus :attr:`UNetSpec.context` per side). Here
+it is divided by the number of pixels, so that ``w(x) = 1`` gives exactly the mean plain
+cross-entropy, and the scale of the gradient does not depend on the tile size.
+
+Numerics: logits are cast to float32 before ``log_softmax`` (which subtracts the per-pixel
+maximum), so the loss is finite and accurate when the network runs under bf16/fp16
+autocast, where a softmax computed in half precision would underflow to ``log(0)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over pixels of ``w(x) * -log softmax(logits)[target(x)]``, computed in float32.
+
+    Args:
+        logits: (N, C, Y, X) class scores of the network, any float dtype (fp32/bf16/fp16).
+        target: (N, Y, X) integer class per pixel, values in ``[0, C)``; same Y, X as
+            ``logits`` (crop it to the output region first).
+        weight: (N, Y, X) float per-pixel weights w(x) (dimensionless), or None for the
+            unweighted loss (w = 1 everywhere).
+
+    Returns:
+        0-d float32 tensor: the loss, averaged over all N * Y * X pixels.
+
+    Raises:
+        ValueError: shapes do not match.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be (N, C, Y, X), got shape {tuple(logits.shape)}")
+    n, _, y, x = logits.shape
+    if tuple(target.shape) != (n, y, x):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {(n, y, x)} (crop to the output)")
+    if weight is not None and tuple(weight.shape) != (n, y, x):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match logits {(n, y, x)} (crop to the output)")
+    log_p = F.log_softmax(logits.float(), dim=1)
+    nll = -log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    if weight is not None:
+        nll = nll * weight.float()
+    return nll.mean()
