@@ -17,8 +17,13 @@ def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit
     On a terminal the bar updates live; when stderr is a file (a Snakemake ``log:``) it is
     written at most every 30 s, so logs stay readable.
     """
+    yield from progress_bar(iterable, desc=desc, total=total, unit=unit)
+
+
+def progress_bar(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
+    """The bar :func:`progress` uses, returned so callers can ``set_postfix`` (e.g. the loss)."""
     tty = sys.stderr.isatty()
-    yield from tqdm(
+    return tqdm(
         iterable,
         desc=desc,
         total=total,
