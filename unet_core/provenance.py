@@ -1,0 +1,99 @@
+"""Provenance: which code, config and inputs produced an output.
+
+``code_hash(stage)`` hashes the source of a stage's CLI module and of every
+``unet_core`` module it imports, transitively (found by reading the imports, also those
+inside functions). The workflow passes it to each rule as a parameter, so Snakemake
+reruns exactly the rules whose code changed, and outputs record it.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from unet_core import __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _module_path(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] != "unet_core":
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {f for f in found if f.startswith("unet_core")}
+
+
+@lru_cache(maxsize=None)
+def module_closure(module: str) -> tuple[str, ...]:
+    """``module`` and every ``unet_core`` module it imports, transitively, sorted."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_path(name)
+        if path is None or name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_imports(path, name))
+        parent = name.rsplit(".", 1)[0]
+        if parent != name and parent.startswith("unet_core"):
+            todo.append(parent)  # importing a.b runs a/__init__.py too
+    return tuple(sorted(seen))
+
+
+def code_hash(stage: str) -> str:
+    """Short sha256 over the source of ``unet_core.cli.<stage>`` and its imports."""
+    digest = hashlib.sha256()
+    for name in module_closure(f"unet_core.cli.{stage}"):
+        digest.update(name.encode())
+        digest.update(_module_path(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` for local changes), or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short sha256 of a config mapping in canonical JSON."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tool_version() -> str:
+    return f"unet-pipeline {__version__}"

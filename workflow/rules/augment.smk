@@ -1,0 +1,37 @@
+# Stage 3: stored, seeded, elastically deformed training sets.
+
+
+rule augment:
+    input:
+        stack="results/{sample}/stack.ome.zarr",
+        weights="results/{sample}/weights.zarr",
+    output:
+        samples=directory("results/{sample}/augment.zarr"),
+        plot=report(
+            "results/{sample}/augment.png",
+            caption="../report/augment.rst",
+            category="Augmentation",
+            labels={"sample": "{sample}"},
+        ),
+    params:
+        k=lookup(dpath="augment/samples_per_slice", within=config),
+        tile_out=lookup(dpath="train/tile_out", within=config),
+        grid=lookup(dpath="augment/grid", within=config),
+        sigma_px=lookup(dpath="augment/sigma_px", within=config),
+        seed=lookup(dpath="augment/seed", within=config),
+        model=model_args(),
+        code=code_hash("augment"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/augment/{sample}.log",
+    benchmark:
+        "logs/benchmark/augment/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
+        " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
+        " --sigma-px {params.sigma_px} --seed {params.seed} {params.model}"
+        " --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,87 @@
+# Config and samples: validation, wildcard constraints, input functions.
+
+import csv
+import os
+import re
+import shlex
+
+from snakemake.utils import validate
+
+from unet_core.provenance import code_hash
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+def read_samples(path):
+    """The samples table (tab-separated, '#' comments) as {name: row}, each row validated."""
+    with open(path, newline="") as fh:
+        lines = [line for line in fh if line.strip() and not line.lstrip().startswith("#")]
+    table = {}
+    for row in csv.DictReader(lines, delimiter="\t"):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        validate(row, schema="../schemas/samples.schema.yaml")
+        if row["name"] in table:
+            raise ValueError(f"{path}: sample name {row['name']!r} appears twice")
+        if row["role"] in ("train", "val") and not row["labels"]:
+            raise ValueError(f"{path}: sample {row['name']!r} has role {row['role']} but no labels")
+        table[row["name"]] = row
+    if not any(r["role"] == "train" for r in table.values()):
+        raise ValueError(f"{path}: no sample has role 'train'")
+    return table
+
+
+samples = read_samples(config["samples"])
+TRAIN = [n for n, r in samples.items() if r["role"] == "train"]
+VAL = [n for n, r in samples.items() if r["role"] == "val"]
+PREDICT = [n for n, r in samples.items() if r["role"] in ("val", "predict")]
+LABELLED_PREDICT = [n for n in PREDICT if samples[n]["labels"]]
+JOBS = list(range(config["predict"]["jobs"]))
+
+
+wildcard_constraints:
+    sample="|".join(map(re.escape, samples)),
+    job=r"\d+",
+
+
+def q(value):
+    """Quote a config value for the shell (paths with spaces or quotes stay intact)."""
+    return shlex.quote(str(value))
+
+
+def model_args():
+    m = config["model"]
+    return (
+        f"--depth {m['depth']} --base-channels {m['base_channels']} --n-classes {m['n_classes']}"
+        f" --padding {m['padding']} --norm {m['norm']} --dropout {m['dropout']}"
+    )
+
+
+def train_options():
+    t = config["train"]
+    return (
+        f"--tile-out {t['tile_out']} --iterations {t['iterations']} --batch-size {t['batch_size']}"
+        f" --optimizer {t['optimizer']} --lr {t['lr']} --momentum {t['momentum']}"
+        f" --val-every {t['val_every']} --checkpoint-every {t['checkpoint_every']}"
+        f" --seed {t['seed']} --device {t['device']} --amp {t['amp']}"
+    )
+
+
+def get_ingest_inputs(wildcards):
+    row = samples[wildcards.sample]
+    inputs = {"image": row["image"]}
+    if row["labels"]:
+        inputs["labels"] = row["labels"]
+    return inputs
+
+
+def get_labels_option(wildcards, input):
+    return f"--labels {q(input.labels)}" if "labels" in input.keys() else ""
+
+
+def get_final_outputs():
+    outputs = ["results/model/model.pt", "results/model/curve.png"]
+    outputs += expand("results/{sample}/weights.png", sample=TRAIN)
+    outputs += expand("results/{sample}/augment.png", sample=TRAIN)
+    outputs += expand("results/{sample}/prediction.ome.zarr", sample=PREDICT)
+    outputs += expand("results/{sample}/evaluate/metrics.csv", sample=LABELLED_PREDICT)
+    return outputs

@@ -1,0 +1,34 @@
+# Stage 6: scores against ground truth (pixel error, IoU, Dice, Rand, object F1) + overlays.
+
+
+rule evaluate:
+    input:
+        prediction="results/{sample}/prediction.ome.zarr",
+        stack="results/{sample}/stack.ome.zarr",
+    output:
+        csv=report(
+            "results/{sample}/evaluate/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            labels={"sample": "{sample}", "what": "metrics table"},
+        ),
+        json="results/{sample}/evaluate/metrics.json",
+        overlays=report(
+            "results/{sample}/evaluate/overlays.png",
+            caption="../report/overlays.rst",
+            category="Evaluation",
+            labels={"sample": "{sample}", "what": "overlays"},
+        ),
+    params:
+        out_dir=lambda wc, output: q(os.path.dirname(output.csv)),
+        code=code_hash("evaluate"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/evaluate/{sample}.log",
+    benchmark:
+        "logs/benchmark/evaluate/{sample}.tsv"
+    resources:
+        mem_mb=4000,
+    shell:
+        "unet evaluate {input.prediction:q} {input.stack:q} -o {params.out_dir} > {log:q} 2>&1"

@@ -1,0 +1,54 @@
+# Stage 2: the paper's loss weight maps w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
+
+
+rule class_weights:
+    input:
+        expand("results/{sample}/stack.ome.zarr", sample=TRAIN),
+    output:
+        "results/class_weights.json",
+    params:
+        connectivity=lookup(dpath="weights/connectivity", within=config),
+        code=code_hash("weights"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/weights/class_weights.log",
+    threads: 2
+    shell:
+        "unet class-weights {input:q} -o {output:q} --connectivity {params.connectivity}"
+        " --threads {threads} > {log:q} 2>&1"
+
+
+rule weights:
+    input:
+        stack="results/{sample}/stack.ome.zarr",
+        class_weights="results/class_weights.json",
+    output:
+        weights=directory("results/{sample}/weights.zarr"),
+        plot=report(
+            "results/{sample}/weights.png",
+            caption="../report/weights.rst",
+            category="Weight maps",
+            labels={"sample": "{sample}"},
+        ),
+    params:
+        w0=lookup(dpath="weights/w0", within=config),
+        sigma_px=lookup(dpath="weights/sigma_px", within=config),
+        tolerance=lookup(dpath="weights/tolerance", within=config),
+        connectivity=lookup(dpath="weights/connectivity", within=config),
+        border_on=lookup(dpath="weights/border_on", within=config),
+        code=code_hash("weights"),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/weights/{sample}.log",
+    benchmark:
+        "logs/benchmark/weights/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "unet weights {input.stack:q} {output.weights:q} --class-weights {input.class_weights:q}"
+        " --w0 {params.w0} --sigma-px {params.sigma_px} --tolerance {params.tolerance}"
+        " --connectivity {params.connectivity} --border-on {params.border_on}"
+        " --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
