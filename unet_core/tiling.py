@@ -1,0 +1,290 @@
+"""Overlap-tile geometry: where blocks and tiles start, what each one reads and writes.
+
+The paper's overlap-tile strategy feeds the network an input tile that is the output tile
+grown by the receptive-field context (``spec.context``, 92 px per side for the paper's
+net), mirroring the image beyond its border. With valid convolutions the tiled prediction
+is *exactly* the prediction of one monolithic pass over the mirror-padded image, provided
+every tile's output origin is a multiple of ``spec.stride`` (2**depth) relative to the
+image origin, so every 2x2 max-pool sees the same pixel pairs. This module is the only
+place that decides where tiles start.
+
+Two levels, both 2-D per slice (the network is 2-D; z is never mixed)::
+
+    image (Y, X), origin (0, 0)
+    +---------------+---------------+-------+
+    | block (0, 0)  | block (0, 1)  | (0,2) |   blocks: block_px x block_px, aligned to the
+    | +----+----+   |               |       |   output Zarr chunks; edge blocks are clipped
+    | |tile|tile|   |               |       |   to the image. Each job owns whole blocks.
+    | +----+----+   |               |       |
+    | |tile|tile|   |               |       |   tiles: n x n per block, write size S a
+    | +----+----+   |               |       |   multiple of stride; the last tile may run
+    +---------------+---------------+-------+   past the block/image end (cropped on write)
+
+Edge policy: a tile's write box may extend past the block (and the image); the network
+still sees a full input tile, read with :func:`unet_core.mirror.read_mirrored`, and only
+the part inside the block is kept. An image smaller than one tile, or 1 px wide, is one
+block with one tile of at least ``stride`` px per axis.
+
+Per tile and axis, in the network's frame the input is the write box grown by ``before``
+on the low side and ``after`` on the high side (:func:`tile_margins`); ``after`` also
+covers the few extra output pixels (4 at depth 4) a valid net produces because its
+output sizes are ``4 mod 16``, not multiples of 16. Test-time augmentation flips the
+tile, so on a flipped axis the original-frame read box is grown by ``after`` below and
+``before`` above; in the flipped frame the alignment is relative to the image end rounded
+up to ``stride``, so the result is independent of blocks, tiles and jobs as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from itertools import product
+
+from unet_core.errors import UserInputError
+from unet_core.geometry import Box
+from unet_core.model.spec import Padding, UNetSpec
+
+
+class TTA(str, Enum):
+    """Test-time augmentation: which dihedral transforms are averaged."""
+
+    NONE = "none"  # identity only
+    FLIPS = "flips"  # identity, flip y, flip x, flip both (= rot180)
+    D4 = "d4"  # all 8: the 4 rotations and their mirror images
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A dihedral transform of a (Y, X) tile: flip the flagged axes, then maybe transpose."""
+
+    flip_y: bool = False
+    flip_x: bool = False
+    transpose: bool = False
+
+    @property
+    def flips(self) -> tuple[bool, bool]:
+        return (self.flip_y, self.flip_x)
+
+
+def transforms(tta: TTA | str) -> tuple[Transform, ...]:
+    """The transforms averaged for ``tta``, identity first (a fixed order: deterministic sums)."""
+    tta = TTA(tta)
+    if tta is TTA.NONE:
+        return (Transform(),)
+    flips = [Transform(fy, fx) for fy, fx in product((False, True), repeat=2)]
+    if tta is TTA.FLIPS:
+        return tuple(flips)
+    return tuple(flips) + tuple(Transform(t.flip_y, t.flip_x, True) for t in flips)
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def check_multiple_of_stride(value: int, spec: UNetSpec, *, what: str) -> int:
+    """Validate a block/tile size: a positive multiple of ``spec.stride``.
+
+    Raises:
+        UserInputError: not a positive multiple; names the nearest valid sizes.
+    """
+    stride = spec.stride
+    if not isinstance(value, int) or isinstance(value, bool) or value < stride or value % stride:
+        lo = max(stride, (int(value) // stride) * stride)
+        hi = max(stride, round_up(int(value), stride))
+        near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+        raise UserInputError(
+            f"{what} {value} px is not a multiple of 2**depth = {stride} (tile origins must be aligned "
+            f"to it for seamless tiling); nearest valid: {near}"
+        )
+    return value
+
+
+def tile_margins(spec: UNetSpec, write_px: int) -> tuple[int, int]:
+    """Input pixels the network needs beyond an output extent, per side, in its own frame.
+
+    Args:
+        spec: the network.
+        write_px: output pixels kept along the axis, a positive multiple of ``spec.stride``.
+
+    Returns:
+        ``(before, after)``: input = ``write_px + before + after`` is a valid input size.
+        Valid padding: ``before = context`` (92 at depth 4) and ``after = context + extra``
+        with ``extra`` the surplus output pixels (4 at depth 4). Same padding: a halo of
+        the receptive-field radius rounded up to ``stride`` on both sides (not exact).
+    """
+    if spec.padding is Padding.SAME:
+        halo = round_up(spec.receptive_field_radius, spec.stride)
+        return halo, halo
+    out = spec.valid_output_size_at_least(write_px)
+    return spec.context, spec.context + out - write_px
+
+
+def output_offset(spec: UNetSpec, write_px: int) -> int:
+    """Index in the network output (its own frame) of the first kept pixel along an axis."""
+    before, _ = tile_margins(spec, write_px)
+    return before - spec.context
+
+
+def tile_read_box(write: Box, spec: UNetSpec, transform: Transform = Transform()) -> Box:
+    """The (Y, X) input box (original image frame) a tile needs under ``transform``.
+
+    Args:
+        write: (Y, X) output box of the tile; origin and shape multiples of ``spec.stride``.
+        spec: the network.
+        transform: the dihedral transform applied to the read pixels before the network.
+
+    Returns:
+        The read box; it may extend past the image (read it mirrored).
+    """
+    offset, shape = [], []
+    for o, s, flipped in zip(write.offset, write.shape, transform.flips, strict=True):
+        before, after = tile_margins(spec, s)
+        if flipped:
+            before, after = after, before
+        offset.append(o - before)
+        shape.append(s + before + after)
+    return Box(tuple(offset), tuple(shape))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work and of output: a chunk-aligned (1, Y, X) box of the stack.
+
+    Attributes:
+        index: ``(z, by, bx)`` position in the block grid.
+        write: (Z, Y, X) box of output voxels, clipped to the stack, shape ``(1, <=B, <=B)``.
+    """
+
+    index: tuple[int, int, int]
+    write: Box
+
+    @property
+    def plane(self) -> Box:
+        """The (Y, X) part of :attr:`write`."""
+        return Box(self.write.offset[1:], self.write.shape[1:])
+
+    @property
+    def name(self) -> str:
+        """Stable name used for completion markers, e.g. ``"3.0.1"``."""
+        return ".".join(str(i) for i in self.index)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block and tile layout of a (Z, Y, X) stack for one network.
+
+    Attributes:
+        shape: (Z, Y, X) stack shape in voxels.
+        spec: the network (its stride and context decide the geometry).
+        block_px: block edge in px, a multiple of ``spec.stride``; also the output chunk edge.
+        tile_out: largest tile write edge in px, a multiple of ``spec.stride`` (the network's
+            output per pass; larger = less overlap overhead, more memory).
+    """
+
+    shape: tuple[int, int, int]
+    spec: UNetSpec
+    block_px: int = 2048
+    tile_out: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if len(self.shape) != 3 or any(s < 1 for s in self.shape):
+            raise UserInputError(f"stack shape {self.shape} is not a non-empty (Z, Y, X) volume")
+        check_multiple_of_stride(self.block_px, self.spec, what="block size")
+        check_multiple_of_stride(self.tile_out, self.spec, what="tile size")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Number of blocks along (Z, Y, X)."""
+        z, y, x = self.shape
+        return z, math.ceil(y / self.block_px), math.ceil(x / self.block_px)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    def block(self, index: tuple[int, int, int]) -> Block:
+        """The block at grid position ``(z, by, bx)``."""
+        z, by, bx = index
+        b = self.block_px
+        write = Box((z, by * b, bx * b), (1, b, b)).intersect(Box.from_shape(self.shape))
+        return Block((z, by, bx), write)
+
+    def blocks(self) -> Iterator[Block]:
+        """All blocks in C order of ``(z, by, bx)``."""
+        for index in product(*(range(n) for n in self.grid)):
+            yield self.block(index)
+
+    def job_blocks(self, job: int, jobs: int) -> list[Block]:
+        """The blocks of job ``job`` of ``jobs``: a contiguous run of the C-ordered blocks.
+
+        The runs of jobs 0..jobs-1 partition all blocks (sizes differ by at most one); a job
+        beyond the number of blocks gets none.
+
+        Raises:
+            UserInputError: ``jobs < 1`` or ``job`` outside ``[0, jobs)``.
+        """
+        if not isinstance(jobs, int) or jobs < 1:
+            raise UserInputError(f"--jobs must be a positive integer, got {jobs!r}")
+        if not isinstance(job, int) or not 0 <= job < jobs:
+            raise UserInputError(f"--job must be in [0, {jobs}) for --jobs {jobs}, got {job!r}")
+        n = self.n_blocks
+        lo, hi = job * n // jobs, (job + 1) * n // jobs
+        grid = self.grid
+        return [self.block(_unravel(i, grid)) for i in range(lo, hi)]
+
+    def tile_px(self, extent: int) -> tuple[int, int]:
+        """``(n, S)``: tiles per axis and their write size for a block extent of ``extent`` px.
+
+        ``n = ceil(extent / tile_out)`` and ``S`` the smallest multiple of ``stride`` with
+        ``n * S >= extent``, so the tiles of a clipped edge block waste little.
+        """
+        tile = min(self.tile_out, self.block_px)
+        n = math.ceil(extent / tile)
+        return n, round_up(math.ceil(extent / n), self.spec.stride)
+
+    def tiles(self, block: Block) -> list[Box]:
+        """(Y, X) write boxes of the tiles of ``block``, row-major; all the same shape.
+
+        Origins are ``block origin + k * S``, multiples of ``stride`` because block origins
+        are multiples of ``block_px``. Their union covers the block (it may run past it).
+        """
+        (ny, sy), (nx, sx) = (self.tile_px(e) for e in block.plane.shape)
+        y0, x0 = block.plane.offset
+        return [Box((y0 + i * sy, x0 + j * sx), (sy, sx)) for i in range(ny) for j in range(nx)]
+
+    def block_read(self, block: Block, tta: TTA | str = TTA.NONE) -> Box:
+        """(Y, X) box covering the reads of all tiles of ``block`` under all ``tta`` transforms."""
+        reads = [tile_read_box(t, self.spec, tr) for t in self.tiles(block) for tr in transforms(tta)]
+        lo = tuple(min(r.offset[a] for r in reads) for a in range(2))
+        hi = tuple(max(r.end[a] for r in reads) for a in range(2))
+        return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
+
+    def flops_overhead(self) -> float:
+        """FLOPs per kept output pixel of a full ``tile_out`` tile over the ideal (infinite image)."""
+        tile = min(self.tile_out, self.block_px)
+        before, after = tile_margins(self.spec, tile)
+        per_px = self.spec.tile_flops(tile + before + after) / tile**2
+        return per_px / self.spec.ideal_flops_per_output_pixel()
+
+    def to_dict(self) -> dict:
+        """Plain-data description (stored in part stores and provenance)."""
+        return {
+            "shape": list(self.shape), "spec": self.spec.to_dict(), "block_px": self.block_px,
+            "tile_out": self.tile_out, "stride": self.spec.stride, "context": self.spec.context,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Tiling:
+        return cls(tuple(data["shape"]), UNetSpec.from_dict(data["spec"]), int(data["block_px"]), int(data["tile_out"]))
+
+
+def _unravel(i: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for n in reversed(grid):
+        i, r = divmod(i, n)
+        out.append(r)
+    return tuple(reversed(out))
