@@ -1,0 +1,357 @@
+"""Chunk-parallel weight maps with Dask: ingested stack in, ``weights.zarr`` out.
+
+Layout written by :func:`write_weights` (Zarr v3 group, chunks = the stack's label chunks)::
+
+    weights.zarr/
+      weights     float32 (Z, Y, X)  w(x) = w_c(x) + border term
+      classes     uint8   (Z, Y, X)  1 = cell interior, 0 = background / separation line
+      instances   int32   (Z, Y, X)  cells after separation (0 where classes == 0)
+      attrs["unet"]: w0, sigma_px, tolerance, cutoff_px, halo_px, class_weights
+                     [w_background, w_cell], frequencies, connectivity, label_kind,
+                     separate_touching, border_pixels, source, version
+
+Every 2-D value is computed per slice by :mod:`unet_core.weights`. Instance labels are
+chunked as stored and processed with ``map_overlap``: depth 1 for the separation lines and
+``halo_px = floor(cutoff) + 2`` for the border term (the term needs labels within the cutoff
+``sigma * sqrt(2 ln(w0 / tolerance))`` only; +1 makes the halo strictly larger than the
+cutoff, +1 more covers the contour/separation ring at the halo's edge). Outside the image
+the halo is filled with 0 (background), which is exactly "no cell beyond the border", so
+the chunked result is bit-identical to the whole-slice kernel. (The project's mirror
+convention is for image context; mirroring labels would invent cells.) Binary labels need
+whole-slice connected components, so they are labelled one slice per task, then rechunked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_core import __version__
+from unet_core import weights as kernel
+from unet_core.atomic import atomic_output
+from unet_core.errors import UserInputError
+from unet_core.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightParams:
+    """Parameters of w(x) (see :mod:`unet_core.weights`)."""
+
+    w0: float = 10.0
+    sigma_px: float = 5.0
+    tolerance: float = 1e-3
+    connectivity: int = 4
+    border_pixels: str = "background"
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        kernel.check_parameters(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
+        if self.connectivity not in (4, 8):
+            raise UserInputError(f"connectivity = {self.connectivity}: must be 4 or 8")
+        if self.border_pixels not in ("background", "all"):
+            raise UserInputError(f"border pixels {self.border_pixels!r}: must be 'background' or 'all'")
+        if self.method not in ("auto", "kdtree", "bbox"):
+            raise UserInputError(f"method {self.method!r}: must be 'auto', 'kdtree' or 'bbox'")
+
+    @property
+    def cutoff_px(self) -> float:
+        return kernel.cutoff_px(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
+
+    @property
+    def halo_px(self) -> int:
+        """Overlap (px per side) that makes chunked == whole-slice: floor(cutoff) + 2."""
+        return int(math.floor(self.cutoff_px)) + 2
+
+
+@contextlib.contextmanager
+def dask_scheduler(scheduler: str = "threads", *, workers: int | None = None) -> Iterator[None]:
+    """Run the enclosed Dask computations on ``scheduler``.
+
+    Args:
+        scheduler: ``"threads"``, ``"processes"``, ``"synchronous"`` or the address of a
+            ``dask.distributed`` scheduler (``tcp://host:8786``).
+        workers: local workers (threads or processes); default all cores. Inside a
+            Snakemake job pass the rule's ``threads``.
+    """
+    import dask
+
+    if scheduler in ("threads", "processes", "synchronous"):
+        n = workers or os.cpu_count() or 1
+        with dask.config.set(scheduler=scheduler, num_workers=n):
+            yield
+        return
+    if "://" not in scheduler and ":" not in scheduler:
+        raise UserInputError(
+            f"scheduler {scheduler!r}: use threads, processes, synchronous or a dask.distributed address"
+        )
+    from distributed import Client
+
+    try:
+        client = Client(scheduler, timeout="20s")
+    except OSError as err:
+        raise UserInputError(f"scheduler {scheduler}: cannot connect ({err})") from err
+    try:
+        yield
+    finally:
+        client.close()
+
+
+def _instances_block(block: np.ndarray, *, kind: str, connectivity: int, foreground: int | None) -> np.ndarray:
+    out = np.empty(block.shape, dtype=np.int32)
+    for z in range(block.shape[0]):
+        out[z] = kernel.instances_from_labels(block[z], kind=kind, connectivity=connectivity, foreground=foreground)
+    return out
+
+
+def _classes_block(block: np.ndarray, *, separate_touching: bool) -> np.ndarray:
+    out = np.empty(block.shape, dtype=np.uint8)
+    for z in range(block.shape[0]):
+        out[z] = kernel.class_map(block[z], separate_touching=separate_touching)
+    return out
+
+
+def _weights_block(
+    block: np.ndarray, *, separate_touching: bool, class_weights: tuple[float, float], params: WeightParams
+) -> np.ndarray:
+    out = np.empty(block.shape, dtype=np.float32)
+    for z in range(block.shape[0]):
+        classes = kernel.class_map(block[z], separate_touching=separate_touching)
+        out[z] = kernel.weight_map(
+            block[z], classes, class_weights=class_weights, w0=params.w0, sigma_px=params.sigma_px,
+            tolerance=params.tolerance, pixels=params.border_pixels, method=params.method,  # type: ignore[arg-type]
+        )
+    return out
+
+
+def _cells_block(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    return np.where(classes == 1, instances, 0).astype(np.int32)
+
+
+def label_arrays(labels, *, kind: str, connectivity: int = 4, foreground: int | None = None):
+    """Lazy instances and classes of a label stack.
+
+    Args:
+        labels: (Z, Y, X) integer Dask array (any chunks; z chunks of 1 keep memory low).
+        kind: ``"instance"`` or ``"binary"``.
+        connectivity: 4 or 8 (binary labels only).
+        foreground: cell value of binary labels (default: the stack's maximum).
+
+    Returns:
+        ``(instances, classes)``: int32 and uint8 Dask arrays with ``labels``' chunks.
+    """
+    import dask.array as da
+
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise UserInputError(f"labels have dtype {labels.dtype}: must be integers; re-ingest the labels")
+    if kind == "binary":
+        if foreground is None:
+            foreground = int(labels.max().compute())
+        slices = labels.rechunk((1, labels.shape[1], labels.shape[2]))
+        instances = slices.map_blocks(
+            _instances_block, kind=kind, connectivity=connectivity, foreground=foreground, dtype=np.int32
+        ).rechunk(labels.chunks)
+    elif kind == "instance":
+        instances = labels.map_blocks(
+            _instances_block, kind=kind, connectivity=connectivity, foreground=None, dtype=np.int32
+        )
+    else:
+        raise UserInputError(f"label kind {kind!r}: must be 'instance' or 'binary' (set it at ingest)")
+    classes = da.map_overlap(
+        _classes_block, instances, depth={0: 0, 1: 1, 2: 1}, boundary=0, dtype=np.uint8,
+        separate_touching=kind == "instance", trim=True,
+    )
+    return instances, classes
+
+
+def weight_array(instances, *, kind: str, class_weights: Sequence[float], params: WeightParams):
+    """Lazy (Z, Y, X) float32 w(x) from lazy int32 instances (``map_overlap``, halo_px)."""
+    import dask.array as da
+
+    depth = params.halo_px
+    return da.map_overlap(
+        _weights_block, instances, depth={0: 0, 1: depth, 2: depth}, boundary=0, dtype=np.float32, trim=True,
+        separate_touching=kind == "instance", class_weights=tuple(float(c) for c in class_weights), params=params,
+    )
+
+
+def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4) -> np.ndarray:
+    """Global pixel counts [background, cell] over all slices of all stacks (Dask reduction).
+
+    Classes are those of :func:`label_arrays` (separation lines count as background).
+
+    Returns:
+        (2,) int64 counts.
+    """
+    import dask.array as da
+
+    from unet_core.ngff import open_stack
+
+    total = np.zeros(kernel.N_CLASSES, dtype=np.int64)
+    parts = []
+    for path in stack_paths:
+        stack = open_stack(path, require_labels=True)
+        labels = da.from_zarr(stack.labels)
+        _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity)
+        cells = classes.astype(np.int64).sum()
+        parts.append((cells, classes.size))
+    counted = da.compute(*[cells for cells, _ in parts])
+    for cells, (_, size) in zip(counted, parts, strict=True):
+        total += np.array([size - int(cells), int(cells)], dtype=np.int64)
+    return total
+
+
+def _kind(stack) -> str:
+    if stack.label_kind not in ("instance", "binary"):
+        raise UserInputError(
+            f"{stack.path}: label_kind {stack.label_kind!r} in attrs['unet'] must be 'instance' or 'binary'"
+        )
+    return stack.label_kind
+
+
+def compute_class_weights(
+    stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4
+) -> dict[str, Any]:
+    """Class weights from the global class frequencies of the training stacks.
+
+    Returns:
+        JSON-ready dict: ``class_weights`` [w_background, w_cell], ``frequencies``,
+        ``counts``, ``formula``, ``connectivity``, ``stacks``, ``version``.
+    """
+    counts = class_counts(stack_paths, connectivity=connectivity)
+    weights = kernel.class_weights_from_counts(counts)
+    return {
+        "class_weights": [float(w) for w in weights],
+        "frequencies": [float(c / counts.sum()) for c in counts],
+        "counts": [int(c) for c in counts],
+        "formula": "w_c = 1 / (K * f_c), K = 2 classes (mean weight over the training pixels = 1)",
+        "connectivity": connectivity,
+        "stacks": [str(p) for p in stack_paths],
+        "version": __version__,
+    }
+
+
+def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                        connectivity: int = 4) -> dict[str, Any]:
+    """Compute :func:`compute_class_weights` and write it atomically as JSON to ``out``."""
+    import json
+
+    result = compute_class_weights(stack_paths, connectivity=connectivity)
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("class weights %s (frequencies %s) -> %s", result["class_weights"], result["frequencies"], out)
+    return result
+
+
+def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``class_weights.json`` written by :func:`write_class_weights`."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+        weights = [float(w) for w in data["class_weights"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserInputError(f"{path}: not a class_weights.json from 'unet class-weights' ({err})") from err
+    if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0")
+    return data
+
+
+def write_weights(
+    stack_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    params: WeightParams = WeightParams(),
+    class_weights: dict[str, Any] | None = None,
+    plot_slice: int | None = 0,
+    batch_slices: int = 8,
+) -> dict[str, Any]:
+    """Compute instances, classes and w(x) of a stack and write ``out`` (a Zarr group).
+
+    Runs on the current Dask scheduler (see :func:`dask_scheduler`). The store is written
+    atomically; a PNG (labels | w_c | border term | w) of ``plot_slice`` is written next to
+    it as ``<out without .zarr>.png`` (None: no plot).
+
+    Args:
+        stack_path: ingested stack (``unet_core.ngff.open_stack``) with labels.
+        out: output ``.zarr`` directory.
+        params: w0, sigma, tolerance, connectivity, border pixels, d1/d2 method.
+        class_weights: dict from :func:`compute_class_weights`/:func:`read_class_weights`;
+            None computes the frequencies from this stack alone.
+        plot_slice: slice index of the figure.
+        batch_slices: slices computed per Dask call (bounds memory; a progress step each).
+
+    Returns:
+        The ``attrs["unet"]`` written.
+    """
+    import dask.array as da
+    import zarr
+
+    from unet_core.ngff import create_array, open_stack
+
+    stack = open_stack(stack_path, require_labels=True)
+    kind = _kind(stack)
+    if tuple(stack.labels.shape) != tuple(stack.image.shape):
+        raise UserInputError(
+            f"{stack.path}: labels {tuple(stack.labels.shape)} and image {tuple(stack.image.shape)} differ in "
+            "shape; re-ingest with matching stacks"
+        )
+    if plot_slice is not None and not 0 <= plot_slice < stack.labels.shape[0]:
+        raise UserInputError(f"plot slice {plot_slice}: out of range for {stack.labels.shape[0]} slices")
+    if class_weights is None:
+        log.info("no --class-weights given: class frequencies from %s alone", stack.path)
+        class_weights = compute_class_weights([stack.path], connectivity=params.connectivity)
+    wc = [float(w) for w in class_weights["class_weights"]]
+    chunks = tuple(int(c) for c in stack.labels.chunks)
+    labels = da.from_zarr(stack.labels)
+    instances, classes = label_arrays(labels, kind=kind, connectivity=params.connectivity)
+    weights = weight_array(instances, kind=kind, class_weights=wc, params=params)
+    cells = da.map_blocks(_cells_block, instances, classes, dtype=np.int32)
+    attrs = {
+        **{k: v for k, v in asdict(params).items()},
+        "cutoff_px": params.cutoff_px,
+        "halo_px": params.halo_px,
+        "class_weights": wc,
+        "frequencies": class_weights.get("frequencies"),
+        "class_weights_source": class_weights.get("stacks"),
+        "label_kind": kind,
+        "separate_touching": kind == "instance",
+        "source": str(stack.path),
+        "version": __version__,
+    }
+    shape = tuple(stack.labels.shape)
+    out = Path(out)
+    with atomic_output(out) as tmp:
+        root = zarr.open_group(tmp, mode="w")
+        targets = [
+            create_array(root, "weights", shape=shape, dtype=np.float32, chunks=chunks, dimension_names="zyx"),
+            create_array(root, "classes", shape=shape, dtype=np.uint8, chunks=chunks, dimension_names="zyx"),
+            create_array(root, "instances", shape=shape, dtype=np.int32, chunks=chunks, dimension_names="zyx"),
+        ]
+        log.info("weights of %s slices of %s px, chunks %s, halo %d px", shape[0], shape[1:], chunks, params.halo_px)
+        step = max(1, batch_slices // chunks[0]) * chunks[0]
+        for z0 in progress(range(0, shape[0], step), desc="weights", total=-(-shape[0] // step), unit="batch"):
+            z1 = min(z0 + step, shape[0])
+            da.store([a[z0:z1] for a in (weights, classes, cells)], [t for t in targets], lock=False,
+                     regions=[(slice(z0, z1),)] * 3)
+        root.attrs.update({"unet": attrs})
+    if plot_slice is not None:
+        from unet_core.plots.weights import plot_weights
+
+        result = zarr.open_group(out, mode="r")
+        png = out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")
+        plot_weights(
+            np.asarray(stack.labels[plot_slice]), np.asarray(result["classes"][plot_slice]),
+            np.asarray(result["weights"][plot_slice]), class_weights=wc, path=png,
+            title=f"{stack.path.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
+        )
+    return attrs
