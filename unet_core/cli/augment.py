@@ -1,0 +1,106 @@
+"""``unet augment``: write the elastically deformed training set of one stack."""
+
+from __future__ import annotations
+
+import argparse
+
+from unet_core.cli.common import (
+    add_model_args,
+    add_threads_arg,
+    existing_path,
+    nonnegative_float,
+    positive_int,
+)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "augment",
+        help="write K elastically deformed training samples per slice (seeded, reproducible)",
+        description=(
+            "Deform each selected slice K times (the paper's augmentation: displacements drawn "
+            "from N(0, sigma^2) on a coarse grid, bicubic upsampling; plus rotation, flips, "
+            "shifts and grey-value changes), with the image resampled bicubically or "
+            "bilinearly and the labels by nearest neighbour, mirrored at image borders as in "
+            "prediction. Classes and loss weights are recomputed from the deformed instances "
+            "with the weights store's recipe. Samples are network input tiles for the output "
+            "size --tile-out. Sample k of slice z depends only on (seed, z, k): the output is "
+            "byte-identical for the same inputs and seed."
+        ),
+    )
+    p.add_argument("stack", type=existing_path, help="ingested stack (.ome.zarr from 'unet ingest')")
+    p.add_argument("weights", type=existing_path, help="weights store of that stack (.zarr from 'unet weights')")
+    p.add_argument("out", help="output training set (.zarr directory; replaced atomically)")
+    p.add_argument("--samples-per-slice", type=positive_int, default=10,
+                   help="K deformed samples per source slice (default: 10)")
+    p.add_argument("--tile-out", type=positive_int, default=388,
+                   help="network output size of a sample, pixels; the stored tile is the matching "
+                        "input size (default: 388, i.e. 572 px tiles for the paper's network)")
+    p.add_argument("--seed", type=_seed, default=0, help="global random seed, integer >= 0 (default: 0)")
+    p.add_argument("--slices", default=None,
+                   help="source slices, e.g. '0-19' or '0,2,5-7' (default: all slices of the stack)")
+    g = p.add_argument_group("deformation (defaults: the paper's settings)")
+    g.add_argument("--sigma-px", type=nonnegative_float, default=10.0,
+                   help="std of the coarse-grid displacement vectors, pixels (paper: 10; 0 = no elastic deformation)")
+    g.add_argument("--grid", type=int, default=3,
+                   help="coarse grid points per axis, >= 2 (paper: 3, i.e. a 3x3 grid over the tile)")
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=True,
+                   help="rotate each sample by a uniform random angle in [0, 360) degrees")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="flip y and x, each with probability 1/2")
+    g.add_argument("--brightness", type=nonnegative_float, default=0.1,
+                   help="max grey-value offset, in units of the stack's grey-value std (0 = off)")
+    g.add_argument("--contrast", type=nonnegative_float, default=0.1,
+                   help="contrast factor drawn log-uniformly from [1/(1+c), 1+c] (0 = off)")
+    g.add_argument("--gamma", type=nonnegative_float, default=0.0,
+                   help="gamma drawn log-uniformly from [1/(1+g), 1+g], applied between the tile's "
+                        "min and max grey value (0 = off)")
+    g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="let tiles extend beyond the image, mirrored about the border pixel as in "
+                        "prediction; --no-mirror keeps every sample inside the image")
+    g.add_argument("--interpolation", choices=["bicubic", "bilinear"], default="bicubic",
+                   help="image resampling (labels are always nearest neighbour)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the warp: 'cpu' (reference bytes), 'cuda', or 'auto' "
+                        "(CUDA when available) (default: cpu)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write a PNG grid of originals vs deformed samples (label outlines, "
+                        "displacement grid) for the first few samples")
+    p.add_argument("--plot-samples", type=positive_int, default=4,
+                   help="rows in the --plot figure (default: 4)")
+    add_model_args(p)
+    add_threads_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from unet_core.augment import augment
+    from unet_core.cli.common import configure_threads, parse_slices, spec_from_args
+    from unet_core.elastic import DeformParams
+    from unet_core.ngff import open_stack
+
+    configure_threads(args.threads)
+    params = DeformParams(
+        sigma_px=args.sigma_px, grid=args.grid, rotate=args.rotate, flip=args.flip,
+        brightness=args.brightness, contrast=args.contrast, gamma=args.gamma,
+        mirror=args.mirror, interpolation=args.interpolation,
+    )
+    slices = None
+    if args.slices is not None:
+        slices = parse_slices(args.slices, open_stack(args.stack).shape[0], what="--slices")
+    augment(
+        args.stack, args.weights, args.out,
+        samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
+        spec=spec_from_args(args), params=params, slices=slices, device=args.device,
+        plot=args.plot, plot_samples=args.plot_samples,
+    )
