@@ -192,16 +192,22 @@ def _convert(
         group = label_group(root, LABEL_NAME)
         label_writer = PyramidWriter(group, shape, lab.dtype, chunks, spacing, unit="micrometer", labels=True, name=LABEL_NAME)
     stats, kinds = RunningStats(), LabelKindTracker()
-    for out_z, z in enumerate(progress(chosen, desc="ingest", unit="slice")):
-        plane = img.read_slice(z)
-        check_image_slice(plane, path=img.path, z=z)
-        stats.update(plane)
-        image_writer.write_plane(out_z, plane)
-        if label_writer is not None:
-            lplane = lab.read_slice(z)
-            check_label_slice(lplane, path=lab.path, z=z)
-            kinds.update(lplane)
-            label_writer.write_plane(out_z, lplane)
+    writers = [w for w in (image_writer, label_writer) if w is not None]
+    try:
+        for out_z, z in enumerate(progress(chosen, desc="ingest", unit="slice")):
+            plane = img.read_slice(z)
+            check_image_slice(plane, path=img.path, z=z)
+            stats.update(plane)
+            image_writer.write_plane(out_z, plane)
+            if label_writer is not None:
+                lplane = lab.read_slice(z)
+                check_label_slice(lplane, path=lab.path, z=z)
+                kinds.update(lplane)
+                label_writer.write_plane(out_z, lplane)
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        raise
     image_writer.finish()
     attrs: dict[str, Any] = {"intensity": stats.result().to_dict(), "dtype": str(img.dtype), "shape": list(shape)}
     if label_writer is not None:

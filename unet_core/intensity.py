@@ -36,20 +36,34 @@ def normalize(raw: np.ndarray, stats: IntensityStats) -> np.ndarray:
 
 
 class RunningStats:
-    """Streaming mean/std over many arrays (Chan et al. parallel update), in float64."""
+    """Exact streaming mean/std over many arrays.
+
+    8/16-bit integer data is counted in a histogram (exact, one pass, no float copies);
+    other data uses the parallel update of Chan et al. in float64.
+    """
 
     def __init__(self) -> None:
+        self.hist: np.ndarray | None = None
+        self.offset = 0
         self.n = 0
         self.mean = 0.0
         self.m2 = 0.0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64)
-        n_b = values.size
-        if n_b == 0:
+        values = np.asarray(values)
+        if values.size == 0:
             return
+        if values.dtype.kind in "iub" and values.dtype.itemsize <= 2:
+            offset = -int(np.iinfo(values.dtype).min) if values.dtype.kind == "i" else 0
+            counts = np.bincount((values.ravel().astype(np.int32) + offset) if offset else values.ravel(),
+                                 minlength=256 ** values.dtype.itemsize)
+            self.offset = offset
+            self.hist = counts if self.hist is None else self.hist + counts
+            return
+        values = values.astype(np.float64, copy=False).ravel()
+        n_b = values.size
         mean_b = float(values.mean())
-        m2_b = float(((values - mean_b) ** 2).sum())
+        m2_b = float(np.dot(values - mean_b, values - mean_b))
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / n
@@ -57,5 +71,11 @@ class RunningStats:
         self.n = n
 
     def result(self) -> IntensityStats:
+        if self.hist is not None:
+            levels = np.arange(self.hist.size, dtype=np.float64) - self.offset
+            n = float(self.hist.sum())
+            mean = float(np.dot(self.hist, levels) / n)
+            var = float(np.dot(self.hist, (levels - mean) ** 2) / n)
+            return IntensityStats(mean, var**0.5)
         std = (self.m2 / self.n) ** 0.5 if self.n else 0.0
         return IntensityStats(self.mean, std)

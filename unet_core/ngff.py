@@ -14,7 +14,9 @@ Only this module knows the layout; stages call :func:`open_stack` and the writer
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,15 +98,23 @@ def multiscales_metadata(
 
 
 def downsample_plane(plane: np.ndarray, *, labels: bool) -> np.ndarray:
-    """Halve the last two axes: 2x2 mean for images, top-left pick for labels (no blending)."""
+    """Halve the last two axes: 2x2 mean for images, top-left pick for labels (no blending).
+
+    Integer images are rounded half up; odd trailing rows/columns are dropped.
+    """
     y, x = plane.shape[-2] // 2 * 2, plane.shape[-1] // 2 * 2
-    plane = plane[..., :y, :x]
     if labels:
-        return plane[..., ::2, ::2]
-    mean = plane.reshape(*plane.shape[:-2], y // 2, 2, x // 2, 2).astype(np.float32).mean(axis=(-3, -1))
-    if np.issubdtype(plane.dtype, np.integer):
-        return np.rint(mean).astype(plane.dtype)
-    return mean.astype(plane.dtype)
+        return plane[..., :y:2, :x:2]
+    quads = (plane[..., 0:y:2, 0:x:2], plane[..., 1:y:2, 0:x:2], plane[..., 0:y:2, 1:x:2], plane[..., 1:y:2, 1:x:2])
+    if plane.dtype.kind in "iub":
+        acc = quads[0].astype(np.int64)
+        for q in quads[1:]:
+            acc += q
+        return ((acc + 2) // 4).astype(plane.dtype)
+    acc = quads[0].astype(np.float64)
+    for q in quads[1:]:
+        acc += q
+    return (acc * 0.25).astype(plane.dtype)
 
 
 @dataclass
@@ -112,7 +122,10 @@ class PyramidWriter:
     """Write an image (or label image) plane by plane into a multiscale group.
 
     Create it, call :meth:`write_plane` for z = 0, 1, ... (any order), then
-    :meth:`finish` to store the metadata. Memory use is one plane per level.
+    :meth:`finish` to wait for the writes and store the metadata (or :meth:`close` to
+    abandon them). Writes run behind the caller in a small thread pool (compression
+    releases the GIL), at most ``inflight`` planes at a time, so reading the next plane
+    overlaps with compressing the last; memory stays a few planes per level.
     """
 
     group: zarr.Group
@@ -125,6 +138,7 @@ class PyramidWriter:
     labels: bool = False
     name: str = "image"
     levels: int = 0
+    inflight: int = 2
     arrays: list[zarr.Array] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -140,16 +154,32 @@ class PyramidWriter:
             )
             shape[-2] //= 2
             shape[-1] //= 2
+        self._pool = ThreadPoolExecutor(max_workers=self.inflight, thread_name_prefix="zarr-write")
+        self._pending: deque[Future] = deque()
 
     def write_plane(self, index: tuple[int, ...] | int, plane: np.ndarray) -> None:
-        """Write one plane (the last two axes) at leading index ``index`` at every level."""
+        """Queue one plane (the last two axes) at leading index ``index`` for every level."""
         index = (index,) if isinstance(index, int) else tuple(index)
+        planes = []
         for level, arr in enumerate(self.arrays):
             if level:
                 plane = downsample_plane(plane, labels=self.labels)
-            arr[index] = plane[: arr.shape[-2], : arr.shape[-1]]
+            planes.append((arr, plane[: arr.shape[-2], : arr.shape[-1]]))
+        while len(self._pending) >= self.inflight:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(_write_levels, planes, index))
+
+    def close(self) -> None:
+        """Wait for queued writes and stop the pool (errors of abandoned writes are dropped)."""
+        while self._pending:
+            self._pending.popleft().exception()
+        self._pool.shutdown(wait=True)
 
     def finish(self, extra: dict[str, Any] | None = None) -> None:
+        """Wait for every queued write (re-raising its error) and store the metadata."""
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown(wait=True)
         ome: dict[str, Any] = {
             "version": NGFF_VERSION,
             "multiscales": [multiscales_metadata(self.axes, self.scale, self.levels, unit=self.unit, name=self.name)],
@@ -159,6 +189,11 @@ class PyramidWriter:
         attrs = dict(self.group.attrs)
         attrs["ome"] = ome
         self.group.attrs.update(attrs)
+
+
+def _write_levels(planes: list[tuple[zarr.Array, np.ndarray]], index: tuple[int, ...]) -> None:
+    for arr, plane in planes:
+        arr[index] = plane
 
 
 def label_group(root: zarr.Group, name: str = LABEL_NAME) -> zarr.Group:
