@@ -1,0 +1,234 @@
+"""Overlap-tile inference: stitching with a stand-in model, part stores, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from unet_core import predict as predict_mod
+from unet_core.checkpoint import load_model, save_model
+from unet_core.cli import main
+from unet_core.errors import CheckpointError, UserInputError
+from unet_core.intensity import IntensityStats, normalize
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
+from unet_core.ngff import PyramidWriter
+from unet_core.predict import predict_job, predict_plane, resolve_device, resolve_precision, run_network
+from unet_core.tiling import Tiling
+
+TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
+TINY_ARGS = ["--depth", "2", "--base-channels", "4", "--dropout", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class StandIn(nn.Module):
+    """Valid-padded stand-in: class-1 logit = the input pixel under the output pixel, class 0 = 0.
+
+    Any misplaced tile, halo or flip shows on an arange image, where every pixel differs.
+    """
+
+    def __init__(self, spec: UNetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.spec.context
+        for n in x.shape[-2:]:
+            self.spec.output_size(n)  # a real net rejects invalid sizes; so does the stand-in
+        inner = x[..., c : x.shape[-2] - c, c : x.shape[-1] - c]
+        return torch.cat([torch.zeros_like(inner), inner], dim=1)
+
+
+def write_stack(path: Path, image: np.ndarray, *, chunks=(1, 32, 32)) -> Path:
+    """A stack laid out as 'unet ingest' writes it (image pyramid + intensity attributes)."""
+    root = zarr.open_group(path, mode="w")
+    writer = PyramidWriter(root, image.shape, image.dtype, chunks, (1.0, 1.0, 1.0), unit="micrometer")
+    for z in range(image.shape[0]):
+        writer.write_plane(z, image[z])
+    writer.finish()
+    stats = {"mean": float(image.mean()), "std": float(image.std())}
+    root.attrs.update({"unet": {"intensity": stats}})
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    return write_stack(tmp_path / "stack.ome.zarr", rng.integers(0, 255, (2, 70, 90), dtype=np.uint8))
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    save_model(path, UNet(TINY))
+    return path
+
+
+def expected_standin(image: np.ndarray, stats: IntensityStats) -> np.ndarray:
+    x = normalize(image, stats)
+    p1 = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    return np.stack([1.0 - p1, p1]).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_px", "tile_out", "tta"),
+    [
+        pytest.param((1, 37, 53), 16, 8, "none", id="small-blocks"),
+        pytest.param((2, 37, 53), 64, 64, "none", id="one-block"),
+        pytest.param((1, 1, 29), 8, 4, "none", id="one-pixel-high"),
+        pytest.param((1, 40, 33), 12, 8, "d4", id="d4"),
+        pytest.param((1, 21, 30), 16, 8, "flips", id="flips"),
+    ],
+)
+def test_stitching_with_stand_in_model(shape, block_px: int, tile_out: int, tta: str) -> None:
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    stats = IntensityStats(float(image.mean()), float(image.std()) / 4)
+    out = predict_plane(StandIn(TINY), image, stats=stats, block_px=block_px, tile_out=tile_out, tta=tta)
+    np.testing.assert_allclose(out, expected_standin(image, stats), rtol=0, atol=1e-6)
+
+
+def test_run_network_gives_probabilities() -> None:
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    probs = run_network(model, np.zeros((3, 1, 48, 48), np.float32), device=torch.device("cpu"))
+    assert probs.shape == (3, 2, 8, 8) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def read_part(part: Path) -> np.ndarray:
+    return zarr.open_array(part / "probabilities", mode="r")[:]
+
+
+def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part0"
+    summary = predict_job(stack, model_file, part, job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY)
+    assert summary.blocks == 2 * 3 * 3 and summary.skipped == 0 and summary.output_px == 2 * 70 * 90
+    settings = json.loads((part / "part.json").read_text())
+    assert settings["model_sha256"] == predict_mod.file_sha256(model_file)
+    assert settings["tiling"]["block_px"] == 32 and settings["precision"] == "fp32"
+    arr = zarr.open_array(part / "probabilities", mode="r")
+    assert arr.shape == (2, 2, 70, 90) and arr.dtype == np.float32 and arr.chunks == (2, 1, 32, 32)
+    assert len(list((part / "done").iterdir())) == summary.blocks
+    assert (part / "COMPLETE").is_file()
+    # equals the in-memory tiled prediction of the same stack
+    image = zarr.open_group(stack, mode="r")["0"][:]
+    model, _ = load_model(model_file)
+    stats = IntensityStats.from_dict(zarr.open_group(stack, mode="r").attrs["unet"]["intensity"])
+    np.testing.assert_array_equal(read_part(part), predict_plane(model, image, stats=stats, block_px=32, tile_out=16))
+
+
+def test_job_writes_only_its_blocks(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part1"
+    predict_job(stack, model_file, part, job=1, jobs=4, block_px=32, tile_out=32, device="cpu", expect=TINY)
+    done = sorted(p.name for p in (part / "done").iterdir())
+    want = sorted(b.name for b in Tiling((2, 70, 90), TINY, 32, 32).job_blocks(1, 4))
+    assert done == want
+    probs = read_part(part)
+    written = np.zeros(probs.shape[1:], bool)
+    for name in want:
+        z, by, bx = map(int, name.split("."))
+        written[z, by * 32 : by * 32 + 32, bx * 32 : bx * 32 + 32] = True
+    assert np.all(probs[:, ~written] == 0) and np.all(probs[:, written] > 0)
+
+
+def test_killed_job_resumes_only_missing_blocks(stack: Path, model_file: Path, tmp_path: Path, monkeypatch) -> None:
+    part = tmp_path / "part"
+    kw = dict(job=0, jobs=1, block_px=32, tile_out=32, device="cpu", expect=TINY)
+    reference = tmp_path / "reference"
+    predict_job(stack, model_file, reference, **kw)
+
+    real = predict_mod._mark_done
+    calls = {"n": 0}
+
+    def dying_mark_done(out, block):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt  # killed after its 5th block's chunk, before the marker
+        real(out, block)
+
+    monkeypatch.setattr(predict_mod, "_mark_done", dying_mark_done)
+    with pytest.raises(KeyboardInterrupt):
+        predict_job(stack, model_file, part, **kw)
+    monkeypatch.setattr(predict_mod, "_mark_done", real)
+    assert len(list((part / "done").iterdir())) == 5
+    assert not (part / "COMPLETE").exists()
+    assert not [p for p in (part / "done").iterdir() if p.name.startswith(".")]  # no half-written marker
+
+    summary = predict_job(stack, model_file, part, **kw)
+    assert summary.skipped == 5 and summary.blocks == 18
+    np.testing.assert_array_equal(read_part(part), read_part(reference))
+    assert (part / "COMPLETE").is_file()
+
+
+def test_changed_settings_start_afresh(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part"
+    predict_job(stack, model_file, part, block_px=32, tile_out=32, device="cpu", expect=TINY)
+    summary = predict_job(stack, model_file, part, block_px=64, tile_out=32, device="cpu", expect=TINY)
+    assert summary.skipped == 0 and summary.blocks == 2 * 2 * 2
+    assert len(list((part / "done").iterdir())) == 8
+
+
+def test_tiled_tta_job_matches_in_memory(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part"
+    predict_job(stack, model_file, part, block_px=32, tile_out=16, device="cpu", tta="flips", expect=TINY)
+    image = zarr.open_group(stack, mode="r")["0"][:]
+    model, _ = load_model(model_file)
+    stats = IntensityStats.from_dict(zarr.open_group(stack, mode="r").attrs["unet"]["intensity"])
+    whole = predict_plane(model, image, stats=stats, block_px=128, tile_out=128, tta="flips")
+    np.testing.assert_allclose(read_part(part), whole, atol=1e-5, rtol=0)
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+def test_missing_stack(model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="nope.zarr: input stack not found"):
+        predict_job(tmp_path / "nope.zarr", model_file, tmp_path / "part", device="cpu")
+
+
+def test_model_not_matching_config(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not match the config's model.*base_channels: file 4 vs config 8"):
+        predict_job(stack, model_file, tmp_path / "part", device="cpu",
+                    expect=UNetSpec(depth=2, base_channels=8, dropout=0.0))
+    assert not (tmp_path / "part").exists()
+
+
+def test_block_size_not_multiple_of_stride(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="block size 30 px .*nearest valid: 28 or 32"):
+        predict_job(stack, model_file, tmp_path / "part", block_px=30, device="cpu", expect=TINY)
+
+
+def test_device_and_precision_checks(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserInputError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(UserInputError, match="not a torch device"):
+        resolve_device("gpu7")
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+def test_cli_predict(stack: Path, model_file: Path, tmp_path: Path, capsys) -> None:
+    part = tmp_path / "p"
+    assert main(["predict", str(stack), str(model_file), str(part), "--block-px", "64", "--tile-out", "32",
+                 "--device", "cpu", "--threads", "1", *TINY_ARGS]) == 0
+    assert (part / "COMPLETE").is_file()
+    assert main(["predict", str(stack), str(model_file), str(part), "--block-px", "66", *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "block size 66 px" in err and "64 or 68" in err
+    assert main(["predict", str(stack), str(model_file), str(part)]) == 2  # paper net expected by default
+    assert "does not match the config's model" in capsys.readouterr().err
