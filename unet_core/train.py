@@ -384,8 +384,8 @@ def _sha256(path: Path) -> str:
 def versions() -> dict[str, str]:
     return {
         "unet_pipeline": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
         "python": platform.python_version(),
         "cuda": str(torch.version.cuda),
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
@@ -462,7 +462,25 @@ def train(
         CheckpointError: ``resume`` with a state that does not match the data or settings.
         ConfigError: a setting that cannot be used (device, non-finite loss).
     """
-    out_dir = Path(out_dir)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(train_sets, out_dir=Path(out_dir), spec=spec, config=config, validation=validation,
+                      val_slices=val_slices, resume=resume, on_iteration=on_iteration)
+    finally:  # the CPU run switches deterministic algorithms on; leave the process as it was
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(
+    train_sets: Sequence[str | os.PathLike[str]],
+    *,
+    out_dir: Path,
+    spec: UNetSpec,
+    config: TrainConfig,
+    validation: Sequence[tuple[Path, Path]],
+    val_slices: Sequence[int] | None,
+    resume: bool,
+    on_iteration: Callable[[int], None] | None,
+) -> TrainResult:
     dataset = AugmentedTiles(train_sets, spec=spec)
     val_tile_out = config.val_tile_out or dataset.out_size
     try:
@@ -547,13 +565,16 @@ def train(
             optimizer.step()
         scheduler.step()
         iteration += 1
-        step = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+        # fp16 + GradScaler skips steps with overflowing logits; count only finite losses then
+        value = loss.detach().double()
+        finite = torch.isfinite(value) if scaler is not None else torch.ones((), dtype=torch.bool, device=value.device)
+        step = torch.stack([torch.where(finite, value, 0.0), finite.double()])
         window += step
         since_val += step
 
         if iteration % config.log_every == 0 or iteration == config.iterations:
             total, count = window.tolist()
-            mean = total / max(count, 1.0)
+            mean = total / count if count else float("nan")
             if not math.isfinite(mean):
                 raise ConfigError(f"train: the loss became {mean} by iteration {iteration}; lower train.lr "
                                   f"(now {config.lr}) or use precision fp32/bf16")

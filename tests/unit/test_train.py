@@ -1,0 +1,363 @@
+"""Training: data contract, overfitting a synthetic slice, exact resume after SIGKILL, bad input.
+
+Resume seeds: ``UNET_RESUME_SEEDS=0,1,2,3`` runs the SIGKILL test for several seeds (each picks
+its own kill iteration); CI runs seed 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from unet_core.checkpoint import load_model, safe_load
+from unet_core.data import AugmentedTiles, IterationSampler, crop_to_output, tiled_logits
+from unet_core.errors import CheckpointError, ConfigError, UserInputError
+from unet_core.intensity import IntensityStats
+from unet_core.mirror import mirror_pad
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
+from unet_core.ngff import PyramidWriter, create_array
+from unet_core.train import TrainConfig, lr_factor, train
+
+TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
+RESUME_SEEDS = [int(s) for s in os.environ.get("UNET_RESUME_SEEDS", "0").split(",") if s.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Other jobs share this machine's 2 cores; one thread is fastest for the tiny net."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _disks(rng: np.random.Generator, size: int, n: int = 6) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((size, size), np.uint8)
+    for _ in range(n):
+        cy, cx = rng.integers(0, size, 2)
+        r = rng.integers(4, max(5, size // 6))
+        out[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+    return out
+
+
+def make_augmented(path: Path, *, spec: UNetSpec = TINY, out_size: int = 20, n: int = 4, seed: int = 0,
+                   max_class: int = 1, size: int | None = None) -> Path:
+    """A training set in the contract format of 'unet augment' (bright disks on noise)."""
+    size = size or spec.input_size(out_size)
+    rng = np.random.default_rng(seed)
+    classes = np.stack([_disks(rng, size) for _ in range(n)]) if n else np.zeros((0, size, size), np.uint8)
+    if max_class > 1 and n:
+        classes[0, :3, :3] = max_class
+    image = (classes * 1.5 + rng.normal(0, 0.3, classes.shape)).astype(np.float32)
+    weights = (1.0 + classes).astype(np.float32)
+    group = zarr.open_group(path, mode="w")
+    for name, arr in (("image", image), ("classes", classes), ("weights", weights),
+                      ("instances", classes.astype(np.int32))):
+        create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, size, size))[:] = arr
+    create_array(group, "source", shape=(n, 2), dtype=np.int32, chunks=(max(n, 1), 2))
+    group.attrs["unet"] = {"seed": seed, "tile_in": size, "tile_out": out_size}
+    return path
+
+
+def make_validation(tmp: Path, *, size: int = 50, slices: int = 2) -> tuple[Path, Path]:
+    """An ingested-stack stand-in (OME-Zarr level 0 + intensity attrs) and its weights store."""
+    rng = np.random.default_rng(7)
+    classes = np.stack([_disks(rng, size) for _ in range(slices)])
+    raw = (100 + 40 * classes + rng.normal(0, 8, classes.shape)).astype(np.uint16)
+    stack = tmp / "val.ome.zarr"
+    root = zarr.open_group(stack, mode="w")
+    writer = PyramidWriter(root, shape=raw.shape, dtype=raw.dtype, chunks=(1, size, size), scale=(1.0, 1.0, 1.0),
+                           levels=1)
+    for z in range(slices):
+        writer.write_plane(z, raw[z])
+    writer.finish()
+    root.attrs["unet"] = {"intensity": IntensityStats(float(raw.mean()), float(raw.std())).to_dict(),
+                          "label_kind": "instance"}
+    weights = tmp / "val_weights.zarr"
+    group = zarr.open_group(weights, mode="w")
+    for name, arr in (("classes", classes), ("weights", (1.0 + classes).astype(np.float32)),
+                      ("instances", classes.astype(np.int32))):
+        create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, size, size))[:] = arr
+    return stack, weights
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(iterations=30, optimizer="adam", lr=1e-2, momentum=0.9, workers=0, validate_every=10,
+                checkpoint_every=10, log_every=5, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# -- data --------------------------------------------------------------------------------------------
+def test_dataset_crops_targets_to_output(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr")
+    data = AugmentedTiles([aug], spec=TINY)
+    image, classes, weights = data[1]
+    assert (data.in_size, data.out_size) == (60, 20)
+    assert image.shape == (1, 60, 60) and image.dtype == torch.float32
+    assert classes.shape == (20, 20) and classes.dtype == torch.int64
+    assert weights.shape == (20, 20) and weights.dtype == torch.float32
+    group = zarr.open_group(aug, mode="r")
+    ctx = TINY.context
+    assert np.array_equal(classes.numpy(), group["classes"][1, ctx:-ctx, ctx:-ctx])
+    assert np.array_equal(crop_to_output(np.arange(36).reshape(6, 6), context=2), [[14, 15], [20, 21]])
+
+
+def test_sampler_is_a_function_of_seed_and_iteration() -> None:
+    full = list(IterationSampler(7, batch_size=3, start=0, stop=10, seed=5))
+    tail = list(IterationSampler(7, batch_size=3, start=4, stop=10, seed=5))
+    assert tail == full[12:]
+    # every epoch is a permutation of all samples
+    assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
+    assert full != list(IterationSampler(7, batch_size=3, start=0, stop=10, seed=6))
+
+
+def test_tiled_validation_equals_monolithic_pass() -> None:
+    torch.manual_seed(0)
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
+    model = UNet(spec).eval()
+    image = np.random.default_rng(0).normal(size=(45, 70)).astype(np.float32)
+    ctx = spec.context
+    # one pass over the mirror-padded slice (output size 76 >= 70 covers it)
+    padded = mirror_pad(image, [(ctx, ctx + 76 - 45), (ctx, ctx + 76 - 70)])
+    # oneDNN picks size-dependent kernels (rounding differs by ~1e-6); the reference kernels do not
+    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
+        tiled = tiled_logits(model, image, spec=spec, tile_out=20, device=torch.device("cpu"))
+        whole = model(torch.from_numpy(padded)[None, None])[0].numpy()
+    assert np.abs(tiled - whole[:, :45, :70]).max() == 0.0
+
+
+@pytest.mark.parametrize(
+    "schedule,at,expected",
+    [
+        pytest.param("constant", 50, 1.0, id="constant"),
+        pytest.param("cosine", 100, 0.0, id="cosine-end"),
+        pytest.param("cosine", 50, 0.5, id="cosine-mid"),
+        pytest.param("step", 25, 0.01, id="step-two-drops"),
+        pytest.param("poly", 0, 1.0, id="poly-start"),
+    ],
+)
+def test_lr_schedule(schedule: str, at: int, expected: float) -> None:
+    cfg = TrainConfig(iterations=100, schedule=schedule, lr_step_iterations=10)
+    assert lr_factor(at, config=cfg) == pytest.approx(expected, abs=1e-9)
+
+
+def test_warmup_is_linear() -> None:
+    cfg = TrainConfig(iterations=100, warmup_iterations=10)
+    assert [round(lr_factor(i, config=cfg), 3) for i in (0, 5, 10)] == [0.01, 0.505, 1.0]
+
+
+# -- training ----------------------------------------------------------------------------------------
+def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    stack, weights = make_validation(tmp_path)
+    out = tmp_path / "run"
+    result = train([aug], out_dir=out, spec=TINY, config=tiny_config(iterations=80, validate_every=40),
+                   validation=[(stack, weights)], val_slices=[1])
+    state = safe_load(out / "state.pt")
+    log = state["history"]["train_log"]
+    assert log[0][0] == 5 and log[-1][0] == 80
+    assert log[0][1] / log[-1][1] >= 5.0, log
+    for name in ("model.pt", "state.pt", "metrics.csv", "curve.png", "model.ts", "model_card.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [40, 80]
+    assert 0 <= float(rows[-1]["val_pixel_error"]) <= 1 and 0 <= float(rows[-1]["val_iou"]) <= 1
+    assert result.metrics["val_pixel_error"] == pytest.approx(float(rows[-1]["val_pixel_error"]))
+    # model.pt loads with weights_only and reproduces the trained network; so does TorchScript
+    model, meta = load_model(out / "model.pt", expect=TINY)
+    assert meta["intensity_normalisation"] == "stack z-score" and meta["tile_out"] == 20
+    x = torch.randn(1, 1, 76, 76)
+    scripted = torch.jit.load(str(out / "model.ts"))
+    with torch.no_grad():
+        assert torch.equal(model(x), scripted(x))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["geometry"]["context_px"] == TINY.context and card["data"]["train_tiles"] == 1
+    assert len(card["data"]["train_sha256"]) == 64 and card["versions"]["torch"] == torch.__version__
+
+
+def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=3)
+    cfg = dict(iterations=6, optimizer="sgd", validate_every=6, checkpoint_every=6)
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
+    train([aug], out_dir=tmp_path / "w0", spec=spec, config=tiny_config(**cfg, workers=0))
+    train([aug], out_dir=tmp_path / "w2", spec=spec, config=tiny_config(**cfg, workers=2))
+    a, b = (safe_load(tmp_path / d / "model.pt")["state_dict"] for d in ("w0", "w2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_names_the_learning_rate(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    with pytest.raises(ConfigError, match="lower train.lr"):
+        train([aug], out_dir=tmp_path / "nan", spec=TINY,
+              config=tiny_config(iterations=20, optimizer="sgd", lr=1e12, momentum=0.9))
+
+
+def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> None:
+    from unet_core.train import pixel_metrics
+
+    logits = np.zeros((2, 2, 2), np.float32)
+    logits[1] = [[1, 1], [-1, -1]]  # predicts class 1 on the top row
+    classes = np.array([[1, 0], [1, 0]], np.uint8)
+    m = pixel_metrics(logits, classes, None)
+    assert m["errors"] == 2 and m["pixels"] == 4
+    assert (m["inter_1"], m["union_1"]) == (1, 3)
+
+
+def test_sgd_paper_defaults_reduce_loss(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    train([aug], out_dir=tmp_path / "sgd", spec=TINY,
+          config=tiny_config(iterations=60, optimizer="sgd", lr=0.01, momentum=0.99, validate_every=60))
+    log = safe_load(tmp_path / "sgd" / "state.pt")["history"]["train_log"]
+    assert log[-1][1] < 0.5 * log[0][1], log
+
+
+# -- exact resume after SIGKILL -------------------------------------------------------------------
+DRIVER = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from unet_core.model.spec import UNetSpec
+    from unet_core.train import TrainConfig, train
+    aug, out, stack, weights, resume = sys.argv[1:6]
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
+    cfg = TrainConfig(iterations=30, optimizer="sgd", lr=0.01, momentum=0.99, workers=0, validate_every=7,
+                      checkpoint_every=5, log_every=3, device="cpu", seed=11)
+    def tick(i):
+        print(i, flush=True)
+    train([aug], out_dir=out, spec=spec, config=cfg, validation=[(Path(stack), Path(weights))],
+          resume=resume == "1", on_iteration=tick)
+    """
+)
+
+
+def _run_driver(script: Path, args: list[str], *, kill_at: int | None = None) -> int:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if kill_at is not None and int(line) >= kill_at:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.stdout.close()
+    return proc.wait(timeout=300)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}") for s in RESUME_SEEDS])
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, seed: int) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=3)
+    stack, weights = make_validation(tmp_path, slices=1)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    common = [str(aug)]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert _run_driver(script, [*common, str(ref), str(stack), str(weights), "0"]) == 0
+    kill_at = int(np.random.default_rng(seed).integers(1, 23))
+    rc = _run_driver(script, [*common, str(cut), str(stack), str(weights), "1"], kill_at=kill_at)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (cut / "model.pt").exists()
+    assert _run_driver(script, [*common, str(cut), str(stack), str(weights), "1"]) == 0
+    a, b = safe_load(ref / "model.pt")["state_dict"], safe_load(cut / "model.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after kill at iteration {kill_at}"
+    sa, sb = safe_load(ref / "state.pt"), safe_load(cut / "state.pt")
+    for key, value in sa["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"])
+    keep = ("iteration", "lr", "train_loss", "val_loss", "val_pixel_error", "val_iou")
+    rows = [[{k: r[k] for k in keep} for r in csv.DictReader((d / "metrics.csv").open())] for d in (ref, cut)]
+    assert rows[0] == rows[1]
+    assert sa["history"]["train_log"] == sb["history"]["train_log"]
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5))
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.01 vs now 0.02"):
+        train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5, lr=0.02), resume=True)
+
+
+def test_resume_of_finished_run_changes_nothing(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    out = tmp_path / "run"
+    train([aug], out_dir=out, spec=TINY, config=tiny_config(iterations=5))
+    before = safe_load(out / "model.pt")["state_dict"]
+    result = train([aug], out_dir=out, spec=TINY, config=tiny_config(iterations=5), resume=True)
+    after = safe_load(out / "model.pt")["state_dict"]
+    assert result.iterations == 5 and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+def test_invalid_tile_size_names_nearest(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", spec=UNetSpec(depth=2, base_channels=4), out_size=20)
+    # the set's 60 px tiles are valid at depth 2 but not at depth 4 (188 + 16k)
+    with pytest.raises(UserInputError, match=r"tile size 60 px.*nearest valid input sizes: \(188,\)"):
+        AugmentedTiles([aug], spec=UNetSpec(depth=4, base_channels=4))
+    odd = make_augmented(tmp_path / "odd.zarr", size=62)  # depth 2: valid inputs are 44 + 4k
+    with pytest.raises(UserInputError, match=r"tile size 62 px.*nearest valid input sizes: \(60, 64\)"):
+        AugmentedTiles([odd], spec=TINY)
+
+
+def test_empty_training_set(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=0)
+    with pytest.raises(UserInputError, match="hold no tiles"):
+        AugmentedTiles([aug], spec=TINY)
+    with pytest.raises(UserInputError, match="no training set"):
+        AugmentedTiles([], spec=TINY)
+
+
+def test_more_classes_than_the_model(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", max_class=3)
+    with pytest.raises(UserInputError, match=r"class 3 but the model has n_classes=2.*--n-classes 4"):
+        AugmentedTiles([aug], spec=TINY)
+
+
+def test_not_an_augmented_set(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path / "x.zarr", mode="w")
+    create_array(group, "image", shape=(1, 60, 60), dtype=np.float32, chunks=(1, 60, 60))
+    with pytest.raises(UserInputError, match=r"missing arrays \['classes', 'weights'\]"):
+        AugmentedTiles([tmp_path / "x.zarr"], spec=TINY)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        pytest.param({"optimizer": "rmsprop"}, "train.optimizer", id="optimizer"),
+        pytest.param({"iterations": 0}, "train.iterations", id="iterations"),
+        pytest.param({"lr": -1.0}, "train.lr", id="lr"),
+        pytest.param({"momentum": 1.0}, "train.momentum", id="momentum"),
+    ],
+)
+def test_bad_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_cli_train_end_to_end(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    stack, weights = make_validation(tmp_path)
+    cmd = [str(Path(sys.executable).parent / "unet"), "train", "--train", str(aug), "--val", f"{stack}:{weights}",
+           "--val-slices", "0", "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4",
+           "--iterations", "4", "--validate-every", "2", "--workers", "0", "--device", "cpu", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cli" / "model.pt").is_file()
+    bad = subprocess.run([*cmd, "--depth", "4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    last = bad.stderr.strip().splitlines()[-1]
+    assert "tile size 60 px" in last and "nearest valid input sizes" in last and "Traceback" not in bad.stderr
