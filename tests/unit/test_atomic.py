@@ -1,0 +1,46 @@
+"""Atomic outputs: complete or absent, never half-written."""
+
+from __future__ import annotations
+
+import pytest
+
+from unet_core.atomic import atomic_output
+
+
+def test_file_appears_only_when_complete(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_output(target) as tmp:
+        tmp.write_text("hello")
+        assert not target.exists() and tmp.parent == target.parent
+    assert target.read_text() == "hello"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_failure_leaves_previous_directory_and_no_temporaries(tmp_path):
+    target = tmp_path / "store.zarr"
+    with atomic_output(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a").write_text("2")
+            raise RuntimeError("killed half-way")
+    assert (target / "a").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.zarr"]
+
+
+def test_directory_is_replaced(tmp_path):
+    target = tmp_path / "store.zarr"
+    for value in ("1", "2"):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a").write_text(value)
+    assert (target / "a").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.zarr"]
+
+
+def test_nothing_written_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="without writing"):
+        with atomic_output(tmp_path / "x"):
+            pass

@@ -1,0 +1,59 @@
+"""OME-Zarr adapter: pyramid, label groups, metadata readable by ome-zarr-py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from unet_core.errors import UserInputError
+from unet_core.ngff import IMAGE_LABEL, PyramidWriter, downsample_plane, label_group, open_stack
+
+
+def test_downsample_rounds_and_never_blends_labels():
+    img = np.array([[0, 1, 5], [2, 3, 5]], np.uint8)
+    np.testing.assert_array_equal(downsample_plane(img, labels=False), [[2]])   # (0+1+2+3+2)//4
+    lab = np.array([[7, 9], [9, 9]], np.uint16)
+    np.testing.assert_array_equal(downsample_plane(lab, labels=True), [[7]])
+
+
+def _write(path, image, labels=None):
+    root = zarr.open_group(path, mode="w")
+    w = PyramidWriter(root, image.shape, image.dtype, (1, 64, 64), (1.0, 0.5, 0.5), unit="micrometer")
+    lw = None
+    if labels is not None:
+        lw = PyramidWriter(label_group(root), labels.shape, labels.dtype, (1, 64, 64), (1.0, 0.5, 0.5), labels=True, name="gt")
+    for z in range(image.shape[0]):
+        w.write_plane(z, image[z])
+        if lw:
+            lw.write_plane(z, labels[z])
+    w.finish()
+    if lw:
+        lw.finish(IMAGE_LABEL)
+    root.attrs.update({"unet": {"intensity": {"mean": 1.0, "std": 2.0}, "label_kind": "instance"}})
+
+
+def test_pyramid_and_ome_zarr_reader(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (2, 600, 520)).astype(np.uint8)
+    labels = (image > 128).astype(np.uint32)
+    _write(tmp_path / "s.ome.zarr", image, labels)
+    stack = open_stack(tmp_path / "s.ome.zarr", require_labels=True)
+    np.testing.assert_array_equal(stack.image[:], image)
+    np.testing.assert_array_equal(stack.labels[:], labels)
+    assert stack.scale == (1.0, 0.5, 0.5) and stack.unit == "micrometer"
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(tmp_path / "s.ome.zarr")))())
+    assert [d.shape for d in nodes[0].data] == [(2, 600, 520), (2, 300, 260)]
+
+
+def test_open_stack_errors(tmp_path):
+    with pytest.raises(UserInputError, match="not a Zarr store"):
+        open_stack(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "bare.zarr", mode="w")
+    with pytest.raises(UserInputError, match="not a stack written by"):
+        open_stack(tmp_path / "bare.zarr")
+    _write(tmp_path / "nolabels.zarr", np.zeros((1, 8, 8), np.uint8))
+    with pytest.raises(UserInputError, match="no ground-truth labels"):
+        open_stack(tmp_path / "nolabels.zarr", require_labels=True)
