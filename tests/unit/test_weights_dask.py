@@ -1,0 +1,147 @@
+"""Tests of the Dask layer (unet_core.weights_dask) and the weights CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from scipy.spatial import cKDTree
+
+from unet_core import weights as W
+from unet_core import weights_dask as WD
+from unet_core.cli import main
+from unet_core.errors import UserInputError
+from unet_core.ngff import IMAGE_LABEL, PyramidWriter, label_group
+
+
+def voronoi(shape: tuple[int, int], n: int, seed: int, *, gap: float = 0.0) -> np.ndarray:
+    """Seeded touching cells: nearest-seed labels 1..n; gap > 0 blanks pixels far from their seed."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0, 1, (n, 2)) * np.array(shape)
+    grid = np.stack(np.mgrid[: shape[0], : shape[1]], -1).reshape(-1, 2)
+    dist, index = cKDTree(points).query(grid)
+    labels = (index + 1).reshape(shape).astype(np.int32)
+    if gap:
+        labels[dist.reshape(shape) > gap * math.sqrt(shape[0] * shape[1] / n / math.pi)] = 0
+    return labels
+
+
+def make_stack(path: Path, labels: np.ndarray, *, kind: str, chunks=(1, 64, 64), image_shape=None) -> Path:
+    """Minimal ingested stack in the layout of 'unet ingest' (image pyramid + labels/gt)."""
+    root = zarr.open_group(path, mode="w")
+    shape = image_shape or labels.shape
+    image = PyramidWriter(root, shape, np.uint8, chunks, (1.0, 1.0, 1.0), levels=1)
+    rng = np.random.default_rng(0)
+    for z in range(shape[0]):
+        image.write_plane(z, rng.integers(0, 255, shape[1:], dtype=np.uint8))
+    image.finish()
+    gt = PyramidWriter(label_group(root), labels.shape, labels.dtype, chunks, (1.0, 1.0, 1.0), labels=True,
+                       levels=1, name="gt")
+    for z in range(labels.shape[0]):
+        gt.write_plane(z, labels[z])
+    gt.finish(IMAGE_LABEL)
+    root.attrs.update({**dict(root.attrs), "unet": {"intensity": {"mean": 127.0, "std": 70.0}, "label_kind": kind}})
+    return path
+
+
+@pytest.fixture
+def instance_stack(tmp_path) -> tuple[Path, np.ndarray]:
+    labels = np.stack([voronoi((150, 170), 30, seed=z, gap=1.1 * (z % 2)) for z in range(3)])
+    labels[2] = 0  # an empty slice
+    return make_stack(tmp_path / "inst.ome.zarr", labels, kind="instance", chunks=(1, 64, 48)), labels
+
+
+def whole_slice(labels2d, *, kind, class_weights, params, foreground=None):
+    inst = W.instances_from_labels(labels2d, kind=kind, connectivity=params.connectivity, foreground=foreground)
+    classes = W.class_map(inst, separate_touching=kind == "instance")
+    w = W.weight_map(inst, classes, class_weights=class_weights, w0=params.w0, sigma_px=params.sigma_px,
+                     tolerance=params.tolerance, pixels=params.border_pixels)
+    return w, classes, W.cells_from(inst, classes)
+
+
+def test_halo_strictly_beyond_cutoff():
+    params = WD.WeightParams()
+    assert params.halo_px == 23 and params.halo_px > params.cutoff_px + 1
+
+
+@pytest.mark.parametrize("pixels", [pytest.param("background", id="bg"), pytest.param("all", id="all")])
+def test_chunked_equals_whole_slice(instance_stack, tmp_path, pixels):
+    path, labels = instance_stack
+    params = WD.WeightParams(w0=10, sigma_px=5, border_pixels=pixels)
+    out = tmp_path / "w.zarr"
+    with WD.dask_scheduler("threads", workers=2):
+        attrs = WD.write_weights(path, out, params=params, class_weights={"class_weights": [0.6, 2.5]})
+    result = zarr.open_group(out, mode="r")
+    assert result["weights"].dtype == np.float32 and result["classes"].dtype == np.uint8
+    assert result["instances"].dtype == np.int32 and result["weights"].chunks == (1, 64, 48)
+    for z in range(labels.shape[0]):
+        w, classes, cells = whole_slice(labels[z], kind="instance", class_weights=(0.6, 2.5), params=params)
+        np.testing.assert_array_equal(result["weights"][z], w)
+        np.testing.assert_array_equal(result["classes"][z], classes)
+        np.testing.assert_array_equal(result["instances"][z], cells)
+    np.testing.assert_array_equal(result["weights"][2], np.float32(0.6))  # empty slice: w = w_c
+    assert attrs["separate_touching"] is True and result.attrs["unet"]["halo_px"] == 23
+    assert (tmp_path / "w.png").stat().st_size > 10_000
+
+
+def test_binary_stack_components_and_processes_scheduler(tmp_path):
+    fg = voronoi((120, 100), 20, seed=7, gap=0.9) > 0
+    labels = np.stack([np.where(fg, 255, 0), np.where(fg[::-1], 255, 0)]).astype(np.uint8)
+    path = make_stack(tmp_path / "bin.ome.zarr", labels, kind="binary", chunks=(1, 40, 40))
+    params = WD.WeightParams(w0=50, sigma_px=6, connectivity=8)
+    with WD.dask_scheduler("processes", workers=2):
+        WD.write_weights(path, tmp_path / "w.zarr", params=params, class_weights={"class_weights": [1.0, 1.0]},
+                         plot_slice=None)
+    result = zarr.open_group(tmp_path / "w.zarr", mode="r")
+    for z in range(2):
+        w, classes, cells = whole_slice(labels[z], kind="binary", class_weights=(1.0, 1.0), params=params,
+                                        foreground=255)
+        np.testing.assert_array_equal(result["weights"][z], w)
+        np.testing.assert_array_equal(result["instances"][z], cells)
+    assert result.attrs["unet"]["separate_touching"] is False
+    assert not (tmp_path / "w.png").exists()
+
+
+def test_class_counts_over_stacks(instance_stack, tmp_path):
+    path, labels = instance_stack
+    counts = WD.class_counts([path, path])
+    cells = sum(int(W.class_map(labels[z], separate_touching=True).sum()) for z in range(labels.shape[0]))
+    np.testing.assert_array_equal(counts, [2 * (labels.size - cells), 2 * cells])
+
+
+def test_shape_mismatch_is_a_user_error(tmp_path):
+    labels = np.ones((2, 32, 32), np.int32)
+    path = make_stack(tmp_path / "s.ome.zarr", labels, kind="instance", chunks=(1, 32, 32), image_shape=(2, 32, 40))
+    with pytest.raises(UserInputError, match="differ in shape"):
+        WD.write_weights(path, tmp_path / "w.zarr", class_weights={"class_weights": [1, 1]})
+    assert not (tmp_path / "w.zarr").exists()
+
+
+def test_float_labels_are_a_user_error():
+    with pytest.raises(UserInputError, match="integers"):
+        WD.label_arrays(da.zeros((1, 8, 8), dtype=np.float32), kind="instance")
+
+
+def test_cli_class_weights_then_weights(instance_stack, tmp_path, capsys):
+    path, labels = instance_stack
+    cw = tmp_path / "cw.json"
+    assert main(["class-weights", str(path), "-o", str(cw), "--threads", "2"]) == 0
+    data = json.loads(cw.read_text())
+    f = np.array(data["frequencies"])
+    np.testing.assert_allclose((f * np.array(data["class_weights"])).sum(), 1.0)
+    out = tmp_path / "out" / "weights.zarr"
+    assert main(["weights", str(path), str(out), "--class-weights", str(cw), "--preset", "fiji",
+                 "--plot-slice", "1", "--scheduler", "synchronous"]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs["unet"]
+    assert attrs["w0"] == 50 and attrs["sigma_px"] == 6 and attrs["class_weights"] == data["class_weights"]
+    assert (tmp_path / "out" / "weights.png").is_file()
+    # user errors: one line, exit 2
+    assert main(["weights", str(path), str(tmp_path / "x.zarr"), "--plot-slice", "9"]) == 2
+    assert main(["weights", str(path), str(tmp_path / "x.zarr"), "--scheduler", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("unet weights: error:") and "scheduler" in err[-1]
