@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from unet_core import __version__
 from unet_core.atomic import atomic_output
@@ -173,7 +172,8 @@ class SynthParams:
 
 def _require(ok: bool, key: str, problem: str) -> None:
     if not ok:
-        raise UserInputError(f"{key}: {problem}")
+        options = " / ".join("--" + k.replace("_", "-") for k in key.split("/"))
+        raise UserInputError(f"{key} ({options}): {problem}")
 
 
 def slice_rng(seed: int, index: int) -> np.random.Generator:
@@ -461,6 +461,8 @@ def synth_slice(params: SynthParams, *, seed: int, index: int) -> tuple[np.ndarr
         r1 = min(h, r0 + rows)
         signal[r0:r1], cells[r0:r1] = scene.render(rng_texture, r0, r1)
     if params.blur_px > 0:
+        from scipy import ndimage
+
         signal = ndimage.gaussian_filter(signal, params.blur_px, mode="mirror", truncate=3.0)
     image = np.empty((h, w), dtype=params.dtype)
     for r0 in range(0, h, rows):
@@ -518,6 +520,8 @@ def _repair_fragments(labels: np.ndarray, *, min_piece_px: int) -> np.ndarray:
         labels: (Y, X) unsigned instance ids, 0 = background, 1..n consecutive.
         min_piece_px: smallest piece kept as a cell of its own, pixels.
     """
+    from scipy import ndimage
+
     a, b, c, d = labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:]
     diag = np.concatenate([a[(a == d) & (b != a) & (c != a)], b[(b == c) & (a != b) & (d != b)]])
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
