@@ -1,0 +1,238 @@
+"""The gather: blockwise instance merge, OME-Zarr output, 1 job vs K jobs, bad parts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from scipy import ndimage
+from torch import nn
+
+import unet_core.checkpoint
+from unet_core.cli import main
+from unet_core.errors import UserInputError
+from unet_core.merge import UnionFind, label_blockwise, merge_parts, segment
+from unet_core.model.spec import UNetSpec
+from unet_core.ngff import PyramidWriter, downsample_plane
+from unet_core.predict import predict_job
+
+TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class StandIn(nn.Module):
+    """Valid-padded stand-in: class-1 logit = the input pixel (so bright pixels are 'cell')."""
+
+    def __init__(self, spec: UNetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.spec.context
+        inner = x[..., c : x.shape[-2] - c, c : x.shape[-1] - c]
+        return torch.cat([torch.zeros_like(inner), inner], dim=1)
+
+
+@pytest.fixture
+def stand_in_model(tmp_path: Path, monkeypatch) -> Path:
+    """A model file path whose loading yields the stand-in (the file only feeds the hash)."""
+    path = tmp_path / "standin.pt"
+    path.write_bytes(b"stand-in")
+    monkeypatch.setattr(unet_core.checkpoint, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
+    return path
+
+
+def write_stack(path: Path, image: np.ndarray) -> Path:
+    root = zarr.open_group(path, mode="w")
+    writer = PyramidWriter(root, image.shape, image.dtype, (1, 32, 32), (2.0, 0.5, 0.5), unit="micrometer")
+    for z in range(image.shape[0]):
+        writer.write_plane(z, image[z])
+    writer.finish()
+    root.attrs.update({"unet": {"intensity": {"mean": float(image.mean()), "std": float(image.std())}}})
+    return path
+
+
+def discs(shape: tuple[int, int, int], centres: list[tuple[int, int, int]], radius: float) -> np.ndarray:
+    z, y, x = np.indices(shape)
+    img = np.zeros(shape, np.uint8)
+    for cz, cy, cx in centres:
+        img[(z == cz) & ((y - cy) ** 2 + (x - cx) ** 2 <= radius**2)] = 200
+    return img
+
+
+# -- core ----------------------------------------------------------------------------------------
+def test_union_find_numbers_sets_by_smallest_id() -> None:
+    uf = UnionFind()
+    assert uf.add(5) == 1  # ids 1..5
+    uf.union(5, 2)
+    uf.union(4, 5)
+    # sets {1}, {2, 4, 5}, {3} -> 1, 2, 3 by smallest member
+    assert uf.final_ids().tolist() == [0, 1, 2, 3, 2, 2]
+
+
+def test_segment_argmax_ties_to_lower_class() -> None:
+    probs = np.array([[[0.5, 0.2]], [[0.5, 0.8]]], np.float32)
+    assert segment(probs).tolist() == [[0, 1]] and segment(probs).dtype == np.uint8
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images split the foreground identically (ids may differ)."""
+    fg = a > 0
+    if not np.array_equal(fg, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[fg], b[fg]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@pytest.mark.parametrize("block_px", [pytest.param(b, id=f"block-{b}") for b in (1, 3, 8, 17, 200)])
+def test_blockwise_labels_equal_whole_plane_labels(block_px: int) -> None:
+    rng = np.random.default_rng(block_px)
+    mask = ndimage.binary_opening(rng.random((2, 61, 75)) > 0.45)  # blobs with long snakes
+    got = label_blockwise(mask, block_px=block_px)
+    assert got.dtype == np.uint32
+    for z in range(2):
+        assert same_partition(got[z], ndimage.label(mask[z])[0])
+    # ids are unique across slices and consecutive
+    n = sum(ndimage.label(mask[z])[1] for z in range(2))
+    assert sorted(np.unique(got[got > 0]).tolist()) == list(range(1, n + 1))
+
+
+def test_cell_on_block_corner_gets_one_label() -> None:
+    mask = discs((1, 64, 64), [(0, 32, 32)], 9.5)[0] > 0  # corner of four 32-px blocks
+    got = label_blockwise(mask, block_px=32)
+    assert np.unique(got[mask]).tolist() == [1] and got.max() == 1
+    # a U shape whose arms meet only far from the block border it crosses
+    u = np.zeros((40, 40), bool)
+    u[5:35, 5:8] = u[5:35, 30:33] = u[32:35, 5:33] = True
+    assert label_blockwise(u, block_px=16).max() == 1
+
+
+# -- I/O -----------------------------------------------------------------------------------------
+def run_jobs(stack: Path, model: Path, root: Path, jobs: int, **kw) -> list[Path]:
+    parts = [root / f"part{j}" for j in range(jobs)]
+    order = list(range(jobs))
+    random.Random(jobs).shuffle(order)
+    for j in order:
+        predict_job(stack, model, parts[j], job=j, jobs=jobs, device="cpu", **kw)
+    return parts
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_one_job_and_k_jobs_give_identical_stores(tmp_path: Path, stand_in_model: Path) -> None:
+    image = discs((2, 70, 90), [(0, 32, 32), (1, 10, 64), (1, 50, 20)], 8.5)
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    outs = []
+    for jobs in (1, 3, 7):
+        parts = run_jobs(stack, stand_in_model, tmp_path / f"run{jobs}", jobs, block_px=32, tile_out=16)
+        out = tmp_path / f"pred{jobs}.ome.zarr"
+        merge_parts(parts[::-1], stack=stack, out=out)
+        outs.append(store_bytes(out))
+    assert outs[0] == outs[1] == outs[2]
+    assert len(outs[0]) > 10
+
+
+def test_merged_prediction_layout_and_instances(tmp_path: Path, stand_in_model: Path) -> None:
+    # 2 pyramid levels need >= 512 px; a cell sits on the corner of four 128-px blocks
+    image = discs((1, 520, 530), [(0, 128, 128), (0, 300, 60), (0, 384, 256)], 12.5)
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=128, tile_out=128)
+    out = tmp_path / "pred.ome.zarr"
+    tif = tmp_path / "inst.tif"
+    summary = merge_parts(parts, stack=stack, out=out, tiff=tif, tiff_content="instances")
+    assert summary.instances == 3
+    root = zarr.open_group(out, mode="r")
+    ome = root.attrs["ome"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["c", "z", "y", "x"]
+    assert [d["path"] for d in ome["multiscales"][0]["datasets"]] == ["0", "1"]
+    assert ome["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 1.0, 1.0]
+    probs = root["0"]
+    assert probs.dtype == np.float32 and probs.shape == (2, 1, 520, 530) and probs.chunks == (1, 1, 128, 128)
+    assert root["1"].shape == (2, 1, 260, 265)
+    np.testing.assert_allclose(root["1"][:], downsample_plane(probs[:], labels=False), rtol=0, atol=1e-7)
+    assert root["labels"].attrs["ome"]["labels"] == ["segmentation", "instances"]
+    seg = root["labels/segmentation/0"][:]
+    inst = root["labels/instances/0"][:]
+    assert seg.dtype == np.uint8 and inst.dtype == np.uint32
+    np.testing.assert_array_equal(seg, (image > 0).astype(np.uint8))  # stand-in: bright = cell
+    assert same_partition(inst[0], ndimage.label(image[0] > 0)[0])
+    assert len(np.unique(inst[0][116:140, 116:140])) == 2  # corner cell: background + one id
+    np.testing.assert_array_equal(root["labels/instances/1"][:], downsample_plane(inst, labels=True))
+    assert root["labels/instances"].attrs["ome"]["image-label"]["source"] == {"image": "../../"}
+    unet = root.attrs["unet"]
+    assert unet["tiling"]["block_px"] == 128 and "argmax" in unet["decision_rule"] and unet["instances"] == 3
+    assert len(unet["model_sha256"]) == 64
+    np.testing.assert_array_equal(tifffile.imread(tif), inst[0])  # one slice reads back as (Y, X)
+
+
+def test_cli_merge_with_tiff(tmp_path: Path, stand_in_model: Path) -> None:
+    image = discs((2, 40, 50), [(0, 16, 16), (1, 30, 30)], 6.5)
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16)
+    out, tif = tmp_path / "pred.ome.zarr", tmp_path / "seg.tif"
+    assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out), "--tiff", str(tif)]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tif), (image > 0).astype(np.uint8))
+
+
+# -- bad parts -----------------------------------------------------------------------------------
+@pytest.fixture
+def two_parts(tmp_path: Path, stand_in_model: Path) -> tuple[Path, list[Path]]:
+    stack = write_stack(tmp_path / "s.ome.zarr", discs((1, 40, 40), [(0, 20, 20)], 5.5))
+    return stack, run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16)
+
+
+def test_missing_job_part(two_parts, tmp_path: Path) -> None:
+    stack, parts = two_parts
+    with pytest.raises(UserInputError, match=r"2-job run: missing job\(s\) \[1\]"):
+        merge_parts(parts[:1], stack=stack, out=tmp_path / "o.zarr")
+    with pytest.raises(UserInputError, match=r"job\(s\) \[0\] given twice"):
+        merge_parts([parts[0], parts[0], parts[1]], stack=stack, out=tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_unfinished_part(two_parts, tmp_path: Path) -> None:
+    stack, parts = two_parts
+    (parts[1] / "COMPLETE").unlink()
+    with pytest.raises(UserInputError, match="part1: job 1 did not finish"):
+        merge_parts(parts, stack=stack, out=tmp_path / "o.zarr")
+    (parts[1] / "COMPLETE").write_text("{}")
+    next((parts[1] / "done").iterdir()).unlink()
+    with pytest.raises(UserInputError, match="part1: 1 block.* not finished"):
+        merge_parts(parts, stack=stack, out=tmp_path / "o.zarr")
+
+
+def test_parts_of_different_runs(two_parts, tmp_path: Path) -> None:
+    stack, parts = two_parts
+    manifest = parts[1] / "part.json"
+    settings = json.loads(manifest.read_text())
+    settings["model_sha256"] = "0" * 64
+    manifest.write_text(json.dumps(settings))
+    with pytest.raises(UserInputError, match="from another run .*model_sha256"):
+        merge_parts(parts, stack=stack, out=tmp_path / "o.zarr")
+
+
+def test_wrong_stack_or_not_a_part(two_parts, tmp_path: Path) -> None:
+    stack, parts = two_parts
+    other = write_stack(tmp_path / "other.ome.zarr", np.zeros((1, 41, 40), np.uint8))
+    with pytest.raises(UserInputError, match="shape .* differs from the predicted stack"):
+        merge_parts(parts, stack=other, out=tmp_path / "o.zarr")
+    with pytest.raises(UserInputError, match="not a 'unet predict' part store"):
+        merge_parts([tmp_path], stack=stack, out=tmp_path / "o.zarr")
+    with pytest.raises(UserInputError, match="no part stores"):
+        merge_parts([], stack=stack, out=tmp_path / "o.zarr")
