@@ -5,8 +5,8 @@ network's valid output, i.e. the input tile minus :attr:`UNetSpec.context` per s
 it is divided by the number of pixels, so that ``w(x) = 1`` gives exactly the mean plain
 cross-entropy, and the scale of the gradient does not depend on the tile size.
 
-Numerics: logits are cast to float32 before ``log_softmax`` (which subtracts the per-pixel
-maximum), so the loss is finite and accurate when the network runs under bf16/fp16
+Numerics: logits are cast to float32 before the fused log-softmax (which subtracts the
+per-pixel maximum), so the loss is finite and accurate when the network runs under bf16/fp16
 autocast, where a softmax computed in half precision would underflow to ``log(0)``.
 """
 
@@ -43,8 +43,7 @@ def weighted_cross_entropy(
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {(n, y, x)} (crop to the output)")
     if weight is not None and tuple(weight.shape) != (n, y, x):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match logits {(n, y, x)} (crop to the output)")
-    log_p = F.log_softmax(logits.float(), dim=1)
-    nll = -log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    nll = F.cross_entropy(logits.float(), target.long(), reduction="none")  # fused log-softmax + NLL
     if weight is not None:
         nll = nll * weight.float()
     return nll.mean()
