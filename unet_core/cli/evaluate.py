@@ -1,0 +1,88 @@
+"""``unet evaluate``: score a prediction against the stack's ground truth."""
+
+from __future__ import annotations
+
+import argparse
+
+from unet_core.cli.common import existing_path, positive_int
+
+
+def _thresholds(text: str) -> list[float]:
+    """``0,0.1,...`` or ``START:STOP:STEP`` (inclusive) -> thresholds in [0, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + k * step, 10) for k in range(count)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected thresholds like 0:1:0.1 or 0.3,0.5,0.7, got {text!r}"
+        ) from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds must lie in [0, 1], got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a prediction against ground truth (pixel, IoU, Rand, objects, warping)",
+        description=(
+            "Score the prediction written by 'unet merge' against the ground-truth labels of the stack it "
+            "was made on, slice by slice: pixel error, IoU per class and of the foreground, Dice, the ISBI "
+            "2012 foreground-restricted Rand error and pixel error (best over thresholds of P(cell)), "
+            "skimage's adapted Rand error, object precision/recall/F1 at IoU > 0.5, the cell tracking "
+            "challenge's SEG and the warping error (Jain et al. 2010). Writes OUT_DIR/metrics.csv (per "
+            "slice), OUT_DIR/metrics.json (dataset + per slice + the decision rule of every score) and "
+            "OUT_DIR/overlays.png (worst and best slices). Binary labels: objects are the connected "
+            "components of the foreground; instance labels: touching cells are separated by a 1-px "
+            "background line as in training."
+        ),
+    )
+    p.add_argument("prediction", type=existing_path,
+                   help="prediction OME-Zarr from 'unet merge' (probabilities (c, z, y, x) + labels/segmentation)")
+    p.add_argument("stack", type=existing_path,
+                   help="the ingested stack (OME-Zarr with labels) the prediction was made on")
+    p.add_argument("-o", "--out-dir", required=True,
+                   help="output directory for metrics.csv, metrics.json and overlays.png (created if missing)")
+    p.add_argument("--slices", default="all",
+                   help="stack slices to score, 0-based, e.g. 20-29 or 0,3,5-7 (default: all)")
+    p.add_argument("--thresholds", type=_thresholds, default=None,
+                   help="thresholds of P(cell) for the swept ISBI scores, as START:STOP:STEP (inclusive) or a "
+                        "comma list, each in [0, 1] (default 0:1:0.1 as the ISBI 2012 Fiji script)")
+    p.add_argument("--connectivity", type=int, choices=[4, 8], default=4,
+                   help="pixel adjacency of connected components (cells); the background uses the other one "
+                        "in the warping error (default 4, as the ISBI 2012 scripts)")
+    p.add_argument("--no-warping", dest="warping", action="store_false",
+                   help="skip the warping error (the slowest score: about 0.1-1 s per slice and threshold)")
+    p.add_argument("--overlays", type=positive_int, default=2,
+                   help="number of worst and of best slices drawn in overlays.png (default 2 each)")
+    p.add_argument("--rank-by", default="adapted_rand_error",
+                   help="per-slice score that ranks slices for overlays.png (default adapted_rand_error; "
+                        "any metrics.csv column, e.g. pixel_error, rand_error_fg, foreground_iou)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from unet_core.cli.common import parse_slices
+    from unet_core.evaluate import evaluate
+    from unet_core.metrics import ISBI_THRESHOLDS
+    from unet_core.ngff import open_stack
+
+    slices = None
+    if args.slices not in (None, "", "all"):
+        n = open_stack(args.stack).shape[0]
+        slices = parse_slices(args.slices, n, what=f"--slices for {args.stack}")
+    evaluate(
+        args.prediction, args.stack, args.out_dir,
+        slices=slices,
+        thresholds=args.thresholds if args.thresholds is not None else ISBI_THRESHOLDS,
+        connectivity=args.connectivity,
+        warping=args.warping,
+        overlay_count=args.overlays,
+        rank_by=args.rank_by,
+    )

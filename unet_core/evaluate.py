@@ -1,0 +1,550 @@
+"""Stage ``evaluate``: score a prediction against the ground truth of its stack.
+
+Reads the prediction OME-Zarr written by ``unet merge`` (class probabilities (c, z, y, x)
+at level ``0``, argmax classes at ``labels/segmentation/0``) and the ingested stack with
+its labels, one slice at a time, and writes to ``OUT_DIR``:
+
+* ``metrics.csv``: one row per slice;
+* ``metrics.json``: the dataset scores (counts pooled over the scored slices, then the
+  formula, as the ISBI 2012 scripts pooled slices), every slice's scores, the decision
+  rule of every score, the parameters and the provenance;
+* ``overlays.png``: the worst and best slices with prediction / ground-truth overlays.
+
+Ground truth per slice (see :func:`ground_truth_targets`): for binary labels the objects
+are the connected components of the foreground and the classes the foreground mask; for
+instance labels the objects are the labels and the classes mark the 1-px separation
+between touching cells as background, exactly as the training targets do.
+
+Decision rules: scores named without a threshold use the argmax of the probabilities;
+the threshold-swept scores (the ISBI 2012 way) threshold P(cell) and report the best
+threshold, chosen per slice for the per-slice rows and once for the whole dataset for
+the dataset row. The predicted objects are the connected components of the predicted cell
+class in each 2-D slice (the stored ``labels/instances`` may be merged in 3-D).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from unet_core import __version__
+from unet_core.atomic import atomic_output
+from unet_core.errors import UserInputError
+from unet_core.metrics import (
+    CELL,
+    ISBI_THRESHOLDS,
+    BinaryCounts,
+    ObjectCounts,
+    PairCounts,
+    best_index,
+    class_dice,
+    class_iou,
+    confusion_matrix,
+    connected_components,
+    match_objects,
+    rand_pair_counts,
+    rand_sweep,
+    threshold_counts,
+    warping_sweep,
+)
+from unet_core.ngff import open_stack
+from unet_core.progress import progress
+from unet_core.weights import class_map, instances_from_labels
+
+log = logging.getLogger(__name__)
+
+LABEL_KINDS = ("instance", "binary")
+CLASS_NAMES = ("background", "cell")
+
+#: Per-score decision rule and definition, written into metrics.json.
+DECISION_RULES: dict[str, str] = {
+    "pixel_error": "argmax of the class probabilities; misclassified fraction of all pixels",
+    "iou_<class>": "argmax; |T ∩ P| / |T ∪ P| of each class",
+    "foreground_iou": "argmax; IoU of the non-background classes as one mask (cell tracking style)",
+    "dice": "argmax; 2|T ∩ P| / (|T| + |P|) of the foreground",
+    "pixel_error_best": "P(cell) > threshold, lowest misclassified fraction over the thresholds "
+                        "(ISBI 2012 'squared Euclidean distance' reading); threshold in pixel_error_threshold",
+    "pixel_f_error_best": "P(cell) > threshold, 1 - maximal F-score of the cell pixels over the thresholds "
+                          "(ISBI 2012 '1 - maximal F-score of pixel similarity' reading)",
+    "rand_error_fg": "ISBI 2012 foreground-restricted Rand error: 1 - maximal F-score of the Rand index over "
+                     "pairs of ground-truth foreground pixels, predicted segments = connected components of "
+                     "P(cell) > threshold, predicted background inside the ground-truth foreground = singletons; "
+                     "best threshold in rand_threshold",
+    "adapted_rand_error": "argmax; skimage.metrics.adapted_rand_error of the ground-truth objects (label 0 "
+                          "ignored) and the connected components of the predicted cell class, with predicted "
+                          "background counted as one segment (skimage's handling); no threshold sweep",
+    "object_precision/recall/f1": "argmax; predicted objects = connected components of the cell class, a match "
+                                  "needs IoU > 0.5 with a ground-truth object",
+    "seg": "argmax; cell tracking challenge SEG: mean over ground-truth objects of the IoU with the predicted "
+           "object covering more than half of it (0 if none)",
+    "warping_error": "Jain et al. 2010 at the Rand operating point: P(cell) > rand_threshold, ground-truth "
+                     "foreground warped by simple-point flips towards it, remaining mismatching pixels / all "
+                     "pixels (every topological error: splits, merges, holes, missing and extra objects; the "
+                     "ISBI 2012 leaderboard counted splits and mergers only)",
+    "warping_error_min": "the same, lowest over the thresholds (threshold in warping_min_threshold), as the ISBI "
+                         "2012 script reported it; beware that near-empty predictions (high thresholds) are "
+                         "topologically cheap, so prefer warping_error",
+    "pixel_f_error_best_note": "degenerate on cell-dominated data: predicting every pixel as cell gives "
+                               "1 - F = 0.112 on ISBI 2012 slices 20-29; compare pixel_error_best with the paper",
+}
+
+#: Scores where a larger value is better (used to rank slices for the overlay figure).
+HIGHER_IS_BETTER = frozenset(
+    {"iou_background", "iou_cell", "foreground_iou", "dice", "object_precision", "object_recall", "object_f1",
+     "seg", "adapted_rand_precision", "adapted_rand_recall", "rand_precision", "rand_recall"}
+)
+
+
+# ---------------------------------------------------------------------------------------
+# ground truth
+# ---------------------------------------------------------------------------------------
+def ground_truth_targets(
+    labels: np.ndarray, *, label_kind: str, foreground_value: int | None = None, connectivity: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth objects and classes of one slice.
+
+    Args:
+        labels: (Y, X) integer labels as ingested.
+        label_kind: ``"instance"`` (0 = background, other values objects) or ``"binary"``.
+        foreground_value: for binary labels, the value meaning cell interior (the larger
+            of the stack's two values); default: the larger value in this slice.
+        connectivity: 4 or 8, adjacency of the foreground components of binary labels.
+
+    The rules are those of the training targets (:func:`unet_core.weights.instances_from_labels`
+    and :func:`unet_core.weights.class_map`): binary labels give connected components and
+    the foreground mask; instance labels keep their ids and lose the pixel of the smaller
+    label on every contact between two cells (a 1-px background line).
+
+    Returns:
+        ``(instances, classes)``: (Y, X) int32 objects (0 = background) and (Y, X) uint8
+        classes (1 = cell interior, 0 = background / membrane / separation line).
+
+    Raises:
+        ValueError: unknown label kind.
+        UserInputError: labels not 2-D integer, or more than two values in binary labels.
+    """
+    if label_kind not in LABEL_KINDS:
+        raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+    labels = np.asarray(labels)
+    if label_kind == "binary" and foreground_value is None:
+        foreground_value = 1 if labels.size == 0 or labels.max() == 0 else None  # all-zero slice: no cell
+    instances = instances_from_labels(labels, kind=label_kind, connectivity=connectivity, foreground=foreground_value)
+    classes = class_map(instances, separate_touching=label_kind == "instance")
+    return instances, classes
+
+
+# ---------------------------------------------------------------------------------------
+# one slice: counts
+# ---------------------------------------------------------------------------------------
+@dataclass
+class SliceCounts:
+    """Raw counts of one slice (or, after :meth:`add`, of several), ready to pool.
+
+    Attributes:
+        confusion: (C, C) int64 pixel confusion matrix of the argmax classes (rows: truth).
+        pixel_sweep: :class:`BinaryCounts` of P(cell) > t per threshold.
+        rand_sweep: foreground-restricted Rand :class:`PairCounts` per threshold.
+        adapted_rand: skimage-style :class:`PairCounts` of the argmax components.
+        objects: :class:`ObjectCounts` of the argmax components.
+        warping: topological-error pixels per threshold (empty when not computed).
+        pixels: pixels scored.
+    """
+
+    confusion: np.ndarray
+    pixel_sweep: list[BinaryCounts]
+    rand_sweep: list[PairCounts]
+    adapted_rand: PairCounts
+    objects: ObjectCounts
+    warping: list[int] = field(default_factory=list)
+    pixels: int = 0
+
+    def add(self, other: SliceCounts) -> SliceCounts:
+        return SliceCounts(
+            confusion=self.confusion + other.confusion,
+            pixel_sweep=[a + b for a, b in zip(self.pixel_sweep, other.pixel_sweep, strict=True)],
+            rand_sweep=[a + b for a, b in zip(self.rand_sweep, other.rand_sweep, strict=True)],
+            adapted_rand=self.adapted_rand + other.adapted_rand,
+            objects=self.objects + other.objects,
+            warping=[a + b for a, b in zip(self.warping, other.warping, strict=True)],
+            pixels=self.pixels + other.pixels,
+        )
+
+
+def score_slice(
+    cell_probability: np.ndarray,
+    pred_classes: np.ndarray,
+    true_instances: np.ndarray,
+    true_classes: np.ndarray,
+    *,
+    n_classes: int = 2,
+    thresholds: Sequence[float] = ISBI_THRESHOLDS,
+    connectivity: int = 4,
+    warping: bool = True,
+) -> SliceCounts:
+    """All counts of one slice.
+
+    Args:
+        cell_probability: (Y, X) float32 P(cell interior) in [0, 1].
+        pred_classes: (Y, X) integer argmax classes in [0, n_classes).
+        true_instances: (Y, X) integer ground-truth objects, 0 = background.
+        true_classes: (Y, X) uint8 ground-truth classes (1 = cell interior).
+        n_classes: classes of the prediction.
+        thresholds: thresholds of P(cell) for the swept scores.
+        connectivity: 4 or 8, adjacency of predicted components (and of the foreground in
+            the warping error).
+        warping: compute the warping error (the slowest score).
+
+    Returns:
+        The :class:`SliceCounts`.
+    """
+    cm = confusion_matrix(true_classes, pred_classes, n_classes=n_classes)
+    true_fg = np.asarray(true_classes) == CELL
+    pred_instances = connected_components(np.asarray(pred_classes) == CELL, connectivity=connectivity)
+    return SliceCounts(
+        confusion=cm,
+        pixel_sweep=threshold_counts(cell_probability, true_fg, thresholds=thresholds),
+        rand_sweep=rand_sweep(cell_probability, true_instances, thresholds=thresholds, connectivity=connectivity),
+        adapted_rand=rand_pair_counts(true_instances, pred_instances, pred_background="segment"),
+        objects=match_objects(true_instances, pred_instances),
+        warping=(
+            warping_sweep(cell_probability, true_fg, thresholds=thresholds, connectivity=connectivity)
+            if warping else []
+        ),
+        pixels=int(np.asarray(true_classes).size),
+    )
+
+
+def class_names(n_classes: int) -> list[str]:
+    return [CLASS_NAMES[k] if k < len(CLASS_NAMES) else f"class{k}" for k in range(n_classes)]
+
+
+def summarise(counts: SliceCounts, *, thresholds: Sequence[float]) -> dict[str, Any]:
+    """Scores from counts (one slice, or pooled slices for a dataset).
+
+    Args:
+        counts: the :class:`SliceCounts`.
+        thresholds: the thresholds the sweeps used, in order.
+
+    Returns:
+        Ordered ``{name: value}``: floats, integer counts and the chosen thresholds (the
+        CSV/JSON columns; :data:`DECISION_RULES` explains each).
+    """
+    cm = counts.confusion
+    total = int(cm.sum())
+    out: dict[str, Any] = {"pixel_error": float(1.0 - np.trace(cm) / total) if total else 0.0}
+    for name, value in zip(class_names(cm.shape[0]), class_iou(cm), strict=True):
+        out[f"iou_{name}"] = float(value)
+    fg_cm = np.array([[cm[0, 0], cm[0, 1:].sum()], [cm[1:, 0].sum(), cm[1:, 1:].sum()]])
+    out["foreground_iou"] = float(class_iou(fg_cm)[1])
+    out["dice"] = float(class_dice(fg_cm)[1])
+
+    i = best_index([c.pixel_error for c in counts.pixel_sweep])
+    out["pixel_error_best"] = counts.pixel_sweep[i].pixel_error
+    out["pixel_error_threshold"] = float(thresholds[i])
+    i = best_index([c.f_error for c in counts.pixel_sweep])
+    out["pixel_f_error_best"] = counts.pixel_sweep[i].f_error
+    out["pixel_f_error_threshold"] = float(thresholds[i])
+
+    i = best_index([c.error for c in counts.rand_sweep])
+    best = counts.rand_sweep[i]
+    out["rand_error_fg"] = best.error
+    out["rand_threshold"] = float(thresholds[i])
+    out["rand_precision"] = best.precision
+    out["rand_recall"] = best.recall
+
+    out["adapted_rand_error"] = counts.adapted_rand.error
+    out["adapted_rand_precision"] = counts.adapted_rand.precision
+    out["adapted_rand_recall"] = counts.adapted_rand.recall
+
+    obj = counts.objects
+    out["object_precision"] = obj.precision
+    out["object_recall"] = obj.recall
+    out["object_f1"] = obj.f1
+    out["seg"] = obj.seg
+    out["n_true_objects"] = obj.n_true
+    out["n_pred_objects"] = obj.n_pred
+
+    if counts.warping:
+        i_rand = best_index([c.error for c in counts.rand_sweep])
+        out["warping_error"] = counts.warping[i_rand] / counts.pixels if counts.pixels else 0.0
+        out["warping_pixels"] = int(counts.warping[i_rand])
+        i = best_index(counts.warping)
+        out["warping_error_min"] = counts.warping[i] / counts.pixels if counts.pixels else 0.0
+        out["warping_min_threshold"] = float(thresholds[i])
+    out["pixels"] = counts.pixels
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# I/O adapter
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """A prediction store opened for reading (lazy Zarr arrays)."""
+
+    path: Path
+    probabilities: zarr.Array  # (C, Z, Y, X) float32
+    segmentation: zarr.Array | None  # (Z, Y, X) uint8
+    attrs: dict[str, Any]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probabilities.shape[0])
+
+    def slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """(P(cell), argmax classes) of slice ``z``: (Y, X) float32 and (Y, X) uint8."""
+        probs = np.asarray(self.probabilities[:, z], dtype=np.float32)
+        if self.segmentation is not None:
+            classes = np.asarray(self.segmentation[z])
+        else:
+            classes = probs.argmax(axis=0).astype(np.uint8)
+        return probs[CELL], classes
+
+
+def open_prediction(path: str | os.PathLike[str]) -> Prediction:
+    """Open a prediction written by ``unet merge``.
+
+    Raises:
+        UserInputError: not a Zarr store, or not the (c, z, y, x) probability layout.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserInputError(f"{path}: not a Zarr store (run 'unet merge' to create the prediction)")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as err:  # zarr raises several types for damaged metadata
+        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+    if "0" not in root or root["0"].ndim != 4:
+        raise UserInputError(
+            f"{path}: expected class probabilities (c, z, y, x) at level '0', as written by 'unet merge'"
+        )
+    probs = root["0"]
+    if probs.shape[0] < 2:
+        raise UserInputError(f"{path}: level '0' has {probs.shape[0]} class channel(s); need >= 2 (background, cell)")
+    seg = None
+    try:
+        seg = root["labels/segmentation/0"]
+    except KeyError:
+        log.info("%s has no labels/segmentation; using the argmax of the probabilities", path)
+    if seg is not None and tuple(seg.shape) != tuple(probs.shape[1:]):
+        raise UserInputError(f"{path}: labels/segmentation/0 shape {seg.shape} does not match probabilities {probs.shape}")
+    return Prediction(path, probs, seg, dict(root.attrs))
+
+
+def _binary_foreground(stack, slices: Sequence[int]) -> int | None:
+    """The value meaning cell interior in binary labels: the larger of the two values."""
+    seen = stack.attrs.get("label_values_seen")
+    values: set[int] = set(int(v) for v in seen) if seen else set()
+    if not values:
+        for z in slices:
+            values.update(int(v) for v in np.unique(np.asarray(stack.labels[z])))
+            if len(values) > 2:
+                break
+    if len(values) > 2:
+        raise UserInputError(
+            f"{stack.path}: labels are marked binary but hold more than two values ({sorted(values)[:5]} ...); "
+            "re-ingest with --label-kind instance"
+        )
+    if not values:
+        return None
+    top = max(values)
+    return top if top > 0 else 1  # a single value 0: no cell anywhere
+
+
+def evaluate_arrays(
+    prediction: Prediction,
+    stack,
+    *,
+    slices: Sequence[int],
+    thresholds: Sequence[float],
+    connectivity: int,
+    warping: bool,
+    foreground_value: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score the chosen slices; returns (per-slice rows, dataset scores)."""
+    kind = stack.label_kind
+    rows: list[dict[str, Any]] = []
+    pooled: SliceCounts | None = None
+    for z in progress(slices, desc="evaluate", unit="slice"):
+        cell_probability, pred_classes = prediction.slice(z)
+        true_instances, true_classes = ground_truth_targets(
+            np.asarray(stack.labels[z]), label_kind=kind, foreground_value=foreground_value, connectivity=connectivity
+        )
+        if int(pred_classes.max(initial=0)) >= prediction.n_classes:
+            raise UserInputError(
+                f"{prediction.path}: slice {z} of labels/segmentation has class {int(pred_classes.max())} "
+                f">= {prediction.n_classes} channels"
+            )
+        counts = score_slice(
+            cell_probability, pred_classes, true_instances, true_classes, n_classes=prediction.n_classes,
+            thresholds=thresholds, connectivity=connectivity, warping=warping,
+        )
+        rows.append({"z": int(z), **summarise(counts, thresholds=thresholds)})
+        pooled = counts if pooled is None else pooled.add(counts)
+    if pooled is None:
+        raise UserInputError("no slices selected to evaluate")
+    dataset = {"slices": len(slices), **summarise(pooled, thresholds=thresholds)}
+    return rows, dataset
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def rank_slices(rows: list[dict[str, Any]], *, by: str, count: int) -> tuple[list[int], list[int]]:
+    """Row indices of the ``count`` worst and ``count`` best slices by score ``by``.
+
+    Raises:
+        UserInputError: ``by`` is not a per-slice score.
+    """
+    if by not in rows[0] or by in ("z", "pixels") or by.endswith("_threshold"):
+        choices = [k for k in rows[0] if k not in ("z", "pixels") and not k.endswith("_threshold")]
+        raise UserInputError(f"--rank-by {by!r} is not a per-slice score; choose one of {', '.join(choices)}")
+    values = np.array([float(r[by]) for r in rows])
+    order = np.argsort(values, kind="stable")  # ascending
+    if by not in HIGHER_IS_BETTER:
+        order = order[::-1]  # worst (largest error) first
+    worst = [int(i) for i in order[:count]]
+    best = [int(i) for i in order[::-1][:count] if int(i) not in worst]
+    return worst, best
+
+
+def evaluate(
+    prediction_path: str | os.PathLike[str],
+    stack_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    slices: Sequence[int] | None = None,
+    thresholds: Sequence[float] = ISBI_THRESHOLDS,
+    connectivity: int = 4,
+    warping: bool = True,
+    overlay_count: int = 2,
+    rank_by: str = "adapted_rand_error",
+) -> dict[str, Any]:
+    """Score a prediction against its stack's ground truth and write the report files.
+
+    Args:
+        prediction_path: prediction OME-Zarr from ``unet merge``.
+        stack_path: the ingested stack (with labels) the prediction was made on.
+        out_dir: directory for ``metrics.csv``, ``metrics.json`` and ``overlays.png``.
+        slices: stack slice indices to score (default: all), e.g. the held-out ones.
+        thresholds: thresholds of P(cell) for the swept (ISBI 2012) scores, in [0, 1].
+        connectivity: 4 or 8, adjacency of connected components.
+        warping: compute the warping error.
+        overlay_count: worst and best slices each shown in ``overlays.png``.
+        rank_by: per-slice score that ranks slices for the figure.
+
+    Returns:
+        The dataset scores (the ``dataset`` entry of ``metrics.json``).
+
+    Raises:
+        UserInputError: missing or mismatching inputs, no labels, bad options.
+    """
+    stack = open_stack(stack_path, require_labels=True)
+    if stack.label_kind not in LABEL_KINDS:
+        raise UserInputError(
+            f"{stack.path}: unknown label kind {stack.label_kind!r}; re-ingest with --label-kind instance|binary"
+        )
+    prediction = open_prediction(prediction_path)
+    if tuple(prediction.probabilities.shape[1:]) != tuple(stack.shape):
+        raise UserInputError(
+            f"{prediction.path}: prediction (z, y, x) {tuple(prediction.probabilities.shape[1:])} does not match "
+            f"stack {stack.path} {tuple(stack.shape)}; score the prediction against the stack it was made on"
+        )
+    chosen = list(range(stack.shape[0])) if slices is None else [int(z) for z in slices]
+    if not chosen:
+        raise UserInputError("no slices selected to evaluate")
+    if connectivity not in (4, 8):
+        raise UserInputError(f"--connectivity must be 4 or 8, got {connectivity}")
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise UserInputError(f"--thresholds must be values in [0, 1], got {thresholds}")
+    if overlay_count < 1:
+        raise UserInputError(f"--overlays must be >= 1, got {overlay_count}")
+
+    fg_value = _binary_foreground(stack, chosen) if stack.label_kind == "binary" else None
+    rows, dataset = evaluate_arrays(
+        prediction, stack, slices=chosen, thresholds=thresholds, connectivity=connectivity, warping=warping,
+        foreground_value=fg_value,
+    )
+    worst, best = rank_slices(rows, by=rank_by, count=overlay_count)
+
+    out = Path(out_dir)
+    report = {
+        "dataset": dataset,
+        "slices": rows,
+        "decision_rules": DECISION_RULES,
+        "parameters": {
+            "slices": chosen,
+            "thresholds": thresholds,
+            "connectivity": connectivity,
+            "warping": warping,
+            "label_kind": stack.label_kind,
+            "n_classes": prediction.n_classes,
+            "dataset_pooling": "counts summed over slices, then the formula; swept scores pick one threshold "
+                               "for the dataset",
+            "rank_by": rank_by,
+        },
+        "provenance": {
+            "prediction": str(Path(prediction_path).resolve()),
+            "stack": str(Path(stack_path).resolve()),
+            "prediction_unet_attrs": prediction.attrs.get("unet", {}),
+            "tool": f"unet-pipeline {__version__}",
+        },
+    }
+    _write_text(out / "metrics.csv", _csv_text(rows))
+    _write_text(out / "metrics.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+
+    from unet_core.plots.evaluate import OverlayPanel, plot_overlays
+
+    panels = []
+    for tag, picks in (("worst", worst), ("best", best)):
+        for i in picks:
+            z = rows[i]["z"]
+            cell_probability, pred_classes = prediction.slice(z)
+            _, true_classes = ground_truth_targets(
+                np.asarray(stack.labels[z]), label_kind=stack.label_kind,
+                foreground_value=fg_value, connectivity=connectivity,
+            )
+            panels.append(OverlayPanel(
+                z=z, tag=tag, image=np.asarray(stack.image[z]), true_classes=true_classes,
+                pred_classes=pred_classes, cell_probability=cell_probability, scores=rows[i],
+            ))
+    plot_overlays(panels, out / "overlays.png", rank_by=rank_by)
+    log.info(
+        "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), adapted Rand %.4f, "
+        "foreground IoU %.4f -> %s",
+        len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
+        dataset["adapted_rand_error"], dataset["foreground_iou"], out,
+    )
+    return dataset
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,122 @@
+"""Evaluation figure: the worst and best slices with prediction / ground-truth overlays."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from scipy import ndimage
+
+from unet_core.atomic import atomic_output
+
+TRUE_COLOUR = (0.1, 0.9, 0.2)  # ground-truth cell outlines: green
+PRED_COLOUR = (1.0, 0.1, 0.9)  # predicted cell outlines: magenta
+MISSED_COLOUR = (0.1, 0.4, 1.0)  # false negative (cell missed): blue
+EXTRA_COLOUR = (1.0, 0.2, 0.1)  # false positive (cell predicted on background): red
+
+
+@dataclass(frozen=True)
+class OverlayPanel:
+    """One slice of the figure.
+
+    Attributes:
+        z: slice index in the stack.
+        tag: ``"worst"`` or ``"best"``.
+        image: (Y, X) raw grey values.
+        true_classes: (Y, X) uint8 ground truth, 1 = cell interior.
+        pred_classes: (Y, X) uint8 argmax prediction, 1 = cell interior.
+        cell_probability: (Y, X) float32 P(cell interior).
+        scores: the slice's row of scores (shown in the title).
+    """
+
+    z: int
+    tag: str
+    image: np.ndarray
+    true_classes: np.ndarray
+    pred_classes: np.ndarray
+    cell_probability: np.ndarray
+    scores: dict[str, Any]
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Inner boundary pixels of a (Y, X) bool mask (mask minus its 4-erosion)."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+
+
+def _grey_rgb(image: np.ndarray) -> np.ndarray:
+    """(Y, X) grey values -> (Y, X, 3) float RGB stretched to the 0.5-99.5 percentiles."""
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
+    grey = np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _paint(rgb: np.ndarray, mask: np.ndarray, colour: Sequence[float], alpha: float = 1.0) -> None:
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(colour, dtype=np.float32)
+
+
+def overlay_rgb(image: np.ndarray, true_classes: np.ndarray, pred_classes: np.ndarray) -> np.ndarray:
+    """Grey image with ground-truth (green) and predicted (magenta) cell outlines, (Y, X, 3) float."""
+    rgb = _grey_rgb(image)
+    _paint(rgb, outline(true_classes == 1), TRUE_COLOUR)
+    _paint(rgb, outline(pred_classes == 1), PRED_COLOUR)
+    return rgb
+
+
+def error_rgb(image: np.ndarray, true_classes: np.ndarray, pred_classes: np.ndarray) -> np.ndarray:
+    """Grey image with missed cell pixels (blue) and extra cell pixels (red), (Y, X, 3) float."""
+    rgb = _grey_rgb(image) * 0.6
+    truth, pred = true_classes == 1, pred_classes == 1
+    _paint(rgb, truth & ~pred, MISSED_COLOUR, 0.8)
+    _paint(rgb, pred & ~truth, EXTRA_COLOUR, 0.8)
+    return rgb
+
+
+def _title(panel: OverlayPanel, rank_by: str) -> str:
+    s = panel.scores
+    parts = [f"{rank_by}={s[rank_by]:.4g}"]
+    if rank_by != "pixel_error":
+        parts.append(f"pixel error={s['pixel_error']:.4f}")
+    if rank_by != "rand_error_fg":
+        parts.append(f"Rand fg={s['rand_error_fg']:.4f}")
+    return f"{panel.tag} by {rank_by}: slice z={panel.z}\n" + ", ".join(parts)
+
+
+def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], *, rank_by: str) -> None:
+    """Write a PNG with one row per slice: overlays, error map and probability map.
+
+    Args:
+        panels: the slices, worst first then best.
+        path: the PNG to write (atomically).
+        rank_by: the score that ranked the slices (shown in the row titles).
+    """
+    rows = max(len(panels), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 4.3 * rows), squeeze=False, constrained_layout=True)
+    for row, panel in zip(axes, panels, strict=False):
+        row[0].imshow(overlay_rgb(panel.image, panel.true_classes, panel.pred_classes), interpolation="nearest")
+        row[0].set_title(_title(panel, rank_by), fontsize=9)
+        row[1].imshow(error_rgb(panel.image, panel.true_classes, panel.pred_classes), interpolation="nearest")
+        row[1].set_title("argmax errors: blue = missed cell, red = extra cell", fontsize=9)
+        im = row[2].imshow(panel.cell_probability, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        row[2].set_title("P(cell interior)", fontsize=9)
+        fig.colorbar(im, ax=row[2], fraction=0.046, pad=0.02)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [
+        Line2D([], [], color=TRUE_COLOUR, lw=2, label="ground truth outline"),
+        Line2D([], [], color=PRED_COLOUR, lw=2, label="prediction outline (argmax)"),
+        Patch(color=MISSED_COLOUR, label="missed cell pixels"),
+        Patch(color=EXTRA_COLOUR, label="extra cell pixels"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
