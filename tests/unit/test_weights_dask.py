@@ -89,12 +89,14 @@ def test_chunked_equals_whole_slice(instance_stack, tmp_path, pixels):
     assert (tmp_path / "w.png").stat().st_size > 10_000
 
 
-def test_binary_stack_components_and_processes_scheduler(tmp_path):
+@pytest.mark.parametrize("scheduler", [pytest.param("threads", id="threads"),
+                                       pytest.param("processes", id="processes", marks=pytest.mark.slow)])
+def test_binary_stack_components(tmp_path, scheduler):
     fg = voronoi((120, 100), 20, seed=7, gap=0.9) > 0
     labels = np.stack([np.where(fg, 255, 0), np.where(fg[::-1], 255, 0)]).astype(np.uint8)
     path = make_stack(tmp_path / "bin.ome.zarr", labels, kind="binary", chunks=(1, 40, 40))
     params = WD.WeightParams(w0=50, sigma_px=6, connectivity=8)
-    with WD.dask_scheduler("processes", workers=2):
+    with WD.dask_scheduler(scheduler, workers=2):
         WD.write_weights(path, tmp_path / "w.zarr", params=params, class_weights={"class_weights": [1.0, 1.0]},
                          plot_slice=None)
     result = zarr.open_group(tmp_path / "w.zarr", mode="r")
