@@ -517,32 +517,48 @@ def _components_in_ring(bits: Sequence[bool], connectivity: int, *, adjacent_to_
 
 
 @lru_cache(maxsize=2)
-def simple_point_table(connectivity: int = 4) -> np.ndarray:
-    """Look-up table: is a pixel with this 3x3 neighbourhood a simple point?
+def topological_numbers(connectivity: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Look-up tables of the topological numbers of a pixel's 3x3 neighbourhood.
 
-    A pixel is simple when flipping it changes no topology: for foreground connectivity 4
-    (background 8) the foreground of its 8-neighbourhood has exactly one 4-component
-    4-adjacent to it (T4 = 1) and the background exactly one 8-component (T8 = 1)
-    (Bertrand 1994); for foreground connectivity 8 the roles swap. The test does not
-    depend on the pixel's own value, so it serves both directions of the flip.
+    For foreground connectivity 4 (background 8): T_fg = number of 4-components of the
+    foreground of the 8-neighbourhood that are 4-adjacent to the pixel, T_bg = number of
+    8-components of its background (Bertrand 1994); for foreground connectivity 8 the
+    roles swap.
 
     Args:
         connectivity: foreground connectivity, 4 or 8.
 
     Returns:
-        (256,) bool, indexed by the neighbourhood code: bit k set when neighbour
-        ``_NEIGHBOURS[k]`` is foreground.
+        ``(t_fg, t_bg)``: two (256,) uint8 arrays indexed by the neighbourhood code (bit k
+        set when neighbour ``_NEIGHBOURS[k]`` is foreground).
     """
     _structure(connectivity)
     background = 12 - connectivity  # 4 <-> 8
-    table = np.zeros(256, dtype=bool)
+    t_fg = np.zeros(256, dtype=np.uint8)
+    t_bg = np.zeros(256, dtype=np.uint8)
     for code in range(256):
         fg = [bool(code >> k & 1) for k in range(8)]
-        bg = [not b for b in fg]
-        t_fg = _components_in_ring(fg, connectivity, adjacent_to_centre=connectivity == 4)
-        t_bg = _components_in_ring(bg, background, adjacent_to_centre=background == 4)
-        table[code] = t_fg == 1 and t_bg == 1
-    return table
+        t_fg[code] = _components_in_ring(fg, connectivity, adjacent_to_centre=connectivity == 4)
+        t_bg[code] = _components_in_ring([not b for b in fg], background, adjacent_to_centre=background == 4)
+    return t_fg, t_bg
+
+
+@lru_cache(maxsize=2)
+def simple_point_table(connectivity: int = 4) -> np.ndarray:
+    """Look-up table: is a pixel with this 3x3 neighbourhood a simple point?
+
+    A pixel is simple when flipping it changes no topology: T_fg = 1 and T_bg = 1
+    (:func:`topological_numbers`). The test does not depend on the pixel's own value, so
+    it serves both directions of the flip.
+
+    Args:
+        connectivity: foreground connectivity, 4 or 8.
+
+    Returns:
+        (256,) bool, indexed by the neighbourhood code.
+    """
+    t_fg, t_bg = topological_numbers(connectivity)
+    return (t_fg == 1) & (t_bg == 1)
 
 
 @dataclass(frozen=True)
@@ -551,19 +567,32 @@ class WarpResult:
 
     Attributes:
         errors: pixels still mismatching after the warp (topological errors).
+        splits: of those, pixels whose flip would split an object of the warped truth.
+        merges: of those, pixels whose flip would join two objects of the warped truth.
         pixels: pixels in the slice.
         passes: sweeps over the mismatching pixels that were needed.
         warped: (Y, X) bool, the warped ground-truth foreground.
+
+    The other errors (``errors - splits - merges``) are missing or extra objects and
+    added or removed holes.
     """
 
     errors: int
+    splits: int
+    merges: int
     pixels: int
     passes: int
     warped: np.ndarray
 
     @property
     def error(self) -> float:
+        """All topological-error pixels / pixels."""
         return self.errors / self.pixels if self.pixels else 0.0
+
+    @property
+    def split_merge_error(self) -> float:
+        """Split and merge pixels / pixels (the ISBI 2012 "splits and mergers" warping error)."""
+        return (self.splits + self.merges) / self.pixels if self.pixels else 0.0
 
 
 def warping_error_count(
@@ -639,8 +668,51 @@ def warping_error_count(
             break
     else:
         log.warning("warping stopped after max_passes=%d sweeps; the error is an upper bound", max_passes)
-    errors = int(sum(c.size for c in todo_by_field))
-    return WarpResult(errors=errors, pixels=h * w, passes=passes, warped=padded[1:-1, 1:-1].astype(bool))
+    residual = np.concatenate(todo_by_field)
+    splits, merges = _classify_residual(padded, residual, connectivity=connectivity)
+    return WarpResult(
+        errors=int(residual.size), splits=splits, merges=merges, pixels=h * w, passes=passes,
+        warped=padded[1:-1, 1:-1].astype(bool),
+    )
+
+
+def _distinct_nonzero(labels: np.ndarray) -> np.ndarray:
+    """Number of distinct non-zero values in each row of a (M, k) integer array."""
+    if labels.shape[0] == 0:
+        return np.zeros(0, dtype=np.intp)
+    srt = np.sort(labels, axis=1)
+    new = np.concatenate([srt[:, :1] != 0, (np.diff(srt, axis=1) != 0) & (srt[:, 1:] != 0)], axis=1)
+    return new.sum(axis=1)
+
+
+def _classify_residual(padded: np.ndarray, residual: np.ndarray, *, connectivity: int) -> tuple[int, int]:
+    """Split and merge pixels among the non-simple mismatches left by the warp.
+
+    A background pixel of L* whose flip would join foreground pieces (T_fg >= 2) that
+    belong to different objects of L* is a merge; a foreground pixel whose flip would
+    join background pieces (T_bg >= 2) of which two are the same background region is a
+    split (the background loop cuts the object). Other flips would close a loop into a
+    hole, open a hole, or create or delete an object.
+    """
+    if residual.size == 0:
+        return 0, 0
+    width = padded.shape[1]
+    flat = padded.ravel()
+    background = 12 - connectivity
+    t_fg, t_bg = topological_numbers(connectivity)
+    all8 = np.array([dy * width + dx for dy, dx in _NEIGHBOURS], dtype=np.intp)
+    four = np.array([dy * width + dx for dy, dx in _NEIGHBOURS if abs(dy) + abs(dx) == 1], dtype=np.intp)
+    codes = (flat[residual[:, None] + all8] * (1 << np.arange(8))).sum(axis=1)
+    is_fg = flat[residual] == 1
+    fg_labels = ndimage.label(padded, structure=_structure(connectivity))[0].ravel()
+    bg_labels = ndimage.label(padded == 0, structure=_structure(background))[0].ravel()
+    fg_adjacent = four if connectivity == 4 else all8
+    bg_adjacent = four if background == 4 else all8
+    objects = _distinct_nonzero(fg_labels[residual[:, None] + fg_adjacent])
+    regions = _distinct_nonzero(bg_labels[residual[:, None] + bg_adjacent])
+    merges = ~is_fg & (t_fg[codes] >= 2) & (objects >= 2)
+    splits = is_fg & (t_bg[codes] >= 2) & (regions < t_bg[codes])
+    return int(splits.sum()), int(merges.sum())
 
 
 def warping_sweep(
@@ -649,7 +721,7 @@ def warping_sweep(
     *,
     thresholds: Sequence[float] = ISBI_THRESHOLDS,
     connectivity: int = 4,
-) -> list[int]:
+) -> list[tuple[int, int]]:
     """Warping-error pixel counts of ``cell_probability > t`` for every threshold t.
 
     Args:
@@ -659,7 +731,12 @@ def warping_sweep(
         connectivity: foreground connectivity, 4 or 8.
 
     Returns:
-        Topological-error pixel counts, one per threshold (divide by the pixel count).
+        ``(all topological-error pixels, split + merge pixels)`` per threshold (divide by
+        the pixel count).
     """
     prob = _probability("cell_probability", cell_probability)
-    return [warping_error_count(true_fg, _above(prob, t), connectivity=connectivity).errors for t in thresholds]
+    out = []
+    for t in thresholds:
+        r = warping_error_count(true_fg, _above(prob, t), connectivity=connectivity)
+        out.append((r.errors, r.splits + r.merges))
+    return out

@@ -148,9 +148,10 @@ def test_score_slice_equals_the_metric_functions():
     comps = m.connected_components(pred == 1)
     assert row["adapted_rand_error"] == pytest.approx(m.rand_pair_counts(instances, comps, pred_background="segment").error)
     assert row["object_f1"] == pytest.approx(m.match_objects(instances, comps).f1)
-    warp = [m.warping_error_count(classes == 1, prob > t).errors for t in thresholds]
-    assert row["warping_pixels"] == warp[i]  # at the Rand operating point
-    assert row["warping_error_min"] == pytest.approx(min(warp) / classes.size)
+    warp = [m.warping_error_count(classes == 1, prob > t) for t in thresholds]
+    assert row["warping_pixels"] == warp[i].errors  # at the Rand operating point
+    assert row["warping_split_merge_error"] == pytest.approx(warp[i].split_merge_error)
+    assert row["warping_error_min"] == pytest.approx(min(w.errors for w in warp) / classes.size)
 
 
 def test_pooled_counts_are_pixel_weighted():
@@ -171,7 +172,7 @@ def test_perfect_prediction_scores_perfectly(binary_case, tmp_path):
     out = tmp_path / "eval"
     dataset = ev.evaluate(pred, stack, out, thresholds=[0.2, 0.5, 0.8], overlay_count=1)
     for key in ("pixel_error", "pixel_error_best", "rand_error_fg", "adapted_rand_error", "warping_error",
-                "warping_error_min"):
+                "warping_split_merge_error", "warping_error_min"):
         assert dataset[key] == 0.0, key
     for key in ("iou_cell", "iou_background", "foreground_iou", "dice", "object_f1", "seg"):
         assert dataset[key] == 1.0, key

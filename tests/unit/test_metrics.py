@@ -268,18 +268,18 @@ def test_warping_perfect_and_boundary_shift_are_not_errors():
 
 
 @pytest.mark.parametrize(
-    "edit, expected",
+    "edit, expected, splits, merges",
     [
-        pytest.param("split", 1, id="split"),  # all cut pixels but the last one can be flipped
-        pytest.param("merge1", 1, id="merge-1px-gap"),
-        pytest.param("merge3", 3, id="merge-3px-gap"),  # every row of the gap must stay membrane
-        pytest.param("missing", 1, id="missing-object"),  # shrinks to one pixel, which cannot vanish
-        pytest.param("extra1", 1, id="extra-1px-object"),
-        pytest.param("extra3", 3, id="extra-3px-object"),  # the truth cannot grow an object from nothing
-        pytest.param("hole", 1, id="hole"),
+        pytest.param("split", 1, 1, 0, id="split"),  # all cut pixels but the last one can be flipped
+        pytest.param("merge1", 1, 0, 1, id="merge-1px-gap"),
+        pytest.param("merge3", 3, 0, 3, id="merge-3px-gap"),  # every row of the gap must stay membrane
+        pytest.param("missing", 1, 0, 0, id="missing-object"),  # shrinks to one pixel, which cannot vanish
+        pytest.param("extra1", 1, 0, 0, id="extra-1px-object"),
+        pytest.param("extra3", 3, 0, 0, id="extra-3px-object"),  # the truth cannot grow an object from nothing
+        pytest.param("hole", 1, 0, 0, id="hole"),
     ],
 )
-def test_warping_counts_topological_errors(edit, expected):
+def test_warping_counts_topological_errors(edit, expected, splits, merges):
     truth = _two_cells()
     pred = truth.copy()
     if edit == "split":
@@ -298,7 +298,9 @@ def test_warping_counts_topological_errors(edit, expected):
         pred[5, 5] = False
     result = m.warping_error_count(truth, pred)
     assert result.errors == expected
+    assert (result.splits, result.merges) == (splits, merges)
     assert result.error == pytest.approx(expected / truth.size)
+    assert result.split_merge_error == pytest.approx((splits + merges) / truth.size)
     # the warped truth kept its topology
     assert _count_topology(result.warped, 4) == _count_topology(truth, 4)
 
@@ -308,7 +310,7 @@ def test_warping_sweep_thresholds():
     prob = np.where(truth, 0.9, 0.05).astype(np.float32)
     prob[5, 10] = 0.3  # a faint 1-px membrane gap: merged below 0.3
     counts = m.warping_sweep(prob, truth, thresholds=[0.1, 0.5, 0.95])
-    assert counts == [1, 0, 2]  # merge; perfect; both cells missing (one pixel each)
+    assert counts == [(1, 1), (0, 0), (2, 0)]  # merge; perfect; both cells missing (one pixel each)
 
 
 def test_warping_real_size_is_fast_enough_to_sweep():
@@ -319,3 +321,26 @@ def test_warping_real_size_is_fast_enough_to_sweep():
     result = m.warping_error_count(truth, pred)
     assert 0 < result.errors < (truth != pred).sum()
     assert result.passes < 100
+
+
+def test_warping_split_merge_classes_change_the_object_count():
+    """Each residual pixel called a merge joins objects when flipped; a split separates them."""
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        truth = ndimage.gaussian_filter(rng.random((40, 40)), 2) > 0.5
+        pred = ndimage.gaussian_filter(rng.random((40, 40)), 2) > 0.5
+        result = m.warping_error_count(truth, pred)
+        assert result.splits + result.merges <= result.errors
+        warped = result.warped
+        n_objects = _count_topology(warped, 4)[0]
+        mismatch = np.argwhere(warped != pred)
+        merges = splits = 0
+        for y, x in mismatch:
+            flipped = warped.copy()
+            flipped[y, x] ^= True
+            after = _count_topology(flipped, 4)[0]
+            if not warped[y, x] and after < n_objects:
+                merges += 1
+            if warped[y, x] and after > n_objects:
+                splits += 1
+        assert (result.splits, result.merges) == (splits, merges)
