@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import math
 import multiprocessing
@@ -193,8 +194,11 @@ def slice_rng(seed: int, index: int) -> np.random.Generator:
 
 
 # --------------------------------------------------------------------------- smooth fields
+@functools.lru_cache(maxsize=8)
 def _bump_matrix(n: int, knot_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian bumps on knots ``knot_px`` apart covering ``[0, n)`` with two knots to spare.
+
+    Cached (the same for every slice of a stack); the arrays are read-only.
 
     Returns:
         ``(K, dK)``: (n, k) float32 bump values and their derivatives along the axis.
@@ -205,7 +209,9 @@ def _bump_matrix(n: int, knot_px: float) -> tuple[np.ndarray, np.ndarray]:
     t = (np.arange(n, dtype=np.float64)[:, None] - knots[None, :]) / knot_px
     bump = np.exp(-0.5 * t * t)
     bump[np.abs(t) > BUMP_REACH] = 0.0  # compact support: strips need only nearby knots
-    return bump.astype(np.float32), (-t / knot_px * bump).astype(np.float32)
+    values, slopes = bump.astype(np.float32), (-t / knot_px * bump).astype(np.float32)
+    values.flags.writeable = slopes.flags.writeable = False
+    return values, slopes
 
 
 class _SmoothField:

@@ -309,6 +309,17 @@ def test_cli_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_defaults_match_params():
+    import dataclasses
+
+    from unet_core.cli import synth as cli_synth
+
+    expected = SynthParams().to_dict()
+    assert cli_synth.DEFAULTS == expected
+    assert set(cli_synth.BORDER_STYLES) == {b.value for b in BorderStyle}
+    assert {f.name for f in dataclasses.fields(SynthParams)} == set(expected)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [pytest.param("border", "glow", id="border"), pytest.param("dtype", "float32", id="dtype"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from unet_core.cli.common import nonnegative_float, positive_int
 
@@ -15,10 +14,18 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from unet_core.synth import BorderStyle, SynthParams
+# Defaults of unet_core.synth.SynthParams, repeated here so that building the parser does not
+# import numpy (keeps `unet --help` fast); tests/unit/test_synth.py checks they agree.
+DEFAULTS = {
+    "height": 512, "width": 512, "cell_size_px": 32.0, "density": 0.7, "irregularity": 0.6,
+    "border": "bright", "border_contrast": 0.9, "border_width_px": 1.0, "texture": 0.5,
+    "illumination": 0.3, "blur_px": 1.0, "photons": 40.0, "read_noise": 1.5, "dtype": "uint8",
+}
+BORDER_STYLES = ("bright", "dark")
 
-    d = {f.name: f.default for f in dataclasses.fields(SynthParams)}
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = DEFAULTS
     p = sub.add_parser(
         "synth",
         help="generate a synthetic microscopy stack of dense, touching cells with instance labels",
@@ -58,9 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--texture", type=_fraction, default=d["texture"],
                    help=f"0..1, granular cytoplasm texture and bright puncta (default {d['texture']:g})")
     g = p.add_argument_group("cell borders (membranes)")
-    g.add_argument("--border", choices=[b.value for b in BorderStyle], default=d["border"].value,
+    g.add_argument("--border", choices=BORDER_STYLES, default=d["border"],
                    help="membranes brighter (fluorescent membrane stain) or darker (phase contrast / "
-                        f"EM-like) than the cell interiors (default {d['border'].value})")
+                        f"EM-like) than the cell interiors (default {d['border']})")
     g.add_argument("--border-contrast", type=nonnegative_float, default=d["border_contrast"],
                    help="membrane amplitude relative to the mean interior intensity, in (0, 5] "
                         f"(default {d['border_contrast']:g})")
