@@ -82,7 +82,9 @@ def bench_our_geometry(params: SynthParams) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=2048, help="slice height and width, px")
     parser.add_argument("--slices", type=int, default=8, help="slices of the timed stack")
     parser.add_argument("--workers", type=int, default=1, help="synth worker processes")
@@ -98,7 +100,8 @@ def main() -> None:
         ceiling = bench_write_ceiling(params, args.slices, tmp)
         print(f"synth (write_synth_tiffs)      {result.mb_per_s:8.1f} MB/s  "
               f"({result.bytes_written / 1e6:.0f} MB in {result.seconds:.1f} s)")
-        print(f"baseline: write ceiling        {ceiling:8.1f} MB/s   ratio synth/ceiling = {result.mb_per_s / ceiling:.3f}")
+        print(f"baseline: write ceiling        {ceiling:8.1f} MB/s   "
+              f"ratio synth/ceiling = {result.mb_per_s / ceiling:.3f}")
 
         t, cpu = time.perf_counter(), time.process_time()
         image, labels = synth_slice(params, seed=0, index=0)
@@ -120,8 +123,10 @@ def main() -> None:
             wall, peak = _child_peak_rss_mb(argv)
             rss.append(peak)
             stack_mb = n * args.size * args.size * 4 / 1e6
-            print(f"unet synth {n:3d} slices: {stack_mb:7.0f} MB written, peak RSS {peak:6.0f} MB, {wall:.1f} s")
-        print(f"peak RSS ratio {2 * args.slices} vs {args.slices} slices: {rss[1] / rss[0]:.2f} (1.00 = flat)")
+            print(f"unet synth {n:3d} slices: {stack_mb:7.0f} MB written, "
+                  f"peak RSS {peak:6.0f} MB, {wall:.1f} s")
+        print(f"peak RSS ratio {2 * args.slices} vs {args.slices} slices: "
+              f"{rss[1] / rss[0]:.2f} (1.00 = flat)")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ class SynthParams:
         _require(0.0 < self.density <= 1.0, "density", f"{self.density} must be in (0, 1]")
         _require(0.0 <= self.irregularity <= 1.0, "irregularity", f"{self.irregularity} must be in [0, 1]")
         _require(0.0 < self.border_contrast <= 5.0, "border_contrast",
-                 f"{self.border_contrast} must be in (0, 5]; with border 'dark' values above 1 saturate at black")
+                 f"{self.border_contrast} must be in (0, 5] (with border 'dark', values above 1 "
+                 "saturate at black)")
         _require(0.3 <= self.border_width_px <= self.cell_size_px / 4, "border_width_px",
                  f"{self.border_width_px} px must be between 0.3 px and a quarter of the cell size")
         _require(0.0 <= self.texture <= 1.0, "texture", f"{self.texture} must be in [0, 1]")
@@ -715,19 +716,18 @@ def write_synth_tiffs(
         tmp_lab = None if labels_path is None else stack.enter_context(atomic_output(labels_path))
         with contextlib.ExitStack() as files:
             tw_img = files.enter_context(tifffile.TiffWriter(tmp_img, bigtiff=big_img))
-            tw_lab = None if tmp_lab is None else files.enter_context(tifffile.TiffWriter(tmp_lab, bigtiff=big_lab))
+            tw_lab = None
+            if tmp_lab is not None:
+                tw_lab = files.enter_context(tifffile.TiffWriter(tmp_lab, bigtiff=big_lab))
             pages = iter_synth_slices(params, seed=seed, slices=slices, workers=workers)
+            meta_img = provenance(params, seed=seed, slices=slices, kind="image")
+            meta_lab = provenance(params, seed=seed, slices=slices, kind="labels")
             for z, (image, labels) in enumerate(progress(pages, desc="synth", total=slices, unit="slice")):
-                first = z == 0
-                tw_img.write(
-                    image, contiguous=True, photometric="minisblack",
-                    metadata=provenance(params, seed=seed, slices=slices, kind="image") if first else None,
-                )
+                # the metadata goes into the first page only (tifffile updates its shape)
+                tw_img.write(image, contiguous=True, photometric="minisblack", metadata=meta_img)
                 if tw_lab is not None:
-                    tw_lab.write(
-                        labels, contiguous=True, photometric="minisblack",
-                        metadata=provenance(params, seed=seed, slices=slices, kind="labels") if first else None,
-                    )
+                    tw_lab.write(labels, contiguous=True, photometric="minisblack", metadata=meta_lab)
+                meta_img = meta_lab = None
                 cells += int(labels.max())
     seconds = time.perf_counter() - t0
     written = img_bytes + (lab_bytes if labels_path is not None else 0)

@@ -71,7 +71,9 @@ def test_workers_do_not_change_output():
         assert np.array_equal(i1, i2) and np.array_equal(l1, l2)
 
 
-@pytest.mark.parametrize("strip_pixels", [pytest.param(100, id="one-row-strips"), pytest.param(10**9, id="whole-slice")])
+@pytest.mark.parametrize(
+    "strip_pixels", [pytest.param(100, id="one-row-strips"), pytest.param(10**9, id="whole-slice")]
+)
 def test_strip_size_does_not_change_output(monkeypatch, strip_pixels):
     reference = synth_slice(SMALL, seed=4, index=1)
     monkeypatch.setattr(synth, "STRIP_PIXELS", strip_pixels)
@@ -81,7 +83,10 @@ def test_strip_size_does_not_change_output(monkeypatch, strip_pixels):
 
 @pytest.mark.parametrize(
     "other",
-    [pytest.param({"seed": 1, "index": 0}, id="other-seed"), pytest.param({"seed": 0, "index": 1}, id="other-slice")],
+    [
+        pytest.param({"seed": 1, "index": 0}, id="other-seed"),
+        pytest.param({"seed": 0, "index": 1}, id="other-slice"),
+    ],
 )
 def test_different_seed_or_slice_differs(other):
     image0, labels0 = synth_slice(SMALL, seed=0, index=0)
@@ -92,7 +97,8 @@ def test_different_seed_or_slice_differs(other):
 
 def test_same_seed_same_tiff_bytes(tmp_path):
     for run in ("a", "b"):
-        write_synth_tiffs(tmp_path / run / "image.tif", tmp_path / run / "labels.tif", SMALL, seed=9, slices=2)
+        out = tmp_path / run
+        write_synth_tiffs(out / "image.tif", out / "labels.tif", SMALL, seed=9, slices=2)
     for name in ("image.tif", "labels.tif"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -102,8 +108,14 @@ def test_same_seed_same_tiff_bytes(tmp_path):
     "params",
     [
         pytest.param(SynthParams(height=160, width=200, cell_size_px=20), id="default-shape"),
-        pytest.param(SynthParams(height=128, width=128, cell_size_px=14, irregularity=1.0, density=1.0), id="max-irregular"),
-        pytest.param(SynthParams(height=100, width=90, cell_size_px=24, irregularity=0.0, density=0.3), id="sparse-straight"),
+        pytest.param(
+            SynthParams(height=128, width=128, cell_size_px=14, irregularity=1.0, density=1.0),
+            id="max-irregular",
+        ),
+        pytest.param(
+            SynthParams(height=100, width=90, cell_size_px=24, irregularity=0.0, density=0.3),
+            id="sparse-straight",
+        ),
     ],
 )
 def test_labels_are_consecutive_connected_cells(params):
@@ -164,7 +176,9 @@ def test_repair_fragments_splits_and_merges():
 
 
 # --------------------------------------------------------------------------- appearance
-@pytest.mark.parametrize("border", [pytest.param(BorderStyle.BRIGHT, id="bright"), pytest.param(BorderStyle.DARK, id="dark")])
+@pytest.mark.parametrize(
+    "border", [pytest.param(BorderStyle.BRIGHT, id="bright"), pytest.param(BorderStyle.DARK, id="dark")]
+)
 def test_borders_between_touching_cells_are_visible(border):
     params = SynthParams(height=192, width=192, border=border, photons=400.0)
     image, labels = synth_slice(params, seed=7, index=0)
@@ -200,7 +214,8 @@ def test_image_has_noise_texture_and_shading():
 
 
 def test_uint16_is_twelve_bit():
-    image, _ = synth_slice(SynthParams(height=64, width=64, dtype="uint16", border_contrast=5.0), seed=0, index=0)
+    params = SynthParams(height=64, width=64, dtype="uint16", border_contrast=5.0)
+    image, _ = synth_slice(params, seed=0, index=0)
     assert image.dtype == np.uint16
     assert image.max() <= 4095 and image.max() > 1000
 

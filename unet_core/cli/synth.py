@@ -72,13 +72,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="membrane amplitude relative to the mean interior intensity, in (0, 5] "
                         f"(default {d['border_contrast']:g})")
     g.add_argument("--border-width-px", type=nonnegative_float, default=d["border_width_px"],
-                   help=f"standard deviation of the membrane profile in px (default {d['border_width_px']:g})")
+                   help="standard deviation of the membrane profile in px "
+                        f"(default {d['border_width_px']:g})")
     g = p.add_argument_group("optics and camera")
     g.add_argument("--illumination", type=nonnegative_float, default=d["illumination"],
                    help="relative fall-off of the uneven illumination, 0..0.9 "
                         f"(default {d['illumination']:g})")
     g.add_argument("--blur-px", type=nonnegative_float, default=d["blur_px"],
-                   help=f"standard deviation of the Gaussian PSF in px, 0 = no blur (default {d['blur_px']:g})")
+                   help="standard deviation of the Gaussian PSF in px, 0 = no blur "
+                        f"(default {d['blur_px']:g})")
     g.add_argument("--photons", type=nonnegative_float, default=d["photons"],
                    help="photons at the mean cell interior intensity; fewer = more Poisson noise "
                         f"(default {d['photons']:g})")
@@ -89,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="force BigTIFF (--bigtiff) or classic TIFF (--no-bigtiff); default: BigTIFF "
                         "for a file larger than 2 GiB")
     g.add_argument("--workers", type=positive_int, default=1,
-                   help="processes rendering slices in parallel; the output does not depend on it (default 1)")
+                   help="processes rendering slices in parallel; the output does not depend on it "
+                        "(default 1)")
     p.set_defaults(func=run)
 
 
