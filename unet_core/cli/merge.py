@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import add_threads_arg, configure_threads
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,12 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    default="segmentation",
                    help="what the TIFF holds: segmentation (uint8 class), instances (uint32) or "
                         "cell-probability (float32, 0..1)")
-    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.merge import merge_parts
 
-    configure_threads(args.threads)
     merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content)
