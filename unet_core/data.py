@@ -1,7 +1,7 @@
 """Training and validation data for the U-Net.
 
 Training tiles come from the augmented sets written by ``unet augment`` (the shared data
-contract)::
+contract), or are deformed on the fly from ingested stacks (:class:`OnTheFlyTiles`)::
 
     AUG.zarr/      image     float32 (N, H, W)  normalised with the stack's IntensityStats
                    classes   uint8   (N, H, W)  class per pixel (1 = cell interior)
@@ -169,12 +169,16 @@ class IterationSampler(torch.utils.data.Sampler[int]):
 
     The dataset is visited in epochs; epoch ``e`` is the permutation drawn by
     ``numpy.random.default_rng([seed, e])``, so the index used at any (iteration, slot) is
-    fixed by the seed alone and a run resumed at ``start`` sees the same tiles.
+    fixed by the seed alone and a run resumed at ``start`` sees the same tiles. With
+    ``with_epoch`` the sampler yields ``index + e * n_samples`` (for :class:`OnTheFlyTiles`,
+    which draws a fresh deformation per epoch).
     """
 
-    def __init__(self, n_samples: int, *, batch_size: int, start: int, stop: int, seed: int) -> None:
+    def __init__(self, n_samples: int, *, batch_size: int, start: int, stop: int, seed: int,
+                 with_epoch: bool = False) -> None:
         self.n_samples, self.batch_size = int(n_samples), int(batch_size)
         self.start, self.stop, self.seed = int(start), int(stop), int(seed)
+        self.with_epoch = with_epoch
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start) * self.batch_size
@@ -185,7 +189,67 @@ class IterationSampler(torch.utils.data.Sampler[int]):
             e, k = divmod(position, self.n_samples)
             if e != epoch:
                 epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.n_samples)
-            yield int(order[k])
+            yield int(order[k]) + (e * self.n_samples if self.with_epoch else 0)
+
+
+class OnTheFlyTiles(torch.utils.data.Dataset):
+    """Freshly deformed tiles drawn from ingested stacks and their weights stores.
+
+    Uses the augment stage's code (:func:`unet_core.augment.make_sample`, paper defaults of
+    :class:`unet_core.elastic.DeformParams`): draw ``index + epoch * len(self)`` (what
+    :class:`IterationSampler` yields with ``with_epoch=True``) is sample ``k = epoch`` of the
+    ``index``-th (stack, slice), a pure function of ``(seed, z, k)``, so a resumed run redraws
+    identical tiles. Items are shaped as in :class:`AugmentedTiles`.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, spec: UNetSpec,
+                 tile_out: int, seed: int) -> None:
+        from unet_core.augment import open_source, tile_shapes
+        from unet_core.elastic import DeformParams
+
+        if not pairs:
+            raise UserInputError("--train-stacks: no training stack given (pass STACK:WEIGHTS.zarr pairs)")
+        self.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        self.spec, self.seed = spec, int(seed)
+        self.in_size, self.out_size = tile_shapes(spec, tile_out)
+        self.params = DeformParams()
+        self.items: list[tuple[int, int]] = []
+        for i, (stack, weights) in enumerate(self.pairs):
+            n_z = open_source(stack, weights).stack.shape[0]
+            chosen = range(n_z) if slices is None else slices
+            bad = [z for z in chosen if not 0 <= z < n_z]
+            if bad:
+                raise UserInputError(f"--train-slices: slice(s) {bad[:5]} out of range for {stack} ({n_z} slices)")
+            self.items.extend((i, z) for z in chosen)
+        if not self.items:
+            raise UserInputError(f"--train-stacks: no training slices selected from {[str(a) for a, _ in self.pairs]}")
+        self._sources: list | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self) -> dict:
+        """Settings that define the drawn tiles (for the data hash and the model card)."""
+        return {"pairs": [f"{a}:{b}" for a, b in self.pairs], "items": self.items, "tile_out": self.out_size,
+                "seed": self.seed, "deform": {k: str(v) for k, v in vars(self.params).items()}}
+
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from unet_core.augment import make_sample, open_source
+
+        if self._sources is None or self._pid != os.getpid():
+            self._sources = [open_source(a, b) for a, b in self.pairs]
+            self._pid = os.getpid()
+        epoch, index = divmod(int(draw), len(self.items))
+        which, z = self.items[index]
+        tiles = make_sample(self._sources[which], z, epoch, seed=self.seed, params=self.params,
+                            tile_in=self.in_size, tile_out=self.out_size, device="cpu")
+        context = self.spec.context
+        return (
+            torch.from_numpy(np.ascontiguousarray(tiles.image[0][None], dtype=np.float32)),
+            torch.from_numpy(crop_to_output(tiles.classes[0], context=context).astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(crop_to_output(tiles.weights[0], context=context))),
+        )
 
 
 @dataclass(frozen=True)
@@ -205,11 +269,11 @@ class ValidationSlice:
     weights: np.ndarray
 
 
-def parse_validation_pair(text: str) -> tuple[Path, Path]:
-    """Split ``STACK:WEIGHTS.zarr`` (the ``--val`` syntax) into two paths."""
+def parse_validation_pair(text: str, *, what: str = "--val") -> tuple[Path, Path]:
+    """Split ``STACK:WEIGHTS.zarr`` (the ``--val``/``--train-stacks`` syntax) into two paths."""
     stack, sep, weights = str(text).rpartition(":")
     if not sep or not stack or not weights:
-        raise UserInputError(f"--val {text!r}: expected STACK:WEIGHTS.zarr (an ingested stack and its weights store)")
+        raise UserInputError(f"{what} {text!r}: expected STACK:WEIGHTS.zarr (an ingested stack and its weights store)")
     return Path(stack), Path(weights)
 
 

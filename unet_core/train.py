@@ -24,6 +24,7 @@ exactly restored.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -47,6 +48,7 @@ from unet_core.checkpoint import safe_load, save_model
 from unet_core.data import (
     AugmentedTiles,
     IterationSampler,
+    OnTheFlyTiles,
     ValidationSlice,
     hash_stores,
     load_validation,
@@ -441,11 +443,15 @@ def train(
     val_slices: Sequence[int] | None = None,
     resume: bool = False,
     on_iteration: Callable[[int], None] | None = None,
+    train_stacks: Sequence[tuple[Path, Path]] = (),
+    train_slices: Sequence[int] | None = None,
+    tile_out: int | None = None,
 ) -> TrainResult:
     """Train a U-Net on augmented tiles; validate, checkpoint and export as configured.
 
     Args:
-        train_sets: augmented Zarr sets from ``unet augment`` (image/classes/weights, (N, H, W)).
+        train_sets: augmented Zarr sets from ``unet augment`` (image/classes/weights, (N, H, W));
+            empty when ``train_stacks`` is used.
         out_dir: directory for state.pt, model.pt, model.ts, metrics.csv, curve.png, model_card.json.
         spec: the architecture; ``H`` of the sets must be a valid input size for it.
         config: training settings.
@@ -453,6 +459,10 @@ def train(
         val_slices: z indices used from every validation stack (None: all).
         resume: continue from ``out_dir/state.pt`` if it exists (exactly: same final weights).
         on_iteration: called with the number of completed iterations after each step.
+        train_stacks: instead of ``train_sets``, ``(ingested stack, weights store)`` pairs to
+            deform on the fly (fresh tiles every epoch; :class:`unet_core.data.OnTheFlyTiles`).
+        train_slices: z indices of every training stack (None: all).
+        tile_out: network output size of the on-the-fly tiles, pixels.
 
     Returns:
         A :class:`TrainResult` with the last validation metrics.
@@ -465,7 +475,8 @@ def train(
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(train_sets, out_dir=Path(out_dir), spec=spec, config=config, validation=validation,
-                      val_slices=val_slices, resume=resume, on_iteration=on_iteration)
+                      val_slices=val_slices, resume=resume, on_iteration=on_iteration, train_stacks=train_stacks,
+                      train_slices=train_slices, tile_out=tile_out)
     finally:  # the CPU run switches deterministic algorithms on; leave the process as it was
         torch.use_deterministic_algorithms(deterministic)
 
@@ -480,8 +491,24 @@ def _train(
     val_slices: Sequence[int] | None,
     resume: bool,
     on_iteration: Callable[[int], None] | None,
+    train_stacks: Sequence[tuple[Path, Path]],
+    train_slices: Sequence[int] | None,
+    tile_out: int | None,
 ) -> TrainResult:
-    dataset = AugmentedTiles(train_sets, spec=spec)
+    if train_stacks and train_sets:
+        raise ConfigError("train: give augmented sets (--train) or stacks to deform on the fly (--train-stacks), "
+                          "not both")
+    if train_stacks:
+        if tile_out is None:
+            raise ConfigError("train.tile_out: on-the-fly augmentation needs the output tile size (--tile-out)")
+        dataset = OnTheFlyTiles(train_stacks, slices=train_slices, spec=spec, tile_out=tile_out, seed=config.seed)
+        stores = [p for pair in train_stacks for p in pair]
+        data_hash = hashlib.sha256((hash_stores(stores) + json.dumps(dataset.describe())).encode()).hexdigest()
+        data_desc: dict[str, Any] = {"on_the_fly": dataset.describe()}
+    else:
+        dataset = AugmentedTiles(train_sets, spec=spec)
+        data_hash = hash_stores(train_sets)
+        data_desc = {"train_sets": [str(p) for p in train_sets]}
     val_tile_out = config.val_tile_out or dataset.out_size
     try:
         spec.input_size(val_tile_out)
@@ -492,7 +519,6 @@ def _train(
     log.info("training on %s: %d tiles of %d px -> %d px output, %d iterations of batch %d",
              runtime.description, len(dataset), dataset.in_size, dataset.out_size, config.iterations,
              config.batch_size)
-    data_hash = hash_stores(train_sets)
 
     seed_everything(config.seed)
     model = UNet(spec).to(runtime.device)
@@ -524,7 +550,8 @@ def _train(
         dataset,
         batch_size=config.batch_size,
         sampler=IterationSampler(len(dataset), batch_size=config.batch_size, start=start,
-                                 stop=config.iterations, seed=config.seed),
+                                 stop=config.iterations, seed=config.seed,
+                                 with_epoch=isinstance(dataset, OnTheFlyTiles)),
         num_workers=config.workers,
         pin_memory=runtime.device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
@@ -614,14 +641,14 @@ def _train(
     bar.close()
 
     _write_final_outputs(out_dir, model=model, spec=spec, config=config, dataset=dataset, data_hash=data_hash,
-                         history=history, runtime=runtime, train_sets=train_sets, validation=validation,
+                         history=history, runtime=runtime, data_desc=data_desc, validation=validation,
                          val_slices=val_slices, val_tile_out=val_tile_out, iteration=iteration)
     return TrainResult(out_dir, iteration, dict(metrics), runtime.description)
 
 
 def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: TrainConfig,
-                         dataset: AugmentedTiles, data_hash: str, history: History, runtime: Runtime,
-                         train_sets: Sequence[Any], validation: Sequence[tuple[Path, Path]],
+                         dataset: AugmentedTiles | OnTheFlyTiles, data_hash: str, history: History,
+                         runtime: Runtime, data_desc: dict[str, Any], validation: Sequence[tuple[Path, Path]],
                          val_slices: Sequence[int] | None, val_tile_out: int, iteration: int) -> None:
     from unet_core.plots.training import plot_training_curve
 
@@ -665,7 +692,7 @@ def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: 
                             else "data order and RNG exact; CUDA kernels reproducible up to rounding"),
         },
         "data": {
-            "train_sets": [str(p) for p in train_sets],
+            **data_desc,
             "train_tiles": len(dataset),
             "train_sha256": data_hash,
             "validation": [f"{s}:{w}" for s, w in validation],

@@ -91,6 +91,9 @@ def make_validation(tmp: Path, *, size: int = 50, slices: int = 2) -> tuple[Path
     for name, arr in (("classes", classes), ("weights", (1.0 + classes).astype(np.float32)),
                       ("instances", classes.astype(np.int32))):
         create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, size, size))[:] = arr
+    # the recipe 'unet weights' stores (used to recompute classes/weights of on-the-fly tiles)
+    group.attrs["unet"] = {"class_weights": [1.0, 2.0], "w0": 10.0, "sigma_px": 3.0, "tolerance": 1e-3,
+                           "border_pixels": "background", "separate_touching": True}
     return stack, weights
 
 
@@ -285,6 +288,34 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, seed: int) -> None
     assert sa["history"]["train_log"] == sb["history"]["train_log"]
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_on_the_fly_augmentation_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    stack, weights = make_validation(tmp_path, size=64, slices=2)
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
+    cfg = tiny_config(iterations=6, optimizer="sgd", checkpoint_every=2, validate_every=3)
+    kw = dict(spec=spec, config=cfg, train_stacks=[(stack, weights)], train_slices=[0, 1], tile_out=20)
+    ref = train([], out_dir=tmp_path / "ref", **kw)
+    assert ref.iterations == 6
+
+    def crash(i: int) -> None:
+        if i == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train([], out_dir=tmp_path / "cut", on_iteration=crash, **kw)
+    assert safe_load(tmp_path / "cut" / "state.pt")["iteration"] == 4
+    train([], out_dir=tmp_path / "cut", resume=True, **kw)
+    a, b = (safe_load(tmp_path / d / "model.pt")["state_dict"] for d in ("ref", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((tmp_path / "ref" / "model_card.json").read_text())
+    assert card["data"]["on_the_fly"]["tile_out"] == 20 and card["data"]["train_tiles"] == 2
+    with pytest.raises(ConfigError, match="not both"):
+        train([tmp_path / "x.zarr"], out_dir=tmp_path / "both", **kw)
+
+
 def test_resume_with_changed_settings_is_refused(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5))
@@ -348,16 +379,22 @@ def test_bad_config(kwargs: dict, match: str) -> None:
         TrainConfig(**kwargs)
 
 
-def test_cli_train_end_to_end(tmp_path: Path) -> None:
+def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
+    from unet_core.cli import main
+
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     stack, weights = make_validation(tmp_path)
-    cmd = [str(Path(sys.executable).parent / "unet"), "train", "--train", str(aug), "--val", f"{stack}:{weights}",
-           "--val-slices", "0", "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4",
-           "--iterations", "4", "--validate-every", "2", "--workers", "0", "--device", "cpu", "--threads", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    argv = ["train", "--train", str(aug), "--val", f"{stack}:{weights}", "--val-slices", "0",
+            "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4", "--iterations", "4",
+            "--validate-every", "2", "--workers", "0", "--device", "cpu", "--threads", "1"]
+    assert main(argv) == 0
     assert (tmp_path / "cli" / "model.pt").is_file()
-    bad = subprocess.run([*cmd, "--depth", "4"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    last = bad.stderr.strip().splitlines()[-1]
-    assert "tile size 60 px" in last and "nearest valid input sizes" in last and "Traceback" not in bad.stderr
+    rows = list(csv.DictReader((tmp_path / "cli" / "metrics.csv").open()))
+    assert [r["iteration"] for r in rows] == ["2", "4"] and rows[0]["val_pixel_error"] != ""
+    capsys.readouterr()
+    assert main([*argv, "--depth", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "tile size 60 px" in err[-1] and "nearest valid input sizes: (188,)" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert main([*argv[:-2], "--val-slices", "9"]) == 2
+    assert "--val-slices: slice(s) [9] out of range" in capsys.readouterr().err

@@ -40,8 +40,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "is deterministic and '--resume' after a kill gives bit-identical weights."
         ),
     )
-    p.add_argument("--train", nargs="+", required=True, type=existing_path, metavar="AUG.zarr",
-                   help="augmented training sets written by 'unet augment' (image/classes/weights arrays)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train", nargs="+", type=existing_path, metavar="AUG.zarr", default=[],
+                     help="augmented training sets written by 'unet augment' (image/classes/weights arrays)")
+    src.add_argument("--train-stacks", nargs="+", metavar="STACK:WEIGHTS.zarr", default=[],
+                     help="instead of --train: ingested stacks and their weights stores, deformed on the fly "
+                          "(paper settings; a fresh deformation of every slice each epoch)")
+    p.add_argument("--train-slices", default=None, metavar="SEL",
+                   help="with --train-stacks: z slices of every training stack, e.g. '0-19' (default: all)")
+    p.add_argument("--tile-out", type=positive_int, default=None,
+                   help="with --train-stacks: network output tile size in px (e.g. 388 for 572 px input tiles)")
     p.add_argument("--val", nargs="+", default=[], metavar="STACK:WEIGHTS.zarr",
                    help="validation pairs: an ingested stack and its weights store, joined by ':'")
     p.add_argument("--val-slices", default=None, metavar="SEL",
@@ -96,11 +104,16 @@ def run(args: argparse.Namespace) -> None:
 
     configure_threads(args.threads)
     spec = spec_from_args(args)
-    pairs = [parse_validation_pair(text) for text in args.val]
-    slices = None
-    if args.val_slices is not None and pairs:
-        n = min(open_stack(stack).shape[0] for stack, _ in pairs)
-        slices = parse_slices(args.val_slices, n, what="--val-slices")
+    pairs = [parse_validation_pair(text, what="--val") for text in args.val]
+    train_pairs = [parse_validation_pair(text, what="--train-stacks") for text in args.train_stacks]
+
+    def selection(text: str | None, stacks: list, what: str) -> list[int] | None:
+        if text is None or not stacks:
+            return None
+        return parse_slices(text, min(open_stack(stack).shape[0] for stack, _ in stacks), what=what)
+
+    slices = selection(args.val_slices, pairs, "--val-slices")
+    train_slices = selection(args.train_slices, train_pairs, "--train-slices")
     config = TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -111,5 +124,6 @@ def run(args: argparse.Namespace) -> None:
         channels_last=not args.no_channels_last, compile=args.compile, workers=args.workers,
     )
     result = train(args.train, out_dir=args.out_dir, spec=spec, config=config, validation=pairs,
-                   val_slices=slices, resume=args.resume)
+                   val_slices=slices, resume=args.resume, train_stacks=train_pairs, train_slices=train_slices,
+                   tile_out=args.tile_out)
     log.info("done: %d iterations on %s; last metrics %s", result.iterations, result.device, result.metrics)
