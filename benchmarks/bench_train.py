@@ -71,10 +71,14 @@ def bench_loss(out_size: int, device: torch.device, repeats: int) -> None:
             torch.cuda.synchronize()
 
     t_ours, t_base = timed(ours, repeats), timed(baseline, repeats)
-    diff = abs(weighted_cross_entropy(logits, target, weight).item()
-               - (F.cross_entropy(logits, target, reduction="none") * weight).mean().item())
-    print(f"loss  {out_size}x{out_size} fwd+bwd: ours {t_ours * 1e3:.3f} ms, baseline F.cross_entropy "
-          f"{t_base * 1e3:.3f} ms, ratio ours/baseline {t_ours / t_base:.2f}x time, |diff| {diff:.2e}")
+    diff = abs(
+        weighted_cross_entropy(logits, target, weight).item()
+        - (F.cross_entropy(logits, target, reduction="none") * weight).mean().item()
+    )
+    print(
+        f"loss  {out_size}x{out_size} fwd+bwd: ours {t_ours * 1e3:.3f} ms, baseline F.cross_entropy "
+        f"{t_base * 1e3:.3f} ms, ratio ours/baseline {t_ours / t_base:.2f}x time, |diff| {diff:.2e}"
+    )
 
 
 def make_set(path: Path, *, in_size: int, n: int) -> None:
@@ -82,7 +86,11 @@ def make_set(path: Path, *, in_size: int, n: int) -> None:
     classes = (rng.random((n, in_size, in_size)) < 0.3).astype(np.uint8)
     image = (classes + rng.normal(0, 0.5, classes.shape)).astype(np.float32)
     group = zarr.open_group(path, mode="w")
-    for name, arr in (("image", image), ("classes", classes), ("weights", (1.0 + classes).astype(np.float32))):
+    for name, arr in (
+        ("image", image),
+        ("classes", classes),
+        ("weights", (1.0 + classes).astype(np.float32)),
+    ):
         create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, in_size, in_size))[:] = arr
 
 
@@ -92,8 +100,15 @@ def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, work
     with tempfile.TemporaryDirectory() as tmp:
         aug = Path(tmp) / "aug.zarr"
         make_set(aug, in_size=in_size, n=8)
-        cfg = TrainConfig(iterations=iterations, workers=workers, device=device, validate_every=iterations,
-                          checkpoint_every=iterations, log_every=10, seed=0)
+        cfg = TrainConfig(
+            iterations=iterations,
+            workers=workers,
+            device=device,
+            validate_every=iterations,
+            checkpoint_every=iterations,
+            log_every=10,
+            seed=0,
+        )
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
@@ -116,7 +131,9 @@ def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, work
             k = i % images.shape[0]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(images[k : k + 1])
-            loss = (F.cross_entropy(logits.float(), classes[k : k + 1], reduction="none") * weights[k : k + 1]).mean()
+            loss = (
+                F.cross_entropy(logits.float(), classes[k : k + 1], reduction="none") * weights[k : k + 1]
+            ).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -130,14 +147,18 @@ def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, work
         if amp:
             torch.cuda.synchronize()
         base = iterations / (time.perf_counter() - t0)
-    print(f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {in_size}->{out_size} px tiles, "
-          f"{iterations} iterations on {result.device}")
+    print(
+        f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {in_size}->{out_size} px tiles, "
+        f"{iterations} iterations on {result.device}"
+    )
     print(f"      unet train: {ours:.3f} tiles/s = {ours * flops / 1e9:.1f} GFLOP/s")
     print(f"      baseline minimal loop: {base:.3f} tiles/s = {base * flops / 1e9:.1f} GFLOP/s")
     print(f"      ratio unet-train/baseline: {ours / base:.2f}x throughput")
     if peak is not None:
-        print(f"      peak GPU memory {peak:.2f} GiB; {ours * flops / 1e12 / H100_BF16_PEAK_TFLOPS:.1%} of the "
-              f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak")
+        print(
+            f"      peak GPU memory {peak:.2f} GiB; {ours * flops / 1e12 / H100_BF16_PEAK_TFLOPS:.1%} of the "
+            f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak"
+        )
 
 
 def main() -> None:
@@ -152,8 +173,11 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = UNetSpec(depth=args.depth, base_channels=args.base_channels)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     bench_loss(388, device, args.loss_repeats)
     bench_loop(spec, args.tile_out, args.iterations, str(device), args.workers)

@@ -109,7 +109,9 @@ class AugmentedTiles(torch.utils.data.Dataset):
         self.paths = [Path(p) for p in paths]
         self.spec = spec
         if not self.paths:
-            raise UserInputError("--train: no training set given (pass one or more AUG.zarr from 'unet augment')")
+            raise UserInputError(
+                "--train: no training set given (pass one or more AUG.zarr from 'unet augment')"
+            )
         self.lengths: list[int] = []
         tile = None
         for path in self.paths:
@@ -119,12 +121,16 @@ class AugmentedTiles(torch.utils.data.Dataset):
                 raise UserInputError(f"{path}: not an augmented training set (missing arrays {missing})")
             shapes = {name: tuple(group[name].shape) for name in TRAIN_ARRAYS}
             if len(set(shapes.values())) != 1 or len(shapes["image"]) != 3:
-                raise UserInputError(f"{path}: arrays image/classes/weights must share one (N, H, W) shape, got {shapes}")
+                raise UserInputError(
+                    f"{path}: arrays image/classes/weights must share one (N, H, W) shape, got {shapes}"
+                )
             n, h, w = shapes["image"]
             if h != w:
                 raise UserInputError(f"{path}: tiles must be square, got {h} x {w} px")
             if tile is not None and h != tile:
-                raise UserInputError(f"{path}: tile size {h} px differs from {tile} px of {self.paths[0]}; use one size")
+                raise UserInputError(
+                    f"{path}: tile size {h} px differs from {tile} px of {self.paths[0]}; use one size"
+                )
             tile = h
             check_tile_size(h, spec=spec, where=str(path))
             _check_classes(group["classes"], n_classes=spec.n_classes, where=f"{path}/classes")
@@ -174,8 +180,9 @@ class IterationSampler(torch.utils.data.Sampler[int]):
     which draws a fresh deformation per epoch).
     """
 
-    def __init__(self, n_samples: int, *, batch_size: int, start: int, stop: int, seed: int,
-                 with_epoch: bool = False) -> None:
+    def __init__(
+        self, n_samples: int, *, batch_size: int, start: int, stop: int, seed: int, with_epoch: bool = False
+    ) -> None:
         self.n_samples, self.batch_size = int(n_samples), int(batch_size)
         self.start, self.stop, self.seed = int(start), int(stop), int(seed)
         self.with_epoch = with_epoch
@@ -202,8 +209,15 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
     identical tiles. Items are shaped as in :class:`AugmentedTiles`.
     """
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, spec: UNetSpec,
-                 tile_out: int, seed: int) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        *,
+        slices: Sequence[int] | None,
+        spec: UNetSpec,
+        tile_out: int,
+        seed: int,
+    ) -> None:
         from unet_core.augment import open_source, tile_shapes
         from unet_core.elastic import DeformParams
 
@@ -219,10 +233,14 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
             chosen = range(n_z) if slices is None else slices
             bad = [z for z in chosen if not 0 <= z < n_z]
             if bad:
-                raise UserInputError(f"--train-slices: slice(s) {bad[:5]} out of range for {stack} ({n_z} slices)")
+                raise UserInputError(
+                    f"--train-slices: slice(s) {bad[:5]} out of range for {stack} ({n_z} slices)"
+                )
             self.items.extend((i, z) for z in chosen)
         if not self.items:
-            raise UserInputError(f"--train-stacks: no training slices selected from {[str(a) for a, _ in self.pairs]}")
+            raise UserInputError(
+                f"--train-stacks: no training slices selected from {[str(a) for a, _ in self.pairs]}"
+            )
         self._sources: list | None = None
         self._pid = -1
 
@@ -231,8 +249,13 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
 
     def describe(self) -> dict:
         """Settings that define the drawn tiles (for the data hash and the model card)."""
-        return {"pairs": [f"{a}:{b}" for a, b in self.pairs], "items": self.items, "tile_out": self.out_size,
-                "seed": self.seed, "deform": {k: str(v) for k, v in vars(self.params).items()}}
+        return {
+            "pairs": [f"{a}:{b}" for a, b in self.pairs],
+            "items": self.items,
+            "tile_out": self.out_size,
+            "seed": self.seed,
+            "deform": {k: str(v) for k, v in vars(self.params).items()},
+        }
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from unet_core.augment import make_sample, open_source
@@ -242,8 +265,16 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
             self._pid = os.getpid()
         epoch, index = divmod(int(draw), len(self.items))
         which, z = self.items[index]
-        tiles = make_sample(self._sources[which], z, epoch, seed=self.seed, params=self.params,
-                            tile_in=self.in_size, tile_out=self.out_size, device="cpu")
+        tiles = make_sample(
+            self._sources[which],
+            z,
+            epoch,
+            seed=self.seed,
+            params=self.params,
+            tile_in=self.in_size,
+            tile_out=self.out_size,
+            device="cpu",
+        )
         context = self.spec.context
         return (
             torch.from_numpy(np.ascontiguousarray(tiles.image[0][None], dtype=np.float32)),
@@ -273,7 +304,9 @@ def parse_validation_pair(text: str, *, what: str = "--val") -> tuple[Path, Path
     """Split ``STACK:WEIGHTS.zarr`` (the ``--val``/``--train-stacks`` syntax) into two paths."""
     stack, sep, weights = str(text).rpartition(":")
     if not sep or not stack or not weights:
-        raise UserInputError(f"{what} {text!r}: expected STACK:WEIGHTS.zarr (an ingested stack and its weights store)")
+        raise UserInputError(
+            f"{what} {text!r}: expected STACK:WEIGHTS.zarr (an ingested stack and its weights store)"
+        )
     return Path(stack), Path(weights)
 
 
@@ -302,12 +335,15 @@ def load_validation(
             raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")
         if tuple(group["classes"].shape) != stack.shape or tuple(group["weights"].shape) != stack.shape:
             raise UserInputError(
-                f"{weights_path}: shape {tuple(group['classes'].shape)} does not match stack {stack_path} {stack.shape}"
+                f"{weights_path}: shape {tuple(group['classes'].shape)} does not match "
+                f"stack {stack_path} {stack.shape}"
             )
         chosen = range(stack.shape[0]) if slices is None else slices
         for z in chosen:
             if not 0 <= z < stack.shape[0]:
-                raise UserInputError(f"--val-slices: slice {z} out of range for {stack_path} ({stack.shape[0]} slices)")
+                raise UserInputError(
+                    f"--val-slices: slice {z} out of range for {stack_path} ({stack.shape[0]} slices)"
+                )
             classes = np.asarray(group["classes"][z], dtype=np.uint8)
             _check_classes(classes[None], n_classes=n_classes, where=f"{weights_path}/classes")
             out.append(
@@ -367,7 +403,9 @@ def tiled_logits(
             x = torch.from_numpy(np.ascontiguousarray(block))[None, None].to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
                 out = model(x)
             out = out[0, :, : write.shape[0], : write.shape[1]].float().cpu().numpy()
             logits[(slice(None), *write.to_slices())] = out

@@ -40,9 +40,13 @@ def weighted_cross_entropy(
         raise ValueError(f"logits must be (N, C, Y, X), got shape {tuple(logits.shape)}")
     n, _, y, x = logits.shape
     if tuple(target.shape) != (n, y, x):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {(n, y, x)} (crop to the output)")
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {(n, y, x)} (crop to the output)"
+        )
     if weight is not None and tuple(weight.shape) != (n, y, x):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match logits {(n, y, x)} (crop to the output)")
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} does not match logits {(n, y, x)} (crop to the output)"
+        )
     nll = F.cross_entropy(logits.float(), target.long(), reduction="none")  # fused log-softmax + NLL
     if weight is not None:
         nll = nll * weight.float()

@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -65,8 +66,16 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "unet-pipeline/train-state/1"
 STATE_FILE, MODEL_FILE, SCRIPT_FILE = "state.pt", "model.pt", "model.ts"
 METRICS_FILE, CURVE_FILE, CARD_FILE = "metrics.csv", "curve.png", "model_card.json"
-METRIC_COLUMNS = ("iteration", "lr", "train_loss", "val_loss", "val_pixel_error", "val_iou", "train_seconds",
-                  "tiles_per_s")
+METRIC_COLUMNS = (
+    "iteration",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_pixel_error",
+    "val_iou",
+    "train_seconds",
+    "tiles_per_s",
+)
 
 
 class OptimizerKind(str, Enum):
@@ -145,8 +154,20 @@ class TrainConfig:
     workers: int = 2
 
     # keys that change the sequence of weights; a resumed run must use the same values
-    TRAJECTORY = ("iterations", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-                  "warmup_iterations", "lr_step_iterations", "lr_gamma", "weighted", "seed")
+    TRAJECTORY = (
+        "iterations",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "warmup_iterations",
+        "lr_step_iterations",
+        "lr_gamma",
+        "weighted",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         for name, kind in (("optimizer", OptimizerKind), ("schedule", Schedule), ("precision", Precision)):
@@ -156,8 +177,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"train.{name}: {getattr(self, name)!r} is not one of {[k.value for k in kind]}"
                 ) from None
-        for name in ("iterations", "batch_size", "checkpoint_every", "validate_every", "log_every",
-                     "lr_step_iterations"):
+        for name in (
+            "iterations",
+            "batch_size",
+            "checkpoint_every",
+            "validate_every",
+            "log_every",
+            "lr_step_iterations",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
@@ -226,10 +253,14 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: {config.device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(
+            f"train.device: {config.device!r} is not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device: {config.device!r} requested but CUDA is not available (use auto or cpu)")
+            raise ConfigError(
+                f"train.device: {config.device!r} requested but CUDA is not available (use auto or cpu)"
+            )
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -292,22 +323,33 @@ class History:
         return asdict(self)
 
 
-def _check_resume(state: dict[str, Any], *, path: Path, spec: UNetSpec, config: TrainConfig, data_hash: str) -> None:
+def _check_resume(
+    state: dict[str, Any], *, path: Path, spec: UNetSpec, config: TrainConfig, data_hash: str
+) -> None:
     if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a training state file (format {state.get('format')!r})")
     if state.get("spec") != spec.to_dict():
-        raise CheckpointError(f"{path}: model options differ from the checkpoint's {state.get('spec')}; "
-                              "use the same model options or start without --resume in a new --out-dir")
+        raise CheckpointError(
+            f"{path}: model options differ from the checkpoint's {state.get('spec')}; "
+            "use the same model options or start without --resume in a new --out-dir"
+        )
     saved = state.get("config", {})
     now = config.to_dict()
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in TrainConfig.TRAJECTORY
-            if saved.get(k) != now[k]]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        for k in TrainConfig.TRAJECTORY
+        if saved.get(k) != now[k]
+    ]
     if diff:
-        raise CheckpointError(f"{path}: cannot resume exactly with changed settings ({'; '.join(diff)}); "
-                              "restore them or use a new --out-dir")
+        raise CheckpointError(
+            f"{path}: cannot resume exactly with changed settings ({'; '.join(diff)}); "
+            "restore them or use a new --out-dir"
+        )
     if state.get("data_hash") != data_hash:
-        raise CheckpointError(f"{path}: the training sets changed since the checkpoint (data hash differs); "
-                              "resume with the same --train sets or use a new --out-dir")
+        raise CheckpointError(
+            f"{path}: the training sets changed since the checkpoint (data hash differs); "
+            "resume with the same --train sets or use a new --out-dir"
+        )
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -327,7 +369,11 @@ def pixel_metrics(logits: np.ndarray, classes: np.ndarray, weights: np.ndarray |
     w = None if weights is None else torch.from_numpy(weights)[None]
     loss = float(weighted_cross_entropy(logits_t, target, w)) * classes.size
     pred = logits.argmax(axis=0)
-    out = {"loss_sum": loss, "errors": float(np.count_nonzero(pred != classes)), "pixels": float(classes.size)}
+    out = {
+        "loss_sum": loss,
+        "errors": float(np.count_nonzero(pred != classes)),
+        "pixels": float(classes.size),
+    }
     for c in range(1, logits.shape[0]):
         p, g = pred == c, classes == c
         out[f"inter_{c}"] = float(np.count_nonzero(p & g))
@@ -335,22 +381,33 @@ def pixel_metrics(logits: np.ndarray, classes: np.ndarray, weights: np.ndarray |
     return out
 
 
-def validate(model: UNet, slices: Sequence[ValidationSlice], *, tile_out: int, runtime: Runtime,
-             weighted: bool) -> dict[str, float]:
+def validate(
+    model: UNet, slices: Sequence[ValidationSlice], *, tile_out: int, runtime: Runtime, weighted: bool
+) -> dict[str, float]:
     """Loss, pixel error and mean foreground IoU over all validation pixels (argmax decision)."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     try:
         for item in slices:
-            logits = tiled_logits(model, item.image, spec=model.spec, tile_out=tile_out, device=runtime.device,
-                                  autocast_dtype=runtime.autocast_dtype, channels_last=runtime.channels_last)
+            logits = tiled_logits(
+                model,
+                item.image,
+                spec=model.spec,
+                tile_out=tile_out,
+                device=runtime.device,
+                autocast_dtype=runtime.autocast_dtype,
+                channels_last=runtime.channels_last,
+            )
             for k, v in pixel_metrics(logits, item.classes, item.weights if weighted else None).items():
                 totals[k] = totals.get(k, 0.0) + v
     finally:
         model.train(was_training)
-    ious = [totals[f"inter_{c}"] / totals[f"union_{c}"] for c in range(1, model.spec.n_classes)
-            if totals[f"union_{c}"] > 0]
+    ious = [
+        totals[f"inter_{c}"] / totals[f"union_{c}"]
+        for c in range(1, model.spec.n_classes)
+        if totals[f"union_{c}"] > 0
+    ]
     return {
         "val_loss": totals["loss_sum"] / totals["pixels"],
         "val_pixel_error": totals["errors"] / totals["pixels"],
@@ -374,9 +431,11 @@ def export_torchscript(model: UNet, path: Path) -> None:
     clone = UNet(model.spec)
     clone.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     clone.eval()
-    scripted = torch.jit.script(clone)
-    with atomic_output(path) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={"unet_spec.json": model.spec.fingerprint()})
+    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the issue asks for it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(clone)
+        with atomic_output(path) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files={"unet_spec.json": model.spec.fingerprint()})
 
 
 def _sha256(path: Path) -> str:
@@ -405,8 +464,18 @@ class TrainResult:
     device: str
 
 
-def _save_state(path: Path, *, model: UNet, optimizer, scheduler, scaler, iteration: int, config: TrainConfig,
-                data_hash: str, history: History) -> None:
+def _save_state(
+    path: Path,
+    *,
+    model: UNet,
+    optimizer,
+    scheduler,
+    scaler,
+    iteration: int,
+    config: TrainConfig,
+    data_hash: str,
+    history: History,
+) -> None:
     state = {
         "format": STATE_FORMAT,
         "spec": model.spec.to_dict(),
@@ -427,10 +496,12 @@ def _save_state(path: Path, *, model: UNet, optimizer, scheduler, scaler, iterat
 
 def _make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer is OptimizerKind.ADAM:
-        return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.momentum, 0.999),
-                                weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+        return torch.optim.Adam(
+            model.parameters(), lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
 def train(
@@ -474,9 +545,19 @@ def train(
     """
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(train_sets, out_dir=Path(out_dir), spec=spec, config=config, validation=validation,
-                      val_slices=val_slices, resume=resume, on_iteration=on_iteration, train_stacks=train_stacks,
-                      train_slices=train_slices, tile_out=tile_out)
+        return _train(
+            train_sets,
+            out_dir=Path(out_dir),
+            spec=spec,
+            config=config,
+            validation=validation,
+            val_slices=val_slices,
+            resume=resume,
+            on_iteration=on_iteration,
+            train_stacks=train_stacks,
+            train_slices=train_slices,
+            tile_out=tile_out,
+        )
     finally:  # the CPU run switches deterministic algorithms on; leave the process as it was
         torch.use_deterministic_algorithms(deterministic)
 
@@ -496,14 +577,21 @@ def _train(
     tile_out: int | None,
 ) -> TrainResult:
     if train_stacks and train_sets:
-        raise ConfigError("train: give augmented sets (--train) or stacks to deform on the fly (--train-stacks), "
-                          "not both")
+        raise ConfigError(
+            "train: give augmented sets (--train) or stacks to deform on the fly (--train-stacks), not both"
+        )
     if train_stacks:
         if tile_out is None:
-            raise ConfigError("train.tile_out: on-the-fly augmentation needs the output tile size (--tile-out)")
-        dataset = OnTheFlyTiles(train_stacks, slices=train_slices, spec=spec, tile_out=tile_out, seed=config.seed)
+            raise ConfigError(
+                "train.tile_out: on-the-fly augmentation needs the output tile size (--tile-out)"
+            )
+        dataset = OnTheFlyTiles(
+            train_stacks, slices=train_slices, spec=spec, tile_out=tile_out, seed=config.seed
+        )
         stores = [p for pair in train_stacks for p in pair]
-        data_hash = hashlib.sha256((hash_stores(stores) + json.dumps(dataset.describe())).encode()).hexdigest()
+        data_hash = hashlib.sha256(
+            (hash_stores(stores) + json.dumps(dataset.describe())).encode()
+        ).hexdigest()
         data_desc: dict[str, Any] = {"on_the_fly": dataset.describe()}
     else:
         dataset = AugmentedTiles(train_sets, spec=spec)
@@ -516,9 +604,15 @@ def _train(
         raise ConfigError(f"train.val_tile_out: {err}") from None
     val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes) if validation else []
     runtime = resolve_runtime(config)
-    log.info("training on %s: %d tiles of %d px -> %d px output, %d iterations of batch %d",
-             runtime.description, len(dataset), dataset.in_size, dataset.out_size, config.iterations,
-             config.batch_size)
+    log.info(
+        "training on %s: %d tiles of %d px -> %d px output, %d iterations of batch %d",
+        runtime.description,
+        len(dataset),
+        dataset.in_size,
+        dataset.out_size,
+        config.iterations,
+        config.batch_size,
+    )
 
     seed_everything(config.seed)
     model = UNet(spec).to(runtime.device)
@@ -549,9 +643,14 @@ def _train(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
-        sampler=IterationSampler(len(dataset), batch_size=config.batch_size, start=start,
-                                 stop=config.iterations, seed=config.seed,
-                                 with_epoch=isinstance(dataset, OnTheFlyTiles)),
+        sampler=IterationSampler(
+            len(dataset),
+            batch_size=config.batch_size,
+            start=start,
+            stop=config.iterations,
+            seed=config.seed,
+            with_epoch=isinstance(dataset, OnTheFlyTiles),
+        ),
         num_workers=config.workers,
         pin_memory=runtime.device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
@@ -578,8 +677,11 @@ def _train(
             image = image.contiguous(memory_format=torch.channels_last)
         classes = classes.to(runtime.device, non_blocking=True)
         weights = weights.to(runtime.device, non_blocking=True) if config.weighted else None
-        with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                            enabled=runtime.autocast_dtype is not None):
+        with torch.autocast(
+            runtime.device.type,
+            dtype=runtime.autocast_dtype or torch.float32,
+            enabled=runtime.autocast_dtype is not None,
+        ):
             logits = forward(image)
         loss = weighted_cross_entropy(logits, classes, weights)
         optimizer.zero_grad(set_to_none=True)
@@ -594,7 +696,11 @@ def _train(
         iteration += 1
         # fp16 + GradScaler skips steps with overflowing logits; count only finite losses then
         value = loss.detach().double()
-        finite = torch.isfinite(value) if scaler is not None else torch.ones((), dtype=torch.bool, device=value.device)
+        finite = (
+            torch.isfinite(value)
+            if scaler is not None
+            else torch.ones((), dtype=torch.bool, device=value.device)
+        )
         step = torch.stack([torch.where(finite, value, 0.0), finite.double()])
         window += step
         since_val += step
@@ -603,8 +709,10 @@ def _train(
             total, count = window.tolist()
             mean = total / count if count else float("nan")
             if not math.isfinite(mean):
-                raise ConfigError(f"train: the loss became {mean} by iteration {iteration}; lower train.lr "
-                                  f"(now {config.lr}) or use precision fp32/bf16")
+                raise ConfigError(
+                    f"train: the loss became {mean} by iteration {iteration}; lower train.lr "
+                    f"(now {config.lr}) or use precision fp32/bf16"
+                )
             history.train_log.append([iteration, mean])
             window.zero_()
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
@@ -621,35 +729,79 @@ def _train(
                 "lr": scheduler.get_last_lr()[0],
                 "train_loss": total / max(count, 1.0),
                 "train_seconds": round(history.train_seconds, 3),
-                "tiles_per_s": (iteration - int(prev["iteration"])) * config.batch_size / seconds if seconds > 0 else None,
+                "tiles_per_s": (iteration - int(prev["iteration"])) * config.batch_size / seconds
+                if seconds > 0
+                else None,
             }
             if val_data:
-                row.update(validate(model, val_data, tile_out=val_tile_out, runtime=runtime, weighted=config.weighted))
-                log.info("iteration %d: val loss %.4f, pixel error %.4f, IoU %.4f", iteration, row["val_loss"],
-                         row["val_pixel_error"], row["val_iou"])
+                row.update(
+                    validate(
+                        model, val_data, tile_out=val_tile_out, runtime=runtime, weighted=config.weighted
+                    )
+                )
+                log.info(
+                    "iteration %d: val loss %.4f, pixel error %.4f, IoU %.4f",
+                    iteration,
+                    row["val_loss"],
+                    row["val_pixel_error"],
+                    row["val_iou"],
+                )
             history.rows.append(row)
             metrics = row
             write_metrics_csv(out_dir / METRICS_FILE, history.rows)
             clock = time.perf_counter()  # validation time is not training time
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             sync_history()
-            _save_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        iteration=iteration, config=config, data_hash=data_hash, history=history)
+            _save_state(
+                state_path,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                iteration=iteration,
+                config=config,
+                data_hash=data_hash,
+                history=history,
+            )
             clock = time.perf_counter()
         if on_iteration is not None:
             on_iteration(iteration)
     bar.close()
 
-    _write_final_outputs(out_dir, model=model, spec=spec, config=config, dataset=dataset, data_hash=data_hash,
-                         history=history, runtime=runtime, data_desc=data_desc, validation=validation,
-                         val_slices=val_slices, val_tile_out=val_tile_out, iteration=iteration)
+    _write_final_outputs(
+        out_dir,
+        model=model,
+        spec=spec,
+        config=config,
+        dataset=dataset,
+        data_hash=data_hash,
+        history=history,
+        runtime=runtime,
+        data_desc=data_desc,
+        validation=validation,
+        val_slices=val_slices,
+        val_tile_out=val_tile_out,
+        iteration=iteration,
+    )
     return TrainResult(out_dir, iteration, dict(metrics), runtime.description)
 
 
-def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: TrainConfig,
-                         dataset: AugmentedTiles | OnTheFlyTiles, data_hash: str, history: History,
-                         runtime: Runtime, data_desc: dict[str, Any], validation: Sequence[tuple[Path, Path]],
-                         val_slices: Sequence[int] | None, val_tile_out: int, iteration: int) -> None:
+def _write_final_outputs(
+    out_dir: Path,
+    *,
+    model: UNet,
+    spec: UNetSpec,
+    config: TrainConfig,
+    dataset: AugmentedTiles | OnTheFlyTiles,
+    data_hash: str,
+    history: History,
+    runtime: Runtime,
+    data_desc: dict[str, Any],
+    validation: Sequence[tuple[Path, Path]],
+    val_slices: Sequence[int] | None,
+    val_tile_out: int,
+    iteration: int,
+) -> None:
     from unet_core.plots.training import plot_training_curve
 
     final = history.rows[-1] if history.rows else {}
@@ -667,8 +819,11 @@ def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: 
     export_torchscript(model, out_dir / SCRIPT_FILE)
     write_metrics_csv(out_dir / METRICS_FILE, history.rows)
     plot_training_curve(history.train_log, history.rows, out_dir / CURVE_FILE)
-    best = min((r for r in history.rows if r.get("val_pixel_error") is not None),
-               key=lambda r: r["val_pixel_error"], default=None)
+    best = min(
+        (r for r in history.rows if r.get("val_pixel_error") is not None),
+        key=lambda r: r["val_pixel_error"],
+        default=None,
+    )
     card = {
         "format": "unet-pipeline/model-card/1",
         "model": spec.to_dict(),
@@ -688,8 +843,11 @@ def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: 
             "iterations_done": iteration,
             "device": runtime.description,
             "train_seconds": round(history.train_seconds, 3),
-            "determinism": ("bit-exact resume (deterministic CPU algorithms)" if runtime.device.type == "cpu"
-                            else "data order and RNG exact; CUDA kernels reproducible up to rounding"),
+            "determinism": (
+                "bit-exact resume (deterministic CPU algorithms)"
+                if runtime.device.type == "cpu"
+                else "data order and RNG exact; CUDA kernels reproducible up to rounding"
+            ),
         },
         "data": {
             **data_desc,
@@ -704,4 +862,12 @@ def _write_final_outputs(out_dir: Path, *, model: UNet, spec: UNetSpec, config: 
     }
     with atomic_output(out_dir / CARD_FILE) as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")
-    log.info("wrote %s, %s, %s, %s, %s in %s", MODEL_FILE, SCRIPT_FILE, METRICS_FILE, CURVE_FILE, CARD_FILE, out_dir)
+    log.info(
+        "wrote %s, %s, %s, %s, %s in %s",
+        MODEL_FILE,
+        SCRIPT_FILE,
+        METRICS_FILE,
+        CURVE_FILE,
+        CARD_FILE,
+        out_dir,
+    )

@@ -22,7 +22,9 @@ def test_uniform_weights_equal_plain_cross_entropy() -> None:
     assert torch.allclose(weighted_cross_entropy(logits, target, torch.ones(target.shape)), plain.float())
     assert torch.allclose(weighted_cross_entropy(logits, target), plain.float())
     # a constant weight c scales the loss by c (mean over pixels, as the paper's energy / #pixels)
-    assert torch.allclose(weighted_cross_entropy(logits, target, torch.full(target.shape, 2.5)), 2.5 * plain.float())
+    assert torch.allclose(
+        weighted_cross_entropy(logits, target, torch.full(target.shape, 2.5)), 2.5 * plain.float()
+    )
 
 
 def test_matches_hand_computed_value() -> None:
@@ -54,7 +56,9 @@ def test_weights_change_gradients() -> None:
     assert torch.count_nonzero(grad(zero)[0, :, 0, 0]) == 0
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+)
 def test_half_precision_logits_are_stable(dtype: torch.dtype) -> None:
     # large margins underflow a softmax computed in half precision (p = 0 -> log 0 = -inf)
     logits = torch.tensor([[60.0, -60.0], [-60.0, 60.0]]).T.reshape(1, 2, 1, 2)

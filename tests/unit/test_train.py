@@ -53,8 +53,16 @@ def _disks(rng: np.random.Generator, size: int, n: int = 6) -> np.ndarray:
     return out
 
 
-def make_augmented(path: Path, *, spec: UNetSpec = TINY, out_size: int = 20, n: int = 4, seed: int = 0,
-                   max_class: int = 1, size: int | None = None) -> Path:
+def make_augmented(
+    path: Path,
+    *,
+    spec: UNetSpec = TINY,
+    out_size: int = 20,
+    n: int = 4,
+    seed: int = 0,
+    max_class: int = 1,
+    size: int | None = None,
+) -> Path:
     """A training set in the contract format of 'unet augment' (bright disks on noise)."""
     size = size or spec.input_size(out_size)
     rng = np.random.default_rng(seed)
@@ -64,8 +72,12 @@ def make_augmented(path: Path, *, spec: UNetSpec = TINY, out_size: int = 20, n: 
     image = (classes * 1.5 + rng.normal(0, 0.3, classes.shape)).astype(np.float32)
     weights = (1.0 + classes).astype(np.float32)
     group = zarr.open_group(path, mode="w")
-    for name, arr in (("image", image), ("classes", classes), ("weights", weights),
-                      ("instances", classes.astype(np.int32))):
+    for name, arr in (
+        ("image", image),
+        ("classes", classes),
+        ("weights", weights),
+        ("instances", classes.astype(np.int32)),
+    ):
         create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, size, size))[:] = arr
     create_array(group, "source", shape=(n, 2), dtype=np.int32, chunks=(max(n, 1), 2))
     group.attrs["unet"] = {"seed": seed, "tile_in": size, "tile_out": out_size}
@@ -79,27 +91,48 @@ def make_validation(tmp: Path, *, size: int = 50, slices: int = 2) -> tuple[Path
     raw = (100 + 40 * classes + rng.normal(0, 8, classes.shape)).astype(np.uint16)
     stack = tmp / "val.ome.zarr"
     root = zarr.open_group(stack, mode="w")
-    writer = PyramidWriter(root, shape=raw.shape, dtype=raw.dtype, chunks=(1, size, size), scale=(1.0, 1.0, 1.0),
-                           levels=1)
+    writer = PyramidWriter(
+        root, shape=raw.shape, dtype=raw.dtype, chunks=(1, size, size), scale=(1.0, 1.0, 1.0), levels=1
+    )
     for z in range(slices):
         writer.write_plane(z, raw[z])
     writer.finish()
-    root.attrs["unet"] = {"intensity": IntensityStats(float(raw.mean()), float(raw.std())).to_dict(),
-                          "label_kind": "instance"}
+    root.attrs["unet"] = {
+        "intensity": IntensityStats(float(raw.mean()), float(raw.std())).to_dict(),
+        "label_kind": "instance",
+    }
     weights = tmp / "val_weights.zarr"
     group = zarr.open_group(weights, mode="w")
-    for name, arr in (("classes", classes), ("weights", (1.0 + classes).astype(np.float32)),
-                      ("instances", classes.astype(np.int32))):
+    for name, arr in (
+        ("classes", classes),
+        ("weights", (1.0 + classes).astype(np.float32)),
+        ("instances", classes.astype(np.int32)),
+    ):
         create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, size, size))[:] = arr
     # the recipe 'unet weights' stores (used to recompute classes/weights of on-the-fly tiles)
-    group.attrs["unet"] = {"class_weights": [1.0, 2.0], "w0": 10.0, "sigma_px": 3.0, "tolerance": 1e-3,
-                           "border_pixels": "background", "separate_touching": True}
+    group.attrs["unet"] = {
+        "class_weights": [1.0, 2.0],
+        "w0": 10.0,
+        "sigma_px": 3.0,
+        "tolerance": 1e-3,
+        "border_pixels": "background",
+        "separate_touching": True,
+    }
     return stack, weights
 
 
 def tiny_config(**kw) -> TrainConfig:
-    base = dict(iterations=30, optimizer="adam", lr=1e-2, momentum=0.9, workers=0, validate_every=10,
-                checkpoint_every=10, log_every=5, device="cpu")
+    base = {
+        "iterations": 30,
+        "optimizer": "adam",
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "workers": 0,
+        "validate_every": 10,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "device": "cpu",
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -168,8 +201,14 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     stack, weights = make_validation(tmp_path)
     out = tmp_path / "run"
-    result = train([aug], out_dir=out, spec=TINY, config=tiny_config(iterations=80, validate_every=40),
-                   validation=[(stack, weights)], val_slices=[1])
+    result = train(
+        [aug],
+        out_dir=out,
+        spec=TINY,
+        config=tiny_config(iterations=80, validate_every=40),
+        validation=[(stack, weights)],
+        val_slices=[1],
+    )
     state = safe_load(out / "state.pt")
     log = state["history"]["train_log"]
     assert log[0][0] == 5 and log[-1][0] == 80
@@ -195,7 +234,7 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
 
 def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=3)
-    cfg = dict(iterations=6, optimizer="sgd", validate_every=6, checkpoint_every=6)
+    cfg = {"iterations": 6, "optimizer": "sgd", "validate_every": 6, "checkpoint_every": 6}
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     train([aug], out_dir=tmp_path / "w0", spec=spec, config=tiny_config(**cfg, workers=0))
     train([aug], out_dir=tmp_path / "w2", spec=spec, config=tiny_config(**cfg, workers=2))
@@ -206,8 +245,12 @@ def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
 def test_non_finite_loss_names_the_learning_rate(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     with pytest.raises(ConfigError, match="lower train.lr"):
-        train([aug], out_dir=tmp_path / "nan", spec=TINY,
-              config=tiny_config(iterations=20, optimizer="sgd", lr=1e12, momentum=0.9))
+        train(
+            [aug],
+            out_dir=tmp_path / "nan",
+            spec=TINY,
+            config=tiny_config(iterations=20, optimizer="sgd", lr=1e12, momentum=0.9),
+        )
 
 
 def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> None:
@@ -223,8 +266,12 @@ def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> No
 
 def test_sgd_paper_defaults_reduce_loss(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=2)
-    train([aug], out_dir=tmp_path / "sgd", spec=TINY,
-          config=tiny_config(iterations=60, optimizer="sgd", lr=0.01, momentum=0.99, validate_every=60))
+    train(
+        [aug],
+        out_dir=tmp_path / "sgd",
+        spec=TINY,
+        config=tiny_config(iterations=60, optimizer="sgd", lr=0.01, momentum=0.99, validate_every=60),
+    )
     log = safe_load(tmp_path / "sgd" / "state.pt")["history"]["train_log"]
     assert log[-1][1] < 0.5 * log[0][1], log
 
@@ -251,8 +298,13 @@ DRIVER = textwrap.dedent(
 
 def _run_driver(script: Path, args: list[str], *, kill_at: int | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     for line in proc.stdout:
         if kill_at is not None and int(line) >= kill_at:
             os.kill(proc.pid, signal.SIGKILL)
@@ -296,7 +348,13 @@ def test_on_the_fly_augmentation_trains_and_resumes_exactly(tmp_path: Path) -> N
     stack, weights = make_validation(tmp_path, size=64, slices=2)
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     cfg = tiny_config(iterations=6, optimizer="sgd", checkpoint_every=2, validate_every=3)
-    kw = dict(spec=spec, config=cfg, train_stacks=[(stack, weights)], train_slices=[0, 1], tile_out=20)
+    kw = {
+        "spec": spec,
+        "config": cfg,
+        "train_stacks": [(stack, weights)],
+        "train_slices": [0, 1],
+        "tile_out": 20,
+    }
     ref = train([], out_dir=tmp_path / "ref", **kw)
     assert ref.iterations == 6
 
@@ -320,7 +378,9 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5))
     with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.01 vs now 0.02"):
-        train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5, lr=0.02), resume=True)
+        train(
+            [aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5, lr=0.02), resume=True
+        )
 
 
 def test_resume_of_finished_run_changes_nothing(tmp_path: Path) -> None:
@@ -384,9 +444,31 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
 
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     stack, weights = make_validation(tmp_path)
-    argv = ["train", "--train", str(aug), "--val", f"{stack}:{weights}", "--val-slices", "0",
-            "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4", "--iterations", "4",
-            "--validate-every", "2", "--workers", "0", "--device", "cpu", "--threads", "1"]
+    argv = [
+        "train",
+        "--train",
+        str(aug),
+        "--val",
+        f"{stack}:{weights}",
+        "--val-slices",
+        "0",
+        "--out-dir",
+        str(tmp_path / "cli"),
+        "--depth",
+        "2",
+        "--base-channels",
+        "4",
+        "--iterations",
+        "4",
+        "--validate-every",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     assert (tmp_path / "cli" / "model.pt").is_file()
     rows = list(csv.DictReader((tmp_path / "cli" / "metrics.csv").open()))

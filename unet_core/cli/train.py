@@ -36,59 +36,127 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train the U-Net of Ronneberger et al. (2015) on the tiles written by 'unet augment' with the "
             "pixel-wise weighted cross-entropy, validating on held-out slices of ingested stacks. Writes "
             "OUT_DIR/model.pt, state.pt (resumable), metrics.csv, curve.png, model.ts (TorchScript) and "
-            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32); on the CPU the run "
-            "is deterministic and '--resume' after a kill gives bit-identical weights."
+            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32); on the CPU the "
+            "run is deterministic and '--resume' after a kill gives bit-identical weights."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--train", nargs="+", type=existing_path, metavar="AUG.zarr", default=[],
-                     help="augmented training sets written by 'unet augment' (image/classes/weights arrays)")
-    src.add_argument("--train-stacks", nargs="+", metavar="STACK:WEIGHTS.zarr", default=[],
-                     help="instead of --train: ingested stacks and their weights stores, deformed on the fly "
-                          "(paper settings; a fresh deformation of every slice each epoch)")
-    p.add_argument("--train-slices", default=None, metavar="SEL",
-                   help="with --train-stacks: z slices of every training stack, e.g. '0-19' (default: all)")
-    p.add_argument("--tile-out", type=positive_int, default=None,
-                   help="with --train-stacks: network output tile size in px (e.g. 388 for 572 px input tiles)")
-    p.add_argument("--val", nargs="+", default=[], metavar="STACK:WEIGHTS.zarr",
-                   help="validation pairs: an ingested stack and its weights store, joined by ':'")
-    p.add_argument("--val-slices", default=None, metavar="SEL",
-                   help="z slices of every validation stack to use, e.g. '20-29' or '0,3,5-7' (default: all)")
+    src.add_argument(
+        "--train",
+        nargs="+",
+        type=existing_path,
+        metavar="AUG.zarr",
+        default=[],
+        help="augmented training sets written by 'unet augment' (image/classes/weights arrays)",
+    )
+    src.add_argument(
+        "--train-stacks",
+        nargs="+",
+        metavar="STACK:WEIGHTS.zarr",
+        default=[],
+        help="instead of --train: ingested stacks and their weights stores, deformed on the fly "
+        "(paper settings; a fresh deformation of every slice each epoch)",
+    )
+    p.add_argument(
+        "--train-slices",
+        default=None,
+        metavar="SEL",
+        help="with --train-stacks: z slices of every training stack, e.g. '0-19' (default: all)",
+    )
+    p.add_argument(
+        "--tile-out",
+        type=positive_int,
+        default=None,
+        help="with --train-stacks: network output tile size in px (e.g. 388 for 572 px input tiles)",
+    )
+    p.add_argument(
+        "--val",
+        nargs="+",
+        default=[],
+        metavar="STACK:WEIGHTS.zarr",
+        help="validation pairs: an ingested stack and its weights store, joined by ':'",
+    )
+    p.add_argument(
+        "--val-slices",
+        default=None,
+        metavar="SEL",
+        help="z slices of every validation stack to use, e.g. '20-29' or '0,3,5-7' (default: all)",
+    )
     p.add_argument("--out-dir", required=True, help="output directory (created if missing)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT_DIR/state.pt if present (exactly; settings must be unchanged)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT_DIR/state.pt if present (exactly; settings must be unchanged)",
+    )
     add_model_args(p)
     g = p.add_argument_group("optimisation (defaults: the paper)")
     g.add_argument("--iterations", type=positive_int, default=20000, help="optimizer steps in total")
     g.add_argument("--batch-size", type=positive_int, default=1, help="tiles per step (paper: 1 large tile)")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
-                   help="SGD with momentum (paper) or Adam")
+    g.add_argument(
+        "--optimizer", choices=["sgd", "adam"], default="sgd", help="SGD with momentum (paper) or Adam"
+    )
     g.add_argument("--lr", type=float, default=0.01, help="peak learning rate (per mean-pixel loss)")
     g.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (paper: 0.99) or Adam beta1")
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay (paper: 0)")
-    g.add_argument("--schedule", choices=["constant", "step", "cosine", "poly"], default="constant",
-                   help="learning-rate schedule after the warm-up")
-    g.add_argument("--warmup-iterations", type=_nonnegative_int, default=0,
-                   help="linear warm-up from lr/100 to lr over this many iterations (0: none)")
-    g.add_argument("--lr-step-iterations", type=positive_int, default=10000,
-                   help="'step' schedule: multiply the learning rate by --lr-gamma every this many iterations")
+    g.add_argument(
+        "--schedule",
+        choices=["constant", "step", "cosine", "poly"],
+        default="constant",
+        help="learning-rate schedule after the warm-up",
+    )
+    g.add_argument(
+        "--warmup-iterations",
+        type=_nonnegative_int,
+        default=0,
+        help="linear warm-up from lr/100 to lr over this many iterations (0: none)",
+    )
+    g.add_argument(
+        "--lr-step-iterations",
+        type=positive_int,
+        default=10000,
+        help="'step' schedule: multiply the learning rate by --lr-gamma every this many iterations",
+    )
     g.add_argument("--lr-gamma", type=float, default=0.1, help="'step' schedule factor, in (0, 1]")
-    g.add_argument("--unweighted", action="store_true",
-                   help="plain cross-entropy (ignore the w(x) weights of the training sets)")
-    g.add_argument("--seed", type=_nonnegative_int, default=0,
-                   help="seed for initialisation, tile order and dropout")
+    g.add_argument(
+        "--unweighted",
+        action="store_true",
+        help="plain cross-entropy (ignore the w(x) weights of the training sets)",
+    )
+    g.add_argument(
+        "--seed", type=_nonnegative_int, default=0, help="seed for initialisation, tile order and dropout"
+    )
     r = p.add_argument_group("run control")
-    r.add_argument("--checkpoint-every", type=positive_int, default=500,
-                   help="write OUT_DIR/state.pt every this many iterations")
-    r.add_argument("--validate-every", type=positive_int, default=500,
-                   help="validate and append a metrics.csv row every this many iterations")
-    r.add_argument("--log-every", type=positive_int, default=10,
-                   help="update the progress bar and the training-loss curve every this many iterations")
-    r.add_argument("--val-tile-out", type=positive_int, default=None,
-                   help="validation output tile size in px (default: the training output size)")
+    r.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=500,
+        help="write OUT_DIR/state.pt every this many iterations",
+    )
+    r.add_argument(
+        "--validate-every",
+        type=positive_int,
+        default=500,
+        help="validate and append a metrics.csv row every this many iterations",
+    )
+    r.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=10,
+        help="update the progress bar and the training-loss curve every this many iterations",
+    )
+    r.add_argument(
+        "--val-tile-out",
+        type=positive_int,
+        default=None,
+        help="validation output tile size in px (default: the training output size)",
+    )
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    r.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast precision on CUDA (auto: bf16 where supported); the CPU uses fp32")
+    r.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="autocast precision on CUDA (auto: bf16 where supported); the CPU uses fp32",
+    )
     r.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format on CUDA")
     r.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CUDA speed-up)")
     r.add_argument("--workers", type=_nonnegative_int, default=2, help="data-loader worker processes")
@@ -97,10 +165,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from unet_core.cli.common import parse_slices
     from unet_core.data import parse_validation_pair
     from unet_core.ngff import open_stack
     from unet_core.train import TrainConfig, train
-    from unet_core.cli.common import parse_slices
 
     configure_threads(args.threads)
     spec = spec_from_args(args)
@@ -115,15 +183,38 @@ def run(args: argparse.Namespace) -> None:
     slices = selection(args.val_slices, pairs, "--val-slices")
     train_slices = selection(args.train_slices, train_pairs, "--train-slices")
     config = TrainConfig(
-        iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_iterations=args.warmup_iterations, lr_step_iterations=args.lr_step_iterations,
-        lr_gamma=args.lr_gamma, weighted=not args.unweighted, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, log_every=args.log_every,
-        val_tile_out=args.val_tile_out, device=args.device, precision=args.precision,
-        channels_last=not args.no_channels_last, compile=args.compile, workers=args.workers,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_iterations=args.warmup_iterations,
+        lr_step_iterations=args.lr_step_iterations,
+        lr_gamma=args.lr_gamma,
+        weighted=not args.unweighted,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        log_every=args.log_every,
+        val_tile_out=args.val_tile_out,
+        device=args.device,
+        precision=args.precision,
+        channels_last=not args.no_channels_last,
+        compile=args.compile,
+        workers=args.workers,
     )
-    result = train(args.train, out_dir=args.out_dir, spec=spec, config=config, validation=pairs,
-                   val_slices=slices, resume=args.resume, train_stacks=train_pairs, train_slices=train_slices,
-                   tile_out=args.tile_out)
+    result = train(
+        args.train,
+        out_dir=args.out_dir,
+        spec=spec,
+        config=config,
+        validation=pairs,
+        val_slices=slices,
+        resume=args.resume,
+        train_stacks=train_pairs,
+        train_slices=train_slices,
+        tile_out=args.tile_out,
+    )
     log.info("done: %d iterations on %s; last metrics %s", result.iterations, result.device, result.metrics)

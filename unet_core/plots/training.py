@@ -30,14 +30,24 @@ def plot_training_curve(
         ax_loss.plot(its, losses, lw=0.8, label="train (window mean)")
     val = [r for r in rows if r.get("val_loss") not in (None, "")]
     if val:
-        ax_loss.plot([r["iteration"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation")
-        ax_metric.plot([r["iteration"] for r in val], [r["val_pixel_error"] for r in val], "o-", ms=3,
-                       label="pixel error")
-        ax_metric.plot([r["iteration"] for r in val], [r["val_iou"] for r in val], "s-", ms=3,
-                       label="foreground IoU")
+        ax_loss.plot(
+            [r["iteration"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation"
+        )
+        ax_metric.plot(
+            [r["iteration"] for r in val],
+            [r["val_pixel_error"] for r in val],
+            "o-",
+            ms=3,
+            label="pixel error",
+        )
+        ax_metric.plot(
+            [r["iteration"] for r in val], [r["val_iou"] for r in val], "s-", ms=3, label="foreground IoU"
+        )
         ax_metric.legend()
     else:
-        ax_metric.text(0.5, 0.5, "no validation data", ha="center", va="center", transform=ax_metric.transAxes)
+        ax_metric.text(
+            0.5, 0.5, "no validation data", ha="center", va="center", transform=ax_metric.transAxes
+        )
     if train_log and min(losses) > 0:
         ax_loss.set_yscale("log")
     ax_loss.set_xlabel("iteration")
