@@ -79,12 +79,16 @@ class WeightRecipe:
         w0: border weight at a zero-width gap.
         sigma_px: border weight decay length, pixels.
         separate_touching: whether a separation line is cut between touching instances.
+        tolerance: truncation tolerance of the border term.
+        border_pixels: pixels that get a border term (``background`` as in the paper, or ``all``).
     """
 
     class_weights: tuple[float, float]
     w0: float
     sigma_px: float
     separate_touching: bool
+    tolerance: float = 1e-3
+    border_pixels: str = "background"
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], *, where: str) -> WeightRecipe:
@@ -100,6 +104,8 @@ class WeightRecipe:
                 w0=float(attrs["w0"]),
                 sigma_px=float(attrs["sigma_px"]),
                 separate_touching=bool(attrs["separate_touching"]),
+                tolerance=float(attrs.get("tolerance", cls.tolerance)),
+                border_pixels=str(attrs.get("border_pixels", cls.border_pixels)),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise UserInputError(
@@ -107,14 +113,24 @@ class WeightRecipe:
             ) from None
 
     def apply(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Y, X) int32 instances -> classes (Y, X) uint8 and weights (Y, X) float32."""
+        """(Y, X) int32 deformed instances -> classes (Y, X) uint8 and weights (Y, X) float32.
+
+        Touching instances (a 1-px separation line that nearest-neighbour sampling dropped)
+        are separated again by :func:`unet_core.weights.class_map`.
+        """
         from unet_core.weights import class_map, weight_map
 
         classes = class_map(instances, separate_touching=self.separate_touching)
         weights = weight_map(
-            instances, classes, class_weights=list(self.class_weights), w0=self.w0, sigma_px=self.sigma_px
+            instances, classes, class_weights=self.class_weights, w0=self.w0, sigma_px=self.sigma_px,
+            tolerance=self.tolerance, pixels=self.border_pixels,
         )
         return classes.astype(np.uint8, copy=False), weights.astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class_weights": list(self.class_weights), "w0": self.w0, "sigma_px": self.sigma_px,
+                "separate_touching": self.separate_touching, "tolerance": self.tolerance,
+                "border_pixels": self.border_pixels}
 
 
 @dataclass(frozen=True)
@@ -469,7 +485,6 @@ def provenance(
     """``attrs["unet"]`` of an augmented set (no timestamps: same inputs, same bytes)."""
     from unet_core.provenance import code_hash
 
-    recipe = source.recipe
     return {
         "format": FORMAT,
         "stage": "augment",
@@ -487,8 +502,7 @@ def provenance(
         "displacement_upsampling": "Keys cubic convolution a=-0.5, quadratic end extrapolation",
         "border": "mirror about the border pixel centre (numpy 'reflect')",
         "weights": "recomputed from the deformed instances (unet_core.weights.class_map/weight_map)",
-        "weight_recipe": {"class_weights": list(recipe.class_weights), "w0": recipe.w0,
-                          "sigma_px": recipe.sigma_px, "separate_touching": recipe.separate_touching},
+        "weight_recipe": source.recipe.to_dict(),
         "intensity_normalisation": "stack z-score",
         "intensity": source.stack.intensity.to_dict(),
         "source": {"stack": str(source.stack.path), "weights": str(source.weights_path),
