@@ -456,10 +456,14 @@ def warp_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, H, W) labels of the same dtype.
     """
-    big = labels.numel() and int(labels.abs().max()) >= 2**24
-    carrier = torch.float64 if big else torch.float32
-    if big and int(labels.abs().max()) >= 2**53:
+    if labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.bool) or not labels.numel():
+        top = 0
+    else:
+        low, high = torch.aminmax(labels)
+        top = max(-int(low), int(high))
+    if top >= 2**53:
         raise UserInputError("label values >= 2**53 cannot be warped exactly; relabel them consecutively")
+    carrier = torch.float64 if top >= 2**24 else torch.float32
     out = F.grid_sample(
         labels[:, None].to(carrier), grid.to(carrier), mode="nearest", padding_mode="reflection", align_corners=True
     )
