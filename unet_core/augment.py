@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -332,6 +334,7 @@ def augment(
     device: torch.device | str = "cpu",
     plot: str | os.PathLike[str] | None = None,
     plot_samples: int = 4,
+    workers: int = 1,
 ) -> Path:
     """Write the deformed training set of one stack (see the module docstring), atomically.
 
@@ -351,6 +354,8 @@ def augment(
         plot: optional PNG: originals vs deformed samples for the first ``plot_samples``
             samples (:func:`unet_core.plots.augment.plot_augmentation`).
         plot_samples: rows of that figure.
+        workers: samples made at once in threads (the weight maps dominate; the bytes do not
+            depend on it).
 
     Returns:
         ``out_path``.
@@ -388,9 +393,13 @@ def augment(
                                   dimension_names=("n", "zk"))
         source_arr[:] = np.array([(z, k) for z in slices for k in range(samples_per_slice)], np.int32)
         jobs = [(i * samples_per_slice + k, z, k) for i, z in enumerate(slices) for k in range(samples_per_slice)]
-        for index, z, k in progress(jobs, desc="augment", unit="sample"):
-            tiles = make_sample(source, z, k, seed=seed, params=params, tile_in=tile_in, tile_out=tile_out,
-                                device=device)
+
+        def make(job: tuple[int, int, int]) -> Tiles:
+            return make_sample(source, job[1], job[2], seed=seed, params=params, tile_in=tile_in,
+                               tile_out=tile_out, device=device)
+
+        done = progress(ordered_map(make, jobs, workers=workers), desc="augment", total=len(jobs), unit="sample")
+        for (index, _, _), tiles in zip(jobs, done):
             for name, arr in arrays.items():
                 arr[index] = getattr(tiles, name)[0]
         root.attrs.update({"unet": provenance(
@@ -476,6 +485,23 @@ def preview_rows(
         rows.append(PreviewRow(f"z={z} k={k}", original, original_inst, tiles.image[0], tiles.instances[0],
                                coords, knots, rigid, tr))
     return rows
+
+
+def ordered_map(fn, items: Sequence, *, workers: int) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads, results in input order, at most
+    ``2 * workers`` results held at once."""
+    workers = max(1, int(workers))
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def provenance(

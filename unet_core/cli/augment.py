@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     from unet_core.elastic import DeformParams
     from unet_core.ngff import open_stack
 
-    configure_threads(args.threads)
+    threads = configure_threads(args.threads)
     params = DeformParams(
         sigma_px=args.sigma_px, grid=args.grid, rotate=args.rotate, flip=args.flip,
         brightness=args.brightness, contrast=args.contrast, gamma=args.gamma,
@@ -102,5 +102,5 @@ def run(args: argparse.Namespace) -> None:
         args.stack, args.weights, args.out,
         samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
         spec=spec_from_args(args), params=params, slices=slices, device=args.device,
-        plot=args.plot, plot_samples=args.plot_samples,
+        plot=args.plot, plot_samples=args.plot_samples, workers=threads,
     )
