@@ -31,9 +31,12 @@ gamma curve applied between the tile's min and max. Each change is off when its 
 
 Randomness comes only from a :class:`numpy.random.Generator` built from an integer key
 ``(seed, *path)`` via :class:`numpy.random.SeedSequence` (see :func:`rng_for`), never from
-a global RNG, so a sample is identical whatever order or process it is made in. The
-geometry arithmetic runs in float64 and the warp in torch on any device (CUDA when asked
-for), batched over samples that share a source shape.
+a global RNG, so a sample is identical whatever order or process it is made in. The random
+draws and the separable factors of the sampling grid are float64 (NumPy); the grid itself
+is one batched float32 matrix product and the warp is ``grid_sample``, in torch on any
+device (CUDA when asked for), batched over samples that share a source shape.
+:func:`warp_reference` is a slow NumPy version that pins torch's reflection padding to
+:func:`unet_core.mirror.mirror_index` in the tests.
 """
 
 from __future__ import annotations
@@ -259,7 +262,8 @@ def draw_transform(
     whether or not each change is switched on, so switching one off leaves the others'
     values unchanged.
     The position is uniform over the integer shifts that keep the tile's central
-    ``out_shape`` window (the network output) inside the image; where the image is smaller
+    ``out_shape`` window (the network output; before rotation) inside the image, so every
+    image pixel can land in the output; where the image is smaller
     than that window the tile is centred. With ``params.mirror`` False the shift is instead
     restricted so that every sampled position (including the interpolation support) lies
     inside the image.
