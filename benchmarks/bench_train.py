@@ -41,15 +41,20 @@ from unet_core.train import TrainConfig, train
 H100_BF16_PEAK_TFLOPS = 790.0
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a()`` and ``b()``, interleaved (a b, b a, ...) after a warm-up.
+
+    Interleaving keeps load from other processes on a shared machine out of the ratio.
+    """
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats):
+        order = ((0, a), (1, b)) if i % 2 else ((1, b), (0, a))
+        for slot, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[slot].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_loss(out_size: int, device: torch.device, repeats: int) -> None:
@@ -70,7 +75,7 @@ def bench_loss(out_size: int, device: torch.device, repeats: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    t_ours, t_base = timed(ours, repeats), timed(baseline, repeats)
+    t_ours, t_base = timed_pair(ours, baseline, repeats)
     diff = abs(
         weighted_cross_entropy(logits, target, weight).item()
         - (F.cross_entropy(logits, target, reduction="none") * weight).mean().item()
@@ -109,14 +114,8 @@ def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, work
             log_every=10,
             seed=0,
         )
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
-        ours = result.metrics["tiles_per_s"]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-
         # minimal baseline: tensors in memory, same model/optimizer/seed, fp32 (CPU) or bf16 autocast (CUDA)
-        dev = torch.device(result.device.split(" ")[0])
+        dev = torch.device("cuda" if device.startswith("cuda") else "cpu")
         torch.manual_seed(0)
         model = UNet(spec).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -138,21 +137,35 @@ def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, work
             loss.backward()
             opt.step()
 
-        step(0)
-        if amp:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(iterations):
-            step(i)
-        if amp:
-            torch.cuda.synchronize()
-        base = iterations / (time.perf_counter() - t0)
+        def baseline_rate() -> float:
+            step(0)  # warm-up (unet train's rate includes its first step; this one's does not)
+            if amp:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(iterations):
+                step(i)
+            if amp:
+                torch.cuda.synchronize()
+            return iterations / (time.perf_counter() - t0)
+
+        # baseline before and after, so a change in machine load shows up as their spread
+        base_before = baseline_rate()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
+        ours = result.metrics["tiles_per_s"]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        base_after = baseline_rate()
+        base = (base_before + base_after) / 2
     print(
         f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {in_size}->{out_size} px tiles, "
         f"{iterations} iterations on {result.device}"
     )
     print(f"      unet train: {ours:.3f} tiles/s = {ours * flops / 1e9:.1f} GFLOP/s")
-    print(f"      baseline minimal loop: {base:.3f} tiles/s = {base * flops / 1e9:.1f} GFLOP/s")
+    print(
+        f"      baseline minimal loop: {base:.3f} tiles/s = {base * flops / 1e9:.1f} GFLOP/s "
+        f"(before {base_before:.3f}, after {base_after:.3f})"
+    )
     print(f"      ratio unet-train/baseline: {ours / base:.2f}x throughput")
     if peak is not None:
         print(

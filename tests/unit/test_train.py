@@ -264,7 +264,7 @@ def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> No
     assert (m["inter_1"], m["union_1"]) == (1, 3)
 
 
-def test_sgd_paper_defaults_reduce_loss(tmp_path: Path) -> None:
+def test_sgd_momentum_099_reduces_loss(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=2)
     train(
         [aug],
