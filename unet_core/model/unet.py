@@ -25,8 +25,8 @@ class UNet(nn.Module):
         widths = [spec.base_channels * 2**level for level in range(spec.depth + 1)]
         self.inc = DoubleConv(spec.in_channels, widths[0], **kw)
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], **kw) for i in range(spec.depth))
-        # the paper's dropout layers sit at the end of the contracting path
-        self.dropout = nn.Dropout2d(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        # the paper's (Caffe, element-wise) dropout sits at the end of the contracting path
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], **kw) for i in reversed(range(spec.depth)))
         self.head = nn.Conv2d(widths[0], spec.n_classes, kernel_size=1)
         self.apply(_he_init)

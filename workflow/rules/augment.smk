@@ -19,6 +19,7 @@ rule augment:
         grid=lookup(dpath="augment/grid", within=config),
         sigma_px=lookup(dpath="augment/sigma_px", within=config),
         seed=lookup(dpath="augment/seed", within=config),
+        device=lookup(dpath="augment/device", within=config),
         model=model_args(),
         code=code_hash("augment"),
     conda:
@@ -34,4 +35,4 @@ rule augment:
         "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
         " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
         " --sigma-px {params.sigma_px} --seed {params.seed} {params.model}"
-        " --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
+        " --device {params.device} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"

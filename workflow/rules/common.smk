@@ -4,12 +4,18 @@ import csv
 import os
 import re
 import shlex
+import sys
 
 from snakemake.utils import validate
 
 from unet_core.provenance import code_hash
 
 validate(config, schema="../schemas/config.schema.yaml")
+
+# Jobs call the `unet` CLI installed beside the Python that runs Snakemake, so
+# `.venv/bin/snakemake` works without activating the venv (a conda env, when used,
+# is put in front of this by Snakemake).
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def read_samples(path):
@@ -59,11 +65,19 @@ def model_args():
 def train_options():
     t = config["train"]
     return (
-        f"--tile-out {t['tile_out']} --iterations {t['iterations']} --batch-size {t['batch_size']}"
+        f"--iterations {t['iterations']} --batch-size {t['batch_size']}"
         f" --optimizer {t['optimizer']} --lr {t['lr']} --momentum {t['momentum']}"
-        f" --val-every {t['val_every']} --checkpoint-every {t['checkpoint_every']}"
-        f" --seed {t['seed']} --device {t['device']} --amp {t['amp']}"
+        f" --schedule {t['schedule']} --warmup-iterations {t['warmup_iterations']}"
+        f" --validate-every {t['validate_every']} --checkpoint-every {t['checkpoint_every']}"
+        f" --seed {t['seed']} --device {t['device']} --precision {t['precision']}"
+        f" --workers {t['workers']}" + (" --compile" if t["compile"] else "")
     )
+
+
+def val_option(stacks, weights):
+    """--val STACK:WEIGHTS ... for the held-out samples (nothing when there are none)."""
+    pairs = [q(f"{s}:{w}") for s, w in zip(stacks, weights)]
+    return "--val " + " ".join(pairs) if pairs else ""
 
 
 def get_ingest_inputs(wildcards):

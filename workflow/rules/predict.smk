@@ -13,7 +13,7 @@ rule predict:
         block=lookup(dpath="predict/block_px", within=config),
         batch=lookup(dpath="predict/batch_size", within=config),
         device=lookup(dpath="predict/device", within=config),
-        tta="--tta" if config["predict"]["tta"] else "",
+        tta=lookup(dpath="predict/tta", within=config),
         model=model_args(),
         code=code_hash("predict"),
     conda:
@@ -27,8 +27,8 @@ rule predict:
         mem_mb=4000,
     shell:
         "unet predict {input.stack:q} {input.model:q} {output:q} --job {wildcards.job}"
-        " --jobs {params.jobs} --tile-out {params.tile_out} --block {params.block}"
-        " --batch-size {params.batch} --device {params.device} {params.tta} {params.model}"
+        " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
+        " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
         " --threads {threads} > {log:q} 2>&1"
 
 

@@ -13,9 +13,7 @@ rule train:
         card="results/model/model_card.json",
     params:
         out_dir=lambda wc, output: q(os.path.dirname(output.model)),
-        val=lambda wc, input: " ".join(
-            f"--val {q(s + ':' + w)}" for s, w in zip(input.val_stacks, input.val_weights)
-        ),
+        val=lambda wc, input: val_option(input.val_stacks, input.val_weights),
         options=lambda wc: train_options(),
         model=model_args(),
         code=code_hash("train"),

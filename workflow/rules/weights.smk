@@ -24,6 +24,7 @@ rule weights:
         stack="results/{sample}/stack.ome.zarr",
         class_weights="results/class_weights.json",
     output:
+        # the PNG is written next to the store by `unet weights`
         weights=directory("results/{sample}/weights.zarr"),
         plot=report(
             "results/{sample}/weights.png",
@@ -36,7 +37,7 @@ rule weights:
         sigma_px=lookup(dpath="weights/sigma_px", within=config),
         tolerance=lookup(dpath="weights/tolerance", within=config),
         connectivity=lookup(dpath="weights/connectivity", within=config),
-        border_on=lookup(dpath="weights/border_on", within=config),
+        border_pixels=lookup(dpath="weights/border_pixels", within=config),
         code=code_hash("weights"),
     conda:
         "../../environment.yml"
@@ -50,5 +51,5 @@ rule weights:
     shell:
         "unet weights {input.stack:q} {output.weights:q} --class-weights {input.class_weights:q}"
         " --w0 {params.w0} --sigma-px {params.sigma_px} --tolerance {params.tolerance}"
-        " --connectivity {params.connectivity} --border-on {params.border_on}"
-        " --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
+        " --connectivity {params.connectivity} --border-pixels {params.border_pixels}"
+        " --threads {threads} > {log:q} 2>&1"
