@@ -188,7 +188,9 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
     from unet_core.predict import PART_FORMAT, iter_done_blocks
 
     if not paths:
-        raise UserInputError("no part stores given (pass the OUT_PART directories of all 'unet predict' jobs)")
+        raise UserInputError(
+            "no part stores given (pass the OUT_PART directories of all 'unet predict' jobs)"
+        )
     parts = []
     for p in map(Path, paths):
         manifest = p / "part.json"
@@ -205,22 +207,25 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
     for part in parts[1:]:
         diff = [k for k in run_keys if part.settings.get(k) != ref.get(k)]
         if diff:
-            raise UserInputError(f"{part.path}: from another run than {parts[0].path} (differs in {', '.join(diff)})")
+            raise UserInputError(
+                f"{part.path}: from another run than {parts[0].path} (differs in {', '.join(diff)})"
+            )
     jobs = ref["jobs"]
     seen = sorted(part.settings["job"] for part in parts)
     if seen != list(range(jobs)):
         missing = sorted(set(range(jobs)) - set(seen))
         dup = sorted({j for j in seen if seen.count(j) > 1})
-        raise UserInputError(
-            f"parts of a {jobs}-job run: " + (f"missing job(s) {missing}" if missing else "") +
-            (f"{'; ' if missing else ''}job(s) {dup} given twice" if dup else "") + "; pass each job's part once"
-        )
+        problems = [f"missing job(s) {missing}"] if missing else []
+        problems += [f"job(s) {dup} given twice"] if dup else []
+        raise UserInputError(f"parts of a {jobs}-job run: {'; '.join(problems)}; pass each job's part once")
     parts.sort(key=lambda part: part.settings["job"])
     tiling = Tiling.from_dict(ref["tiling"])
     for part in parts:
         want = {b.name for b in tiling.job_blocks(part.settings["job"], jobs)}
         if missing := sorted(want - part.done):
-            raise UserInputError(f"{part.path}: {len(missing)} block(s) not finished (e.g. {missing[0]}); rerun its job")
+            raise UserInputError(
+                f"{part.path}: {len(missing)} block(s) not finished (e.g. {missing[0]}); rerun its job"
+            )
     return parts, tiling
 
 
@@ -236,7 +241,9 @@ def _level_count(tiling: Tiling) -> int:
 class _Pyramid:
     """Level arrays of one multiscale image, written block by block (block-aligned chunks)."""
 
-    def __init__(self, group: zarr.Group, shape, dtype, tiling: Tiling, levels: int, *, labels: bool, axes: str):
+    def __init__(
+        self, group: zarr.Group, shape, dtype, tiling: Tiling, levels: int, *, labels: bool, axes: str
+    ) -> None:
         from unet_core.ngff import create_array
 
         self.group, self.labels, self.axes, self.levels = group, labels, axes, levels
@@ -307,8 +314,10 @@ def merge_parts(
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:
-        raise UserInputError(f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
-                             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from")
+        raise UserInputError(
+            f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
+            f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
+        )
     owner = {}
     for part in part_list:
         for block in tiling.job_blocks(part.settings["job"], part.settings["jobs"]):
@@ -320,7 +329,8 @@ def merge_parts(
     merger = InstanceMerger()
     with atomic_output(out) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        probs_pyr = _Pyramid(root, (n_classes, *tiling.shape), np.float32, tiling, levels, labels=False, axes="czyx")
+        probs_pyr = _Pyramid(root, (n_classes, *tiling.shape), np.float32, tiling, levels,
+                             labels=False, axes="czyx")
         seg_pyr = _Pyramid(label_group(root, "segmentation"), tiling.shape, np.uint8, tiling, levels,
                            labels=True, axes="zyx")
         inst_pyr = _Pyramid(label_group(root, "instances"), tiling.shape, np.uint32, tiling, levels,
@@ -355,11 +365,14 @@ def merge_parts(
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
     summary = MergeSummary(len(blocks), int(final.max(initial=0)), tiling.shape)
-    log.info("merged %d parts, %d blocks into %s: %d instances", len(part_list), len(blocks), out, summary.instances)
+    log.info("merged %d parts, %d blocks into %s: %d instances",
+             len(part_list), len(blocks), out, summary.instances)
     return summary
 
 
-def export_tiff(prediction: str | os.PathLike[str], path: str | os.PathLike[str], *, content: str = "segmentation") -> None:
+def export_tiff(
+    prediction: str | os.PathLike[str], path: str | os.PathLike[str], *, content: str = "segmentation"
+) -> None:
     """Write one level-0 array of a merged prediction as a (Z, Y, X) TIFF, one slice at a time.
 
     Args:

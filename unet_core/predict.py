@@ -68,9 +68,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise UserInputError(f"--device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from err
+        raise UserInputError(
+            f"--device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)"
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise UserInputError(
+            f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)"
+        )
     return dev
 
 
@@ -419,7 +423,10 @@ def predict_job(
 
     t0 = time.perf_counter()
     px = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+    ):
         pending: Future | None = None
         nxt = reader.submit(read, todo[0]) if todo else None
         for i, block in enumerate(progress(todo, desc=f"predict job {job}/{jobs}", unit="block")):

@@ -279,7 +279,8 @@ class Tiling:
 
     @classmethod
     def from_dict(cls, data: dict) -> Tiling:
-        return cls(tuple(data["shape"]), UNetSpec.from_dict(data["spec"]), int(data["block_px"]), int(data["tile_out"]))
+        spec = UNetSpec.from_dict(data["spec"])
+        return cls(tuple(data["shape"]), spec, int(data["block_px"]), int(data["tile_out"]))
 
 
 def _unravel(i: int, grid: tuple[int, ...]) -> tuple[int, ...]:

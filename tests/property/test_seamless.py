@@ -66,9 +66,15 @@ def random_case(seed: int):
     shape = (int(rng.integers(1, 3)), int(rng.choice([1, rng.integers(2, 110)])), int(rng.integers(1, 110)))
     volume = rng.normal(size=shape).astype(np.float32)
     s = spec.stride
-    small, large = (s * int(rng.integers(lo, hi)) for lo, hi in ((2, 40 // s + 1), (40 // s + 1, 96 // s + 1)))
+    small = s * int(rng.integers(2, 40 // s + 1))
+    large = s * int(rng.integers(40 // s + 1, 96 // s + 1))
     # (block_px, tile_out, jobs): several tile sizes and job counts per case
-    settings = [(small, small // 2 // s * s or s, 3), (small, small, 1), (large, large // 2 // s * s, 2), (large, large, 4)]
+    settings = [
+        (small, small // 2 // s * s or s, 3),
+        (small, small, 1),
+        (large, large // 2 // s * s, 2),
+        (large, large, 4),
+    ]
     return spec, model, volume, settings
 
 

@@ -161,7 +161,8 @@ def test_merged_prediction_layout_and_instances(tmp_path: Path, stand_in_model: 
     ome = root.attrs["ome"]
     assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["c", "z", "y", "x"]
     assert [d["path"] for d in ome["multiscales"][0]["datasets"]] == ["0", "1"]
-    assert ome["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 1.0, 1.0]
+    level1 = ome["multiscales"][0]["datasets"][1]
+    assert level1["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 1.0, 1.0]
     probs = root["0"]
     assert probs.dtype == np.float32 and probs.shape == (2, 1, 520, 530) and probs.chunks == (1, 1, 128, 128)
     assert root["1"].shape == (2, 1, 260, 265)

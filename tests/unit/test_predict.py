@@ -116,7 +116,8 @@ def read_part(part: Path) -> np.ndarray:
 
 def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part0"
-    summary = predict_job(stack, model_file, part, job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY)
+    summary = predict_job(stack, model_file, part, job=0, jobs=1, block_px=32, tile_out=16, device="cpu",
+                          expect=TINY)
     assert summary.blocks == 2 * 3 * 3 and summary.skipped == 0 and summary.output_px == 2 * 70 * 90
     settings = json.loads((part / "part.json").read_text())
     assert settings["model_sha256"] == predict_mod.file_sha256(model_file)
@@ -129,7 +130,8 @@ def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) ->
     image = zarr.open_group(stack, mode="r")["0"][:]
     model, _ = load_model(model_file)
     stats = IntensityStats.from_dict(zarr.open_group(stack, mode="r").attrs["unet"]["intensity"])
-    np.testing.assert_array_equal(read_part(part), predict_plane(model, image, stats=stats, block_px=32, tile_out=16))
+    in_memory = predict_plane(model, image, stats=stats, block_px=32, tile_out=16)
+    np.testing.assert_array_equal(read_part(part), in_memory)
 
 
 def test_job_writes_only_its_blocks(stack: Path, model_file: Path, tmp_path: Path) -> None:
@@ -146,7 +148,9 @@ def test_job_writes_only_its_blocks(stack: Path, model_file: Path, tmp_path: Pat
     assert np.all(probs[:, ~written] == 0) and np.all(probs[:, written] > 0)
 
 
-def test_killed_job_resumes_only_missing_blocks(stack: Path, model_file: Path, tmp_path: Path, monkeypatch) -> None:
+def test_killed_job_resumes_only_missing_blocks(
+    stack: Path, model_file: Path, tmp_path: Path, monkeypatch
+) -> None:
     part = tmp_path / "part"
     kw = dict(job=0, jobs=1, block_px=32, tile_out=32, device="cpu", expect=TINY)
     reference = tmp_path / "reference"
@@ -200,7 +204,8 @@ def test_missing_stack(model_file: Path, tmp_path: Path) -> None:
 
 
 def test_model_not_matching_config(stack: Path, model_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not match the config's model.*base_channels: file 4 vs config 8"):
+    match = "does not match the config's model.*base_channels: file 4 vs config 8"
+    with pytest.raises(CheckpointError, match=match):
         predict_job(stack, model_file, tmp_path / "part", device="cpu",
                     expect=UNetSpec(depth=2, base_channels=8, dropout=0.0))
     assert not (tmp_path / "part").exists()

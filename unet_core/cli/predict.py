@@ -22,21 +22,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("stack", help="ingested stack (.ome.zarr written by 'unet ingest')")
     p.add_argument("model", help="model file (model.pt from 'unet train')")
-    p.add_argument("out_part", metavar="OUT_PART", help="this job's part store (directory; created or resumed)")
+    p.add_argument("out_part", metavar="OUT_PART",
+                   help="this job's part store (directory; created or resumed)")
     p.add_argument("--job", type=int, default=0, help="index I of this job, 0 <= I < N (default 0)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="number N of jobs the blocks are shared by (default 1)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="number N of jobs the blocks are shared by (default 1)")
     p.add_argument("--block-px", type=positive_int, default=2048,
                    help="block edge in px, a multiple of 2**depth; also the output chunk edge (default 2048)")
     p.add_argument("--tile-out", type=positive_int, default=1024,
-                   help="largest output tile per network pass in px, a multiple of 2**depth; larger = less "
-                        "overlap FLOPs, more memory (default 1024: 1.13x the ideal FLOPs for the paper's net)")
+                   help="largest output tile per network pass in px, a multiple of 2**depth; larger = "
+                        "less overlap FLOPs, more memory (default 1024: 1.13x the ideal FLOPs for the "
+                        "paper's net)")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="tiles per network pass (default: 1 on the CPU, 8 on a GPU); memory grows with it")
-    p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto (GPU if available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
-                   help="test-time augmentation averaged per tile: none, flips (4) or d4 (8 rotations/mirrors)")
+                   help="test-time augmentation averaged per tile: none, flips (4) or d4 "
+                        "(8 rotations/mirrors)")
     add_threads_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
