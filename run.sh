@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup-venv.sh
-exec .venv/bin/snakemake --cores all "$@"
+export PATH="$PWD/.venv/bin:$PATH"  # jobs call the `unet` CLI of this environment
+exec snakemake --cores all "$@"

@@ -3,12 +3,12 @@
 
 rule augment:
     input:
-        stack="results/{sample}/stack.ome.zarr",
-        weights="results/{sample}/weights.zarr",
+        stack=out("{sample}/stack.ome.zarr"),
+        weights=out("{sample}/weights.zarr"),
     output:
-        samples=directory("results/{sample}/augment.zarr"),
+        samples=directory(out("{sample}/augment.zarr")),
         plot=report(
-            "results/{sample}/augment.png",
+            out("{sample}/augment.png"),
             caption="../report/augment.rst",
             category="Augmentation",
             labels={"sample": "{sample}"},
@@ -25,9 +25,9 @@ rule augment:
     conda:
         "../../environment.yml"
     log:
-        "logs/augment/{sample}.log",
+        out("logs/augment/{sample}.log"),
     benchmark:
-        "logs/benchmark/augment/{sample}.tsv"
+        out("logs/benchmark/augment/{sample}.tsv")
     threads: 2
     resources:
         mem_mb=4000,

@@ -4,18 +4,14 @@ import csv
 import os
 import re
 import shlex
-import sys
 
 from snakemake.utils import validate
 
+from unet_core.errors import ConfigError
+from unet_core.model.spec import UNetSpec
 from unet_core.provenance import code_hash
 
 validate(config, schema="../schemas/config.schema.yaml")
-
-# Jobs call the `unet` CLI installed beside the Python that runs Snakemake, so
-# `.venv/bin/snakemake` works without activating the venv (a conda env, when used,
-# is put in front of this by Snakemake).
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def read_samples(path):
@@ -37,6 +33,27 @@ def read_samples(path):
 
 
 samples = read_samples(config["samples"])
+
+
+def check_geometry(config):
+    """Tile and block sizes must fit the network (its geometry, not retyped numbers)."""
+    spec = UNetSpec.from_dict(config["model"])
+    try:
+        spec.input_size(config["train"]["tile_out"])
+    except ValueError as err:
+        raise ConfigError(f"config train.tile_out = {config['train']['tile_out']}: {err}") from None
+    for key in ("tile_out", "block_px"):
+        value = config["predict"][key]
+        if value % spec.stride:
+            lo = max(spec.stride, value // spec.stride * spec.stride)
+            raise ConfigError(
+                f"config predict.{key} = {value} must be a multiple of 2^depth = {spec.stride} "
+                f"(nearest: {lo}, {lo + spec.stride})"
+            )
+    return spec
+
+
+SPEC = check_geometry(config)
 TRAIN = [n for n, r in samples.items() if r["role"] == "train"]
 VAL = [n for n, r in samples.items() if r["role"] == "val"]
 PREDICT = [n for n, r in samples.items() if r["role"] in ("val", "predict")]
@@ -47,6 +64,12 @@ JOBS = list(range(config["predict"]["jobs"]))
 wildcard_constraints:
     sample="|".join(map(re.escape, samples)),
     job=r"\d+",
+
+
+def out(path):
+    """``path`` under the run's output directory (config ``output_dir``): results and logs
+    of different configs never mix."""
+    return os.path.join(config["output_dir"], path)
 
 
 def q(value):
@@ -93,9 +116,9 @@ def get_labels_option(wildcards, input):
 
 
 def get_final_outputs():
-    outputs = ["results/model/model.pt", "results/model/curve.png"]
-    outputs += expand("results/{sample}/weights.png", sample=TRAIN)
-    outputs += expand("results/{sample}/augment.png", sample=TRAIN)
-    outputs += expand("results/{sample}/prediction.ome.zarr", sample=PREDICT)
-    outputs += expand("results/{sample}/evaluate/metrics.csv", sample=LABELLED_PREDICT)
+    outputs = [out("model/model.pt"), out("model/curve.png")]
+    outputs += expand(out("{sample}/weights.png"), sample=TRAIN)
+    outputs += expand(out("{sample}/augment.png"), sample=TRAIN)
+    outputs += expand(out("{sample}/prediction.ome.zarr"), sample=PREDICT)
+    outputs += expand(out("{sample}/evaluate/metrics.csv"), sample=LABELLED_PREDICT)
     return outputs

@@ -3,18 +3,18 @@
 
 rule evaluate:
     input:
-        prediction="results/{sample}/prediction.ome.zarr",
-        stack="results/{sample}/stack.ome.zarr",
+        prediction=out("{sample}/prediction.ome.zarr"),
+        stack=out("{sample}/stack.ome.zarr"),
     output:
         csv=report(
-            "results/{sample}/evaluate/metrics.csv",
+            out("{sample}/evaluate/metrics.csv"),
             caption="../report/metrics.rst",
             category="Evaluation",
             labels={"sample": "{sample}", "what": "metrics table"},
         ),
-        json="results/{sample}/evaluate/metrics.json",
+        json=out("{sample}/evaluate/metrics.json"),
         overlays=report(
-            "results/{sample}/evaluate/overlays.png",
+            out("{sample}/evaluate/overlays.png"),
             caption="../report/overlays.rst",
             category="Evaluation",
             labels={"sample": "{sample}", "what": "overlays"},
@@ -25,9 +25,9 @@ rule evaluate:
     conda:
         "../../environment.yml"
     log:
-        "logs/evaluate/{sample}.log",
+        out("logs/evaluate/{sample}.log"),
     benchmark:
-        "logs/benchmark/evaluate/{sample}.tsv"
+        out("logs/benchmark/evaluate/{sample}.tsv")
     resources:
         mem_mb=4000,
     shell:

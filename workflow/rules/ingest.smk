@@ -5,7 +5,7 @@ rule ingest:
     input:
         unpack(get_ingest_inputs),
     output:
-        directory("results/{sample}/stack.ome.zarr"),
+        directory(out("{sample}/stack.ome.zarr")),
     params:
         labels=get_labels_option,
         slices=lambda wc: q(samples[wc.sample]["slices"] or "all"),
@@ -14,9 +14,9 @@ rule ingest:
     conda:
         "../../environment.yml"
     log:
-        "logs/ingest/{sample}.log",
+        out("logs/ingest/{sample}.log"),
     benchmark:
-        "logs/benchmark/ingest/{sample}.tsv"
+        out("logs/benchmark/ingest/{sample}.tsv")
     resources:
         mem_mb=2000,
     shell:

@@ -3,10 +3,10 @@
 
 rule predict:
     input:
-        stack="results/{sample}/stack.ome.zarr",
-        model="results/model/model.pt",
+        stack=out("{sample}/stack.ome.zarr"),
+        model=out("model/model.pt"),
     output:
-        directory("results/{sample}/predict/part-{job}.zarr"),
+        directory(out("{sample}/predict/part-{job}.zarr")),
     params:
         jobs=lookup(dpath="predict/jobs", within=config),
         tile_out=lookup(dpath="predict/tile_out", within=config),
@@ -19,9 +19,9 @@ rule predict:
     conda:
         "../../environment.yml"
     log:
-        "logs/predict/{sample}-{job}.log",
+        out("logs/predict/{sample}-{job}.log"),
     benchmark:
-        "logs/benchmark/predict/{sample}-{job}.tsv"
+        out("logs/benchmark/predict/{sample}-{job}.tsv")
     threads: 2
     resources:
         mem_mb=4000,
@@ -34,19 +34,19 @@ rule predict:
 
 rule merge:
     input:
-        stack="results/{sample}/stack.ome.zarr",
-        parts=expand("results/{{sample}}/predict/part-{job}.zarr", job=JOBS),
+        stack=out("{sample}/stack.ome.zarr"),
+        parts=expand(out("{{sample}}/predict/part-{job}.zarr"), job=JOBS),
     output:
-        directory("results/{sample}/prediction.ome.zarr"),
+        directory(out("{sample}/prediction.ome.zarr")),
     params:
-        tiff=lambda wc: f"--tiff results/{wc.sample}/segmentation.tif" if config["predict"]["tiff"] else "",
+        tiff=lambda wc: f"--tiff {q(out(f'{wc.sample}/segmentation.tif'))}" if config["predict"]["tiff"] else "",
         code=code_hash("merge"),
     conda:
         "../../environment.yml"
     log:
-        "logs/merge/{sample}.log",
+        out("logs/merge/{sample}.log"),
     benchmark:
-        "logs/benchmark/merge/{sample}.tsv"
+        out("logs/benchmark/merge/{sample}.tsv")
     resources:
         mem_mb=4000,
     shell:

@@ -13,9 +13,9 @@ rule synth:
     conda:
         "../../environment.yml"
     log:
-        "logs/synth.log",
+        out("logs/synth.log"),
     benchmark:
-        "logs/benchmark/synth.tsv"
+        out("logs/benchmark/synth.tsv")
     shell:
         "unet synth --image {output.image:q} --labels {output.labels:q} --slices {params.slices}"
         " --size {params.size} --seed {params.seed} > {log:q} 2>&1"

@@ -3,14 +3,14 @@
 
 rule train:
     input:
-        train=expand("results/{sample}/augment.zarr", sample=TRAIN),
-        val_stacks=expand("results/{sample}/stack.ome.zarr", sample=VAL),
-        val_weights=expand("results/{sample}/weights.zarr", sample=VAL),
+        train=expand(out("{sample}/augment.zarr"), sample=TRAIN),
+        val_stacks=expand(out("{sample}/stack.ome.zarr"), sample=VAL),
+        val_weights=expand(out("{sample}/weights.zarr"), sample=VAL),
     output:
-        model="results/model/model.pt",
-        curve=report("results/model/curve.png", caption="../report/curve.rst", category="Training"),
-        metrics="results/model/metrics.csv",
-        card="results/model/model_card.json",
+        model=out("model/model.pt"),
+        curve=report(out("model/curve.png"), caption="../report/curve.rst", category="Training"),
+        metrics=out("model/metrics.csv"),
+        card=out("model/model_card.json"),
     params:
         out_dir=lambda wc, output: q(os.path.dirname(output.model)),
         val=lambda wc, input: val_option(input.val_stacks, input.val_weights),
@@ -20,10 +20,10 @@ rule train:
     conda:
         "../../environment.yml"
     log:
-        "logs/train.log",
+        out("logs/train.log"),
     benchmark:
-        "logs/benchmark/train.tsv"
-    threads: workflow.cores
+        out("logs/benchmark/train.tsv")
+    threads: 8  # capped at --cores locally; the GPU does the heavy work
     resources:
         mem_mb=8000,
         runtime=lookup(dpath="train/runtime_min", within=config),

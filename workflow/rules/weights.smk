@@ -3,16 +3,16 @@
 
 rule class_weights:
     input:
-        expand("results/{sample}/stack.ome.zarr", sample=TRAIN),
+        expand(out("{sample}/stack.ome.zarr"), sample=TRAIN),
     output:
-        "results/class_weights.json",
+        out("class_weights.json"),
     params:
         connectivity=lookup(dpath="weights/connectivity", within=config),
         code=code_hash("weights"),
     conda:
         "../../environment.yml"
     log:
-        "logs/weights/class_weights.log",
+        out("logs/weights/class_weights.log"),
     threads: 2
     shell:
         "unet class-weights {input:q} -o {output:q} --connectivity {params.connectivity}"
@@ -21,13 +21,13 @@ rule class_weights:
 
 rule weights:
     input:
-        stack="results/{sample}/stack.ome.zarr",
-        class_weights="results/class_weights.json",
+        stack=out("{sample}/stack.ome.zarr"),
+        class_weights=out("class_weights.json"),
     output:
         # the PNG is written next to the store by `unet weights`
-        weights=directory("results/{sample}/weights.zarr"),
+        weights=directory(out("{sample}/weights.zarr")),
         plot=report(
-            "results/{sample}/weights.png",
+            out("{sample}/weights.png"),
             caption="../report/weights.rst",
             category="Weight maps",
             labels={"sample": "{sample}"},
@@ -42,9 +42,9 @@ rule weights:
     conda:
         "../../environment.yml"
     log:
-        "logs/weights/{sample}.log",
+        out("logs/weights/{sample}.log"),
     benchmark:
-        "logs/benchmark/weights/{sample}.tsv"
+        out("logs/benchmark/weights/{sample}.tsv")
     threads: 2
     resources:
         mem_mb=4000,
