@@ -48,6 +48,7 @@ from unet_core.intensity import IntensityStats, normalize
 from unet_core.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
 from unet_core.progress import progress
+from unet_core.provenance import code_hash
 from unet_core.tiling import TTA, Block, Tiling, Transform, output_offset, tile_read_box, transforms
 
 log = logging.getLogger(__name__)
@@ -309,10 +310,14 @@ class JobSummary:
 
 def _part_settings(
     stack_path: Path, shape, model_hash: str, tiling: Tiling, job: int, jobs: int, tta: TTA, precision: str,
-    device: torch.device, stats: IntensityStats,
+    device: torch.device, stats: IntensityStats, stack_attrs: dict[str, Any],
 ) -> dict[str, Any]:
+    """What a part's blocks depend on; a resumed job reuses blocks only if all of it is equal
+    (so a re-ingested stack, another model or changed prediction code starts afresh)."""
+    stack_id = hashlib.sha256(json.dumps(stack_attrs, sort_keys=True, default=str).encode()).hexdigest()
     return {
-        "format": PART_FORMAT, "version": __version__, "stack": str(stack_path), "shape": list(shape),
+        "format": PART_FORMAT, "version": __version__, "code": code_hash("predict"),
+        "stack": str(stack_path), "stack_attrs_sha256": stack_id, "shape": list(shape),
         "model_sha256": model_hash, "tiling": tiling.to_dict(), "job": job, "jobs": jobs,
         "tta": tta.value, "precision": precision, "device": device.type,
         "intensity": stats.to_dict(), "intensity_normalisation": "stack z-score",
@@ -404,7 +409,7 @@ def predict_job(
     tta = TTA(tta)
     batch = batch or (8 if dev.type == "cuda" else 1)
     settings = _part_settings(stack_path, st.shape, file_sha256(model_path), tiling, job, jobs, tta, prec,
-                              dev, st.intensity)
+                              dev, st.intensity, st.attrs)
     if (out / "COMPLETE").is_file():  # a rerun: the job is complete again only when it ends
         (out / "COMPLETE").unlink()
     probs_out = _open_or_create_part(out, settings, tiling)

@@ -6,8 +6,11 @@ rule predict:
         stack=out("{sample}/stack.ome.zarr"),
         model=out("model/model.pt"),
     output:
-        directory(out("{sample}/predict/part-{job}.zarr")),
+        # the job's part store is resumable block by block, so Snakemake tracks only the
+        # marker written last: a killed job's finished blocks survive and are not redone
+        out("{sample}/predict/part-{job}.zarr/COMPLETE"),
     params:
+        part=lambda wc, output: os.path.dirname(output[0]),
         jobs=lookup(dpath="predict/jobs", within=config),
         tile_out=lookup(dpath="predict/tile_out", within=config),
         block=lookup(dpath="predict/block_px", within=config),
@@ -26,7 +29,7 @@ rule predict:
     resources:
         mem_mb=4000,
     shell:
-        "unet predict {input.stack:q} {input.model:q} {output:q} --job {wildcards.job}"
+        "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
         " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
         " --threads {threads} > {log:q} 2>&1"
@@ -35,10 +38,11 @@ rule predict:
 rule merge:
     input:
         stack=out("{sample}/stack.ome.zarr"),
-        parts=expand(out("{{sample}}/predict/part-{job}.zarr"), job=JOBS),
+        parts=expand(out("{{sample}}/predict/part-{job}.zarr/COMPLETE"), job=JOBS),
     output:
         directory(out("{sample}/prediction.ome.zarr")),
     params:
+        parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
         tiff=lambda wc: f"--tiff {q(out(f'{wc.sample}/segmentation.tif'))}" if config["predict"]["tiff"] else "",
         code=code_hash("merge"),
     conda:
@@ -50,4 +54,4 @@ rule merge:
     resources:
         mem_mb=4000,
     shell:
-        "unet merge {input.parts:q} --stack {input.stack:q} -o {output:q} {params.tiff} > {log:q} 2>&1"
+        "unet merge {params.parts} --stack {input.stack:q} -o {output:q} {params.tiff} > {log:q} 2>&1"
