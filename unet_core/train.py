@@ -76,6 +76,8 @@ METRIC_COLUMNS = (
     "train_seconds",
     "tiles_per_s",
 )
+# wall-clock columns: kept out of model.pt so a resumed or repeated run writes the same bytes
+TIMING_COLUMNS = ("train_seconds", "tiles_per_s")
 
 
 class OptimizerKind(str, Enum):
@@ -813,7 +815,7 @@ def _write_final_outputs(
         "tile_in": dataset.in_size,
         "tile_out": dataset.out_size,
         "training_data_sha256": data_hash,
-        "final_metrics": final,
+        "final_metrics": {k: v for k, v in final.items() if k not in TIMING_COLUMNS},
     }
     model_path = out_dir / MODEL_FILE
     save_model(model_path, model, metadata=metadata)
