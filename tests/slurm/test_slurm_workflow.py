@@ -71,7 +71,7 @@ ZARR_META = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
 def _skip_reason() -> str | None:
     flag = os.environ.get("UNET_SLURM_TEST", "")
     if flag == "0":
-        return "UNET_SLURM_TEST=0"
+        return "UNET_SLURM_TEST=0 switches the SLURM integration test off"
     if os.geteuid() != 0:
         return "needs root: starts munged/slurmctld/slurmd and may apt-get install them"
     if flag != "1":
