@@ -8,6 +8,7 @@ stored inside, so ``unet predict`` needs no repeated model flags.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -24,6 +25,24 @@ from unet_core.model.unet import UNet
 FORMAT = "unet-pipeline/model/1"
 
 
+def write_torch_file(path: str | os.PathLike[str], obj: Any, *, torchscript: bool = False,
+                     extra_files: dict[str, str] | None = None) -> None:
+    """``torch.save`` (or ``torch.jit.save`` when ``torchscript``) of ``obj`` atomically to ``path``.
+
+    Serialises in memory first, then writes the bytes with plain Python I/O: torch's own file
+    writer reports a full disk as an opaque ``RuntimeError``, Python raises ``OSError`` with
+    ``errno.ENOSPC``, which the CLI turns into one line ("no space left on device").
+    """
+    buffer = io.BytesIO()
+    if torchscript:
+        torch.jit.save(obj, buffer, _extra_files=extra_files or {})
+    else:
+        torch.save(obj, buffer)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+
+
 def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str, Any] | None = None) -> None:
     """Write ``model`` (spec + float32 CPU state dict + metadata) atomically to ``path``."""
     payload = {
@@ -33,8 +52,7 @@ def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str,
                        for k, v in model.state_dict().items()},
         "metadata": metadata or {},
     }
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch_file(path, payload)
 
 
 def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:

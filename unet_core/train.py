@@ -45,7 +45,7 @@ import torch
 
 from unet_core import __version__
 from unet_core.atomic import atomic_output
-from unet_core.checkpoint import safe_load, save_model
+from unet_core.checkpoint import safe_load, save_model, write_torch_file
 from unet_core.data import (
     AugmentedTiles,
     IterationSampler,
@@ -437,8 +437,7 @@ def export_torchscript(model: UNet, path: Path) -> None:
     with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the issue asks for it
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(clone)
-        with atomic_output(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={"unet_spec.json": model.spec.fingerprint()})
+        write_torch_file(path, scripted, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
 
 
 def _sha256(path: Path) -> str:
@@ -493,8 +492,7 @@ def _save_state(
         "history": history.to_dict(),
         "versions": versions(),
     }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+    write_torch_file(path, state)
 
 
 def _make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
