@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
+from unet_core.atomic import atomic_output, remove_path
 from unet_core.errors import UserInputError
 from unet_core.metrics import (
     CELL,
@@ -518,9 +518,6 @@ def evaluate(
             "tool": f"unet-pipeline {__version__}",
         },
     }
-    _write_text(out / "metrics.csv", _csv_text(rows))
-    _write_text(out / "metrics.json", json.dumps(report, indent=2, default=_json_default) + "\n")
-
     from unet_core.plots.evaluate import OverlayPanel, plot_overlays
 
     panels = []
@@ -536,7 +533,22 @@ def evaluate(
                 z=z, tag=tag, image=np.asarray(stack.image[z]), true_classes=true_classes,
                 pred_classes=pred_classes, cell_probability=cell_probability, scores=rows[i],
             ))
-    plot_overlays(panels, out / "overlays.png", rank_by=rank_by)
+    # all three files or none of this run's: metrics.csv (the workflow's target) is written last,
+    # and a failure (e.g. a full disk) removes what this run already wrote
+    report_text = json.dumps(report, indent=2, default=_json_default) + "\n"
+    written: list[Path] = []
+    try:
+        for path, write in (
+            (out / "overlays.png", lambda p: plot_overlays(panels, p, rank_by=rank_by)),
+            (out / "metrics.json", lambda p: _write_text(p, report_text)),
+            (out / "metrics.csv", lambda p: _write_text(p, _csv_text(rows))),
+        ):
+            write(path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            remove_path(path)
+        raise
     log.info(
         "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), adapted Rand %.4f, "
         "foreground IoU %.4f -> %s",
