@@ -1,0 +1,221 @@
+"""Bad input corpus across the stages (issue 7, part 1), through the installed ``unet`` CLI.
+
+Every case must end with exit status 2 and ONE line ``unet STAGE: error: ...`` naming the
+file or option and the problem, no Python traceback (``--debug`` shows it), no output under the
+final name and no temporary sibling left behind, and the inputs untouched. The reference run of
+the workflow supplies real stacks, weight stores, a model and predict parts to misuse.
+
+Per-stage unit tests check more variants of some of these at the function level; this corpus
+checks what the user sees from the command line, for every stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from faults import assert_one_line_error, run_unet, snakemake, tree_state
+
+
+@dataclass
+class Case:
+    """One misuse: ``argv`` builds the arguments from the scratch dir and the reference run;
+    ``out`` (relative to the scratch dir) must not appear; ``names`` must be in the error line."""
+
+    argv: Callable[[Path, Path], list[str]]
+    out: str | None
+    names: tuple[str, ...]
+
+
+def _tiff(path: Path, data: np.ndarray, **kwargs) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, data, photometric="minisblack", **kwargs)
+    return str(path)
+
+
+def _inputs(d: Path) -> None:
+    """Small TIFF files, good and bad, under ``d/in``."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    lab = (rng.random((4, 32, 32)) > 0.5).astype(np.uint8) * 255
+    _tiff(d / "in/image.tif", img)
+    _tiff(d / "in/labels.tif", lab)
+    _tiff(d / "in/labels_small.tif", lab[:, :16])
+    _tiff(d / "in/labels_float.tif", lab.astype(np.float32))
+    _tiff(d / "in/labels_negative.tif", lab.astype(np.int16) - 1)
+    nan = img.astype(np.float32)
+    nan[1, 5, 5] = np.nan
+    _tiff(d / "in/nan.tif", nan)
+    inf = img.astype(np.float32)
+    inf[2, 0, 0] = np.inf
+    _tiff(d / "in/inf.tif", inf)
+    _tiff(d / "in/4d.tif", rng.integers(0, 255, (2, 4, 32, 32), dtype=np.uint8), metadata={"axes": "TZYX"})
+    (d / "in/not_a_tiff.tif").write_bytes(b"this is a PNG, honestly\n" * 100)
+    whole = (d / "in/image.tif").read_bytes()
+    (d / "in/truncated.tif").write_bytes(whole[: len(whole) * 2 // 3])
+    (d / "in/zero_pages.tif").write_bytes(b"II*\x00" + (8).to_bytes(4, "little") + b"\x00\x00" + b"\x00" * 4)
+    (d / "in/empty_dir").mkdir()
+    (d / "in/a_file").write_text("a regular file, so nothing can be created below it\n")
+    # a stack without labels (for the stages that need them)
+    res = run_unet("ingest", d / "in/image.tif", d / "in/nolabels.ome.zarr", "--chunks", "1,32,32")
+    assert res.returncode == 0, res.stderr
+
+
+def _model_of_other_config(d: Path, ref: Path) -> str:
+    """The reference model with another architecture (base channels) in its spec."""
+    import torch
+
+    data = torch.load(ref / "results/model/model.pt", weights_only=True)
+    data["spec"]["base_channels"] = 2 * data["spec"]["base_channels"]
+    torch.save(data, d / "in/other_config.pt")
+    return str(d / "in/other_config.pt")
+
+
+def _corrupted_model(d: Path, ref: Path) -> str:
+    raw = bytearray((ref / "results/model/model.pt").read_bytes())
+    mid = len(raw) // 2
+    raw[mid: mid + 4096] = bytes(4096)  # a zeroed block inside the zip (bad CRC / bad record)
+    (d / "in/corrupted.pt").write_bytes(bytes(raw))
+    return str(d / "in/corrupted.pt")
+
+
+def _incomplete_part(d: Path, ref: Path) -> str:
+    part = d / "in/part-0.zarr"
+    shutil.copytree(ref / "results/tiny_val/predict/part-0.zarr", part)
+    (part / "COMPLETE").unlink()
+    return str(part)
+
+
+TV = "results/tiny_val"
+TT = "results/tiny_train"
+MODEL_ARGS = ["--depth", "2", "--base-channels", "4", "--dropout", "0"]
+
+CASES = {
+    "missing-file": Case(lambda d, r: ["ingest", d / "in/nope.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                         ("nope.tif", "no such file")),
+    "directory-instead-of-file": Case(
+        lambda d, r: ["ingest", d / "in/empty_dir", d / "out/s.ome.zarr"], "out/s.ome.zarr", ("empty_dir", "no .tif")),
+    "directory-instead-of-model": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", d / "in/empty_dir", d / "out/p.zarr", *MODEL_ARGS],
+        "out/p.zarr", ("empty_dir",)),
+    "non-tiff-bytes": Case(lambda d, r: ["ingest", d / "in/not_a_tiff.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                           ("not_a_tiff.tif", "not a readable TIFF")),
+    "truncated-tiff": Case(lambda d, r: ["ingest", d / "in/truncated.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                           ("truncated.tif", "truncated")),
+    "zero-page-tiff": Case(lambda d, r: ["ingest", d / "in/zero_pages.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                           ("zero_pages.tif",)),
+    "image-label-shape-mismatch": Case(
+        lambda d, r: ["ingest", d / "in/image.tif", d / "out/s.ome.zarr", "--labels", d / "in/labels_small.tif"],
+        "out/s.ome.zarr", ("labels_small.tif", "shape")),
+    "float-labels": Case(
+        lambda d, r: ["ingest", d / "in/image.tif", d / "out/s.ome.zarr", "--labels", d / "in/labels_float.tif"],
+        "out/s.ome.zarr", ("labels_float.tif", "integers")),
+    "negative-labels": Case(
+        lambda d, r: ["ingest", d / "in/image.tif", d / "out/s.ome.zarr", "--labels", d / "in/labels_negative.tif"],
+        "out/s.ome.zarr", ("labels_negative.tif", "negative")),
+    "nan-pixels": Case(lambda d, r: ["ingest", d / "in/nan.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                       ("nan.tif", "NaN")),
+    "inf-pixels": Case(lambda d, r: ["ingest", d / "in/inf.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                       ("inf.tif", "Inf")),
+    "4d-input": Case(lambda d, r: ["ingest", d / "in/4d.tif", d / "out/s.ome.zarr"], "out/s.ome.zarr",
+                     ("4d.tif", "axes")),
+    "wrong-type-option": Case(
+        lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w.zarr", "--sigma-px", "five"], "out/w.zarr",
+        ("--sigma-px", "five")),
+    "invalid-tile-size": Case(
+        lambda d, r: ["augment", r / TT / "stack.ome.zarr", r / TT / "weights.zarr", d / "out/a.zarr",
+                      "--tile-out", "37", "--samples-per-slice", "1", *MODEL_ARGS], "out/a.zarr", ("37",)),
+    "invalid-predict-tile": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", r / "results/model/model.pt", d / "out/p.zarr",
+                      "--tile-out", "42", *MODEL_ARGS], "out/p.zarr", ("42", "multiple")),
+    "job-out-of-range": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", r / "results/model/model.pt", d / "out/p.zarr",
+                      "--job", "5", "--jobs", "2", *MODEL_ARGS], "out/p.zarr", ("job",)),
+    "weights-of-other-model-config": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", _model_of_other_config(d, r), d / "out/p.zarr",
+                      *MODEL_ARGS], "out/p.zarr", ("other_config.pt", "base_channels")),
+    "model-flags-differ-from-file": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", r / "results/model/model.pt", d / "out/p.zarr",
+                      "--depth", "3", "--base-channels", "4", "--dropout", "0"], "out/p.zarr", ("model.pt", "depth")),
+    "corrupted-checkpoint": Case(
+        lambda d, r: ["predict", r / TV / "stack.ome.zarr", _corrupted_model(d, r), d / "out/p.zarr", *MODEL_ARGS],
+        "out/p.zarr", ("corrupted.pt",)),
+    "output-not-writable": Case(
+        lambda d, r: ["ingest", d / "in/image.tif", d / "in/a_file/s.ome.zarr"], None, ("a_file",)),
+    "stack-without-labels-weights": Case(
+        lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
+        ("nolabels.ome.zarr", "labels")),
+    "stack-without-labels-class-weights": Case(
+        lambda d, r: ["class-weights", d / "in/nolabels.ome.zarr", "-o", d / "out/cw.json"], "out/cw.json",
+        ("nolabels.ome.zarr", "labels")),
+    "weights-of-another-stack": Case(
+        lambda d, r: ["augment", r / TT / "stack.ome.zarr", r / TV / "weights.zarr", d / "out/a.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a.zarr", ("weights.zarr",)),
+    "train-on-a-stack-not-a-training-set": Case(
+        lambda d, r: ["train", "--train", r / TT / "stack.ome.zarr", "--out-dir", d / "out/model", *MODEL_ARGS,
+                      "--iterations", "1", "--device", "cpu"], "out/model/model.pt", ("stack.ome.zarr",)),
+    "merge-unfinished-part": Case(
+        lambda d, r: ["merge", _incomplete_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr",
+        ("part-0.zarr", "did not finish")),
+    "merge-missing-part": Case(
+        lambda d, r: ["merge", r / TV / "predict/part-1.zarr", "--stack", r / TV / "stack.ome.zarr",
+                      "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr", ("missing job",)),
+    "evaluate-prediction-of-another-stack": Case(
+        lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", r / TT / "stack.ome.zarr", "-o", d / "out/eval"],
+        "out/eval/metrics.csv", ("prediction.ome.zarr",)),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(reference, tmp_path_factory):
+    """Run every case (three at a time) once; {case id: (scratch dir, result)}; inputs checked unchanged."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    _inputs(d)
+    before = tree_state(reference.workdir / "results")
+    argvs = {name: [str(a) for a in case.argv(d, reference.workdir)] for name, case in CASES.items()}
+    inputs_before = tree_state(d / "in")
+    with ThreadPoolExecutor(3) as pool:
+        results = dict(zip(argvs, pool.map(lambda argv: run_unet(*argv), argvs.values())))
+    assert tree_state(reference.workdir / "results") == before, "a failing stage changed the reference outputs"
+    assert tree_state(d / "in") == inputs_before, "a failing stage changed its inputs"
+    return d, results
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 15
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in CASES])
+def test_bad_input_gives_one_line_and_no_output(corpus, name):
+    d, results = corpus
+    case = CASES[name]
+    assert_one_line_error(results[name], *case.names)
+    if case.out is not None:
+        out = d / case.out
+        assert not out.exists(), f"{out} left behind by a failed run"
+        stray = [p.name for p in out.parent.glob(f".{out.name}.tmp-*")] if out.parent.exists() else []
+        assert stray == [], f"temporary output left behind: {stray}"
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    res = run_unet("--debug", "ingest", tmp_path / "nope.tif", tmp_path / "s.ome.zarr")
+    assert res.returncode == 2 and "Traceback" in res.stderr and "UserInputError" in res.stderr
+
+
+def test_samples_table_missing_a_column_names_it(reference, tmp_path):
+    from faults import new_workdir
+
+    work = new_workdir(tmp_path)
+    table = work / "tests/integration/samples.tsv"
+    rows = [line.rsplit("\t", 1)[0] for line in table.read_text().splitlines()]
+    table.write_text("\n".join(rows) + "\n")  # the 'role' column removed
+    res = snakemake(work, "-n", "--cores", "1", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "role" in text and "samples" in text, text[-3000:]
