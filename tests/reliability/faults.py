@@ -215,11 +215,13 @@ class Job:
 
 
 def new_workdir(path: Path) -> Path:
-    """A working directory holding the tiny config (tests/integration) and config/."""
+    """A working directory holding the tiny config (tests/integration), config/ and profiles/
+    (so Snakemake applies the default profile as in a user's checkout: rerun-incomplete etc.)."""
     (path / "tests").mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "tests" / "integration", path / "tests" / "integration",
                     ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     shutil.copytree(REPO / "config", path / "config")
+    shutil.copytree(REPO / "profiles", path / "profiles")
     return path
 
 
