@@ -18,6 +18,7 @@ rule predict:
         device=lookup(dpath="predict/device", within=config),
         tta=lookup(dpath="predict/tta", within=config),
         model=model_args(),
+        threads=lookup(dpath="predict/threads", within=config),
         code=code_hash("predict"),
     conda:
         "../../environment.yml"
@@ -25,14 +26,16 @@ rule predict:
         out("logs/predict/{sample}-{job}.log"),
     benchmark:
         out("logs/benchmark/predict/{sample}-{job}.tsv")
-    threads: 2
+    # as for training: the compute thread count is a config value (probabilities differ in
+    # the last float bits between thread counts); parallelism comes from predict.jobs
+    threads: lookup(dpath="predict/threads", within=config)
     resources:
         mem_mb=4000,
     shell:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
         " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
-        " --threads {threads} > {log:q} 2>&1"
+        " --threads {params.threads} > {log:q} 2>&1"
 
 
 rule merge:

@@ -16,6 +16,7 @@ rule train:
         val=lambda wc, input: val_option(input.val_stacks, input.val_weights),
         options=lambda wc: train_options(),
         model=model_args(),
+        threads=lookup(dpath="train/threads", within=config),
         code=code_hash("train"),
     conda:
         "../../environment.yml"
@@ -23,10 +24,12 @@ rule train:
         out("logs/train.log"),
     benchmark:
         out("logs/benchmark/train.tsv")
-    threads: 8  # capped at --cores locally; the GPU does the heavy work
+    # compute threads come from the config, not from --cores: float results depend on the
+    # thread count, and the same config must give the same model on any machine
+    threads: lookup(dpath="train/threads", within=config)
     resources:
         mem_mb=8000,
         runtime=lookup(dpath="train/runtime_min", within=config),
     shell:
         "unet train --train {input.train:q} {params.val} --out-dir {params.out_dir}"
-        " {params.model} {params.options} --resume --threads {threads} > {log:q} 2>&1"
+        " {params.model} {params.options} --resume --threads {params.threads} > {log:q} 2>&1"
