@@ -514,6 +514,7 @@ def train(
     validation: Sequence[tuple[Path, Path]] = (),
     val_slices: Sequence[int] | None = None,
     resume: bool = False,
+    restart_if_changed: bool = False,
     on_iteration: Callable[[int], None] | None = None,
     train_stacks: Sequence[tuple[Path, Path]] = (),
     train_slices: Sequence[int] | None = None,
@@ -530,6 +531,9 @@ def train(
         validation: ``(ingested stack, weights store)`` pairs for validation.
         val_slices: z indices used from every validation stack (None: all).
         resume: continue from ``out_dir/state.pt`` if it exists (exactly: same final weights).
+        restart_if_changed: with ``resume``, a state written with other settings, data or
+            model is discarded (logged) and training starts afresh instead of failing; the
+            workflow uses this, since Snakemake reruns training only when those changed.
         on_iteration: called with the number of completed iterations after each step.
         train_stacks: instead of ``train_sets``, ``(ingested stack, weights store)`` pairs to
             deform on the fly (fresh tiles every epoch; :class:`unet_core.data.OnTheFlyTiles`).
@@ -554,6 +558,7 @@ def train(
             validation=validation,
             val_slices=val_slices,
             resume=resume,
+            restart_if_changed=restart_if_changed,
             on_iteration=on_iteration,
             train_stacks=train_stacks,
             train_slices=train_slices,
@@ -572,6 +577,7 @@ def _train(
     validation: Sequence[tuple[Path, Path]],
     val_slices: Sequence[int] | None,
     resume: bool,
+    restart_if_changed: bool,
     on_iteration: Callable[[int], None] | None,
     train_stacks: Sequence[tuple[Path, Path]],
     train_slices: Sequence[int] | None,
@@ -624,8 +630,14 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if runtime.autocast_dtype is torch.float16 else None
     history, start = History(), 0
     state_path = out_dir / STATE_FILE
-    if resume and state_path.is_file():
-        state = safe_load(state_path)
+    state = safe_load(state_path) if resume and state_path.is_file() else None
+    if state is not None and restart_if_changed:
+        try:
+            _check_resume(state, path=state_path, spec=spec, config=config, data_hash=data_hash)
+        except CheckpointError as err:
+            log.warning("%s: not resuming, starting afresh (%s)", state_path, str(err).split(": ", 1)[-1])
+            state = None
+    if state is not None:
         _check_resume(state, path=state_path, spec=spec, config=config, data_hash=data_hash)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -636,7 +648,7 @@ def _train(
         history = History(**state["history"])
         start = int(state["iteration"])
         log.info("resumed from %s at iteration %d", state_path, start)
-    elif resume:
+    elif resume and not state_path.is_file():
         log.info("no %s yet: starting from scratch", state_path)
     out_dir.mkdir(parents=True, exist_ok=True)
 

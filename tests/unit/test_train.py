@@ -383,6 +383,16 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path) -> None:
         )
 
 
+def test_restart_if_changed_starts_afresh_like_a_new_run(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=5))
+    new = tiny_config(iterations=5, lr=0.02)
+    train([aug], out_dir=tmp_path / "run", spec=TINY, config=new, resume=True, restart_if_changed=True)
+    train([aug], out_dir=tmp_path / "fresh", spec=TINY, config=new)
+    a, b = (safe_load(tmp_path / d / "model.pt")["state_dict"] for d in ("run", "fresh"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_of_finished_run_changes_nothing(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
     out = tmp_path / "run"

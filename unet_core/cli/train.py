@@ -88,6 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue from OUT_DIR/state.pt if present (exactly; settings must be unchanged)",
     )
+    p.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="with --resume: if OUT_DIR/state.pt was written with other settings, data or model, "
+        "start afresh instead of stopping (the workflow's choice: it reruns training only then)",
+    )
     add_model_args(p)
     g = p.add_argument_group("optimisation (defaults: the paper)")
     g.add_argument("--iterations", type=positive_int, default=20000, help="optimizer steps in total")
@@ -218,6 +224,7 @@ def run(args: argparse.Namespace) -> None:
         validation=pairs,
         val_slices=slices,
         resume=args.resume,
+        restart_if_changed=args.restart_if_changed,
         train_stacks=train_pairs,
         train_slices=train_slices,
         tile_out=args.tile_out,

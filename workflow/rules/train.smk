@@ -32,4 +32,4 @@ rule train:
         runtime=lookup(dpath="train/runtime_min", within=config),
     shell:
         "unet train --train {input.train:q} {params.val} --out-dir {params.out_dir}"
-        " {params.model} {params.options} --resume --threads {params.threads} > {log:q} 2>&1"
+        " {params.model} {params.options} --resume --restart-if-changed --threads {params.threads} > {log:q} 2>&1"
