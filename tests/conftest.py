@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ISBI_DIR = Path(os.environ.get("UNET_ISBI_DIR", REPO.parent / "shared" / "datasets" / "isbi2012"))
@@ -17,3 +18,12 @@ def isbi_dir() -> Path:
     if not (ISBI_DIR / "train-volume.tif").is_file():
         pytest.skip(f"ISBI 2012 data not found in {ISBI_DIR} (set UNET_ISBI_DIR)")
     return ISBI_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

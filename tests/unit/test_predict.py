@@ -26,13 +26,7 @@ TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
 TINY_ARGS = ["--depth", "2", "--base-channels", "4", "--dropout", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in tests/conftest.py
 
 
 class StandIn(nn.Module):
