@@ -279,7 +279,6 @@ def test_slurm_profile_rules_exist_in_workflow() -> None:
 
 
 @pytest.mark.slurm
-@pytest.mark.slow
 @pytest.mark.timeout(START_TIMEOUT_S + LOCAL_TIMEOUT_S + SLURM_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
 def test_workflow_under_slurm_equals_local_run(slurm_cluster: Cluster, tmp_path: Path) -> None:
     env = slurm_cluster.env
