@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,44 @@ from unet_core.errors import UserInputError
 TMP_MARK = ".tmp-"
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
 def temporary_sibling(path: Path) -> Path:
-    """A unique hidden path next to ``path`` (same directory, so rename is atomic)."""
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A unique hidden path next to ``path`` (same directory, so rename is atomic).
+
+    The name records host and PID (``.NAME.tmp-HOST-PID-RANDOM``) so that a later run can
+    recognise temporaries left by a killed process of this host (see :func:`remove_stale`).
+    """
+    return path.with_name(f".{path.name}{TMP_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Delete temporaries of ``path`` left by killed processes of this host.
+
+    Only siblings named by :func:`temporary_sibling` for this host whose PID no longer runs are
+    removed; those of live processes or of other hosts (a shared file system) are left alone.
+    """
+    prefix = f".{path.name}{TMP_MARK}{_host()}-"
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        if not sibling.name.startswith(prefix):
+            continue
+        pid = sibling.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            remove_path(sibling)
 
 
 def remove_path(path: Path) -> None:
@@ -64,6 +100,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     ensure_writable_parent(final)
+    remove_stale(final)
     tmp = temporary_sibling(final)
     try:
         yield tmp

@@ -44,3 +44,22 @@ def test_nothing_written_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="without writing"):
         with atomic_output(tmp_path / "x"):
             pass
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+
+    from unet_core.atomic import _host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.txt.tmp-{_host()}-{dead.pid}-deadbeef"
+    stale.write_text("half")
+    alive = tmp_path / f".out.txt.tmp-{_host()}-1-cafecafe"      # PID 1 runs: kept
+    alive.write_text("busy")
+    other_host = tmp_path / f".out.txt.tmp-otherhost-{dead.pid}-0000"  # other host: kept
+    other_host.write_text("theirs")
+    with atomic_output(tmp_path / "out.txt") as tmp:
+        tmp.write_text("done")
+    assert not stale.exists() and alive.exists() and other_host.exists()
+    assert (tmp_path / "out.txt").read_text() == "done"
