@@ -63,3 +63,19 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
         tmp.write_text("done")
     assert not stale.exists() and alive.exists() and other_host.exists()
     assert (tmp_path / "out.txt").read_text() == "done"
+
+
+def test_temporaries_of_killed_unreaped_processes_count_as_stale(tmp_path):
+    import subprocess
+    import time
+
+    from unet_core.atomic import _host
+
+    zombie = subprocess.Popen(["true"])  # exits, but is not waited for: a zombie
+    time.sleep(0.3)
+    stale = tmp_path / f".out.txt.tmp-{_host()}-{zombie.pid}-deadbeef"
+    stale.write_text("half")
+    with atomic_output(tmp_path / "out.txt") as tmp:
+        tmp.write_text("done")
+    zombie.wait()
+    assert not stale.exists()
