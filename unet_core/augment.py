@@ -58,6 +58,7 @@ from unet_core.elastic import (
     rng_for,
     upsample_matrix,
 )
+from unet_core.device import resolve_device
 from unet_core.errors import UserInputError
 from unet_core.geometry import Box
 from unet_core.intensity import normalize
@@ -413,23 +414,6 @@ def augment(
                             tile_in=tile_in, tile_out=tile_out)
         plot_augmentation(plot, rows, title=f"{source.stack.path.name}: seed {seed}, {params.describe()}")
     return out_path
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an explicit CUDA request must be satisfiable.
-
-    Raises:
-        UserInputError: not a torch device, or CUDA asked for but absent.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserInputError(f"--device {device!r}: not a torch device (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
-    return dev
 
 
 @dataclass(frozen=True)

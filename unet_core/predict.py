@@ -42,6 +42,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.atomic import atomic_output, remove_path
+from unet_core.device import resolve_device
 from unet_core.errors import UserInputError
 from unet_core.geometry import Box
 from unet_core.intensity import IntensityStats, normalize
@@ -58,27 +59,6 @@ PROBABILITIES = "probabilities"
 
 
 # -- devices ---------------------------------------------------------------------------
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> the first CUDA GPU if present, else the CPU; checks an explicit choice.
-
-    Raises:
-        UserInputError: a CUDA device was asked for but is not available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise UserInputError(
-            f"--device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)"
-        ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(
-            f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)"
-        )
-    return dev
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` on a GPU, ``"fp32"`` on the CPU (exact tiling is checked in fp32)."""
     if precision == "auto":

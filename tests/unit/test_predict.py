@@ -19,7 +19,8 @@ from unet_core.intensity import IntensityStats, normalize
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 from unet_core.ngff import PyramidWriter
-from unet_core.predict import predict_job, predict_plane, resolve_device, resolve_precision, run_network
+from unet_core.device import resolve_device
+from unet_core.predict import predict_job, predict_plane, resolve_precision, run_network
 from unet_core.tiling import Tiling
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
