@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import zarr
 
+from unet_core.decision import WeightSums
 from unet_core.errors import UserInputError
 from unet_core.geometry import Box
 from unet_core.intensity import normalize
@@ -146,6 +147,19 @@ class AugmentedTiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def mean_weights(self) -> np.ndarray:
+        """Mean loss weight per class over the output region of every tile (the pixels the loss sees)."""
+        sums = WeightSums(self.spec.n_classes)
+        context = self.spec.context
+        for arrays in self._open():
+            for start in range(0, arrays["classes"].shape[0], SCAN_BLOCK):
+                part = slice(start, start + SCAN_BLOCK)
+                sums.add(
+                    crop_to_output(np.asarray(arrays["classes"][part]), context=context),
+                    crop_to_output(np.asarray(arrays["weights"][part]), context=context),
+                )
+        return sums.means()
+
     def _open(self) -> list[dict[str, zarr.Array]]:
         if self._arrays is None or self._pid != os.getpid():
             groups = [zarr.open_group(p, mode="r") for p in self.paths]
@@ -257,16 +271,33 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
             "deform": {k: str(v) for k, v in vars(self.params).items()},
         }
 
-    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from unet_core.augment import make_sample, open_source
+    def mean_weights(self) -> np.ndarray:
+        """Mean loss weight per class over the chosen source slices (before deformation).
+
+        Deformation moves pixels but hardly changes the share of each class or its weights,
+        so the undeformed slices stand in for the endless stream of drawn tiles.
+        """
+        sums = WeightSums(self.spec.n_classes)
+        stores = [zarr.open_group(w, mode="r") for _, w in self.pairs]
+        for which, z in self.items:
+            sums.add(stores[which]["classes"][z], stores[which]["weights"][z])
+        return sums.means()
+
+    def _source(self, which: int):
+        from unet_core.augment import open_source
 
         if self._sources is None or self._pid != os.getpid():
             self._sources = [open_source(a, b) for a, b in self.pairs]
             self._pid = os.getpid()
+        return self._sources[which]
+
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from unet_core.augment import make_sample
+
         epoch, index = divmod(int(draw), len(self.items))
         which, z = self.items[index]
         tiles = make_sample(
-            self._sources[which],
+            self._source(which),
             z,
             epoch,
             seed=self.seed,

@@ -68,6 +68,8 @@ CLASS_NAMES = ("background", "cell")
 
 #: Per-score decision rule and definition, written into metrics.json.
 DECISION_RULES: dict[str, str] = {
+    "probabilities": "as written by unet predict: with --decision corrected (default) they include the "
+    "model's weight-prior logit offsets (see prediction_unet_attrs.logit_offsets; null = raw softmax)",
     "pixel_error": "argmax of the class probabilities; misclassified fraction of all pixels",
     "iou_<class>": "argmax; |T ∩ P| / |T ∪ P| of each class",
     "foreground_iou": "argmax; IoU of the non-background classes as one mask (cell tracking style)",

@@ -202,7 +202,8 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
         if not (p / "COMPLETE").is_file():
             raise UserInputError(f"{p}: job {settings['job']} did not finish; rerun 'unet predict' for it")
         parts.append(Part(p, settings, frozenset(iter_done_blocks(p))))
-    run_keys = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity")
+    run_keys = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity",
+                "logit_offsets")
     ref = parts[0].settings
     for part in parts[1:]:
         diff = [k for k in run_keys if part.settings.get(k) != ref.get(k)]
@@ -357,7 +358,7 @@ def merge_parts(
         root.attrs.update({"unet": {
             "stage": "merge", "version": __version__, "source": ref["stack"],
             "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
-            "precision": ref["precision"], "devices": sorted({p.settings["device"] for p in part_list}),
+            "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"), "devices": sorted({p.settings["device"] for p in part_list}),
             "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
             "decision_rule": DECISION_RULE, "cell_class": CELL_CLASS, "instances": int(final.max(initial=0)),
             "probability_axes": "czyx",

@@ -42,6 +42,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.atomic import atomic_output, remove_path
+from unet_core.decision import CorrectedLogits
 from unet_core.device import resolve_device
 from unet_core.errors import UserInputError
 from unet_core.geometry import Box
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PART_FORMAT = "unet-pipeline/predict-part/1"
 PROBABILITIES = "probabilities"
+DECISIONS = ("corrected", "raw")
 
 
 # -- devices ---------------------------------------------------------------------------
@@ -290,7 +292,7 @@ class JobSummary:
 
 def _part_settings(
     stack_path: Path, shape, model_hash: str, tiling: Tiling, job: int, jobs: int, tta: TTA, precision: str,
-    device: torch.device, stats: IntensityStats, stack_attrs: dict[str, Any],
+    device: torch.device, stats: IntensityStats, stack_attrs: dict[str, Any], offsets: list[float] | None,
 ) -> dict[str, Any]:
     """What a part's blocks depend on; a resumed job reuses blocks only if all of it is equal
     (so a re-ingested stack, another model or changed prediction code starts afresh)."""
@@ -301,6 +303,7 @@ def _part_settings(
         "model_sha256": model_hash, "tiling": tiling.to_dict(), "job": job, "jobs": jobs,
         "tta": tta.value, "precision": precision, "device": device.type,
         "intensity": stats.to_dict(), "intensity_normalisation": "stack z-score",
+        "logit_offsets": offsets,
     }
 
 
@@ -348,6 +351,7 @@ def predict_job(
     device: str = "auto",
     precision: str = "auto",
     tta: TTA | str = TTA.NONE,
+    decision: str = "corrected",
     expect: UNetSpec | None = None,
 ) -> JobSummary:
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
@@ -364,6 +368,9 @@ def predict_job(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         tta: test-time augmentation, ``none``, ``flips`` or ``d4``.
+        decision: ``corrected`` (default): the probabilities carry the model's weight-prior
+            correction (:mod:`unet_core.decision`), so 0.5 / the argmax is the best decision
+            for a network trained with w(x); ``raw``: the plain softmax of the network.
         expect: the architecture the config asks for; a model file that differs is rejected.
 
     Returns:
@@ -380,7 +387,12 @@ def predict_job(
     if not stack_path.exists():
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
-    model, _ = load_model(model_path, expect=expect)
+    model, metadata = load_model(model_path, expect=expect)
+    if decision not in DECISIONS:
+        raise UserInputError(f"--decision {decision!r}: use one of {', '.join(DECISIONS)}")
+    offsets = (metadata.get("decision") or {}).get("logit_offsets") if decision == "corrected" else None
+    if offsets is not None:
+        model = CorrectedLogits(model, np.asarray(offsets))
     spec = model.spec
     tiling = Tiling(st.shape, spec, block_px, tile_out)
     mine = tiling.job_blocks(job, jobs)
@@ -389,14 +401,15 @@ def predict_job(
     tta = TTA(tta)
     batch = batch or (8 if dev.type == "cuda" else 1)
     settings = _part_settings(stack_path, st.shape, file_sha256(model_path), tiling, job, jobs, tta, prec,
-                              dev, st.intensity, st.attrs)
+                              dev, st.intensity, st.attrs, offsets)
     if (out / "COMPLETE").is_file():  # a rerun: the job is complete again only when it ends
         (out / "COMPLETE").unlink()
     probs_out = _open_or_create_part(out, settings, tiling)
     todo = [b for b in mine if not (out / "done" / b.name).is_file()]
     log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px, tile %d px, "
-             "FLOP overhead %.3fx, %s %s, batch %d, tta %s", job, jobs, len(todo), len(mine),
-             len(mine) - len(todo), block_px, tile_out, tiling.flops_overhead(), dev, prec, batch, tta.value)
+             "FLOP overhead %.3fx, %s %s, batch %d, tta %s, logit offsets %s", job, jobs, len(todo), len(mine),
+             len(mine) - len(todo), block_px, tile_out, tiling.flops_overhead(), dev, prec, batch, tta.value,
+             offsets)
     model = prepare_model(model, dev)
 
     def read(block: Block) -> tuple[np.ndarray, Box]:

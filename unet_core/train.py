@@ -55,6 +55,7 @@ from unet_core.data import (
     load_validation,
     tiled_logits,
 )
+from unet_core.decision import correct, logit_offsets
 from unet_core.errors import CheckpointError, ConfigError
 from unet_core.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
@@ -356,13 +357,17 @@ def _check_resume(
 
 
 # -- validation -------------------------------------------------------------------------------
-def pixel_metrics(logits: np.ndarray, classes: np.ndarray, weights: np.ndarray | None) -> dict[str, float]:
+def pixel_metrics(
+    logits: np.ndarray, classes: np.ndarray, weights: np.ndarray | None, offsets: np.ndarray | None = None
+) -> dict[str, float]:
     """Sums for loss, pixel error and per-class IoU of one slice.
 
     Args:
         logits: (C, Y, X) float32.
         classes: (Y, X) integer targets.
         weights: (Y, X) float32 w(x), or None (unweighted loss).
+        offsets: (C,) logit offsets of the decision rule (:mod:`unet_core.decision`); the
+            loss is always that of the raw logits (the training objective).
 
     Returns:
         ``loss_sum``, ``errors``, ``pixels`` and per foreground class c ``inter_c``/``union_c``.
@@ -371,7 +376,7 @@ def pixel_metrics(logits: np.ndarray, classes: np.ndarray, weights: np.ndarray |
     target = torch.from_numpy(classes.astype(np.int64))[None]
     w = None if weights is None else torch.from_numpy(weights)[None]
     loss = float(weighted_cross_entropy(logits_t, target, w)) * classes.size
-    pred = logits.argmax(axis=0)
+    pred = correct(logits, offsets).argmax(axis=0)
     out = {
         "loss_sum": loss,
         "errors": float(np.count_nonzero(pred != classes)),
@@ -385,9 +390,19 @@ def pixel_metrics(logits: np.ndarray, classes: np.ndarray, weights: np.ndarray |
 
 
 def validate(
-    model: UNet, slices: Sequence[ValidationSlice], *, tile_out: int, runtime: Runtime, weighted: bool
+    model: UNet,
+    slices: Sequence[ValidationSlice],
+    *,
+    tile_out: int,
+    runtime: Runtime,
+    weighted: bool,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Loss, pixel error and mean foreground IoU over all validation pixels (argmax decision)."""
+    """Loss, pixel error and mean foreground IoU over all validation pixels.
+
+    The decision is the argmax of the logits plus ``offsets`` (the weight-prior correction
+    that ``unet predict`` applies; None: plain argmax).
+    """
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -402,7 +417,8 @@ def validate(
                 autocast_dtype=runtime.autocast_dtype,
                 channels_last=runtime.channels_last,
             )
-            for k, v in pixel_metrics(logits, item.classes, item.weights if weighted else None).items():
+            metrics = pixel_metrics(logits, item.classes, item.weights if weighted else None, offsets)
+            for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
     finally:
         model.train(was_training)
@@ -419,6 +435,15 @@ def validate(
 
 
 # -- outputs ----------------------------------------------------------------------------------
+def decision_metadata(mean_weights: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
+    """How ``unet predict`` turns this model's logits into classes (stored in the model file)."""
+    return {
+        "rule": "argmax of logits + logit_offsets (weight-prior correction, unet_core/decision.py)",
+        "mean_weight_per_class": [float(v) for v in mean_weights],
+        "logit_offsets": [float(v) for v in offsets],
+    }
+
+
 def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
@@ -610,6 +635,10 @@ def _train(
     except ValueError as err:
         raise ConfigError(f"train.val_tile_out: {err}") from None
     val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes) if validation else []
+    mean_weights = dataset.mean_weights() if config.weighted else np.ones(spec.n_classes)
+    offsets = logit_offsets(mean_weights)
+    log.info("mean loss weight per class %s -> decision logit offsets %s",
+             np.round(mean_weights, 4).tolist(), np.round(offsets, 4).tolist())
     runtime = resolve_runtime(config)
     log.info(
         "training on %s: %d tiles of %d px -> %d px output, %d iterations of batch %d",
@@ -749,7 +778,8 @@ def _train(
             if val_data:
                 row.update(
                     validate(
-                        model, val_data, tile_out=val_tile_out, runtime=runtime, weighted=config.weighted
+                        model, val_data, tile_out=val_tile_out, runtime=runtime, weighted=config.weighted,
+                        offsets=offsets,
                     )
                 )
                 log.info(
@@ -795,6 +825,7 @@ def _train(
         val_slices=val_slices,
         val_tile_out=val_tile_out,
         iteration=iteration,
+        decision=decision_metadata(mean_weights, offsets),
     )
     return TrainResult(out_dir, iteration, dict(metrics), runtime.description)
 
@@ -814,6 +845,7 @@ def _write_final_outputs(
     val_slices: Sequence[int] | None,
     val_tile_out: int,
     iteration: int,
+    decision: dict[str, Any],
 ) -> None:
     from unet_core.plots.training import plot_training_curve
 
@@ -826,6 +858,7 @@ def _write_final_outputs(
         "tile_out": dataset.out_size,
         "training_data_sha256": data_hash,
         "final_metrics": {k: v for k, v in final.items() if k not in TIMING_COLUMNS},
+        "decision": decision,
     }
     model_path = out_dir / MODEL_FILE
     save_model(model_path, model, metadata=metadata)
@@ -869,7 +902,8 @@ def _write_final_outputs(
             "validation": [f"{s}:{w}" for s, w in validation],
             "val_slices": list(val_slices) if val_slices is not None else "all",
         },
-        "metrics": {"final": final, "best_pixel_error": best, "decision_rule": "argmax"},
+        "metrics": {"final": final, "best_pixel_error": best, "decision_rule": decision["rule"]},
+        "decision": decision,
         "files": {MODEL_FILE: _sha256(model_path), SCRIPT_FILE: _sha256(out_dir / SCRIPT_FILE)},
         "versions": versions(),
     }

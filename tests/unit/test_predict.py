@@ -232,3 +232,22 @@ def test_cli_predict(stack: Path, model_file: Path, tmp_path: Path, capsys) -> N
     assert "block size 66 px" in err and "64 or 68" in err
     assert main(["predict", str(stack), str(model_file), str(part)]) == 2  # paper net expected by default
     assert "does not match the config's model" in capsys.readouterr().err
+
+
+def test_decision_applies_the_models_logit_offsets(stack: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "corrected.pt"
+    offsets = [-0.75, 0.75]
+    save_model(path, UNet(TINY), metadata={"decision": {"logit_offsets": offsets}})
+    kw = dict(job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY)
+    predict_job(stack, path, tmp_path / "raw", decision="raw", **kw)
+    predict_job(stack, path, tmp_path / "fixed", **kw)  # "corrected" is the default
+    raw, fixed = read_part(tmp_path / "raw"), read_part(tmp_path / "fixed")
+    logit_raw = np.log(raw[1]) - np.log(raw[0])
+    logit_fixed = np.log(fixed[1]) - np.log(fixed[0])
+    np.testing.assert_allclose(logit_fixed - logit_raw, 1.5, atol=1e-3)
+    settings = json.loads((tmp_path / "fixed" / "part.json").read_text())
+    assert settings["logit_offsets"] == offsets
+    assert json.loads((tmp_path / "raw" / "part.json").read_text())["logit_offsets"] is None
+    with pytest.raises(UserInputError, match="--decision 'best'"):
+        predict_job(stack, path, tmp_path / "bad", decision="best", **kw)

@@ -223,6 +223,13 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     # model.pt loads with weights_only and reproduces the trained network; so does TorchScript
     model, meta = load_model(out / "model.pt", expect=TINY)
     assert meta["intensity_normalisation"] == "stack z-score" and meta["tile_out"] == 20
+    # the decision rule's offsets are -log(mean weight per class) of the training pixels, centred
+    means = np.asarray(meta["decision"]["mean_weight_per_class"])
+    aug_group = zarr.open_group(aug, mode="r")
+    inner = (slice(None), slice(TINY.context, -TINY.context), slice(TINY.context, -TINY.context))
+    classes, weights = aug_group["classes"][inner], aug_group["weights"][inner]
+    np.testing.assert_allclose(means, [weights[classes == c].mean() for c in (0, 1)], rtol=1e-5)
+    np.testing.assert_allclose(np.diff(meta["decision"]["logit_offsets"]), np.log(means[0] / means[1]))
     x = torch.randn(1, 1, 76, 76)
     scripted = torch.jit.load(str(out / "model.ts"))
     with torch.no_grad():

@@ -42,6 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
                    help="test-time augmentation averaged per tile: none, flips (4) or d4 "
                         "(8 rotations/mirrors)")
+    p.add_argument("--decision", choices=["corrected", "raw"], default="corrected",
+                   help="corrected (default): add the model's weight-prior logit offsets (stored by "
+                        "'unet train'; undo the bias that w(x) gives the argmax toward the heavily "
+                        "weighted border class); raw: the network's plain softmax")
     add_threads_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
@@ -55,5 +59,5 @@ def run(args: argparse.Namespace) -> None:
     predict_job(
         args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
         tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
-        tta=args.tta, expect=spec_from_args(args),
+        tta=args.tta, decision=args.decision, expect=spec_from_args(args),
     )

@@ -17,6 +17,7 @@ rule predict:
         batch=lookup(dpath="predict/batch_size", within=config),
         device=lookup(dpath="predict/device", within=config),
         tta=lookup(dpath="predict/tta", within=config),
+        decision=lookup(dpath="predict/decision", within=config),
         model=model_args(),
         threads=lookup(dpath="predict/threads", within=config),
         code=code_hash("predict"),
@@ -35,6 +36,7 @@ rule predict:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
         " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
+        " --decision {params.decision}"
         " --threads {params.threads} > {log:q} 2>&1"
 
 
