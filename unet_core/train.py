@@ -56,7 +56,8 @@ from unet_core.data import (
     tiled_logits,
 )
 from unet_core.decision import correct, logit_offsets
-from unet_core.errors import CheckpointError, ConfigError
+from unet_core.device import resolve_device
+from unet_core.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
@@ -251,20 +252,11 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     Raises:
         ConfigError: CUDA requested but not available, or an unknown device string.
     """
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            f"train.device: {config.device!r} is not a device (use auto, cpu, cuda or cuda:N)"
-        ) from None
+        device = resolve_device(config.device, option="train.device")
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device: {config.device!r} requested but CUDA is not available (use auto or cpu)"
-            )
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -274,8 +266,6 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
         desc = f"{device} ({torch.cuda.get_device_name(device)}), {precision.value} autocast, TF32 on"
         return Runtime(device, dtype, config.channels_last, desc)
-    if device.type != "cpu":
-        raise ConfigError(f"train.device: {config.device!r} is not supported (use auto, cpu, cuda or cuda:N)")
     if config.precision not in (Precision.AUTO, Precision.FP32):
         log.warning("precision %s ignored on the CPU: training in float32", config.precision.value)
     torch.use_deterministic_algorithms(True)

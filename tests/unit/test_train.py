@@ -497,3 +497,20 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
     assert "Traceback" not in "\n".join(err)
     assert main([*argv[:-2], "--val-slices", "9"]) == 2
     assert "--val-slices: slice(s) [9] out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device,match",
+    [
+        pytest.param("gpu", "train.device 'gpu': not a torch device", id="not-a-device"),
+        pytest.param("meta", "train.device 'meta': not supported", id="unsupported"),
+        pytest.param("cuda", "train.device cuda: CUDA is not available", id="no-cuda"),
+    ],
+)
+def test_bad_device_names_the_key(device: str, match: str) -> None:
+    from unet_core.train import resolve_runtime
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=match):
+        resolve_runtime(tiny_config(device=device))
