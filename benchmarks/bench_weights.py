@@ -13,7 +13,6 @@ Touching cells: seeded Voronoi tessellations (with --gaps also cells with backgr
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import subprocess
 import sys
@@ -22,23 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from unet_core import weights as W
+from unet_core.synth import voronoi_cells as voronoi
 
 W0, SIGMA, TOL = 10.0, 5.0, 1e-3
-
-
-def voronoi(shape: tuple[int, int], n: int, seed: int, *, gap: float = 0.0) -> np.ndarray:
-    """Seeded touching cells: nearest-seed labels 1..n; gap > 0 blanks pixels far from their seed."""
-    rng = np.random.default_rng(seed)
-    points = rng.uniform(0, 1, (n, 2)) * np.array(shape)
-    grid = np.stack(np.mgrid[: shape[0], : shape[1]], -1).reshape(-1, 2)
-    dist, index = cKDTree(points).query(grid)
-    labels = (index + 1).reshape(shape).astype(np.int32)
-    if gap:
-        labels[dist.reshape(shape) > gap * math.sqrt(shape[0] * shape[1] / n / math.pi)] = 0
-    return labels
 
 
 def cells_of(labels: np.ndarray) -> np.ndarray:

@@ -71,8 +71,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "fiji": {"w0": 50.0, "sigma_px": 6.0},  # Falk et al. 2019, U-Net Fiji plugin
 }
 N_CLASSES = 2
-_KD_K = 8
-# Measured cost ratio of one k-d tree query per target pixel (k = 8) to one EDT pixel.
+_KD_K = 4  # neighbours asked for first; unresolved targets ask again with 4x more
+# Measured cost ratio of one k-d tree query per target pixel (k = 4..8) to one EDT pixel.
 _KD_COST_PER_TARGET = 25.0
 
 
@@ -251,7 +251,8 @@ def _two_nearest_kdtree(cells: np.ndarray, target: np.ndarray, cutoff: float) ->
     if len(points) == 0 or n_targets == 0:
         return d1, d2
     point_label = np.append(cells[contour], 0)  # index len(points) = "no neighbour"
-    tree = cKDTree(points)
+    # unbalanced, uncompacted: builds ~2x faster on contour pixels, queries as fast
+    tree = cKDTree(points, balanced_tree=False, compact_nodes=False)
     bound = math.nextafter(cutoff, math.inf)  # include pairs at exactly the cutoff
     coords = np.argwhere(target)
     own = cells[target]  # a target inside a cell has d1 = 0 to its own cell

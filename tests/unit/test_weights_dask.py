@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from scipy.spatial import cKDTree
 
 from unet_core import weights as W
+from unet_core.synth import voronoi_cells as voronoi
 from unet_core import weights_dask as WD
 from unet_core.cli import main
 from unet_core.errors import UserInputError
 from unet_core.ngff import IMAGE_LABEL, PyramidWriter, label_group
-
-
-def voronoi(shape: tuple[int, int], n: int, seed: int, *, gap: float = 0.0) -> np.ndarray:
-    """Seeded touching cells: nearest-seed labels 1..n; gap > 0 blanks pixels far from their seed."""
-    rng = np.random.default_rng(seed)
-    points = rng.uniform(0, 1, (n, 2)) * np.array(shape)
-    grid = np.stack(np.mgrid[: shape[0], : shape[1]], -1).reshape(-1, 2)
-    dist, index = cKDTree(points).query(grid)
-    labels = (index + 1).reshape(shape).astype(np.int32)
-    if gap:
-        labels[dist.reshape(shape) > gap * math.sqrt(shape[0] * shape[1] / n / math.pi)] = 0
-    return labels
 
 
 def make_stack(path: Path, labels: np.ndarray, *, kind: str, chunks=(1, 64, 64), image_shape=None) -> Path:
