@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--sizes-gib", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (needs ~2x the largest size free)")
     args = parser.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_ingest_", dir=args.workdir))
     print(f"# bench_ingest  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cores={os.cpu_count()}  workdir={work}")
     print(f"{'size':>8} {'slices':>6} {'mode':>7} {'seconds':>8} {'GiB/s':>7} {'peak RSS MiB':>13}")

@@ -35,6 +35,9 @@ def normalize(raw: np.ndarray, stats: IntensityStats) -> np.ndarray:
     )
 
 
+HIST_PIECE = 1 << 18  # pixels per bincount call (2 MiB of 64-bit indices)
+
+
 class RunningStats:
     """Exact streaming mean/std over many arrays.
 
@@ -55,10 +58,15 @@ class RunningStats:
             return
         if values.dtype.kind in "iub" and values.dtype.itemsize <= 2:
             offset = -int(np.iinfo(values.dtype).min) if values.dtype.kind == "i" else 0
-            counts = np.bincount((values.ravel().astype(np.int32) + offset) if offset else values.ravel(),
-                                 minlength=256 ** values.dtype.itemsize)
+            bins = 256 ** values.dtype.itemsize
+            if self.hist is None:
+                self.hist = np.zeros(bins, np.int64)
+            flat = values.ravel()
+            # in pieces that stay in cache: bincount casts its input to 64-bit integers first
+            for start in range(0, flat.size, HIST_PIECE):
+                piece = flat[start : start + HIST_PIECE]
+                self.hist += np.bincount((piece.astype(np.int32) + offset) if offset else piece, minlength=bins)
             self.offset = offset
-            self.hist = counts if self.hist is None else self.hist + counts
             return
         values = values.astype(np.float64, copy=False).ravel()
         n_b = values.size

@@ -107,10 +107,18 @@ def downsample_plane(plane: np.ndarray, *, labels: bool) -> np.ndarray:
         return plane[..., :y:2, :x:2]
     quads = (plane[..., 0:y:2, 0:x:2], plane[..., 1:y:2, 0:x:2], plane[..., 0:y:2, 1:x:2], plane[..., 1:y:2, 1:x:2])
     if plane.dtype.kind in "iub":
-        acc = quads[0].astype(np.int64)
-        for q in quads[1:]:
-            acc += q
-        return ((acc + 2) // 4).astype(plane.dtype)
+        if plane.dtype.itemsize <= 2:  # 8/16-bit data: 4x its range fits a 32-bit accumulator
+            acc = quads[0].astype(np.int32 if plane.dtype.kind == "i" else np.uint32)
+            for q in quads[1:]:
+                acc += q
+            acc += 2
+            acc >>= 2  # floor division by 4 (arithmetic shift for signed types): rounds half up
+            return acc.astype(plane.dtype)
+        wide = np.int64 if plane.dtype.kind == "i" else np.uint64
+        quads = tuple(q.astype(wide) for q in quads)
+        # quotients and remainders by 4 separately: no overflow even for 64-bit extremes
+        acc = sum(q >> 2 for q in quads) + ((sum(q & 3 for q in quads) + 2) >> 2)
+        return acc.astype(plane.dtype)
     acc = quads[0].astype(np.float64)
     for q in quads[1:]:
         acc += q
@@ -138,7 +146,7 @@ class PyramidWriter:
     labels: bool = False
     name: str = "image"
     levels: int = 0
-    inflight: int = 2
+    inflight: int = 3
     arrays: list[zarr.Array] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -160,14 +168,10 @@ class PyramidWriter:
     def write_plane(self, index: tuple[int, ...] | int, plane: np.ndarray) -> None:
         """Queue one plane (the last two axes) at leading index ``index`` for every level."""
         index = (index,) if isinstance(index, int) else tuple(index)
-        planes = []
-        for level, arr in enumerate(self.arrays):
-            if level:
-                plane = downsample_plane(plane, labels=self.labels)
-            planes.append((arr, plane[: arr.shape[-2], : arr.shape[-1]]))
         while len(self._pending) >= self.inflight:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(_write_levels, planes, index))
+        # downsampling runs in the pool too, overlapping the caller's reading of the next plane
+        self._pending.append(self._pool.submit(_write_levels, self.arrays, plane, index, self.labels))
 
     def close(self) -> None:
         """Wait for queued writes and stop the pool (errors of abandoned writes are dropped)."""
@@ -191,9 +195,11 @@ class PyramidWriter:
         self.group.attrs.update(attrs)
 
 
-def _write_levels(planes: list[tuple[zarr.Array, np.ndarray]], index: tuple[int, ...]) -> None:
-    for arr, plane in planes:
-        arr[index] = plane
+def _write_levels(arrays: list[zarr.Array], plane: np.ndarray, index: tuple[int, ...], labels: bool) -> None:
+    for level, arr in enumerate(arrays):
+        if level:
+            plane = downsample_plane(plane, labels=labels)
+        arr[index] = plane[: arr.shape[-2], : arr.shape[-1]]
 
 
 def label_group(root: zarr.Group, name: str = LABEL_NAME) -> zarr.Group:

@@ -33,6 +33,19 @@ def _write(path, image, labels=None):
     root.attrs.update({"unet": {"intensity": {"mean": 1.0, "std": 2.0}, "label_kind": "instance"}})
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.uint64])
+def test_downsample_integer_mean_at_the_dtype_extremes(dtype):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(3)
+    img = rng.integers(info.min, info.max, (6, 9), dtype=dtype, endpoint=True)
+    img[:2, :2] = info.max  # four maxima: the accumulator must not overflow
+    img[2:4, :2] = info.min
+    want = (img[:6:2, :8:2].astype(object) + img[1:6:2, :8:2] + img[:6:2, 1:8:2] + img[1:6:2, 1:8:2] + 2) // 4
+    got = downsample_plane(img, labels=False)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.astype(object), want)
+
+
 def test_pyramid_and_ome_zarr_reader(tmp_path):
     image = np.random.default_rng(0).integers(0, 255, (2, 600, 520)).astype(np.uint8)
     labels = (image > 128).astype(np.uint32)
