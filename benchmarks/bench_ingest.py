@@ -13,7 +13,7 @@ Prints throughput (GiB/s of raw pixels), the ratio ingest/naive, and peak RSS.
 Targets (issue 2): throughput >= 0.8x naive, peak RSS <= 1/4 of naive, and ingest's RSS
 flat from 1 GiB to 4 GiB.
 
-Usage: python benchmarks/bench_ingest.py [--sizes-gib 1 4] [--workdir DIR]
+Usage: python benchmarks/bench_ingest.py [--sizes-gib 1 4] [--workdir DIR] [--repeats N]
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-gib", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (needs ~2x the largest size free)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per mode, interleaved naive/ingest; the fastest of each is kept (default 1)")
     args = parser.parse_args()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,10 +97,11 @@ def main() -> None:
             src = work / f"stack_{gib:g}GiB.tif"
             n = make_stack(src, gib)
             raw_gib = n * SIDE * SIDE * 2 / 2**30
-            results = {}
-            for mode in ("naive", "ingest"):
+            results: dict[str, dict] = {}
+            for _, mode in ((i, m) for i in range(max(1, args.repeats)) for m in ("naive", "ingest")):
                 r = run(mode, src, work / "out.zarr")
-                results[mode] = r
+                if mode not in results or r["seconds"] < results[mode]["seconds"]:
+                    results[mode] = r
                 print(f"{raw_gib:7.2f}G {n:6d} {mode:>7} {r['seconds']:8.1f} {raw_gib / r['seconds']:7.3f} {r['peak_rss_mib']:13.0f}")
             speed = results["naive"]["seconds"] / results["ingest"]["seconds"]
             mem = results["ingest"]["peak_rss_mib"] / results["naive"]["peak_rss_mib"]

@@ -1,0 +1,61 @@
+"""Cell instances from a 2D probability map of the cell class: seeded watershed.
+
+Connected components of the thresholded cell interior merge two cells wherever the network
+misses a stretch of the membrane between them. The usual remedy for membrane EM is a seeded
+watershed: seeds are the confident cell cores (P(cell) above a high threshold, eroded so that
+a thin confident bridge does not join two cores), and each seed floods the image in order of
+decreasing P(cell) but only within the cell mask (P(cell) > 0.5). Two cells touching through
+a weak gap then keep separate seeds and meet at the gap's lowest probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: Default seed threshold on P(cell), seed erosion (px) and mask threshold.
+SEED_THRESHOLD = 0.9
+SEED_EROSION_PX = 2
+MASK_THRESHOLD = 0.5
+
+
+def seeded_watershed(
+    cell_probability: np.ndarray,
+    *,
+    seed_threshold: float = SEED_THRESHOLD,
+    seed_erosion_px: int = SEED_EROSION_PX,
+    mask_threshold: float = MASK_THRESHOLD,
+    connectivity: int = 4,
+) -> np.ndarray:
+    """Instance labels (int32, 0 = background) of one slice by a seeded watershed.
+
+    Args:
+        cell_probability: (Y, X) P(cell interior) in [0, 1].
+        seed_threshold: seeds are connected components of P > ``seed_threshold``...
+        seed_erosion_px: ...after this many binary erosions (4-neighbourhood), px.
+        mask_threshold: pixels with P > ``mask_threshold`` are cell; the rest is background.
+        connectivity: 4 or 8, adjacency of the seeds and of the flooding.
+
+    Returns:
+        (Y, X) int32 labels 1..n; every mask pixel reachable from a seed inside the mask gets
+        that seed's label; mask components without a seed keep their own new label.
+    """
+    from skimage.segmentation import watershed
+
+    p = np.asarray(cell_probability, dtype=np.float32)
+    if p.ndim != 2:
+        raise ValueError(f"cell_probability must be 2D, got shape {p.shape}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    structure = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    mask = p > mask_threshold
+    seeds = p > seed_threshold
+    if seed_erosion_px > 0:
+        seeds = ndi.binary_erosion(seeds, iterations=int(seed_erosion_px))
+    markers, n = ndi.label(seeds & mask, structure=structure)
+    labels = watershed(-p, markers, mask=mask, connectivity=1 if connectivity == 4 else 2)
+    # mask components that hold no seed (small or faint cells) are kept as objects of their own
+    orphans, n_orphans = ndi.label(mask & (labels == 0), structure=structure)
+    labels = labels.astype(np.int32, copy=False)
+    labels[orphans > 0] = orphans[orphans > 0] + n
+    return labels
