@@ -67,6 +67,41 @@ def remove_stale(path: Path) -> None:
             remove_path(sibling)
 
 
+def remove_stale_tree(root: str | os.PathLike[str], *, max_depth: int = 4) -> list[Path]:
+    """Delete the temporaries that killed processes of this host left anywhere under ``root``.
+
+    A killed stage whose outputs are still complete from an earlier run (e.g. a killed
+    ``--forcerun``) is not rerun, so :func:`remove_stale` never sees its temporaries; the
+    workflow calls this at start-up instead. Looks ``max_depth`` directories deep and never
+    inside Zarr stores (their files are written in place, inside one atomic temporary).
+
+    Returns:
+        The paths removed.
+    """
+    root = Path(root)
+    marker = f"{TMP_MARK}{_host()}-"
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    todo = [(root, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") and marker in name:
+                pid = name.split(marker, 1)[1].split("-", 1)[0]
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    remove_path(Path(entry.path))
+                    removed.append(Path(entry.path))
+            elif depth < max_depth and entry.is_dir(follow_symlinks=False) and not name.endswith(".zarr"):
+                todo.append((Path(entry.path), depth + 1))
+    return removed
+
+
 def remove_path(path: Path) -> None:
     """Remove a file, link or directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():

@@ -7,9 +7,9 @@ Two levels:
   its process group SIGKILLed at a random point, and the outputs checked: nothing half-written
   under a final name; rerunning the command gives the reference bytes. Training is killed at a
   random iteration and resumes from its checkpoint (``--resume``): bit-identical model.pt.
-* the workflow: Snakemake (whole process group) is SIGKILLed while the stage runs; the rerun
-  ``snakemake`` (after ``--unlock`` for the stale lock, as the message says) completes and every
-  data file equals the uninterrupted run's.
+* the workflow: Snakemake (whole process group) is SIGKILLed while the stage runs; the same
+  command run again (after ``--unlock`` for the stale lock, as the message says) completes and
+  every data file equals the uninterrupted run's, with no temporaries left behind.
 
 CI runs one seed per stage at the job level and one workflow kill (predict); ``UNET_FAULT_SEEDS=N``
 runs every stage with seeds 0..N-1 at both levels (the workflow level is marked slow).
@@ -113,10 +113,29 @@ def test_killed_workflow_reruns_to_identical_outputs(reference: Reference, tmp_p
     time.sleep(_delay(reference, rule, rng))
     kill_group(proc)
 
-    res = snakemake(work, "--cores", "2", check=False)
+    # the user repeats the command that was killed (Snakemake deletes a job's old outputs when
+    # the job starts, so a plain rerun would leave a forced intermediate missing where its
+    # dependants are still up to date)
+    res = snakemake(work, "--cores", "2", "--forcerun", rule, check=False)
     if res.returncode:  # the killed Snakemake left its lock: the message says what to do
         text = res.stdout + res.stderr
         assert "--unlock" in text, text[-3000:]
         snakemake(work, "--unlock")
-        snakemake(work, "--cores", "2")
+        snakemake(work, "--cores", "2", "--forcerun", rule)
+    assert _diff(data_digest(work), reference.digest) == []
+
+
+def test_workflow_start_removes_temporaries_of_killed_stages(reference: Reference, tmp_path):
+    import subprocess
+
+    from unet_core.atomic import _host
+
+    work = clone_run(reference.workdir, tmp_path / "work")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = work / "resources" / "synth" / f".image.tif.tmp-{_host()}-{dead.pid}-0badf00d"
+    stale.write_bytes(b"half a TIFF")
+    res = snakemake(work, "--cores", "2")  # nothing to rerun: the complete outputs are kept
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert not stale.exists()
     assert _diff(data_digest(work), reference.digest) == []

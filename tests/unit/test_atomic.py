@@ -79,3 +79,30 @@ def test_temporaries_of_killed_unreaped_processes_count_as_stale(tmp_path):
         tmp.write_text("done")
     zombie.wait()
     assert not stale.exists()
+
+
+def test_stale_temporaries_anywhere_under_a_root_are_removed(tmp_path):
+    import subprocess
+
+    from unet_core.atomic import _host, remove_stale_tree
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _host()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    file_tmp = tmp_path / "a" / f".image.tif.tmp-{host}-{dead.pid}-01234567"
+    file_tmp.write_text("half")
+    dir_tmp = tmp_path / "a" / "b" / f".stack.ome.zarr.tmp-{host}-{dead.pid}-89abcdef"
+    (dir_tmp / "0").mkdir(parents=True)
+    live = tmp_path / "a" / f".model.pt.tmp-{host}-1-00000000"  # PID 1 runs: kept
+    live.write_text("busy")
+    inside_zarr = tmp_path / "a" / "s.zarr" / f".x.tmp-{host}-{dead.pid}-0"  # never looked into
+    inside_zarr.parent.mkdir()
+    inside_zarr.write_text("chunk")
+    final = tmp_path / "a" / "image.tif"
+    final.write_text("complete")
+    removed = remove_stale_tree(tmp_path)
+    assert sorted(removed) == sorted([file_tmp, dir_tmp])
+    assert not file_tmp.exists() and not dir_tmp.exists()
+    assert live.exists() and inside_zarr.exists() and final.read_text() == "complete"
+    assert remove_stale_tree(tmp_path / "missing") == []

@@ -7,6 +7,7 @@ import shlex
 
 from snakemake.utils import validate
 
+from unet_core.atomic import remove_stale_tree
 from unet_core.errors import ConfigError
 from unet_core.model.spec import UNetSpec
 from unet_core.provenance import code_hash
@@ -70,6 +71,13 @@ def out(path):
     """``path`` under the run's output directory (config ``output_dir``): results and logs
     of different configs never mix."""
     return os.path.join(config["output_dir"], path)
+
+
+# Temporaries of stages killed in an earlier run (host and PID in their names, the PID gone)
+# are removed at start-up, also where the killed stage's old outputs were complete and it is
+# not rerun. Temporaries of running processes are left alone.
+for _root in ("resources", config["output_dir"]):
+    remove_stale_tree(_root)
 
 
 def q(value):
