@@ -50,6 +50,12 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+def _left_by_dead_process(name: str, marker: str) -> bool:
+    """Whether ``name`` is a temporary (``...MARKER<pid>-...``) of a process that no longer runs."""
+    pid = name.split(marker, 1)[1].split("-", 1)[0] if marker in name else ""
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
 def remove_stale(path: Path) -> None:
     """Delete temporaries of ``path`` left by killed processes of this host.
 
@@ -60,10 +66,7 @@ def remove_stale(path: Path) -> None:
     if not path.parent.is_dir():
         return
     for sibling in path.parent.iterdir():
-        if not sibling.name.startswith(prefix):
-            continue
-        pid = sibling.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if sibling.name.startswith(prefix) and _left_by_dead_process(sibling.name, prefix):
             remove_path(sibling)
 
 
@@ -93,8 +96,7 @@ def remove_stale_tree(root: str | os.PathLike[str], *, max_depth: int = 4) -> li
         for entry in entries:
             name = entry.name
             if name.startswith(".") and marker in name:
-                pid = name.split(marker, 1)[1].split("-", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if _left_by_dead_process(name, marker):
                     remove_path(Path(entry.path))
                     removed.append(Path(entry.path))
             elif depth < max_depth and entry.is_dir(follow_symlinks=False) and not name.endswith(".zarr"):

@@ -18,8 +18,6 @@ offsets 0: the plain argmax.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 
@@ -45,14 +43,6 @@ class WeightSums:
         with np.errstate(invalid="ignore", divide="ignore"):
             m = self.weight / self.count
         return np.where(self.count > 0, m, 1.0)
-
-
-def mean_weight_per_class(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int) -> np.ndarray:
-    """``m_c``: the mean loss weight of the pixels of each class, over ``(classes, weights)`` pairs."""
-    sums = WeightSums(n_classes)
-    for classes, weights in pairs:
-        sums.add(classes, weights)
-    return sums.means()
 
 
 def logit_offsets(mean_weights: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core.decision import CorrectedLogits, WeightSums, correct, logit_offsets, mean_weight_per_class
+from unet_core.decision import CorrectedLogits, WeightSums, correct, logit_offsets
 from unet_core.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
@@ -33,7 +33,9 @@ def test_offsets_undo_the_weighting_of_the_optimal_logit(p_interior: float) -> N
 
     opt.step(closure)
     raw = torch.softmax(logit.detach(), 0).numpy()
-    offsets = logit_offsets(mean_weight_per_class([(classes, weights)], 2))
+    sums = WeightSums(2)
+    sums.add(classes, weights)
+    offsets = logit_offsets(sums.means())
     fixed = torch.softmax(torch.from_numpy(correct(logit.detach().numpy(), offsets)), 0).numpy()
     p = classes.mean()
     assert abs(raw[1] - p) > 0.1  # the weighted optimum is biased toward the heavy class
