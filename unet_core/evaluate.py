@@ -40,7 +40,7 @@ import zarr
 from unet_core import __version__
 from unet_core.atomic import atomic_output, remove_path
 from unet_core.errors import UserInputError
-from unet_core.instances import seeded_watershed
+from unet_core.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
 from unet_core.metrics import (
     CELL,
     ISBI_THRESHOLDS,
@@ -70,8 +70,8 @@ CLASS_NAMES = ("background", "cell")
 #: Per-score decision rule and definition, written into metrics.json.
 DECISION_RULES: dict[str, str] = {
     "adapted_rand_error_ws/object_f1_ws/n_pred_objects_ws": "as adapted_rand_error / object_f1, for "
-    "instances from a seeded watershed of P(cell) (seeds: P > 0.9 eroded by 2 px; mask: P > 0.5; "
-    "unet_core/instances.py) instead of connected components of the argmax",
+    f"instances from a seeded watershed of P(cell) (seeds: P > {SEED_THRESHOLD} eroded by {SEED_EROSION_PX} "
+    f"px; mask: P > {MASK_THRESHOLD}; unet_core/instances.py) instead of connected components of the argmax",
     "probabilities": "as written by unet predict: with --decision corrected (default) they include the "
     "model's weight-prior logit offsets (see prediction_unet_attrs.logit_offsets; null = raw softmax)",
     "pixel_error": "argmax of the class probabilities; misclassified fraction of all pixels",

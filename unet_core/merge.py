@@ -358,7 +358,8 @@ def merge_parts(
         root.attrs.update({"unet": {
             "stage": "merge", "version": __version__, "source": ref["stack"],
             "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
-            "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"), "devices": sorted({p.settings["device"] for p in part_list}),
+            "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
+            "devices": sorted({p.settings["device"] for p in part_list}),
             "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
             "decision_rule": DECISION_RULE, "cell_class": CELL_CLASS, "instances": int(final.max(initial=0)),
             "probability_axes": "czyx",
