@@ -17,6 +17,9 @@ from scipy import ndimage as ndi
 SEED_THRESHOLD = 0.9
 SEED_EROSION_PX = 2
 MASK_THRESHOLD = 0.5
+#: Context around each block when the watershed runs block by block (``unet merge``), px:
+#: the result equals the whole slice's where cells are smaller than this.
+WATERSHED_HALO_PX = 128
 
 
 def seeded_watershed(
@@ -40,22 +43,65 @@ def seeded_watershed(
         (Y, X) int32 labels 1..n; every mask pixel reachable from a seed inside the mask gets
         that seed's label; mask components without a seed keep their own new label.
     """
-    from skimage.segmentation import watershed
-
     p = np.asarray(cell_probability, dtype=np.float32)
     if p.ndim != 2:
         raise ValueError(f"cell_probability must be 2D, got shape {p.shape}")
+    structure = _structure(connectivity)
+    markers, n = ndi.label(
+        seed_mask(p, seed_threshold=seed_threshold, seed_erosion_px=seed_erosion_px, mask_threshold=mask_threshold),
+        structure=structure,
+    )
+    labels = flood(p, markers, mask_threshold=mask_threshold, connectivity=connectivity)
+    # mask components that hold no seed (small or faint cells) are kept as objects of their own
+    orphans, n_orphans = ndi.label((p > mask_threshold) & (labels == 0), structure=structure)
+    labels[orphans > 0] = orphans[orphans > 0] + n
+    return labels
+
+
+def _structure(connectivity: int) -> np.ndarray:
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    structure = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-    mask = p > mask_threshold
+    return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+
+
+def seed_mask(
+    cell_probability: np.ndarray,
+    *,
+    seed_threshold: float = SEED_THRESHOLD,
+    seed_erosion_px: int = SEED_EROSION_PX,
+    mask_threshold: float = MASK_THRESHOLD,
+) -> np.ndarray:
+    """(Y, X) bool seed pixels: P > ``seed_threshold``, eroded ``seed_erosion_px`` times, inside the mask.
+
+    The erosion treats pixels outside the array as non-seed, so a window of a larger image
+    gives the whole image's seeds everywhere at least ``seed_erosion_px`` from its cut edges.
+    """
+    p = np.asarray(cell_probability, dtype=np.float32)
     seeds = p > seed_threshold
     if seed_erosion_px > 0:
         seeds = ndi.binary_erosion(seeds, iterations=int(seed_erosion_px))
-    markers, n = ndi.label(seeds & mask, structure=structure)
-    labels = watershed(-p, markers, mask=mask, connectivity=1 if connectivity == 4 else 2)
-    # mask components that hold no seed (small or faint cells) are kept as objects of their own
-    orphans, n_orphans = ndi.label(mask & (labels == 0), structure=structure)
-    labels = labels.astype(np.int32, copy=False)
-    labels[orphans > 0] = orphans[orphans > 0] + n
-    return labels
+    return seeds & (p > mask_threshold)
+
+
+def flood(
+    cell_probability: np.ndarray,
+    markers: np.ndarray,
+    *,
+    mask_threshold: float = MASK_THRESHOLD,
+    connectivity: int = 4,
+) -> np.ndarray:
+    """Flood the mask P > ``mask_threshold`` from ``markers`` in order of decreasing P.
+
+    Args:
+        cell_probability: (Y, X) P(cell).
+        markers: (Y, X) integer seed ids, 0 = no seed.
+
+    Returns:
+        (Y, X) int32 labels: each mask pixel connected to a marker gets its id; 0 elsewhere.
+    """
+    from skimage.segmentation import watershed
+
+    _structure(connectivity)
+    p = np.asarray(cell_probability, dtype=np.float32)
+    labels = watershed(-p, markers, mask=p > mask_threshold, connectivity=1 if connectivity == 4 else 2)
+    return labels.astype(np.int32, copy=False)

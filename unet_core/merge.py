@@ -6,17 +6,18 @@ Output (``prediction.ome.zarr``, NGFF 0.5 on Zarr v3)::
       0, 1, ...                float32 (C, Z, Y, X) class probabilities; level k is 2**k
                                coarser in y and x (2x2 mean); chunks (1, 1, B/2**k, B/2**k)
       labels/segmentation/0..  uint8 (Z, Y, X) argmax class (ties -> lower class index)
-      labels/instances/0..     uint32 (Z, Y, X) 4-connected components of the cell class per
-                               slice, merged across block borders; 0 = not cell; ids are
-                               1..K over the whole stack in raster order of first pixel
-                               of each component's first block
+      labels/instances/0..     uint32 (Z, Y, X) cell instances per slice, 0 = not cell, ids 1..K
+                               over the whole stack: a seeded watershed of P(cell) (``instances="watershed"``;
+                               :func:`watershed_blockwise`) or 4-connected components of the
+                               argmax cell class merged across block borders (default)
 
-Everything is processed one block at a time (memory bounded by the block size): pass 1
-copies probabilities, writes the segmentation and *provisional* instance ids (each block
-labelled on its own), and records which provisional ids touch across block faces; a
-union-find over those pairs gives the final ids; pass 2 relabels. The result depends only
-on the blocks, never on how many jobs computed them or in which order, so 1 job and K jobs
-give byte-identical stores.
+Everything is processed one block at a time (memory bounded by the block size plus halo):
+pass 1 copies probabilities and writes the segmentation (and, for components, *provisional*
+ids of each block labelled on its own, recording which ids touch across block faces; a
+union-find over those pairs gives the final ids). The watershed runs block by block over the
+written probabilities (see :func:`watershed_blockwise`). The last pass relabels and writes the
+pyramid. The result depends only on the blocks, never on how many jobs computed them or in
+which order, so 1 job and K jobs give byte-identical stores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,22 @@ from scipy import ndimage
 from unet_core import __version__
 from unet_core.atomic import atomic_output
 from unet_core.errors import UserInputError
+from unet_core.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, WATERSHED_HALO_PX, flood, seed_mask
 from unet_core.progress import progress
 from unet_core.tiling import Block, Tiling
 
 log = logging.getLogger(__name__)
 
 CELL_CLASS = 1
-DECISION_RULE = (
-    "segmentation = argmax of the class probabilities (ties -> lower class index); instances = "
-    "4-connected components of class 1 (cell interior) per slice, merged across block borders"
-)
+SEGMENTATION_RULE = "segmentation = argmax of the class probabilities (ties -> lower class index)"
+INSTANCE_RULES = {
+    "watershed": (
+        "instances = seeded watershed of P(class 1) per slice (seeds: P > {seed_threshold} eroded by "
+        "{seed_erosion_px} px; mask: P > {mask_threshold}; block-wise with a {halo_px} px halo)"
+    ),
+    "components": "instances = 4-connected components of class 1 (cell interior) per slice, merged across block borders",
+}
+INSTANCE_METHODS = tuple(INSTANCE_RULES)
 TIFF_CONTENTS = ("segmentation", "instances", "cell-probability")
 
 
@@ -163,6 +170,105 @@ def label_blockwise(mask: np.ndarray, *, block_px: int) -> np.ndarray:
                 out[sl] = merger.add_block((z, by // block_px, bx // block_px), vol[sl])
     out = merger.final_ids()[out]
     return out[0] if mask.ndim == 2 else out
+
+
+def _raster_blocks(shape: tuple[int, int, int], block_px: int) -> Iterator[tuple[tuple[int, int, int], tuple[slice, slice]]]:
+    """``((z, by, bx), (ys, xs))`` of a regular block grid, slices in raster order."""
+    n_z, n_y, n_x = shape
+    for z in range(n_z):
+        for by, y0 in enumerate(range(0, n_y, block_px)):
+            for bx, x0 in enumerate(range(0, n_x, block_px)):
+                yield (z, by, bx), (slice(y0, min(y0 + block_px, n_y)), slice(x0, min(x0 + block_px, n_x)))
+
+
+def _grow(ys: slice, xs: slice, halo: int, shape: tuple[int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """The window ``(ys, xs)`` grown by ``halo`` px (clipped to the plane) and the block inside it."""
+    wy = slice(max(0, ys.start - halo), min(shape[1], ys.stop + halo))
+    wx = slice(max(0, xs.start - halo), min(shape[2], xs.stop + halo))
+    core = (slice(ys.start - wy.start, ys.stop - wy.start), slice(xs.start - wx.start, xs.stop - wx.start))
+    return (wy, wx), core
+
+
+def watershed_blockwise(
+    prob: Any,
+    out: Any,
+    scratch: Any,
+    *,
+    shape: tuple[int, int, int],
+    block_px: int,
+    halo_px: int = WATERSHED_HALO_PX,
+    seed_threshold: float = SEED_THRESHOLD,
+    seed_erosion_px: int = SEED_EROSION_PX,
+    mask_threshold: float = MASK_THRESHOLD,
+    desc: str = "merge: instances",
+) -> int:
+    """Seeded-watershed instances of every slice, one block (plus halo) at a time.
+
+    The block-wise form of :func:`unet_core.instances.seeded_watershed`:
+
+    1. Seeds: each block's seed pixels from its window grown by ``seed_erosion_px`` (exactly
+       the whole slice's seeds), numbered as 4-connected components across block faces.
+    2. Flooding: each block is flooded within its window grown by ``halo_px`` from the seeds
+       in that window. A pixel gets the whole slice's label whenever the flood that reaches it
+       in the whole slice stays inside the window, i.e. when cells are smaller than the halo.
+    3. Mask pixels no seed reached become components of their own, joined across block faces
+       to each other and to a seeded region they touch (as flooding the whole slice would).
+
+    Args:
+        prob: ``prob[z, ys, xs]`` -> (Y, X) P(cell) (a NumPy or Zarr view).
+        out: ``out[z, ys, xs]`` read/write uint32 labels, 0 = background; the result.
+        scratch: like ``out``, for the provisional seed ids.
+        shape: (Z, Y, X).
+        block_px: block edge, px.
+        halo_px: flooding context around each block, px.
+
+    Returns:
+        The number of instances; ids are 1..K over the whole stack (seeds in raster order of
+        their first block, then the unseeded components).
+    """
+    seeds = InstanceMerger()
+    for index, (ys, xs) in progress(list(_raster_blocks(shape, block_px)), desc=f"{desc} (seeds)", unit="block"):
+        (wy, wx), core = _grow(ys, xs, seed_erosion_px, shape)
+        mask = seed_mask(np.asarray(prob[index[0], wy, wx]), seed_threshold=seed_threshold,
+                         seed_erosion_px=seed_erosion_px, mask_threshold=mask_threshold)[core]
+        scratch[index[0], ys, xs] = _as_uint32(seeds.add_block(index, mask))
+    seed_ids = seeds.final_ids()
+    n_seeds = int(seed_ids.max(initial=0))
+
+    sets = UnionFind()
+    sets.add(n_seeds)  # ids 1..n_seeds are the seeds, never joined to each other
+    below: dict[int, np.ndarray] = {}
+    right: np.ndarray | None = None
+    for index, (ys, xs) in progress(list(_raster_blocks(shape, block_px)), desc=f"{desc} (flood)", unit="block"):
+        z, by, bx = index
+        if by == 0 and bx == 0:
+            below = {}
+        if bx == 0:
+            right = None
+        (wy, wx), core = _grow(ys, xs, halo_px, shape)
+        p = np.asarray(prob[z, wy, wx], dtype=np.float32)
+        labels = flood(p, seed_ids[np.asarray(scratch[z, wy, wx])], mask_threshold=mask_threshold)[core].astype(np.int64)
+        orphans, n = ndimage.label((p[core] > mask_threshold) & (labels == 0))
+        first = sets.add(n)
+        labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
+        for edge, mine in ((below.get(bx) if by > 0 else None, labels[0, :]), (right, labels[:, 0])):
+            if edge is None:
+                continue
+            touch = (edge > 0) & (mine > 0) & ((edge > n_seeds) | (mine > n_seeds))
+            for a, b in set(zip(edge[touch].tolist(), mine[touch].tolist())):
+                sets.union(a, b)
+        below[bx], right = labels[-1, :].copy(), labels[:, -1].copy()
+        out[z, ys, xs] = _as_uint32(labels)
+    final = sets.final_ids()
+    for index, (ys, xs) in _raster_blocks(shape, block_px):
+        out[index[0], ys, xs] = final[np.asarray(out[index[0], ys, xs])]
+    return int(final.max(initial=0))
+
+
+def _as_uint32(ids: np.ndarray) -> np.ndarray:
+    if ids.size and ids.max() >= 2**32:
+        raise ValueError("more than 2**32 - 1 provisional instance ids")
+    return ids.astype(np.uint32)
 
 
 # -- I/O ----------------------------------------------------------------------------------------
@@ -294,6 +400,10 @@ def merge_parts(
     out: str | os.PathLike[str],
     tiff: str | os.PathLike[str] | None = None,
     tiff_content: str = "segmentation",
+    instances: str = "components",
+    seed_threshold: float = SEED_THRESHOLD,
+    seed_erosion_px: int = SEED_EROSION_PX,
+    halo_px: int = WATERSHED_HALO_PX,
 ) -> MergeSummary:
     """Merge the part stores of all jobs of one ``unet predict`` run into ``out``.
 
@@ -304,14 +414,27 @@ def merge_parts(
         tiff: optional TIFF file to export, (Z, Y, X), written atomically.
         tiff_content: ``segmentation`` (uint8 classes), ``instances`` (uint32) or
             ``cell-probability`` (float32 probability of class 1).
+        instances: ``watershed`` (seeded watershed of P(cell), :func:`watershed_blockwise`)
+            or ``components`` (connected components of the argmax cell class).
+        seed_threshold, seed_erosion_px, halo_px: the watershed's seeds and block halo.
 
     Raises:
-        UserInputError: bad parts (see :func:`open_parts`) or a stack they were not made from.
+        UserInputError: bad parts (see :func:`open_parts`), a stack they were not made from,
+            or bad instance settings.
     """
     from unet_core.ngff import IMAGE_LABEL, label_group, open_stack
 
     if tiff is not None and tiff_content not in TIFF_CONTENTS:
         raise UserInputError(f"--tiff-content {tiff_content!r}: use one of {', '.join(TIFF_CONTENTS)}")
+    if instances not in INSTANCE_METHODS:
+        raise UserInputError(f"--instances {instances!r}: use one of {', '.join(INSTANCE_METHODS)}")
+    if not 0.0 <= seed_threshold < 1.0 or seed_erosion_px < 0 or halo_px < 0:
+        raise UserInputError(
+            f"watershed settings: need 0 <= seed threshold < 1 and erosion, halo >= 0 px "
+            f"(got {seed_threshold}, {seed_erosion_px}, {halo_px})"
+        )
+    ws = dict(seed_threshold=seed_threshold, seed_erosion_px=seed_erosion_px,
+              mask_threshold=MASK_THRESHOLD, halo_px=halo_px)
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:
@@ -344,13 +467,19 @@ def merge_parts(
             probs_pyr.write((slice(None), z), block, probs)
             seg = segment(probs)
             seg_pyr.write((z,), block, seg)
-            ids = merger.add_block(block.index, seg == CELL_CLASS)
-            inst_pyr.arrays[0][(z, *block.plane.to_slices())] = ids.astype(np.uint32)
-        final = merger.final_ids()
-        for block in progress(blocks, desc="merge: instances", unit="block"):
+            if instances == "components":
+                ids = merger.add_block(block.index, seg == CELL_CLASS)
+                inst_pyr.arrays[0][(z, *block.plane.to_slices())] = ids.astype(np.uint32)
+        if instances == "components":
+            final = merger.final_ids()
+            n_instances = int(final.max(initial=0))
+        else:
+            final = None
+            n_instances = _watershed_store(tmp, probs_pyr.arrays[0], inst_pyr.arrays[0], tiling, ws)
+        for block in progress(blocks, desc="merge: instance pyramid", unit="block"):
             z = block.write.offset[0]
-            prov = inst_pyr.arrays[0][(z, *block.plane.to_slices())]
-            inst_pyr.write((z,), block, final[prov])
+            ids = inst_pyr.arrays[0][(z, *block.plane.to_slices())]
+            inst_pyr.write((z,), block, ids if final is None else final[ids])
         scale = tuple(float(s) for s in st.scale)
         probs_pyr.finish((1.0, *scale), st.unit, "probabilities")
         for name, pyr in (("segmentation", seg_pyr), ("instances", inst_pyr)):
@@ -361,15 +490,46 @@ def merge_parts(
             "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
             "devices": sorted({p.settings["device"] for p in part_list}),
             "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
-            "decision_rule": DECISION_RULE, "cell_class": CELL_CLASS, "instances": int(final.max(initial=0)),
+            "decision_rule": f"{SEGMENTATION_RULE}; {INSTANCE_RULES[instances].format(**ws)}",
+            "cell_class": CELL_CLASS, "instances": n_instances,
+            "instance_method": instances, "watershed": ws if instances == "watershed" else None,
             "probability_axes": "czyx",
         }})
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
-    summary = MergeSummary(len(blocks), int(final.max(initial=0)), tiling.shape)
+    summary = MergeSummary(len(blocks), n_instances, tiling.shape)
     log.info("merged %d parts, %d blocks into %s: %d instances",
              len(part_list), len(blocks), out, summary.instances)
     return summary
+
+
+class _CellView:
+    """``view[z, ys, xs]`` -> P(cell) of a (C, Z, Y, X) probability array."""
+
+    def __init__(self, probabilities: zarr.Array) -> None:
+        self.probabilities = probabilities
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return np.asarray(self.probabilities[(CELL_CLASS, *key)])
+
+
+def _watershed_store(tmp: Path, probabilities: zarr.Array, labels: zarr.Array, tiling: Tiling, ws: dict) -> int:
+    """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0)."""
+    import shutil
+
+    from unet_core.ngff import create_array
+
+    scratch_group = zarr.open_group(Path(tmp) / "_scratch", mode="w")  # inside the atomic temporary
+    try:
+        scratch = create_array(scratch_group, "seeds", shape=tiling.shape, dtype=np.uint32,
+                               chunks=(1, tiling.block_px, tiling.block_px))
+        return watershed_blockwise(
+            _CellView(probabilities), labels, scratch, shape=tiling.shape, block_px=tiling.block_px,
+            halo_px=ws["halo_px"], seed_threshold=ws["seed_threshold"],
+            seed_erosion_px=ws["seed_erosion_px"], mask_threshold=ws["mask_threshold"],
+        )
+    finally:
+        shutil.rmtree(Path(tmp) / "_scratch", ignore_errors=True)
 
 
 def export_tiff(

@@ -43,3 +43,68 @@ def test_bad_arguments() -> None:
         seeded_watershed(np.zeros((2, 3, 4)))
     with pytest.raises(ValueError, match="connectivity"):
         seeded_watershed(np.zeros((3, 4)), connectivity=6)
+
+
+# -- block-wise form (unet merge) ---------------------------------------------------------------
+def _cell_probability(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """A P(cell) map of touching cells: interiors near 1, 2-px membranes near 0, a few weak gaps."""
+    from unet_core.synth import voronoi_cells
+
+    labels = voronoi_cells(shape, n, seed)
+    membrane = ndi.morphological_gradient(labels, size=(2, 2)) > 0
+    rng = np.random.default_rng(seed)
+    p = np.where(membrane, 0.05, 0.97) + rng.normal(0, 0.02, shape)
+    p = ndi.gaussian_filter(p, 1.0)
+    p[rng.random(shape) < 0.003] = 0.7  # isolated noisy pixels, some on membranes
+    return np.clip(p, 0, 1).astype(np.float32)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a relabelling of the non-zero ids (0 stays 0)."""
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@pytest.mark.parametrize("block_px", [16, 48, 100])
+def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
+    from unet_core.merge import watershed_blockwise
+
+    prob = np.stack([_cell_probability((120, 150), 30, seed) for seed in (1, 2)])
+    out = np.zeros(prob.shape, np.uint32)
+    scratch = np.zeros(prob.shape, np.uint32)
+    k = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64)
+    whole = [seeded_watershed(p) for p in prob]
+    for z in range(2):
+        assert _same_partition(out[z], whole[z]), f"slice {z} differs from the whole-slice watershed"
+    assert k == sum(int(w.max()) for w in whole)
+    assert set(np.unique(out[0][out[0] > 0])).isdisjoint(np.unique(out[1][out[1] > 0]))  # ids unique per stack
+    assert np.array_equal(np.unique(out), np.arange(k + 1))  # ids 1..K, no gaps
+
+
+def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces() -> None:
+    """A faint cell (no seed) cut by block faces stays one object; one touching a seeded cell
+    across a face joins it even where that cell's seed lies outside the halo."""
+    from unet_core.merge import watershed_blockwise
+
+    p = np.zeros((1, 40, 80), np.float32)
+    p[0, 5:35, 5:35] = 0.7  # faint: no seed, cut into 4 blocks by the 20-px grid
+    p[0, 5:35, 45:78] = 0.99
+    p[0, 5:35, 45:60] = 0.6  # the cell's faint left part, 15 px wide
+    out = np.zeros(p.shape, np.uint32)
+    scratch = np.zeros(p.shape, np.uint32)
+    k = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=20, halo_px=0)
+    assert k == 2
+    assert len(np.unique(out[0, 5:35, 5:35])) == 1 and out[0, 10, 10] > 0
+    assert len(np.unique(out[0, 5:35, 45:78])) == 1 and out[0, 10, 50] != out[0, 10, 10]
+
+
+def test_blockwise_watershed_splits_a_weak_gap_across_blocks() -> None:
+    from unet_core.merge import watershed_blockwise
+
+    p = two_cells_with_weak_gap()[None]
+    out = np.zeros(p.shape, np.uint32)
+    scratch = np.zeros(p.shape, np.uint32)
+    assert watershed_blockwise(p, out, scratch, shape=p.shape, block_px=16, halo_px=16) == 2
+    assert _same_partition(out[0], seeded_watershed(p[0]))
