@@ -128,24 +128,31 @@ class InstanceMerger:
         Returns:
             (Y, X) int64 provisional ids (0 = not cell).
         """
+        local, n = ndimage.label(mask)
+        first = self.sets.add(n)
+        ids = np.where(local > 0, local.astype(np.int64) + (first - 1), 0)
+        self.join_faces(index, ids)
+        return ids
+
+    def join_faces(self, index: tuple[int, int, int], ids: np.ndarray, *, fixed_below: int = 0) -> None:
+        """Union the ids of ``ids`` with those they touch across the faces of earlier blocks.
+
+        Pairs of two ids both ``<= fixed_below`` (sets that must stay apart) are not joined.
+        """
         z, by, bx = index
         if z != self._z:
             self._z, self._below = z, {}
         if bx == 0:
             self._right = None
-        local, n = ndimage.label(mask)
-        first = self.sets.add(n)
-        ids = np.where(local > 0, local.astype(np.int64) + (first - 1), 0)
         above = self._below.get(bx) if by > 0 else None
         for edge, mine in ((above, ids[0, :]), (self._right, ids[:, 0])):
             if edge is None:
                 continue
-            both = (edge > 0) & (mine > 0)
+            both = (edge > 0) & (mine > 0) & ((edge > fixed_below) | (mine > fixed_below))
             for a, b in set(zip(edge[both].tolist(), mine[both].tolist())):
                 self.sets.union(a, b)
         self._below[bx] = ids[-1, :].copy()
         self._right = ids[:, -1].copy()
-        return ids
 
     def final_ids(self) -> np.ndarray:
         """uint32 lookup table: provisional id -> final id."""
@@ -235,31 +242,19 @@ def watershed_blockwise(
     seed_ids = seeds.final_ids()
     n_seeds = int(seed_ids.max(initial=0))
 
-    sets = UnionFind()
-    sets.add(n_seeds)  # ids 1..n_seeds are the seeds, never joined to each other
-    below: dict[int, np.ndarray] = {}
-    right: np.ndarray | None = None
+    faces = InstanceMerger()
+    faces.sets.add(n_seeds)  # ids 1..n_seeds are the seeds, never joined to each other
     for index, (ys, xs) in progress(list(_raster_blocks(shape, block_px)), desc=f"{desc} (flood)", unit="block"):
-        z, by, bx = index
-        if by == 0 and bx == 0:
-            below = {}
-        if bx == 0:
-            right = None
+        z = index[0]
         (wy, wx), core = _grow(ys, xs, halo_px, shape)
         p = np.asarray(prob[z, wy, wx], dtype=np.float32)
         labels = flood(p, seed_ids[np.asarray(scratch[z, wy, wx])], mask_threshold=mask_threshold)[core].astype(np.int64)
         orphans, n = ndimage.label((p[core] > mask_threshold) & (labels == 0))
-        first = sets.add(n)
+        first = faces.sets.add(n)
         labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
-        for edge, mine in ((below.get(bx) if by > 0 else None, labels[0, :]), (right, labels[:, 0])):
-            if edge is None:
-                continue
-            touch = (edge > 0) & (mine > 0) & ((edge > n_seeds) | (mine > n_seeds))
-            for a, b in set(zip(edge[touch].tolist(), mine[touch].tolist())):
-                sets.union(a, b)
-        below[bx], right = labels[-1, :].copy(), labels[:, -1].copy()
+        faces.join_faces(index, labels, fixed_below=n_seeds)
         out[z, ys, xs] = _as_uint32(labels)
-    final = sets.final_ids()
+    final = faces.final_ids()
     for index, (ys, xs) in _raster_blocks(shape, block_px):
         out[index[0], ys, xs] = final[np.asarray(out[index[0], ys, xs])]
     return int(final.max(initial=0))
