@@ -1,4 +1,4 @@
-"""Elastic deformation speed: unet_core.elastic (batched torch) vs elasticdeform.deform_random_grid.
+"""Elastic deformation speed: unet_core.augment.elastic (batched torch) vs elasticdeform.deform_random_grid.
 
 Workload (issue 4): one 572 x 572 float32 image plus int32 labels, 3 x 3 coarse grid,
 sigma = 10 px; image cubic (elasticdeform order 3 / our bicubic), labels nearest (order 0),
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from unet_core.elastic import DeformParams, deform, draw_transform, rng_for
+from unet_core.augment.elastic import DeformParams, deform, draw_transform, rng_for
 from unet_core.model.spec import UNetSpec
 
 SIZE = UNetSpec().input_size(388)  # 572: the paper's input tile
@@ -109,7 +109,7 @@ def main() -> None:
             torch.set_num_threads(threads)
         run = ours(image, labels, batch=batch, params=params, device=device)
         where = f"{device} {threads}thr" if threads else device
-        label = f"unet_core.elastic {where:8s} batch {batch:3d} {what}"
+        label = f"unet_core.augment.elastic {where:8s} batch {batch:3d} {what}"
         if elasticdeform is None:
             t = _paired(run, run, args.repeats)[0] / batch
             print(f"{label:62s} {t * 1e3:7.2f}ms")

@@ -6,7 +6,7 @@ twice, every run in a fresh subprocess so peak RSS is measured per run:
 
 - naive:  ``tifffile.imread(path)`` (whole stack in memory), then one ``zarr`` write with
   the same chunks and compressor;
-- ingest: ``unet_core.ingest.ingest`` (page by page; also writes the 2x pyramid and
+- ingest: ``unet_core.io.ingest.ingest`` (page by page; also writes the 2x pyramid and
   hashes the source file with sha256, which the naive path does not).
 
 Prints throughput (GiB/s of raw pixels), the ratio ingest/naive, and peak RSS.
@@ -40,14 +40,14 @@ mode, src, out = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "naive":
     import tifffile, zarr
-    from unet_core.ngff import compressor
+    from unet_core.io.ngff import compressor
     data = tifffile.imread(src)
     g = zarr.open_group(out, mode="w")
     a = g.create_array("0", shape=data.shape, dtype=data.dtype, chunks=(1, 512, 512), compressors=compressor())
     a[:] = data
 else:
     import logging
-    from unet_core.ingest import ingest
+    from unet_core.io.ingest import ingest
     ingest(src, out)
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -5,7 +5,7 @@ Run: ``.venv/bin/python benchmarks/bench_predict.py [--size 2048] [--base-channe
 Side by side in one run, on one random (He-initialised) paper U-Net and one random slice:
 
 * ``whole``: one monolithic pass over the mirror-padded slice (the reference);
-* ``ours``: :func:`unet_core.predict.predict_plane` at the default block/tile sizes;
+* ``ours``: :func:`unet_core.infer.predict.predict_plane` at the default block/tile sizes;
 * ``paper-388``: the paper's 388-px output tiles stepped by 388 px (origins not multiples of
   16), on a corner of the slice: how large the seams are;
 * ``monai``: the typical MONAI set-up, a same-padded U-Net of the same widths run with
@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_core.geometry import Box
-from unet_core.intensity import IntensityStats
-from unet_core.mirror import mirror_pad
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import IntensityStats
+from unet_core.common.mirror import mirror_pad
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.predict import predict_plane, predict_tiles
-from unet_core.tiling import Tiling
+from unet_core.infer.predict import predict_plane, predict_tiles
+from unet_core.infer.tiling import Tiling
 
 DEFAULT_BLOCK, DEFAULT_TILE = 2048, 1024
 
@@ -98,10 +98,10 @@ def memory_run(size: int, workdir: Path, *, base: int, block_px: int, tile_out: 
     """Peak RSS (MiB) of a fresh process running one ``predict_job`` on a (1, size, size) stack."""
     code = f"""
 import numpy as np, torch, zarr
-from unet_core.ngff import PyramidWriter
+from unet_core.io.ngff import PyramidWriter
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.checkpoint import save_model
+from unet_core.model.checkpoint import save_model
 w = r"{workdir}"
 rng = np.random.default_rng(0)
 root = zarr.open_group(w + "/stack{size}.ome.zarr", mode="w")
@@ -114,7 +114,7 @@ save_model(w + "/narrow.pt", UNet(UNetSpec(base_channels={base}, dropout=0.0)))
 def hwm():  # this process's own peak RSS in KiB (ru_maxrss would include the forking parent's peak)
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 base_rss = hwm()
-from unet_core.predict import predict_job
+from unet_core.infer.predict import predict_job
 s = predict_job(w + "/stack{size}.ome.zarr", w + "/narrow.pt", w + "/part{size}", block_px={block_px},
                 tile_out={tile_out}, batch=1, device="cpu")
 print("RSS", hwm() / 1024, base_rss / 1024, s.mpx_per_s)

@@ -2,10 +2,10 @@
 
 Two comparisons, each measured side by side in this run:
 
-1. loss: ``unet_core.loss.weighted_cross_entropy`` (float32 cast + fused cross-entropy) against the
+1. loss: ``unet_core.model.loss.weighted_cross_entropy`` (float32 cast + fused cross-entropy) against the
    usual one-liner ``(F.cross_entropy(logits, target, reduction="none") * w).mean()`` on one
    output tile, forward + backward; prints the time ratio and the largest difference.
-2. loop: ``unet_core.train.train`` (Zarr loader, iteration sampler, progress bar, checkpoint at
+2. loop: ``unet_core.train.loop.train`` (Zarr loader, iteration sampler, progress bar, checkpoint at
    the end, TorchScript/model-card export excluded from the rate) against a minimal hand-written
    loop over the same tiles already in memory, same model, optimizer and seed; prints tiles/s,
    achieved GFLOP/s (forward + backward = 3x the forward FLOPs of ``UNetSpec.tile_flops``) and
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from unet_core.loss import weighted_cross_entropy
+from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.ngff import create_array
-from unet_core.train import TrainConfig, train
+from unet_core.io.ngff import create_array
+from unet_core.train.loop import TrainConfig, train
 
 H100_BF16_PEAK_TFLOPS = 790.0
 

@@ -3,7 +3,7 @@
 Run: .venv/bin/python benchmarks/bench_weights.py [--quick]
 
 Baselines measured side by side in the same run:
-  * naive = unet_core.weights.border_weight_reference (one whole-image EDT per cell, the
+  * naive = unet_core.weights.maps.border_weight_reference (one whole-image EDT per cell, the
     two smallest kept per pixel: what most re-implementations do);
   * Dask with 1 worker, for the 2-worker speed-up;
   * RSS of a 4-slice stack, for the RSS of a 16-slice stack.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_core import weights as W
-from unet_core.synth import voronoi_cells as voronoi
+from unet_core.weights import maps as W
+from unet_core.io.synth import voronoi_cells as voronoi
 
 W0, SIGMA, TOL = 10.0, 5.0, 1e-3
 
@@ -65,7 +65,7 @@ def bench_kernel(cases, *, repeats: int) -> None:
 def bench_dask(z: int, size: int, n_cells: int) -> None:
     import dask.array as da
 
-    from unet_core.weights_dask import WeightParams, dask_scheduler, label_arrays, weight_array
+    from unet_core.weights.blockwise import WeightParams, dask_scheduler, label_arrays, weight_array
 
     print(f"\n## Dask: {z} slices of {size}^2, ~{n_cells} cells each, chunks (1, 512, 512)")
     labels = np.stack([voronoi((size, size), n_cells, seed=s) for s in range(z)])
@@ -85,8 +85,8 @@ RSS_CHILD = """
 import sys, resource, numpy as np, zarr
 sys.path.insert(0, {bench_dir!r})
 from bench_weights import voronoi
-from unet_core.ngff import PyramidWriter, label_group, IMAGE_LABEL
-from unet_core.weights_dask import WeightParams, dask_scheduler, write_weights
+from unet_core.io.ngff import PyramidWriter, label_group, IMAGE_LABEL
+from unet_core.weights.blockwise import WeightParams, dask_scheduler, write_weights
 z, size, tmp, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if mode == 'make':
   root = zarr.open_group(tmp + '/s.ome.zarr', mode='w')

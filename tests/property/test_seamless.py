@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core.geometry import Box
-from unet_core.intensity import IntensityStats, normalize
-from unet_core.mirror import mirror_pad
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.mirror import mirror_pad
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.predict import predict_block, predict_tiles, read_block_input
-from unet_core.tiling import Tiling
+from unet_core.infer.predict import predict_block, predict_tiles, read_block_input
+from unet_core.infer.tiling import Tiling
 
 TOL = 1e-5
 CPU = torch.device("cpu")

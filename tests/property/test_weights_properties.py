@@ -6,8 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from unet_core import weights as W
-from unet_core import weights_dask as WD
+from unet_core.weights import maps as W
+from unet_core.weights import blockwise as WD
 
 SEEDS = [pytest.param(s, id=f"seed{s}") for s in range(6)]
 

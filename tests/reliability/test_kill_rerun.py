@@ -128,7 +128,7 @@ def test_killed_workflow_reruns_to_identical_outputs(reference: Reference, tmp_p
 def test_workflow_start_removes_temporaries_of_killed_stages(reference: Reference, tmp_path):
     import subprocess
 
-    from unet_core.atomic import _host
+    from unet_core.common.atomic import _host
 
     work = clone_run(reference.workdir, tmp_path / "work")
     dead = subprocess.Popen(["true"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unet_core.atomic import atomic_output
+from unet_core.common.atomic import atomic_output
 
 
 def test_file_appears_only_when_complete(tmp_path):
@@ -49,7 +49,7 @@ def test_nothing_written_is_an_error(tmp_path):
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     import subprocess
 
-    from unet_core.atomic import _host
+    from unet_core.common.atomic import _host
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -69,7 +69,7 @@ def test_temporaries_of_killed_unreaped_processes_count_as_stale(tmp_path):
     import subprocess
     import time
 
-    from unet_core.atomic import _host
+    from unet_core.common.atomic import _host
 
     zombie = subprocess.Popen(["true"])  # exits, but is not waited for: a zombie
     time.sleep(0.3)
@@ -84,7 +84,7 @@ def test_temporaries_of_killed_unreaped_processes_count_as_stale(tmp_path):
 def test_stale_temporaries_anywhere_under_a_root_are_removed(tmp_path):
     import subprocess
 
-    from unet_core.atomic import _host, remove_stale_tree
+    from unet_core.common.atomic import _host, remove_stale_tree
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_core.augment import (
+from unet_core.augment.samples import (
     FORMAT,
     WeightRecipe,
     augment,
@@ -18,13 +18,13 @@ from unet_core.augment import (
     open_source,
 )
 from unet_core.cli import main
-from unet_core.elastic import DeformParams
-from unet_core.errors import UserInputError
-from unet_core.intensity import IntensityStats, normalize
-from unet_core.mirror import read_mirrored
+from unet_core.augment.elastic import DeformParams
+from unet_core.common.errors import UserInputError
+from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
-from unet_core.ngff import PyramidWriter, create_array
-from unet_core.weights import cells_from, class_map, cutoff_px, weight_map
+from unet_core.io.ngff import PyramidWriter, create_array
+from unet_core.weights.maps import cells_from, class_map, cutoff_px, weight_map
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
 TILE_OUT = 44

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core.elastic import (
+from unet_core.augment.elastic import (
     DeformParams,
     Interpolation,
     Transform,
@@ -26,8 +26,8 @@ from unet_core.elastic import (
     warp_labels,
     warp_reference,
 )
-from unet_core.errors import ConfigError, UserInputError
-from unet_core.mirror import mirror_pad, read_mirrored
+from unet_core.common.errors import ConfigError, UserInputError
+from unet_core.common.mirror import mirror_pad, read_mirrored
 from unet_core.model.spec import UNetSpec
 
 PAPER = UNetSpec()
@@ -88,7 +88,7 @@ def test_shift_beyond_border_equals_mirror_pad(origin) -> None:
 
 @pytest.mark.parametrize("interpolation", [pytest.param(i, id=i.value) for i in Interpolation])
 def test_torch_warp_equals_numpy_mirror_reference(interpolation) -> None:
-    """grid_sample(padding_mode='reflection', align_corners=True) is unet_core.mirror's convention."""
+    """grid_sample(padding_mode='reflection', align_corners=True) is unet_core.common.mirror's convention."""
     rng = np.random.default_rng(1)
     image = rng.normal(size=(23, 31))
     params = DeformParams(sigma_px=15.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_core.geometry import Box, chunk_grid
+from unet_core.common.geometry import Box, chunk_grid
 
 
 def test_grow_intersect_contains():

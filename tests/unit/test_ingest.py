@@ -11,7 +11,7 @@ import tifffile
 import zarr
 
 from unet_core.cli import main
-from unet_core.ngff import open_stack
+from unet_core.io.ngff import open_stack
 
 RNG = np.random.default_rng(0)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from unet_core.instances import seeded_watershed
+from unet_core.infer.instances import seeded_watershed
 
 
 def two_cells_with_weak_gap() -> np.ndarray:
@@ -48,7 +48,7 @@ def test_bad_arguments() -> None:
 # -- block-wise form (unet merge) ---------------------------------------------------------------
 def _cell_probability(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
     """A P(cell) map of touching cells: interiors near 1, 2-px membranes near 0, a few weak gaps."""
-    from unet_core.synth import voronoi_cells
+    from unet_core.io.synth import voronoi_cells
 
     labels = voronoi_cells(shape, n, seed)
     membrane = ndi.morphological_gradient(labels, size=(2, 2)) > 0
@@ -69,7 +69,7 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("block_px", [16, 48, 100])
 def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
-    from unet_core.merge import watershed_blockwise
+    from unet_core.infer.merge import watershed_blockwise
 
     prob = np.stack([_cell_probability((120, 150), 30, seed) for seed in (1, 2)])
     out = np.zeros(prob.shape, np.uint32)
@@ -86,7 +86,7 @@ def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
 def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces() -> None:
     """A faint cell (no seed) cut by block faces stays one object; one touching a seeded cell
     across a face joins it even where that cell's seed lies outside the halo."""
-    from unet_core.merge import watershed_blockwise
+    from unet_core.infer.merge import watershed_blockwise
 
     p = np.zeros((1, 40, 80), np.float32)
     p[0, 5:35, 5:35] = 0.7  # faint: no seed, cut into 4 blocks by the 20-px grid
@@ -101,7 +101,7 @@ def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces() -> None:
 
 
 def test_blockwise_watershed_splits_a_weak_gap_across_blocks() -> None:
-    from unet_core.merge import watershed_blockwise
+    from unet_core.infer.merge import watershed_blockwise
 
     p = two_cells_with_weak_gap()[None]
     out = np.zeros(p.shape, np.uint32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_core.intensity import IntensityStats, RunningStats, normalize
+from unet_core.common.intensity import IntensityStats, RunningStats, normalize
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64])

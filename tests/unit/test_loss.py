@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet_core.loss import weighted_cross_entropy
+from unet_core.model.loss import weighted_cross_entropy
 
 
 def _batch(seed: int = 0, n: int = 2, c: int = 3, y: int = 7, x: int = 5):

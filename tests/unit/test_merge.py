@@ -14,13 +14,13 @@ import zarr
 from scipy import ndimage
 from torch import nn
 
-import unet_core.checkpoint
+import unet_core.model.checkpoint
 from unet_core.cli import main
-from unet_core.errors import UserInputError
-from unet_core.merge import UnionFind, label_blockwise, merge_parts, segment
+from unet_core.common.errors import UserInputError
+from unet_core.infer.merge import UnionFind, label_blockwise, merge_parts, segment
 from unet_core.model.spec import UNetSpec
-from unet_core.ngff import PyramidWriter, downsample_plane
-from unet_core.predict import predict_job
+from unet_core.io.ngff import PyramidWriter, downsample_plane
+from unet_core.infer.predict import predict_job
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
 
@@ -46,7 +46,7 @@ def stand_in_model(tmp_path: Path, monkeypatch) -> Path:
     """A model file path whose loading yields the stand-in (the file only feeds the hash)."""
     path = tmp_path / "standin.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr(unet_core.checkpoint, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
+    monkeypatch.setattr(unet_core.model.checkpoint, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
     return path
 
 

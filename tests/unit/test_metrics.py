@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unet_core import metrics as m
+from unet_core.evaluate import metrics as m
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 

@@ -8,7 +8,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from unet_core.mirror import mirror_index, mirror_pad, read_mirrored
+from unet_core.common.mirror import mirror_index, mirror_pad, read_mirrored
 
 
 def test_five_pixel_row_reflects_without_repeating_the_edge():

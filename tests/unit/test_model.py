@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unet_core.errors import ConfigError
+from unet_core.common.errors import ConfigError
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 

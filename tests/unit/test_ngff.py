@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_core.errors import UserInputError
-from unet_core.ngff import IMAGE_LABEL, PyramidWriter, downsample_plane, label_group, open_stack
+from unet_core.common.errors import UserInputError
+from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, downsample_plane, label_group, open_stack
 
 
 def test_downsample_rounds_and_never_blends_labels():

@@ -1,4 +1,4 @@
-"""Tests for unet_core.synth and ``unet synth``: determinism, labels, appearance, TIFF output."""
+"""Tests for unet_core.io.synth and ``unet synth``: determinism, labels, appearance, TIFF output."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet_core import synth
+from unet_core.io import synth
 from unet_core.cli import main
-from unet_core.errors import UserInputError
-from unet_core.synth import (
+from unet_core.common.errors import UserInputError
+from unet_core.io.synth import (
     BorderStyle,
     SynthParams,
     iter_synth_slices,

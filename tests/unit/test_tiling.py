@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from unet_core.errors import UserInputError
-from unet_core.geometry import Box
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
 from unet_core.model.spec import UNetSpec
-from unet_core.tiling import (
+from unet_core.infer.tiling import (
     TTA, Tiling, Transform, check_multiple_of_stride, output_offset, tile_margins, tile_read_box, transforms,
 )
 

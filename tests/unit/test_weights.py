@@ -1,4 +1,4 @@
-"""Tests of the pure w(x) kernels in unet_core.weights."""
+"""Tests of the pure w(x) kernels in unet_core.weights.maps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from unet_core import weights as W
-from unet_core.synth import voronoi_cells as voronoi
-from unet_core.errors import UserInputError
+from unet_core.weights import maps as W
+from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.common.errors import UserInputError
 
 
 def test_cutoff_matches_paper_numbers():

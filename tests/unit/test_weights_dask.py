@@ -1,4 +1,4 @@
-"""Tests of the Dask layer (unet_core.weights_dask) and the weights CLI."""
+"""Tests of the Dask layer (unet_core.weights.blockwise) and the weights CLI."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_core import weights as W
-from unet_core.synth import voronoi_cells as voronoi
-from unet_core import weights_dask as WD
+from unet_core.weights import maps as W
+from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.weights import blockwise as WD
 from unet_core.cli import main
-from unet_core.errors import UserInputError
-from unet_core.ngff import IMAGE_LABEL, PyramidWriter, label_group
+from unet_core.common.errors import UserInputError
+from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, label_group
 
 
 def make_stack(path: Path, labels: np.ndarray, *, kind: str, chunks=(1, 64, 64), image_shape=None) -> Path:

@@ -18,7 +18,7 @@ import sys
 import traceback
 
 from unet_core import __version__
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 # Display order of the subcommands (the order data flows through the pipeline).
 STAGE_ORDER = ("synth", "ingest", "weights", "augment", "train", "predict", "merge", "evaluate", "export")

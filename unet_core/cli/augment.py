@@ -84,10 +84,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.augment import augment
+    from unet_core.augment.samples import augment
     from unet_core.cli.common import configure_threads, parse_slices, spec_from_args
-    from unet_core.elastic import DeformParams
-    from unet_core.ngff import open_stack
+    from unet_core.augment.elastic import DeformParams
+    from unet_core.io.ngff import open_stack
 
     threads = configure_threads(args.threads)
     params = DeformParams(

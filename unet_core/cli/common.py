@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 
 def existing_path(text: str) -> Path:

@@ -69,9 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.cli.common import parse_slices
-    from unet_core.evaluate import evaluate
-    from unet_core.metrics import ISBI_THRESHOLDS
-    from unet_core.ngff import open_stack
+    from unet_core.evaluate.scoring import evaluate
+    from unet_core.evaluate.metrics import ISBI_THRESHOLDS
+    from unet_core.io.ngff import open_stack
 
     slices = None
     if args.slices not in (None, "", "all"):

@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.cli.common import parse_slices
-    from unet_core.ingest import ingest
-    from unet_core.tiff_io import open_tiff_stack
+    from unet_core.io.ingest import ingest
+    from unet_core.io.tiff import open_tiff_stack
 
     slices = None
     if args.slices not in (None, "", "all"):

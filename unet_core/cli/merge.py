@@ -31,6 +31,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.merge import merge_parts
+    from unet_core.infer.merge import merge_parts
 
     merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content)

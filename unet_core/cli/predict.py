@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.cli.common import spec_from_args
-    from unet_core.predict import predict_job
+    from unet_core.infer.predict import predict_job
 
     configure_threads(args.threads)
     predict_job(

@@ -177,9 +177,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.cli.common import parse_slices
-    from unet_core.data import parse_validation_pair
-    from unet_core.ngff import open_stack
-    from unet_core.train import TrainConfig, train
+    from unet_core.train.data import parse_validation_pair
+    from unet_core.io.ngff import open_stack
+    from unet_core.train.loop import TrainConfig, train
 
     configure_threads(args.threads)
     spec = spec_from_args(args)

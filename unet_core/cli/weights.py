@@ -77,15 +77,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_class_weights(args: argparse.Namespace) -> None:
-    from unet_core.weights_dask import dask_scheduler, write_class_weights
+    from unet_core.weights.blockwise import dask_scheduler, write_class_weights
 
     with dask_scheduler(args.scheduler, workers=args.threads):
         write_class_weights(args.stacks, args.out, connectivity=args.connectivity)
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.weights import PRESETS
-    from unet_core.weights_dask import WeightParams, dask_scheduler, read_class_weights, write_weights
+    from unet_core.weights.maps import PRESETS
+    from unet_core.weights.blockwise import WeightParams, dask_scheduler, read_class_weights, write_weights
 
     base = PRESETS[args.preset or "paper"]
     params = WeightParams(

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
-from unet_core.errors import ConfigError
+from unet_core.common.errors import ConfigError
 
 
 class Padding(str, Enum):

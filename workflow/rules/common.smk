@@ -7,10 +7,10 @@ import shlex
 
 from snakemake.utils import validate
 
-from unet_core.atomic import remove_stale_tree
-from unet_core.errors import ConfigError
+from unet_core.common.atomic import remove_stale_tree
+from unet_core.common.errors import ConfigError
 from unet_core.model.spec import UNetSpec
-from unet_core.provenance import code_hash
+from unet_core.common.provenance import code_hash
 
 validate(config, schema="../schemas/config.schema.yaml")
 

@@ -4,7 +4,7 @@ Reads the image stack (and optionally a label stack of the same shape) one slice
 time, checks every slice, writes the full-resolution arrays plus a 2x pyramid for
 viewing, and records provenance (source path, sha256, tool version, parameters) and the
 stack's intensity statistics. Peak memory is a few slices, whatever the stack size. The
-store appears under its final name only when complete (see :mod:`unet_core.atomic`).
+store appears under its final name only when complete (see :mod:`unet_core.common.atomic`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
-from unet_core.errors import UserInputError
-from unet_core.intensity import RunningStats
-from unet_core.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
-from unet_core.progress import progress
-from unet_core.tiff_io import TiffStack, open_tiff_stack
+from unet_core.common.atomic import atomic_output
+from unet_core.common.errors import UserInputError
+from unet_core.common.intensity import RunningStats
+from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
+from unet_core.common.progress import progress
+from unet_core.io.tiff import TiffStack, open_tiff_stack
 
 log = logging.getLogger(__name__)
 

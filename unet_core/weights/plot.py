@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 
-from unet_core.atomic import atomic_output
+from unet_core.common.atomic import atomic_output
 
 
 def plot_weights(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 
 def resolve_device(device: torch.device | str = "auto", *, option: str = "--device") -> torch.device:

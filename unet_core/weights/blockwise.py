@@ -10,7 +10,7 @@ Layout written by :func:`write_weights` (Zarr v3 group, chunks = the stack's lab
                      [w_background, w_cell], frequencies, connectivity, label_kind,
                      separate_touching, border_pixels, source, version
 
-Every 2-D value is computed per slice by :mod:`unet_core.weights`. Instance labels are
+Every 2-D value is computed per slice by :mod:`unet_core.weights.maps`. Instance labels are
 chunked as stored and processed with ``map_overlap``: depth 1 for the separation lines and
 ``halo_px = floor(cutoff) + 2`` for the border term (the term needs labels within the cutoff
 ``sigma * sqrt(2 ln(w0 / tolerance))`` only; +1 makes the halo strictly larger than the
@@ -35,17 +35,17 @@ from typing import Any
 import numpy as np
 
 from unet_core import __version__
-from unet_core import weights as kernel
-from unet_core.atomic import atomic_output
-from unet_core.errors import UserInputError
-from unet_core.progress import progress
+from unet_core.weights import maps as kernel
+from unet_core.common.atomic import atomic_output
+from unet_core.common.errors import UserInputError
+from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WeightParams:
-    """Parameters of w(x) (see :mod:`unet_core.weights`)."""
+    """Parameters of w(x) (see :mod:`unet_core.weights.maps`)."""
 
     w0: float = 10.0
     sigma_px: float = 5.0
@@ -194,7 +194,7 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
     """
     import dask.array as da
 
-    from unet_core.ngff import open_stack
+    from unet_core.io.ngff import open_stack
 
     total = np.zeros(kernel.N_CLASSES, dtype=np.int64)
     parts = []
@@ -282,7 +282,7 @@ def write_weights(
     it as ``<out without .zarr>.png`` (None: no plot).
 
     Args:
-        stack_path: ingested stack (``unet_core.ngff.open_stack``) with labels.
+        stack_path: ingested stack (``unet_core.io.ngff.open_stack``) with labels.
         out: output ``.zarr`` directory.
         params: w0, sigma, tolerance, connectivity, border pixels, d1/d2 method.
         class_weights: dict from :func:`compute_class_weights`/:func:`read_class_weights`;
@@ -296,7 +296,7 @@ def write_weights(
     import dask.array as da
     import zarr
 
-    from unet_core.ngff import create_array, open_stack
+    from unet_core.io.ngff import create_array, open_stack
 
     stack = open_stack(stack_path, require_labels=True)
     kind = _kind(stack)
@@ -345,7 +345,7 @@ def write_weights(
                      regions=[(slice(z0, z1),)] * 3)
         root.attrs.update({"unet": attrs})
     if plot_slice is not None:
-        from unet_core.plots.weights import plot_weights
+        from unet_core.weights.plot import plot_weights
 
         result = zarr.open_group(out, mode="r")
         png = out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from unet_core.atomic import atomic_output
-from unet_core.errors import CheckpointError
+from unet_core.common.atomic import atomic_output
+from unet_core.common.errors import CheckpointError
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 

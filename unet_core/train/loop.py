@@ -4,14 +4,14 @@ Outputs in ``out_dir`` (each written atomically, so a killed run never leaves a 
 
     state.pt          resumable state: model, optimizer, scheduler, grad scaler, every RNG
                       state, iteration, config, training-data hash, metric history
-    model.pt          final weights (unet_core.checkpoint.save_model; weights_only loading)
+    model.pt          final weights (unet_core.model.checkpoint.save_model; weights_only loading)
     model.ts          TorchScript export (CPU, float32, eval mode)
     metrics.csv       one row per validation step
     curve.png         loss / pixel error / IoU against iteration
     model_card.json   config, geometry, data hash, metrics, versions
 
 Reproducibility. The tile read at each iteration is a function of (seed, iteration) only
-(:class:`unet_core.data.IterationSampler`), the loader draws no number from the global RNG,
+(:class:`unet_core.train.data.IterationSampler`), the loader draws no number from the global RNG,
 and a checkpoint restores model, optimizer, scheduler, scaler and the torch/CUDA/NumPy/Python
 RNG states. On the CPU deterministic algorithms are enforced, so a run killed at any
 iteration (SIGKILL) and resumed with ``resume=True`` ends with weights bit-identical to an
@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
-from unet_core.checkpoint import safe_load, save_model, write_torch_file
-from unet_core.data import (
+from unet_core.common.atomic import atomic_output
+from unet_core.model.checkpoint import safe_load, save_model, write_torch_file
+from unet_core.train.data import (
     AugmentedTiles,
     IterationSampler,
     OnTheFlyTiles,
@@ -55,13 +55,13 @@ from unet_core.data import (
     load_validation,
     tiled_logits,
 )
-from unet_core.decision import correct, logit_offsets
-from unet_core.device import resolve_device
-from unet_core.errors import CheckpointError, ConfigError, UserInputError
-from unet_core.loss import weighted_cross_entropy
+from unet_core.model.decision import correct, logit_offsets
+from unet_core.common.device import resolve_device
+from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
+from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.progress import progress_bar
+from unet_core.common.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def pixel_metrics(
         logits: (C, Y, X) float32.
         classes: (Y, X) integer targets.
         weights: (Y, X) float32 w(x), or None (unweighted loss).
-        offsets: (C,) logit offsets of the decision rule (:mod:`unet_core.decision`); the
+        offsets: (C,) logit offsets of the decision rule (:mod:`unet_core.model.decision`); the
             loss is always that of the raw logits (the training objective).
 
     Returns:
@@ -428,7 +428,7 @@ def validate(
 def decision_metadata(mean_weights: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
     """How ``unet predict`` turns this model's logits into classes (stored in the model file)."""
     return {
-        "rule": "argmax of logits + logit_offsets (weight-prior correction, unet_core/decision.py)",
+        "rule": "argmax of logits + logit_offsets (weight-prior correction, unet_core/model/decision.py)",
         "mean_weight_per_class": [float(v) for v in mean_weights],
         "logit_offsets": [float(v) for v in offsets],
     }
@@ -551,7 +551,7 @@ def train(
             workflow uses this, since Snakemake reruns training only when those changed.
         on_iteration: called with the number of completed iterations after each step.
         train_stacks: instead of ``train_sets``, ``(ingested stack, weights store)`` pairs to
-            deform on the fly (fresh tiles every epoch; :class:`unet_core.data.OnTheFlyTiles`).
+            deform on the fly (fresh tiles every epoch; :class:`unet_core.train.data.OnTheFlyTiles`).
         train_slices: z indices of every training stack (None: all).
         tile_out: network output size of the on-the-fly tiles, pixels.
 
@@ -837,7 +837,7 @@ def _write_final_outputs(
     iteration: int,
     decision: dict[str, Any],
 ) -> None:
-    from unet_core.plots.training import plot_training_curve
+    from unet_core.train.plot import plot_training_curve
 
     final = history.rows[-1] if history.rows else {}
     metadata = {

@@ -18,7 +18,7 @@ from typing import Any
 
 from unet_core import __version__
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # unet_core/
 
 
 def _module_path(name: str) -> Path | None:

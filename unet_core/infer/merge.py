@@ -35,11 +35,11 @@ import zarr
 from scipy import ndimage
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
-from unet_core.errors import UserInputError
-from unet_core.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, WATERSHED_HALO_PX, flood, seed_mask
-from unet_core.progress import progress
-from unet_core.tiling import Block, Tiling
+from unet_core.common.atomic import atomic_output
+from unet_core.common.errors import UserInputError
+from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, WATERSHED_HALO_PX, flood, seed_mask
+from unet_core.common.progress import progress
+from unet_core.infer.tiling import Block, Tiling
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def watershed_blockwise(
 ) -> int:
     """Seeded-watershed instances of every slice, one block (plus halo) at a time.
 
-    The block-wise form of :func:`unet_core.instances.seeded_watershed`:
+    The block-wise form of :func:`unet_core.infer.instances.seeded_watershed`:
 
     1. Seeds: each block's seed pixels from its window grown by ``seed_erosion_px`` (exactly
        the whole slice's seeds), numbered as 4-connected components across block faces.
@@ -286,7 +286,7 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
     Raises:
         UserInputError: a missing or unfinished part, parts of different runs, a missing job.
     """
-    from unet_core.predict import PART_FORMAT, iter_done_blocks
+    from unet_core.infer.predict import PART_FORMAT, iter_done_blocks
 
     if not paths:
         raise UserInputError(
@@ -332,7 +332,7 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
 
 
 def _level_count(tiling: Tiling) -> int:
-    from unet_core.ngff import pyramid_levels
+    from unet_core.io.ngff import pyramid_levels
 
     b, k = tiling.block_px, 0
     while b % 2 == 0:
@@ -346,7 +346,7 @@ class _Pyramid:
     def __init__(
         self, group: zarr.Group, shape, dtype, tiling: Tiling, levels: int, *, labels: bool, axes: str
     ) -> None:
-        from unet_core.ngff import create_array
+        from unet_core.io.ngff import create_array
 
         self.group, self.labels, self.axes, self.levels = group, labels, axes, levels
         self.arrays = []
@@ -362,7 +362,7 @@ class _Pyramid:
 
     def write(self, lead: tuple, block: Block, data: np.ndarray, *, from_level: int = 0) -> None:
         """Write (..., y, x) ``data`` of ``block`` at level ``from_level`` and all coarser levels."""
-        from unet_core.ngff import downsample_plane
+        from unet_core.io.ngff import downsample_plane
 
         (y0, x0) = block.plane.offset
         for level in range(from_level, self.levels):
@@ -373,7 +373,7 @@ class _Pyramid:
             arr[(*lead, slice(oy, oy + data.shape[-2]), slice(ox, ox + data.shape[-1]))] = data
 
     def finish(self, scale, unit, name: str, extra: dict | None = None) -> None:
-        from unet_core.ngff import NGFF_VERSION, multiscales_metadata
+        from unet_core.io.ngff import NGFF_VERSION, multiscales_metadata
 
         ome = {"version": NGFF_VERSION,
                "multiscales": [multiscales_metadata(self.axes, scale, self.levels, unit=unit, name=name)]}
@@ -417,7 +417,7 @@ def merge_parts(
         UserInputError: bad parts (see :func:`open_parts`), a stack they were not made from,
             or bad instance settings.
     """
-    from unet_core.ngff import IMAGE_LABEL, label_group, open_stack
+    from unet_core.io.ngff import IMAGE_LABEL, label_group, open_stack
 
     if tiff is not None and tiff_content not in TIFF_CONTENTS:
         raise UserInputError(f"--tiff-content {tiff_content!r}: use one of {', '.join(TIFF_CONTENTS)}")
@@ -512,7 +512,7 @@ def _watershed_store(tmp: Path, probabilities: zarr.Array, labels: zarr.Array, t
     """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0)."""
     import shutil
 
-    from unet_core.ngff import create_array
+    from unet_core.io.ngff import create_array
 
     scratch_group = zarr.open_group(Path(tmp) / "_scratch", mode="w")  # inside the atomic temporary
     try:

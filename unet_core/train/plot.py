@@ -6,9 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib.pyplot as plt
+import matplotlib
 
-from unet_core.atomic import atomic_output
+matplotlib.use("Agg")  # figures are written to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from unet_core.common.atomic import atomic_output
 
 
 def plot_training_curve(

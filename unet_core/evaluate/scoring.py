@@ -38,10 +38,10 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output, remove_path
-from unet_core.errors import UserInputError
-from unet_core.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
-from unet_core.metrics import (
+from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.errors import UserInputError
+from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
+from unet_core.evaluate.metrics import (
     CELL,
     ISBI_THRESHOLDS,
     BinaryCounts,
@@ -58,9 +58,9 @@ from unet_core.metrics import (
     threshold_counts,
     warping_sweep,
 )
-from unet_core.ngff import open_stack
-from unet_core.progress import progress
-from unet_core.weights import class_map, instances_from_labels
+from unet_core.io.ngff import open_stack
+from unet_core.common.progress import progress
+from unet_core.weights.maps import class_map, instances_from_labels
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ CLASS_NAMES = ("background", "cell")
 DECISION_RULES: dict[str, str] = {
     "adapted_rand_error_ws/object_f1_ws/n_pred_objects_ws": "as adapted_rand_error / object_f1, for "
     f"instances from a seeded watershed of P(cell) (seeds: P > {SEED_THRESHOLD} eroded by {SEED_EROSION_PX} "
-    f"px; mask: P > {MASK_THRESHOLD}; unet_core/instances.py) instead of connected components of the argmax",
+    f"px; mask: P > {MASK_THRESHOLD}; unet_core/infer/instances.py) instead of connected components of the argmax",
     "probabilities": "as written by unet predict: with --decision corrected (default) they include the "
     "model's weight-prior logit offsets (see prediction_unet_attrs.logit_offsets; null = raw softmax)",
     "pixel_error": "argmax of the class probabilities; misclassified fraction of all pixels",
@@ -128,8 +128,8 @@ def ground_truth_targets(
             of the stack's two values); default: the larger value in this slice.
         connectivity: 4 or 8, adjacency of the foreground components of binary labels.
 
-    The rules are those of the training targets (:func:`unet_core.weights.instances_from_labels`
-    and :func:`unet_core.weights.class_map`): binary labels give connected components and
+    The rules are those of the training targets (:func:`unet_core.weights.maps.instances_from_labels`
+    and :func:`unet_core.weights.maps.class_map`): binary labels give connected components and
     the foreground mask; instance labels keep their ids and lose the pixel of the smaller
     label on every contact between two cells (a 1-px background line).
 
@@ -165,7 +165,7 @@ class SliceCounts:
         adapted_rand: skimage-style :class:`PairCounts` of the argmax components.
         objects: :class:`ObjectCounts` of the argmax components.
         adapted_rand_ws, objects_ws: the same for the seeded-watershed instances
-            (:func:`unet_core.instances.seeded_watershed` of P(cell)).
+            (:func:`unet_core.infer.instances.seeded_watershed` of P(cell)).
         warping: (topological-error pixels, split + merge pixels) per threshold (empty when
             not computed).
         pixels: pixels scored.
@@ -536,7 +536,7 @@ def evaluate(
             "tool": f"unet-pipeline {__version__}",
         },
     }
-    from unet_core.plots.evaluate import OverlayPanel, plot_overlays
+    from unet_core.evaluate.plot import OverlayPanel, plot_overlays
 
     panels = []
     for tag, picks in (("worst", worst), ("best", best)):

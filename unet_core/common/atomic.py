@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 TMP_MARK = ".tmp-"
 

@@ -12,12 +12,12 @@ input tile (``UNetSpec.input_size(tile_out)``)::
                 attrs["unet"]                seed, parameters, model spec, tile sizes, provenance
 
 Sample ``n = i * K + k`` comes from the ``i``-th selected slice ``z`` and draws all of its
-randomness from ``SeedSequence(seed, spawn_key=(z, k))`` (:func:`unet_core.elastic.rng_for`),
+randomness from ``SeedSequence(seed, spawn_key=(z, k))`` (:func:`unet_core.augment.elastic.rng_for`),
 so the set is byte-identical whatever order or process makes the samples.
 
 **Weights are recomputed, not warped.** The instances are deformed with nearest neighbour,
 then ``classes`` and ``weights`` are recomputed from them with
-:func:`unet_core.weights.class_map` / :func:`unet_core.weights.weight_map` and the stored
+:func:`unet_core.weights.maps.class_map` / :func:`unet_core.weights.maps.weight_map` and the stored
 recipe of the weights stage (class weights, w0, sigma). The border term depends on distances
 between cells, which the deformation changes (it stretches or squeezes gaps by up to ~10 %),
 so a warped map would be the weight of a different geometry; the recomputed one is exact for
@@ -26,7 +26,7 @@ the deformed labels. The tile is the network input, so the output region the los
 for w0 = 10, sigma = 5), and the recomputed weights there are exact.
 
 Each sample reads only the source region its sampling positions cover (plus the
-interpolation support), with :func:`unet_core.mirror.read_mirrored`, i.e. mirrored about the
+interpolation support), with :func:`unet_core.common.mirror.read_mirrored`, i.e. mirrored about the
 true image border: what the network sees at image borders is the same mirror convention as
 in overlap-tile prediction.
 """
@@ -47,8 +47,8 @@ import torch
 import zarr
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
-from unet_core.elastic import (
+from unet_core.common.atomic import atomic_output
+from unet_core.augment.elastic import (
     DeformParams,
     Transform,
     check_fits,
@@ -58,14 +58,14 @@ from unet_core.elastic import (
     rng_for,
     upsample_matrix,
 )
-from unet_core.device import resolve_device
-from unet_core.errors import UserInputError
-from unet_core.geometry import Box
-from unet_core.intensity import normalize
-from unet_core.mirror import read_mirrored
+from unet_core.common.device import resolve_device
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import normalize
+from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
-from unet_core.ngff import Stack, create_array, open_stack
-from unet_core.progress import progress
+from unet_core.io.ngff import Stack, create_array, open_stack
+from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ class WeightRecipe:
         """(Y, X) int32 deformed instances -> classes (Y, X) uint8 and weights (Y, X) float32.
 
         Touching instances (a 1-px separation line that nearest-neighbour sampling dropped)
-        are separated again by :func:`unet_core.weights.class_map`.
+        are separated again by :func:`unet_core.weights.maps.class_map`.
         """
-        from unet_core.weights import class_map, weight_map
+        from unet_core.weights.maps import class_map, weight_map
 
         classes = class_map(instances, separate_touching=self.separate_touching)
         weights = weight_map(
@@ -173,7 +173,7 @@ def deform_tiles(
     Args:
         images: (N, Y, X) float32 z-scored source images (whole slices or mirrored regions).
         instances: (N, Y, X) int32 instance labels aligned with ``images``, 0 = background.
-        transforms: one per source (:func:`unet_core.elastic.draw_transform`), origins in
+        transforms: one per source (:func:`unet_core.augment.elastic.draw_transform`), origins in
             the coordinates of these arrays.
         tile_shape: (H, W) of the output tiles, pixels.
         recipe: how to recompute classes and w(x) from the deformed instances.
@@ -353,7 +353,7 @@ def augment(
         device: torch device for the warp: ``cpu`` (the reference bytes), ``cuda[:N]`` or
             ``auto``.
         plot: optional PNG: originals vs deformed samples for the first ``plot_samples``
-            samples (:func:`unet_core.plots.augment.plot_augmentation`).
+            samples (:func:`unet_core.augment.plot.plot_augmentation`).
         plot_samples: rows of that figure.
         workers: samples made at once in threads (the weight maps dominate; the bytes do not
             depend on it).
@@ -408,7 +408,7 @@ def augment(
             samples_per_slice=samples_per_slice, slices=slices,
         )})
     if plot is not None:
-        from unet_core.plots.augment import plot_augmentation
+        from unet_core.augment.plot import plot_augmentation
 
         rows = preview_rows(source, [(z, k) for _, z, k in jobs[:plot_samples]], seed=seed, params=params,
                             tile_in=tile_in, tile_out=tile_out)
@@ -493,7 +493,7 @@ def provenance(
     samples_per_slice: int, slices: Sequence[int],
 ) -> dict[str, Any]:
     """``attrs["unet"]`` of an augmented set (no timestamps: same inputs, same bytes)."""
-    from unet_core.provenance import code_hash
+    from unet_core.common.provenance import code_hash
 
     return {
         "format": FORMAT,
@@ -511,7 +511,7 @@ def provenance(
         "deformation": params.to_dict(),
         "displacement_upsampling": "Keys cubic convolution a=-0.5, quadratic end extrapolation",
         "border": "mirror about the border pixel centre (numpy 'reflect')",
-        "weights": "recomputed from the deformed instances (unet_core.weights.class_map/weight_map)",
+        "weights": "recomputed from the deformed instances (unet_core.weights.maps.class_map/weight_map)",
         "weight_recipe": source.recipe.to_dict(),
         "intensity_normalisation": "stack z-score",
         "intensity": source.stack.intensity.to_dict(),

@@ -14,11 +14,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from unet_core.atomic import atomic_output
+from unet_core.common.atomic import atomic_output
 
 GRID_STEP_PX = 64
 OUTLINE_RGBA = (1.0, 0.55, 0.0, 0.9)
@@ -47,7 +50,7 @@ def plot_augmentation(path: str | os.PathLike[str], rows: Sequence, *, title: st
 
     Args:
         path: output ``.png``.
-        rows: :class:`unet_core.augment.PreviewRow` objects (one figure row each).
+        rows: :class:`unet_core.augment.samples.PreviewRow` objects (one figure row each).
         title: figure title.
 
     Returns:

@@ -1,7 +1,7 @@
 """Loss weight map of the U-Net paper: w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 sigma**2)).
 
 Pure 2-D kernels (NumPy/SciPy in, NumPy out); the chunked Dask layer is
-:mod:`unet_core.weights_dask`.
+:mod:`unet_core.weights.blockwise`.
 
 Pipeline for one (Y, X) slice:
 
@@ -26,7 +26,7 @@ Truncation (documented tolerance): the term is set to 0 where d1 + d2 > cutoff, 
 ``cutoff = sigma * sqrt(2 ln(w0 / tolerance))`` (21.46 px for w0 = 10, sigma = 5,
 tolerance = 1e-3), where the exact term is below ``tolerance``. So
 ``|border_weight - exact| < tolerance`` everywhere, and every value depends only on labels
-within ``cutoff`` px: that is what lets :mod:`unet_core.weights_dask` compute it in chunks
+within ``cutoff`` px: that is what lets :mod:`unet_core.weights.blockwise` compute it in chunks
 with a finite halo and get bit-identical results.
 
 Special cases: a slice without cells gets no border term (w = w_c(background) everywhere);
@@ -58,7 +58,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

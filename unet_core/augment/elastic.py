@@ -14,7 +14,7 @@ extrapolation ``c[-1] = 3 c[0] - 3 c[1] + c[2]``; for the paper's 3 x 3 grid thi
 the biquadratic through the 9 knots, so the field is smooth and never folds at sigma = 10 px
 on a 572 px tile).
 
-Resampling, all with the project's mirror convention (:mod:`unet_core.mirror`: reflect
+Resampling, all with the project's mirror convention (:mod:`unet_core.common.mirror`: reflect
 about the centre of the border pixel, numpy ``"reflect"``) about the true image border:
 
 * images: bicubic (``torch.nn.functional.grid_sample(mode="bicubic")``, cubic convolution
@@ -36,7 +36,7 @@ draws and the separable factors of the sampling grid are float64 (NumPy); the gr
 is one batched float32 matrix product and the warp is ``grid_sample``, in torch on any
 device (CUDA when asked for), batched over samples that share a source shape.
 :func:`warp_reference` is a slow NumPy version that pins torch's reflection padding to
-:func:`unet_core.mirror.mirror_index` in the tests.
+:func:`unet_core.common.mirror.mirror_index` in the tests.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unet_core.errors import ConfigError, UserInputError
-from unet_core.mirror import mirror_index
+from unet_core.common.errors import ConfigError, UserInputError
+from unet_core.common.mirror import mirror_index
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def warp_reference(image: np.ndarray, coords: np.ndarray, *, interpolation: Inte
     """Slow, explicit NumPy version of :func:`warp_images` for one 2-D image.
 
     Cubic convolution with a = -0.75 (bicubic) or linear weights over the 4x4 / 2x2
-    neighbours, each neighbour index mirrored with :func:`unet_core.mirror.mirror_index`.
+    neighbours, each neighbour index mirrored with :func:`unet_core.common.mirror.mirror_index`.
 
     Args:
         image: (Y, X) float image.

@@ -26,8 +26,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from unet_core import __version__
-from unet_core.errors import UserInputError
-from unet_core.intensity import IntensityStats
+from unet_core.common.errors import UserInputError
+from unet_core.common.intensity import IntensityStats
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"

@@ -21,7 +21,7 @@ Two levels, both 2-D per slice (the network is 2-D; z is never mixed)::
     +---------------+---------------+-------+   past the block/image end (cropped on write)
 
 Edge policy: a tile's write box may extend past the block (and the image); the network
-still sees a full input tile, read with :func:`unet_core.mirror.read_mirrored`, and only
+still sees a full input tile, read with :func:`unet_core.common.mirror.read_mirrored`, and only
 the part inside the block is kept. An image smaller than one tile, or 1 px wide, is one
 block with one tile of at least ``stride`` px per axis.
 
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from enum import Enum
 from itertools import product
 
-from unet_core.errors import UserInputError
-from unet_core.geometry import Box
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
 from unet_core.model.spec import Padding, UNetSpec
 
 

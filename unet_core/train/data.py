@@ -33,13 +33,13 @@ import numpy as np
 import torch
 import zarr
 
-from unet_core.decision import WeightSums
-from unet_core.errors import UserInputError
-from unet_core.geometry import Box
-from unet_core.intensity import normalize
-from unet_core.mirror import read_mirrored
+from unet_core.model.decision import WeightSums
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import normalize
+from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
-from unet_core.ngff import open_stack
+from unet_core.io.ngff import open_stack
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ class IterationSampler(torch.utils.data.Sampler[int]):
 class OnTheFlyTiles(torch.utils.data.Dataset):
     """Freshly deformed tiles drawn from ingested stacks and their weights stores.
 
-    Uses the augment stage's code (:func:`unet_core.augment.make_sample`, paper defaults of
-    :class:`unet_core.elastic.DeformParams`): draw ``index + epoch * len(self)`` (what
+    Uses the augment stage's code (:func:`unet_core.augment.samples.make_sample`, paper defaults of
+    :class:`unet_core.augment.elastic.DeformParams`): draw ``index + epoch * len(self)`` (what
     :class:`IterationSampler` yields with ``with_epoch=True``) is sample ``k = epoch`` of the
     ``index``-th (stack, slice), a pure function of ``(seed, z, k)``, so a resumed run redraws
     identical tiles. Items are shaped as in :class:`AugmentedTiles`.
@@ -232,8 +232,8 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         tile_out: int,
         seed: int,
     ) -> None:
-        from unet_core.augment import open_source, tile_shapes
-        from unet_core.elastic import DeformParams
+        from unet_core.augment.samples import open_source, tile_shapes
+        from unet_core.augment.elastic import DeformParams
 
         if not pairs:
             raise UserInputError("--train-stacks: no training stack given (pass STACK:WEIGHTS.zarr pairs)")
@@ -284,7 +284,7 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         return sums.means()
 
     def _source(self, which: int):
-        from unet_core.augment import open_source
+        from unet_core.augment.samples import open_source
 
         if self._sources is None or self._pid != os.getpid():
             self._sources = [open_source(a, b) for a, b in self.pairs]
@@ -292,7 +292,7 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         return self._sources[which]
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from unet_core.augment import make_sample
+        from unet_core.augment.samples import make_sample
 
         epoch, index = divmod(int(draw), len(self.items))
         which, z = self.items[index]

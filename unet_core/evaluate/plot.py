@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib.pyplot as plt
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from unet_core.atomic import atomic_output
+from unet_core.common.atomic import atomic_output
 
 TRUE_COLOUR = (0.1, 0.9, 0.2)  # ground-truth cell outlines: green
 PRED_COLOUR = (1.0, 0.1, 0.9)  # predicted cell outlines: magenta

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from unet_core.errors import UserInputError
+from unet_core.common.errors import UserInputError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 # axes tifffile may report for the one "stack" axis of a 2-D image sequence

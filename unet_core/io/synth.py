@@ -52,10 +52,10 @@ from typing import Any
 import numpy as np
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output
-from unet_core.errors import UserInputError
-from unet_core.mirror import SCIPY_MODE
-from unet_core.progress import progress
+from unet_core.common.atomic import atomic_output
+from unet_core.common.errors import UserInputError
+from unet_core.common.mirror import SCIPY_MODE
+from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -41,17 +41,17 @@ import torch
 import zarr
 
 from unet_core import __version__
-from unet_core.atomic import atomic_output, remove_path
-from unet_core.decision import CorrectedLogits
-from unet_core.device import resolve_device
-from unet_core.errors import UserInputError
-from unet_core.geometry import Box
-from unet_core.intensity import IntensityStats, normalize
-from unet_core.mirror import read_mirrored
+from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.model.decision import CorrectedLogits
+from unet_core.common.device import resolve_device
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
-from unet_core.progress import progress
-from unet_core.provenance import code_hash
-from unet_core.tiling import TTA, Block, Tiling, Transform, output_offset, tile_read_box, transforms
+from unet_core.common.progress import progress
+from unet_core.common.provenance import code_hash
+from unet_core.infer.tiling import TTA, Block, Tiling, Transform, output_offset, tile_read_box, transforms
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +141,17 @@ def predict_tiles(
 ) -> np.ndarray:
     """Run the network over ``tiles`` and stitch the kept outputs into ``out_box``.
 
-    Each tile is cut from ``image`` at :func:`unet_core.tiling.tile_read_box` (per TTA
+    Each tile is cut from ``image`` at :func:`unet_core.infer.tiling.tile_read_box` (per TTA
     transform), transformed, batched with tiles of the same shape, and its first
     ``write.shape`` output pixels (in the transformed frame) are transformed back and
     averaged over the transforms. This function does not check alignment: the tiles decide
-    whether the result is seamless (see :class:`unet_core.tiling.Tiling`).
+    whether the result is seamless (see :class:`unet_core.infer.tiling.Tiling`).
 
     Args:
         image: (Y, X) float32 normalised input covering every tile's read box.
         image_box: where ``image`` lies in image coordinates.
         tiles: (Y, X) write boxes, each shape a multiple of ``spec.stride`` (or any shape the
-            net accepts with :func:`unet_core.tiling.tile_margins`).
+            net accepts with :func:`unet_core.infer.tiling.tile_margins`).
         out_box: (Y, X) region to return; tile outputs outside it are dropped.
         batch: tiles per network pass.
         tta: transforms to average.
@@ -195,7 +195,7 @@ def read_block_input(
     """The normalised (Y, X) float32 input a block needs, and its box in image coordinates.
 
     Reads only the in-bounds part of the block's read box (block plus halo) from the
-    (Z, Y, X) ``stack_image`` and mirrors the rest (:func:`unet_core.mirror.read_mirrored`).
+    (Z, Y, X) ``stack_image`` and mirrors the rest (:func:`unet_core.common.mirror.read_mirrored`).
     """
     read = tiling.block_read(block, tta)
     z = block.write.offset[0]
@@ -309,7 +309,7 @@ def _part_settings(
 
 def _open_or_create_part(out: Path, settings: dict[str, Any], tiling: Tiling) -> zarr.Array:
     """Reuse a part store written with identical settings (resume), else start a new one."""
-    from unet_core.ngff import create_array
+    from unet_core.io.ngff import create_array
 
     manifest = out / "part.json"
     if manifest.is_file():
@@ -357,8 +357,8 @@ def predict_job(
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
 
     Args:
-        stack: ingested stack (``.ome.zarr``; see :func:`unet_core.ngff.open_stack`).
-        model_path: model file from :func:`unet_core.checkpoint.save_model`.
+        stack: ingested stack (``.ome.zarr``; see :func:`unet_core.io.ngff.open_stack`).
+        model_path: model file from :func:`unet_core.model.checkpoint.save_model`.
         out_part: this job's part store (a directory; created, or resumed if it holds
             blocks of a run with identical settings).
         job, jobs: which share of the C-ordered block list (see :meth:`Tiling.job_blocks`).
@@ -369,7 +369,7 @@ def predict_job(
         precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
         tta: test-time augmentation, ``none``, ``flips`` or ``d4``.
         decision: ``corrected`` (default): the probabilities carry the model's weight-prior
-            correction (:mod:`unet_core.decision`), so 0.5 / the argmax is the best decision
+            correction (:mod:`unet_core.model.decision`), so 0.5 / the argmax is the best decision
             for a network trained with w(x); ``raw``: the plain softmax of the network.
         expect: the architecture the config asks for; a model file that differs is rejected.
 
@@ -380,8 +380,8 @@ def predict_job(
         UserInputError: missing/invalid stack, bad sizes or job numbers; CheckpointError for
             a model file that is unreadable or does not match ``expect``.
     """
-    from unet_core.checkpoint import load_model
-    from unet_core.ngff import open_stack
+    from unet_core.model.checkpoint import load_model
+    from unet_core.io.ngff import open_stack
 
     stack_path, out = Path(stack), Path(out_part)
     if not stack_path.exists():
