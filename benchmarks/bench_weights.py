@@ -65,7 +65,8 @@ def bench_kernel(cases, *, repeats: int) -> None:
 def bench_dask(z: int, size: int, n_cells: int) -> None:
     import dask.array as da
 
-    from unet_core.weights.blockwise import WeightParams, dask_scheduler, label_arrays, weight_array
+    from unet_core.weights.blockwise import dask_scheduler, label_arrays, weight_array
+    from unet_core.weights.recipe import WeightParams
 
     print(f"\n## Dask: {z} slices of {size}^2, ~{n_cells} cells each, chunks (1, 512, 512)")
     labels = np.stack([voronoi((size, size), n_cells, seed=s) for s in range(z)])
@@ -86,7 +87,8 @@ import sys, resource, numpy as np, zarr
 sys.path.insert(0, {bench_dir!r})
 from bench_weights import voronoi
 from unet_core.io.ngff import PyramidWriter, label_group, IMAGE_LABEL
-from unet_core.weights.blockwise import WeightParams, dask_scheduler, write_weights
+from unet_core.weights.blockwise import dask_scheduler, write_weights
+from unet_core.weights.recipe import WeightParams
 z, size, tmp, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if mode == 'make':
   root = zarr.open_group(tmp + '/s.ome.zarr', mode='w')

@@ -8,6 +8,7 @@ import pytest
 
 from unet_core.weights import maps as W
 from unet_core.weights import blockwise as WD
+from unet_core.weights.recipe import WeightParams
 
 SEEDS = [pytest.param(s, id=f"seed{s}") for s in range(6)]
 
@@ -58,7 +59,7 @@ def test_d1_le_d2_and_term_bounds(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_chunked_equals_whole(seed):
     labels = np.stack([random_labels(seed), random_labels(seed + 100)])
-    params = WD.WeightParams()
+    params = WeightParams()
     inst, _ = WD.label_arrays(da.from_array(labels, chunks=(1, 32, 24)), kind="instance")
     chunked = WD.weight_array(inst, kind="instance", class_weights=(0.5, 1.5), params=params).compute(
         scheduler="synchronous")

@@ -10,9 +10,7 @@ import zarr
 
 from unet_core.augment.samples import (
     FORMAT,
-    WeightRecipe,
     augment,
-    augment_on_the_fly,
     drawn_transforms,
     make_sample,
     open_source,
@@ -25,6 +23,7 @@ from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.weights.maps import cells_from, class_map, cutoff_px, weight_map
+from unet_core.weights.recipe import WeightRecipe
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
 TILE_OUT = 44
@@ -173,21 +172,19 @@ def test_weights_are_recomputed_from_the_deformed_instances(stores, tmp_path: Pa
         assert weights.max() > max(RECIPE["class_weights"]) + 1.0  # the border term is there
 
 
-def test_on_the_fly_uses_the_same_deformation(stores) -> None:
+def test_on_the_fly_tiles_are_the_stored_samples(stores) -> None:
+    """Training's on-the-fly draws (unet train --train-stacks) are exactly the stored set's samples."""
+    from unet_core.train.data import OnTheFlyTiles
+
     source = open_source(*stores)
-    stats = source.stack.intensity
-    z = 2
-    images = normalize(np.asarray(source.stack.image[z]), stats)[None].repeat(2, 0)
-    instances = np.asarray(source.instances[z])[None].repeat(2, 0)
-    tiles = augment_on_the_fly(images, instances, keys=[(z, 0), (z, 1)], seed=3, spec=TINY, tile_out=TILE_OUT,
-                               recipe=source.recipe)
+    tiles = OnTheFlyTiles([stores], slices=[2], spec=TINY, tile_out=TILE_OUT, seed=3)
+    c = TINY.context
     for k in range(2):
-        stored = make_sample(source, z, k, seed=3, params=DeformParams(), tile_in=TILE_IN, tile_out=TILE_OUT)
-        np.testing.assert_allclose(tiles.image[k], stored.image[0], atol=1e-4)
-        assert np.mean(tiles.instances[k] != stored.instances[0]) < 1e-3  # ties at exact half pixels only
-    again = augment_on_the_fly(images, instances, keys=[(z, 0), (z, 1)], seed=3, spec=TINY, tile_out=TILE_OUT,
-                               recipe=source.recipe)
-    assert again.image.tobytes() == tiles.image.tobytes()
+        image, classes, weights = tiles[k]  # one slice: draw k is sample k (epoch k) of slice 2
+        stored = make_sample(source, 2, k, seed=3, params=DeformParams(), tile_in=TILE_IN, tile_out=TILE_OUT)
+        assert image[0].numpy().tobytes() == stored.image[0].tobytes()
+        np.testing.assert_array_equal(classes.numpy(), stored.classes[0][c:-c, c:-c])
+        np.testing.assert_array_equal(weights.numpy(), stored.weights[0][c:-c, c:-c])
 
 
 # -- bad input ----------------------------------------------------------------------------------------

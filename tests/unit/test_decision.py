@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core.model.decision import CorrectedLogits, WeightSums, correct, logit_offsets
+from unet_core.infer.predict import CorrectedLogits
+from unet_core.model.decision import WeightSums, correct, logit_offsets
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet

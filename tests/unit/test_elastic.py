@@ -11,7 +11,7 @@ import torch
 from unet_core.augment.elastic import (
     DeformParams,
     Interpolation,
-    Transform,
+    Deformation,
     adjust_grey,
     check_fits,
     deform,
@@ -34,9 +34,9 @@ PAPER = UNetSpec()
 TILE_IN = PAPER.input_size(388)  # 572
 
 
-def _transform(origin=(0, 0), *, angle=0.0, flip=(False, False), coarse=None, grid=3) -> Transform:
+def _transform(origin=(0, 0), *, angle=0.0, flip=(False, False), coarse=None, grid=3) -> Deformation:
     coarse = np.zeros((2, grid, grid)) if coarse is None else np.asarray(coarse, float)
-    return Transform(coarse, angle, flip, origin, 0.0, 1.0, 1.0)
+    return Deformation(coarse, angle, flip, origin, 0.0, 1.0, 1.0)
 
 
 def _torch(images: np.ndarray) -> torch.Tensor:
@@ -244,8 +244,8 @@ def test_origins_keep_the_output_window_inside_the_image() -> None:
 def test_grey_value_changes() -> None:
     images = torch.linspace(-2, 2, 100, dtype=torch.float64).view(1, 1, 10, 10).repeat(2, 1, 1, 1)
     lin = _transform()
-    lin = Transform(lin.coarse, 0.0, (False, False), (0, 0), 0.25, 1.5, 1.0)
-    gam = Transform(lin.coarse, 0.0, (False, False), (0, 0), 0.0, 1.0, 2.0)
+    lin = Deformation(lin.coarse, 0.0, (False, False), (0, 0), 0.25, 1.5, 1.0)
+    gam = Deformation(lin.coarse, 0.0, (False, False), (0, 0), 0.0, 1.0, 2.0)
     out = adjust_grey(images, [lin, gam])
     torch.testing.assert_close(out[0], images[0] * 1.5 + 0.25)
     assert out[1].min() == images[1].min() and out[1].max() == images[1].max()  # gamma keeps the range

@@ -14,10 +14,10 @@ import zarr
 from scipy import ndimage
 from torch import nn
 
-import unet_core.model.checkpoint
+import unet_core.infer.predict
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
-from unet_core.infer.merge import UnionFind, label_blockwise, merge_parts, segment
+from unet_core.infer.merge import InstanceMerger, UnionFind, merge_parts, segment
 from unet_core.model.spec import UNetSpec
 from unet_core.io.ngff import PyramidWriter, downsample_plane
 from unet_core.infer.predict import predict_job
@@ -46,7 +46,7 @@ def stand_in_model(tmp_path: Path, monkeypatch) -> Path:
     """A model file path whose loading yields the stand-in (the file only feeds the hash)."""
     path = tmp_path / "standin.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr(unet_core.model.checkpoint, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
+    monkeypatch.setattr(unet_core.infer.predict, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
     return path
 
 
@@ -66,6 +66,21 @@ def discs(shape: tuple[int, int, int], centres: list[tuple[int, int, int]], radi
     for cz, cy, cx in centres:
         img[(z == cz) & ((y - cy) ** 2 + (x - cx) ** 2 <= radius**2)] = 200
     return img
+
+
+def label_blockwise(mask: np.ndarray, *, block_px: int) -> np.ndarray:
+    """4-connected components of a (Z, Y, X) or (Y, X) bool mask per slice, computed block by
+    block with InstanceMerger (merge's components path); ids unique over the whole array."""
+    vol = mask[None] if mask.ndim == 2 else mask
+    merger = InstanceMerger()
+    out = np.zeros(vol.shape, np.int64)
+    for z in range(vol.shape[0]):
+        for by in range(0, vol.shape[1], block_px):
+            for bx in range(0, vol.shape[2], block_px):
+                sl = (z, slice(by, by + block_px), slice(bx, bx + block_px))
+                out[sl] = merger.add_block((z, by // block_px, bx // block_px), vol[sl])
+    out = merger.final_ids()[out]
+    return out[0] if mask.ndim == 2 else out
 
 
 # -- core ----------------------------------------------------------------------------------------

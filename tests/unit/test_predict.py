@@ -20,7 +20,9 @@ from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 from unet_core.io.ngff import PyramidWriter
 from unet_core.common.device import resolve_device
+from unet_core.common.provenance import sha256_files
 from unet_core.infer.predict import predict_job, predict_plane, resolve_precision, run_network
+from unet_core.infer.part_store import PartStore
 from unet_core.infer.tiling import Tiling
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
@@ -115,7 +117,7 @@ def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) ->
                           expect=TINY)
     assert summary.blocks == 2 * 3 * 3 and summary.skipped == 0 and summary.output_px == 2 * 70 * 90
     settings = json.loads((part / "part.json").read_text())
-    assert settings["model_sha256"] == predict_mod.file_sha256(model_file)
+    assert settings["model_sha256"] == sha256_files([model_file])
     assert settings["tiling"]["block_px"] == 32 and settings["precision"] == "fp32"
     arr = zarr.open_array(part / "probabilities", mode="r")
     assert arr.shape == (2, 2, 70, 90) and arr.dtype == np.float32 and arr.chunks == (2, 1, 32, 32)
@@ -151,19 +153,19 @@ def test_killed_job_resumes_only_missing_blocks(
     reference = tmp_path / "reference"
     predict_job(stack, model_file, reference, **kw)
 
-    real = predict_mod._mark_done
+    real = PartStore.mark_done
     calls = {"n": 0}
 
-    def dying_mark_done(out, block):
+    def dying_mark_done(store, block):
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt  # killed after its 5th block's chunk, before the marker
-        real(out, block)
+        real(store, block)
 
-    monkeypatch.setattr(predict_mod, "_mark_done", dying_mark_done)
+    monkeypatch.setattr(PartStore, "mark_done", dying_mark_done)
     with pytest.raises(KeyboardInterrupt):
         predict_job(stack, model_file, part, **kw)
-    monkeypatch.setattr(predict_mod, "_mark_done", real)
+    monkeypatch.setattr(PartStore, "mark_done", real)
     assert len(list((part / "done").iterdir())) == 5
     assert not (part / "COMPLETE").exists()
     assert not [p for p in (part / "done").iterdir() if p.name.startswith(".")]  # no half-written marker
@@ -230,8 +232,15 @@ def test_cli_predict(stack: Path, model_file: Path, tmp_path: Path, capsys) -> N
     assert main(["predict", str(stack), str(model_file), str(part), "--block-px", "66", *TINY_ARGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "block size 66 px" in err and "64 or 68" in err
-    assert main(["predict", str(stack), str(model_file), str(part)]) == 2  # paper net expected by default
-    assert "does not match the config's model" in capsys.readouterr().err
+    # the architecture comes from the model file: no model flags needed ...
+    fresh = tmp_path / "no-flags"
+    assert main(["predict", str(stack), str(model_file), str(fresh), "--block-px", "64", "--tile-out", "32",
+                 "--device", "cpu", "--threads", "1"]) == 0
+    np.testing.assert_array_equal(read_part(fresh), read_part(part))
+    # ... and flags that are given are checked against it
+    assert main(["predict", str(stack), str(model_file), str(tmp_path / "p2"), "--base-channels", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the config's model" in err and "base_channels: file 4 vs config 64" in err
 
 
 def test_decision_applies_the_models_logit_offsets(stack: Path, tmp_path: Path) -> None:

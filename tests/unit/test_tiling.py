@@ -8,7 +8,7 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.model.spec import UNetSpec
 from unet_core.infer.tiling import (
-    TTA, Tiling, Transform, check_multiple_of_stride, output_offset, tile_margins, tile_read_box, transforms,
+    TTA, Tiling, Dihedral, check_multiple_of_stride, output_offset, tile_margins, tile_read_box, transforms,
 )
 
 PAPER = UNetSpec()
@@ -58,7 +58,7 @@ def test_tile_margins_give_valid_inputs(spec: UNetSpec, write_px: int, margins: 
 def test_flipped_read_box_swaps_margins() -> None:
     write = Box((16, 32), (1024, 512))
     assert tile_read_box(write, PAPER) == Box((16 - 92, 32 - 92), (1024 + 188, 512 + 188))
-    flipped = tile_read_box(write, PAPER, Transform(flip_y=True))
+    flipped = tile_read_box(write, PAPER, Dihedral(flip_y=True))
     assert flipped == Box((16 - 96, 32 - 92), (1024 + 188, 512 + 188))
 
 
@@ -135,10 +135,10 @@ def test_default_tile_flop_overhead_within_target() -> None:
 
 
 def test_transforms() -> None:
-    assert transforms("none") == (Transform(),)
+    assert transforms("none") == (Dihedral(),)
     assert len(set(transforms(TTA.FLIPS))) == 4
     assert len(set(transforms(TTA.D4))) == 8
-    assert transforms(TTA.D4)[0] == Transform()
+    assert transforms(TTA.D4)[0] == Dihedral()
     with pytest.raises(ValueError):
         transforms("rot7")
 

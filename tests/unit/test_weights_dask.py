@@ -13,6 +13,7 @@ import zarr
 from unet_core.weights import maps as W
 from unet_core.io.synth import voronoi_cells as voronoi
 from unet_core.weights import blockwise as WD
+from unet_core.weights.recipe import WeightParams
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
 from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, label_group
@@ -52,14 +53,14 @@ def whole_slice(labels2d, *, kind, class_weights, params, foreground=None):
 
 
 def test_halo_strictly_beyond_cutoff():
-    params = WD.WeightParams()
+    params = WeightParams()
     assert params.halo_px == 23 and params.halo_px > params.cutoff_px + 1
 
 
 @pytest.mark.parametrize("pixels", [pytest.param("background", id="bg"), pytest.param("all", id="all")])
 def test_chunked_equals_whole_slice(instance_stack, tmp_path, pixels):
     path, labels = instance_stack
-    params = WD.WeightParams(w0=10, sigma_px=5, border_pixels=pixels)
+    params = WeightParams(w0=10, sigma_px=5, border_pixels=pixels)
     out = tmp_path / "w.zarr"
     with WD.dask_scheduler("threads", workers=2):
         attrs = WD.write_weights(path, out, params=params, class_weights={"class_weights": [0.6, 2.5]})
@@ -82,7 +83,7 @@ def test_binary_stack_components(tmp_path, scheduler):
     fg = voronoi((120, 100), 20, seed=7, gap=0.9) > 0
     labels = np.stack([np.where(fg, 255, 0), np.where(fg[::-1], 255, 0)]).astype(np.uint8)
     path = make_stack(tmp_path / "bin.ome.zarr", labels, kind="binary", chunks=(1, 40, 40))
-    params = WD.WeightParams(w0=50, sigma_px=6, connectivity=8)
+    params = WeightParams(w0=50, sigma_px=6, connectivity=8)
     with WD.dask_scheduler(scheduler, workers=2):
         WD.write_weights(path, tmp_path / "w.zarr", params=params, class_weights={"class_weights": [1.0, 1.0]},
                          plot_slice=None)

@@ -1,6 +1,6 @@
 """Elastic deformation with rotation, flips, shifts and grey-value changes (the paper's augmentation).
 
-One random :class:`Transform` per sample maps every pixel ``p = (y, x)`` of an output tile
+One random :class:`Deformation` per sample maps every pixel ``p = (y, x)`` of an output tile
 of shape ``(H, W)`` to a source position (pixels of the source slice)::
 
     src(p) = origin + c + M (p - c) + d(p)        c = ((H - 1) / 2, (W - 1) / 2)
@@ -131,7 +131,7 @@ class DeformParams:
 
 
 @dataclass(frozen=True)
-class Transform:
+class Deformation:
     """The random draws of one sample (see the module docstring for the mapping).
 
     Attributes:
@@ -254,7 +254,7 @@ def draw_transform(
     source_shape: Sequence[int],
     tile_shape: Sequence[int],
     out_shape: Sequence[int] | None = None,
-) -> Transform:
+) -> Deformation:
     """Draw one sample's transform; always consumes the same number of random values.
 
     Draw order: 2 * grid**2 standard normals (coarse displacements), then 8 uniforms
@@ -290,7 +290,7 @@ def draw_transform(
     brightness = params.brightness * (2.0 * float(u_bright) - 1.0)
     contrast = _log_uniform(float(u_contrast), params.contrast)
     gamma = _log_uniform(float(u_gamma), params.gamma)
-    partial = Transform(coarse, angle, flips, (0, 0), brightness, contrast, gamma)
+    partial = Deformation(coarse, angle, flips, (0, 0), brightness, contrast, gamma)
 
     origin = []
     if params.mirror:
@@ -311,7 +311,7 @@ def draw_transform(
                     f"or reduce sigma/rotation"
                 )
             origin.append(lo + min(int(u * (hi - lo + 1)), hi - lo))
-    return Transform(coarse, angle, partial.flip, (int(origin[0]), int(origin[1])), brightness, contrast, gamma)
+    return Deformation(coarse, angle, partial.flip, (int(origin[0]), int(origin[1])), brightness, contrast, gamma)
 
 
 def check_fits(source_shape: Sequence[int], tile_shape: Sequence[int], *, params: DeformParams) -> None:
@@ -340,7 +340,7 @@ def check_fits(source_shape: Sequence[int], tile_shape: Sequence[int], *, params
 # --------------------------------------------------------------------------------------
 # sampling grid
 # --------------------------------------------------------------------------------------
-def relative_coordinates(transforms: Sequence[Transform], tile_shape: Sequence[int]) -> np.ndarray:
+def relative_coordinates(transforms: Sequence[Deformation], tile_shape: Sequence[int]) -> np.ndarray:
     """Source positions minus the origin, ``c + M (p - c) + d(p)``, float64 (N, 2, H, W) (y, x)."""
     th, tw = (int(v) for v in tile_shape)
     cy, cx = (th - 1) / 2.0, (tw - 1) / 2.0
@@ -356,7 +356,7 @@ def relative_coordinates(transforms: Sequence[Transform], tile_shape: Sequence[i
     return out
 
 
-def source_coordinates(transforms: Sequence[Transform], tile_shape: Sequence[int]) -> np.ndarray:
+def source_coordinates(transforms: Sequence[Deformation], tile_shape: Sequence[int]) -> np.ndarray:
     """Source position (y, x) of every tile pixel, float64 (N, 2, H, W), pixels."""
     rel = relative_coordinates(transforms, tile_shape)
     origin = np.array([tr.origin for tr in transforms], dtype=np.float64)
@@ -377,13 +377,13 @@ def jacobian_determinant(coords: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # warping (torch, batched)
 # --------------------------------------------------------------------------------------
-def is_whole_pixel(transforms: Sequence[Transform]) -> bool:
+def is_whole_pixel(transforms: Sequence[Deformation]) -> bool:
     """Whether every source position is a whole pixel (no rotation, no displacement)."""
     return all(t.angle == 0.0 and not np.any(t.coarse) for t in transforms)
 
 
 def sampling_grid(
-    transforms: Sequence[Transform],
+    transforms: Sequence[Deformation],
     *,
     tile_shape: Sequence[int],
     source_shape: Sequence[int],
@@ -474,7 +474,7 @@ def warp_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out[:, 0].to(labels.dtype)
 
 
-def adjust_grey(images: torch.Tensor, transforms: Sequence[Transform]) -> torch.Tensor:
+def adjust_grey(images: torch.Tensor, transforms: Sequence[Deformation]) -> torch.Tensor:
     """Apply each sample's contrast, brightness and gamma to (N, C, H, W) z-scored images."""
     out = images
     dtype, device = images.dtype, images.device
@@ -493,7 +493,7 @@ def adjust_grey(images: torch.Tensor, transforms: Sequence[Transform]) -> torch.
 def deform(
     images: torch.Tensor,
     labels: torch.Tensor | None,
-    transforms: Sequence[Transform],
+    transforms: Sequence[Deformation],
     *,
     tile_shape: Sequence[int],
     interpolation: Interpolation | str = Interpolation.BICUBIC,

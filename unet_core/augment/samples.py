@@ -50,7 +50,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.augment.elastic import (
     DeformParams,
-    Transform,
+    Deformation,
     check_fits,
     deform,
     draw_transform,
@@ -64,6 +64,7 @@ from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
+from unet_core.weights.recipe import WeightRecipe
 from unet_core.io.ngff import Stack, create_array, open_stack
 from unet_core.common.progress import progress
 
@@ -71,69 +72,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "unet-pipeline/augmented/1"
 SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for rounding
-
-
-@dataclass(frozen=True)
-class WeightRecipe:
-    """How the weights stage turned instances into classes and w(x) (from its attributes).
-
-    Attributes:
-        class_weights: (w_background, w_cell) class-balancing weights.
-        w0: border weight at a zero-width gap.
-        sigma_px: border weight decay length, pixels.
-        separate_touching: whether a separation line is cut between touching instances.
-        tolerance: truncation tolerance of the border term.
-        border_pixels: pixels that get a border term (``background`` as in the paper, or ``all``).
-    """
-
-    class_weights: tuple[float, float]
-    w0: float
-    sigma_px: float
-    separate_touching: bool
-    tolerance: float = 1e-3
-    border_pixels: str = "background"
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], *, where: str) -> WeightRecipe:
-        """Read the recipe from a weights store's ``attrs["unet"]``.
-
-        Raises:
-            UserInputError: a key is missing (names the store and the key).
-        """
-        try:
-            cw = attrs["class_weights"]
-            return cls(
-                class_weights=(float(cw[0]), float(cw[1])),
-                w0=float(attrs["w0"]),
-                sigma_px=float(attrs["sigma_px"]),
-                separate_touching=bool(attrs["separate_touching"]),
-                tolerance=float(attrs.get("tolerance", cls.tolerance)),
-                border_pixels=str(attrs.get("border_pixels", cls.border_pixels)),
-            )
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise UserInputError(
-                f"{where}: attrs['unet'] lacks a usable {err} entry; regenerate it with 'unet weights'"
-            ) from None
-
-    def apply(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Y, X) int32 deformed instances -> classes (Y, X) uint8 and weights (Y, X) float32.
-
-        Touching instances (a 1-px separation line that nearest-neighbour sampling dropped)
-        are separated again by :func:`unet_core.weights.maps.class_map`.
-        """
-        from unet_core.weights.maps import class_map, weight_map
-
-        classes = class_map(instances, separate_touching=self.separate_touching)
-        weights = weight_map(
-            instances, classes, class_weights=self.class_weights, w0=self.w0, sigma_px=self.sigma_px,
-            tolerance=self.tolerance, pixels=self.border_pixels,
-        )
-        return classes.astype(np.uint8, copy=False), weights.astype(np.float32, copy=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"class_weights": list(self.class_weights), "w0": self.w0, "sigma_px": self.sigma_px,
-                "separate_touching": self.separate_touching, "tolerance": self.tolerance,
-                "border_pixels": self.border_pixels}
 
 
 @dataclass(frozen=True)
@@ -161,7 +99,7 @@ def tile_shapes(spec: UNetSpec, tile_out: int) -> tuple[int, int]:
 def deform_tiles(
     images: np.ndarray,
     instances: np.ndarray,
-    transforms: Sequence[Transform],
+    transforms: Sequence[Deformation],
     *,
     tile_shape: Sequence[int],
     recipe: WeightRecipe,
@@ -195,49 +133,7 @@ def deform_tiles(
     return Tiles(image_np, classes, weights, inst_np)
 
 
-def augment_on_the_fly(
-    images: np.ndarray,
-    instances: np.ndarray,
-    *,
-    keys: Sequence[Sequence[int]],
-    seed: int,
-    spec: UNetSpec,
-    tile_out: int,
-    recipe: WeightRecipe,
-    params: DeformParams = DeformParams(),
-    device: torch.device | str = "cpu",
-) -> Tiles:
-    """Random deformed tiles for a training step (same code as the stored set).
-
-    Args:
-        images: (N, Y, X) float32 z-scored whole slices (repeat a slice for several tiles).
-        instances: (N, Y, X) int32 instances of those slices.
-        keys: N tuples of non-negative ints naming each draw, e.g. (epoch, step, i); tile i
-            uses ``rng_for(seed, *keys[i])``, so a resumed run redraws the same tiles.
-        seed: global seed.
-        spec: the network (gives the input tile for ``tile_out``).
-        tile_out: network output size, pixels.
-        recipe: class/weight recipe of the weights store.
-        params: augmentation settings.
-        device: torch device for the warp.
-
-    Returns:
-        :class:`Tiles` of (N, H, W) arrays, H = W = ``spec.input_size(tile_out)``.
-    """
-    if len(keys) != images.shape[0]:
-        raise ValueError(f"{len(keys)} keys for {images.shape[0]} images")
-    tile_in, _ = tile_shapes(spec, tile_out)
-    check_fits(images.shape[-2:], (tile_in, tile_in), params=params)
-    transforms = [
-        draw_transform(rng_for(seed, *key), params=params, source_shape=images.shape[-2:],
-                       tile_shape=(tile_in, tile_in), out_shape=(tile_out, tile_out))
-        for key in keys
-    ]
-    return deform_tiles(images, instances, transforms, tile_shape=(tile_in, tile_in), recipe=recipe,
-                        params=params, device=device)
-
-
-def source_region(transform: Transform, tile_shape: Sequence[int]) -> Box:
+def source_region(transform: Deformation, tile_shape: Sequence[int]) -> Box:
     """Box of source pixels that sampling ``transform`` can touch (with interpolation support).
 
     Exact for the rotation/flip/shift part; the displacement is bounded by the largest
@@ -443,7 +339,7 @@ class PreviewRow:
     coords: np.ndarray
     knots: np.ndarray
     knot_sources: np.ndarray
-    transform: Transform
+    transform: Deformation
 
 
 def preview_rows(
@@ -523,7 +419,7 @@ def provenance(
 def drawn_transforms(
     source_shape: Sequence[int], samples: Sequence[tuple[int, int]], *, seed: int, params: DeformParams,
     tile_in: int, tile_out: int,
-) -> list[Transform]:
+) -> list[Deformation]:
     """The transforms of samples (z, k), exactly as :func:`augment` draws them."""
     return [
         draw_transform(rng_for(seed, z, k), params=params, source_shape=source_shape,

@@ -21,7 +21,7 @@ from unet_core import __version__
 from unet_core.common.errors import UserInputError
 
 # Display order of the subcommands (the order data flows through the pipeline).
-STAGE_ORDER = ("synth", "ingest", "weights", "augment", "train", "predict", "merge", "evaluate", "export")
+STAGE_ORDER = ("synth", "ingest", "weights", "augment", "train", "predict", "merge", "evaluate")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

@@ -9,18 +9,9 @@ from unet_core.cli.common import (
     add_threads_arg,
     existing_path,
     nonnegative_float,
+    nonnegative_int,
     positive_int,
 )
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -46,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tile-out", type=positive_int, default=388,
                    help="network output size of a sample, pixels; the stored tile is the matching "
                         "input size (default: 388, i.e. 572 px tiles for the paper's network)")
-    p.add_argument("--seed", type=_seed, default=0, help="global random seed, integer >= 0 (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="global random seed, integer >= 0 (default: 0)")
     p.add_argument("--slices", default=None,
                    help="source slices, e.g. '0-19' or '0,2,5-7' (default: all slices of the stack)")
     g = p.add_argument_group("deformation (defaults: the paper's settings)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from unet_core.common.errors import UserInputError
+from unet_core.model.spec import UNetSpec
 
 
 def existing_path(text: str) -> Path:
@@ -17,26 +19,30 @@ def existing_path(text: str) -> Path:
     return path
 
 
+def _number(text: str, kind: type, *, minimum: float, what: str) -> int | float:
+    """Parse ``text`` as a finite ``kind`` >= ``minimum`` or raise argparse's error naming ``what``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (value >= minimum and abs(value) != float("inf")):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _number(text, int, minimum=1, what="a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, minimum=0, what="an integer >= 0")
 
 
 def nonnegative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+    """argparse type: a finite number >= 0."""
+    return _number(text, float, minimum=0.0, what="a finite number >= 0")
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -92,25 +98,38 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
     return chosen
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options describing the U-Net architecture (defaults: the paper's network)."""
-    g = parser.add_argument_group("model architecture (must match the trained model)")
-    g.add_argument("--depth", type=positive_int, default=4, help="number of 2x2 max-pools (paper: 4)")
-    g.add_argument("--base-channels", type=positive_int, default=64, help="feature maps at level 0 (paper: 64)")
-    g.add_argument("--n-classes", type=positive_int, default=2, help="output classes (2: background, cell)")
-    g.add_argument("--padding", choices=["valid", "same"], default="valid",
-                   help="convolution padding: 'valid' as in the paper (exact tiling) or 'same'")
-    g.add_argument("--norm", choices=["none", "batch", "group"], default="none",
-                   help="normalisation after each convolution (paper: none)")
-    g.add_argument("--dropout", type=nonnegative_float, default=0.5,
-                   help="dropout probability at the end of the contracting path")
+#: Architecture options: (flag, key, type, paper default, help).
+MODEL_OPTIONS = (
+    ("--depth", "depth", positive_int, 4, "number of 2x2 max-pools (paper: 4)"),
+    ("--base-channels", "base_channels", positive_int, 64, "feature maps at level 0 (paper: 64)"),
+    ("--n-classes", "n_classes", positive_int, 2, "output classes (2: background, cell)"),
+    ("--padding", "padding", str, "valid", "convolution padding: 'valid' as in the paper (exact tiling) or 'same'"),
+    ("--norm", "norm", str, "none", "normalisation after each convolution: none (paper), batch or group"),
+    ("--dropout", "dropout", nonnegative_float, 0.5, "dropout probability at the end of the contracting path"),
+)
+_CHOICES = {"padding": ["valid", "same"], "norm": ["none", "batch", "group"]}
 
 
-def spec_from_args(args: argparse.Namespace):
+def add_model_args(parser: argparse.ArgumentParser, *, check_only: bool = False) -> None:
+    """Options describing the U-Net architecture.
+
+    Args:
+        check_only: the stage reads the architecture from a model file; the options default
+            to nothing and, when given, are only checked against the file.
+    """
+    title = ("model architecture (read from the model file; options given here are checked against it)"
+             if check_only else "model architecture (defaults: the paper's network)")
+    g = parser.add_argument_group(title)
+    for flag, key, kind, default, text in MODEL_OPTIONS:
+        g.add_argument(flag, dest=key, type=kind, choices=_CHOICES.get(key), default=None if check_only else default,
+                       help=text if check_only else f"{text} (default {default})")
+
+
+def spec_from_args(args: argparse.Namespace) -> UNetSpec:
     """The :class:`UNetSpec` described by :func:`add_model_args` options."""
-    from unet_core.model.spec import UNetSpec
+    return UNetSpec(**{key: getattr(args, key) for _, key, _, _, _ in MODEL_OPTIONS})
 
-    return UNetSpec(
-        depth=args.depth, base_channels=args.base_channels, n_classes=args.n_classes,
-        padding=args.padding, norm=args.norm, dropout=args.dropout,
-    )
+
+def expected_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The architecture keys given on the command line (``add_model_args(check_only=True)``)."""
+    return {key: getattr(args, key) for _, key, _, _, _ in MODEL_OPTIONS if getattr(args, key) is not None}

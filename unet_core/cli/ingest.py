@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unet_core.common.labels import AUTO_KIND, LabelKind
+
 
 def _triple(text: str, *, what: str, kind: type) -> tuple:
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -31,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="image stack: a TIFF file or a folder of single-page TIFFs, axes (Z, Y, X)")
     p.add_argument("out", help="output store, e.g. results/NAME/stack.ome.zarr (replaced if it exists)")
     p.add_argument("--labels", help="label stack of the same shape: instance ids (0 = background) or a binary mask")
-    p.add_argument("--label-kind", choices=["auto", "instance", "binary"], default="auto",
+    p.add_argument("--label-kind", choices=[AUTO_KIND, *(k.value for k in LabelKind)], default=AUTO_KIND,
                    help="how to read the labels: auto = two distinct values -> binary mask "
                         "(larger value = cell interior, e.g. ISBI 2012's 255/0), otherwise instance ids")
     p.add_argument("--slices", default="all",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import add_model_args, add_threads_arg, configure_threads, positive_int
+from unet_core.cli.common import add_model_args, add_threads_arg, configure_threads, expected_model, positive_int
+from unet_core.common.precision import Precision
+from unet_core.infer.tiling import TTA
+from unet_core.model.decision import Decision
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,27 +40,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="tiles per network pass (default: 1 on the CPU, 8 on a GPU); memory grows with it")
     p.add_argument("--device", default="auto",
                    help="auto (GPU if available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU")
-    p.add_argument("--tta", choices=["none", "flips", "d4"], default="none",
+    p.add_argument("--precision", choices=[p.value for p in Precision], default="auto",
+                   help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU (the CPU always uses fp32)")
+    p.add_argument("--tta", choices=[t.value for t in TTA], default="none",
                    help="test-time augmentation averaged per tile: none, flips (4) or d4 "
                         "(8 rotations/mirrors)")
-    p.add_argument("--decision", choices=["corrected", "raw"], default="corrected",
+    p.add_argument("--decision", choices=[d.value for d in Decision], default="corrected",
                    help="corrected (default): add the model's weight-prior logit offsets (stored by "
                         "'unet train'; undo the bias that w(x) gives the argmax toward the heavily "
                         "weighted border class); raw: the network's plain softmax")
     add_threads_arg(p)
-    add_model_args(p)
+    add_model_args(p, check_only=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.cli.common import spec_from_args
     from unet_core.infer.predict import predict_job
 
     configure_threads(args.threads)
     predict_job(
         args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
         tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
-        tta=args.tta, decision=args.decision, expect=spec_from_args(args),
+        tta=args.tta, decision=args.decision, expect=expected_model(args),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 
 from unet_core.cli.common import (
     add_model_args,
@@ -11,21 +12,12 @@ from unet_core.cli.common import (
     configure_threads,
     existing_path,
     nonnegative_float,
+    nonnegative_int,
     positive_int,
     spec_from_args,
 )
 
 log = logging.getLogger(__name__)
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -117,7 +109,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--warmup-iterations",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=0,
         help="linear warm-up from lr/100 to lr over this many iterations (0: none)",
     )
@@ -130,11 +122,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lr-gamma", type=float, default=0.1, help="'step' schedule factor, in (0, 1]")
     g.add_argument(
         "--unweighted",
-        action="store_true",
+        dest="weighted",
+        action="store_false",
         help="plain cross-entropy (ignore the w(x) weights of the training sets)",
     )
     g.add_argument(
-        "--seed", type=_nonnegative_int, default=0, help="seed for initialisation, tile order and dropout"
+        "--seed", type=nonnegative_int, default=0, help="seed for initialisation, tile order and dropout"
     )
     r = p.add_argument_group("run control")
     r.add_argument(
@@ -168,9 +161,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="autocast precision on CUDA (auto: bf16 where supported); the CPU uses fp32",
     )
-    r.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format on CUDA")
+    r.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format on CUDA")
     r.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CUDA speed-up)")
-    r.add_argument("--workers", type=_nonnegative_int, default=2, help="data-loader worker processes")
+    r.add_argument("--workers", type=nonnegative_int, default=2, help="data-loader worker processes")
     add_threads_arg(p)
     p.set_defaults(func=run)
 
@@ -193,29 +186,7 @@ def run(args: argparse.Namespace) -> None:
 
     slices = selection(args.val_slices, pairs, "--val-slices")
     train_slices = selection(args.train_slices, train_pairs, "--train-slices")
-    config = TrainConfig(
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_iterations=args.warmup_iterations,
-        lr_step_iterations=args.lr_step_iterations,
-        lr_gamma=args.lr_gamma,
-        weighted=not args.unweighted,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every,
-        log_every=args.log_every,
-        val_tile_out=args.val_tile_out,
-        device=args.device,
-        precision=args.precision,
-        channels_last=not args.no_channels_last,
-        compile=args.compile,
-        workers=args.workers,
-    )
+    config = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     result = train(
         args.train,
         out_dir=args.out_dir,

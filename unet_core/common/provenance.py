@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import subprocess
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,24 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def sha256_files(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """Hex SHA-256 of the content of files and folders, in the order given.
+
+    A file contributes its bytes; a folder (a Zarr store, a folder of TIFFs) contributes each
+    file below it, sorted by relative path, as that path followed by the file's bytes. So one
+    file hashes like ``sha256sum``, and renaming a file inside a folder changes the hash.
+    """
+    digest = hashlib.sha256()
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(str(path.relative_to(root) if path != root else "").encode())
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -50,6 +50,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from unet_core.common.labels import connectivity_structure
+
 log = logging.getLogger(__name__)
 
 CELL = 1
@@ -75,12 +77,6 @@ def _check_same_shape(**arrays: np.ndarray) -> None:
         raise ValueError(f"arrays must have the same (Y, X) shape, got {shapes}")
 
 
-def _structure(connectivity: int) -> np.ndarray:
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    return ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-
-
 def connected_components(mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
     """Label the connected components of a boolean mask.
 
@@ -91,7 +87,7 @@ def connected_components(mask: np.ndarray, *, connectivity: int = 4) -> np.ndarr
     Returns:
         (Y, X) int32, 0 = background, components numbered 1..n in raster order.
     """
-    labels, _ = ndimage.label(_check_2d("mask", mask).astype(bool, copy=False), structure=_structure(connectivity))
+    labels, _ = ndimage.label(_check_2d("mask", mask).astype(bool, copy=False), structure=connectivity_structure(connectivity))
     return labels.astype(np.int32, copy=False)
 
 
@@ -532,7 +528,7 @@ def topological_numbers(connectivity: int = 4) -> tuple[np.ndarray, np.ndarray]:
         ``(t_fg, t_bg)``: two (256,) uint8 arrays indexed by the neighbourhood code (bit k
         set when neighbour ``_NEIGHBOURS[k]`` is foreground).
     """
-    _structure(connectivity)
+    connectivity_structure(connectivity)
     background = 12 - connectivity  # 4 <-> 8
     t_fg = np.zeros(256, dtype=np.uint8)
     t_bg = np.zeros(256, dtype=np.uint8)
@@ -704,8 +700,8 @@ def _classify_residual(padded: np.ndarray, residual: np.ndarray, *, connectivity
     four = np.array([dy * width + dx for dy, dx in _NEIGHBOURS if abs(dy) + abs(dx) == 1], dtype=np.intp)
     codes = (flat[residual[:, None] + all8] * (1 << np.arange(8))).sum(axis=1)
     is_fg = flat[residual] == 1
-    fg_labels = ndimage.label(padded, structure=_structure(connectivity))[0].ravel()
-    bg_labels = ndimage.label(padded == 0, structure=_structure(background))[0].ravel()
+    fg_labels = ndimage.label(padded, structure=connectivity_structure(connectivity))[0].ravel()
+    bg_labels = ndimage.label(padded == 0, structure=connectivity_structure(background))[0].ravel()
     fg_adjacent = four if connectivity == 4 else all8
     bg_adjacent = four if background == 4 else all8
     objects = _distinct_nonzero(fg_labels[residual[:, None] + fg_adjacent])

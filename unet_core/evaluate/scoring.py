@@ -39,7 +39,8 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output, remove_path
-from unet_core.common.errors import UserInputError
+from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.labels import LabelKind
 from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
 from unet_core.evaluate.metrics import (
     CELL,
@@ -64,7 +65,6 @@ from unet_core.weights.maps import class_map, instances_from_labels
 
 log = logging.getLogger(__name__)
 
-LABEL_KINDS = ("instance", "binary")
 CLASS_NAMES = ("background", "cell")
 
 #: Per-score decision rule and definition, written into metrics.json.
@@ -117,7 +117,7 @@ HIGHER_IS_BETTER = frozenset(
 # ground truth
 # ---------------------------------------------------------------------------------------
 def ground_truth_targets(
-    labels: np.ndarray, *, label_kind: str, foreground_value: int | None = None, connectivity: int = 4
+    labels: np.ndarray, *, label_kind: LabelKind | str, foreground_value: int | None = None, connectivity: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth objects and classes of one slice.
 
@@ -141,8 +141,7 @@ def ground_truth_targets(
         ValueError: unknown label kind.
         UserInputError: labels not 2-D integer, or more than two values in binary labels.
     """
-    if label_kind not in LABEL_KINDS:
-        raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+    label_kind = parse_choice(LabelKind, label_kind, option="label_kind")
     labels = np.asarray(labels)
     if label_kind == "binary" and foreground_value is None:
         foreground_value = 1 if labels.size == 0 or labels.max() == 0 else None  # all-zero slice: no cell
@@ -485,10 +484,7 @@ def evaluate(
         UserInputError: missing or mismatching inputs, no labels, bad options.
     """
     stack = open_stack(stack_path, require_labels=True)
-    if stack.label_kind not in LABEL_KINDS:
-        raise UserInputError(
-            f"{stack.path}: unknown label kind {stack.label_kind!r}; re-ingest with --label-kind instance|binary"
-        )
+    parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label kind (re-ingest with --label-kind)")
     prediction = open_prediction(prediction_path)
     if tuple(prediction.probabilities.shape[1:]) != tuple(stack.shape):
         raise UserInputError(

@@ -10,8 +10,20 @@ a weak gap then keep separate seeds and meet at the gap's lowest probability.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
 from scipy import ndimage as ndi
+
+from unet_core.common.labels import connectivity_structure
+
+
+class InstanceMethod(str, Enum):
+    """How ``unet merge`` turns probabilities into cells."""
+
+    WATERSHED = "watershed"  # seeded watershed of P(cell) (this module)
+    COMPONENTS = "components"  # 4-connected components of the argmax cell class
+
 
 #: Default seed threshold on P(cell), seed erosion (px) and mask threshold.
 SEED_THRESHOLD = 0.9
@@ -46,7 +58,7 @@ def seeded_watershed(
     p = np.asarray(cell_probability, dtype=np.float32)
     if p.ndim != 2:
         raise ValueError(f"cell_probability must be 2D, got shape {p.shape}")
-    structure = _structure(connectivity)
+    structure = connectivity_structure(connectivity)
     markers, n = ndi.label(
         seed_mask(p, seed_threshold=seed_threshold, seed_erosion_px=seed_erosion_px, mask_threshold=mask_threshold),
         structure=structure,
@@ -56,12 +68,6 @@ def seeded_watershed(
     orphans, n_orphans = ndi.label((p > mask_threshold) & (labels == 0), structure=structure)
     labels[orphans > 0] = orphans[orphans > 0] + n
     return labels
-
-
-def _structure(connectivity: int) -> np.ndarray:
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
 
 
 def seed_mask(
@@ -101,7 +107,7 @@ def flood(
     """
     from skimage.segmentation import watershed
 
-    _structure(connectivity)
+    connectivity_structure(connectivity)
     p = np.asarray(cell_probability, dtype=np.float32)
     labels = watershed(-p, markers, mask=p > mask_threshold, connectivity=1 if connectivity == 4 else 2)
     return labels.astype(np.int32, copy=False)

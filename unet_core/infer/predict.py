@@ -6,16 +6,7 @@ statistics, tiles in batches, optional test-time augmentation, stitch). I/O adap
 :func:`predict_job` reads only its blocks plus halo from the stack's Zarr array and writes
 them to its own *part store*, so jobs never write the same file.
 
-Part store layout (a directory written only by one job)::
-
-    part/
-      part.json            geometry, model hash, settings (written before any block)
-      probabilities/       Zarr v3 array float32 (C, Z, Y, X), chunks (C, 1, B, B) = one
-                           chunk per block; only this job's blocks are stored
-      done/<z>.<by>.<bx>   per-block completion marker, renamed into place after the
-                           block's chunk is written (a killed job leaves no block that looks
-                           finished; a rerun recomputes only blocks without a marker)
-      COMPLETE             written last (atomically) with the job summary
+The part store's layout is :mod:`unet_core.infer.part_store`'s.
 
 Peak memory per job is one block read box plus its output plus ``batch`` network tiles
 (and one block in flight each for the prefetching reader and the writer), independent of
@@ -30,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,35 +32,26 @@ import torch
 import zarr
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output, remove_path
-from unet_core.model.decision import CorrectedLogits
 from unet_core.common.device import resolve_device
-from unet_core.common.errors import UserInputError
+from unet_core.common.precision import Precision, resolve_precision
+from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats, normalize
 from unet_core.common.mirror import read_mirrored
-from unet_core.model.spec import UNetSpec
 from unet_core.common.progress import progress
-from unet_core.common.provenance import code_hash
-from unet_core.infer.tiling import TTA, Block, Tiling, Transform, output_offset, tile_read_box, transforms
+from unet_core.common.provenance import code_hash, sha256_files
+from unet_core.infer.part_store import PART_FORMAT, PartStore
+from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
+from unet_core.io.ngff import Stack, open_stack
+from unet_core.model.checkpoint import ModelExpectation, load_model
+from unet_core.model.decision import Decision
+from unet_core.model.spec import UNetSpec
 
 log = logging.getLogger(__name__)
 
-PART_FORMAT = "unet-pipeline/predict-part/1"
-PROBABILITIES = "probabilities"
-DECISIONS = ("corrected", "raw")
 
 
 # -- devices ---------------------------------------------------------------------------
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"bf16"`` on a GPU, ``"fp32"`` on the CPU (exact tiling is checked in fp32)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserInputError(f"--precision {precision!r}: use auto, fp32 or bf16")
-    return precision
-
-
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Eval mode on ``device``; channels_last memory layout on a GPU (faster tensor-core convs)."""
     model = model.eval().to(device)
@@ -78,16 +60,33 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return model
 
 
+class CorrectedLogits(torch.nn.Module):
+    """A trained U-Net whose logits carry the weight-prior correction (for inference only).
+
+    Keeps the wrapped model's :attr:`spec`, so the overlap-tile code sees the same geometry.
+    """
+
+    def __init__(self, model: torch.nn.Module, offsets: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.spec: UNetSpec = model.spec
+        self.register_buffer("offsets", torch.as_tensor(np.asarray(offsets, np.float32)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits + self.offsets.to(logits.dtype)
+
+
 # -- core: network on tiles --------------------------------------------------------------
 def run_network(
-    model: torch.nn.Module, tiles: np.ndarray, *, device: torch.device, precision: str = "fp32"
+    model: torch.nn.Module, tiles: np.ndarray, *, device: torch.device, precision: Precision | str = Precision.FP32
 ) -> np.ndarray:
     """Class probabilities (softmax over the logits) for a batch of input tiles.
 
     Args:
         tiles: (N, C_in, Y, X) float32 normalised input tiles; Y, X valid network inputs.
         device: where the model lives.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast; softmax in float32).
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast (softmax in float32).
 
     Returns:
         (N, n_classes, Y', X') float32 probabilities, Y' = spec.output_size(Y).
@@ -95,16 +94,16 @@ def run_network(
     x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    dtype = Precision(precision).autocast_dtype
     with torch.inference_mode():
-        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-               else contextlib.nullcontext())
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
             logits = model(x)
         probs = torch.softmax(logits.float(), dim=1)
     return probs.cpu().numpy()
 
 
-def _forward(t: Transform, tile: np.ndarray) -> np.ndarray:
+def _forward(t: Dihedral, tile: np.ndarray) -> np.ndarray:
     """Apply ``t`` to the last two axes of ``tile`` (flip, then transpose)."""
     if t.flip_y:
         tile = tile[..., ::-1, :]
@@ -115,7 +114,7 @@ def _forward(t: Transform, tile: np.ndarray) -> np.ndarray:
     return tile
 
 
-def _inverse(t: Transform, out: np.ndarray) -> np.ndarray:
+def _inverse(t: Dihedral, out: np.ndarray) -> np.ndarray:
     """Undo ``t`` on the last two axes of ``out`` (transpose back, then flip)."""
     if t.transpose:
         out = np.swapaxes(out, -1, -2)
@@ -161,7 +160,7 @@ def predict_tiles(
     """
     trs = transforms(tta)
     out = np.zeros((spec.n_classes, *out_box.shape), np.float32)
-    jobs: dict[tuple[int, ...], list[tuple[Box, Transform]]] = {}
+    jobs: dict[tuple[int, ...], list[tuple[Box, Dihedral]]] = {}
     for tile in tiles:
         for tr in trs:
             read = tile_read_box(tile, spec, tr)
@@ -263,15 +262,6 @@ def predict_plane(
 
 
 # -- I/O: one job of the scatter ----------------------------------------------------------
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (model provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class JobSummary:
     """What one :func:`predict_job` call did."""
@@ -290,52 +280,57 @@ class JobSummary:
         return self.output_px / 1e6 / self.seconds if self.seconds > 0 else float("inf")
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Everything one job needs, resolved from its arguments (see :func:`predict_job`)."""
+
+    stack: Stack
+    model: torch.nn.Module
+    tiling: Tiling
+    device: torch.device
+    precision: Precision
+    batch: int
+    tta: TTA
+    settings: dict[str, Any]
+
+
 def _part_settings(
-    stack_path: Path, shape, model_hash: str, tiling: Tiling, job: int, jobs: int, tta: TTA, precision: str,
-    device: torch.device, stats: IntensityStats, stack_attrs: dict[str, Any], offsets: list[float] | None,
+    stack: Stack, model_hash: str, tiling: Tiling, job: int, jobs: int, tta: TTA, precision: Precision,
+    device: torch.device, offsets: list[float] | None,
 ) -> dict[str, Any]:
     """What a part's blocks depend on; a resumed job reuses blocks only if all of it is equal
     (so a re-ingested stack, another model or changed prediction code starts afresh)."""
-    stack_id = hashlib.sha256(json.dumps(stack_attrs, sort_keys=True, default=str).encode()).hexdigest()
+    stack_id = hashlib.sha256(json.dumps(stack.attrs, sort_keys=True, default=str).encode()).hexdigest()
     return {
         "format": PART_FORMAT, "version": __version__, "code": code_hash("predict"),
-        "stack": str(stack_path), "stack_attrs_sha256": stack_id, "shape": list(shape),
+        "stack": str(stack.path), "stack_attrs_sha256": stack_id, "shape": list(stack.shape),
         "model_sha256": model_hash, "tiling": tiling.to_dict(), "job": job, "jobs": jobs,
-        "tta": tta.value, "precision": precision, "device": device.type,
-        "intensity": stats.to_dict(), "intensity_normalisation": "stack z-score",
+        "tta": tta.value, "precision": precision.value, "device": device.type,
+        "intensity": stack.intensity.to_dict(), "intensity_normalisation": "stack z-score",
         "logit_offsets": offsets,
     }
 
 
-def _open_or_create_part(out: Path, settings: dict[str, Any], tiling: Tiling) -> zarr.Array:
-    """Reuse a part store written with identical settings (resume), else start a new one."""
-    from unet_core.io.ngff import create_array
-
-    manifest = out / "part.json"
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old == settings and (out / PROBABILITIES / "zarr.json").is_file():
-            return zarr.open_array(out / PROBABILITIES, mode="r+")
-        log.warning("%s: written with other settings; starting it afresh", out)
-    remove_path(out)
-    with atomic_output(out) as tmp:
-        tmp.mkdir()
-        root = zarr.open_group(tmp, mode="w")
-        z, y, x = tiling.shape
-        b = tiling.block_px
-        create_array(root, PROBABILITIES, shape=(tiling.spec.n_classes, z, y, x), dtype=np.float32,
-                     chunks=(tiling.spec.n_classes, 1, b, b), dimension_names=list("czyx"))
-        (tmp / "done").mkdir()
-        (tmp / "part.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
-    return zarr.open_array(out / PROBABILITIES, mode="r+")
-
-
-def _mark_done(out: Path, block: Block) -> None:
-    with atomic_output(out / "done" / block.name) as tmp:
-        tmp.write_text("")
+def _prepare_run(
+    stack_path: Path, model_path: Path, *, job: int, jobs: int, block_px: int, tile_out: int, batch: int | None,
+    device: str, precision: str, tta: TTA | str, decision: Decision | str, expect: ModelExpectation,
+) -> _Run:
+    """Open the stack and the model, resolve device, precision and geometry (errors before any work)."""
+    if not stack_path.exists():
+        raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
+    st = open_stack(stack_path)
+    model, metadata = load_model(model_path, expect=expect)
+    decision = parse_choice(Decision, decision, option="--decision")
+    offsets = (metadata.get("decision") or {}).get("logit_offsets") if decision is Decision.CORRECTED else None
+    if offsets is not None:
+        model = CorrectedLogits(model, np.asarray(offsets))
+    tiling = Tiling(st.shape, model.spec, block_px, tile_out)
+    tiling.job_blocks(job, jobs)  # validates job and jobs
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    tta = TTA(tta)
+    settings = _part_settings(st, sha256_files([model_path]), tiling, job, jobs, tta, prec, dev, offsets)
+    return _Run(st, model, tiling, dev, prec, batch or (8 if dev.type == "cuda" else 1), tta, settings)
 
 
 def predict_job(
@@ -351,16 +346,17 @@ def predict_job(
     device: str = "auto",
     precision: str = "auto",
     tta: TTA | str = TTA.NONE,
-    decision: str = "corrected",
-    expect: UNetSpec | None = None,
+    decision: Decision | str = Decision.CORRECTED,
+    expect: ModelExpectation = None,
 ) -> JobSummary:
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
 
     Args:
         stack: ingested stack (``.ome.zarr``; see :func:`unet_core.io.ngff.open_stack`).
-        model_path: model file from :func:`unet_core.model.checkpoint.save_model`.
-        out_part: this job's part store (a directory; created, or resumed if it holds
-            blocks of a run with identical settings).
+        model_path: model file from :func:`unet_core.model.checkpoint.save_model`; it holds
+            the architecture.
+        out_part: this job's part store (:class:`unet_core.infer.part_store.PartStore`;
+            created, or resumed if it holds blocks of a run with identical settings).
         job, jobs: which share of the C-ordered block list (see :meth:`Tiling.job_blocks`).
         block_px: block (and output chunk) edge, px, a multiple of 2**depth.
         tile_out: largest output tile per network pass, px, a multiple of 2**depth.
@@ -371,7 +367,8 @@ def predict_job(
         decision: ``corrected`` (default): the probabilities carry the model's weight-prior
             correction (:mod:`unet_core.model.decision`), so 0.5 / the argmax is the best decision
             for a network trained with w(x); ``raw``: the plain softmax of the network.
-        expect: the architecture the config asks for; a model file that differs is rejected.
+        expect: architecture keys the config asks for (a :class:`UNetSpec` or a partial
+            mapping); a model file that differs in any of them is rejected.
 
     Returns:
         A :class:`JobSummary` (also logged as one line with Mpx/s).
@@ -380,46 +377,39 @@ def predict_job(
         UserInputError: missing/invalid stack, bad sizes or job numbers; CheckpointError for
             a model file that is unreadable or does not match ``expect``.
     """
-    from unet_core.model.checkpoint import load_model
-    from unet_core.io.ngff import open_stack
-
-    stack_path, out = Path(stack), Path(out_part)
-    if not stack_path.exists():
-        raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
-    st = open_stack(stack_path)
-    model, metadata = load_model(model_path, expect=expect)
-    if decision not in DECISIONS:
-        raise UserInputError(f"--decision {decision!r}: use one of {', '.join(DECISIONS)}")
-    offsets = (metadata.get("decision") or {}).get("logit_offsets") if decision == "corrected" else None
-    if offsets is not None:
-        model = CorrectedLogits(model, np.asarray(offsets))
-    spec = model.spec
-    tiling = Tiling(st.shape, spec, block_px, tile_out)
-    mine = tiling.job_blocks(job, jobs)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    tta = TTA(tta)
-    batch = batch or (8 if dev.type == "cuda" else 1)
-    settings = _part_settings(stack_path, st.shape, file_sha256(model_path), tiling, job, jobs, tta, prec,
-                              dev, st.intensity, st.attrs, offsets)
-    if (out / "COMPLETE").is_file():  # a rerun: the job is complete again only when it ends
-        (out / "COMPLETE").unlink()
-    probs_out = _open_or_create_part(out, settings, tiling)
-    todo = [b for b in mine if not (out / "done" / b.name).is_file()]
+    run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
+                       batch=batch, device=device, precision=precision, tta=tta, decision=decision, expect=expect)
+    store = PartStore(out_part)
+    probs_out = store.open_for_job(run.settings, run.tiling)
+    mine = run.tiling.job_blocks(job, jobs)
+    todo = [b for b in mine if not store.is_done(b)]
     log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px, tile %d px, "
              "FLOP overhead %.3fx, %s %s, batch %d, tta %s, logit offsets %s", job, jobs, len(todo), len(mine),
-             len(mine) - len(todo), block_px, tile_out, tiling.flops_overhead(), dev, prec, batch, tta.value,
-             offsets)
-    model = prepare_model(model, dev)
+             len(mine) - len(todo), block_px, tile_out, run.tiling.flops_overhead(), run.device, run.precision.value,
+             run.batch, run.tta.value, run.settings["logit_offsets"])
+    t0 = time.perf_counter()
+    px = _predict_blocks(run, todo, probs_out, store, desc=f"predict job {job}/{jobs}")
+    seconds = time.perf_counter() - t0
+    summary = JobSummary(job, jobs, len(mine), len(mine) - len(todo), px, seconds, str(run.device), run.precision.value)
+    store.mark_complete(asdict(summary))
+    log.info("job %d/%d done: %d blocks, %.2f Mpx in %.1f s = %.3f Mpx/s (%s, %s)", job, jobs, len(todo),
+             px / 1e6, seconds, summary.mpx_per_s, run.device, summary.precision)
+    return summary
+
+
+def _predict_blocks(run: _Run, todo: list[Block], probs_out: zarr.Array, store: PartStore, *, desc: str) -> int:
+    """Predict ``todo`` into ``probs_out``, reading the next block and writing the last one in
+    background threads while this one computes; returns the output pixels written."""
+    model = prepare_model(run.model, run.device)
+    spec = run.tiling.spec
 
     def read(block: Block) -> tuple[np.ndarray, Box]:
-        return read_block_input(st.image, block, tiling, stats=st.intensity, tta=tta)
+        return read_block_input(run.stack.image, block, run.tiling, stats=run.stack.intensity, tta=run.tta)
 
     def write(block: Block, probs: np.ndarray) -> None:
         probs_out[(slice(None), *block.write.to_slices())] = probs
-        _mark_done(out, block)
+        store.mark_done(block)
 
-    t0 = time.perf_counter()
     px = 0
     with (
         ThreadPoolExecutor(1, thread_name_prefix="read") as reader,
@@ -427,12 +417,12 @@ def predict_job(
     ):
         pending: Future | None = None
         nxt = reader.submit(read, todo[0]) if todo else None
-        for i, block in enumerate(progress(todo, desc=f"predict job {job}/{jobs}", unit="block")):
+        for i, block in enumerate(progress(todo, desc=desc, unit="block")):
             image, image_box = nxt.result()
             nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             probs = predict_tiles(
-                model, image, image_box, tiling.tiles(block), spec=spec,
-                out_box=block.plane, device=dev, precision=prec, batch=batch, tta=tta,
+                model, image, image_box, run.tiling.tiles(block), spec=spec, out_box=block.plane,
+                device=run.device, precision=run.precision, batch=run.batch, tta=run.tta,
             )[:, None]
             if pending is not None:
                 pending.result()
@@ -440,21 +430,4 @@ def predict_job(
             px += block.write.size
         if pending is not None:
             pending.result()
-    seconds = time.perf_counter() - t0
-    summary = JobSummary(job, jobs, len(mine), len(mine) - len(todo), px, seconds, str(dev), prec)
-    with atomic_output(out / "COMPLETE") as tmp:
-        tmp.write_text(json.dumps(asdict(summary), indent=1))
-    log.info("job %d/%d done: %d blocks, %.2f Mpx in %.1f s = %.3f Mpx/s (%s, %s)", job, jobs, len(todo),
-             px / 1e6, seconds, summary.mpx_per_s, dev, prec)
-    return summary
-
-
-def iter_done_blocks(part: Path) -> Iterator[str]:
-    """Names of the blocks a part store marks as finished."""
-    done = part / "done"
-    if done.is_dir():
-        for p in sorted(done.iterdir()):
-            if not p.name.startswith("."):
-                yield p.name
-
-
+    return px

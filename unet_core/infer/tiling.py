@@ -56,7 +56,7 @@ class TTA(str, Enum):
 
 
 @dataclass(frozen=True)
-class Transform:
+class Dihedral:
     """A dihedral transform of a (Y, X) tile: flip the flagged axes, then maybe transpose."""
 
     flip_y: bool = False
@@ -68,15 +68,15 @@ class Transform:
         return (self.flip_y, self.flip_x)
 
 
-def transforms(tta: TTA | str) -> tuple[Transform, ...]:
+def transforms(tta: TTA | str) -> tuple[Dihedral, ...]:
     """The transforms averaged for ``tta``, identity first (a fixed order: deterministic sums)."""
     tta = TTA(tta)
     if tta is TTA.NONE:
-        return (Transform(),)
-    flips = [Transform(fy, fx) for fy, fx in product((False, True), repeat=2)]
+        return (Dihedral(),)
+    flips = [Dihedral(fy, fx) for fy, fx in product((False, True), repeat=2)]
     if tta is TTA.FLIPS:
         return tuple(flips)
-    return tuple(flips) + tuple(Transform(t.flip_y, t.flip_x, True) for t in flips)
+    return tuple(flips) + tuple(Dihedral(t.flip_y, t.flip_x, True) for t in flips)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -128,7 +128,7 @@ def output_offset(spec: UNetSpec, write_px: int) -> int:
     return before - spec.context
 
 
-def tile_read_box(write: Box, spec: UNetSpec, transform: Transform = Transform()) -> Box:
+def tile_read_box(write: Box, spec: UNetSpec, transform: Dihedral = Dihedral()) -> Box:
     """The (Y, X) input box (original image frame) a tile needs under ``transform``.
 
     Args:

@@ -9,7 +9,6 @@ store appears under its final name only when complete (see :mod:`unet_core.commo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -22,29 +21,17 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.common.errors import UserInputError
+from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.intensity import RunningStats
 from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
 from unet_core.common.progress import progress
+from unet_core.common.provenance import sha256_files
 from unet_core.io.tiff import TiffStack, open_tiff_stack
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS = (1, 512, 512)
-LABEL_KINDS = ("auto", "instance", "binary")
-
-
-def sha256_path(path: Path, *, block_mb: int = 8) -> str:
-    """sha256 of a file, or of a folder's TIFF files in stack order (names and bytes)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(block_mb << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
@@ -80,14 +67,14 @@ class LabelKindTracker:
         self.many = len(self.values) > 2
 
 
-def _choose_kind(requested: str, tracker: LabelKindTracker) -> str:
-    if requested != "auto":
+def _choose_kind(requested: LabelKind | None, tracker: LabelKindTracker) -> LabelKind:
+    if requested is not None:
         return requested
     if tracker.many:
-        return "instance"
+        return LabelKind.INSTANCE
     # two distinct values: a semantic mask (e.g. ISBI: 255 = cell, 0 = membrane). A mask
     # with a single value is treated as instances (all background, or one object).
-    return "binary" if len(tracker.values) == 2 else "instance"
+    return LabelKind.BINARY if len(tracker.values) == 2 else LabelKind.INSTANCE
 
 
 def ingest(
@@ -120,8 +107,7 @@ def ingest(
     Raises:
         UserInputError: any problem with the inputs (one line naming file and problem).
     """
-    if label_kind not in LABEL_KINDS:
-        raise UserInputError(f"label kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+    requested_kind = None if label_kind == AUTO_KIND else parse_choice(LabelKind, label_kind, option="--label-kind")
     chunks = tuple(int(c) for c in chunks)
     if len(chunks) != 3 or min(chunks) < 1:
         raise UserInputError(f"chunks must be three positive integers (z, y, x), got {chunks}")
@@ -138,10 +124,10 @@ def ingest(
             raise UserInputError(f"{image_path}: slice selection {bad or chosen} is empty or out of range for {img.shape[0]} slices")
         spacing = _spacing(img, spacing_um)
         with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out) as tmp:
-            hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_path, image_path)}
+            hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_files, [image_path])}
             if label_path:
-                hashes["labels"] = pool.submit(sha256_path, label_path)
-            attrs = _convert(img, lab, tmp, chosen=chosen, chunks=chunks, spacing=spacing, label_kind=label_kind)
+                hashes["labels"] = pool.submit(sha256_files, [label_path])
+            attrs = _convert(img, lab, tmp, chosen=chosen, chunks=chunks, spacing=spacing, label_kind=requested_kind)
             attrs.update(
                 name=name or image_path.name.split(".")[0],
                 source={"image": str(image_path), "labels": str(label_path) if label_path else None},
@@ -182,7 +168,7 @@ def _convert(
     chosen: list[int],
     chunks: tuple[int, ...],
     spacing: tuple[float, float, float],
-    label_kind: str,
+    label_kind: LabelKind | None,
 ) -> dict[str, Any]:
     shape = (len(chosen), *img.shape[1:])
     root = zarr.open_group(tmp, mode="w")
@@ -212,6 +198,6 @@ def _convert(
     attrs: dict[str, Any] = {"intensity": stats.result().to_dict(), "dtype": str(img.dtype), "shape": list(shape)}
     if label_writer is not None:
         label_writer.finish(IMAGE_LABEL)
-        attrs["label_kind"] = _choose_kind(label_kind, kinds)
+        attrs["label_kind"] = _choose_kind(label_kind, kinds).value
         attrs["label_values_seen"] = sorted(kinds.values)[:3] if not kinds.many else None
     return attrs

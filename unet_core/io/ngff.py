@@ -14,6 +14,7 @@ Only this module knows the layout; stages call :func:`open_stack` and the writer
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,13 +128,27 @@ def downsample_plane(plane: np.ndarray, *, labels: bool) -> np.ndarray:
 
 @dataclass
 class PyramidWriter:
-    """Write an image (or label image) plane by plane into a multiscale group.
+    """The one writer of multiscale images (and label images): plane by plane or block by block.
 
-    Create it, call :meth:`write_plane` for z = 0, 1, ... (any order), then
-    :meth:`finish` to wait for the writes and store the metadata (or :meth:`close` to
-    abandon them). Writes run behind the caller in a small thread pool (compression
-    releases the GIL), at most ``inflight`` planes at a time, so reading the next plane
-    overlaps with compressing the last; memory stays a few planes per level.
+    Create it, write level-0 data with :meth:`write_plane` (a whole plane at a leading index)
+    or :meth:`write_block` (a region of a plane), in any order, then call :meth:`finish` to
+    wait for the writes and store the NGFF metadata (or :meth:`close` to abandon them). Each
+    write also fills every coarser level (2x2 mean for images, top-left pick for labels;
+    :func:`downsample_plane`). Writes run behind the caller in a small thread pool
+    (compression releases the GIL), at most ``inflight`` at a time, so reading the next plane
+    overlaps with compressing the last; writes that share a chunk never run at once.
+
+    Attributes:
+        group: the multiscale group; levels are its arrays ``"0"``, ``"1"``, ...
+        shape: level-0 shape; the last two axes are (Y, X).
+        dtype: array dtype.
+        chunks: level-0 chunk shape.
+        scale: physical voxel size per axis at level 0, in ``unit``.
+        levels: number of levels (0: :func:`pyramid_levels` of the shape).
+        downscale_chunks: halve the (Y, X) chunk edges with every level, so that block-aligned
+            writes of ``chunks``-sized blocks fill exactly one chunk per level (merge's
+            layout); the level count is then capped where the chunk edge stops being even.
+            Otherwise every level has ``chunks`` (ingest's layout).
     """
 
     group: zarr.Group
@@ -147,31 +162,47 @@ class PyramidWriter:
     name: str = "image"
     levels: int = 0
     inflight: int = 3
+    downscale_chunks: bool = False
     arrays: list[zarr.Array] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.levels:
-            self.levels = pyramid_levels(self.shape)
+        self.levels = self.levels or pyramid_levels(self.shape)
+        if self.downscale_chunks:
+            self.levels = min(self.levels, _even_halvings(self.chunks[-2], self.chunks[-1]) + 1)
         shape = list(self.shape)
         for level in range(self.levels):
-            self.arrays.append(
-                create_array(
-                    self.group, str(level), shape=shape, dtype=self.dtype, chunks=self.chunks,
-                    dimension_names=list(self.axes),
-                )
-            )
+            chunks = list(self.chunks)
+            if self.downscale_chunks:
+                chunks[-2], chunks[-1] = chunks[-2] >> level, chunks[-1] >> level
+            self.arrays.append(create_array(self.group, str(level), shape=shape, dtype=self.dtype, chunks=chunks,
+                                            dimension_names=list(self.axes)))
             shape[-2] //= 2
             shape[-1] //= 2
         self._pool = ThreadPoolExecutor(max_workers=self.inflight, thread_name_prefix="zarr-write")
         self._pending: deque[Future] = deque()
+        self._locks: dict[tuple, threading.Lock] = {}
 
-    def write_plane(self, index: tuple[int, ...] | int, plane: np.ndarray) -> None:
-        """Queue one plane (the last two axes) at leading index ``index`` for every level."""
+    def write_plane(self, index: tuple | int, plane: np.ndarray) -> None:
+        """Queue one whole plane (the last two axes) at leading index ``index`` for every level."""
+        self.write_block(index, (0, 0), plane)
+
+    def write_block(self, index: tuple | int, offset: Sequence[int], data: np.ndarray) -> None:
+        """Queue ``data`` (..., y, x) at leading index ``index`` and plane offset ``offset`` (y, x).
+
+        The offset must be a multiple of ``2**(levels - 1)`` so every level stays aligned (it
+        is, for blocks on a grid of the chunk size).
+        """
         index = (index,) if isinstance(index, int) else tuple(index)
         while len(self._pending) >= self.inflight:
             self._pending.popleft().result()
+        lock = self._locks.setdefault(self._chunk_key(index, offset), threading.Lock())
         # downsampling runs in the pool too, overlapping the caller's reading of the next plane
-        self._pending.append(self._pool.submit(_write_levels, self.arrays, plane, index, self.labels))
+        self._pending.append(self._pool.submit(self._write_levels, index, tuple(offset), data, lock))
+
+    def flush(self) -> None:
+        """Wait for every queued write (re-raising its error): the arrays are then complete."""
+        while self._pending:
+            self._pending.popleft().result()
 
     def close(self) -> None:
         """Wait for queued writes and stop the pool (errors of abandoned writes are dropped)."""
@@ -181,8 +212,7 @@ class PyramidWriter:
 
     def finish(self, extra: dict[str, Any] | None = None) -> None:
         """Wait for every queued write (re-raising its error) and store the metadata."""
-        while self._pending:
-            self._pending.popleft().result()
+        self.flush()
         self._pool.shutdown(wait=True)
         ome: dict[str, Any] = {
             "version": NGFF_VERSION,
@@ -194,12 +224,33 @@ class PyramidWriter:
         attrs["ome"] = ome
         self.group.attrs.update(attrs)
 
+    def _chunk_key(self, index: tuple, offset: Sequence[int]) -> tuple:
+        """Writes with one key touch the same chunks at some level and run one at a time (a chunk
+        is read, modified and written back by every write into it). With ``downscale_chunks``
+        a chunk-aligned block owns its chunk at every level; otherwise whole planes share the
+        chunks of their leading-axis chunk row."""
+        lead = tuple(i // c if isinstance(i, int) else None for i, c in zip(index, self.chunks, strict=False))
+        if not self.downscale_chunks:
+            return lead
+        return (*lead, offset[0] // self.chunks[-2], offset[1] // self.chunks[-1])
 
-def _write_levels(arrays: list[zarr.Array], plane: np.ndarray, index: tuple[int, ...], labels: bool) -> None:
-    for level, arr in enumerate(arrays):
-        if level:
-            plane = downsample_plane(plane, labels=labels)
-        arr[index] = plane[: arr.shape[-2], : arr.shape[-1]]
+    def _write_levels(self, index: tuple, offset: tuple[int, int], data: np.ndarray, lock: threading.Lock) -> None:
+        (y0, x0) = offset
+        with lock:
+            for level, arr in enumerate(self.arrays):
+                if level:
+                    data = downsample_plane(data, labels=self.labels)
+                oy, ox = y0 >> level, x0 >> level
+                h, w = min(data.shape[-2], arr.shape[-2] - oy), min(data.shape[-1], arr.shape[-1] - ox)
+                arr[(*index, slice(oy, oy + h), slice(ox, ox + w))] = data[..., :h, :w]
+
+
+def _even_halvings(*edges: int) -> int:
+    """How often every edge can be halved and stay an integer."""
+    k = 0
+    while all(e % (2 << k) == 0 for e in edges):
+        k += 1
+    return k
 
 
 def label_group(root: zarr.Group, name: str = LABEL_NAME) -> zarr.Group:

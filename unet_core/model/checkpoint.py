@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 
 FORMAT = "unet-pipeline/model/1"
+STATE_FORMAT = "unet-pipeline/train-state/1"  # unet_core.train.loop's resumable state.pt
 
 
 def write_torch_file(path: str | os.PathLike[str], obj: Any, *, torchscript: bool = False,
@@ -79,13 +81,40 @@ def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def load_model(path: str | os.PathLike[str], *, expect: UNetSpec | None = None) -> tuple[UNet, dict[str, Any]]:
+ModelExpectation = UNetSpec | Mapping[str, Any] | None
+"""What a caller asks of a model file's architecture: a whole :class:`UNetSpec`, some of its
+keys (e.g. only those a config or the command line names), or nothing."""
+
+
+def check_architecture(spec: UNetSpec, expect: ModelExpectation, *, path: str | os.PathLike[str]) -> None:
+    """Raise when ``spec`` (read from ``path``) differs from ``expect`` in any key ``expect`` names.
+
+    Raises:
+        CheckpointError: a differing key (all of them named, file value vs expected value), or
+            a key that is not an architecture key.
+    """
+    if expect is None:
+        return
+    want = expect.to_dict() if isinstance(expect, UNetSpec) else dict(expect)
+    have = spec.to_dict()
+    unknown = sorted(set(want) - set(have))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown architecture key(s) {unknown}; known: {sorted(have)}")
+    diff = {k: (have[k], v) for k, v in want.items() if have[k] != getattr(v, "value", v)}
+    if diff:
+        detail = ", ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}: model does not match the config's model section ({detail})")
+
+
+def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None) -> tuple[UNet, dict[str, Any]]:
     """Load a model written by :func:`save_model` (also accepts a training checkpoint).
+
+    The architecture comes from the file; ``expect`` only checks it.
 
     Args:
         path: model file.
-        expect: if given, the architecture the caller's config asks for; a mismatch is an
-            error naming the differing keys.
+        expect: the architecture (or some of its keys) the caller's config asks for; a
+            mismatch is an error naming the differing keys.
 
     Returns:
         The model in eval mode on the CPU, and its metadata dict.
@@ -94,16 +123,13 @@ def load_model(path: str | os.PathLike[str], *, expect: UNetSpec | None = None) 
         CheckpointError: unreadable file, wrong format, or an architecture mismatch.
     """
     data = safe_load(path)
-    if data.get("format") not in (FORMAT, "unet-pipeline/train-state/1") or "spec" not in data:
+    if data.get("format") not in (FORMAT, STATE_FORMAT) or "spec" not in data:
         raise CheckpointError(f"{path}: not a unet-pipeline model file (format {data.get('format')!r})")
     try:
         spec = UNetSpec.from_dict(data["spec"])
     except ValueError as err:
         raise CheckpointError(f"{path}: invalid architecture in file: {err}") from err
-    if expect is not None and expect != spec:
-        diff = {k: (v, expect.to_dict()[k]) for k, v in spec.to_dict().items() if expect.to_dict()[k] != v}
-        detail = ", ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{path}: model does not match the config's model section ({detail})")
+    check_architecture(spec, expect, path=path)
     model = UNet(spec)
     state = data.get("state_dict") or data.get("model")
     try:

@@ -18,10 +18,16 @@ offsets 0: the plain argmax.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from enum import Enum
 
-from unet_core.model.spec import UNetSpec
+import numpy as np
+
+
+class Decision(str, Enum):
+    """How prediction turns logits into probabilities: with the weight-prior correction or raw."""
+
+    CORRECTED = "corrected"  # logits + the model's offsets -log m_c: 0.5 / the argmax is the best decision
+    RAW = "raw"  # the network's plain softmax
 
 
 class WeightSums:
@@ -65,20 +71,3 @@ def correct(logits: np.ndarray, offsets: np.ndarray | None, *, axis: int = 0) ->
     shape = [1] * logits.ndim
     shape[axis] = -1
     return logits + np.asarray(offsets, logits.dtype).reshape(shape)
-
-
-class CorrectedLogits(torch.nn.Module):
-    """A trained U-Net whose logits carry the weight-prior correction (for inference only).
-
-    Keeps the wrapped model's :attr:`spec`, so the overlap-tile code sees the same geometry.
-    """
-
-    def __init__(self, model: torch.nn.Module, offsets: np.ndarray) -> None:
-        super().__init__()
-        self.model = model
-        self.spec: UNetSpec = model.spec
-        self.register_buffer("offsets", torch.as_tensor(np.asarray(offsets, np.float32)).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        return logits + self.offsets.to(logits.dtype)

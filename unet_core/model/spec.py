@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
-from unet_core.common.errors import ConfigError
+from unet_core.common.errors import ConfigError, check_known_keys
 
 
 class Padding(str, Enum):
@@ -79,10 +79,7 @@ class UNetSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetSpec:
         """Build from a config mapping; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"model: unknown key(s) {unknown}; known: {sorted(known)}")
+        check_known_keys(data, (f.name for f in fields(cls)), section="model")
         try:
             return cls(**data)
         except ValueError as err:

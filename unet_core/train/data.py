@@ -22,7 +22,6 @@ borders, tile origins on multiples of ``UNetSpec.stride``: equal to one monolith
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -441,17 +440,3 @@ def tiled_logits(
             out = out[0, :, : write.shape[0], : write.shape[1]].float().cpu().numpy()
             logits[(slice(None), *write.to_slices())] = out
     return logits
-
-
-def hash_stores(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """SHA-256 over every file (relative path and bytes) of the given stores, in sorted order."""
-    digest = hashlib.sha256()
-    for root in paths:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            digest.update(str(path.relative_to(root) if path != root else "").encode())
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()

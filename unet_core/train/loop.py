@@ -45,27 +45,27 @@ import torch
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.model.checkpoint import safe_load, save_model, write_torch_file
+from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
 from unet_core.train.data import (
     AugmentedTiles,
     IterationSampler,
     OnTheFlyTiles,
     ValidationSlice,
-    hash_stores,
     load_validation,
     tiled_logits,
 )
 from unet_core.model.decision import correct, logit_offsets
 from unet_core.common.device import resolve_device
-from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
+from unet_core.common.precision import Precision, resolve_precision
+from unet_core.common.errors import CheckpointError, ConfigError, UserInputError, check_known_keys
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 from unet_core.common.progress import progress_bar
+from unet_core.common.provenance import sha256_files
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "unet-pipeline/train-state/1"
 STATE_FILE, MODEL_FILE, SCRIPT_FILE = "state.pt", "model.pt", "model.ts"
 METRICS_FILE, CURVE_FILE, CARD_FILE = "metrics.csv", "curve.png", "model_card.json"
 METRIC_COLUMNS = (
@@ -96,15 +96,6 @@ class Schedule(str, Enum):
     STEP = "step"  # multiply by lr_gamma every lr_step_iterations
     COSINE = "cosine"  # cosine decay to 0 at the last iteration
     POLY = "poly"  # (1 - t/T)**0.9, as in DeepLab/nnU-Net
-
-
-class Precision(str, Enum):
-    """Autocast precision: ``auto`` = bf16 on CUDA when supported, fp32 on the CPU."""
-
-    AUTO = "auto"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    FP32 = "fp32"
 
 
 @dataclass(frozen=True)
@@ -214,10 +205,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown key(s) {unknown}; known: {sorted(known)}")
+        check_known_keys(data, (f.name for f in fields(cls)), section="train")
         return cls(**data)
 
 
@@ -256,18 +244,13 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         device = resolve_device(config.device, option="train.device")
     except UserInputError as err:
         raise ConfigError(str(err)) from None
+    precision = resolve_precision(config.precision, device, option="train.precision")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        precision = config.precision
-        if precision is Precision.AUTO:
-            precision = Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
-        dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
         desc = f"{device} ({torch.cuda.get_device_name(device)}), {precision.value} autocast, TF32 on"
-        return Runtime(device, dtype, config.channels_last, desc)
-    if config.precision not in (Precision.AUTO, Precision.FP32):
-        log.warning("precision %s ignored on the CPU: training in float32", config.precision.value)
+        return Runtime(device, precision.autocast_dtype, config.channels_last, desc)
     torch.use_deterministic_algorithms(True)
     return Runtime(device, None, False, f"cpu ({torch.get_num_threads()} threads), float32, deterministic")
 
@@ -455,10 +438,6 @@ def export_torchscript(model: UNet, path: Path) -> None:
         write_torch_file(path, scripted, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
 
 
-def _sha256(path: Path) -> str:
-    return hash_stores([path])
-
-
 def versions() -> dict[str, str]:
     return {
         "unet_pipeline": __version__,
@@ -612,12 +591,12 @@ def _train(
         )
         stores = [p for pair in train_stacks for p in pair]
         data_hash = hashlib.sha256(
-            (hash_stores(stores) + json.dumps(dataset.describe())).encode()
+            (sha256_files(stores) + json.dumps(dataset.describe())).encode()
         ).hexdigest()
         data_desc: dict[str, Any] = {"on_the_fly": dataset.describe()}
     else:
         dataset = AugmentedTiles(train_sets, spec=spec)
-        data_hash = hash_stores(train_sets)
+        data_hash = sha256_files(train_sets)
         data_desc = {"train_sets": [str(p) for p in train_sets]}
     val_tile_out = config.val_tile_out or dataset.out_size
     try:
@@ -894,7 +873,7 @@ def _write_final_outputs(
         },
         "metrics": {"final": final, "best_pixel_error": best, "decision_rule": decision["rule"]},
         "decision": decision,
-        "files": {MODEL_FILE: _sha256(model_path), SCRIPT_FILE: _sha256(out_dir / SCRIPT_FILE)},
+        "files": {MODEL_FILE: sha256_files([model_path]), SCRIPT_FILE: sha256_files([out_dir / SCRIPT_FILE])},
         "versions": versions(),
     }
     with atomic_output(out_dir / CARD_FILE) as tmp:

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,40 +36,12 @@ import numpy as np
 from unet_core import __version__
 from unet_core.weights import maps as kernel
 from unet_core.common.atomic import atomic_output
-from unet_core.common.errors import UserInputError
+from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.labels import LabelKind
+from unet_core.weights.recipe import WeightParams, WeightRecipe
 from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WeightParams:
-    """Parameters of w(x) (see :mod:`unet_core.weights.maps`)."""
-
-    w0: float = 10.0
-    sigma_px: float = 5.0
-    tolerance: float = 1e-3
-    connectivity: int = 4
-    border_pixels: str = "background"
-    method: str = "auto"
-
-    def __post_init__(self) -> None:
-        kernel.check_parameters(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
-        if self.connectivity not in (4, 8):
-            raise UserInputError(f"connectivity = {self.connectivity}: must be 4 or 8")
-        if self.border_pixels not in ("background", "all"):
-            raise UserInputError(f"border pixels {self.border_pixels!r}: must be 'background' or 'all'")
-        if self.method not in ("auto", "kdtree", "bbox"):
-            raise UserInputError(f"method {self.method!r}: must be 'auto', 'kdtree' or 'bbox'")
-
-    @property
-    def cutoff_px(self) -> float:
-        return kernel.cutoff_px(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
-
-    @property
-    def halo_px(self) -> int:
-        """Overlap (px per side) that makes chunked == whole-slice: floor(cutoff) + 2."""
-        return int(math.floor(self.cutoff_px)) + 2
 
 
 @contextlib.contextmanager
@@ -106,7 +77,7 @@ def dask_scheduler(scheduler: str = "threads", *, workers: int | None = None) ->
         client.close()
 
 
-def _instances_block(block: np.ndarray, *, kind: str, connectivity: int, foreground: int | None) -> np.ndarray:
+def _instances_block(block: np.ndarray, *, kind: LabelKind, connectivity: int, foreground: int | None) -> np.ndarray:
     out = np.empty(block.shape, dtype=np.int32)
     for z in range(block.shape[0]):
         out[z] = kernel.instances_from_labels(block[z], kind=kind, connectivity=connectivity, foreground=foreground)
@@ -120,16 +91,10 @@ def _classes_block(block: np.ndarray, *, separate_touching: bool) -> np.ndarray:
     return out
 
 
-def _weights_block(
-    block: np.ndarray, *, separate_touching: bool, class_weights: tuple[float, float], params: WeightParams
-) -> np.ndarray:
+def _weights_block(block: np.ndarray, *, recipe: WeightRecipe) -> np.ndarray:
     out = np.empty(block.shape, dtype=np.float32)
     for z in range(block.shape[0]):
-        classes = kernel.class_map(block[z], separate_touching=separate_touching)
-        out[z] = kernel.weight_map(
-            block[z], classes, class_weights=class_weights, w0=params.w0, sigma_px=params.sigma_px,
-            tolerance=params.tolerance, pixels=params.border_pixels, method=params.method,  # type: ignore[arg-type]
-        )
+        out[z] = recipe.apply(block[z])[1]
     return out
 
 
@@ -137,7 +102,7 @@ def _cells_block(instances: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.where(classes == 1, instances, 0).astype(np.int32)
 
 
-def label_arrays(labels, *, kind: str, connectivity: int = 4, foreground: int | None = None):
+def label_arrays(labels, *, kind: LabelKind | str, connectivity: int = 4, foreground: int | None = None):
     """Lazy instances and classes of a label stack.
 
     Args:
@@ -153,34 +118,34 @@ def label_arrays(labels, *, kind: str, connectivity: int = 4, foreground: int | 
 
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise UserInputError(f"labels have dtype {labels.dtype}: must be integers; re-ingest the labels")
-    if kind == "binary":
+    kind = parse_choice(LabelKind, kind, option="label kind", error=UserInputError)
+    if kind is LabelKind.BINARY:
         if foreground is None:
             foreground = int(labels.max().compute())
         slices = labels.rechunk((1, labels.shape[1], labels.shape[2]))
         instances = slices.map_blocks(
             _instances_block, kind=kind, connectivity=connectivity, foreground=foreground, dtype=np.int32
         ).rechunk(labels.chunks)
-    elif kind == "instance":
+    else:
         instances = labels.map_blocks(
             _instances_block, kind=kind, connectivity=connectivity, foreground=None, dtype=np.int32
         )
-    else:
-        raise UserInputError(f"label kind {kind!r}: must be 'instance' or 'binary' (set it at ingest)")
     classes = da.map_overlap(
         _classes_block, instances, depth={0: 0, 1: 1, 2: 1}, boundary=0, dtype=np.uint8,
-        separate_touching=kind == "instance", trim=True,
+        separate_touching=kind is LabelKind.INSTANCE, trim=True,
     )
     return instances, classes
 
 
-def weight_array(instances, *, kind: str, class_weights: Sequence[float], params: WeightParams):
+def weight_array(instances, *, kind: LabelKind | str, class_weights: Sequence[float], params: WeightParams):
     """Lazy (Z, Y, X) float32 w(x) from lazy int32 instances (``map_overlap``, halo_px)."""
     import dask.array as da
 
+    recipe = WeightRecipe(params, tuple(float(c) for c in class_weights), separate_touching=kind == LabelKind.INSTANCE)
     depth = params.halo_px
     return da.map_overlap(
         _weights_block, instances, depth={0: 0, 1: depth, 2: depth}, boundary=0, dtype=np.float32, trim=True,
-        separate_touching=kind == "instance", class_weights=tuple(float(c) for c in class_weights), params=params,
+        recipe=recipe,
     )
 
 
@@ -210,12 +175,8 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
     return total
 
 
-def _kind(stack) -> str:
-    if stack.label_kind not in ("instance", "binary"):
-        raise UserInputError(
-            f"{stack.path}: label_kind {stack.label_kind!r} in attrs['unet'] must be 'instance' or 'binary'"
-        )
-    return stack.label_kind
+def _kind(stack) -> LabelKind:
+    return parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label_kind in attrs['unet']")
 
 
 def compute_class_weights(
@@ -317,14 +278,14 @@ def write_weights(
     weights = weight_array(instances, kind=kind, class_weights=wc, params=params)
     cells = da.map_blocks(_cells_block, instances, classes, dtype=np.int32)
     attrs = {
-        **{k: v for k, v in asdict(params).items()},
+        **params.to_dict(),
         "cutoff_px": params.cutoff_px,
         "halo_px": params.halo_px,
         "class_weights": wc,
         "frequencies": class_weights.get("frequencies"),
         "class_weights_source": class_weights.get("stacks"),
-        "label_kind": kind,
-        "separate_touching": kind == "instance",
+        "label_kind": kind.value,
+        "separate_touching": kind is LabelKind.INSTANCE,
         "source": str(stack.path),
         "version": __version__,
     }

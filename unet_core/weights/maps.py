@@ -53,18 +53,31 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from enum import Enum
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from unet_core.common.errors import UserInputError
+from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.labels import LabelKind, connectivity_structure
 
 log = logging.getLogger(__name__)
 
-LabelKind = Literal["instance", "binary"]
-BorderPixels = Literal["background", "all"]
-Method = Literal["auto", "kdtree", "bbox"]
+
+
+class BorderPixels(str, Enum):
+    """Which pixels get the border term: background only (the paper) or all."""
+
+    BACKGROUND = "background"
+    ALL = "all"
+
+
+class DistanceMethod(str, Enum):
+    """Algorithm for d1/d2 (identical results; see the module docstring)."""
+
+    AUTO = "auto"
+    KDTREE = "kdtree"
+    BBOX = "bbox"
 
 PRESETS: dict[str, dict[str, float]] = {
     "paper": {"w0": 10.0, "sigma_px": 5.0},  # Ronneberger et al. 2015
@@ -117,7 +130,7 @@ def check_parameters(*, w0: float, sigma_px: float, tolerance: float) -> None:
 def instances_from_labels(
     labels2d: np.ndarray,
     *,
-    kind: LabelKind,
+    kind: LabelKind | str,
     connectivity: int = 4,
     foreground: int | None = None,
 ) -> np.ndarray:
@@ -143,14 +156,13 @@ def instances_from_labels(
     labels2d = _check_2d_integer(labels2d, "labels")
     if connectivity not in (4, 8):
         raise UserInputError(f"connectivity = {connectivity}: must be 4 or 8")
-    if kind == "instance":
+    kind = parse_choice(LabelKind, kind, option="label kind")
+    if kind is LabelKind.INSTANCE:
         if labels2d.size and int(labels2d.min()) < 0:
             raise UserInputError(f"instance labels: negative value {int(labels2d.min())}; 0 = background, >0 = cells")
         if labels2d.size and int(labels2d.max()) > np.iinfo(np.int32).max:
             raise UserInputError(f"instance labels: value {int(labels2d.max())} does not fit int32; relabel the cells")
         return labels2d.astype(np.int32, copy=False)
-    if kind != "binary":
-        raise UserInputError(f"label kind {kind!r}: must be 'instance' or 'binary'")
     if foreground is None:
         foreground = int(labels2d.max()) if labels2d.size else 1
     fg = labels2d == foreground
@@ -160,8 +172,7 @@ def instances_from_labels(
             f"binary labels: more than two values in a slice (foreground {foreground}, others "
             f"{int(rest.min())}..{int(rest.max())}); use label kind 'instance' for instance labels"
         )
-    structure = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
-    instances, _ = ndi.label(fg, structure=structure, output=np.int32)
+    instances, _ = ndi.label(fg, structure=connectivity_structure(connectivity), output=np.int32)
     return instances
 
 
@@ -305,21 +316,21 @@ def _two_nearest_bbox(cells: np.ndarray, target: np.ndarray, cutoff: float) -> t
     return d1, d2
 
 
-def _pick_method(cells: np.ndarray, target: np.ndarray, cutoff: float) -> str:
+def _pick_method(cells: np.ndarray, target: np.ndarray, cutoff: float) -> DistanceMethod:
     margin = 2 * (int(math.floor(cutoff)) + 1)
     area = 0
     for box in ndi.find_objects(cells):
         if box is not None:
             area += (box[0].stop - box[0].start + margin) * (box[1].stop - box[1].start + margin)
-    return "kdtree" if _KD_COST_PER_TARGET * int(target.sum()) < area else "bbox"
+    return DistanceMethod.KDTREE if _KD_COST_PER_TARGET * int(target.sum()) < area else DistanceMethod.BBOX
 
 
 def two_nearest_distances(
     cells2d: np.ndarray,
     *,
     cutoff: float,
-    pixels: BorderPixels = "background",
-    method: Method = "auto",
+    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
+    method: DistanceMethod | str = DistanceMethod.AUTO,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distances to the nearest and second-nearest cell, exact up to ``cutoff``.
 
@@ -336,17 +347,13 @@ def two_nearest_distances(
     """
     cells2d = _check_2d_integer(cells2d, "cells")
     cells2d = cells2d.astype(np.int32, copy=False)
-    if pixels not in ("background", "all"):
-        raise UserInputError(f"border pixels {pixels!r}: must be 'background' or 'all'")
-    target = (cells2d == 0) if pixels == "background" else np.ones(cells2d.shape, dtype=bool)
-    if method == "auto":
+    pixels = parse_choice(BorderPixels, pixels, option="border pixels")
+    method = parse_choice(DistanceMethod, method, option="method")
+    target = (cells2d == 0) if pixels is BorderPixels.BACKGROUND else np.ones(cells2d.shape, dtype=bool)
+    if method is DistanceMethod.AUTO:
         method = _pick_method(cells2d, target, cutoff)
-    if method == "kdtree":
-        d1, d2 = _two_nearest_kdtree(cells2d, target, cutoff)
-    elif method == "bbox":
-        d1, d2 = _two_nearest_bbox(cells2d, target, cutoff)
-    else:
-        raise UserInputError(f"method {method!r}: must be 'auto', 'kdtree' or 'bbox'")
+    nearest = _two_nearest_kdtree if method is DistanceMethod.KDTREE else _two_nearest_bbox
+    d1, d2 = nearest(cells2d, target, cutoff)
     return target, d1, d2
 
 
@@ -364,8 +371,8 @@ def border_weight(
     w0: float = 10.0,
     sigma_px: float = 5.0,
     tolerance: float = 1e-3,
-    pixels: BorderPixels = "background",
-    method: Method = "auto",
+    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
+    method: DistanceMethod | str = DistanceMethod.AUTO,
 ) -> np.ndarray:
     """Separation term w0 * exp(-(d1 + d2)**2 / (2 sigma**2)) of the loss weight.
 
@@ -402,8 +409,8 @@ def weight_map(
     w0: float = 10.0,
     sigma_px: float = 5.0,
     tolerance: float = 1e-3,
-    pixels: BorderPixels = "background",
-    method: Method = "auto",
+    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
+    method: DistanceMethod | str = DistanceMethod.AUTO,
 ) -> np.ndarray:
     """Loss weight w(x) = w_c(x) + border term for one slice.
 
@@ -429,7 +436,7 @@ def border_weight_reference(
     *,
     w0: float = 10.0,
     sigma_px: float = 5.0,
-    pixels: BorderPixels = "background",
+    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
 ) -> np.ndarray:
     """Exact, untruncated, slow reference: one whole-image EDT per cell (tests, benchmark).
 

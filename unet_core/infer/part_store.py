@@ -1,0 +1,184 @@
+"""The part store: what one ``unet predict`` job writes and ``unet merge`` reads.
+
+A part store is a directory written by exactly one predict job (jobs never share a file)::
+
+    part/
+      part.json            manifest: format, geometry, model hash, settings (written first)
+      probabilities/       Zarr v3 array float32 (C, Z, Y, X), chunks (C, 1, B, B) = one
+                           chunk per block; only this job's blocks are stored
+      done/<z>.<by>.<bx>   per-block completion marker, renamed into place after the
+                           block's chunk is written (a killed job leaves no block that looks
+                           finished; a rerun recomputes only blocks without a marker)
+      COMPLETE             written last (atomically) with the job summary
+
+The manifest's settings are everything a part's blocks depend on: a rerun reuses the blocks
+of a store only when its settings are equal, and merge accepts parts only when they agree on
+the settings of one run (:data:`RUN_KEYS`). This module is the only place that knows the
+layout; :mod:`unet_core.infer.predict` writes it and :mod:`unet_core.infer.merge` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.errors import UserInputError
+from unet_core.infer.tiling import Block, Tiling
+from unet_core.io.ngff import create_array
+
+log = logging.getLogger(__name__)
+
+PART_FORMAT = "unet-pipeline/predict-part/1"
+PROBABILITIES = "probabilities"
+MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
+#: Settings that all parts of one run share (merge refuses parts that differ in any of them).
+RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets")
+
+
+@dataclass(frozen=True)
+class PartStore:
+    """One job's part store at ``path`` (which need not exist yet)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # -- reading ----------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any] | None:
+        """The manifest's settings, or None where there is no readable manifest."""
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the job finished (its ``COMPLETE`` marker exists)."""
+        return (self.path / COMPLETE).is_file()
+
+    def is_done(self, block: Block) -> bool:
+        return (self.path / DONE / block.name).is_file()
+
+    def done_blocks(self) -> frozenset[str]:
+        """Names of the blocks marked finished."""
+        done = self.path / DONE
+        if not done.is_dir():
+            return frozenset()
+        return frozenset(p.name for p in done.iterdir() if not p.name.startswith("."))
+
+    def probabilities(self, mode: str = "r") -> zarr.Array:
+        return zarr.open_array(self.path / PROBABILITIES, mode=mode)
+
+    # -- writing ----------------------------------------------------------------------------
+    def open_for_job(self, settings: dict[str, Any], tiling: Tiling) -> zarr.Array:
+        """The probability array to write, reusing the store when its settings are equal (resume).
+
+        A store written with other settings is replaced by an empty one. The job is marked
+        incomplete until :meth:`mark_complete`.
+        """
+        if self.complete:  # a rerun: the job is complete again only when it ends
+            (self.path / COMPLETE).unlink()
+        if self.settings() == settings and (self.path / PROBABILITIES / "zarr.json").is_file():
+            return self.probabilities("r+")
+        if (self.path / MANIFEST).is_file():
+            log.warning("%s: written with other settings; starting it afresh", self.path)
+        remove_path(self.path)
+        with atomic_output(self.path) as tmp:
+            tmp.mkdir()
+            root = zarr.open_group(tmp, mode="w")
+            z, y, x = tiling.shape
+            b = tiling.block_px
+            create_array(root, PROBABILITIES, shape=(tiling.spec.n_classes, z, y, x), dtype=np.float32,
+                         chunks=(tiling.spec.n_classes, 1, b, b), dimension_names=list("czyx"))
+            (tmp / DONE).mkdir()
+            (tmp / MANIFEST).write_text(json.dumps(settings, indent=1, sort_keys=True))
+        return self.probabilities("r+")
+
+    def mark_done(self, block: Block) -> None:
+        """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
+        with atomic_output(self.path / DONE / block.name) as tmp:
+            tmp.write_text("")
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        """Write ``COMPLETE`` with the job summary: the last thing a job does."""
+        with atomic_output(self.path / COMPLETE) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+
+
+@dataclass(frozen=True)
+class Part:
+    """A finished part store with its settings and finished blocks."""
+
+    store: PartStore
+    settings: dict[str, Any]
+    done: frozenset[str]
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def job(self) -> int:
+        return int(self.settings["job"])
+
+
+def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Tiling]:
+    """Open and cross-check the part stores of one run: complete, same settings, jobs 0..N-1 once.
+
+    Returns:
+        The parts sorted by job, and the run's tiling.
+
+    Raises:
+        UserInputError: a missing or unfinished part, parts of different runs, a missing job
+            or an unfinished block.
+    """
+    if not paths:
+        raise UserInputError("no part stores given (pass the OUT_PART directories of all 'unet predict' jobs)")
+    parts = [_open_part(PartStore(p)) for p in paths]
+    _check_one_run(parts)
+    parts.sort(key=lambda part: part.job)
+    tiling = Tiling.from_dict(parts[0].settings["tiling"])
+    jobs = parts[0].settings["jobs"]
+    for part in parts:
+        want = {b.name for b in tiling.job_blocks(part.job, jobs)}
+        if missing := sorted(want - part.done):
+            raise UserInputError(f"{part.path}: {len(missing)} block(s) not finished (e.g. {missing[0]}); rerun its job")
+    return parts, tiling
+
+
+def _open_part(store: PartStore) -> Part:
+    if not (store.path / MANIFEST).is_file():
+        raise UserInputError(f"{store.path}: not a 'unet predict' part store (no {MANIFEST})")
+    settings = store.settings()
+    if settings is None or settings.get("format") != PART_FORMAT:
+        found = None if settings is None else settings.get("format")
+        raise UserInputError(f"{store.path}: unknown part format {found!r}")
+    if not store.complete:
+        raise UserInputError(f"{store.path}: job {settings['job']} did not finish; rerun 'unet predict' for it")
+    return Part(store, settings, store.done_blocks())
+
+
+def _check_one_run(parts: list[Part]) -> None:
+    ref = parts[0]
+    for part in parts[1:]:
+        diff = [k for k in RUN_KEYS if part.settings.get(k) != ref.settings.get(k)]
+        if diff:
+            raise UserInputError(f"{part.path}: from another run than {ref.path} (differs in {', '.join(diff)})")
+    jobs = ref.settings["jobs"]
+    seen = sorted(part.job for part in parts)
+    if seen != list(range(jobs)):
+        missing = sorted(set(range(jobs)) - set(seen))
+        dup = sorted({j for j in seen if seen.count(j) > 1})
+        problems = [f"missing job(s) {missing}"] if missing else []
+        problems += [f"job(s) {dup} given twice"] if dup else []
+        raise UserInputError(f"parts of a {jobs}-job run: {'; '.join(problems)}; pass each job's part once")
