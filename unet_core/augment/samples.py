@@ -63,10 +63,12 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
+from unet_core.augment.plot import plot_augmentation
 from unet_core.model.spec import UNetSpec
 from unet_core.weights.recipe import WeightRecipe
-from unet_core.io.ngff import Stack, create_array, open_stack
+from unet_core.io.ngff import Stack, create_array, open_group, open_stack
 from unet_core.common.progress import progress
+from unet_core.common.provenance import code_hash
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +172,7 @@ def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathL
     """
     stack = open_stack(stack_path)
     weights_path = Path(weights_path)
-    if not (weights_path / "zarr.json").is_file():
-        raise UserInputError(f"{weights_path}: not a Zarr store (run 'unet weights' first)")
-    try:
-        group = zarr.open_group(weights_path, mode="r")
-    except Exception as err:  # zarr raises several types for damaged metadata
-        raise UserInputError(f"{weights_path}: cannot open Zarr group ({err})") from err
+    group = open_group(weights_path, hint="run 'unet weights' first")
     if "instances" not in group:
         raise UserInputError(f"{weights_path}: has no 'instances' array; regenerate it with 'unet weights'")
     instances = group["instances"]
@@ -267,49 +264,57 @@ def augment(
     device = resolve_device(device)
     source = open_source(stack_path, weights_path)
     n_z, sy, sx = source.stack.shape
-    slices = list(range(n_z)) if slices is None else [int(z) for z in slices]
-    if not slices:
-        raise UserInputError("--slices: no source slice selected")
-    if len(set(slices)) != len(slices) or not all(0 <= z < n_z for z in slices):
-        raise UserInputError(f"--slices: {slices} must be distinct slices in 0..{n_z - 1}")
+    slices = _checked_slices(slices, n_z)
     tile_in, tile_out = tile_shapes(spec, tile_out)
     check_fits((sy, sx), (tile_in, tile_in), params=params)
-    n = len(slices) * samples_per_slice
-    log.info("%d samples (%d slices x %d) of %d px (output %d px) from %s", n, len(slices),
+    jobs = [(i * samples_per_slice + k, z, k) for i, z in enumerate(slices) for k in range(samples_per_slice)]
+    log.info("%d samples (%d slices x %d) of %d px (output %d px) from %s", len(jobs), len(slices),
              samples_per_slice, tile_in, tile_out, source.stack.path)
+
+    def make(job: tuple[int, int, int]) -> Tiles:
+        return make_sample(source, job[1], job[2], seed=seed, params=params, tile_in=tile_in,
+                           tile_out=tile_out, device=device)
+
     out_path = Path(out_path)
     with atomic_output(out_path) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        shape, chunks = (n, tile_in, tile_in), (1, tile_in, tile_in)
-        arrays = {
-            name: create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=("n", "y", "x"))
-            for name, dtype in (("image", np.float32), ("classes", np.uint8), ("weights", np.float32),
-                                ("instances", np.int32))
-        }
-        source_arr = create_array(root, "source", shape=(n, 2), dtype=np.int32, chunks=(n, 2),
-                                  dimension_names=("n", "zk"))
-        source_arr[:] = np.array([(z, k) for z in slices for k in range(samples_per_slice)], np.int32)
-        jobs = [(i * samples_per_slice + k, z, k) for i, z in enumerate(slices) for k in range(samples_per_slice)]
-
-        def make(job: tuple[int, int, int]) -> Tiles:
-            return make_sample(source, job[1], job[2], seed=seed, params=params, tile_in=tile_in,
-                               tile_out=tile_out, device=device)
-
-        done = progress(ordered_map(make, jobs, workers=workers), desc="augment", total=len(jobs), unit="sample")
-        for (index, _, _), tiles in zip(jobs, done):
-            for name, arr in arrays.items():
-                arr[index] = getattr(tiles, name)[0]
+        _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
         root.attrs.update({"unet": provenance(
             source, seed=seed, params=params, spec=spec, tile_in=tile_in, tile_out=tile_out,
             samples_per_slice=samples_per_slice, slices=slices,
         )})
     if plot is not None:
-        from unet_core.augment.plot import plot_augmentation
-
         rows = preview_rows(source, [(z, k) for _, z, k in jobs[:plot_samples]], seed=seed, params=params,
                             tile_in=tile_in, tile_out=tile_out)
         plot_augmentation(plot, rows, title=f"{source.stack.path.name}: seed {seed}, {params.describe()}")
     return out_path
+
+
+def _checked_slices(slices: Sequence[int] | None, n_z: int) -> list[int]:
+    """The source slices (default all): distinct and in range, else a one-line error."""
+    slices = list(range(n_z)) if slices is None else [int(z) for z in slices]
+    if not slices:
+        raise UserInputError("--slices: no source slice selected")
+    if len(set(slices)) != len(slices) or not all(0 <= z < n_z for z in slices):
+        raise UserInputError(f"--slices: {slices} must be distinct slices in 0..{n_z - 1}")
+    return slices
+
+
+def _write_samples(root: zarr.Group, jobs: list[tuple[int, int, int]], samples: Iterator[Tiles], *,
+                   tile_in: int) -> None:
+    """Create the set's arrays in ``root`` and write sample ``n`` of each job ``(n, z, k)``."""
+    n = len(jobs)
+    shape, chunks = (n, tile_in, tile_in), (1, tile_in, tile_in)
+    arrays = {
+        name: create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=("n", "y", "x"))
+        for name, dtype in (("image", np.float32), ("classes", np.uint8), ("weights", np.float32),
+                            ("instances", np.int32))
+    }
+    source_arr = create_array(root, "source", shape=(n, 2), dtype=np.int32, chunks=(n, 2), dimension_names=("n", "zk"))
+    source_arr[:] = np.array([(z, k) for _, z, k in jobs], np.int32).reshape(n, 2)
+    for (index, _, _), tiles in zip(jobs, progress(samples, desc="augment", total=n, unit="sample"), strict=True):
+        for name, arr in arrays.items():
+            arr[index] = getattr(tiles, name)[0]
 
 
 @dataclass(frozen=True)
@@ -389,7 +394,7 @@ def provenance(
     samples_per_slice: int, slices: Sequence[int],
 ) -> dict[str, Any]:
     """``attrs["unet"]`` of an augmented set (no timestamps: same inputs, same bytes)."""
-    from unet_core.common.provenance import code_hash
+
 
     return {
         "format": FORMAT,

@@ -5,6 +5,11 @@ Every module in this package other than ``common`` is a stage: it defines
 taking the parsed arguments. ``main`` parses, calls that one function, and maps errors to
 exit codes: a user mistake prints one line naming the file/key and the problem and exits
 with 2; ``--debug`` shows the traceback.
+
+Each stage module imports its stage's implementation inside its ``run`` function, not at the
+top: building the parser (``unet --help``, or any one subcommand) then loads no torch, zarr
+or dask, and a stage's code hash (:func:`unet_core.common.provenance.code_hash`) covers the
+modules its ``run`` imports.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@ import argparse
 from unet_core.cli.common import (
     add_model_args,
     add_threads_arg,
+    configure_threads,
     existing_path,
     nonnegative_float,
     nonnegative_int,
+    parse_slices,
     positive_int,
+    spec_from_args,
 )
 
 
@@ -76,7 +79,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.augment.samples import augment
-    from unet_core.cli.common import configure_threads, parse_slices, spec_from_args
     from unet_core.augment.elastic import DeformParams
     from unet_core.io.ngff import open_stack
 

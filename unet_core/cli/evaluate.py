@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import existing_path, positive_int
+from unet_core.cli.common import existing_path, parse_slices, positive_int
 
 
 def _thresholds(text: str) -> list[float]:
@@ -68,7 +68,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.cli.common import parse_slices
     from unet_core.evaluate.scoring import evaluate
     from unet_core.evaluate.metrics import ISBI_THRESHOLDS
     from unet_core.io.ngff import open_stack

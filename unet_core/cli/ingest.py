@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unet_core.cli.common import parse_slices
+
 from unet_core.common.labels import AUTO_KIND, LabelKind
 
 
@@ -47,7 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.cli.common import parse_slices
     from unet_core.io.ingest import ingest
     from unet_core.io.tiff import open_tiff_stack
 

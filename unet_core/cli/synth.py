@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unet_core.common.errors import UserInputError
+
 from unet_core.cli.common import nonnegative_float, positive_int
 
 
@@ -97,7 +99,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.common.errors import UserInputError
     from unet_core.io.synth import SynthParams, write_synth_tiffs
 
     if args.seed < 0:

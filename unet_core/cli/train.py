@@ -13,6 +13,7 @@ from unet_core.cli.common import (
     existing_path,
     nonnegative_float,
     nonnegative_int,
+    parse_slices,
     positive_int,
     spec_from_args,
 )
@@ -169,7 +170,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.cli.common import parse_slices
     from unet_core.train.data import parse_validation_pair
     from unet_core.io.ngff import open_stack
     from unet_core.train.loop import TrainConfig, train

@@ -59,7 +59,8 @@ from unet_core.evaluate.metrics import (
     threshold_counts,
     warping_sweep,
 )
-from unet_core.io.ngff import open_stack
+from unet_core.evaluate.plot import OverlayPanel, plot_overlays
+from unet_core.io.ngff import Stack, open_group, open_stack
 from unet_core.common.progress import progress
 from unet_core.weights.maps import class_map, instances_from_labels
 
@@ -341,12 +342,7 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
         UserInputError: not a Zarr store, or not the (c, z, y, x) probability layout.
     """
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise UserInputError(f"{path}: not a Zarr store (run 'unet merge' to create the prediction)")
-    try:
-        root = zarr.open_group(path, mode="r")
-    except Exception as err:  # zarr raises several types for damaged metadata
-        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+    root = open_group(path, hint="run 'unet merge' to create the prediction")
     if "0" not in root or root["0"].ndim != 4:
         raise UserInputError(
             f"{path}: expected class probabilities (c, z, y, x) at level '0', as written by 'unet merge'"
@@ -483,33 +479,16 @@ def evaluate(
     Raises:
         UserInputError: missing or mismatching inputs, no labels, bad options.
     """
-    stack = open_stack(stack_path, require_labels=True)
-    parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label kind (re-ingest with --label-kind)")
-    prediction = open_prediction(prediction_path)
-    if tuple(prediction.probabilities.shape[1:]) != tuple(stack.shape):
-        raise UserInputError(
-            f"{prediction.path}: prediction (z, y, x) {tuple(prediction.probabilities.shape[1:])} does not match "
-            f"stack {stack.path} {tuple(stack.shape)}; score the prediction against the stack it was made on"
-        )
+    stack, prediction = _open_inputs(prediction_path, stack_path)
     chosen = list(range(stack.shape[0])) if slices is None else [int(z) for z in slices]
-    if not chosen:
-        raise UserInputError("no slices selected to evaluate")
-    if connectivity not in (4, 8):
-        raise UserInputError(f"--connectivity must be 4 or 8, got {connectivity}")
     thresholds = [float(t) for t in thresholds]
-    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
-        raise UserInputError(f"--thresholds must be values in [0, 1], got {thresholds}")
-    if overlay_count < 1:
-        raise UserInputError(f"--overlays must be >= 1, got {overlay_count}")
-
-    fg_value = _binary_foreground(stack, chosen) if stack.label_kind == "binary" else None
+    _check_options(chosen, thresholds, connectivity=connectivity, overlay_count=overlay_count)
+    fg_value = _binary_foreground(stack, chosen) if stack.label_kind == LabelKind.BINARY else None
     rows, dataset = evaluate_arrays(
         prediction, stack, slices=chosen, thresholds=thresholds, connectivity=connectivity, warping=warping,
         foreground_value=fg_value,
     )
     worst, best = rank_slices(rows, by=rank_by, count=overlay_count)
-
-    out = Path(out_dir)
     report = {
         "dataset": dataset,
         "slices": rows,
@@ -532,23 +511,61 @@ def evaluate(
             "tool": f"unet-pipeline {__version__}",
         },
     }
-    from unet_core.evaluate.plot import OverlayPanel, plot_overlays
+    panels = [
+        _overlay_panel(prediction, stack, rows[i], tag, foreground_value=fg_value, connectivity=connectivity)
+        for tag, picks in (("worst", worst), ("best", best)) for i in picks
+    ]
+    _write_report(Path(out_dir), report, rows, panels, rank_by=rank_by)
+    log.info(
+        "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), adapted Rand %.4f "
+        "(%.4f with seeded-watershed instances), foreground IoU %.4f -> %s",
+        len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
+        dataset["adapted_rand_error"], dataset["adapted_rand_error_ws"], dataset["foreground_iou"], out_dir,
+    )
+    return dataset
 
-    panels = []
-    for tag, picks in (("worst", worst), ("best", best)):
-        for i in picks:
-            z = rows[i]["z"]
-            cell_probability, pred_classes = prediction.slice(z)
-            _, true_classes = ground_truth_targets(
-                np.asarray(stack.labels[z]), label_kind=stack.label_kind,
-                foreground_value=fg_value, connectivity=connectivity,
-            )
-            panels.append(OverlayPanel(
-                z=z, tag=tag, image=np.asarray(stack.image[z]), true_classes=true_classes,
-                pred_classes=pred_classes, cell_probability=cell_probability, scores=rows[i],
-            ))
-    # all three files or none of this run's: metrics.csv (the workflow's target) is written last,
-    # and a failure (e.g. a full disk) removes what this run already wrote
+
+def _open_inputs(prediction_path: str | os.PathLike[str], stack_path: str | os.PathLike[str]) -> tuple[Stack, Prediction]:
+    """The labelled stack and the prediction made on it (one-line errors where they do not fit)."""
+    stack = open_stack(stack_path, require_labels=True)
+    parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label kind (re-ingest with --label-kind)")
+    prediction = open_prediction(prediction_path)
+    if tuple(prediction.probabilities.shape[1:]) != tuple(stack.shape):
+        raise UserInputError(
+            f"{prediction.path}: prediction (z, y, x) {tuple(prediction.probabilities.shape[1:])} does not match "
+            f"stack {stack.path} {tuple(stack.shape)}; score the prediction against the stack it was made on"
+        )
+    return stack, prediction
+
+
+def _check_options(slices: list[int], thresholds: list[float], *, connectivity: int, overlay_count: int) -> None:
+    if not slices:
+        raise UserInputError("no slices selected to evaluate")
+    if connectivity not in (4, 8):
+        raise UserInputError(f"--connectivity must be 4 or 8, got {connectivity}")
+    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise UserInputError(f"--thresholds must be values in [0, 1], got {thresholds}")
+    if overlay_count < 1:
+        raise UserInputError(f"--overlays must be >= 1, got {overlay_count}")
+
+
+def _overlay_panel(prediction: Prediction, stack: Stack, row: dict[str, Any], tag: str, *,
+                   foreground_value: int | None, connectivity: int) -> OverlayPanel:
+    """One slice of the overlay figure: image, truth, prediction and its scores."""
+    z = row["z"]
+    cell_probability, pred_classes = prediction.slice(z)
+    _, true_classes = ground_truth_targets(
+        np.asarray(stack.labels[z]), label_kind=stack.label_kind, foreground_value=foreground_value,
+        connectivity=connectivity,
+    )
+    return OverlayPanel(z=z, tag=tag, image=np.asarray(stack.image[z]), true_classes=true_classes,
+                        pred_classes=pred_classes, cell_probability=cell_probability, scores=row)
+
+
+def _write_report(out: Path, report: dict[str, Any], rows: list[dict[str, Any]], panels: list[OverlayPanel], *,
+                  rank_by: str) -> None:
+    """All three files or none of this run's: metrics.csv (the workflow's target) is written last,
+    and a failure (e.g. a full disk) removes what this run already wrote."""
     report_text = json.dumps(report, indent=2, default=_json_default) + "\n"
     written: list[Path] = []
     try:
@@ -563,13 +580,6 @@ def evaluate(
         for path in written:
             remove_path(path)
         raise
-    log.info(
-        "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), adapted Rand %.4f "
-        "(%.4f with seeded-watershed instances), foreground IoU %.4f -> %s",
-        len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
-        dataset["adapted_rand_error"], dataset["adapted_rand_error_ws"], dataset["foreground_iou"], out,
-    )
-    return dataset
 
 
 def _json_default(value: Any) -> Any:

@@ -253,6 +253,24 @@ def _even_halvings(*edges: int) -> int:
     return k
 
 
+def open_group(path: str | os.PathLike[str], *, hint: str) -> zarr.Group:
+    """Open a Zarr group for reading, or raise one line naming the path and what to do.
+
+    Args:
+        hint: what the caller expected, e.g. "run 'unet ingest' first".
+
+    Raises:
+        UserInputError: no ``zarr.json`` there, or metadata zarr cannot read.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserInputError(f"{path}: not a Zarr store ({hint})")
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as err:  # zarr raises several types for damaged metadata
+        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+
+
 def label_group(root: zarr.Group, name: str = LABEL_NAME) -> zarr.Group:
     """Create ``labels/<name>`` under an image group and register it in ``labels``."""
     labels = root.require_group("labels")
@@ -303,12 +321,7 @@ def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) ->
         UserInputError: missing store, not a unet-pipeline stack, or labels required but absent.
     """
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise UserInputError(f"{path}: not a Zarr store (run 'unet ingest' first)")
-    try:
-        root = zarr.open_group(path, mode="r")
-    except Exception as err:  # zarr raises several types for damaged metadata
-        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
+    root = open_group(path, hint="run 'unet ingest' first")
     attrs = dict(root.attrs)
     unet = attrs.get("unet", {})
     if "0" not in root or "intensity" not in unet:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
@@ -715,8 +716,6 @@ def write_synth_tiffs(
         UserInputError: bad sizes, the two paths are the same, or classic TIFF was forced
             for a file that needs BigTIFF.
     """
-    import tifffile
-
     image_path = Path(image_path)
     labels_path = None if labels_path is None else Path(labels_path)
     if labels_path is not None and image_path.resolve() == labels_path.resolve():
@@ -730,25 +729,11 @@ def write_synth_tiffs(
     big_lab = labels_path is not None and _use_bigtiff(lab_bytes, bigtiff, labels_path)
     shape = (slices, params.height, params.width)
     t0 = time.perf_counter()
-    cells = 0
     with contextlib.ExitStack() as stack:
         tmp_img = stack.enter_context(atomic_output(image_path))
         tmp_lab = None if labels_path is None else stack.enter_context(atomic_output(labels_path))
-        with contextlib.ExitStack() as files:
-            tw_img = files.enter_context(tifffile.TiffWriter(tmp_img, bigtiff=big_img))
-            tw_lab = None
-            if tmp_lab is not None:
-                tw_lab = files.enter_context(tifffile.TiffWriter(tmp_lab, bigtiff=big_lab))
-            pages = iter_synth_slices(params, seed=seed, slices=slices, workers=workers)
-            meta_img = provenance(params, seed=seed, slices=slices, kind="image")
-            meta_lab = provenance(params, seed=seed, slices=slices, kind="labels")
-            for z, (image, labels) in enumerate(progress(pages, desc="synth", total=slices, unit="slice")):
-                # the metadata goes into the first page only (tifffile updates its shape)
-                tw_img.write(image, contiguous=True, photometric="minisblack", metadata=meta_img)
-                if tw_lab is not None:
-                    tw_lab.write(labels, contiguous=True, photometric="minisblack", metadata=meta_lab)
-                meta_img = meta_lab = None
-                cells += int(labels.max())
+        cells = _stream_pages(params, seed=seed, slices=slices, workers=workers, image=(tmp_img, big_img),
+                              labels=None if tmp_lab is None else (tmp_lab, big_lab))
     seconds = time.perf_counter() - t0
     written = img_bytes + (lab_bytes if labels_path is not None else 0)
     result = SynthResult(
@@ -762,6 +747,26 @@ def write_synth_tiffs(
         written / 1e6, seconds, result.mb_per_s,
     )
     return result
+
+
+def _stream_pages(params: SynthParams, *, seed: int, slices: int, workers: int, image: tuple[Path, bool],
+                  labels: tuple[Path, bool] | None) -> int:
+    """Render the slices and write them page by page to the (path, bigtiff) files; returns the cell count."""
+    cells = 0
+    with contextlib.ExitStack() as files:
+        tw_img = files.enter_context(tifffile.TiffWriter(image[0], bigtiff=image[1]))
+        tw_lab = None if labels is None else files.enter_context(tifffile.TiffWriter(labels[0], bigtiff=labels[1]))
+        pages = iter_synth_slices(params, seed=seed, slices=slices, workers=workers)
+        meta_img = provenance(params, seed=seed, slices=slices, kind="image")
+        meta_lab = provenance(params, seed=seed, slices=slices, kind="labels")
+        for image_plane, label_plane in progress(pages, desc="synth", total=slices, unit="slice"):
+            # the metadata goes into the first page only (tifffile updates its shape)
+            tw_img.write(image_plane, contiguous=True, photometric="minisblack", metadata=meta_img)
+            if tw_lab is not None:
+                tw_lab.write(label_plane, contiguous=True, photometric="minisblack", metadata=meta_lab)
+            meta_img = meta_lab = None
+            cells += int(label_plane.max())
+    return cells
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:

@@ -32,13 +32,15 @@ import numpy as np
 import torch
 import zarr
 
+from unet_core.augment.elastic import DeformParams
+from unet_core.augment.samples import make_sample, open_source, tile_shapes
 from unet_core.model.decision import WeightSums
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
 from unet_core.model.spec import UNetSpec
-from unet_core.io.ngff import open_stack
+from unet_core.io.ngff import open_group, open_stack
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,6 @@ def check_tile_size(size: int, *, spec: UNetSpec, where: str) -> int:
         ) from None
 
 
-def _open_group(path: Path, *, what: str) -> zarr.Group:
-    if not (path / "zarr.json").is_file():
-        raise UserInputError(f"{path}: not a Zarr store ({what} expected)")
-    try:
-        return zarr.open_group(path, mode="r")
-    except Exception as err:  # zarr raises several types for damaged metadata
-        raise UserInputError(f"{path}: cannot open Zarr group ({err})") from err
-
-
 def _check_classes(classes, *, n_classes: int, where: str) -> None:
     """Raise when a classes array holds a value the model cannot predict."""
     for start in range(0, classes.shape[0], SCAN_BLOCK):
@@ -115,7 +108,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
         self.lengths: list[int] = []
         tile = None
         for path in self.paths:
-            group = _open_group(path, what="an augmented training set from 'unet augment'")
+            group = open_group(path, hint="an augmented training set from 'unet augment' expected")
             missing = [name for name in TRAIN_ARRAYS if name not in group]
             if missing:
                 raise UserInputError(f"{path}: not an augmented training set (missing arrays {missing})")
@@ -231,9 +224,6 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         tile_out: int,
         seed: int,
     ) -> None:
-        from unet_core.augment.samples import open_source, tile_shapes
-        from unet_core.augment.elastic import DeformParams
-
         if not pairs:
             raise UserInputError("--train-stacks: no training stack given (pass STACK:WEIGHTS.zarr pairs)")
         self.pairs = [(Path(a), Path(b)) for a, b in pairs]
@@ -283,16 +273,12 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         return sums.means()
 
     def _source(self, which: int):
-        from unet_core.augment.samples import open_source
-
         if self._sources is None or self._pid != os.getpid():
             self._sources = [open_source(a, b) for a, b in self.pairs]
             self._pid = os.getpid()
         return self._sources[which]
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from unet_core.augment.samples import make_sample
-
         epoch, index = divmod(int(draw), len(self.items))
         which, z = self.items[index]
         tiles = make_sample(
@@ -359,7 +345,7 @@ def load_validation(
     out: list[ValidationSlice] = []
     for stack_path, weights_path in pairs:
         stack = open_stack(stack_path)
-        group = _open_group(weights_path, what="a weights store from 'unet weights'")
+        group = open_group(weights_path, hint="a weights store from 'unet weights' expected")
         missing = [name for name in ("weights", "classes") if name not in group]
         if missing:
             raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")

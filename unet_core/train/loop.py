@@ -46,6 +46,7 @@ import torch
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
+from unet_core.train.plot import plot_training_curve
 from unet_core.train.data import (
     AugmentedTiles,
     IterationSampler,
@@ -816,8 +817,6 @@ def _write_final_outputs(
     iteration: int,
     decision: dict[str, Any],
 ) -> None:
-    from unet_core.train.plot import plot_training_curve
-
     final = history.rows[-1] if history.rows else {}
     metadata = {
         "intensity_normalisation": "stack z-score",

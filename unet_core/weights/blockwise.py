@@ -24,6 +24,7 @@ whole-slice connected components, so they are labelled one slice per task, then 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -32,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from unet_core import __version__
 from unet_core.weights import maps as kernel
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
+from unet_core.io.ngff import Stack, create_array, open_stack
+from unet_core.weights.plot import plot_weights
 from unet_core.weights.recipe import WeightParams, WeightRecipe
 from unet_core.common.progress import progress
 
@@ -159,8 +163,6 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
     """
     import dask.array as da
 
-    from unet_core.io.ngff import open_stack
-
     total = np.zeros(kernel.N_CLASSES, dtype=np.int64)
     parts = []
     for path in stack_paths:
@@ -204,8 +206,6 @@ def compute_class_weights(
 def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                         connectivity: int = 4) -> dict[str, Any]:
     """Compute :func:`compute_class_weights` and write it atomically as JSON to ``out``."""
-    import json
-
     result = compute_class_weights(stack_paths, connectivity=connectivity)
     with atomic_output(out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -215,8 +215,6 @@ def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str 
 
 def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``class_weights.json`` written by :func:`write_class_weights`."""
-    import json
-
     try:
         data = json.loads(Path(path).read_text())
         weights = [float(w) for w in data["class_weights"]]
@@ -255,28 +253,19 @@ def write_weights(
         The ``attrs["unet"]`` written.
     """
     import dask.array as da
-    import zarr
 
-    from unet_core.io.ngff import create_array, open_stack
-
-    stack = open_stack(stack_path, require_labels=True)
+    stack = _open_labelled(stack_path, plot_slice)
     kind = _kind(stack)
-    if tuple(stack.labels.shape) != tuple(stack.image.shape):
-        raise UserInputError(
-            f"{stack.path}: labels {tuple(stack.labels.shape)} and image {tuple(stack.image.shape)} differ in "
-            "shape; re-ingest with matching stacks"
-        )
-    if plot_slice is not None and not 0 <= plot_slice < stack.labels.shape[0]:
-        raise UserInputError(f"plot slice {plot_slice}: out of range for {stack.labels.shape[0]} slices")
     if class_weights is None:
         log.info("no --class-weights given: class frequencies from %s alone", stack.path)
         class_weights = compute_class_weights([stack.path], connectivity=params.connectivity)
     wc = [float(w) for w in class_weights["class_weights"]]
-    chunks = tuple(int(c) for c in stack.labels.chunks)
-    labels = da.from_zarr(stack.labels)
-    instances, classes = label_arrays(labels, kind=kind, connectivity=params.connectivity)
-    weights = weight_array(instances, kind=kind, class_weights=wc, params=params)
-    cells = da.map_blocks(_cells_block, instances, classes, dtype=np.int32)
+    instances, classes = label_arrays(da.from_zarr(stack.labels), kind=kind, connectivity=params.connectivity)
+    arrays = {
+        "weights": weight_array(instances, kind=kind, class_weights=wc, params=params),
+        "classes": classes,
+        "instances": da.map_blocks(_cells_block, instances, classes, dtype=np.int32),
+    }
     attrs = {
         **params.to_dict(),
         "cutoff_px": params.cutoff_px,
@@ -289,25 +278,13 @@ def write_weights(
         "source": str(stack.path),
         "version": __version__,
     }
-    shape = tuple(stack.labels.shape)
     out = Path(out)
     with atomic_output(out) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        targets = [
-            create_array(root, "weights", shape=shape, dtype=np.float32, chunks=chunks, dimension_names="zyx"),
-            create_array(root, "classes", shape=shape, dtype=np.uint8, chunks=chunks, dimension_names="zyx"),
-            create_array(root, "instances", shape=shape, dtype=np.int32, chunks=chunks, dimension_names="zyx"),
-        ]
-        log.info("weights of %s slices of %s px, chunks %s, halo %d px", shape[0], shape[1:], chunks, params.halo_px)
-        step = max(1, batch_slices // chunks[0]) * chunks[0]
-        for z0 in progress(range(0, shape[0], step), desc="weights", total=-(-shape[0] // step), unit="batch"):
-            z1 = min(z0 + step, shape[0])
-            da.store([a[z0:z1] for a in (weights, classes, cells)], [t for t in targets], lock=False,
-                     regions=[(slice(z0, z1),)] * 3)
+        _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks), batch_slices=batch_slices,
+                          halo_px=params.halo_px)
         root.attrs.update({"unet": attrs})
     if plot_slice is not None:
-        from unet_core.weights.plot import plot_weights
-
         result = zarr.open_group(out, mode="r")
         png = out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")
         plot_weights(
@@ -316,3 +293,35 @@ def write_weights(
             title=f"{stack.path.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
         )
     return attrs
+
+
+def _open_labelled(stack_path: str | os.PathLike[str], plot_slice: int | None) -> Stack:
+    """The stack, with labels the shape of its image and ``plot_slice`` in range."""
+    stack = open_stack(stack_path, require_labels=True)
+    if tuple(stack.labels.shape) != tuple(stack.image.shape):
+        raise UserInputError(
+            f"{stack.path}: labels {tuple(stack.labels.shape)} and image {tuple(stack.image.shape)} differ in "
+            "shape; re-ingest with matching stacks"
+        )
+    if plot_slice is not None and not 0 <= plot_slice < stack.labels.shape[0]:
+        raise UserInputError(f"plot slice {plot_slice}: out of range for {stack.labels.shape[0]} slices")
+    return stack
+
+
+_DTYPES = {"weights": np.float32, "classes": np.uint8, "instances": np.int32}
+
+
+def _store_in_batches(root: zarr.Group, arrays: dict[str, Any], *, chunks: tuple[int, ...], batch_slices: int,
+                      halo_px: int) -> None:
+    """Compute the lazy (Z, Y, X) ``arrays`` into new Zarr arrays of ``root``, a batch of slices per
+    Dask call (bounds memory; one progress step each)."""
+    import dask.array as da
+
+    shape = tuple(arrays["weights"].shape)
+    targets = [create_array(root, name, shape=shape, dtype=_DTYPES[name], chunks=chunks, dimension_names="zyx")
+               for name in arrays]
+    log.info("weights of %s slices of %s px, chunks %s, halo %d px", shape[0], shape[1:], chunks, halo_px)
+    step = max(1, batch_slices // chunks[0]) * chunks[0]
+    for z0 in progress(range(0, shape[0], step), desc="weights", total=-(-shape[0] // step), unit="batch"):
+        z1 = min(z0 + step, shape[0])
+        da.store([a[z0:z1] for a in arrays.values()], targets, lock=False, regions=[(slice(z0, z1),)] * len(targets))

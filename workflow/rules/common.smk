@@ -9,6 +9,7 @@ from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
 from unet_core.common.errors import ConfigError
+from unet_core.infer.tiling import check_multiple_of_stride
 from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
@@ -44,13 +45,7 @@ def check_geometry(config):
     except ValueError as err:
         raise ConfigError(f"config train.tile_out = {config['train']['tile_out']}: {err}") from None
     for key in ("tile_out", "block_px"):
-        value = config["predict"][key]
-        if value % spec.stride:
-            lo = max(spec.stride, value // spec.stride * spec.stride)
-            raise ConfigError(
-                f"config predict.{key} = {value} must be a multiple of 2^depth = {spec.stride} "
-                f"(nearest: {lo}, {lo + spec.stride})"
-            )
+        check_multiple_of_stride(config["predict"][key], spec, what=f"config predict.{key} =")
     return spec
 
 

@@ -1,0 +1,23 @@
+# Stage 5b: merge the predict jobs' part stores into one OME-Zarr prediction (the gather).
+
+
+rule merge:
+    input:
+        stack=out("{sample}/stack.ome.zarr"),
+        parts=expand(out("{{sample}}/predict/part-{job}.zarr/COMPLETE"), job=JOBS),
+    output:
+        directory(out("{sample}/prediction.ome.zarr")),
+    params:
+        parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
+        tiff=lambda wc: f"--tiff {q(out(f'{wc.sample}/segmentation.tif'))}" if config["predict"]["tiff"] else "",
+        code=code_hash("merge"),
+    conda:
+        "../../environment.yml"
+    log:
+        out("logs/merge/{sample}.log"),
+    benchmark:
+        out("logs/benchmark/merge/{sample}.tsv")
+    resources:
+        mem_mb=4000,
+    shell:
+        "unet merge {params.parts} --stack {input.stack:q} -o {output:q} {params.tiff} > {log:q} 2>&1"
