@@ -33,10 +33,10 @@ import torch
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
-from unet_core.model.spec import UNetSpec
-from unet_core.model.unet import UNet
 from unet_core.infer.predict import predict_plane, predict_tiles
 from unet_core.infer.tiling import Tiling
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
 
 DEFAULT_BLOCK, DEFAULT_TILE = 2048, 1024
 

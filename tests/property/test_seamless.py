@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from unet_core.common.geometry import Box
-from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
-from unet_core.model.spec import UNetSpec
-from unet_core.model.unet import UNet
 from unet_core.infer.predict import predict_block, predict_tiles, read_block_input
 from unet_core.infer.tiling import Tiling
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
 
 TOL = 1e-5
 CPU = torch.device("cpu")

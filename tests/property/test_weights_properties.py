@@ -6,8 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from unet_core.weights import maps as W
 from unet_core.weights import blockwise as WD
+from unet_core.weights import maps as W
 from unet_core.weights.recipe import WeightParams
 
 SEEDS = [pytest.param(s, id=f"seed{s}") for s in range(6)]

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faults import (
     CONFIG,
     SNAKEFILE,

@@ -66,8 +66,8 @@ def test_pickle_bomb_training_state_is_refused_and_never_runs(reference, tmp_pat
 
 
 def test_library_load_refuses_the_bomb_too(reference, tmp_path):
-    from unet_core.model.checkpoint import load_model
     from unet_core.common.errors import CheckpointError
+    from unet_core.model.checkpoint import load_model
 
     marker = tmp_path / "PWNED"
     bomb = _bomb(tmp_path / "bomb.pt", marker, like=reference.workdir / "results/model/model.pt")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from unet_core.augment.elastic import DeformParams
 from unet_core.augment.samples import (
     FORMAT,
     augment,
@@ -16,12 +17,11 @@ from unet_core.augment.samples import (
     open_source,
 )
 from unet_core.cli import main
-from unet_core.augment.elastic import DeformParams
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import IntensityStats, normalize
 from unet_core.common.mirror import read_mirrored
-from unet_core.model.spec import UNetSpec
 from unet_core.io.ngff import PyramidWriter, create_array
+from unet_core.model.spec import UNetSpec
 from unet_core.weights.maps import cells_from, class_map, cutoff_px, weight_map
 from unet_core.weights.recipe import WeightRecipe
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from unet_core.augment.elastic import (
+    Deformation,
     DeformParams,
     Interpolation,
-    Deformation,
     adjust_grey,
     check_fits,
     deform,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_core.evaluate import scoring as ev
-from unet_core.evaluate import metrics as m
 from unet_core.cli import main
+from unet_core.evaluate import metrics as m
+from unet_core.evaluate import scoring as ev
 from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
 
 Z, Y, X = 4, 40, 52

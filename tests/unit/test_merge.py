@@ -18,9 +18,9 @@ import unet_core.infer.predict
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
 from unet_core.infer.merge import InstanceMerger, UnionFind, merge_parts, segment
-from unet_core.model.spec import UNetSpec
-from unet_core.io.ngff import PyramidWriter, downsample_plane
 from unet_core.infer.predict import predict_job
+from unet_core.io.ngff import PyramidWriter, downsample_plane
+from unet_core.model.spec import UNetSpec
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
 

@@ -11,19 +11,18 @@ import torch
 import zarr
 from torch import nn
 
-from unet_core.infer import predict as predict_mod
-from unet_core.model.checkpoint import load_model, save_model
 from unet_core.cli import main
+from unet_core.common.device import resolve_device
 from unet_core.common.errors import CheckpointError, UserInputError
 from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.provenance import sha256_files
+from unet_core.infer.part_store import PartStore
+from unet_core.infer.predict import predict_job, predict_plane, resolve_precision, run_network
+from unet_core.infer.tiling import Tiling
+from unet_core.io.ngff import PyramidWriter
+from unet_core.model.checkpoint import load_model, save_model
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.io.ngff import PyramidWriter
-from unet_core.common.device import resolve_device
-from unet_core.common.provenance import sha256_files
-from unet_core.infer.predict import predict_job, predict_plane, resolve_precision, run_network
-from unet_core.infer.part_store import PartStore
-from unet_core.infer.tiling import Tiling
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20
 TINY_ARGS = ["--depth", "2", "--base-channels", "4", "--dropout", "0"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unet_core.common.provenance import code_hash, config_hash, module_closure
+from unet_core.common.provenance import code_hash, module_closure
 
 
 def test_ingest_closure_is_its_imports_only():
@@ -32,7 +32,3 @@ def test_code_hash_changes_with_an_imported_module(monkeypatch):
     finally:
         real("unet_core.io.tiff").with_name("_patched_tiff_io.txt").unlink(missing_ok=True)
         prov.module_closure.cache_clear()
-
-
-def test_config_hash_is_order_independent():
-    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})

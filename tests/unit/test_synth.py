@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet_core.io import synth
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
+from unet_core.io import synth
 from unet_core.io.synth import (
     BorderStyle,
     SynthParams,

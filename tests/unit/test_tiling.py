@@ -6,10 +6,17 @@ import pytest
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
-from unet_core.model.spec import UNetSpec
 from unet_core.infer.tiling import (
-    TTA, Tiling, Dihedral, check_multiple_of_stride, output_offset, tile_margins, tile_read_box, transforms,
+    TTA,
+    Dihedral,
+    Tiling,
+    check_multiple_of_stride,
+    output_offset,
+    tile_margins,
+    tile_read_box,
+    transforms,
 )
+from unet_core.model.spec import UNetSpec
 
 PAPER = UNetSpec()
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)  # stride 4, context 20

@@ -20,14 +20,14 @@ import pytest
 import torch
 import zarr
 
-from unet_core.model.checkpoint import load_model, safe_load
-from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output, tiled_logits
 from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
+from unet_core.io.ngff import PyramidWriter, create_array
+from unet_core.model.checkpoint import load_model, safe_load
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.io.ngff import PyramidWriter, create_array
+from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output, tiled_logits
 from unet_core.train.loop import TrainConfig, lr_factor, train
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from unet_core.weights import maps as W
-from unet_core.io.synth import voronoi_cells as voronoi
 from unet_core.common.errors import UserInputError
+from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.weights import maps as W
 
 
 def test_cutoff_matches_paper_numbers():

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import zarr
 
-from unet_core.weights import maps as W
-from unet_core.io.synth import voronoi_cells as voronoi
-from unet_core.weights import blockwise as WD
-from unet_core.weights.recipe import WeightParams
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
 from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, label_group
+from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.weights import blockwise as WD
+from unet_core.weights import maps as W
+from unet_core.weights.recipe import WeightParams
 
 
 def make_stack(path: Path, labels: np.ndarray, *, kind: str, chunks=(1, 64, 64), image_shape=None) -> Path:

@@ -47,10 +47,9 @@ import torch
 import zarr
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output
 from unet_core.augment.elastic import (
-    DeformParams,
     Deformation,
+    DeformParams,
     check_fits,
     deform,
     draw_transform,
@@ -58,17 +57,18 @@ from unet_core.augment.elastic import (
     rng_for,
     upsample_matrix,
 )
+from unet_core.augment.plot import plot_augmentation
+from unet_core.common.atomic import atomic_output
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
-from unet_core.augment.plot import plot_augmentation
-from unet_core.model.spec import UNetSpec
-from unet_core.weights.recipe import WeightRecipe
-from unet_core.io.ngff import Stack, create_array, open_group, open_stack
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
+from unet_core.io.ngff import Stack, create_array, open_group, open_stack
+from unet_core.model.spec import UNetSpec
+from unet_core.weights.recipe import WeightRecipe
 
 log = logging.getLogger(__name__)
 

@@ -78,8 +78,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.augment.samples import augment
     from unet_core.augment.elastic import DeformParams
+    from unet_core.augment.samples import augment
     from unet_core.io.ngff import open_stack
 
     threads = configure_threads(args.threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from unet_core.cli.common import parse_slices
-
 from unet_core.common.labels import AUTO_KIND, LabelKind
 
 

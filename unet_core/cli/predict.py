@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import add_model_args, add_threads_arg, configure_threads, expected_model, positive_int
+from unet_core.cli.common import (
+    add_model_args,
+    add_threads_arg,
+    configure_threads,
+    expected_model,
+    positive_int,
+)
 from unet_core.common.precision import Precision
 from unet_core.infer.tiling import TTA
 from unet_core.model.decision import Decision

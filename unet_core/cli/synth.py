@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.common.errors import UserInputError
-
 from unet_core.cli.common import nonnegative_float, positive_int
+from unet_core.common.errors import UserInputError
 
 
 def _fraction(text: str) -> float:

@@ -170,8 +170,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.train.data import parse_validation_pair
     from unet_core.io.ngff import open_stack
+    from unet_core.train.data import parse_validation_pair
     from unet_core.train.loop import TrainConfig, train
 
     configure_threads(args.threads)

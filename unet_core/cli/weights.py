@@ -84,8 +84,8 @@ def run_class_weights(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.weights.maps import PRESETS
     from unet_core.weights.blockwise import dask_scheduler, read_class_weights, write_weights
+    from unet_core.weights.maps import PRESETS
     from unet_core.weights.recipe import WeightParams
 
     base = PRESETS[args.preset or "paper"]

@@ -22,9 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-NUMPY_MODE = "reflect"
 SCIPY_MODE = "mirror"
-TORCH_PAD_MODE = "reflect"
 
 
 def mirror_index(index: np.ndarray, size: int) -> np.ndarray:

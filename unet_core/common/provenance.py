@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
-import subprocess
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-from unet_core import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # unet_core/
 
@@ -80,18 +75,6 @@ def code_hash(stage: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` for local changes), or None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def sha256_files(paths: Sequence[str | os.PathLike[str]]) -> str:
     """Hex SHA-256 of the content of files and folders, in the order given.
 
@@ -108,12 +91,3 @@ def sha256_files(paths: Sequence[str | os.PathLike[str]]) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """Short sha256 of a config mapping in canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def tool_version() -> str:
-    return f"unet-pipeline {__version__}"

@@ -41,7 +41,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output, remove_path
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
-from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
+from unet_core.common.progress import progress
 from unet_core.evaluate.metrics import (
     CELL,
     ISBI_THRESHOLDS,
@@ -60,8 +60,8 @@ from unet_core.evaluate.metrics import (
     warping_sweep,
 )
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
+from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
 from unet_core.io.ngff import Stack, open_group, open_stack
-from unet_core.common.progress import progress
 from unet_core.weights.maps import class_map, instances_from_labels
 
 log = logging.getLogger(__name__)

@@ -33,11 +33,11 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.device import resolve_device
-from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats, normalize
 from unet_core.common.mirror import read_mirrored
+from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash, sha256_files
 from unet_core.infer.part_store import PART_FORMAT, PartStore

@@ -22,11 +22,11 @@ import zarr
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.intensity import RunningStats
-from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
+from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.progress import progress
 from unet_core.common.provenance import sha256_files
+from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
 from unet_core.io.tiff import TiffStack, open_tiff_stack
 
 log = logging.getLogger(__name__)

@@ -26,13 +26,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from unet_core import __version__
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import IntensityStats
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"
-SPATIAL = ("z", "y", "x")
 
 
 def compressor() -> BloscCodec:

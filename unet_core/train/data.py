@@ -34,13 +34,13 @@ import zarr
 
 from unet_core.augment.elastic import DeformParams
 from unet_core.augment.samples import make_sample, open_source, tile_shapes
-from unet_core.model.decision import WeightSums
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
-from unet_core.model.spec import UNetSpec
 from unet_core.io.ngff import open_group, open_stack
+from unet_core.model.decision import WeightSums
+from unet_core.model.spec import UNetSpec
 
 log = logging.getLogger(__name__)
 

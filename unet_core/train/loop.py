@@ -45,8 +45,16 @@ import torch
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.device import resolve_device
+from unet_core.common.errors import CheckpointError, ConfigError, UserInputError, check_known_keys
+from unet_core.common.precision import Precision, resolve_precision
+from unet_core.common.progress import progress_bar
+from unet_core.common.provenance import sha256_files
 from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
-from unet_core.train.plot import plot_training_curve
+from unet_core.model.decision import correct, logit_offsets
+from unet_core.model.loss import weighted_cross_entropy
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
 from unet_core.train.data import (
     AugmentedTiles,
     IterationSampler,
@@ -55,15 +63,7 @@ from unet_core.train.data import (
     load_validation,
     tiled_logits,
 )
-from unet_core.model.decision import correct, logit_offsets
-from unet_core.common.device import resolve_device
-from unet_core.common.precision import Precision, resolve_precision
-from unet_core.common.errors import CheckpointError, ConfigError, UserInputError, check_known_keys
-from unet_core.model.loss import weighted_cross_entropy
-from unet_core.model.spec import UNetSpec
-from unet_core.model.unet import UNet
-from unet_core.common.progress import progress_bar
-from unet_core.common.provenance import sha256_files
+from unet_core.train.plot import plot_training_curve
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,14 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.weights import maps as kernel
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
+from unet_core.common.progress import progress
 from unet_core.io.ngff import Stack, create_array, open_stack
+from unet_core.weights import maps as kernel
 from unet_core.weights.plot import plot_weights
 from unet_core.weights.recipe import WeightParams, WeightRecipe
-from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
 

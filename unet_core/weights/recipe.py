@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.weights.maps import BorderPixels, DistanceMethod, check_parameters, class_map, cutoff_px, weight_map
+from unet_core.weights.maps import (
+    BorderPixels,
+    DistanceMethod,
+    check_parameters,
+    class_map,
+    cutoff_px,
+    weight_map,
+)
 
 
 @dataclass(frozen=True)
