@@ -17,8 +17,8 @@ import torch
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
-from unet_core.infer.predict import predict_block, predict_tiles, read_block_input
-from unet_core.infer.tiling import Tiling
+from unet_core.infer.engine import Engine
+from unet_core.infer.tiling import Tiling, tile_read_box
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 
@@ -40,15 +40,33 @@ def whole_image_prediction(model: UNet, image: np.ndarray) -> np.ndarray:
 
 
 def tiled_prediction(model: UNet, volume: np.ndarray, tiling: Tiling, jobs: int, seed: int) -> np.ndarray:
+    """Every job's blocks through the engine (float32 storage), jobs in shuffled order."""
     out = np.full((model.spec.n_classes, *volume.shape), np.nan, np.float32)
     order = list(range(jobs))
     random.Random(seed).shuffle(order)
-    stats = IntensityStats(0.0, 1.0)
+    engine = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=CPU, batch=3)
     for job in order:
         for block in tiling.job_blocks(job, jobs):
-            out[(slice(None), *block.write.to_slices())] = predict_block(
-                model, volume, block, tiling, stats=stats, device=CPU, batch=3
-            )
+            result = engine.predict(engine.stage(volume, block))()
+            out[(slice(None), *block.write.to_slices())] = result.probabilities
+    return out
+
+
+def tiles_direct(model: UNet, padded: np.ndarray, padded_box: Box, tiles: list[Box], out_box: Box) -> np.ndarray:
+    """Network outputs of arbitrary (Y, X) write boxes cut from a mirror-padded image, stitched.
+
+    Bypasses the tiling, so tile origins can be misaligned on purpose.
+    """
+    spec = model.spec
+    out = np.zeros((spec.n_classes, *out_box.shape), np.float32)
+    for tile in tiles:
+        read = tile_read_box(tile, spec)
+        x = torch.from_numpy(np.ascontiguousarray(padded[read.relative_to(padded_box).to_slices()]))[None, None]
+        with torch.inference_mode():
+            probs = torch.softmax(model(x), dim=1)[0].numpy()
+        keep = tile.intersect(out_box)
+        src = keep.relative_to(tile).to_slices()
+        out[(slice(None), *keep.relative_to(out_box).to_slices())] = probs[(slice(None), *src)]
     return out
 
 
@@ -97,11 +115,11 @@ def test_arbitrary_aligned_tiles_are_exact_and_misaligned_ones_are_not() -> None
     def tiles_from(origin: int, step: int) -> list[Box]:
         return [Box((y, x), (step, step)) for y in range(origin, 97, step) for x in range(origin, 83, step)]
 
-    aligned = predict_tiles(model, padded, big, tiles_from(0, 24), spec=spec, out_box=out_box, device=CPU)
+    aligned = tiles_direct(model, padded, big, tiles_from(0, 24), out_box)
     assert np.abs(aligned - whole).max() <= TOL
     # the same tiles shifted by half a stride (origins 4 mod 8): every max-pool sees other pairs
     shifted = tiles_from(-4, 24)
-    misaligned = predict_tiles(model, padded, big, shifted, spec=spec, out_box=out_box, device=CPU)
+    misaligned = tiles_direct(model, padded, big, shifted, out_box)
     diff = np.abs(misaligned - whole)
     assert diff.max() > 100 * TOL and (diff > TOL).mean() > 0.5
 
@@ -111,7 +129,9 @@ def test_block_input_is_mirrored_with_project_convention() -> None:
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
     tiling = Tiling(volume.shape, spec, block_px=4, tile_out=4)
     block = tiling.block((0, 0, 0))
-    image, box = read_block_input(volume, block, tiling, stats=IntensityStats(0.0, 1.0))
+    engine = Engine(UNet(spec).eval(), tiling, stats=IntensityStats(0.0, 1.0), device=CPU)
+    staged = engine.stage(volume, block)
+    image, box = engine.normalised_input(staged).numpy(), staged.read
     pads = [(-o, e - n) for o, e, n in zip(box.offset, box.end, volume.shape[1:])]
     np.testing.assert_array_equal(image, mirror_pad(volume[0], pads))
     # numpy 'reflect' (no repeated edge pixel): ... c b | a b c d e | d c ...

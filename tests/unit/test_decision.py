@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core.infer.predict import CorrectedLogits
+from unet_core.common.intensity import IntensityStats
+from unet_core.infer.predict import predict_plane
 from unet_core.model.decision import WeightSums, correct, logit_offsets
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
@@ -59,14 +60,13 @@ def test_offsets_are_centred_and_checked() -> None:
         logit_offsets(np.array([1.0, 0.0]))
 
 
-def test_corrected_model_adds_offsets_and_keeps_geometry() -> None:
+def test_prediction_adds_the_offsets_to_the_logits() -> None:
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
     torch.manual_seed(0)
     model = UNet(spec).eval()
-    wrapped = CorrectedLogits(model, np.array([-1.0, 1.0])).eval()
-    assert wrapped.spec is spec
-    x = torch.randn(1, 1, 48, 48)
-    with torch.no_grad():
-        diff = wrapped(x) - model(x)
-    expected = np.broadcast_to(np.array([-1.0, 1.0], np.float32).reshape(1, 2, 1, 1), diff.shape)
-    np.testing.assert_allclose(diff.numpy(), expected, atol=1e-5)
+    image = np.random.default_rng(0).normal(size=(40, 40)).astype(np.float32)
+    kw = dict(stats=IntensityStats(0.0, 1.0), block_px=32, tile_out=16)
+    raw = predict_plane(model, image, **kw)
+    fixed = predict_plane(model, image, offsets=np.array([-1.0, 1.0]), **kw)
+    shift = (np.log(fixed[1]) - np.log(fixed[0])) - (np.log(raw[1]) - np.log(raw[0]))
+    np.testing.assert_allclose(shift, 2.0, atol=1e-4)

@@ -17,7 +17,7 @@ from torch import nn
 import unet_core.infer.predict
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
-from unet_core.infer.merge import InstanceMerger, UnionFind, merge_parts, segment
+from unet_core.infer.merge import InstanceMerger, UnionFind, merge_parts
 from unet_core.infer.predict import predict_job
 from unet_core.io.ngff import PyramidWriter, downsample_plane
 from unet_core.model.spec import UNetSpec
@@ -91,11 +91,6 @@ def test_union_find_numbers_sets_by_smallest_id() -> None:
     uf.union(4, 5)
     # sets {1}, {2, 4, 5}, {3} -> 1, 2, 3 by smallest member
     assert uf.final_ids().tolist() == [0, 1, 2, 3, 2, 2]
-
-
-def test_segment_argmax_ties_to_lower_class() -> None:
-    probs = np.array([[[0.5, 0.2]], [[0.5, 0.8]]], np.float32)
-    assert segment(probs).tolist() == [[0, 1]] and segment(probs).dtype == np.uint8
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -172,10 +167,10 @@ def test_merged_prediction_layout_and_instances(tmp_path: Path, stand_in_model: 
     assert [d["path"] for d in ome["multiscales"][0]["datasets"]] == ["0", "1"]
     level1 = ome["multiscales"][0]["datasets"][1]
     assert level1["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 1.0, 1.0]
-    probs = root["0"]
-    assert probs.dtype == np.float32 and probs.shape == (2, 1, 520, 530) and probs.chunks == (1, 1, 128, 128)
+    probs = root["0"]  # uint8 codes round(255 p), the default
+    assert probs.dtype == np.uint8 and probs.shape == (2, 1, 520, 530) and probs.chunks == (1, 1, 128, 128)
     assert root["1"].shape == (2, 1, 260, 265)
-    np.testing.assert_allclose(root["1"][:], downsample_plane(probs[:], labels=False), rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(root["1"][:], downsample_plane(probs[:], labels=False))
     assert root["labels"].attrs["ome"]["labels"] == ["segmentation", "instances"]
     seg = root["labels/segmentation/0"][:]
     inst = root["labels/instances/0"][:]
@@ -187,6 +182,7 @@ def test_merged_prediction_layout_and_instances(tmp_path: Path, stand_in_model: 
     assert root["labels/instances"].attrs["ome"]["image-label"]["source"] == {"image": "../../"}
     unet = root.attrs["unet"]
     assert unet["tiling"]["block_px"] == 128 and "argmax" in unet["decision_rule"] and unet["instances"] == 3
+    assert unet["probabilities"] == "uint8"
     assert len(unet["model_sha256"]) == 64
     np.testing.assert_array_equal(tifffile.imread(tif), inst[0])  # one slice reads back as (Y, X)
 
@@ -198,6 +194,36 @@ def test_cli_merge_with_tiff(tmp_path: Path, stand_in_model: Path) -> None:
     out, tif = tmp_path / "pred.ome.zarr", tmp_path / "seg.tif"
     assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out), "--tiff", str(tif)]) == 0
     np.testing.assert_array_equal(tifffile.imread(tif), (image > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("encoding", ["uint8", "float16", "float32"])
+def test_every_probability_encoding_merges_and_scores(tmp_path: Path, stand_in_model: Path, encoding: str) -> None:
+    from unet_core.evaluate.scoring import open_prediction
+
+    image = discs((1, 48, 40), [(0, 20, 20)], 7.5)
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16, probabilities=encoding)
+    out = tmp_path / "pred.ome.zarr"
+    merge_parts(parts, stack=stack, out=out, instances="watershed")
+    root = zarr.open_group(out, mode="r")
+    assert root["0"].dtype == np.dtype(encoding) and root.attrs["unet"]["probabilities"] == encoding
+    ws = root.attrs["unet"]["watershed"]["as_stored"]
+    assert ws == ({"seed": "code >= 230", "mask": "code >= 128"} if encoding == "uint8"
+                  else {"seed": "value > 0.9", "mask": "value > 0.5"})
+    cell, seg = open_prediction(out).slice(0)
+    assert cell.dtype == np.float32 and 0.0 <= cell.min() and cell.max() <= 1.0
+    np.testing.assert_array_equal(seg, (image[0] > 0).astype(np.uint8))
+    assert root.attrs["unet"]["instances"] == 1
+
+
+def test_part_of_an_older_version_is_refused_naming_it(two_parts, tmp_path: Path) -> None:
+    stack, parts = two_parts
+    manifest = parts[0] / "part.json"
+    settings = json.loads(manifest.read_text())
+    settings["format"] = "unet-pipeline/predict-part/1"
+    manifest.write_text(json.dumps(settings))
+    with pytest.raises(UserInputError, match="part format 'unet-pipeline/predict-part/1' written by .*rerun 'unet predict'"):
+        merge_parts(parts, stack=stack, out=tmp_path / "o.zarr")
 
 
 # -- bad parts -----------------------------------------------------------------------------------

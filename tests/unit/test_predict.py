@@ -17,7 +17,9 @@ from unet_core.common.errors import CheckpointError, UserInputError
 from unet_core.common.intensity import IntensityStats, normalize
 from unet_core.common.provenance import sha256_files
 from unet_core.infer.part_store import PartStore
-from unet_core.infer.predict import predict_job, predict_plane, resolve_precision, run_network
+from unet_core.common.precision import resolve_precision
+from unet_core.infer.engine import Engine
+from unet_core.infer.predict import job_device, predict_job, predict_plane
 from unet_core.infer.tiling import Tiling
 from unet_core.io.ngff import PyramidWriter
 from unet_core.model.checkpoint import load_model, save_model
@@ -98,12 +100,59 @@ def test_stitching_with_stand_in_model(shape, block_px: int, tile_out: int, tta:
     np.testing.assert_allclose(out, expected_standin(image, stats), rtol=0, atol=1e-6)
 
 
-def test_run_network_gives_probabilities() -> None:
+def test_engine_block_gives_probabilities_codes_and_argmax() -> None:
     torch.manual_seed(0)
     model = UNet(TINY).eval()
-    probs = run_network(model, np.zeros((3, 1, 48, 48), np.float32), device=torch.device("cpu"))
-    assert probs.shape == (3, 2, 8, 8) and probs.dtype == np.float32
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    image = np.random.default_rng(0).normal(size=(1, 30, 41)).astype(np.float32)
+    tiling = Tiling(image.shape, TINY, block_px=32, tile_out=16)
+    block = tiling.block((0, 0, 1))
+    results = {}
+    for encoding in ("float32", "float16", "uint8"):
+        engine = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=torch.device("cpu"), encoding=encoding)
+        results[encoding] = engine.predict(engine.stage(image, block))()
+    p = results["float32"].probabilities
+    assert p.shape == (2, 1, 30, 9) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=0), 1.0, atol=1e-6)
+    assert results["uint8"].probabilities.dtype == np.uint8
+    np.testing.assert_array_equal(results["uint8"].probabilities, np.floor(p * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+    np.testing.assert_array_equal(results["float16"].probabilities, p.astype(np.float16))
+    for r in results.values():  # the argmax is taken before any rounding: the same for every encoding
+        np.testing.assert_array_equal(r.segmentation, p.argmax(axis=0).astype(np.uint8))
+
+
+def test_batch_size_changes_only_the_last_bits_and_is_part_of_the_run(stack, model_file, tmp_path) -> None:
+    # convolution kernels pick their algorithm by batch size, so the batch is a setting of the run
+    # (recorded in the part store, never sized from free memory): equal to rounding, not to the bit
+    torch.manual_seed(1)
+    model = UNet(TINY).eval()
+    image = np.random.default_rng(1).normal(size=(1, 64, 64)).astype(np.float32)
+    outs = [predict_plane(model, image, stats=IntensityStats(0.0, 1.0), block_px=64, tile_out=16, batch=b, tta="d4")
+            for b in (1, 3, 16)]
+    assert max(float(np.abs(o - outs[0]).max()) for o in outs) < 1e-6
+    part = tmp_path / "part"
+    predict_job(stack, model_file, part, block_px=32, tile_out=16, device="cpu", batch=1, expect=TINY)
+    summary = predict_job(stack, model_file, part, block_px=32, tile_out=16, device="cpu", batch=2, expect=TINY)
+    assert summary.skipped == 0 and json.loads((part / "part.json").read_text())["batch"] == 2
+
+
+def test_each_job_takes_its_own_gpu_when_there_are_several(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [str(job_device("auto", j)) for j in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    assert str(job_device("cuda:2", 1)) == "cuda:2"  # an explicit choice is kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert str(job_device("auto", 3)) == "cuda"  # one visible GPU (e.g. SLURM gave this job its own)
+
+
+def test_gpu_out_of_memory_names_the_settings_to_lower() -> None:
+    class Hungry(StandIn):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    tiling = Tiling((1, 32, 32), TINY, 32, 16)
+    engine = Engine(Hungry(TINY), tiling, stats=IntensityStats(0.0, 1.0), device=torch.device("cpu"), batch=4)
+    with pytest.raises(UserInputError, match="out of GPU memory at tile 16 px, batch 4.*predict.batch_size"):
+        engine.predict(engine.stage(np.zeros((1, 32, 32), np.float32), tiling.block((0, 0, 0))))
 
 
 def read_part(part: Path) -> np.ndarray:
@@ -113,13 +162,17 @@ def read_part(part: Path) -> np.ndarray:
 def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part0"
     summary = predict_job(stack, model_file, part, job=0, jobs=1, block_px=32, tile_out=16, device="cpu",
-                          expect=TINY)
+                          expect=TINY, probabilities="float32")
     assert summary.blocks == 2 * 3 * 3 and summary.skipped == 0 and summary.output_px == 2 * 70 * 90
     settings = json.loads((part / "part.json").read_text())
     assert settings["model_sha256"] == sha256_files([model_file])
     assert settings["tiling"]["block_px"] == 32 and settings["precision"] == "fp32"
+    assert settings["probabilities"] == "float32"
     arr = zarr.open_array(part / "probabilities", mode="r")
     assert arr.shape == (2, 2, 70, 90) and arr.dtype == np.float32 and arr.chunks == (2, 1, 32, 32)
+    seg = zarr.open_array(part / "segmentation", mode="r")
+    assert seg.shape == (2, 70, 90) and seg.dtype == np.uint8 and seg.chunks == (1, 32, 32)
+    np.testing.assert_array_equal(seg[:], arr[:].argmax(axis=0))
     assert len(list((part / "done").iterdir())) == summary.blocks
     assert (part / "COMPLETE").is_file()
     # equals the in-memory tiled prediction of the same stack
@@ -132,7 +185,8 @@ def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) ->
 
 def test_job_writes_only_its_blocks(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part1"
-    predict_job(stack, model_file, part, job=1, jobs=4, block_px=32, tile_out=32, device="cpu", expect=TINY)
+    predict_job(stack, model_file, part, job=1, jobs=4, block_px=32, tile_out=32, device="cpu", expect=TINY,
+                probabilities="float32")
     done = sorted(p.name for p in (part / "done").iterdir())
     want = sorted(b.name for b in Tiling((2, 70, 90), TINY, 32, 32).job_blocks(1, 4))
     assert done == want
@@ -185,7 +239,8 @@ def test_changed_settings_start_afresh(stack: Path, model_file: Path, tmp_path: 
 
 def test_tiled_tta_job_matches_in_memory(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
-    predict_job(stack, model_file, part, block_px=32, tile_out=16, device="cpu", tta="flips", expect=TINY)
+    predict_job(stack, model_file, part, block_px=32, tile_out=16, device="cpu", tta="flips", expect=TINY,
+                probabilities="float32")
     image = zarr.open_group(stack, mode="r")["0"][:]
     model, _ = load_model(model_file)
     stats = IntensityStats.from_dict(zarr.open_group(stack, mode="r").attrs["unet"]["intensity"])
@@ -247,7 +302,7 @@ def test_decision_applies_the_models_logit_offsets(stack: Path, tmp_path: Path) 
     path = tmp_path / "corrected.pt"
     offsets = [-0.75, 0.75]
     save_model(path, UNet(TINY), metadata={"decision": {"logit_offsets": offsets}})
-    kw = dict(job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY)
+    kw = dict(job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY, probabilities="float32")
     predict_job(stack, path, tmp_path / "raw", decision="raw", **kw)
     predict_job(stack, path, tmp_path / "fixed", **kw)  # "corrected" is the default
     raw, fixed = read_part(tmp_path / "raw"), read_part(tmp_path / "fixed")

@@ -27,7 +27,8 @@ from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.checkpoint import load_model, safe_load
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output, tiled_logits
+from unet_core.infer.predict import plane_logits
+from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output
 from unet_core.train.loop import TrainConfig, lr_factor, train
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
@@ -171,7 +172,7 @@ def test_tiled_validation_equals_monolithic_pass() -> None:
     padded = mirror_pad(image, [(ctx, ctx + 76 - 45), (ctx, ctx + 76 - 70)])
     # oneDNN picks size-dependent kernels (rounding differs by ~1e-6); the reference kernels do not
     with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
-        tiled = tiled_logits(model, image, spec=spec, tile_out=20, device=torch.device("cpu"))
+        tiled = plane_logits(model, image, tile_out=20, device=torch.device("cpu"))
         whole = model(torch.from_numpy(padded)[None, None])[0].numpy()
     assert np.abs(tiled - whole[:, :45, :70]).max() == 0.0
 

@@ -12,6 +12,7 @@ from unet_core.cli.common import (
     positive_int,
 )
 from unet_core.common.precision import Precision
+from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.tiling import TTA
 from unet_core.model.decision import Decision
 
@@ -55,6 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="corrected (default): add the model's weight-prior logit offsets (stored by "
                         "'unet train'; undo the bias that w(x) gives the argmax toward the heavily "
                         "weighted border class); raw: the network's plain softmax")
+    p.add_argument("--probabilities", choices=[e.value for e in ProbabilityEncoding], default="uint8",
+                   help="storage of the probabilities: uint8 (default; round(255 p), 1 byte per class and "
+                        "pixel), float16 (2 bytes) or float32 (4 bytes); the segmentation is always the "
+                        "argmax of the full-precision probabilities")
     add_threads_arg(p)
     add_model_args(p, check_only=True)
     p.set_defaults(func=run)
@@ -67,5 +72,5 @@ def run(args: argparse.Namespace) -> None:
     predict_job(
         args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
         tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
-        tta=args.tta, decision=args.decision, expect=expected_model(args),
+        tta=args.tta, decision=args.decision, probabilities=args.probabilities, expect=expected_model(args),
     )

@@ -8,9 +8,9 @@ reruns exactly the rules whose code changed, and outputs record it.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -30,21 +30,28 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
+#: ``from A import B, C`` (also parenthesised over several lines) and ``import A, B`` statements,
+#: at any indentation (imports inside functions count too). Read by pattern, not by parsing:
+#: every stage's hash is computed at each workflow start and each predict job.
+_FROM = re.compile(r"^[ \t]*from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]+)", re.M)
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#]+)", re.M)
+
+
 def _imports(path: Path, module: str) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+    """The ``unet_core`` modules (and candidate submodules) ``path`` imports."""
+    text = path.read_text()
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+    for base, names in _FROM.findall(text):
+        level = len(base) - len(base.lstrip("."))
+        base = base.lstrip(".")
+        if level:
+            anchor = package.split(".")
+            base = ".".join(anchor[: len(anchor) - level + 1] + ([base] if base else []))
+        found.add(base)
+        found.update(f"{base}.{n.split()[0]}" for n in names.strip("()").replace("\n", " ").split(",") if n.strip())
+    for names in _IMPORT.findall(text):
+        found.update(n.split()[0] for n in names.split(",") if n.strip())
     return {f for f in found if f.startswith("unet_core")}
 
 

@@ -60,6 +60,7 @@ from unet_core.evaluate.metrics import (
     warping_sweep,
 )
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
+from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
 from unet_core.io.ngff import Stack, open_group, open_stack
 from unet_core.weights.maps import class_map, instances_from_labels
@@ -326,8 +327,11 @@ class Prediction:
         return int(self.probabilities.shape[0])
 
     def slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
-        """(P(cell), argmax classes) of slice ``z``: (Y, X) float32 and (Y, X) uint8."""
-        probs = np.asarray(self.probabilities[:, z], dtype=np.float32)
+        """(P(cell), argmax classes) of slice ``z``: (Y, X) float32 and (Y, X) uint8.
+
+        Probabilities are decoded from their stored encoding (uint8 codes, float16, float32).
+        """
+        probs = ProbabilityEncoding.of(self.probabilities.dtype).decode(np.asarray(self.probabilities[:, z]))
         if self.segmentation is not None:
             classes = np.asarray(self.segmentation[z])
         else:
@@ -348,6 +352,8 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
             f"{path}: expected class probabilities (c, z, y, x) at level '0', as written by 'unet merge'"
         )
     probs = root["0"]
+    if probs.dtype.name not in {e.value for e in ProbabilityEncoding}:
+        raise UserInputError(f"{path}: probabilities of dtype {probs.dtype}; expected uint8, float16 or float32")
     if probs.shape[0] < 2:
         raise UserInputError(f"{path}: level '0' has {probs.shape[0]} class channel(s); need >= 2 (background, cell)")
     seg = None

@@ -3,16 +3,19 @@
 Output (``prediction.ome.zarr``, NGFF 0.5 on Zarr v3)::
 
     prediction.ome.zarr/       attrs["ome"]["multiscales"] (axes c, z, y, x), attrs["unet"]
-      0, 1, ...                float32 (C, Z, Y, X) class probabilities; level k is 2**k
-                               coarser in y and x (2x2 mean); chunks (1, 1, B/2**k, B/2**k)
-      labels/segmentation/0..  uint8 (Z, Y, X) argmax class (ties -> lower class index)
+      0, 1, ...                (C, Z, Y, X) class probabilities in the run's encoding (uint8 codes
+                               round(255 p) by default, or float16/float32;
+                               :mod:`unet_core.infer.encoding`); level k is 2**k coarser in y
+                               and x (2x2 mean); chunks (1, 1, B/2**k, B/2**k)
+      labels/segmentation/0..  uint8 (Z, Y, X) argmax class of the full-precision probabilities
+                               (ties -> lower class index), as predict computed it
       labels/instances/0..     uint32 (Z, Y, X) cell instances per slice, 0 = not cell, ids 1..K
                                over the whole stack: a seeded watershed of P(cell) (``instances="watershed"``;
                                :func:`watershed_blockwise`) or 4-connected components of the
                                argmax cell class merged across block borders (default)
 
 Everything is processed one block at a time (memory bounded by the block size plus halo):
-pass 1 copies probabilities and writes the segmentation (and, for components, *provisional*
+pass 1 copies probabilities and segmentation (and, for components, writes *provisional*
 ids of each block labelled on its own, recording which ids touch across block faces; a
 union-find over those pairs gives the final ids). The watershed runs block by block over the
 written probabilities (see :func:`watershed_blockwise`). The last pass relabels and writes the
@@ -41,6 +44,7 @@ from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
 from unet_core.common.progress import progress
+from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
     MASK_THRESHOLD,
     SEED_EROSION_PX,
@@ -78,13 +82,6 @@ class TiffContent(str, Enum):
 
 
 # -- core: labels ----------------------------------------------------------------------------
-def segment(probs: np.ndarray) -> np.ndarray:
-    """Argmax decision: (C, ...) float probabilities -> (...) uint8 class index."""
-    if probs.shape[0] > 256:
-        raise ValueError(f"{probs.shape[0]} classes do not fit uint8")
-    return np.argmax(probs, axis=0).astype(np.uint8)
-
-
 class UnionFind:
     """Disjoint sets over ids 0..n-1 (growable); the root of a set is its smallest id."""
 
@@ -299,7 +296,8 @@ class _Outputs:
     instances: PyramidWriter
 
     @classmethod
-    def create(cls, root: zarr.Group, tiling: Tiling, scale: tuple[float, ...], unit: str | None) -> _Outputs:
+    def create(cls, root: zarr.Group, tiling: Tiling, scale: tuple[float, ...], unit: str | None,
+               encoding: ProbabilityEncoding) -> _Outputs:
         b, shape = tiling.block_px, tiling.shape
 
         def pyramid(group: zarr.Group, dtype, name: str, *, labels: bool) -> PyramidWriter:
@@ -308,7 +306,7 @@ class _Outputs:
                                  ((1.0,) * len(lead)) + scale, unit=unit, axes=axes, labels=labels, name=name,
                                  downscale_chunks=True)
 
-        return cls(pyramid(root, np.float32, "probabilities", labels=False),
+        return cls(pyramid(root, encoding.dtype, "probabilities", labels=False),
                    pyramid(label_group(root, "segmentation"), np.uint8, "segmentation", labels=True),
                    pyramid(label_group(root, "instances"), np.uint32, "instances", labels=True))
 
@@ -357,16 +355,18 @@ def merge_parts(
             f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
+    encoding = ProbabilityEncoding(part_list[0].settings["probabilities"])
     with atomic_output(out) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit)
+        outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
         try:
-            n_instances = _write_levels(outputs, part_list, tiling, tmp, instances=instances, watershed=watershed)
+            n_instances = _write_levels(outputs, part_list, tiling, tmp, instances=instances, watershed=watershed,
+                                        encoding=encoding)
         except BaseException:
             outputs.close()
             raise
         outputs.finish()
-        root.attrs.update({"unet": _provenance(part_list, instances, watershed, n_instances)})
+        root.attrs.update({"unet": _provenance(part_list, instances, watershed, n_instances, encoding)})
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
     summary = MergeSummary(tiling.n_blocks, n_instances, tiling.shape)
@@ -375,19 +375,20 @@ def merge_parts(
 
 
 def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Path, *,
-                  instances: InstanceMethod, watershed: WatershedSettings) -> int:
+                  instances: InstanceMethod, watershed: WatershedSettings, encoding: ProbabilityEncoding) -> int:
     """Pass 1: copy probabilities, write the segmentation and provisional instance ids; then the
     instances' final ids and their pyramid. Returns the number of instances."""
     owner = {block.index: part for part in parts for block in tiling.job_blocks(part.job, part.settings["jobs"])}
-    arrays = {part.job: part.store.probabilities() for part in parts}
+    sources = {part.job: (part.store.probabilities(), part.store.segmentation()) for part in parts}
     merger = InstanceMerger()
     level0 = outputs.instances.arrays[0]
     blocks = list(tiling.blocks())
     for block in progress(blocks, desc="merge: probabilities", unit="block"):
         z = block.write.offset[0]
-        probs = np.asarray(arrays[owner[block.index].job][(slice(None), *block.write.to_slices())])[:, 0]
-        outputs.probabilities.write_block((slice(None), z), block.plane.offset, probs)
-        seg = segment(probs)
+        probabilities, segmentation = sources[owner[block.index].job]
+        outputs.probabilities.write_block((slice(None), z), block.plane.offset,
+                                          np.asarray(probabilities[(slice(None), *block.write.to_slices())])[:, 0])
+        seg = np.asarray(segmentation[block.write.to_slices()])[0]
         outputs.segmentation.write_block((z,), block.plane.offset, seg)
         if instances is InstanceMethod.COMPONENTS:
             level0[(z, *block.plane.to_slices())] = merger.add_block(block.index, seg == CELL_CLASS).astype(np.uint32)
@@ -397,7 +398,8 @@ def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Pat
         n_instances = int(final.max(initial=0))
     else:
         final = None
-        n_instances = _watershed_store(tmp, outputs.probabilities.arrays[0], level0, tiling, watershed)
+        cells = _CellView(outputs.probabilities.arrays[0], encoding)
+        n_instances = _watershed_store(tmp, cells, level0, tiling, watershed)
     for block in progress(blocks, desc="merge: instance pyramid", unit="block"):
         z = block.write.offset[0]
         ids = level0[(z, *block.plane.to_slices())]
@@ -406,42 +408,46 @@ def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Pat
 
 
 def _provenance(parts: list[Part], instances: InstanceMethod, watershed: WatershedSettings,
-                n_instances: int) -> dict[str, Any]:
+                n_instances: int, encoding: ProbabilityEncoding) -> dict[str, Any]:
     """``attrs["unet"]`` of a prediction store."""
     ref = parts[0].settings
     ws = asdict(watershed)
+    if instances is InstanceMethod.WATERSHED:
+        ws["as_stored"] = {"seed": encoding.code_threshold(watershed.seed_threshold),
+                           "mask": encoding.code_threshold(watershed.mask_threshold)}
     return {
         "stage": "merge", "version": __version__, "source": ref["stack"],
         "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
         "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
         "devices": sorted({p.settings["device"] for p in parts}),
         "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
-        "decision_rule": f"{SEGMENTATION_RULE}; {INSTANCE_RULES[instances].format(**ws)}",
+        "decision_rule": f"{SEGMENTATION_RULE}; {INSTANCE_RULES[instances].format(**asdict(watershed))}",
         "cell_class": CELL_CLASS, "instances": n_instances,
         "instance_method": instances.value, "watershed": ws if instances is InstanceMethod.WATERSHED else None,
-        "probability_axes": "czyx",
+        "probability_axes": "czyx", "probabilities": encoding.value,
+        "probability_encoding": "round(255 p), round half to even" if encoding is ProbabilityEncoding.UINT8
+                                else encoding.value,
     }
 
 
 class _CellView:
-    """``view[z, ys, xs]`` -> P(cell) of a (C, Z, Y, X) probability array."""
+    """``view[z, ys, xs]`` -> float32 P(cell), decoded from a stored (C, Z, Y, X) probability array."""
 
-    def __init__(self, probabilities: zarr.Array) -> None:
-        self.probabilities = probabilities
+    def __init__(self, probabilities: zarr.Array, encoding: ProbabilityEncoding) -> None:
+        self.probabilities, self.encoding = probabilities, encoding
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        return np.asarray(self.probabilities[(CELL_CLASS, *key)])
+        return self.encoding.decode(np.asarray(self.probabilities[(CELL_CLASS, *key)]))
 
 
-def _watershed_store(tmp: Path, probabilities: zarr.Array, labels: zarr.Array, tiling: Tiling,
-                     ws: WatershedSettings) -> int:
+def _watershed_store(tmp: Path, cells: _CellView, labels: zarr.Array, tiling: Tiling, ws: WatershedSettings) -> int:
     """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0)."""
     scratch_group = zarr.open_group(Path(tmp) / "_scratch", mode="w")  # inside the atomic temporary
     try:
         scratch = create_array(scratch_group, "seeds", shape=tiling.shape, dtype=np.uint32,
                                chunks=(1, tiling.block_px, tiling.block_px))
         return watershed_blockwise(
-            _CellView(probabilities), labels, scratch, shape=tiling.shape, block_px=tiling.block_px,
+            cells, labels, scratch, shape=tiling.shape, block_px=tiling.block_px,
             halo_px=ws.halo_px, seed_threshold=ws.seed_threshold,
             seed_erosion_px=ws.seed_erosion_px, mask_threshold=ws.mask_threshold,
         )
@@ -465,8 +471,10 @@ def export_tiff(
     if content is TiffContent.CELL_PROBABILITY:
         arr = root["0"]
 
+        encoding = ProbabilityEncoding.of(arr.dtype)
+
         def pick(z: int) -> np.ndarray:
-            return np.asarray(arr[CELL_CLASS, z])
+            return encoding.decode(np.asarray(arr[CELL_CLASS, z]))
     else:
         arr = root["labels"][content.value]["0"]
 

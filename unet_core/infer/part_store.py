@@ -4,8 +4,11 @@ A part store is a directory written by exactly one predict job (jobs never share
 
     part/
       part.json            manifest: format, geometry, model hash, settings (written first)
-      probabilities/       Zarr v3 array float32 (C, Z, Y, X), chunks (C, 1, B, B) = one
-                           chunk per block; only this job's blocks are stored
+      probabilities/       Zarr v3 array (C, Z, Y, X) in the run's encoding (uint8 codes
+                           round(255 p) by default; :mod:`unet_core.infer.encoding`), chunks
+                           (C, 1, B, B) = one chunk per block; only this job's blocks are stored
+      segmentation/        Zarr v3 array uint8 (Z, Y, X): the argmax class, computed from the
+                           full-precision probabilities; chunks (1, B, B)
       done/<z>.<by>.<bx>   per-block completion marker, renamed into place after the
                            block's chunk is written (a killed job leaves no block that looks
                            finished; a rerun recomputes only blocks without a marker)
@@ -33,15 +36,18 @@ import zarr
 from unet_core.common.atomic import atomic_output, remove_path
 from unet_core.common.errors import UserInputError
 from unet_core.infer.tiling import Block, Tiling
-from unet_core.io.ngff import create_array
+from unet_core.io.ngff import create_array, fast_compressor
 
 log = logging.getLogger(__name__)
 
-PART_FORMAT = "unet-pipeline/predict-part/1"
-PROBABILITIES = "probabilities"
+PART_FORMAT = "unet-pipeline/predict-part/2"
+#: Formats of earlier versions, refused with a line that names them (float32 only, no segmentation).
+OLD_FORMATS = {"unet-pipeline/predict-part/1": "unet-pipeline 0.1 before compact outputs"}
+PROBABILITIES, SEGMENTATION = "probabilities", "segmentation"
 MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
-RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets")
+RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets",
+            "probabilities", "batch")
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,20 @@ class PartStore:
     def probabilities(self, mode: str = "r") -> zarr.Array:
         return zarr.open_array(self.path / PROBABILITIES, mode=mode)
 
+    def segmentation(self, mode: str = "r") -> zarr.Array:
+        return zarr.open_array(self.path / SEGMENTATION, mode=mode)
+
     # -- writing ----------------------------------------------------------------------------
-    def open_for_job(self, settings: dict[str, Any], tiling: Tiling) -> zarr.Array:
-        """The probability array to write, reusing the store when its settings are equal (resume).
+    def open_for_job(self, settings: dict[str, Any], tiling: Tiling, dtype: np.dtype) -> PartArrays:
+        """The arrays to write, reusing the store when its settings are equal (resume).
 
         A store written with other settings is replaced by an empty one. The job is marked
         incomplete until :meth:`mark_complete`.
         """
         if self.complete:  # a rerun: the job is complete again only when it ends
             (self.path / COMPLETE).unlink()
-        if self.settings() == settings and (self.path / PROBABILITIES / "zarr.json").is_file():
-            return self.probabilities("r+")
+        if self.settings() == settings and (self.path / SEGMENTATION / "zarr.json").is_file():
+            return PartArrays(self.probabilities("r+"), self.segmentation("r+"))
         if (self.path / MANIFEST).is_file():
             log.warning("%s: written with other settings; starting it afresh", self.path)
         remove_path(self.path)
@@ -97,12 +106,14 @@ class PartStore:
             tmp.mkdir()
             root = zarr.open_group(tmp, mode="w")
             z, y, x = tiling.shape
-            b = tiling.block_px
-            create_array(root, PROBABILITIES, shape=(tiling.spec.n_classes, z, y, x), dtype=np.float32,
-                         chunks=(tiling.spec.n_classes, 1, b, b), dimension_names=list("czyx"))
+            b, c = tiling.block_px, tiling.spec.n_classes
+            create_array(root, PROBABILITIES, shape=(c, z, y, x), dtype=dtype, chunks=(c, 1, b, b),
+                         dimension_names=list("czyx"), compressors=fast_compressor())
+            create_array(root, SEGMENTATION, shape=(z, y, x), dtype=np.uint8, chunks=(1, b, b),
+                         dimension_names=list("zyx"), compressors=fast_compressor())
             (tmp / DONE).mkdir()
             (tmp / MANIFEST).write_text(json.dumps(settings, indent=1, sort_keys=True))
-        return self.probabilities("r+")
+        return PartArrays(self.probabilities("r+"), self.segmentation("r+"))
 
     def mark_done(self, block: Block) -> None:
         """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
@@ -113,6 +124,19 @@ class PartStore:
         """Write ``COMPLETE`` with the job summary: the last thing a job does."""
         with atomic_output(self.path / COMPLETE) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
+
+
+@dataclass(frozen=True)
+class PartArrays:
+    """A part store's arrays, open for writing blocks."""
+
+    probabilities: zarr.Array
+    segmentation: zarr.Array
+
+    def write(self, block: Block, probabilities: np.ndarray, segmentation: np.ndarray) -> None:
+        """Write one block: (C, 1, by, bx) encoded probabilities and (1, by, bx) uint8 classes."""
+        self.probabilities[(slice(None), *block.write.to_slices())] = probabilities
+        self.segmentation[block.write.to_slices()] = segmentation
 
 
 @dataclass(frozen=True)
@@ -160,8 +184,11 @@ def _open_part(store: PartStore) -> Part:
     if not (store.path / MANIFEST).is_file():
         raise UserInputError(f"{store.path}: not a 'unet predict' part store (no {MANIFEST})")
     settings = store.settings()
-    if settings is None or settings.get("format") != PART_FORMAT:
-        found = None if settings is None else settings.get("format")
+    found = None if settings is None else settings.get("format")
+    if found in OLD_FORMATS:
+        raise UserInputError(f"{store.path}: part format {found!r} written by {OLD_FORMATS[found]}; this version "
+                             f"reads {PART_FORMAT!r}: rerun 'unet predict' for it")
+    if found != PART_FORMAT:
         raise UserInputError(f"{store.path}: unknown part format {found!r}")
     if not store.complete:
         raise UserInputError(f"{store.path}: job {settings['job']} did not finish; rerun 'unet predict' for it")

@@ -16,8 +16,9 @@ Which tile is used at which iteration is a pure function of ``(seed, iteration)`
 would have read, whatever the number of loader workers.
 
 Validation uses held-out slices of ingested stacks and their weights stores, predicted
-slice by slice with overlap-tile inference in the network's valid geometry (mirrored
-borders, tile origins on multiples of ``UNetSpec.stride``: equal to one monolithic pass).
+slice by slice by the inference engine of ``unet predict``
+(:func:`unet_core.infer.predict.plane_logits`: mirrored borders, tile origins on multiples of
+``UNetSpec.stride``, equal to one monolithic pass).
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ import zarr
 from unet_core.augment.elastic import DeformParams
 from unet_core.augment.samples import make_sample, open_source, tile_shapes
 from unet_core.common.errors import UserInputError
-from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
-from unet_core.common.mirror import read_mirrored
 from unet_core.io.ngff import open_group, open_stack
 from unet_core.model.decision import WeightSums
 from unet_core.model.spec import UNetSpec
@@ -371,58 +370,3 @@ def load_validation(
                 )
             )
     return out
-
-
-def tile_origins(length: int, step: int) -> list[int]:
-    """Origins ``0, step, 2 step, ...`` of output tiles covering ``[0, length)``."""
-    return list(range(0, length, step))
-
-
-@torch.no_grad()
-def tiled_logits(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    *,
-    spec: UNetSpec,
-    tile_out: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> np.ndarray:
-    """Overlap-tile prediction of one slice (mirrored borders), as float32 logits.
-
-    Each tile computes a ``tile_out`` output and keeps the first ``step`` pixels per axis,
-    ``step`` = the largest multiple of ``spec.stride`` <= ``tile_out``, so tile origins are
-    multiples of the stride and the result equals one monolithic pass over the mirrored image.
-
-    Args:
-        model: the U-Net, already on ``device`` and in eval mode.
-        image: (Y, X) float32 normalised slice.
-        spec: the model's architecture.
-        tile_out: output tile size in pixels (a valid output size of ``spec``).
-        device: where to run.
-        autocast_dtype: bf16/fp16 autocast on CUDA, or None for float32.
-        channels_last: feed channels-last tensors.
-
-    Returns:
-        (C, Y, X) float32 logits.
-    """
-    spec.input_size(tile_out)  # validates tile_out
-    step = max(spec.stride, tile_out // spec.stride * spec.stride)
-    height, width = image.shape
-    logits = np.empty((spec.n_classes, height, width), dtype=np.float32)
-    for y0 in tile_origins(height, step):
-        for x0 in tile_origins(width, step):
-            write = Box((y0, x0), (step, step)).intersect(Box.from_shape(image.shape))
-            read = Box((y0, x0), (tile_out, tile_out)).grow(spec.context)
-            block = read_mirrored(image, read.offset, read.end)
-            x = torch.from_numpy(np.ascontiguousarray(block))[None, None].to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-            ):
-                out = model(x)
-            out = out[0, :, : write.shape[0], : write.shape[1]].float().cpu().numpy()
-            logits[(slice(None), *write.to_slices())] = out
-    return logits

@@ -50,6 +50,7 @@ from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.progress import progress_bar
 from unet_core.common.provenance import sha256_files
+from unet_core.infer.predict import plane_logits
 from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
 from unet_core.model.decision import correct, logit_offsets
 from unet_core.model.loss import weighted_cross_entropy
@@ -61,7 +62,6 @@ from unet_core.train.data import (
     OnTheFlyTiles,
     ValidationSlice,
     load_validation,
-    tiled_logits,
 )
 from unet_core.train.plot import plot_training_curve
 
@@ -230,9 +230,13 @@ class Runtime:
     """Where and how the loop runs (resolved from the config and the machine)."""
 
     device: torch.device
-    autocast_dtype: torch.dtype | None
+    precision: Precision
     channels_last: bool
     description: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.precision.autocast_dtype
 
 
 def resolve_runtime(config: TrainConfig) -> Runtime:
@@ -251,9 +255,9 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         desc = f"{device} ({torch.cuda.get_device_name(device)}), {precision.value} autocast, TF32 on"
-        return Runtime(device, precision.autocast_dtype, config.channels_last, desc)
+        return Runtime(device, precision, config.channels_last, desc)
     torch.use_deterministic_algorithms(True)
-    return Runtime(device, None, False, f"cpu ({torch.get_num_threads()} threads), float32, deterministic")
+    return Runtime(device, Precision.FP32, False, f"cpu ({torch.get_num_threads()} threads), float32, deterministic")
 
 
 # -- RNG and checkpoint state ---------------------------------------------------------------
@@ -382,15 +386,8 @@ def validate(
     totals: dict[str, float] = {}
     try:
         for item in slices:
-            logits = tiled_logits(
-                model,
-                item.image,
-                spec=model.spec,
-                tile_out=tile_out,
-                device=runtime.device,
-                autocast_dtype=runtime.autocast_dtype,
-                channels_last=runtime.channels_last,
-            )
+            logits = plane_logits(model, item.image, tile_out=tile_out, device=runtime.device,
+                                  precision=runtime.precision, channels_last=runtime.channels_last)
             metrics = pixel_metrics(logits, item.classes, item.weights if weighted else None, offsets)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v

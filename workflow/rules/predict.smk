@@ -18,6 +18,7 @@ rule predict:
         device=lookup(dpath="predict/device", within=config),
         tta=lookup(dpath="predict/tta", within=config),
         decision=lookup(dpath="predict/decision", within=config),
+        probabilities=lookup(dpath="predict/probabilities", within=config),
         model=model_args(),
         threads=lookup(dpath="predict/threads", within=config),
         code=code_hash("predict"),
@@ -36,5 +37,5 @@ rule predict:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
         " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
-        " --decision {params.decision}"
+        " --decision {params.decision} --probabilities {params.probabilities}"
         " --threads {params.threads} > {log:q} 2>&1"

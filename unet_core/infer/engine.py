@@ -1,0 +1,410 @@
+"""The overlap-tile engine: one block of a stack in, its class probabilities out, on one device.
+
+The same torch code runs on a GPU and on the CPU (the CPU path is the one the exactness tests
+cover), so there is one engine, not a GPU twin. Per block::
+
+    host    read the in-bounds part of the block's read box, in its stored dtype   (reader thread)
+            upload it once (GPU: through a reused pinned buffer)
+    device  cast and normalise; mirror at the image borders (an index gather); cut the tiles
+            as strided windows of the block (no per-tile host copies); test-time transforms;
+            the network (bf16 autocast + channels_last on a GPU, float32 on the CPU); decision
+            offsets; softmax in float32; undo the transforms; stitch (sum over the transforms,
+            then / n); argmax segmentation from the full-precision probabilities; encode
+    host    download only the encoded probabilities and the segmentation              (writer threads)
+
+No step waits for the device inside a block: the host waits only when a block's compact
+result is written. :func:`run_blocks` overlaps reading and uploading the next blocks,
+computing this one and writing the previous ones.
+
+Where tiles start and what they read is :mod:`unet_core.infer.tiling`'s decision; this
+module only executes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
+from unet_core.common.intensity import IntensityStats
+from unet_core.common.memory import reuse_freed_memory
+from unet_core.common.mirror import mirror_index
+from unet_core.common.precision import Precision
+from unet_core.common.progress import progress
+from unet_core.infer.encoding import ProbabilityEncoding
+from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
+
+#: Stored dtypes torch cannot hold are uploaded as their signed twins and reinterpreted on the device.
+_SIGNED_TWIN = {np.dtype(np.uint16): (np.int16, 0xFFFF), np.dtype(np.uint32): (np.int32, 0xFFFFFFFF)}
+
+
+@dataclass(frozen=True)
+class StagedBlock:
+    """A block's raw input, on the device, with where it lies.
+
+    Attributes:
+        block: the block.
+        read: (Y, X) box the block's tiles read (image coordinates; may extend past the image).
+        loaded: (Y, X) in-bounds box that was read from the stack (``raw``'s extent).
+        raw: (Y', X') the loaded pixels on the device, as stored (see :data:`_SIGNED_TWIN`).
+        dtype: the stored numpy dtype.
+    """
+
+    block: Block
+    read: Box
+    loaded: Box
+    raw: torch.Tensor
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """A block's compact result on the host: (C, 1, by, bx) encoded probabilities, (1, by, bx)
+    uint8 argmax classes, and a function to call once both are written (frees their buffer)."""
+
+    block: Block
+    probabilities: np.ndarray
+    segmentation: np.ndarray
+    release: Callable[[], None]
+
+
+class _PinnedPool:
+    """Reusable page-locked host buffers (GPU transfers); acquire blocks until one is free."""
+
+    def __init__(self, count: int) -> None:
+        self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
+        for _ in range(count):
+            self._free.put(None)  # allocated on first use, at the size then needed
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        buf = self._free.get()
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+class Engine:
+    """Overlap-tile prediction of the blocks of one stack with one model on one device.
+
+    Args:
+        model: a U-Net with a ``spec`` (valid or same padding); put in eval mode on ``device``.
+        tiling: block and tile layout of the stack (its ``spec`` is the model's).
+        stats: the stack's intensity statistics (z-score, never per tile).
+        device: where to compute.
+        precision: ``fp32`` or a bf16/fp16 autocast (GPU only; resolve it first).
+        batch: tiles per network pass.
+        tta: test-time transforms to average (probabilities only).
+        offsets: (C,) decision logit offsets added before the softmax, or None.
+        encoding: storage dtype of the probabilities.
+        writers: threads writing results (and download buffers in flight on a GPU).
+        channels_last: None (a model of the engine's own: put in eval mode on ``device``, with
+            the channels-last layout on a GPU); True/False: the caller's model, already placed
+            and in the mode it wants (validation during training), fed in that layout.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tiling: Tiling, *, stats: IntensityStats, device: torch.device,
+        precision: Precision = Precision.FP32, batch: int = 1, tta: TTA | str = TTA.NONE,
+        offsets: Sequence[float] | None = None, encoding: ProbabilityEncoding = ProbabilityEncoding.FLOAT32,
+        writers: int = 1, channels_last: bool | None = None,
+    ) -> None:
+        if tiling.spec != model.spec:
+            raise ValueError(f"tiling is for {tiling.spec}, the model is {model.spec}")
+        self.tiling, self.spec, self.device = tiling, tiling.spec, device
+        self.stats, self.precision, self.batch = stats, Precision(precision), int(batch)
+        self.tta, self.encoding = TTA(tta), ProbabilityEncoding(encoding)
+        self.cuda = device.type == "cuda"
+        if self.cuda and device.index is not None:
+            torch.cuda.set_device(device)  # this thread's kernels and events go to the job's GPU
+        self.channels_last = self.cuda if channels_last is None else channels_last
+        self.model = model
+        if channels_last is None:  # a model of its own: move and lay it out; else the caller's model as it is
+            self.model = model.eval().to(device)
+            if self.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        self.offsets = None if offsets is None else torch.as_tensor(
+            np.asarray(offsets, np.float32), device=device).view(1, -1, 1, 1)
+        self.writers = max(1, int(writers))
+        self._uploads = _PinnedPool(2) if self.cuda else None
+        self._downloads = _PinnedPool(self.writers + 1) if self.cuda else None
+        self._upload_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    # -- host -> device ------------------------------------------------------------------------
+    def stage(self, image: Any, block: Block) -> StagedBlock:
+        """Read the in-bounds part of ``block``'s read box from the (Z, Y, X) ``image`` and put it
+        on the device (thread-safe: the reader threads call it)."""
+        read = self.tiling.block_read(block, self.tta)
+        lo, hi = [], []
+        for start, stop, size in zip(read.offset, read.end, image.shape[1:], strict=True):
+            index = mirror_index(np.arange(start, stop), size)
+            lo.append(int(index.min()))
+            hi.append(int(index.max()) + 1)
+        loaded = Box(tuple(lo), tuple(h - l for l, h in zip(lo, hi)))
+        z = block.write.offset[0]
+        raw = np.ascontiguousarray(image[(z, *loaded.to_slices())])
+        dtype = raw.dtype
+        if dtype in _SIGNED_TWIN and self.cuda:
+            raw = raw.view(_SIGNED_TWIN[dtype][0])
+        elif dtype == np.uint64:
+            raw = raw.astype(np.float64)  # no signed twin holds it; exact below 2**53
+        return StagedBlock(block, read, loaded, self._upload(raw), dtype)
+
+    def _upload(self, raw: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(raw)
+        if not self.cuda:
+            return host
+        buf = self._uploads.acquire(raw.nbytes)
+        try:
+            pinned = buf[: raw.nbytes].view(host.dtype).view(host.shape)
+            pinned.copy_(host)
+            with torch.cuda.stream(self._upload_stream):
+                dev = pinned.to(self.device, non_blocking=True)
+            self._upload_stream.synchronize()  # the buffer may be reused once the copy is done
+        finally:
+            self._uploads.release(buf)
+        return dev
+
+    # -- on the device ---------------------------------------------------------------------
+    def normalised_input(self, staged: StagedBlock) -> torch.Tensor:
+        """(Y, X) float32 z-scored block input covering ``staged.read``, mirrored at the borders."""
+        raw = staged.raw
+        if self.cuda:
+            raw.record_stream(torch.cuda.current_stream(self.device))
+        x = raw
+        if staged.dtype in _SIGNED_TWIN and raw.dtype != torch.from_numpy(np.empty(0, staged.dtype)).dtype:
+            x = raw.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & _SIGNED_TWIN[staged.dtype][1]
+        x = x.to(torch.float32, copy=x is raw)  # a tensor of its own: normalised in place
+        std = self.stats.std if self.stats.std > 0 else 1.0
+        x.sub_(np.float32(self.stats.mean)).div_(np.float32(std))
+        return mirror_to(x, staged.loaded, staged.read, self.tiling.shape[1:])
+
+    def block_output(self, image: torch.Tensor, block: Block, read: Box, *, logits: bool = False) -> torch.Tensor:
+        """(C, by, bx) float32 of ``block``: probabilities averaged over the test-time transforms,
+        or (``logits=True``, no transforms, no offsets) the raw network logits."""
+        tiles = self.tiling.tiles(block)
+        (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
+        canvas = torch.empty((self.spec.n_classes, ny * sy, nx * sx), dtype=torch.float32, device=image.device)
+        trs = (Dihedral(),) if logits else transforms(self.tta)
+        for shape, items in _work_by_shape(trs, ny, nx, sy, sx):
+            windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in {tr for tr, _, _ in items}}
+            for start in range(0, len(items), self.batch):
+                chunk = items[start : start + self.batch]
+                x = torch.stack([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk])[:, None]
+                out = self._network(x, shape)
+                for (tr, i, j), tile_out in zip(chunk, out, strict=True):
+                    target = canvas[:, i * sy : (i + 1) * sy, j * sx : (j + 1) * sx]
+                    # every tile is written once per transform, the first transform first: set, then add
+                    tile_out = _inverse(tr, tile_out)
+                    if logits:
+                        target.copy_(tile_out)
+                    else:
+                        class_probabilities(tile_out, self.offsets, out=target, add=tr != trs[0],
+                                            tails=self.encoding is not ProbabilityEncoding.UINT8)
+        if len(trs) > 1:
+            canvas /= np.float32(len(trs))
+        by, bx = block.plane.shape
+        return canvas[:, :by, :bx]
+
+    def _windows(self, image: torch.Tensor, first: Box, read: Box, tr: Dihedral, sy: int, sx: int) -> torch.Tensor:
+        """(ny', nx', in_y, in_x) strided view: the read boxes of all tiles under ``tr``."""
+        box = tile_read_box(first, self.spec, tr).relative_to(read)
+        view = image[box.offset[0]:, box.offset[1]:]
+        return view.unfold(0, box.shape[0], sy).unfold(1, box.shape[1], sx)
+
+    def _network(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Logits kept for tiles of (transformed) write ``shape``: (B, C, *shape) float32 views."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = self.precision.autocast_dtype
+        with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+            out = self.model(x)
+        oy, ox = (output_offset(self.spec, s) for s in shape)
+        return out[:, :, oy : oy + shape[0], ox : ox + shape[1]].float()
+
+    def encode(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, by, bx) float32 probabilities -> (stored probabilities, uint8 argmax classes).
+
+        The argmax (ties to the lower class) is taken first, from the full-precision values;
+        the encoding may then reuse ``probs``' memory.
+        """
+        if probs.shape[0] > 256:
+            raise ValueError(f"{probs.shape[0]} classes do not fit uint8")
+        seg = argmax_classes(probs)
+        return self.encoding.encode(probs, inplace=True), seg
+
+    # -- device -> host ------------------------------------------------------------------------
+    def download(self, block: Block, probs: torch.Tensor, seg: torch.Tensor) -> Callable[[], BlockResult]:
+        """Start copying a block's encoded result to the host; the returned function waits for it."""
+        shape_p, shape_s = (probs.shape[0], 1, *probs.shape[1:]), (1, *seg.shape)
+        if not self.cuda:
+            result = BlockResult(block, probs.numpy().reshape(shape_p), seg.numpy().reshape(shape_s), lambda: None)
+            return lambda: result
+        nbytes_p = probs.numel() * probs.element_size()
+        buf = self._downloads.acquire(nbytes_p + seg.numel())
+        host_p = buf[:nbytes_p].view(probs.dtype).view(probs.shape)
+        host_s = buf[nbytes_p : nbytes_p + seg.numel()].view(seg.shape)
+        host_p.copy_(probs, non_blocking=True)
+        host_s.copy_(seg, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+
+        def wait() -> BlockResult:
+            done.synchronize()
+            return BlockResult(block, host_p.numpy().reshape(shape_p), host_s.numpy().reshape(shape_s),
+                               lambda: self._downloads.release(buf))
+
+        return wait
+
+    def predict(self, staged: StagedBlock) -> Callable[[], BlockResult]:
+        """All device work of one staged block; returns the waiter of its download."""
+        try:
+            image = self.normalised_input(staged)
+            probs, seg = self.encode(self.block_output(image, staged.block, staged.read))
+        except torch.cuda.OutOfMemoryError:
+            raise UserInputError(
+                f"out of GPU memory at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}; "
+                "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"
+            ) from None
+        return self.download(staged.block, probs, seg)
+
+
+def class_probabilities(logits: torch.Tensor, offsets: torch.Tensor | None, *, out: torch.Tensor,
+                        add: bool = False, tails: bool = True) -> None:
+    """Softmax over the classes of one tile's (C, Y, X) float32 ``logits`` plus the decision
+    ``offsets``, written into (or, with ``add``, added to) ``out``.
+
+    Two classes take the equivalent logistic form p1 = sigmoid(l1 - l0), written straight into
+    ``out``: fewer passes over the pixels than a general softmax. ``p0`` is sigmoid(l0 - l1),
+    accurate to float32 relative precision also where it is tiny, or, with ``tails=False``
+    (uint8 storage, which rounds to 1/255 anyway), the cheaper 1 - p1 (absolute error < 1e-7).
+    """
+    if offsets is not None:
+        logits = logits + offsets[0]
+    if logits.shape[0] != 2:
+        probs = torch.softmax(logits, dim=0)
+        out.add_(probs) if add else out.copy_(probs)
+        return
+    diff = logits[1] - logits[0]
+    one = torch.ones((), dtype=diff.dtype, device=diff.device)
+    if add:
+        p1 = torch.sigmoid(diff)
+        out[0].add_(torch.sigmoid(diff.neg_()) if tails else torch.sub(one, p1))
+        out[1].add_(p1)
+        return
+    torch.sigmoid(diff, out=out[1])
+    if tails:
+        torch.sigmoid(diff.neg_(), out=out[0])
+    else:
+        torch.sub(one, out[1], out=out[0])
+
+
+def mirror_to(x: torch.Tensor, loaded: Box, read: Box, size: Sequence[int]) -> torch.Tensor:
+    """The (Y, X) ``read`` box of an image of (Y, X) ``size`` from its in-bounds part ``x`` (at
+    ``loaded``), mirrored beyond the image border by the project's convention
+    (:mod:`unet_core.common.mirror`).
+
+    One reflect-padding pass where each border needs less than one reflection (the usual
+    case), else an index gather (images smaller than the padding, 1-px axes).
+    """
+    pads, inside = [], True
+    for start, stop, first, last, n in zip(read.offset, read.end, loaded.offset, loaded.end, size, strict=True):
+        before, after = first - start, stop - last
+        inside &= first == max(start, 0) and last == min(stop, n) and before < x.shape[len(pads)] and after < x.shape[len(pads)]
+        pads.append((before, after))
+    if inside:
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = torch.nn.functional.pad(x[None], (left, right, top, bottom), mode="reflect")[0]
+        return x
+    for axis, (start, stop, first, n) in enumerate(zip(read.offset, read.end, loaded.offset, size, strict=True)):
+        index = mirror_index(np.arange(start, stop), n) - first
+        x = x.index_select(axis, torch.as_tensor(index, device=x.device))
+    return x
+
+
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """(C, ...) -> (...) uint8 index of the largest value, ties to the lower class.
+
+    Elementwise over the classes: a reduction over the leading, strided axis is several times
+    slower on the CPU than C - 1 comparisons.
+    """
+    if probs.shape[0] == 2:
+        return (probs[1] > probs[0]).view(torch.uint8)
+    best, index = probs[0].clone(), torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for c in range(1, probs.shape[0]):
+        index.masked_fill_(probs[c] > best, c)
+        torch.maximum(best, probs[c], out=best)
+    return index
+
+
+def _work_by_shape(trs: Sequence[Dihedral], ny: int, nx: int, sy: int, sx: int) -> Iterator[tuple[tuple[int, int], list]]:
+    """``(tile shape in the network's frame, [(transform, i, j), ...])`` groups: transforms in
+    their fixed order, so every pixel sums its transforms in the same order whatever the batch."""
+    groups: dict[bool, list] = {}
+    for tr in trs:
+        groups.setdefault(tr.transpose, []).extend((tr, i, j) for i in range(ny) for j in range(nx))
+    for transposed, items in groups.items():
+        yield ((sx, sy) if transposed else (sy, sx)), items
+
+
+def _forward(t: Dihedral, tile: torch.Tensor) -> torch.Tensor:
+    """Apply ``t`` to the last two axes of ``tile`` (flip, then transpose)."""
+    dims = [d for d, flip in ((-2, t.flip_y), (-1, t.flip_x)) if flip]
+    if dims:
+        tile = tile.flip(dims)
+    return tile.transpose(-1, -2) if t.transpose else tile
+
+
+def _inverse(t: Dihedral, out: torch.Tensor) -> torch.Tensor:
+    """Undo ``t`` on the last two axes of ``out`` (transpose back, then flip)."""
+    if t.transpose:
+        out = out.transpose(-1, -2)
+    dims = [d for d, flip in ((-2, t.flip_y), (-1, t.flip_x)) if flip]
+    return out.flip(dims) if dims else out
+
+
+def run_blocks(
+    engine: Engine, image: Any, blocks: Sequence[Block], write: Callable[[BlockResult], None], *,
+    desc: str, readers: int = 1,
+) -> None:
+    """Predict ``blocks`` of the (Z, Y, X) ``image`` and hand each result to ``write`` (called in
+    writer threads, any order), overlapping reading/uploading, computing and writing.
+
+    Errors of any thread are raised here; ``write`` is never called twice for a block.
+    """
+    reuse_freed_memory()  # block-sized host tensors come and go: reuse their pages
+    def finish(wait: Callable[[], BlockResult]) -> None:
+        result = wait()
+        try:
+            write(result)
+        finally:
+            result.release()
+
+    with (
+        ThreadPoolExecutor(readers, thread_name_prefix="read") as reader,
+        ThreadPoolExecutor(engine.writers, thread_name_prefix="write") as writer,
+    ):
+        staged: list[Future] = [reader.submit(engine.stage, image, b) for b in blocks[:readers]]
+        writes: list[Future] = []
+        for i, _ in enumerate(progress(blocks, desc=desc, unit="block")):
+            current = staged.pop(0).result()
+            if i + readers < len(blocks):
+                staged.append(reader.submit(engine.stage, image, blocks[i + readers]))
+            writes.append(writer.submit(finish, engine.predict(current)))
+            while writes and writes[0].done():
+                writes.pop(0).result()
+            if len(writes) > engine.writers:
+                writes.pop(0).result()
+        for future in writes:
+            future.result()
