@@ -15,7 +15,17 @@ Side by side in one run, on one random (He-initialised) paper U-Net and one rand
 Prints max |tiled - whole|, output Mpx/s and ratios, the analytic FLOP overhead per output
 pixel at several tile sizes, and the peak RSS of ``unet predict`` jobs on a small and a
 large stack (a narrow net, same block/tile/batch: memory must not grow with the stack).
-On a GPU it also reports bf16 and fp32 Mpx/s for ours and MONAI. Timings are never asserted.
+
+``--sections host`` measures the host side of ``unet predict`` on the CPU, one thread, a
+2 x 4096² uint16 stack, in fresh processes: (a) the CPU time (all threads) of a
+``predict_job`` with a depth-1, width-1 network over the CPU time of that network's forward
+passes alone on the same tiles; (b) the same job with a zero-cost network (a benchmark-only
+module returning the valid-geometry crop of its input) in CPU-ms per output Mpx. Process
+start-up (Python and torch imports, ~2 CPU-s) is outside both.
+
+On a GPU (``--sections gpu``) it reports, through ``benchmarks/benchlib.py``, bf16 and fp32
+Mpx/s of ours and MONAI in memory and of ``unet predict`` end to end; ``gpu_check.py`` runs
+the same measurements as one acceptance table. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -30,68 +40,107 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_core.common.geometry import Box
-from unet_core.common.intensity import IntensityStats
-from unet_core.common.mirror import mirror_pad
-from unet_core.infer.predict import predict_plane, predict_tiles
-from unet_core.infer.tiling import Tiling
-from unet_core.model.spec import UNetSpec
-from unet_core.model.unet import UNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as B  # noqa: E402
+
+from unet_core.common.geometry import Box  # noqa: E402
+from unet_core.common.intensity import IntensityStats  # noqa: E402
+from unet_core.common.mirror import mirror_pad  # noqa: E402
+from unet_core.infer.predict import predict_plane  # noqa: E402
+from unet_core.infer.tiling import Tiling, tile_read_box  # noqa: E402
+from unet_core.model.spec import UNetSpec  # noqa: E402
+from unet_core.model.unet import UNet  # noqa: E402
 
 DEFAULT_BLOCK, DEFAULT_TILE = 2048, 1024
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def whole_pass(model: UNet, image: np.ndarray, device: torch.device, bf16: bool = False) -> np.ndarray:
-    spec = model.spec
-    pads = [(spec.context, spec.context + spec.valid_output_size_at_least(n) - n) for n in image.shape]
-    x = torch.from_numpy(mirror_pad(image, pads))[None, None].to(device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        probs = torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
-    return probs[:, : image.shape[0], : image.shape[1]]
-
-
-def monai_pass(image: np.ndarray, base: int, device: torch.device, bf16: bool = False):
-    try:
-        from monai.inferers import sliding_window_inference
-    except ImportError:
-        return None
-    torch.manual_seed(1)
-    model = UNet(UNetSpec(base_channels=base, padding="same", dropout=0.0)).eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    x = torch.from_numpy(image)[None, None].to(device)
-
-    def run():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sliding_window_inference(
-                x, roi_size=(512, 512), sw_batch_size=4 if device.type == "cuda" else 1,
-                predictor=model, overlap=0.25, mode="gaussian",
-            )
-            out = torch.softmax(out.float(), dim=1).cpu()
-        return out
-
-    return run
-
-
 def paper_388_error(model: UNet, image: np.ndarray, whole: np.ndarray) -> tuple[float, float, float]:
-    """Max |diff|, share of pixels off by > 1e-3, and output std, for 388-px tiles at 388-px steps."""
+    """Max |diff|, share of pixels off by > 1e-3, and output std, for 388-px tiles at 388-px steps
+    (origins not multiples of 16: the paper's tiling, which our tiler never produces)."""
     spec = model.spec
     span = min(2 * 388, image.shape[0]), min(2 * 388, image.shape[1])
-    out_box = Box((0, 0), span)
-    tiles = [Box((y, x), (388, 388)) for y in range(0, span[0], 388) for x in range(0, span[1], 388)]
     margin = spec.context + 16
     padded = mirror_pad(image, margin)
-    big = Box((-margin, -margin), padded.shape)
-    got = predict_tiles(model, padded, big, tiles, spec=spec, out_box=out_box, device=torch.device("cpu"))
+    got = np.zeros((spec.n_classes, *span), np.float32)
+    for y in range(0, span[0], 388):
+        for x in range(0, span[1], 388):
+            tile = Box((y, x), (388, 388))
+            read = tile_read_box(tile, spec).shift((margin, margin))
+            inp = torch.from_numpy(np.ascontiguousarray(padded[read.to_slices()]))[None, None]
+            with torch.inference_mode():
+                probs = torch.softmax(model(inp), dim=1)[0].numpy()
+            keep = tile.intersect(Box((0, 0), span))
+            got[(slice(None), *keep.to_slices())] = probs[(slice(None), *keep.relative_to(tile).to_slices())]
     ref = whole[:, : span[0], : span[1]]
     diff = np.abs(got - ref)
     return float(diff.max()), float((diff > 1e-3).mean()), float(ref.std())
+
+
+HOST_CHILD = """
+import sys, time, tempfile
+from pathlib import Path
+import numpy as np, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {bench!r})
+import benchlib as B
+import unet_core.infer.predict as P
+from unet_core.infer.tiling import Tiling, tile_read_box
+from unet_core.model.checkpoint import save_model
+from unet_core.model.spec import UNetSpec
+spec = UNetSpec(depth=1, base_channels=1, dropout=0.0)
+w = Path(tempfile.mkdtemp(dir={workdir!r}))
+volume = B.smooth_stack({slices}, {size})
+stack = B.write_stack(w / "stack.ome.zarr", volume)
+model = B.random_net(spec)
+save_model(w / "model.pt", model)
+class ZeroCost(torch.nn.Module):
+    def __init__(self, spec):
+        super().__init__(); self.spec = spec
+    def forward(self, x):
+        c = self.spec.context
+        return x[..., c : x.shape[-2] - c, c : x.shape[-1] - c].expand(-1, self.spec.n_classes, -1, -1)
+if {zero!r}:
+    P.load_model = lambda path, expect=None: (ZeroCost(spec), {{}})
+t0 = time.process_time()
+P.predict_job(stack, w / "model.pt", w / "part", device="cpu")
+job = time.process_time() - t0
+fwd = 0.0
+if not {zero!r}:
+    tiling = Tiling(volume.shape, spec, 2048, 1024)
+    inputs = [torch.randn(1, 1, *tile_read_box(t, spec).shape) for b in tiling.blocks() for t in tiling.tiles(b)]
+    t0 = time.process_time()
+    with torch.inference_mode():
+        for x in inputs:
+            model(x)
+    fwd = time.process_time() - t0
+print("RESULT", job, fwd, volume.size)
+"""
+
+
+def host_run(*, zero: bool, slices: int, size: int, workdir: str) -> tuple[float, float, int]:
+    """(CPU-s of the predict job, CPU-s of the network's forwards alone, output px) in a fresh process."""
+    code = HOST_CHILD.format(bench=str(Path(__file__).resolve().parent), workdir=workdir, slices=slices,
+                             size=size, zero=zero)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    _, job, fwd, px = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1].split()
+    return float(job), float(fwd), int(px)
+
+
+def host_section(args: argparse.Namespace) -> None:
+    """CPU host overhead of unet predict: figures (a) and (b), one thread, best of --host-repeats."""
+    print(f"\n== Host side of unet predict, CPU, 1 thread, {args.host_slices} x {args.host_size}² uint16 "
+          f"(best of {args.host_repeats} fresh processes each)")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [host_run(zero=False, slices=args.host_slices, size=args.host_size, workdir=tmp)
+                for _ in range(args.host_repeats)]
+        zero = [host_run(zero=True, slices=args.host_slices, size=args.host_size, workdir=tmp)
+                for _ in range(args.host_repeats)]
+    job, fwd, px = min(runs, key=lambda r: r[0] / r[1])
+    print(f"  (a) depth-1 width-1 net: predict job {job:.2f} CPU-s, forward alone {fwd:.2f} CPU-s: "
+          f"{job / fwd:.2f}x (target <= 1.30x); all runs {', '.join(f'{j / f:.2f}x' for j, f, _ in runs)}")
+    z_job, _, px = min(zero)
+    print(f"  (b) zero-cost net: {1000 * z_job / (px / 1e6):.1f} CPU-ms per output Mpx (target <= 30); "
+          f"all runs {', '.join(f'{1000 * j / (px / 1e6):.1f}' for j, _, _ in zero)}")
 
 
 def memory_run(size: int, workdir: Path, *, base: int, block_px: int, tile_out: int) -> float:
@@ -126,63 +175,53 @@ print("RSS", hwm() / 1024, base_rss / 1024, s.mpx_per_s)
 
 def cpu_section(args: argparse.Namespace, spec: UNetSpec) -> None:
     """Exactness and throughput on the CPU: whole pass, ours, paper-388 seams, MONAI."""
-    torch.manual_seed(0)
-    model = UNet(spec).eval()
+    model = B.random_net(spec)
     cpu = torch.device("cpu")
-    rng = np.random.default_rng(0)
-    raw = rng.normal(size=(args.size, args.size)).astype(np.float32)
-    stats = IntensityStats(0.0, 1.0)
+    raw = np.random.default_rng(0).normal(size=(args.size, args.size)).astype(np.float32)
     mpx = args.size**2 / 1e6
     print(f"\n== CPU fp32, {args.size}x{args.size} slice, paper U-Net base {args.base_channels} "
           "(random He init)")
-    whole, t_whole = timed(lambda: whole_pass(model, raw, cpu))
+    whole, t_whole = B.timed(lambda: B.whole_image_probabilities(model, raw, cpu), cpu)
     print(f"  whole (monolithic, mirror-padded): {t_whole:7.1f} s  {mpx / t_whole:.4f} Mpx/s")
-    ours, t_ours = timed(lambda: predict_plane(model, raw, stats=stats, block_px=DEFAULT_BLOCK,
-                                               tile_out=DEFAULT_TILE, device=cpu)[:, 0])
-    print(f"  ours (block {DEFAULT_BLOCK}, tile {DEFAULT_TILE}):       {t_ours:7.1f} s  "
-          f"{mpx / t_ours:.4f} Mpx/s"
+    ours, t_ours = B.timed(lambda: predict_plane(model, raw, stats=IntensityStats(0.0, 1.0), block_px=DEFAULT_BLOCK,
+                                                 tile_out=DEFAULT_TILE, device=cpu)[:, 0], cpu)
+    print(f"  ours (block {DEFAULT_BLOCK}, tile {DEFAULT_TILE}):       {t_ours:7.1f} s  {mpx / t_ours:.4f} Mpx/s"
           f"  max |ours - whole| = {np.abs(ours - whole).max():.3g}")
     print(f"  ratio ours / whole throughput: {t_whole / t_ours:.2f}x (target >= 1.0x)")
     err, share, std = paper_388_error(model, raw, whole)
-    print(f"  paper-388 (388-px tiles at 388-px steps, {min(776, args.size)}^2 corner): "
-          f"max |diff| = {err:.3g} "
+    print(f"  paper-388 (388-px tiles at 388-px steps, {min(776, args.size)}^2 corner): max |diff| = {err:.3g} "
           f"({err / std:.1f}x the output std {std:.3g}), {share:.0%} of pixels off by > 1e-3")
-    run = monai_pass(raw, args.base_channels, cpu)
-    if run is None:
+    monai = B.monai_in_memory(spec, raw, cpu, precision="fp32", sw_batch=1)
+    if monai is None:
         print("  monai: skipped (MONAI not installed; .venv/bin/pip install --no-deps monai)")
     else:
-        _, t_monai = timed(run)
         print(f"  monai sliding_window_inference (same-padded, roi 512, overlap 0.25, gaussian): "
-              f"{t_monai:7.1f} s  {mpx / t_monai:.4f} Mpx/s")
-        print(f"  ratio ours / monai throughput: {t_monai / t_ours:.2f}x (target >= 1.0x)")
+              f"{monai.mpx_per_s:.4f} Mpx/s; ratio ours / monai throughput: "
+              f"{mpx / t_ours / monai.mpx_per_s:.2f}x (target >= 1.0x)")
 
 
 def gpu_section(args: argparse.Namespace, spec: UNetSpec) -> None:
-    """bf16 and fp32 throughput of ours and MONAI on a GPU, if there is one."""
-    rng = np.random.default_rng(0)
-    stats = IntensityStats(0.0, 1.0)
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        size = 8192
-        img = rng.normal(size=(size, size)).astype(np.float32)
-        gmodel = UNet(spec).eval()
-        print(f"\n== GPU {torch.cuda.get_device_name()} {size}x{size}")
-        for prec in ("bf16", "fp32"):
-            warm = img[:2048, :2048]
-            predict_plane(gmodel, warm, stats=stats, device=gpu, precision=prec, batch=8)
-            torch.cuda.synchronize()
-            _, t = timed(lambda: predict_plane(gmodel, img, stats=stats, device=gpu, precision=prec, batch=8))
-            rate = size**2 / 1e6 / t
-            per_px = Tiling((1, size, size), spec).flops_overhead() * spec.ideal_flops_per_output_pixel()
-            tflops = rate * 1e6 * per_px / 1e12
-            print(f"  ours {prec}: {rate:.1f} Mpx/s ({tflops:.0f} TFLOP/s incl. overlap)")
-            mrun = monai_pass(img, args.base_channels, gpu, bf16=prec == "bf16")
-            if mrun is not None:
-                mrun()
-                _, tm = timed(mrun)
-                print(f"  monai {prec}: {size**2 / 1e6 / tm:.1f} Mpx/s; ratio ours / monai {tm / t:.2f}x")
-    else:
-        print("\n== GPU: none on this machine (bf16/channels_last path not measured)")
+    """In-memory and end-to-end rates of ours and MONAI on a GPU (benchlib; as gpu_check.py)."""
+    if not torch.cuda.is_available():
+        print("\n== GPU: none on this machine (bf16/channels_last path not measured; see gpu_check.py)")
+        return
+    gpu = torch.device("cuda")
+    ceiling = B.matmul_ceiling_tflops(gpu)
+    size = args.gpu_size
+    image = np.random.default_rng(0).normal(size=(size, size)).astype(np.float32)
+    print(f"\n== GPU {torch.cuda.get_device_name()}: {size}² slice, bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+    for prec in ("bf16", "fp32"):
+        ours = B.ours_in_memory(spec, image, gpu, precision=prec, batch=args.gpu_batch, block_px=args.gpu_block,
+                                tile_out=args.gpu_tile)
+        line = (f"  ours {prec}: {ours.mpx_per_s:.1f} Mpx/s, {ours.tflops:.0f} TFLOP/s "
+                f"({100 * ours.tflops / ceiling:.1f}% of ceiling), peak {ours.peak_gib:.1f} GiB")
+        monai = B.monai_in_memory(spec, image, gpu, precision=prec)
+        if monai is not None:
+            line += f"; MONAI {monai.mpx_per_s:.1f} Mpx/s, ours/MONAI {ours.mpx_per_s / monai.mpx_per_s:.2f}x"
+        print(line)
+    e2e = B.end_to_end(spec, B.smooth_stack(4, size), gpu, precision="auto", batch=args.gpu_batch,
+                       block_px=args.gpu_block, tile_out=args.gpu_tile)
+    print(f"  unet predict 4 x {size}² uint16 Zarr -> Zarr: {e2e.mpx_per_s:.1f} Mpx/s, peak {e2e.peak_gib:.1f} GiB")
 
 
 def memory_section(args: argparse.Namespace) -> None:
@@ -205,31 +244,43 @@ def memory_section(args: argparse.Namespace) -> None:
               "writer; from two blocks on, memory no longer grows with the stack)")
 
 
+SECTIONS = ("flops", "host", "cpu", "gpu", "memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048, help="slice edge in px (issue: 2048)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--size", type=int, default=2048, help="CPU slice edge in px (issue: 2048)")
     parser.add_argument("--base-channels", type=int, default=64, help="U-Net width (paper: 64)")
     parser.add_argument("--memory-sizes", default="2048,8192", help="stack edges for the RSS check, px")
     parser.add_argument("--memory-base-channels", type=int, default=8, help="net width for the RSS check")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the peak-RSS check")
-    parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU exactness/throughput runs")
+    parser.add_argument("--host-size", type=int, default=4096, help="edge of the host-overhead stack, px")
+    parser.add_argument("--host-slices", type=int, default=2, help="slices of the host-overhead stack")
+    parser.add_argument("--host-repeats", type=int, default=3, help="fresh processes per host figure")
+    parser.add_argument("--gpu-size", type=int, default=8192, help="GPU slice edge, px")
+    parser.add_argument("--gpu-block", type=int, default=2048)
+    parser.add_argument("--gpu-tile", type=int, default=2048)
+    parser.add_argument("--gpu-batch", type=int, default=8)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {now}")
-
     spec = UNetSpec(base_channels=args.base_channels, dropout=0.0)
-    ideal = spec.ideal_flops_per_output_pixel()
-    print(f"\n== FLOP overhead per output pixel vs an infinite image (ideal {ideal / 1e6:.3f} MFLOP/px)")
-    for tile in (384, 768, 1024, 1152, 1536, 2048):
-        t = Tiling((1, 8192, 8192), spec, block_px=max(tile, DEFAULT_BLOCK), tile_out=tile)
-        mark = "  <- default" if tile == DEFAULT_TILE else ""
-        out_px = spec.valid_output_size_at_least(tile)
-        print(f"  tile {tile:5d} px (net output {out_px}): {t.flops_overhead():.3f}x{mark}")
-
-    if not args.skip_cpu:
+    if "flops" in sections:
+        ideal = spec.ideal_flops_per_output_pixel()
+        print(f"\n== FLOP overhead per output pixel vs an infinite image (ideal {ideal / 1e6:.3f} MFLOP/px)")
+        for tile in (384, 768, 1024, 1152, 1536, 2048):
+            t = Tiling((1, 8192, 8192), spec, block_px=max(tile, DEFAULT_BLOCK), tile_out=tile)
+            mark = "  <- default" if tile == DEFAULT_TILE else ""
+            out_px = spec.valid_output_size_at_least(tile)
+            print(f"  tile {tile:5d} px (net output {out_px}): {t.flops_overhead():.3f}x{mark}")
+    if "host" in sections:
+        host_section(args)
+    if "cpu" in sections:
         cpu_section(args, spec)
-    gpu_section(args, spec)
-    if not args.skip_memory:
+    if "gpu" in sections:
+        gpu_section(args, spec)
+    if "memory" in sections:
         memory_section(args)
 
 

@@ -1,0 +1,267 @@
+"""Measurement primitives shared by the benchmarks and the GPU acceptance script.
+
+Each function measures one thing side by side with what it is compared to, on the device it
+is given (CPU or CUDA), and returns plain numbers; the scripts print and compare them.
+Timings use wall time around synchronised device work; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from unet_core.common.intensity import IntensityStats
+from unet_core.common.mirror import mirror_pad
+from unet_core.infer.predict import predict_job, predict_plane
+from unet_core.infer.tiling import Tiling
+from unet_core.io.ngff import PyramidWriter
+from unet_core.model.checkpoint import save_model
+from unet_core.model.spec import UNetSpec
+from unet_core.model.unet import UNet
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """``fn()`` and its wall time in seconds, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def matmul_ceiling_tflops(device: torch.device, *, n: int = 8192, repeats: int = 20) -> float:
+    """Dense bf16 (GPU) or fp32 (CPU) matmul rate, TFLOP/s: the ceiling rates are compared with."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _, seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n**3 * repeats / seconds / 1e12
+
+
+def random_net(spec: UNetSpec, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(spec).eval()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A throughput figure: output Mpx/s, achieved TFLOP/s and peak device memory."""
+
+    mpx_per_s: float
+    tflops: float
+    peak_gib: float | None
+
+
+def ours_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str, batch: int,
+                   block_px: int, tile_out: int, repeats: int = 1) -> Rate:
+    """:func:`predict_plane` of a random He-initialised net on an in-memory (Y, X) slice."""
+    model = random_net(spec)
+    kw = dict(stats=IntensityStats(0.0, 1.0), device=device, precision=precision, batch=batch,
+              block_px=block_px, tile_out=tile_out)
+    predict_plane(model, image[: block_px, : block_px], **kw)  # warm-up: kernels, allocator
+    reset_peak_memory(device)
+    times = [timed(lambda: predict_plane(model, image, **kw), device)[1] for _ in range(repeats)]
+    px = image.size
+    flops = Tiling((1, *image.shape), spec, block_px, tile_out).flops_overhead() * spec.ideal_flops_per_output_pixel()
+    rate = px / min(times) / 1e6
+    return Rate(rate, rate * 1e6 * flops / 1e12, peak_memory_gib(device))
+
+
+def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str,
+                    roi: int = 512, sw_batch: int = 4, repeats: int = 1) -> Rate | None:
+    """MONAI ``sliding_window_inference`` of a same-padded U-Net of the same widths (roi 512,
+    overlap 0.25, gaussian), the usual MONAI set-up; None where MONAI is not installed."""
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        return None
+    same = UNetSpec(depth=spec.depth, base_channels=spec.base_channels, padding="same", dropout=0.0)
+    model = random_net(same, 1).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    bf16 = precision == "bf16"
+
+    def run() -> torch.Tensor:
+        x = torch.from_numpy(image)[None, None].to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = sliding_window_inference(x, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model,
+                                           overlap=0.25, mode="gaussian")
+            return torch.softmax(out.float(), dim=1).cpu()
+
+    warm = image[: 2 * roi, : 2 * roi]
+    x0 = torch.from_numpy(np.ascontiguousarray(warm))[None, None].to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        sliding_window_inference(x0, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model)
+    reset_peak_memory(device)
+    times = [timed(run, device)[1] for _ in range(repeats)]
+    rate = image.size / min(times) / 1e6
+    step = int(roi * (1 - 0.25))
+    windows = np.prod([max(1, -(-(n - roi) // step) + 1) for n in image.shape])
+    executed = windows * same.tile_flops(roi) / image.size  # FLOPs per output pixel, overlap included
+    return Rate(rate, rate * 1e6 * executed / 1e12, peak_memory_gib(device))
+
+
+def whole_image_probabilities(model: UNet, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """One network pass over the mirror-padded (Y, X) slice, fp32: the reference of tiling."""
+    spec = model.spec
+    pads = [(spec.context, spec.context + spec.valid_output_size_at_least(n) - n) for n in image.shape]
+    x = torch.from_numpy(mirror_pad(image, pads))[None, None].to(device)
+    with torch.inference_mode():
+        probs = torch.softmax(model.to(device)(x).float(), dim=1)[0].cpu().numpy()
+    return probs[:, : image.shape[0], : image.shape[1]]
+
+
+def smooth_stack(slices: int, size: int, *, seed: int = 0) -> np.ndarray:
+    """A (Z, Y, X) uint16 microscopy-like stack: smooth structure plus noise (compresses like data)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    base = 2000 + 1000 * np.sin(yy / 37.0) * np.cos(xx / 53.0)
+    return np.stack([(base + rng.normal(0, 50, base.shape)).clip(0, 65535).astype(np.uint16) for _ in range(slices)])
+
+
+def write_stack(path: Path, volume: np.ndarray) -> Path:
+    """A stack laid out as ``unet ingest`` writes it (chunks 1 x 512 x 512, the project's compressor)."""
+    root = zarr.open_group(path, mode="w")
+    writer = PyramidWriter(root, volume.shape, volume.dtype, (1, 512, 512), (1.0, 1.0, 1.0), levels=1)
+    for z in range(volume.shape[0]):
+        writer.write_plane(z, volume[z])
+    writer.finish()
+    root.attrs.update({"unet": {"intensity": {"mean": float(volume.mean()), "std": float(volume.std())}}})
+    return path
+
+
+def end_to_end(spec: UNetSpec, volume: np.ndarray, device: torch.device, *, precision: str, batch: int,
+               block_px: int, tile_out: int, workdir: Path | None = None) -> Rate:
+    """``unet predict`` (``predict_job``) from a Zarr stack to a part store, one job."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        stack = write_stack(Path(tmp) / "stack.ome.zarr", volume)
+        model = Path(tmp) / "model.pt"
+        save_model(model, random_net(spec))
+        warm = write_stack(Path(tmp) / "warm.ome.zarr", volume[:1, :block_px, :block_px])
+        kw = dict(device=str(device), precision=precision, batch=batch, block_px=block_px, tile_out=tile_out)
+        predict_job(warm, model, Path(tmp) / "warm-part", **kw)
+        reset_peak_memory(device)
+        summary, seconds = timed(lambda: predict_job(stack, model, Path(tmp) / "part", **kw), device)
+    flops = Tiling(volume.shape, spec, block_px, tile_out).flops_overhead() * spec.ideal_flops_per_output_pixel()
+    rate = volume.size / seconds / 1e6
+    return Rate(rate, rate * 1e6 * flops / 1e12, peak_memory_gib(device))
+
+
+def argmax_agreement(spec: UNetSpec, image: np.ndarray, device: torch.device, *, block_px: int,
+                     tile_out: int) -> float:
+    """Share of pixels whose bf16-on-``device`` argmax equals the fp32 CPU argmax (same net, slice)."""
+    model = random_net(spec)
+    kw = dict(stats=IntensityStats(float(image.mean()), float(image.std())), block_px=block_px, tile_out=tile_out)
+    ref = predict_plane(model, image, device="cpu", precision="fp32", **kw).argmax(axis=0)
+    got = predict_plane(model, image, device=device, precision="bf16" if device.type == "cuda" else "fp32",
+                        batch=4, **kw).argmax(axis=0)
+    return float((ref == got).mean())
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
+
+
+def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
+                   workdir: Path | None = None) -> tuple[float, float]:
+    """Steady-state tiles/s of ``unet train`` (the real loop on a stored set, warm-up excluded) and of
+    a minimal hand-written loop (tensors in memory, same net, batch, precision, optimizer).
+
+    ``unet train`` validates at a third and at the end of ``iterations``; the rate is taken between
+    those points from its metrics (training time only), so start-up and the first steps do not count.
+    """
+    import torch.nn.functional as F
+
+    from unet_core.common.precision import resolve_precision
+    from unet_core.train.loop import TrainConfig, train
+
+    in_size = spec.input_size(tile_out)
+    third = max(1, iterations // 3)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        aug = Path(tmp) / "aug.zarr"
+        rng = np.random.default_rng(0)
+        n = 4 * batch
+        classes = (rng.random((n, in_size, in_size)) < 0.3).astype(np.uint8)
+        group = zarr.open_group(aug, mode="w")
+        for name, arr in (("image", (classes + rng.normal(0, 0.5, classes.shape)).astype(np.float32)),
+                          ("classes", classes), ("weights", (1.0 + classes).astype(np.float32))):
+            group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, in_size, in_size))[:] = arr
+        cfg = TrainConfig(iterations=3 * third, batch_size=batch, optimizer="adam", lr=1e-4, device=str(device),
+                          validate_every=third, checkpoint_every=3 * third, log_every=third, workers=2, seed=0)
+        result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
+        rows = _metric_rows(Path(tmp) / "run" / "metrics.csv")
+        ours = (rows[-1][0] - rows[0][0]) * batch / (rows[-1][1] - rows[0][1])
+        images = torch.from_numpy(group["image"][:])[:, None].to(device)
+        c = spec.context
+        target = torch.from_numpy(classes[:, c:-c, c:-c].astype(np.int64)).to(device)
+        weight = torch.from_numpy((1.0 + classes[:, c:-c, c:-c]).astype(np.float32)).to(device)
+    torch.manual_seed(0)
+    model = UNet(spec).to(device)
+    dtype = resolve_precision("auto", device).autocast_dtype
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def steps(k: int) -> None:
+        for i in range(k):
+            j = (i * batch) % n
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(images[j : j + batch])
+            loss = (F.cross_entropy(logits.float(), target[j : j + batch], reduction="none") * weight[j : j + batch]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    steps(third)  # warm-up, as unet train's first third is
+    _, seconds = timed(lambda: steps(2 * third), device)
+    del result
+    return ours, 2 * third * batch / seconds
+
+
+def _metric_rows(path: Path) -> list[tuple[int, float]]:
+    """(iteration, cumulative training seconds) of each validation row of ``metrics.csv``."""
+    import csv
+
+    with open(path) as fh:
+        return [(int(r["iteration"]), float(r["train_seconds"])) for r in csv.DictReader(fh)]
+
+
+def elastic_seconds_per_sample(device: torch.device, *, batch: int, repeats: int = 5, size: int = 572) -> float:
+    """Batched elastic deformation of ``size``² image + labels (3x3 grid, sigma 10 px, bicubic)."""
+    from unet_core.augment.elastic import DeformParams, deform, draw_transform, rng_for
+
+    params = DeformParams()
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.normal(size=(batch, 1, size, size)).astype(np.float32)).to(device)
+    lab = torch.from_numpy(rng.integers(0, 50, (batch, size, size)).astype(np.int32)).to(device)
+    out = params.interpolation
+    transforms = [draw_transform(rng_for(0, i), params=params, source_shape=(size, size), tile_shape=(size, size),
+                                 out_shape=(size, size)) for i in range(batch)]
+    seconds = median_seconds(lambda: deform(img, lab, transforms, tile_shape=(size, size), interpolation=out),
+                             device, repeats)
+    return seconds / batch

@@ -1,0 +1,163 @@
+"""GPU acceptance check: one command, one table, about 8 minutes on one H100/H200.
+
+    python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
+    python benchmarks/gpu_check.py --quick    # a tiny CPU run of the same code (seconds; CI runs it)
+
+Rows, each measured side by side in this run (random He-initialised networks; timings never
+asserted):
+
+* matmul ceiling: dense bf16 matmul rate (TFLOP/s), the ceiling the other rows are a share of;
+* inference in memory, paper net on one 8192² slice: ours (``predict_plane``) vs MONAI
+  ``sliding_window_inference`` (same-padded net of the same widths, roi 512, overlap 0.25,
+  gaussian), bf16 and fp32: Mpx/s, executed TFLOP/s, % of the ceiling, peak GPU memory;
+* end to end: ``unet predict`` (``predict_job``) from a 4 x 8192² uint16 Zarr stack to its
+  part store: Mpx/s and its ratio to the in-memory rate; peak memory vs a 1 x 2048² stack;
+* training: steady-state tiles/s of ``unet train`` vs a minimal loop (paper net, 572 -> 388,
+  bf16), % of the ceiling;
+* elastic deformation: batched 572² image + labels on the GPU vs one CPU thread;
+* agreement: share of pixels where the GPU bf16 argmax equals the CPU fp32 argmax (same net
+  and slice).
+
+Needs only the project's dependencies; MONAI is optional (its rows say "not installed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as B  # noqa: E402
+
+from unet_core.model.spec import UNetSpec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Settings:
+    spec: UNetSpec
+    slice_px: int
+    stack: tuple[int, int]  # (slices, edge px) of the end-to-end stack
+    small_px: int
+    block_px: int
+    tile_out: int
+    batch: int
+    train_tile_out: int
+    train_batch: int
+    train_iterations: int
+    elastic_batch: int
+    agreement_px: int
+
+
+FULL = Settings(UNetSpec(dropout=0.0), 8192, (4, 8192), 2048, 2048, 2048, 8, 388, 8, 90, 64, 1024)
+QUICK = Settings(UNetSpec(depth=2, base_channels=4, dropout=0.0), 256, (2, 256), 128, 128, 64, 2, 44, 2, 6, 4, 128)
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+        print(f"  {name:<44} {value}", flush=True)
+
+    def markdown(self) -> str:
+        return "\n".join(["| check | result |", "|---|---|", *(f"| {n} | {v} |" for n, v in self.rows)])
+
+
+def pct(tflops: float, ceiling: float) -> str:
+    return f"{100 * tflops / ceiling:.1f}% of ceiling"
+
+
+def inference_rows(table: Table, s: Settings, device: torch.device, ceiling: float) -> float:
+    image = np.random.default_rng(0).normal(size=(s.slice_px, s.slice_px)).astype(np.float32)
+    best = 0.0
+    for precision in ("bf16", "fp32") if device.type == "cuda" else ("fp32",):
+        ours = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
+                                tile_out=s.tile_out)
+        best = max(best, ours.mpx_per_s)
+        mem = f", peak {ours.peak_gib:.1f} GiB" if ours.peak_gib is not None else ""
+        table.add(f"in memory {s.slice_px}², ours {precision}",
+                  f"{ours.mpx_per_s:.1f} Mpx/s, {ours.tflops:.0f} TFLOP/s, {pct(ours.tflops, ceiling)}{mem}")
+        monai = B.monai_in_memory(s.spec, image, device, precision=precision)
+        if monai is None:
+            table.add(f"in memory {s.slice_px}², MONAI {precision}", "not installed (pip install monai)")
+        else:
+            table.add(f"in memory {s.slice_px}², MONAI {precision}",
+                      f"{monai.mpx_per_s:.1f} Mpx/s, {monai.tflops:.0f} TFLOP/s; ours/MONAI "
+                      f"{ours.mpx_per_s / monai.mpx_per_s:.2f}x")
+    return best
+
+
+def end_to_end_rows(table: Table, s: Settings, device: torch.device, in_memory: float) -> None:
+    z, edge = s.stack
+    kw = dict(precision="auto", batch=s.batch, block_px=s.block_px, tile_out=s.tile_out)
+    big = B.end_to_end(s.spec, B.smooth_stack(z, edge), device, **kw)
+    table.add(f"unet predict {z} x {edge}² uint16, Zarr -> Zarr",
+              f"{big.mpx_per_s:.1f} Mpx/s = {big.mpx_per_s / in_memory:.2f}x in memory")
+    if device.type == "cuda":
+        small = B.end_to_end(s.spec, B.smooth_stack(1, s.small_px), device, **kw)
+        table.add(f"peak GPU memory {z} x {edge}² vs 1 x {s.small_px}²",
+                  f"{big.peak_gib:.2f} / {small.peak_gib:.2f} GiB = {big.peak_gib / small.peak_gib:.2f}x")
+
+
+def training_row(table: Table, s: Settings, device: torch.device, ceiling: float) -> None:
+    ours, minimal = B.training_rates(s.spec, device, tile_out=s.train_tile_out, batch=s.train_batch,
+                                     iterations=s.train_iterations)
+    flops = 3 * s.spec.tile_flops(s.spec.input_size(s.train_tile_out))
+    tflops = ours * flops / 1e12
+    table.add(f"training {s.spec.input_size(s.train_tile_out)} -> {s.train_tile_out}, batch {s.train_batch}",
+              f"unet train {ours:.1f} tiles/s ({tflops:.0f} TFLOP/s, {pct(tflops, ceiling)}); minimal loop "
+              f"{minimal:.1f} tiles/s; ratio {ours / minimal:.2f}x")
+
+
+def elastic_row(table: Table, s: Settings, device: torch.device) -> None:
+    here = B.elastic_seconds_per_sample(device, batch=s.elastic_batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu = B.elastic_seconds_per_sample(torch.device("cpu"), batch=min(4, s.elastic_batch), repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    table.add(f"elastic deformation 572², batch {s.elastic_batch} ({device.type})",
+              f"{here * 1e3:.2f} ms/sample; one CPU thread {cpu * 1e3:.1f} ms/sample ({cpu / here:.0f}x)")
+
+
+def main(argv: list[str] | None = None) -> Table:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run of the same code)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if any), cuda, cuda:N or cpu")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here (Markdown)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu" and not args.quick:
+        parser.error("no CUDA GPU here: run with --quick for a CPU smoke run, or on a GPU machine")
+    s = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    table = Table()
+    ceiling = B.matmul_ceiling_tflops(device, n=8192 if device.type == "cuda" else 512)
+    table.add("matmul ceiling (bf16 on GPU, fp32 on CPU)", f"{ceiling:.0f} TFLOP/s" if ceiling >= 1 else f"{ceiling:.3f} TFLOP/s")
+    in_memory = inference_rows(table, s, device, ceiling)
+    end_to_end_rows(table, s, device, in_memory)
+    training_row(table, s, device, ceiling)
+    elastic_row(table, s, device)
+    agree = B.argmax_agreement(s.spec, B.smooth_stack(1, s.agreement_px)[0].astype(np.float32), device,
+                               block_px=s.block_px, tile_out=min(s.tile_out, s.agreement_px))
+    table.add(f"argmax {device.type} {'bf16' if device.type == 'cuda' else 'fp32'} vs CPU fp32, {s.agreement_px}²",
+              f"{100 * agree:.3f}% of pixels agree")
+    table.add("wall time of this check", f"{time.perf_counter() - t0:.0f} s")
+    if args.markdown:
+        args.markdown.write_text(table.markdown() + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
