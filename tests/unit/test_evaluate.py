@@ -273,3 +273,25 @@ def test_cli_rejects_bad_thresholds(binary_case, tmp_path, capsys):
         main(["evaluate", str(pred), str(stack), "-o", str(tmp_path / "o"), "--thresholds", "0.5,1.5"])
     assert exc.value.code == 2
     assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_scores_the_instances_the_workflow_wrote(tmp_path):
+    """Object scores come from the prediction's labels/instances (what merge wrote), not from a
+    re-segmentation; the *_components scores keep the argmax components for comparison."""
+    truth = _instance_labels()
+    stack = write_stack(tmp_path / "stack.ome.zarr", truth.astype(np.uint16), kind="instance")
+    _, classes = ev.ground_truth_targets(truth[0], label_kind="instance")
+    prob = np.stack([_perfect_probability(ev.ground_truth_targets(t, label_kind="instance")[1]) for t in truth])
+    pred = write_prediction(tmp_path / "pred.ome.zarr", prob)
+    # the stored instances merge every ground-truth cell of each slice into one object
+    merged = np.where(prob > 0.5, np.arange(1, Z + 1)[:, None, None], 0).astype(np.uint32)
+    root = zarr.open_group(pred, mode="r+")
+    group = label_group(root, "instances")
+    iw = PyramidWriter(group, merged.shape, np.uint32, (1, Y, X), (1.0, 1.0, 1.0), labels=True, name="instances")
+    for z, plane in enumerate(merged):
+        iw.write_plane(z, plane)
+    iw.finish(IMAGE_LABEL)
+    dataset = ev.evaluate(pred, stack, tmp_path / "out")
+    assert dataset["object_f1_components"] == 1.0 and dataset["seg_components"] == pytest.approx(1.0)
+    assert dataset["n_pred_objects"] == Z and dataset["object_f1"] < 0.5  # the merges show
+    assert dataset["adapted_rand_error"] > dataset["adapted_rand_error_components"]

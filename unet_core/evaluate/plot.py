@@ -1,4 +1,9 @@
-"""Evaluation figure: the worst and best slices with prediction / ground-truth overlays."""
+"""Evaluation figure: the worst and best slices, instances in colour over ground-truth outlines.
+
+Each row: the predicted cells (one colour per instance) with the ground-truth cells' outlines,
+so merges (one colour spanning several outlines) and splits (several colours in one outline)
+show at a glance; the argmax errors; the probability map.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ class OverlayPanel:
         pred_classes: (Y, X) uint8 argmax prediction, 1 = cell interior.
         cell_probability: (Y, X) float32 P(cell interior).
         scores: the slice's row of scores (shown in the title).
+        true_instances: (Y, X) integer ground-truth objects, 0 = background.
+        pred_instances: (Y, X) integer predicted instances, 0 = background.
     """
 
     z: int
@@ -45,6 +52,8 @@ class OverlayPanel:
     pred_classes: np.ndarray
     cell_probability: np.ndarray
     scores: dict[str, Any]
+    true_instances: np.ndarray
+    pred_instances: np.ndarray
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -70,6 +79,30 @@ def overlay_rgb(image: np.ndarray, true_classes: np.ndarray, pred_classes: np.nd
     rgb = _grey_rgb(image)
     _paint(rgb, outline(true_classes == 1), TRUE_COLOUR)
     _paint(rgb, outline(pred_classes == 1), PRED_COLOUR)
+    return rgb
+
+
+def instance_colours(n: int, *, seed: int = 0) -> np.ndarray:
+    """(n + 1, 3) float RGB: 0 -> black, then bright colours in a fixed shuffled order (touching
+    cells differ whatever their ids)."""
+    rng = np.random.default_rng(seed)
+    hue = rng.permutation(n) / max(n, 1) if n else np.zeros(0)
+    sat, val = 0.55 + 0.45 * rng.random(n), 0.75 + 0.25 * rng.random(n)
+    rgb = matplotlib.colors.hsv_to_rgb(np.stack([hue, sat, val], axis=-1)) if n else np.zeros((0, 3))
+    return np.concatenate([np.zeros((1, 3)), rgb])
+
+
+def instances_rgb(image: np.ndarray, true_instances: np.ndarray, pred_instances: np.ndarray) -> np.ndarray:
+    """Grey image with the predicted instances in colour (one per cell) and the ground-truth cells'
+    outlines in white, (Y, X, 3) float."""
+    rgb = _grey_rgb(image)
+    ids = np.unique(pred_instances, return_inverse=True)[1].reshape(pred_instances.shape)  # 0..n, 0 = background
+    colours = instance_colours(int(ids.max()))
+    cells = ids > 0
+    rgb[cells] = 0.45 * rgb[cells] + 0.55 * colours[ids[cells]]
+    true = np.asarray(true_instances)
+    edges = (true > 0) & ((true != np.roll(true, 1, 0)) | (true != np.roll(true, 1, 1)))
+    _paint(rgb, edges, (1.0, 1.0, 1.0))
     return rgb
 
 
@@ -103,8 +136,9 @@ def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], 
     rows = max(len(panels), 1)
     fig, axes = plt.subplots(rows, 3, figsize=(13, 4.3 * rows), squeeze=False, constrained_layout=True)
     for row, panel in zip(axes, panels, strict=False):
-        row[0].imshow(overlay_rgb(panel.image, panel.true_classes, panel.pred_classes), interpolation="nearest")
-        row[0].set_title(_title(panel, rank_by), fontsize=9)
+        row[0].imshow(instances_rgb(panel.image, panel.true_instances, panel.pred_instances), interpolation="nearest")
+        n_pred, n_true = len(np.unique(panel.pred_instances)) - 1, len(np.unique(panel.true_instances)) - 1
+        row[0].set_title(_title(panel, rank_by) + f"\n{n_pred} predicted cells, {n_true} true", fontsize=9)
         row[1].imshow(error_rgb(panel.image, panel.true_classes, panel.pred_classes), interpolation="nearest")
         row[1].set_title("argmax errors: blue = missed cell, red = extra cell", fontsize=9)
         im = row[2].imshow(panel.cell_probability, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
@@ -114,12 +148,12 @@ def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], 
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [
-        Line2D([], [], color=TRUE_COLOUR, lw=2, label="ground truth outline"),
-        Line2D([], [], color=PRED_COLOUR, lw=2, label="prediction outline (argmax)"),
+        Patch(color=(0.9, 0.5, 0.2), label="predicted cells (one colour each)"),
+        Line2D([], [], color="white", lw=2, label="ground-truth cell outlines"),
         Patch(color=MISSED_COLOUR, label="missed cell pixels"),
         Patch(color=EXTRA_COLOUR, label="extra cell pixels"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, facecolor="0.6")
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)

@@ -61,7 +61,6 @@ from unet_core.evaluate.metrics import (
 )
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
 from unet_core.infer.encoding import ProbabilityEncoding
-from unet_core.infer.instances import MASK_THRESHOLD, SEED_EROSION_PX, SEED_THRESHOLD, seeded_watershed
 from unet_core.io.ngff import Stack, open_group, open_stack
 from unet_core.weights.maps import class_map, instances_from_labels
 
@@ -71,9 +70,10 @@ CLASS_NAMES = ("background", "cell")
 
 #: Per-score decision rule and definition, written into metrics.json.
 DECISION_RULES: dict[str, str] = {
-    "adapted_rand_error_ws/object_f1_ws/n_pred_objects_ws": "as adapted_rand_error / object_f1, for "
-    f"instances from a seeded watershed of P(cell) (seeds: P > {SEED_THRESHOLD} eroded by {SEED_EROSION_PX} "
-    f"px; mask: P > {MASK_THRESHOLD}; unet_core/infer/instances.py) instead of connected components of the argmax",
+    "instances": "adapted_rand_error, object_precision/recall/f1, seg and n_pred_objects score the instances "
+                 "the workflow writes (labels/instances of the prediction: method and settings in "
+                 "prediction_unet_attrs.instance_method / watershed); the *_components scores score the "
+                 "4-connected components of the argmax cell class instead, for comparison",
     "probabilities": "as written by unet predict: with --decision corrected (default) they include the "
     "model's weight-prior logit offsets (see prediction_unet_attrs.logit_offsets; null = raw softmax)",
     "pixel_error": "argmax of the class probabilities; misclassified fraction of all pixels",
@@ -88,13 +88,12 @@ DECISION_RULES: dict[str, str] = {
                      "pairs of ground-truth foreground pixels, predicted segments = connected components of "
                      "P(cell) > threshold, predicted background inside the ground-truth foreground = singletons; "
                      "best threshold in rand_threshold",
-    "adapted_rand_error": "argmax; skimage.metrics.adapted_rand_error of the ground-truth objects (label 0 "
-                          "ignored) and the connected components of the predicted cell class, with predicted "
-                          "background counted as one segment (skimage's handling); no threshold sweep",
-    "object_precision/recall/f1": "argmax; predicted objects = connected components of the cell class, a match "
-                                  "needs IoU > 0.5 with a ground-truth object",
-    "seg": "argmax; cell tracking challenge SEG: mean over ground-truth objects of the IoU with the predicted "
-           "object covering more than half of it (0 if none)",
+    "adapted_rand_error": "skimage.metrics.adapted_rand_error of the ground-truth objects (label 0 ignored) and "
+                          "the predicted instances, with predicted background counted as one segment (skimage's "
+                          "handling); no threshold sweep",
+    "object_precision/recall/f1": "a predicted instance matches a ground-truth object when their IoU > 0.5",
+    "seg": "cell tracking challenge SEG: mean over ground-truth objects of the IoU with the predicted instance "
+           "covering more than half of it (0 if none)",
     "warping_error": "Jain et al. 2010 at the Rand operating point: P(cell) > rand_threshold, ground-truth "
                      "foreground warped by simple-point flips towards it, remaining mismatching pixels / all "
                      "pixels (every topological error: splits, merges, holes, missing and extra objects; the "
@@ -163,10 +162,9 @@ class SliceCounts:
         confusion: (C, C) int64 pixel confusion matrix of the argmax classes (rows: truth).
         pixel_sweep: :class:`BinaryCounts` of P(cell) > t per threshold.
         rand_sweep: foreground-restricted Rand :class:`PairCounts` per threshold.
-        adapted_rand: skimage-style :class:`PairCounts` of the argmax components.
-        objects: :class:`ObjectCounts` of the argmax components.
-        adapted_rand_ws, objects_ws: the same for the seeded-watershed instances
-            (:func:`unet_core.infer.instances.seeded_watershed` of P(cell)).
+        adapted_rand: skimage-style :class:`PairCounts` of the predicted instances.
+        objects: :class:`ObjectCounts` of the predicted instances.
+        adapted_rand_cc, objects_cc: the same for the 4-connected components of the argmax.
         warping: (topological-error pixels, split + merge pixels) per threshold (empty when
             not computed).
         pixels: pixels scored.
@@ -177,8 +175,8 @@ class SliceCounts:
     rand_sweep: list[PairCounts]
     adapted_rand: PairCounts
     objects: ObjectCounts
-    adapted_rand_ws: PairCounts
-    objects_ws: ObjectCounts
+    adapted_rand_cc: PairCounts
+    objects_cc: ObjectCounts
     warping: list[tuple[int, int]] = field(default_factory=list)
     pixels: int = 0
 
@@ -189,8 +187,8 @@ class SliceCounts:
             rand_sweep=[a + b for a, b in zip(self.rand_sweep, other.rand_sweep, strict=True)],
             adapted_rand=self.adapted_rand + other.adapted_rand,
             objects=self.objects + other.objects,
-            adapted_rand_ws=self.adapted_rand_ws + other.adapted_rand_ws,
-            objects_ws=self.objects_ws + other.objects_ws,
+            adapted_rand_cc=self.adapted_rand_cc + other.adapted_rand_cc,
+            objects_cc=self.objects_cc + other.objects_cc,
             warping=[(a[0] + b[0], a[1] + b[1]) for a, b in zip(self.warping, other.warping, strict=True)],
             pixels=self.pixels + other.pixels,
         )
@@ -202,6 +200,7 @@ def score_slice(
     true_instances: np.ndarray,
     true_classes: np.ndarray,
     *,
+    pred_instances: np.ndarray | None = None,
     n_classes: int = 2,
     thresholds: Sequence[float] = ISBI_THRESHOLDS,
     connectivity: int = 4,
@@ -214,6 +213,8 @@ def score_slice(
         pred_classes: (Y, X) integer argmax classes in [0, n_classes).
         true_instances: (Y, X) integer ground-truth objects, 0 = background.
         true_classes: (Y, X) uint8 ground-truth classes (1 = cell interior).
+        pred_instances: (Y, X) integer predicted instances, 0 = background (the prediction's
+            ``labels/instances``); None: the connected components of the argmax cell class.
         n_classes: classes of the prediction.
         thresholds: thresholds of P(cell) for the swept scores.
         connectivity: 4 or 8, adjacency of predicted components (and of the foreground in
@@ -225,16 +226,16 @@ def score_slice(
     """
     cm = confusion_matrix(true_classes, pred_classes, n_classes=n_classes)
     true_fg = np.asarray(true_classes) == CELL
-    pred_instances = connected_components(np.asarray(pred_classes) == CELL, connectivity=connectivity)
-    ws_instances = seeded_watershed(cell_probability, connectivity=connectivity)
+    components = connected_components(np.asarray(pred_classes) == CELL, connectivity=connectivity)
+    pred_instances = components if pred_instances is None else np.asarray(pred_instances)
     return SliceCounts(
         confusion=cm,
         pixel_sweep=threshold_counts(cell_probability, true_fg, thresholds=thresholds),
         rand_sweep=rand_sweep(cell_probability, true_instances, thresholds=thresholds, connectivity=connectivity),
         adapted_rand=rand_pair_counts(true_instances, pred_instances, pred_background="segment"),
         objects=match_objects(true_instances, pred_instances),
-        adapted_rand_ws=rand_pair_counts(true_instances, ws_instances, pred_background="segment"),
-        objects_ws=match_objects(true_instances, ws_instances),
+        adapted_rand_cc=rand_pair_counts(true_instances, components, pred_background="segment"),
+        objects_cc=match_objects(true_instances, components),
         warping=(
             warping_sweep(cell_probability, true_fg, thresholds=thresholds, connectivity=connectivity)
             if warping else []
@@ -292,9 +293,10 @@ def summarise(counts: SliceCounts, *, thresholds: Sequence[float]) -> dict[str, 
     out["seg"] = obj.seg
     out["n_true_objects"] = obj.n_true
     out["n_pred_objects"] = obj.n_pred
-    out["adapted_rand_error_ws"] = counts.adapted_rand_ws.error
-    out["object_f1_ws"] = counts.objects_ws.f1
-    out["n_pred_objects_ws"] = counts.objects_ws.n_pred
+    out["adapted_rand_error_components"] = counts.adapted_rand_cc.error
+    out["object_f1_components"] = counts.objects_cc.f1
+    out["seg_components"] = counts.objects_cc.seg
+    out["n_pred_objects_components"] = counts.objects_cc.n_pred
 
     if counts.warping:
         i_rand = best_index([c.error for c in counts.rand_sweep])
@@ -321,6 +323,7 @@ class Prediction:
     probabilities: zarr.Array  # (C, Z, Y, X) float32
     segmentation: zarr.Array | None  # (Z, Y, X) uint8
     attrs: dict[str, Any]
+    instances: zarr.Array | None = None  # (Z, Y, X) uint32, as merge wrote them
 
     @property
     def n_classes(self) -> int:
@@ -337,6 +340,10 @@ class Prediction:
         else:
             classes = probs.argmax(axis=0).astype(np.uint8)
         return probs[CELL], classes
+
+    def instances_slice(self, z: int) -> np.ndarray | None:
+        """(Y, X) uint32 predicted instances of slice ``z`` (None where the store has none)."""
+        return None if self.instances is None else np.asarray(self.instances[z])
 
 
 def open_prediction(path: str | os.PathLike[str]) -> Prediction:
@@ -363,7 +370,12 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
         log.info("%s has no labels/segmentation; using the argmax of the probabilities", path)
     if seg is not None and tuple(seg.shape) != tuple(probs.shape[1:]):
         raise UserInputError(f"{path}: labels/segmentation/0 shape {seg.shape} does not match probabilities {probs.shape}")
-    return Prediction(path, probs, seg, dict(root.attrs))
+    instances = root["labels/instances/0"] if "labels/instances/0" in root else None
+    if instances is None:
+        log.info("%s has no labels/instances; scoring the connected components of the argmax", path)
+    elif tuple(instances.shape) != tuple(probs.shape[1:]):
+        raise UserInputError(f"{path}: labels/instances/0 shape {instances.shape} does not match probabilities {probs.shape}")
+    return Prediction(path, probs, seg, dict(root.attrs), instances)
 
 
 def _binary_foreground(stack, slices: Sequence[int]) -> int | None:
@@ -411,8 +423,8 @@ def evaluate_arrays(
                 f">= {prediction.n_classes} channels"
             )
         counts = score_slice(
-            cell_probability, pred_classes, true_instances, true_classes, n_classes=prediction.n_classes,
-            thresholds=thresholds, connectivity=connectivity, warping=warping,
+            cell_probability, pred_classes, true_instances, true_classes, pred_instances=prediction.instances_slice(z),
+            n_classes=prediction.n_classes, thresholds=thresholds, connectivity=connectivity, warping=warping,
         )
         rows.append({"z": int(z), **summarise(counts, thresholds=thresholds)})
         pooled = counts if pooled is None else pooled.add(counts)
@@ -523,10 +535,11 @@ def evaluate(
     ]
     _write_report(Path(out_dir), report, rows, panels, rank_by=rank_by)
     log.info(
-        "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), adapted Rand %.4f "
-        "(%.4f with seeded-watershed instances), foreground IoU %.4f -> %s",
+        "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), instances: adapted Rand "
+        "%.4f, object F1 %.4f, SEG %.4f (components of the argmax: %.4f / %.4f), foreground IoU %.4f -> %s",
         len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
-        dataset["adapted_rand_error"], dataset["adapted_rand_error_ws"], dataset["foreground_iou"], out_dir,
+        dataset["adapted_rand_error"], dataset["object_f1"], dataset["seg"], dataset["adapted_rand_error_components"],
+        dataset["object_f1_components"], dataset["foreground_iou"], out_dir,
     )
     return dataset
 
@@ -557,15 +570,19 @@ def _check_options(slices: list[int], thresholds: list[float], *, connectivity: 
 
 def _overlay_panel(prediction: Prediction, stack: Stack, row: dict[str, Any], tag: str, *,
                    foreground_value: int | None, connectivity: int) -> OverlayPanel:
-    """One slice of the overlay figure: image, truth, prediction and its scores."""
+    """One slice of the overlay figure: image, truth, prediction, instances and the scores."""
     z = row["z"]
     cell_probability, pred_classes = prediction.slice(z)
-    _, true_classes = ground_truth_targets(
+    true_instances, true_classes = ground_truth_targets(
         np.asarray(stack.labels[z]), label_kind=stack.label_kind, foreground_value=foreground_value,
         connectivity=connectivity,
     )
+    pred_instances = prediction.instances_slice(z)
+    if pred_instances is None:
+        pred_instances = connected_components(pred_classes == CELL, connectivity=connectivity)
     return OverlayPanel(z=z, tag=tag, image=np.asarray(stack.image[z]), true_classes=true_classes,
-                        pred_classes=pred_classes, cell_probability=cell_probability, scores=row)
+                        pred_classes=pred_classes, cell_probability=cell_probability, scores=row,
+                        true_instances=true_instances, pred_instances=pred_instances)
 
 
 def _write_report(out: Path, report: dict[str, Any], rows: list[dict[str, Any]], panels: list[OverlayPanel], *,

@@ -18,8 +18,9 @@ Everything is processed one block at a time (memory bounded by the block size pl
 pass 1 copies probabilities and segmentation (and, for components, writes *provisional*
 ids of each block labelled on its own, recording which ids touch across block faces; a
 union-find over those pairs gives the final ids). The watershed runs block by block over the
-written probabilities (see :func:`watershed_blockwise`). The last pass relabels and writes the
-pyramid. The result depends only on the blocks, never on how many jobs computed them or in
+written probabilities (see :func:`watershed_blockwise`), also with provisional ids. The last pass
+relabels level 0 to the final ids while writing the instance pyramid: level 0 is written once
+more, never read and rewritten twice. The result depends only on the blocks, never on how many jobs computed them or in
 which order, so 1 job and K jobs give byte-identical stores.
 """
 
@@ -189,7 +190,7 @@ def watershed_blockwise(
     seed_erosion_px: int = SEED_EROSION_PX,
     mask_threshold: float = MASK_THRESHOLD,
     desc: str = "merge: instances",
-) -> int:
+) -> np.ndarray:
     """Seeded-watershed instances of every slice, one block (plus halo) at a time.
 
     The block-wise form of :func:`unet_core.infer.instances.seeded_watershed`:
@@ -202,17 +203,20 @@ def watershed_blockwise(
     3. Mask pixels no seed reached become components of their own, joined across block faces
        to each other and to a seeded region they touch (as flooding the whole slice would).
 
+    The final numbering is left to the caller (merge applies it while writing the pyramid, so
+    level 0 is not read and written twice): ``out`` holds provisional ids.
+
     Args:
         prob: ``prob[z, ys, xs]`` -> (Y, X) P(cell) (a NumPy or Zarr view).
-        out: ``out[z, ys, xs]`` read/write uint32 labels, 0 = background; the result.
+        out: ``out[z, ys, xs]`` read/write uint32 provisional labels, 0 = background.
         scratch: like ``out``, for the provisional seed ids.
         shape: (Z, Y, X).
         block_px: block edge, px.
         halo_px: flooding context around each block, px.
 
     Returns:
-        The number of instances; ids are 1..K over the whole stack (seeds in raster order of
-        their first block, then the unseeded components).
+        uint32 lookup table provisional id -> final id: ids 1..K over the whole stack (seeds in
+        raster order of their first block, then the unseeded components), 0 -> 0.
     """
     whole = Box.from_shape(shape)
     grid = [((b.offset[0], b.offset[1] // block_px, b.offset[2] // block_px), b)
@@ -239,10 +243,7 @@ def watershed_blockwise(
         labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
         faces.join_faces(index, labels, fixed_below=n_seeds)
         out[_at(block)] = _as_uint32(labels)
-    final = faces.final_ids()
-    for _, block in grid:
-        out[_at(block)] = final[np.asarray(out[_at(block)])]
-    return int(final.max(initial=0))
+    return faces.final_ids()
 
 
 def _at(box: Box) -> tuple:
@@ -395,16 +396,13 @@ def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Pat
     outputs.probabilities.flush()
     if instances is InstanceMethod.COMPONENTS:
         final = merger.final_ids()
-        n_instances = int(final.max(initial=0))
     else:
-        final = None
         cells = _CellView(outputs.probabilities.arrays[0], encoding)
-        n_instances = _watershed_store(tmp, cells, level0, tiling, watershed)
+        final = _watershed_store(tmp, cells, level0, tiling, watershed)
     for block in progress(blocks, desc="merge: instance pyramid", unit="block"):
         z = block.write.offset[0]
-        ids = level0[(z, *block.plane.to_slices())]
-        outputs.instances.write_block((z,), block.plane.offset, ids if final is None else final[ids])
-    return n_instances
+        outputs.instances.write_block((z,), block.plane.offset, final[level0[(z, *block.plane.to_slices())]])
+    return int(final.max(initial=0))
 
 
 def _provenance(parts: list[Part], instances: InstanceMethod, watershed: WatershedSettings,
@@ -440,8 +438,10 @@ class _CellView:
         return self.encoding.decode(np.asarray(self.probabilities[(CELL_CLASS, *key)]))
 
 
-def _watershed_store(tmp: Path, cells: _CellView, labels: zarr.Array, tiling: Tiling, ws: WatershedSettings) -> int:
-    """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0)."""
+def _watershed_store(tmp: Path, cells: _CellView, labels: zarr.Array, tiling: Tiling,
+                     ws: WatershedSettings) -> np.ndarray:
+    """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0,
+    provisional ids); returns its final-id lookup table."""
     scratch_group = zarr.open_group(Path(tmp) / "_scratch", mode="w")  # inside the atomic temporary
     try:
         scratch = create_array(scratch_group, "seeds", shape=tiling.shape, dtype=np.uint32,
