@@ -48,6 +48,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.outputs import PngMark, ZarrMark, claim_outputs
 from unet_core.augment.elastic import (
     DeformParams,
     Deformation,
@@ -73,6 +74,9 @@ from unet_core.common.provenance import code_hash
 log = logging.getLogger(__name__)
 
 FORMAT = "unet-pipeline/augmented/1"
+#: How 'unet augment' recognises its own outputs (:mod:`unet_core.common.outputs`).
+AUGMENT_MARK = ZarrMark("augment")
+AUGMENT_PLOT_MARK = PngMark("augment")
 SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for rounding
 
 
@@ -257,6 +261,8 @@ def augment(
     Raises:
         UserInputError: unusable inputs or settings (one line naming what to change).
     """
+    claim_outputs({out_path: AUGMENT_MARK, **({plot: AUGMENT_PLOT_MARK} if plot is not None else {})},
+                  [stack_path, weights_path])
     if samples_per_slice < 1:
         raise UserInputError(f"--samples-per-slice must be >= 1, got {samples_per_slice}")
     if seed < 0:
@@ -276,7 +282,7 @@ def augment(
                            tile_out=tile_out, device=device)
 
     out_path = Path(out_path)
-    with atomic_output(out_path) as tmp:
+    with atomic_output(out_path, own=AUGMENT_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
         root.attrs.update({"unet": provenance(

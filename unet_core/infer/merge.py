@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
 from unet_core.common.progress import progress
@@ -57,6 +58,11 @@ from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, create_array, label_gr
 log = logging.getLogger(__name__)
 
 CELL_CLASS = 1
+PREDICTION_FORMAT = "unet-pipeline/prediction/1"
+TIFF_GENERATOR = "unet merge"
+#: How 'unet merge' recognises its own outputs (:mod:`unet_core.common.outputs`).
+PREDICTION_MARK = ZarrMark("merge")
+TIFF_MARK = TiffMark(TIFF_GENERATOR)
 SEGMENTATION_RULE = "segmentation = argmax of the class probabilities (ties -> lower class index)"
 INSTANCE_RULES = {
     InstanceMethod.WATERSHED: (
@@ -350,6 +356,7 @@ def merge_parts(
     """
     tiff_content = parse_choice(TiffContent, tiff_content, option="--tiff-content")
     instances = parse_choice(InstanceMethod, instances, option="--instances")
+    claim_outputs({out: PREDICTION_MARK, **({tiff: TIFF_MARK} if tiff is not None else {})}, [*parts, stack])
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:
@@ -357,7 +364,7 @@ def merge_parts(
             f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
-    with atomic_output(out) as tmp:
+    with atomic_output(out, own=PREDICTION_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit)
         try:
@@ -411,7 +418,7 @@ def _provenance(parts: list[Part], instances: InstanceMethod, watershed: Watersh
     ref = parts[0].settings
     ws = asdict(watershed)
     return {
-        "stage": "merge", "version": __version__, "source": ref["stack"],
+        "stage": "merge", "format": PREDICTION_FORMAT, "version": __version__, "source": ref["stack"],
         "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
         "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
         "devices": sorted({p.settings["device"] for p in parts}),
@@ -457,7 +464,9 @@ def export_tiff(
 
     Args:
         prediction: the merged ``.ome.zarr``.
-        path: the TIFF file (written atomically).
+        path: the TIFF file (written atomically; an earlier ``unet merge`` TIFF there is
+            replaced, anything else refused). Its first ImageDescription is JSON with
+            ``generator`` = ``unet merge`` (the mark, :mod:`unet_core.common.outputs`).
         content: what to write (:class:`TiffContent`).
     """
     content = parse_choice(TiffContent, content, option="--tiff-content")
@@ -472,6 +481,9 @@ def export_tiff(
 
         def pick(z: int) -> np.ndarray:
             return np.asarray(arr[z])
-    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+    meta = {"generator": TIFF_GENERATOR, "version": __version__, "content": content.value}
+    with atomic_output(path, own=TIFF_MARK) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for z in range(arr.shape[-3]):
-            tif.write(pick(z), contiguous=True, compression=None)
+            # the mark goes into the first page's description (tifffile keeps its shape current)
+            tif.write(pick(z), contiguous=True, compression=None, photometric="minisblack", metadata=meta)
+            meta = None

@@ -10,6 +10,15 @@ A part store is a directory written by exactly one predict job (jobs never share
                            block's chunk is written (a killed job leaves no block that looks
                            finished; a rerun recomputes only blocks without a marker)
       COMPLETE             written last (atomically) with the job summary
+    .part.lock             (next to the store) held while a job writes it: host, PID and
+                           start time of that process
+
+A part store belongs to one run at a time: a job holds the lock file for as long as it
+writes, and a second job on the same store is refused with one line while the first runs.
+A lock whose process is gone (killed; same host, PID no longer running) is taken over, so
+a killed job never blocks its rerun. ``part.json`` is the store's mark
+(:data:`PART_MARK`, :mod:`unet_core.common.outputs`): a store with another run's settings is
+replaced (it is predict's own output), anything else at the path is refused.
 
 The manifest's settings are everything a part's blocks depend on: a rerun reuses the blocks
 of a store only when its settings are equal, and merge accepts parts only when they agree on
@@ -19,10 +28,12 @@ layout; :mod:`unet_core.infer.predict` writes it and :mod:`unet_core.infer.merge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +41,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.atomic import atomic_output, ensure_writable_parent, host_name, pid_alive, process_start
 from unet_core.common.errors import UserInputError
+from unet_core.common.outputs import JsonMark, check_replaceable
 from unet_core.infer.tiling import Block, Tiling
 from unet_core.io.ngff import create_array
 
@@ -40,6 +52,8 @@ log = logging.getLogger(__name__)
 PART_FORMAT = "unet-pipeline/predict-part/1"
 PROBABILITIES = "probabilities"
 MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
+#: How 'unet predict' recognises its own part stores: the manifest's format.
+PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST)
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
 RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets")
 
@@ -79,21 +93,85 @@ class PartStore:
     def probabilities(self, mode: str = "r") -> zarr.Array:
         return zarr.open_array(self.path / PROBABILITIES, mode=mode)
 
+    # -- the lock ---------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        """The lock file, a hidden sibling of the store (it survives the store's replacement)."""
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store for this process while the block is entered.
+
+        Raises:
+            UserInputError: another live process holds it (named, with its host and PID).
+        """
+        lock = self.lock_path
+        ensure_writable_parent(lock)
+        me = {"host": host_name(), "pid": os.getpid(), "started": process_start(os.getpid())}
+        for _ in range(5):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._break_stale_lock(lock)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            break
+        else:
+            raise UserInputError(f"{self.path}: cannot take the lock {lock}; another 'unet predict' keeps taking it")
+        try:
+            yield
+        finally:
+            if _read_lock(lock) == me:
+                lock.unlink()
+
+    def _break_stale_lock(self, lock: Path) -> None:
+        """Remove ``lock`` if its process is gone (same host, PID not running); else refuse."""
+        holder = _read_lock(lock)
+        if holder is None:  # being written this instant, or removed: look again
+            if lock.exists() and not _lock_is_young(lock):
+                raise UserInputError(f"{self.path}: unreadable lock file {lock}; delete it if no 'unet predict' "
+                                     "is writing this part store")
+            time.sleep(0.2)
+            return
+        same_host = holder.get("host") == host_name()
+        pid = holder.get("pid")
+        if not same_host or not isinstance(pid, int) or pid_alive(pid, holder.get("started")):
+            raise UserInputError(
+                f"{self.path}: another 'unet predict' (pid {pid} on host {holder.get('host')}) is writing this part "
+                f"store; wait for it to finish, or, if that process is gone, delete {lock}"
+            )
+        log.warning("%s: taking over the lock of process %s, which no longer runs", self.path, pid)
+        stolen = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+        try:
+            os.replace(lock, stolen)
+        except FileNotFoundError:
+            return  # another job took it over first
+        if _read_lock(stolen) != holder:  # it changed in between: put the live lock back
+            with contextlib.suppress(FileExistsError):
+                os.link(stolen, lock)
+        stolen.unlink()
+
     # -- writing ----------------------------------------------------------------------------
     def open_for_job(self, settings: dict[str, Any], tiling: Tiling) -> zarr.Array:
         """The probability array to write, reusing the store when its settings are equal (resume).
 
-        A store written with other settings is replaced by an empty one. The job is marked
+        Call it holding :meth:`locked`. A store written with other settings is replaced by an
+        empty one (atomically); anything else at the path is refused. The job is marked
         incomplete until :meth:`mark_complete`.
+
+        Raises:
+            UserInputError: something other than a part store stands at the path.
         """
+        check_replaceable(self.path, PART_MARK)
         if self.complete:  # a rerun: the job is complete again only when it ends
             (self.path / COMPLETE).unlink()
         if self.settings() == settings and (self.path / PROBABILITIES / "zarr.json").is_file():
             return self.probabilities("r+")
         if (self.path / MANIFEST).is_file():
             log.warning("%s: written with other settings; starting it afresh", self.path)
-        remove_path(self.path)
-        with atomic_output(self.path) as tmp:
+        with atomic_output(self.path, own=PART_MARK) as tmp:
             tmp.mkdir()
             root = zarr.open_group(tmp, mode="w")
             z, y, x = tiling.shape
@@ -106,13 +184,29 @@ class PartStore:
 
     def mark_done(self, block: Block) -> None:
         """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
-        with atomic_output(self.path / DONE / block.name) as tmp:
+        with atomic_output(self.path / DONE / block.name, own=None) as tmp:
             tmp.write_text("")
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         """Write ``COMPLETE`` with the job summary: the last thing a job does."""
-        with atomic_output(self.path / COMPLETE) as tmp:
+        with atomic_output(self.path / COMPLETE, own=None) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _lock_is_young(path: Path, seconds: float = 10.0) -> bool:
+    """Whether ``path`` was modified in the last ``seconds`` (a lock being written right now)."""
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return True
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from unet_core.common.intensity import IntensityStats, normalize
 from unet_core.common.mirror import read_mirrored
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash, sha256_files
-from unet_core.infer.part_store import PART_FORMAT, PartStore
+from unet_core.common.outputs import claim_outputs
+from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
 from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
 from unet_core.io.ngff import Stack, open_stack
 from unet_core.model.checkpoint import ModelExpectation, load_model
@@ -356,7 +357,9 @@ def predict_job(
         model_path: model file from :func:`unet_core.model.checkpoint.save_model`; it holds
             the architecture.
         out_part: this job's part store (:class:`unet_core.infer.part_store.PartStore`;
-            created, or resumed if it holds blocks of a run with identical settings).
+            created, or resumed if it holds blocks of a run with identical settings, or
+            replaced if it is a part store of other settings; anything else there is refused).
+            A second job on the same store is refused while this one runs (its lock).
         job, jobs: which share of the C-ordered block list (see :meth:`Tiling.job_blocks`).
         block_px: block (and output chunk) edge, px, a multiple of 2**depth.
         tile_out: largest output tile per network pass, px, a multiple of 2**depth.
@@ -377,9 +380,16 @@ def predict_job(
         UserInputError: missing/invalid stack, bad sizes or job numbers; CheckpointError for
             a model file that is unreadable or does not match ``expect``.
     """
+    claim_outputs({out_part: PART_MARK}, [stack, model_path])
     run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
                        batch=batch, device=device, precision=precision, tta=tta, decision=decision, expect=expect)
     store = PartStore(out_part)
+    with store.locked():
+        return _run_job(run, store, job=job, jobs=jobs, block_px=block_px, tile_out=tile_out)
+
+
+def _run_job(run: _Run, store: PartStore, *, job: int, jobs: int, block_px: int, tile_out: int) -> JobSummary:
+    """Predict the job's unfinished blocks into ``store`` (held locked) and mark it complete."""
     probs_out = store.open_for_job(run.settings, run.tiling)
     mine = run.tiling.job_blocks(job, jobs)
     todo = [b for b in mine if not store.is_done(b)]

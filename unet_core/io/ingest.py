@@ -21,6 +21,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.outputs import ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.intensity import RunningStats
@@ -32,6 +33,9 @@ from unet_core.io.tiff import TiffStack, open_tiff_stack
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS = (1, 512, 512)
+STACK_FORMAT = "unet-pipeline/stack/1"
+#: How 'unet ingest' recognises its own stores (attrs["unet"]["stage"], :mod:`unet_core.common.outputs`).
+STACK_MARK = ZarrMark("ingest")
 
 
 def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
@@ -92,7 +96,8 @@ def ingest(
 
     Args:
         image: TIFF file or folder of single-page TIFFs, (Z, Y, X) grey values.
-        out: output ``.ome.zarr`` directory (replaced atomically if it exists).
+        out: output ``.ome.zarr`` directory (an earlier ``unet ingest`` store there is replaced
+            atomically; anything else there is refused).
         labels: label stack of the same shape: instance ids (0 = background) or a binary
             mask (two values, the larger = cell interior, e.g. ISBI 2012's 255/0).
         slices: indices of the slices to keep (default: all), in output order.
@@ -113,6 +118,7 @@ def ingest(
         raise UserInputError(f"chunks must be three positive integers (z, y, x), got {chunks}")
     image_path = Path(image)
     label_path = Path(labels) if labels is not None else None
+    claim_outputs({out: STACK_MARK}, [image_path, label_path])
     with open_tiff_stack(image_path) as img, (open_tiff_stack(label_path) if label_path else _null()) as lab:
         if lab is not None and lab.shape != img.shape:
             raise UserInputError(f"{label_path}: label stack shape {lab.shape} differs from image stack shape {img.shape} ({image_path})")
@@ -123,7 +129,7 @@ def ingest(
         if not chosen or bad:
             raise UserInputError(f"{image_path}: slice selection {bad or chosen} is empty or out of range for {img.shape[0]} slices")
         spacing = _spacing(img, spacing_um)
-        with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out) as tmp:
+        with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out, own=STACK_MARK) as tmp:
             hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_files, [image_path])}
             if label_path:
                 hashes["labels"] = pool.submit(sha256_files, [label_path])
@@ -135,6 +141,7 @@ def ingest(
                 slices=chosen,
                 tool=f"unet-pipeline {__version__}",
                 stage="ingest",
+                format=STACK_FORMAT,
                 parameters={"chunks": list(chunks), "label_kind": label_kind},
             )
             root = zarr.open_group(tmp, mode="r+")

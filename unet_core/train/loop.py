@@ -45,7 +45,16 @@ import torch
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
+from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, PngMark, claim_outputs
+from unet_core.model.checkpoint import (
+    MODEL_MARK,
+    STATE_FORMAT,
+    STATE_MARK,
+    TORCHSCRIPT_MARK,
+    safe_load,
+    save_model,
+    write_torch_file,
+)
 from unet_core.train.plot import plot_training_curve
 from unet_core.train.data import (
     AugmentedTiles,
@@ -78,6 +87,20 @@ METRIC_COLUMNS = (
     "val_iou",
     "train_seconds",
     "tiles_per_s",
+)
+CARD_FORMAT = "unet-pipeline/model-card/1"
+#: How ``unet train`` recognises its own output folder: it holds only these files, each with
+#: its mark (:mod:`unet_core.common.outputs`); anything else there is refused, never replaced.
+OUT_DIR_MARK = FolderMark(
+    {
+        STATE_FILE: STATE_MARK,
+        MODEL_FILE: MODEL_MARK,
+        SCRIPT_FILE: TORCHSCRIPT_MARK,
+        METRICS_FILE: CsvMark(",".join(METRIC_COLUMNS), "a metrics table written by 'unet train'"),
+        CURVE_FILE: PngMark("train"),
+        CARD_FILE: JsonMark(CARD_FORMAT, "a model card written by 'unet train'"),
+    },
+    "an output folder of 'unet train' (state.pt, model.pt, model.ts, metrics.csv, curve.png, model_card.json)",
 )
 # wall-clock columns: kept out of model.pt so a resumed or repeated run writes the same bytes
 TIMING_COLUMNS = ("train_seconds", "tiles_per_s")
@@ -424,7 +447,7 @@ def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    with atomic_output(path) as tmp:
+    with atomic_output(path, own=OUT_DIR_MARK.files[METRICS_FILE]) as tmp:
         tmp.write_text(buffer.getvalue())
 
 
@@ -436,7 +459,7 @@ def export_torchscript(model: UNet, path: Path) -> None:
     with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the issue asks for it
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(clone)
-        write_torch_file(path, scripted, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
+        write_torch_file(path, scripted, own=TORCHSCRIPT_MARK, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
 
 
 def versions() -> dict[str, str]:
@@ -487,7 +510,7 @@ def _save_state(
         "history": history.to_dict(),
         "versions": versions(),
     }
-    write_torch_file(path, state)
+    write_torch_file(path, state, own=STATE_MARK)
 
 
 def _make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
@@ -539,10 +562,13 @@ def train(
         A :class:`TrainResult` with the last validation metrics.
 
     Raises:
-        UserInputError: empty or invalid training sets, invalid tile size, too many classes.
+        UserInputError: empty or invalid training sets, invalid tile size, too many classes, or
+            an ``out_dir`` that is an input, holds one, or holds files other than training's own.
         CheckpointError: ``resume`` with a state that does not match the data or settings.
         ConfigError: a setting that cannot be used (device, non-finite loss).
     """
+    claim_outputs({out_dir: OUT_DIR_MARK},
+                  [*train_sets, *(p for pair in train_stacks for p in pair), *(p for pair in validation for p in pair)])
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(
@@ -839,7 +865,7 @@ def _write_final_outputs(
         default=None,
     )
     card = {
-        "format": "unet-pipeline/model-card/1",
+        "format": CARD_FORMAT,
         "model": spec.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "geometry": {
@@ -875,7 +901,7 @@ def _write_final_outputs(
         "files": {MODEL_FILE: sha256_files([model_path]), SCRIPT_FILE: sha256_files([out_dir / SCRIPT_FILE])},
         "versions": versions(),
     }
-    with atomic_output(out_dir / CARD_FILE) as tmp:
+    with atomic_output(out_dir / CARD_FILE, own=OUT_DIR_MARK.files[CARD_FILE]) as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")
     log.info(
         "wrote %s, %s, %s, %s, %s in %s",

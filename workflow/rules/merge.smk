@@ -1,15 +1,22 @@
 # Stage 5b: merge the predict jobs' part stores into one OME-Zarr prediction (the gather).
 
 
+def merge_tiff_output():
+    """The segmentation TIFF as a declared output when the config asks for it (so Snakemake
+    removes it before a rerun and knows who writes it)."""
+    return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
+
+
 rule merge:
     input:
         stack=out("{sample}/stack.ome.zarr"),
         parts=expand(out("{{sample}}/predict/part-{job}.zarr/COMPLETE"), job=JOBS),
     output:
-        directory(out("{sample}/prediction.ome.zarr")),
+        prediction=directory(out("{sample}/prediction.ome.zarr")),
+        **merge_tiff_output(),
     params:
         parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
-        tiff=lambda wc: f"--tiff {q(out(f'{wc.sample}/segmentation.tif'))}" if config["predict"]["tiff"] else "",
+        tiff=lambda wc, output: f"--tiff {q(output.tiff)}" if "tiff" in output.keys() else "",
         code=code_hash("merge"),
     conda:
         "../../environment.yml"
@@ -20,4 +27,4 @@ rule merge:
     resources:
         mem_mb=4000,
     shell:
-        "unet merge {params.parts} --stack {input.stack:q} -o {output:q} {params.tiff} > {log:q} 2>&1"
+        "unet merge {params.parts} --stack {input.stack:q} -o {output.prediction:q} {params.tiff} > {log:q} 2>&1"
