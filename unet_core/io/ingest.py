@@ -10,6 +10,7 @@ store appears under its final name only when complete (see :mod:`unet_core.commo
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,6 +129,11 @@ def ingest(
         bad = [z for z in chosen if not 0 <= z < img.shape[0]]
         if not chosen or bad:
             raise UserInputError(f"{image_path}: slice selection {bad or chosen} is empty or out of range for {img.shape[0]} slices")
+        for stack in (img, lab):
+            if stack is not None and stack.dtype.kind in "iu" and stack.dtype.itemsize == 8:
+                wide = stack.dtype
+                stack.narrow_integers(chosen)
+                log.info("%s: %s values fit %s; stored as %s (lossless)", stack.path, wide, stack.dtype, stack.dtype)
         spacing = _spacing(img, spacing_um)
         with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out, own=STACK_MARK) as tmp:
             hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_files, [image_path])}
@@ -159,11 +165,19 @@ class _null:
 
 
 def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, float, float]:
+    """The voxel size: ``override``, else the file's (1 µm where it says nothing). Every value
+    must be finite and > 0 (NaN would end up in zarr.json, which is then not valid JSON)."""
     if override is not None:
-        if len(override) != 3 or min(override) <= 0:
-            raise UserInputError(f"voxel size must be three positive numbers (z, y, x) in µm, got {list(override)}")
+        if len(override) != 3 or not all(0 < float(v) < math.inf for v in override):
+            raise UserInputError(
+                f"--voxel-size-um: must be three finite positive numbers (z, y, x) in µm, got {list(override)}")
         return tuple(float(v) for v in override)
-    z, y, x = img.spacing_um
+    found = img.spacing_um
+    if any(v is not None and not 0 < v < math.inf for v in found):
+        raise UserInputError(
+            f"{img.path}: the file gives voxel size {list(found)} µm (not finite and positive); "
+            "pass --voxel-size-um z,y,x")
+    z, y, x = found
     return (z or 1.0, y or 1.0, x or 1.0)
 
 

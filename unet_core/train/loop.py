@@ -216,7 +216,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
-        if not self.weight_decay >= 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma!r}")

@@ -5,15 +5,21 @@ import os
 import re
 import shlex
 
+import yaml
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
+from unet_core.common.config_values import exact_numbers
 from unet_core.common.errors import ConfigError
 from unet_core.infer.tiling import check_multiple_of_stride
 from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
 validate(config, schema="../schemas/config.schema.yaml")
+# the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
+# (exactly) and non-finite numbers stop the run here, naming the key
+with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _fh:
+    exact_numbers(config, yaml.safe_load(_fh))
 
 
 def read_samples(path):
