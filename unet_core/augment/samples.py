@@ -261,7 +261,7 @@ def augment(
     Raises:
         UserInputError: unusable inputs or settings (one line naming what to change).
     """
-    claim_outputs({out_path: AUGMENT_MARK, **({plot: AUGMENT_PLOT_MARK} if plot is not None else {})},
+    claim_outputs([(out_path, AUGMENT_MARK), (plot, AUGMENT_PLOT_MARK)],
                   [stack_path, weights_path])
     if samples_per_slice < 1:
         raise UserInputError(f"--samples-per-slice must be >= 1, got {samples_per_slice}")

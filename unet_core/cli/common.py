@@ -91,17 +91,14 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
     for part in str(text).split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if hi < lo:
-                    raise UserInputError(
-                        f"{what}: range {part!r} in {text!r} selects no slice (its end comes before its start); "
-                        f"write it as {hi}-{lo}")
-                chosen.extend(range(lo, hi + 1))
-            else:
-                chosen.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise UserInputError(f"{what}: cannot parse slice selection {text!r} (use e.g. 0-19 or 0,3,5-7)") from None
+        if hi < lo:
+            raise UserInputError(
+                f"{what}: range {part!r} in {text!r} selects no slice (its end comes before its start); "
+                f"write it as {hi}-{lo}")
+        chosen.extend(range(lo, hi + 1))
     if not chosen:
         raise UserInputError(f"{what}: slice selection {text!r} selects no slice")
     bad = [z for z in chosen if not 0 <= z < n_slices]

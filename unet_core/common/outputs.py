@@ -309,16 +309,16 @@ class FolderMark(Mark):
 
 def not_own_message(path: Path, mark: Mark) -> str:
     """The one-line refusal for ``path``, which stands where an output of kind ``mark`` goes."""
+    detail = ""
     if os.path.islink(path) and not path.exists():
         found = "a broken link"
     elif path.is_dir():
         found = "a folder"
-        if isinstance(mark, FolderMark):
-            entry = mark.foreign_entry(path)
-            found += f" holding {entry.name!r}, which is not one of its files" if entry is not None else ""
+        entry = mark.foreign_entry(path) if isinstance(mark, FolderMark) else None
+        detail = f" (it holds {entry.name!r}, which that stage did not write)" if entry is not None else ""
     else:
         found = "a file"
-    return (f"{path}: output path holds {found} that is not {mark.what}; it is left untouched: "
+    return (f"{path}: output path holds {found} that is not {mark.what}{detail}; it is left untouched: "
             "move it away or choose another output path")
 
 
@@ -338,13 +338,14 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
 
 
 def claim_outputs(
-    outputs: Mapping[str | os.PathLike[str], Mark],
+    outputs: Iterable[tuple[str | os.PathLike[str] | None, Mark]],
     inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> None:
-    """Check, before any work, that a stage may write ``outputs`` (path -> kind).
+    """Check, before any work, that a stage may write ``outputs``.
 
     Args:
-        outputs: every path the stage will write or replace, with the kind of output it is.
+        outputs: (path, kind) of every output the stage will write or replace; entries whose
+            path is None (an optional output not asked for) are skipped.
         inputs: every path the stage reads (None entries are skipped).
 
     Raises:
@@ -352,7 +353,7 @@ def claim_outputs(
             or something other than the stage's own earlier output stands at an output path.
     """
     ins = [(p, _resolved(p)) for p in inputs if p is not None]
-    outs = [(Path(p), _resolved(p), mark) for p, mark in outputs.items()]
+    outs = [(Path(p), _resolved(p), mark) for p, mark in outputs if p is not None]
     for i, (out, real, _) in enumerate(outs):
         for other, other_real in ins:
             if real == other_real:

@@ -490,7 +490,7 @@ def evaluate(
     Raises:
         UserInputError: missing or mismatching inputs, no labels, bad options.
     """
-    claim_outputs({out_dir: OUT_DIR_MARK}, [prediction_path, stack_path])
+    claim_outputs([(out_dir, OUT_DIR_MARK)], [prediction_path, stack_path])
     stack, prediction = _open_inputs(prediction_path, stack_path)
     chosen = list(range(stack.shape[0])) if slices is None else [int(z) for z in slices]
     thresholds = [float(t) for t in thresholds]

@@ -356,7 +356,7 @@ def merge_parts(
     """
     tiff_content = parse_choice(TiffContent, tiff_content, option="--tiff-content")
     instances = parse_choice(InstanceMethod, instances, option="--instances")
-    claim_outputs({out: PREDICTION_MARK, **({tiff: TIFF_MARK} if tiff is not None else {})}, [*parts, stack])
+    claim_outputs([(out, PREDICTION_MARK), (tiff, TIFF_MARK)], [*parts, stack])
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:

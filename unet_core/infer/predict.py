@@ -380,7 +380,7 @@ def predict_job(
         UserInputError: missing/invalid stack, bad sizes or job numbers; CheckpointError for
             a model file that is unreadable or does not match ``expect``.
     """
-    claim_outputs({out_part: PART_MARK}, [stack, model_path])
+    claim_outputs([(out_part, PART_MARK)], [stack, model_path])
     run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
                        batch=batch, device=device, precision=precision, tta=tta, decision=decision, expect=expect)
     store = PartStore(out_part)

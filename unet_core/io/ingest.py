@@ -119,7 +119,7 @@ def ingest(
         raise UserInputError(f"chunks must be three positive integers (z, y, x), got {chunks}")
     image_path = Path(image)
     label_path = Path(labels) if labels is not None else None
-    claim_outputs({out: STACK_MARK}, [image_path, label_path])
+    claim_outputs([(out, STACK_MARK)], [image_path, label_path])
     with open_tiff_stack(image_path) as img, (open_tiff_stack(label_path) if label_path else _null()) as lab:
         if lab is not None and lab.shape != img.shape:
             raise UserInputError(f"{label_path}: label stack shape {lab.shape} differs from image stack shape {img.shape} ({image_path})")

@@ -726,7 +726,7 @@ def write_synth_tiffs(
     labels_path = None if labels_path is None else Path(labels_path)
     if labels_path is not None and image_path.resolve() == labels_path.resolve():
         raise UserInputError(f"{image_path}: image and labels must be written to different files")
-    claim_outputs({p: SYNTH_TIFF_MARK for p in (image_path, labels_path) if p is not None})
+    claim_outputs([(image_path, SYNTH_TIFF_MARK), (labels_path, SYNTH_TIFF_MARK)])
     if slices < 1:
         raise UserInputError(f"slices: {slices} must be at least 1")
     if seed < 0:

@@ -567,7 +567,7 @@ def train(
         CheckpointError: ``resume`` with a state that does not match the data or settings.
         ConfigError: a setting that cannot be used (device, non-finite loss).
     """
-    claim_outputs({out_dir: OUT_DIR_MARK},
+    claim_outputs([(out_dir, OUT_DIR_MARK)],
                   [*train_sets, *(p for pair in train_stacks for p in pair), *(p for pair in validation for p in pair)])
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:

@@ -230,7 +230,7 @@ def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str 
         UserInputError: unusable stacks (the message names the stack), or something other than
             an earlier ``class_weights.json`` at ``out`` (:mod:`unet_core.common.outputs`).
     """
-    claim_outputs({out: CLASS_WEIGHTS_MARK}, stack_paths)
+    claim_outputs([(out, CLASS_WEIGHTS_MARK)], stack_paths)
     result = compute_class_weights(stack_paths, connectivity=connectivity)
     with atomic_output(out, own=CLASS_WEIGHTS_MARK) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -286,7 +286,7 @@ def write_weights(
 
     out = Path(out)
     png = _plot_path(out) if plot_slice is not None else None
-    claim_outputs({out: WEIGHTS_MARK, **({png: WEIGHTS_PLOT_MARK} if png else {})},
+    claim_outputs([(out, WEIGHTS_MARK), (png, WEIGHTS_PLOT_MARK)],
                   [stack_path, class_weights.get("path") if class_weights else None])
     with about_stack(stack_path):
         return _write_weights(stack_path, out, png, params=params, class_weights=class_weights,
