@@ -116,10 +116,10 @@ def test_rename_refuses_what_is_not_the_stages_own_output(tmp_path):
 
     mark = JsonMark("unet-pipeline/test/1", "a test output")
     target = tmp_path / "out.json"
-    with pytest.raises(UserInputError, match=r"out\.json: output path holds a file") as err:
-        with atomic_output(target, own=mark) as tmp:
-            target.write_text("the user's notes")
-            tmp.write_text('{"format": "unet-pipeline/test/1"}')
+    with pytest.raises(UserInputError, match=r"out\.json: output path holds a file") as err, \
+            atomic_output(target, own=mark) as tmp:
+        target.write_text("the user's notes")
+        tmp.write_text('{"format": "unet-pipeline/test/1"}')
     assert ".tmp-" not in str(err.value)
     assert target.read_text() == "the user's notes"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

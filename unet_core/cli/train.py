@@ -6,8 +6,6 @@ import argparse
 import logging
 from dataclasses import fields
 
-from unet_core.common.errors import UserInputError
-
 from unet_core.cli.common import (
     add_model_args,
     add_threads_arg,
@@ -20,6 +18,7 @@ from unet_core.cli.common import (
     positive_int,
     spec_from_args,
 )
+from unet_core.common.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +172,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.train.data import parse_validation_pair
     from unet_core.io.ngff import open_stack
+    from unet_core.train.data import parse_validation_pair
     from unet_core.train.loop import TrainConfig, train
 
     configure_threads(args.threads)

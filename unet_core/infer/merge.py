@@ -38,9 +38,9 @@ from scipy import ndimage
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
+from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.infer.instances import (
     MASK_THRESHOLD,

@@ -54,9 +54,9 @@ import tifffile
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.common.outputs import TiffMark, claim_outputs
 from unet_core.common.errors import UserInputError
 from unet_core.common.mirror import SCIPY_MODE
+from unet_core.common.outputs import TiffMark, claim_outputs
 from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)

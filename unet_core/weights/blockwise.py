@@ -282,8 +282,6 @@ def write_weights(
     Returns:
         The ``attrs["unet"]`` written.
     """
-    import dask.array as da
-
     out = Path(out)
     png = _plot_path(out) if plot_slice is not None else None
     claim_outputs([(out, WEIGHTS_MARK), (png, WEIGHTS_PLOT_MARK)],
