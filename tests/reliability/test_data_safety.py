@@ -283,12 +283,15 @@ def _predict(c: Path, ref: Path, part: Path, *more) -> list:
             "--device", "cpu", "--threads", "1", *MODEL_ARGS, *more]
 
 
-def _write_lock(part: Path, pid: int) -> None:
+def _write_lock(part: Path, pid: int, *, host: str | None = None, age_s: float = 0.0) -> None:
     from unet_core.common.atomic import host_name, process_start
 
     part.parent.mkdir(parents=True, exist_ok=True)
-    part.with_name(f".{part.name}.lock").write_text(
-        json.dumps({"host": host_name(), "pid": pid, "started": process_start(pid)}))
+    lock = part.with_name(f".{part.name}.lock")
+    lock.write_text(json.dumps({"host": host or host_name(), "pid": pid, "started": process_start(pid)}))
+    if age_s:
+        when = lock.stat().st_mtime - age_s
+        os.utime(lock, (when, when))
 
 
 def _dead_pid() -> int:
@@ -318,6 +321,14 @@ def _dead_lock(c: Path, ref: Path) -> list:
 def _check_dead_lock(c: Path) -> None:
     part = c / "predict/part-0.zarr"
     assert (part / "COMPLETE").is_file() and not part.with_name(".part-0.zarr.lock").exists()
+
+
+def _other_host_lock(age_s: float) -> Callable[[Path, Path], list]:
+    """A lock of a run on another node (shared file system), last refreshed ``age_s`` ago."""
+    def setup(c: Path, ref: Path) -> list:
+        _write_lock(c / "predict/part-0.zarr", 4242, host="othernode", age_s=age_s)
+        return _predict(c, ref, c / "predict/part-0.zarr")
+    return setup
 
 
 def _other_settings(c: Path, ref: Path) -> list:
@@ -486,6 +497,10 @@ CORPUS = {
     # 7. two predict runs on one part store
     "predict-while-another-run-holds-the-part": Case(_live_lock, ("part-0.zarr", "another 'unet predict'", "pid")),
     "predict-takes-over-a-dead-runs-lock": Case(_dead_lock, ok=True, check=_check_dead_lock),
+    "predict-while-a-run-on-another-host-holds-the-part": Case(
+        _other_host_lock(5.0), ("part-0.zarr", "pid 4242 on host othernode")),
+    "predict-takes-over-a-lock-another-host-stopped-refreshing": Case(
+        _other_host_lock(3600.0), ok=True, check=_check_dead_lock),
     "predict-fresh-flips": Case(lambda c, r: _predict(c, r, c / "predict/part-0.zarr", "--tta", "flips"), ok=True),
     "predict-other-settings-replace-the-part": Case(_other_settings, ok=True, check=_check_other_settings),
     # errors of the weight stages name their stack

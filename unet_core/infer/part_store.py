@@ -14,9 +14,11 @@ A part store is a directory written by exactly one predict job (jobs never share
                            start time of that process
 
 A part store belongs to one run at a time: a job holds the lock file for as long as it
-writes, and a second job on the same store is refused with one line while the first runs.
-A lock whose process is gone (killed; same host, PID no longer running) is taken over, so
-a killed job never blocks its rerun. ``part.json`` is the store's mark
+writes (refreshing its modification time every :data:`LOCK_HEARTBEAT_S` seconds), and a
+second job on the same store is refused with one line while the first runs. A lock whose
+process is gone is taken over, so a killed job never blocks its rerun: on the same host when
+its PID (with its start time) no longer runs, from another host (a shared file system, a
+requeued cluster job) when it has not been refreshed for :data:`LOCK_STALE_S` seconds. ``part.json`` is the store's mark
 (:data:`PART_MARK`, :mod:`unet_core.common.outputs`): a store with another run's settings is
 replaced (it is predict's own output), anything else at the path is refused.
 
@@ -32,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 PART_FORMAT = "unet-pipeline/predict-part/1"
 PROBABILITIES = "probabilities"
 MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
+#: A holder refreshes its lock this often; a lock of another host not refreshed for LOCK_STALE_S
+#: is taken over (its process can only be checked on its own host).
+LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
 #: How 'unet predict' recognises its own part stores: the manifest's format.
 PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST)
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
@@ -120,29 +126,44 @@ class PartStore:
             break
         else:
             raise UserInputError(f"{self.path}: cannot take the lock {lock}; another 'unet predict' keeps taking it")
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(LOCK_HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    os.utime(lock)
+
+        beat = threading.Thread(target=heartbeat, name="part-lock", daemon=True)
+        beat.start()
         try:
             yield
         finally:
+            stop.set()
+            beat.join()
             if _read_lock(lock) == me:
                 lock.unlink()
 
     def _break_stale_lock(self, lock: Path) -> None:
-        """Remove ``lock`` if its process is gone (same host, PID not running); else refuse."""
+        """Remove ``lock`` if its process is gone (see the module docstring); else refuse."""
         holder = _read_lock(lock)
         if holder is None:  # being written this instant, or removed: look again
-            if lock.exists() and not _lock_is_young(lock):
+            if lock.exists() and _lock_age(lock) > 10.0:
                 raise UserInputError(f"{self.path}: unreadable lock file {lock}; delete it if no 'unet predict' "
                                      "is writing this part store")
             time.sleep(0.2)
             return
-        same_host = holder.get("host") == host_name()
-        pid = holder.get("pid")
-        if not same_host or not isinstance(pid, int) or pid_alive(pid, holder.get("started")):
+        host, pid, age = holder.get("host"), holder.get("pid"), _lock_age(lock)
+        if host == host_name():
+            gone = isinstance(pid, int) and not pid_alive(pid, holder.get("started"))
+        else:
+            gone = age > LOCK_STALE_S
+        if not gone:
             raise UserInputError(
-                f"{self.path}: another 'unet predict' (pid {pid} on host {holder.get('host')}) is writing this part "
-                f"store; wait for it to finish, or, if that process is gone, delete {lock}"
+                f"{self.path}: another 'unet predict' (pid {pid} on host {host}) is writing this part store; wait "
+                f"for it to finish (a lock not refreshed for {LOCK_STALE_S:.0f} s is taken over), or, if that "
+                f"process is gone, delete {lock}"
             )
-        log.warning("%s: taking over the lock of process %s, which no longer runs", self.path, pid)
+        log.warning("%s: taking over the lock of process %s on %s, which no longer runs", self.path, pid, host)
         stolen = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
         try:
             os.replace(lock, stolen)
@@ -201,12 +222,12 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _lock_is_young(path: Path, seconds: float = 10.0) -> bool:
-    """Whether ``path`` was modified in the last ``seconds`` (a lock being written right now)."""
+def _lock_age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (refreshed); 0 where it cannot be read."""
     try:
-        return time.time() - path.stat().st_mtime < seconds
+        return max(0.0, time.time() - path.stat().st_mtime)
     except OSError:
-        return True
+        return 0.0
 
 
 @dataclass(frozen=True)
