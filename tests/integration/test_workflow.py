@@ -141,7 +141,7 @@ def test_code_change_reruns_the_stage_that_imports_it(run_a, tmp_path):
     # a copy of the package, first on PYTHONPATH, with one ingest module edited
     copy = tmp_path / "pkg"
     shutil.copytree(REPO / "unet_core", copy / "unet_core", ignore=shutil.ignore_patterns("__pycache__"))
-    module = copy / "unet_core" / "tiff_io.py"
+    module = copy / "unet_core" / "io" / "tiff.py"
     module.write_text(module.read_text() + "\n# an edit\n")
     env = {**ENV, "PYTHONPATH": str(copy)}
     cmd = [str(SNAKEMAKE), "-s", str(SNAKEFILE), "--configfile", str(CONFIG), "-n", "--cores", "2"]  # noqa: E501

@@ -124,6 +124,12 @@ def get_labels_option(wildcards, input):
     return f"--labels {q(input.labels)}" if "labels" in input.keys() else ""
 
 
+def merge_tiff_output():
+    """The merge rule's segmentation TIFF as a declared output when the config asks for it (so
+    Snakemake removes it before a rerun and knows who writes it)."""
+    return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
+
+
 def get_final_outputs():
     outputs = [out("model/model.pt"), out("model/curve.png")]
     outputs += expand(out("{sample}/weights.png"), sample=TRAIN)

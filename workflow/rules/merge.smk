@@ -1,12 +1,6 @@
 # Stage 5b: merge the predict jobs' part stores into one OME-Zarr prediction (the gather).
 
 
-def merge_tiff_output():
-    """The segmentation TIFF as a declared output when the config asks for it (so Snakemake
-    removes it before a rerun and knows who writes it)."""
-    return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
-
-
 rule merge:
     input:
         stack=out("{sample}/stack.ome.zarr"),
