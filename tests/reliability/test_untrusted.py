@@ -36,7 +36,7 @@ class _Bomb:
 def _bomb(path: Path, marker: Path, *, like: Path) -> Path:
     """A file shaped like the real ``like`` checkpoint, with the code-running object inside."""
     data = torch.load(like, weights_only=True)
-    data["metadata" if "metadata" in data else "format"] = _Bomb(marker)
+    data["metadata" if "metadata" in data else "history"] = _Bomb(marker)  # the format mark stays
     torch.save(data, path)
     return path
 

@@ -9,7 +9,7 @@ from unet_core.common.atomic import atomic_output
 
 def test_file_appears_only_when_complete(tmp_path):
     target = tmp_path / "sub" / "out.txt"
-    with atomic_output(target) as tmp:
+    with atomic_output(target, own=None) as tmp:
         tmp.write_text("hello")
         assert not target.exists() and tmp.parent == target.parent
     assert target.read_text() == "hello"
@@ -18,11 +18,11 @@ def test_file_appears_only_when_complete(tmp_path):
 
 def test_failure_leaves_previous_directory_and_no_temporaries(tmp_path):
     target = tmp_path / "store.zarr"
-    with atomic_output(target) as tmp:
+    with atomic_output(target, own=None) as tmp:
         tmp.mkdir()
         (tmp / "a").write_text("1")
     with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
+        with atomic_output(target, own=None) as tmp:
             tmp.mkdir()
             (tmp / "a").write_text("2")
             raise RuntimeError("killed half-way")
@@ -33,7 +33,7 @@ def test_failure_leaves_previous_directory_and_no_temporaries(tmp_path):
 def test_directory_is_replaced(tmp_path):
     target = tmp_path / "store.zarr"
     for value in ("1", "2"):
-        with atomic_output(target) as tmp:
+        with atomic_output(target, own=None) as tmp:
             tmp.mkdir()
             (tmp / "a").write_text(value)
     assert (target / "a").read_text() == "2"
@@ -42,7 +42,7 @@ def test_directory_is_replaced(tmp_path):
 
 def test_nothing_written_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="without writing"):
-        with atomic_output(tmp_path / "x"):
+        with atomic_output(tmp_path / "x", own=None):
             pass
 
 
@@ -59,7 +59,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     alive.write_text("busy")
     other_host = tmp_path / f".out.txt.tmp-otherhost-{dead.pid}-0000"  # other host: kept
     other_host.write_text("theirs")
-    with atomic_output(tmp_path / "out.txt") as tmp:
+    with atomic_output(tmp_path / "out.txt", own=None) as tmp:
         tmp.write_text("done")
     assert not stale.exists() and alive.exists() and other_host.exists()
     assert (tmp_path / "out.txt").read_text() == "done"
@@ -75,7 +75,7 @@ def test_temporaries_of_killed_unreaped_processes_count_as_stale(tmp_path):
     time.sleep(0.3)
     stale = tmp_path / f".out.txt.tmp-{_host()}-{zombie.pid}-deadbeef"
     stale.write_text("half")
-    with atomic_output(tmp_path / "out.txt") as tmp:
+    with atomic_output(tmp_path / "out.txt", own=None) as tmp:
         tmp.write_text("done")
     zombie.wait()
     assert not stale.exists()
@@ -106,3 +106,26 @@ def test_stale_temporaries_anywhere_under_a_root_are_removed(tmp_path):
     assert not file_tmp.exists() and not dir_tmp.exists()
     assert live.exists() and inside_zarr.exists() and final.read_text() == "complete"
     assert remove_stale_tree(tmp_path / "missing") == []
+
+
+def test_rename_refuses_what_is_not_the_stages_own_output(tmp_path):
+    """The re-check at rename time: a user's file that appeared meanwhile is left alone, the
+    error names the user's path (not the hidden temporary), and no temporary is left."""
+    from unet_core.common.errors import UserInputError
+    from unet_core.common.outputs import JsonMark
+
+    mark = JsonMark("unet-pipeline/test/1", "a test output")
+    target = tmp_path / "out.json"
+    with pytest.raises(UserInputError, match=r"out\.json: output path holds a file") as err, \
+            atomic_output(target, own=mark) as tmp:
+        target.write_text("the user's notes")
+        tmp.write_text('{"format": "unet-pipeline/test/1"}')
+    assert ".tmp-" not in str(err.value)
+    assert target.read_text() == "the user's notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    target.unlink()
+    with atomic_output(target, own=mark) as tmp:  # nothing there: written
+        tmp.write_text('{"format": "unet-pipeline/test/1", "n": 1}')
+    with atomic_output(target, own=mark) as tmp:  # its own earlier output: replaced
+        tmp.write_text('{"format": "unet-pipeline/test/1", "n": 2}')
+    assert '"n": 2' in target.read_text()

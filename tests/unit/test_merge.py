@@ -269,6 +269,8 @@ def test_wrong_stack_or_not_a_part(two_parts, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="shape .* differs from the predicted stack"):
         merge_parts(parts, stack=other, out=tmp_path / "o.zarr")
     with pytest.raises(UserInputError, match="not a 'unet predict' part store"):
+        merge_parts([other], stack=stack, out=tmp_path / "o.zarr")
+    with pytest.raises(UserInputError, match="lies inside the input"):  # the output inside a part given
         merge_parts([tmp_path], stack=stack, out=tmp_path / "o.zarr")
     with pytest.raises(UserInputError, match="no part stores"):
         merge_parts([], stack=stack, out=tmp_path / "o.zarr")

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from unet_core.common.atomic import atomic_output
+from unet_core.common.atomic import save_png
 
 GRID_STEP_PX = 64
 OUTLINE_RGBA = (1.0, 0.55, 0.0, 0.9)
@@ -87,7 +87,8 @@ def plot_augmentation(path: str | os.PathLike[str], rows: Sequence, *, title: st
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    try:
+        save_png(fig, path, stage="augment", dpi=80)
+    finally:
+        plt.close(fig)
     return Path(path)

@@ -64,6 +64,7 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import normalize
 from unet_core.common.mirror import read_mirrored
+from unet_core.common.outputs import PngMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.io.ngff import Stack, create_array, open_group, open_stack
@@ -73,6 +74,9 @@ from unet_core.weights.recipe import WeightRecipe
 log = logging.getLogger(__name__)
 
 FORMAT = "unet-pipeline/augmented/1"
+#: How 'unet augment' recognises its own outputs (:mod:`unet_core.common.outputs`).
+AUGMENT_MARK = ZarrMark("augment")
+AUGMENT_PLOT_MARK = PngMark("augment")
 SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for rounding
 
 
@@ -257,6 +261,8 @@ def augment(
     Raises:
         UserInputError: unusable inputs or settings (one line naming what to change).
     """
+    claim_outputs([(out_path, AUGMENT_MARK), (plot, AUGMENT_PLOT_MARK)],
+                  [stack_path, weights_path])
     if samples_per_slice < 1:
         raise UserInputError(f"--samples-per-slice must be >= 1, got {samples_per_slice}")
     if seed < 0:
@@ -276,7 +282,7 @@ def augment(
                            tile_out=tile_out, device=device)
 
     out_path = Path(out_path)
-    with atomic_output(out_path) as tmp:
+    with atomic_output(out_path, own=AUGMENT_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
         root.attrs.update({"unet": provenance(

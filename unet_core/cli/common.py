@@ -25,9 +25,14 @@ def _number(text: str, kind: type, *, minimum: float, what: str) -> int | float:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not (value >= minimum and abs(value) != float("inf")):  # also rejects NaN
+    if not (value >= minimum and abs(value) != float("inf")):  # also rejects NaN (every comparison is False)
         raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: any finite number (NaN and ±Inf are refused)."""
+    return _number(text, float, minimum=-float("inf"), what="a finite number")
 
 
 def positive_int(text: str) -> int:
@@ -75,21 +80,27 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
         what: name of the option or file, for the error message.
 
     Raises:
-        UserInputError: malformed selection or an index out of range.
+        UserInputError: malformed selection, a range whose end comes before its start, an
+            index out of range, or a selection of no slice at all (never silently nothing).
     """
     if text is None or str(text).strip() in ("", "all"):
+        if n_slices < 1:
+            raise UserInputError(f"{what}: the stack has no slices to select")
         return list(range(n_slices))
     chosen: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                chosen.extend(range(lo, hi + 1))
-            else:
-                chosen.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise UserInputError(f"{what}: cannot parse slice selection {text!r} (use e.g. 0-19 or 0,3,5-7)") from None
+        if hi < lo:
+            raise UserInputError(
+                f"{what}: range {part!r} in {text!r} selects no slice (its end comes before its start); "
+                f"write it as {hi}-{lo}")
+        chosen.extend(range(lo, hi + 1))
+    if not chosen:
+        raise UserInputError(f"{what}: slice selection {text!r} selects no slice")
     bad = [z for z in chosen if not 0 <= z < n_slices]
     if bad:
         raise UserInputError(f"{what}: slice(s) {bad[:5]} out of range for a stack of {n_slices} slices")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from unet_core.cli.common import existing_path, parse_slices, positive_int
 
@@ -12,7 +13,7 @@ def _thresholds(text: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0 or stop < start:
+            if not (step > 0 and stop >= start and math.isfinite(start + stop + step)) or (stop - start) / step > 10000:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
             values = [round(start + k * step, 10) for k in range(count)]

@@ -14,8 +14,8 @@ def _triple(text: str, *, what: str, kind: type) -> tuple:
         values = tuple(kind(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{what}: expected three numbers like 1,512,512, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{what}: expected three positive numbers (z,y,x), got {text!r}")
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"{what}: expected three finite positive numbers (z,y,x), got {text!r}")
     return values
 
 

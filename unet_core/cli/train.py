@@ -11,12 +11,14 @@ from unet_core.cli.common import (
     add_threads_arg,
     configure_threads,
     existing_path,
+    finite_float,
     nonnegative_float,
     nonnegative_int,
     parse_slices,
     positive_int,
     spec_from_args,
 )
+from unet_core.common.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--lr",
-        type=float,
+        type=finite_float,
         default=0.001,
         help="peak learning rate for the mean-over-pixels loss (SGD momentum 0.99 diverges at 0.01 on ISBI)",
     )
-    g.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (paper: 0.99) or Adam beta1")
+    g.add_argument("--momentum", type=finite_float, default=0.99, help="SGD momentum (paper: 0.99) or Adam beta1")
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay (paper: 0)")
     g.add_argument(
         "--schedule",
@@ -120,7 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=10000,
         help="'step' schedule: multiply the learning rate by --lr-gamma every this many iterations",
     )
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="'step' schedule factor, in (0, 1]")
+    g.add_argument("--lr-gamma", type=finite_float, default=0.1, help="'step' schedule factor, in (0, 1]")
     g.add_argument(
         "--unweighted",
         dest="weighted",
@@ -179,13 +181,16 @@ def run(args: argparse.Namespace) -> None:
     pairs = [parse_validation_pair(text, what="--val") for text in args.val]
     train_pairs = [parse_validation_pair(text, what="--train-stacks") for text in args.train_stacks]
 
-    def selection(text: str | None, stacks: list, what: str) -> list[int] | None:
-        if text is None or not stacks:
+    def selection(text: str | None, stacks: list, what: str, needs: str) -> list[int] | None:
+        if text is None:
             return None
+        if not stacks:
+            raise UserInputError(f"{what} {text!r}: selects slices of {needs} stacks, but none is given; "
+                                 f"add {needs} or drop {what}")
         return parse_slices(text, min(open_stack(stack).shape[0] for stack, _ in stacks), what=what)
 
-    slices = selection(args.val_slices, pairs, "--val-slices")
-    train_slices = selection(args.train_slices, train_pairs, "--train-slices")
+    slices = selection(args.val_slices, pairs, "--val-slices", "--val")
+    train_slices = selection(args.train_slices, train_pairs, "--train-slices", "--train-stacks")
     config = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     result = train(
         args.train,

@@ -15,8 +15,10 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from unet_core.common.errors import UserInputError
+from unet_core.common.outputs import Mark, PngMark, check_replaceable, png_metadata
 
 TMP_MARK = ".tmp-"
 
@@ -34,9 +36,25 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _pid_alive(pid: int) -> bool:
+def host_name() -> str:
+    """This host's name as temporaries and lock files record it."""
+    return _host()
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` of this host started (clock ticks after boot, from /proc), or None
+    where that cannot be read. Together with the PID it names one process, even after the PID
+    is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
     """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped,
-    does not)."""
+    does not). With ``started`` (from :func:`process_start`), a process that reuses the PID of
+    the one that started then does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,13 +65,15 @@ def _pid_alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    return started is None or process_start(pid) in (None, started)
 
 
 def _left_by_dead_process(name: str, marker: str) -> bool:
     """Whether ``name`` is a temporary (``...MARKER<pid>-...``) of a process that no longer runs."""
     pid = name.split(marker, 1)[1].split("-", 1)[0] if marker in name else ""
-    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def remove_stale(path: Path) -> None:
@@ -129,17 +149,26 @@ def ensure_writable_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str], *, own: Mark | None) -> Iterator[Path]:
     """Yield a temporary path; on success move it to ``path``, on any error delete it.
 
     Works for files and directories (Zarr stores). An existing ``path`` is replaced only
-    after the new output is complete.
+    after the new output is complete, and only if it is an output of kind ``own``
+    (:mod:`unet_core.common.outputs`), checked again just before the rename.
 
     Args:
         path: final location of the output.
+        own: the kind of output written; what stands at ``path`` must carry its mark to be
+            replaced. None only for files inside an output folder the stage has already
+            claimed with :func:`unet_core.common.outputs.claim_outputs` (e.g. a part store's
+            block markers).
 
     Yields:
         The temporary path to write to (it does not exist yet).
+
+    Raises:
+        UserInputError: something other than an output of kind ``own`` stands at ``path``
+            (named in the message; the temporary is removed).
     """
     final = Path(path)
     ensure_writable_parent(final)
@@ -149,14 +178,29 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"{final}: the stage finished without writing its output")
-        if final.is_dir() and not final.is_symlink():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = temporary_sibling(final)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            remove_path(old)
-        else:
-            os.replace(tmp, final)
+        if own is not None:
+            check_replaceable(final, own)
+        try:
+            if final.is_dir() and not final.is_symlink():
+                # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+                old = temporary_sibling(final)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                remove_path(old)
+            else:
+                os.replace(tmp, final)
+        except OSError as err:  # name the user's path, not the hidden temporary
+            raise OSError(err.errno, f"cannot put the output in place ({err.strerror})", str(final)) from err
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def save_png(fig: Any, path: str | os.PathLike[str], *, stage: str, dpi: int) -> None:
+    """Write a matplotlib figure atomically as a PNG carrying ``stage``'s mark.
+
+    The mark (:class:`unet_core.common.outputs.PngMark`) is what lets a later run of the same
+    stage replace the figure; any other file at ``path`` is left alone (one-line error).
+    """
+    with atomic_output(path, own=PngMark(stage)) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, metadata=png_metadata(stage))

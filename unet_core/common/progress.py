@@ -1,7 +1,9 @@
-"""Progress bars for long work: a live bar on a terminal, sparse lines in log files."""
+"""Progress bars for long work: a live bar on a terminal, sparse lines in log files, none when
+info messages are off (``unet -q``)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -25,6 +27,7 @@ def progress_bar(iterable: Iterable[T], *, desc: str, total: int | None = None, 
     tty = sys.stderr.isatty()
     return tqdm(
         iterable,
+        disable=not logging.getLogger("unet_core").isEnabledFor(logging.INFO),
         desc=desc,
         total=total,
         unit=unit,

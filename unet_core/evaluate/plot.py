@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from unet_core.common.atomic import atomic_output
+from unet_core.common.atomic import save_png
 
 TRUE_COLOUR = (0.1, 0.9, 0.2)  # ground-truth cell outlines: green
 PRED_COLOUR = (1.0, 0.1, 0.9)  # predicted cell outlines: magenta
@@ -154,6 +154,7 @@ def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], 
         Patch(color=EXTRA_COLOUR, label="extra cell pixels"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=9, facecolor="0.6")
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    try:
+        save_png(fig, path, stage="evaluate", dpi=90)
+    finally:
+        plt.close(fig)

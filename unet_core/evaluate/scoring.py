@@ -40,6 +40,7 @@ import zarr
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output, remove_path
 from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, Mark, PngMark, claim_outputs
 from unet_core.common.labels import LabelKind
 from unet_core.common.progress import progress
 from unet_core.evaluate.metrics import (
@@ -67,6 +68,16 @@ from unet_core.weights.maps import class_map, instances_from_labels
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("background", "cell")
+METRICS_FORMAT = "unet-pipeline/metrics/1"
+#: How 'unet evaluate' recognises its own output folder and files (:mod:`unet_core.common.outputs`).
+OUT_DIR_MARK = FolderMark(
+    {
+        "metrics.csv": CsvMark("z,pixel_error,", "a metrics table written by 'unet evaluate'"),
+        "metrics.json": JsonMark(METRICS_FORMAT, "a metrics.json written by 'unet evaluate'"),
+        "overlays.png": PngMark("evaluate"),
+    },
+    "an output folder of 'unet evaluate' (metrics.csv, metrics.json, overlays.png)",
+)
 
 #: Per-score decision rule and definition, written into metrics.json.
 DECISION_RULES: dict[str, str] = {
@@ -443,8 +454,8 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
+def _write_text(path: Path, text: str, *, own: Mark) -> None:
+    with atomic_output(path, own=own) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -497,6 +508,7 @@ def evaluate(
     Raises:
         UserInputError: missing or mismatching inputs, no labels, bad options.
     """
+    claim_outputs([(out_dir, OUT_DIR_MARK)], [prediction_path, stack_path])
     stack, prediction = _open_inputs(prediction_path, stack_path)
     chosen = list(range(stack.shape[0])) if slices is None else [int(z) for z in slices]
     thresholds = [float(t) for t in thresholds]
@@ -508,6 +520,7 @@ def evaluate(
     )
     worst, best = rank_slices(rows, by=rank_by, count=overlay_count)
     report = {
+        "format": METRICS_FORMAT,
         "dataset": dataset,
         "slices": rows,
         "decision_rules": DECISION_RULES,
@@ -594,8 +607,8 @@ def _write_report(out: Path, report: dict[str, Any], rows: list[dict[str, Any]],
     try:
         for path, write in (
             (out / "overlays.png", lambda p: plot_overlays(panels, p, rank_by=rank_by)),
-            (out / "metrics.json", lambda p: _write_text(p, report_text)),
-            (out / "metrics.csv", lambda p: _write_text(p, _csv_text(rows))),
+            (out / "metrics.json", lambda p: _write_text(p, report_text, own=OUT_DIR_MARK.files["metrics.json"])),
+            (out / "metrics.csv", lambda p: _write_text(p, _csv_text(rows), own=OUT_DIR_MARK.files["metrics.csv"])),
         ):
             write(path)
             written.append(path)

@@ -44,6 +44,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
+from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
@@ -62,6 +63,11 @@ from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, create_array, label_gr
 log = logging.getLogger(__name__)
 
 CELL_CLASS = 1
+PREDICTION_FORMAT = "unet-pipeline/prediction/1"
+TIFF_GENERATOR = "unet merge"
+#: How 'unet merge' recognises its own outputs (:mod:`unet_core.common.outputs`).
+PREDICTION_MARK = ZarrMark("merge")
+TIFF_MARK = TiffMark(TIFF_GENERATOR)
 SEGMENTATION_RULE = "segmentation = argmax of the class probabilities (ties -> lower class index)"
 INSTANCE_RULES = {
     InstanceMethod.WATERSHED: (
@@ -349,6 +355,7 @@ def merge_parts(
     """
     tiff_content = parse_choice(TiffContent, tiff_content, option="--tiff-content")
     instances = parse_choice(InstanceMethod, instances, option="--instances")
+    claim_outputs([(out, PREDICTION_MARK), (tiff, TIFF_MARK)], [*parts, stack])
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:
@@ -357,7 +364,7 @@ def merge_parts(
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
     encoding = ProbabilityEncoding(part_list[0].settings["probabilities"])
-    with atomic_output(out) as tmp:
+    with atomic_output(out, own=PREDICTION_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
         try:
@@ -414,7 +421,7 @@ def _provenance(parts: list[Part], instances: InstanceMethod, watershed: Watersh
         ws["as_stored"] = {"seed": encoding.code_threshold(watershed.seed_threshold),
                            "mask": encoding.code_threshold(watershed.mask_threshold)}
     return {
-        "stage": "merge", "version": __version__, "source": ref["stack"],
+        "stage": "merge", "format": PREDICTION_FORMAT, "version": __version__, "source": ref["stack"],
         "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
         "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
         "devices": sorted({p.settings["device"] for p in parts}),
@@ -463,14 +470,15 @@ def export_tiff(
 
     Args:
         prediction: the merged ``.ome.zarr``.
-        path: the TIFF file (written atomically).
+        path: the TIFF file (written atomically; an earlier ``unet merge`` TIFF there is
+            replaced, anything else refused). Its first ImageDescription is JSON with
+            ``generator`` = ``unet merge`` (the mark, :mod:`unet_core.common.outputs`).
         content: what to write (:class:`TiffContent`).
     """
     content = parse_choice(TiffContent, content, option="--tiff-content")
     root = zarr.open_group(prediction, mode="r")
     if content is TiffContent.CELL_PROBABILITY:
         arr = root["0"]
-
         encoding = ProbabilityEncoding.of(arr.dtype)
 
         def pick(z: int) -> np.ndarray:
@@ -480,6 +488,9 @@ def export_tiff(
 
         def pick(z: int) -> np.ndarray:
             return np.asarray(arr[z])
-    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+    meta = {"generator": TIFF_GENERATOR, "version": __version__, "content": content.value}
+    with atomic_output(path, own=TIFF_MARK) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for z in range(arr.shape[-3]):
-            tif.write(pick(z), contiguous=True, compression=None)
+            # the mark goes into the first page's description (tifffile keeps its shape current)
+            tif.write(pick(z), contiguous=True, compression=None, photometric="minisblack", metadata=meta)
+            meta = None

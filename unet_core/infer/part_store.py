@@ -13,6 +13,17 @@ A part store is a directory written by exactly one predict job (jobs never share
                            block's chunk is written (a killed job leaves no block that looks
                            finished; a rerun recomputes only blocks without a marker)
       COMPLETE             written last (atomically) with the job summary
+    .part.lock             (next to the store) held while a job writes it: host, PID and
+                           start time of that process
+
+A part store belongs to one run at a time: a job holds the lock file for as long as it
+writes (refreshing its modification time every :data:`LOCK_HEARTBEAT_S` seconds), and a
+second job on the same store is refused with one line while the first runs. A lock whose
+process is gone is taken over, so a killed job never blocks its rerun: on the same host when
+its PID (with its start time) no longer runs, from another host (a shared file system, a
+requeued cluster job) when it has not been refreshed for :data:`LOCK_STALE_S` seconds. ``part.json`` is the store's mark
+(:data:`PART_MARK`, :mod:`unet_core.common.outputs`): a store with another run's settings is
+replaced (it is predict's own output), anything else at the path is refused.
 
 The manifest's settings are everything a part's blocks depend on: a rerun reuses the blocks
 of a store only when its settings are equal, and merge accepts parts only when they agree on
@@ -22,10 +33,13 @@ layout; :mod:`unet_core.infer.predict` writes it and :mod:`unet_core.infer.merge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +47,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.atomic import atomic_output, ensure_writable_parent, host_name, pid_alive, process_start
 from unet_core.common.errors import UserInputError
+from unet_core.common.outputs import JsonMark, check_replaceable
 from unet_core.infer.tiling import Block, Tiling
 from unet_core.io.ngff import create_array, fast_compressor
 
@@ -45,6 +60,11 @@ PART_FORMAT = "unet-pipeline/predict-part/2"
 OLD_FORMATS = {"unet-pipeline/predict-part/1": "unet-pipeline 0.1 before compact outputs"}
 PROBABILITIES, SEGMENTATION = "probabilities", "segmentation"
 MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
+#: A holder refreshes its lock this often; a lock of another host not refreshed for LOCK_STALE_S
+#: is taken over (its process can only be checked on its own host).
+LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
+#: How 'unet predict' recognises its own part stores: the manifest's format.
+PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST, older=tuple(OLD_FORMATS))
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
 RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets",
             "probabilities", "batch")
@@ -88,21 +108,100 @@ class PartStore:
     def segmentation(self, mode: str = "r") -> zarr.Array:
         return zarr.open_array(self.path / SEGMENTATION, mode=mode)
 
+    # -- the lock ---------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        """The lock file, a hidden sibling of the store (it survives the store's replacement)."""
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store for this process while the block is entered.
+
+        Raises:
+            UserInputError: another live process holds it (named, with its host and PID).
+        """
+        lock = self.lock_path
+        ensure_writable_parent(lock)
+        me = {"host": host_name(), "pid": os.getpid(), "started": process_start(os.getpid())}
+        for _ in range(5):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._break_stale_lock(lock)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            break
+        else:
+            raise UserInputError(f"{self.path}: cannot take the lock {lock}; another 'unet predict' keeps taking it")
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(LOCK_HEARTBEAT_S):
+                with contextlib.suppress(OSError):
+                    os.utime(lock)
+
+        beat = threading.Thread(target=heartbeat, name="part-lock", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            if _read_lock(lock) == me:
+                lock.unlink()
+
+    def _break_stale_lock(self, lock: Path) -> None:
+        """Remove ``lock`` if its process is gone (see the module docstring); else refuse."""
+        holder = _read_lock(lock)
+        if holder is None:  # being written this instant, or removed: look again
+            if lock.exists() and _lock_age(lock) > 10.0:
+                raise UserInputError(f"{self.path}: unreadable lock file {lock}; delete it if no 'unet predict' "
+                                     "is writing this part store")
+            time.sleep(0.2)
+            return
+        host, pid, age = holder.get("host"), holder.get("pid"), _lock_age(lock)
+        if host == host_name():
+            gone = isinstance(pid, int) and not pid_alive(pid, holder.get("started"))
+        else:
+            gone = age > LOCK_STALE_S
+        if not gone:
+            raise UserInputError(
+                f"{self.path}: another 'unet predict' (pid {pid} on host {host}) is writing this part store; wait "
+                f"for it to finish (a lock not refreshed for {LOCK_STALE_S:.0f} s is taken over), or, if that "
+                f"process is gone, delete {lock}"
+            )
+        log.warning("%s: taking over the lock of process %s on %s, which no longer runs", self.path, pid, host)
+        stolen = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+        try:
+            os.replace(lock, stolen)
+        except FileNotFoundError:
+            return  # another job took it over first
+        if _read_lock(stolen) != holder:  # it changed in between: put the live lock back
+            with contextlib.suppress(FileExistsError):
+                os.link(stolen, lock)
+        stolen.unlink()
+
     # -- writing ----------------------------------------------------------------------------
     def open_for_job(self, settings: dict[str, Any], tiling: Tiling, dtype: np.dtype) -> PartArrays:
         """The arrays to write, reusing the store when its settings are equal (resume).
 
-        A store written with other settings is replaced by an empty one. The job is marked
+        Call it holding :meth:`locked`. A store written with other settings is replaced by an
+        empty one (atomically); anything else at the path is refused. The job is marked
         incomplete until :meth:`mark_complete`.
+
+        Raises:
+            UserInputError: something other than a part store stands at the path.
         """
+        check_replaceable(self.path, PART_MARK)
         if self.complete:  # a rerun: the job is complete again only when it ends
             (self.path / COMPLETE).unlink()
         if self.settings() == settings and (self.path / SEGMENTATION / "zarr.json").is_file():
             return PartArrays(self.probabilities("r+"), self.segmentation("r+"))
         if (self.path / MANIFEST).is_file():
             log.warning("%s: written with other settings; starting it afresh", self.path)
-        remove_path(self.path)
-        with atomic_output(self.path) as tmp:
+        with atomic_output(self.path, own=PART_MARK) as tmp:
             tmp.mkdir()
             root = zarr.open_group(tmp, mode="w")
             z, y, x = tiling.shape
@@ -117,13 +216,29 @@ class PartStore:
 
     def mark_done(self, block: Block) -> None:
         """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
-        with atomic_output(self.path / DONE / block.name) as tmp:
+        with atomic_output(self.path / DONE / block.name, own=None) as tmp:
             tmp.write_text("")
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         """Write ``COMPLETE`` with the job summary: the last thing a job does."""
-        with atomic_output(self.path / COMPLETE) as tmp:
+        with atomic_output(self.path / COMPLETE, own=None) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _lock_age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (refreshed); 0 where it cannot be read."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return 0.0
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ from unet_core import __version__
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.intensity import IntensityStats
+from unet_core.common.outputs import claim_outputs
 from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.provenance import code_hash, sha256_files
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
-from unet_core.infer.part_store import PART_FORMAT, PartStore
+from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
 from unet_core.infer.tiling import TTA, Tiling, round_up
 from unet_core.io.ngff import Stack, open_stack
 from unet_core.model.checkpoint import ModelExpectation, load_model
@@ -221,7 +222,9 @@ def predict_job(
         model_path: model file from :func:`unet_core.model.checkpoint.save_model`; it holds
             the architecture.
         out_part: this job's part store (:class:`unet_core.infer.part_store.PartStore`;
-            created, or resumed if it holds blocks of a run with identical settings).
+            created, or resumed if it holds blocks of a run with identical settings, or
+            replaced if it is a part store of other settings; anything else there is refused).
+            A second job on the same store is refused while this one runs (its lock).
         job, jobs: which share of the C-ordered block list (see :meth:`Tiling.job_blocks`).
         block_px: block (and output chunk) edge, px, a multiple of 2**depth.
         tile_out: largest output tile per network pass, px, a multiple of 2**depth.
@@ -243,17 +246,25 @@ def predict_job(
         UserInputError: missing/invalid stack, bad sizes or job numbers, GPU memory exhausted;
             CheckpointError for a model file that is unreadable or does not match ``expect``.
     """
+    claim_outputs([(out_part, PART_MARK)], [stack, model_path])
     run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
                        batch=batch, device=device, precision=precision, tta=tta, decision=decision,
                        probabilities=probabilities, expect=expect)
-    engine, store = run.engine, PartStore(out_part)
+    store = PartStore(out_part)
+    with store.locked():
+        return _run_job(run, store, job=job, jobs=jobs)
+
+
+def _run_job(run: _Run, store: PartStore, *, job: int, jobs: int) -> JobSummary:
+    """Predict the job's unfinished blocks into ``store`` (held locked) and mark it complete."""
+    engine = run.engine
     arrays = store.open_for_job(run.settings, engine.tiling, engine.encoding.dtype)
     mine = engine.tiling.job_blocks(job, jobs)
     todo = [b for b in mine if not store.is_done(b)]
     log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px, tile %d px, FLOP overhead %.3fx, "
              "%s %s, batch %d, tta %s, probabilities %s, logit offsets %s", job, jobs, len(todo), len(mine),
-             len(mine) - len(todo), block_px, tile_out, engine.tiling.flops_overhead(), engine.device,
-             engine.precision.value, engine.batch, engine.tta.value, engine.encoding.value,
+             len(mine) - len(todo), engine.tiling.block_px, engine.tiling.tile_out, engine.tiling.flops_overhead(),
+             engine.device, engine.precision.value, engine.batch, engine.tta.value, engine.encoding.value,
              run.settings["logit_offsets"])
 
     def write(result: BlockResult) -> None:

@@ -10,6 +10,7 @@ store appears under its final name only when complete (see :mod:`unet_core.commo
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.outputs import ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.intensity import RunningStats
 from unet_core.common.labels import AUTO_KIND, LabelKind
@@ -32,6 +34,9 @@ from unet_core.io.tiff import TiffStack, open_tiff_stack
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS = (1, 512, 512)
+STACK_FORMAT = "unet-pipeline/stack/1"
+#: How 'unet ingest' recognises its own stores (attrs["unet"]["stage"], :mod:`unet_core.common.outputs`).
+STACK_MARK = ZarrMark("ingest")
 
 
 def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
@@ -92,7 +97,8 @@ def ingest(
 
     Args:
         image: TIFF file or folder of single-page TIFFs, (Z, Y, X) grey values.
-        out: output ``.ome.zarr`` directory (replaced atomically if it exists).
+        out: output ``.ome.zarr`` directory (an earlier ``unet ingest`` store there is replaced
+            atomically; anything else there is refused).
         labels: label stack of the same shape: instance ids (0 = background) or a binary
             mask (two values, the larger = cell interior, e.g. ISBI 2012's 255/0).
         slices: indices of the slices to keep (default: all), in output order.
@@ -113,6 +119,7 @@ def ingest(
         raise UserInputError(f"chunks must be three positive integers (z, y, x), got {chunks}")
     image_path = Path(image)
     label_path = Path(labels) if labels is not None else None
+    claim_outputs([(out, STACK_MARK)], [image_path, label_path])
     with open_tiff_stack(image_path) as img, (open_tiff_stack(label_path) if label_path else _null()) as lab:
         if lab is not None and lab.shape != img.shape:
             raise UserInputError(f"{label_path}: label stack shape {lab.shape} differs from image stack shape {img.shape} ({image_path})")
@@ -122,8 +129,13 @@ def ingest(
         bad = [z for z in chosen if not 0 <= z < img.shape[0]]
         if not chosen or bad:
             raise UserInputError(f"{image_path}: slice selection {bad or chosen} is empty or out of range for {img.shape[0]} slices")
+        for stack in (img, lab):
+            if stack is not None and stack.dtype.kind in "iu" and stack.dtype.itemsize == 8:
+                wide = stack.dtype
+                stack.narrow_integers(chosen)
+                log.info("%s: %s values fit %s; stored as %s (lossless)", stack.path, wide, stack.dtype, stack.dtype)
         spacing = _spacing(img, spacing_um)
-        with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out) as tmp:
+        with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out, own=STACK_MARK) as tmp:
             hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_files, [image_path])}
             if label_path:
                 hashes["labels"] = pool.submit(sha256_files, [label_path])
@@ -135,6 +147,7 @@ def ingest(
                 slices=chosen,
                 tool=f"unet-pipeline {__version__}",
                 stage="ingest",
+                format=STACK_FORMAT,
                 parameters={"chunks": list(chunks), "label_kind": label_kind},
             )
             root = zarr.open_group(tmp, mode="r+")
@@ -152,11 +165,19 @@ class _null:
 
 
 def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, float, float]:
+    """The voxel size: ``override``, else the file's (1 µm where it says nothing). Every value
+    must be finite and > 0 (NaN would end up in zarr.json, which is then not valid JSON)."""
     if override is not None:
-        if len(override) != 3 or min(override) <= 0:
-            raise UserInputError(f"voxel size must be three positive numbers (z, y, x) in µm, got {list(override)}")
+        if len(override) != 3 or not all(0 < float(v) < math.inf for v in override):
+            raise UserInputError(
+                f"--voxel-size-um: must be three finite positive numbers (z, y, x) in µm, got {list(override)}")
         return tuple(float(v) for v in override)
-    z, y, x = img.spacing_um
+    found = img.spacing_um
+    if any(v is not None and not 0 < v < math.inf for v in found):
+        raise UserInputError(
+            f"{img.path}: the file gives voxel size {list(found)} µm (not finite and positive); "
+            "pass --voxel-size-um z,y,x")
+    z, y, x = found
     return (z or 1.0, y or 1.0, x or 1.0)
 
 

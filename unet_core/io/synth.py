@@ -56,6 +56,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError
 from unet_core.common.mirror import SCIPY_MODE
+from unet_core.common.outputs import TiffMark, claim_outputs
 from unet_core.common.progress import progress
 
 log = logging.getLogger(__name__)
@@ -650,6 +651,10 @@ class SynthResult:
         return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
 
 
+#: How 'unet synth' recognises its own TIFFs: the "generator" of the first ImageDescription.
+SYNTH_TIFF_MARK = TiffMark("unet synth")
+
+
 def stack_nbytes(params: SynthParams, slices: int) -> tuple[int, int]:
     """Raw bytes of the image stack and of the label stack."""
     px = slices * params.height * params.width
@@ -713,13 +718,15 @@ def write_synth_tiffs(
         A :class:`SynthResult` (paths, shape, dtypes, cell count, bytes and seconds).
 
     Raises:
-        UserInputError: bad sizes, the two paths are the same, or classic TIFF was forced
-            for a file that needs BigTIFF.
+        UserInputError: bad sizes, the two paths are the same, something other than an earlier
+            'unet synth' TIFF stands at either path, or classic TIFF was forced for a file that
+            needs BigTIFF.
     """
     image_path = Path(image_path)
     labels_path = None if labels_path is None else Path(labels_path)
     if labels_path is not None and image_path.resolve() == labels_path.resolve():
         raise UserInputError(f"{image_path}: image and labels must be written to different files")
+    claim_outputs([(image_path, SYNTH_TIFF_MARK), (labels_path, SYNTH_TIFF_MARK)])
     if slices < 1:
         raise UserInputError(f"slices: {slices} must be at least 1")
     if seed < 0:
@@ -730,8 +737,8 @@ def write_synth_tiffs(
     shape = (slices, params.height, params.width)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        tmp_img = stack.enter_context(atomic_output(image_path))
-        tmp_lab = None if labels_path is None else stack.enter_context(atomic_output(labels_path))
+        tmp_img = stack.enter_context(atomic_output(image_path, own=SYNTH_TIFF_MARK))
+        tmp_lab = None if labels_path is None else stack.enter_context(atomic_output(labels_path, own=SYNTH_TIFF_MARK))
         cells = _stream_pages(params, seed=seed, slices=slices, workers=workers, image=(tmp_img, big_img),
                               labels=None if tmp_lab is None else (tmp_lab, big_lab))
     seconds = time.perf_counter() - t0

@@ -51,7 +51,10 @@ class TiffStack:
     spacing_um: tuple[float | None, float | None, float | None]
     _files: list[Path] | None = None
     _tif: tifffile.TiffFile | None = None
-    _squeeze_index: tuple | None = None
+    #: (series index, page index in that series) of every slice of a file
+    _pages: list[tuple[int, int]] | None = None
+    #: dtype in the file where :meth:`narrow_integers` chose a narrower :attr:`dtype`
+    _file_dtype: np.dtype | None = None
 
     def read_slice(self, z: int) -> np.ndarray:
         """Slice ``z`` as a (Y, X) array of :attr:`dtype`."""
@@ -60,7 +63,8 @@ class TiffStack:
                 plane = tifffile.imread(self._files[z])
                 where = self._files[z]
             else:
-                plane = self._tif.asarray(key=z, series=0)
+                series, key = self._pages[z] if self._pages is not None else (0, z)
+                plane = self._tif.asarray(key=key, series=series)
                 where = self.path
         except (tifffile.TiffFileError, ValueError, OSError, IndexError, EOFError) as err:
             raise UserInputError(f"{self.path}: cannot read slice {z}: {_short(err)} (truncated or corrupted TIFF?)") from err
@@ -71,9 +75,35 @@ class TiffStack:
             raise UserInputError(
                 f"{where}: slice {z} has shape {plane.shape}, expected {self.shape[1:]} like the first slice"
             )
-        if plane.dtype != self.dtype:
-            raise UserInputError(f"{where}: slice {z} has dtype {plane.dtype}, expected {self.dtype}")
-        return plane
+        want = self._file_dtype or self.dtype
+        if plane.dtype != want:
+            raise UserInputError(f"{where}: slice {z} has dtype {plane.dtype}, expected {want}")
+        return plane.astype(self.dtype) if self._file_dtype is not None else plane
+
+    def narrow_integers(self, slices: list[int]) -> None:
+        """Store 64-bit integer pixels in the narrowest integer type that holds every value of
+        ``slices`` (uint8/16/32, or int8/16/32 where values are negative): lossless, and a type
+        every later stage handles. Reads those slices once more (only for 64-bit files).
+
+        Raises:
+            UserInputError: values that do not fit 32 bits (named, with the fix).
+        """
+        if self.dtype.kind not in "iu" or self.dtype.itemsize < 8 or self._file_dtype is not None:
+            return
+        lo = hi = 0
+        for z in slices:
+            plane = self.read_slice(z)
+            if plane.size:
+                lo, hi = min(lo, int(plane.min())), max(hi, int(plane.max()))
+        for name in (("uint8", "uint16", "uint32") if lo >= 0 else ("int8", "int16", "int32")):
+            info = np.iinfo(name)
+            if info.min <= lo and hi <= info.max:
+                self._file_dtype, self.dtype = self.dtype, np.dtype(name)
+                return
+        raise UserInputError(
+            f"{self.path}: {self.dtype} values {lo}..{hi} do not fit a 32-bit integer; rescale the image "
+            "or renumber the labels to at most 32 bits"
+        )
 
     def close(self) -> None:
         if self._tif is not None:
@@ -116,7 +146,46 @@ def open_tiff_stack(path: str | os.PathLike[str]) -> TiffStack:
 def _open_file(path: Path, tif: tifffile.TiffFile) -> TiffStack:
     if not tif.series or not tif.pages:
         raise UserInputError(f"{path}: the TIFF holds no images (empty stack)")
-    series = tif.series[0]
+    kept = [i for i, s in enumerate(tif.series) if not _is_reduced(s)] or [0]
+    if len(kept) == 1:
+        z, y, x = _series_geometry(path, tif.series[kept[0]])
+        pages = None if kept[0] == 0 else [(kept[0], k) for k in range(z)]
+        return TiffStack(path, (z, y, x), np.dtype(tif.series[kept[0]].dtype), _spacing_um(tif, path), _tif=tif,
+                         _pages=pages)
+    return _open_series(path, tif, kept)
+
+
+def _is_reduced(series: tifffile.TiffPageSeries) -> bool:
+    """A reduced-resolution copy (thumbnail, preview; TIFF NewSubfileType bit 0): not data."""
+    keyframe = getattr(series, "keyframe", None)
+    return bool(getattr(keyframe, "is_reduced", False))
+
+
+def _open_series(path: Path, tif: tifffile.TiffFile, kept: list[int]) -> TiffStack:
+    """A file of several series, e.g. a stack written one page per ``TiffWriter.write()`` call
+    (common in acquisition software): every page is a slice, in file order, when all series
+    agree in (Y, X) and dtype; otherwise one line saying how they differ. OME-TIFF and ImageJ
+    files declare their images, so several series there are several images: refused."""
+    series = [tif.series[i] for i in kept]
+    if tif.is_ome or tif.is_imagej:
+        shapes = ", ".join(f"{s.axes} {tuple(s.shape)}" for s in series[:4])
+        raise UserInputError(f"{path}: holds {len(series)} images ({shapes}); save the one to segment as its own file")
+    geometry = [_series_geometry(path, s) for s in series]
+    kinds = {(g[1:], np.dtype(s.dtype).str) for g, s in zip(geometry, series)}
+    if len(kinds) > 1:
+        found = ", ".join(f"{y}x{x} {np.dtype(d)}" for (y, x), d in sorted(kinds)[:4])
+        raise UserInputError(
+            f"{path}: its {len(series)} page series differ in shape or dtype ({found}); every slice of a stack "
+            "needs the same size and pixel type"
+        )
+    pages = [(i, k) for i, g in zip(kept, geometry) for k in range(g[0])]
+    _, y, x = geometry[0]
+    return TiffStack(path, (len(pages), y, x), np.dtype(series[0].dtype), _spacing_um(tif, path), _tif=tif,
+                     _pages=pages)
+
+
+def _series_geometry(path: Path, series: tifffile.TiffPageSeries) -> tuple[int, int, int]:
+    """(Z, Y, X) of one series: a 2-D image or a (Z, Y, X) stack, else one line saying why not."""
     shape, axes = tuple(series.shape), series.axes
     if 0 in shape:
         raise UserInputError(f"{path}: the TIFF holds an empty stack (shape {shape})")
@@ -137,7 +206,7 @@ def _open_file(path: Path, tif: tifffile.TiffFile) -> TiffStack:
     if len(series.pages) != z and not (z == 1 and len(series.pages) >= 1):
         raise UserInputError(f"{path}: expected one page per slice ({z}), found {len(series.pages)} (truncated or corrupted TIFF?)")
     dims = dict(kept)
-    return TiffStack(path, (z, dims["Y"], dims["X"]), np.dtype(series.dtype), _spacing_um(tif, path), _tif=tif)
+    return z, dims["Y"], dims["X"]
 
 
 def _open_folder(path: Path) -> TiffStack:

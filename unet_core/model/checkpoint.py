@@ -20,27 +20,33 @@ import torch
 
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import CheckpointError
+from unet_core.common.outputs import Mark, ZipMark, torch_file_mark
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 
 FORMAT = "unet-pipeline/model/1"
 STATE_FORMAT = "unet-pipeline/train-state/1"  # unet_core.train.loop's resumable state.pt
+#: Marks by which a stage recognises its own model files (:mod:`unet_core.common.outputs`).
+MODEL_MARK = torch_file_mark(FORMAT, "a model file written by 'unet train' (format key unet-pipeline/model/1)")
+STATE_MARK = torch_file_mark(STATE_FORMAT, "a training state written by 'unet train'")
+TORCHSCRIPT_MARK = ZipMark("extra/unet_spec.json", "a TorchScript export written by 'unet train'")
 
 
-def write_torch_file(path: str | os.PathLike[str], obj: Any, *, torchscript: bool = False,
+def write_torch_file(path: str | os.PathLike[str], obj: Any, *, own: Mark, torchscript: bool = False,
                      extra_files: dict[str, str] | None = None) -> None:
     """``torch.save`` (or ``torch.jit.save`` when ``torchscript``) of ``obj`` atomically to ``path``.
 
     Serialises in memory first, then writes the bytes with plain Python I/O: torch's own file
     writer reports a full disk as an opaque ``RuntimeError``, Python raises ``OSError`` with
-    ``errno.ENOSPC``, which the CLI turns into one line ("no space left on device").
+    ``errno.ENOSPC``, which the CLI turns into one line ("no space left on device"). An
+    existing file at ``path`` is replaced only if it carries the mark ``own``.
     """
     buffer = io.BytesIO()
     if torchscript:
         torch.jit.save(obj, buffer, _extra_files=extra_files or {})
     else:
         torch.save(obj, buffer)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, own=own) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
 
@@ -54,7 +60,7 @@ def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str,
                        for k, v in model.state_dict().items()},
         "metadata": metadata or {},
     }
-    write_torch_file(path, payload)
+    write_torch_file(path, payload, own=MODEL_MARK)
 
 
 def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:

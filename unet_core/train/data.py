@@ -339,8 +339,11 @@ def load_validation(
         One :class:`ValidationSlice` per (stack, z).
 
     Raises:
-        UserInputError: unreadable stores, mismatched shapes, out-of-range slices or classes.
+        UserInputError: unreadable stores, mismatched shapes, out-of-range slices or classes,
+            or an empty selection (training would silently run without validation).
     """
+    if slices is not None and not len(slices):
+        raise UserInputError("--val-slices: the selection holds no slice; give at least one or leave it out")
     out: list[ValidationSlice] = []
     for stack_path, weights_path in pairs:
         stack = open_stack(stack_path)

@@ -47,11 +47,20 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import CheckpointError, ConfigError, UserInputError, check_known_keys
+from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, PngMark, claim_outputs
 from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.progress import progress_bar
 from unet_core.common.provenance import sha256_files
 from unet_core.infer.predict import plane_logits
-from unet_core.model.checkpoint import STATE_FORMAT, safe_load, save_model, write_torch_file
+from unet_core.model.checkpoint import (
+    MODEL_MARK,
+    STATE_FORMAT,
+    STATE_MARK,
+    TORCHSCRIPT_MARK,
+    safe_load,
+    save_model,
+    write_torch_file,
+)
 from unet_core.model.decision import correct, logit_offsets
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
@@ -78,6 +87,20 @@ METRIC_COLUMNS = (
     "val_iou",
     "train_seconds",
     "tiles_per_s",
+)
+CARD_FORMAT = "unet-pipeline/model-card/1"
+#: How ``unet train`` recognises its own output folder: it holds only these files, each with
+#: its mark (:mod:`unet_core.common.outputs`); anything else there is refused, never replaced.
+OUT_DIR_MARK = FolderMark(
+    {
+        STATE_FILE: STATE_MARK,
+        MODEL_FILE: MODEL_MARK,
+        SCRIPT_FILE: TORCHSCRIPT_MARK,
+        METRICS_FILE: CsvMark(",".join(METRIC_COLUMNS), "a metrics table written by 'unet train'"),
+        CURVE_FILE: PngMark("train"),
+        CARD_FILE: JsonMark(CARD_FORMAT, "a model card written by 'unet train'"),
+    },
+    "an output folder of 'unet train' (state.pt, model.pt, model.ts, metrics.csv, curve.png, model_card.json)",
 )
 # wall-clock columns: kept out of model.pt so a resumed or repeated run writes the same bytes
 TIMING_COLUMNS = ("train_seconds", "tiles_per_s")
@@ -193,7 +216,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
-        if not self.weight_decay >= 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
@@ -421,7 +444,7 @@ def write_metrics_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    with atomic_output(path) as tmp:
+    with atomic_output(path, own=OUT_DIR_MARK.files[METRICS_FILE]) as tmp:
         tmp.write_text(buffer.getvalue())
 
 
@@ -433,7 +456,7 @@ def export_torchscript(model: UNet, path: Path) -> None:
     with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the issue asks for it
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(clone)
-        write_torch_file(path, scripted, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
+        write_torch_file(path, scripted, own=TORCHSCRIPT_MARK, torchscript=True, extra_files={"unet_spec.json": model.spec.fingerprint()})
 
 
 def versions() -> dict[str, str]:
@@ -484,7 +507,7 @@ def _save_state(
         "history": history.to_dict(),
         "versions": versions(),
     }
-    write_torch_file(path, state)
+    write_torch_file(path, state, own=STATE_MARK)
 
 
 def _make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
@@ -536,10 +559,13 @@ def train(
         A :class:`TrainResult` with the last validation metrics.
 
     Raises:
-        UserInputError: empty or invalid training sets, invalid tile size, too many classes.
+        UserInputError: empty or invalid training sets, invalid tile size, too many classes, or
+            an ``out_dir`` that is an input, holds one, or holds files other than training's own.
         CheckpointError: ``resume`` with a state that does not match the data or settings.
         ConfigError: a setting that cannot be used (device, non-finite loss).
     """
+    claim_outputs([(out_dir, OUT_DIR_MARK)],
+                  [*train_sets, *(p for pair in train_stacks for p in pair), *(p for pair in validation for p in pair)])
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(
@@ -836,7 +862,7 @@ def _write_final_outputs(
         default=None,
     )
     card = {
-        "format": "unet-pipeline/model-card/1",
+        "format": CARD_FORMAT,
         "model": spec.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "geometry": {
@@ -872,7 +898,7 @@ def _write_final_outputs(
         "files": {MODEL_FILE: sha256_files([model_path]), SCRIPT_FILE: sha256_files([out_dir / SCRIPT_FILE])},
         "versions": versions(),
     }
-    with atomic_output(out_dir / CARD_FILE) as tmp:
+    with atomic_output(out_dir / CARD_FILE, own=OUT_DIR_MARK.files[CARD_FILE]) as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")
     log.info(
         "wrote %s, %s, %s, %s, %s in %s",

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # figures are written to files; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from unet_core.common.atomic import atomic_output
+from unet_core.common.atomic import save_png
 
 
 def plot_training_curve(
@@ -61,6 +61,7 @@ def plot_training_curve(
     ax_metric.set_ylim(0, 1)
     ax_metric.set_title("validation (argmax)")
     ax_metric.grid(alpha=0.3)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        save_png(fig, path, stage="train", dpi=110)
+    finally:
+        plt.close(fig)

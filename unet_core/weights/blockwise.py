@@ -37,6 +37,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.outputs import JsonMark, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
 from unet_core.common.progress import progress
@@ -46,6 +47,25 @@ from unet_core.weights.plot import plot_weights
 from unet_core.weights.recipe import WeightParams, WeightRecipe
 
 log = logging.getLogger(__name__)
+
+CLASS_WEIGHTS_FORMAT = "unet-pipeline/class-weights/1"
+WEIGHTS_FORMAT = "unet-pipeline/weights/1"
+#: How 'unet class-weights' and 'unet weights' recognise their own outputs (:mod:`unet_core.common.outputs`).
+CLASS_WEIGHTS_MARK = JsonMark(CLASS_WEIGHTS_FORMAT, "a class_weights.json written by 'unet class-weights'")
+WEIGHTS_MARK = ZarrMark("weights")
+WEIGHTS_PLOT_MARK = PngMark("weights")
+
+
+@contextlib.contextmanager
+def about_stack(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name the stack ``path`` in a :class:`UserInputError` raised inside (e.g. by a Dask task
+    computing on its labels), so the user learns which stack to fix."""
+    try:
+        yield
+    except UserInputError as err:
+        if str(path) in str(err):
+            raise
+        raise UserInputError(f"{path}: {err}") from err
 
 
 @contextlib.contextmanager
@@ -164,16 +184,13 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
     import dask.array as da
 
     total = np.zeros(kernel.N_CLASSES, dtype=np.int64)
-    parts = []
     for path in stack_paths:
-        stack = open_stack(path, require_labels=True)
-        labels = da.from_zarr(stack.labels)
-        _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity)
-        cells = classes.astype(np.int64).sum()
-        parts.append((cells, classes.size))
-    counted = da.compute(*[cells for cells, _ in parts])
-    for cells, (_, size) in zip(counted, parts, strict=True):
-        total += np.array([size - int(cells), int(cells)], dtype=np.int64)
+        with about_stack(path):
+            stack = open_stack(path, require_labels=True)
+            labels = da.from_zarr(stack.labels)
+            _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity)
+            cells = int(classes.astype(np.int64).sum().compute())
+        total += np.array([classes.size - cells, cells], dtype=np.int64)
     return total
 
 
@@ -191,7 +208,8 @@ def compute_class_weights(
         ``counts``, ``formula``, ``connectivity``, ``stacks``, ``version``.
     """
     counts = class_counts(stack_paths, connectivity=connectivity)
-    weights = kernel.class_weights_from_counts(counts)
+    with about_stack(", ".join(map(str, stack_paths))):
+        weights = kernel.class_weights_from_counts(counts)
     return {
         "class_weights": [float(w) for w in weights],
         "frequencies": [float(c / counts.sum()) for c in counts],
@@ -200,24 +218,36 @@ def compute_class_weights(
         "connectivity": connectivity,
         "stacks": [str(p) for p in stack_paths],
         "version": __version__,
+        "format": CLASS_WEIGHTS_FORMAT,
     }
 
 
 def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                         connectivity: int = 4) -> dict[str, Any]:
-    """Compute :func:`compute_class_weights` and write it atomically as JSON to ``out``."""
+    """Compute :func:`compute_class_weights` and write it atomically as JSON to ``out``.
+
+    Raises:
+        UserInputError: unusable stacks (the message names the stack), or something other than
+            an earlier ``class_weights.json`` at ``out`` (:mod:`unet_core.common.outputs`).
+    """
+    claim_outputs([(out, CLASS_WEIGHTS_MARK)], stack_paths)
     result = compute_class_weights(stack_paths, connectivity=connectivity)
-    with atomic_output(out) as tmp:
+    with atomic_output(out, own=CLASS_WEIGHTS_MARK) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     log.info("class weights %s (frequencies %s) -> %s", result["class_weights"], result["frequencies"], out)
     return result
 
 
 def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a ``class_weights.json`` written by :func:`write_class_weights`."""
+    """Read a ``class_weights.json`` written by :func:`write_class_weights`.
+
+    Returns:
+        Its content, plus ``path``: the file it was read from.
+    """
     try:
         data = json.loads(Path(path).read_text())
         weights = [float(w) for w in data["class_weights"]]
+        data["path"] = str(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: not a class_weights.json from 'unet class-weights' ({err})") from err
     if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and w >= 0 for w in weights):
@@ -252,6 +282,22 @@ def write_weights(
     Returns:
         The ``attrs["unet"]`` written.
     """
+    out = Path(out)
+    png = _plot_path(out) if plot_slice is not None else None
+    claim_outputs([(out, WEIGHTS_MARK), (png, WEIGHTS_PLOT_MARK)],
+                  [stack_path, class_weights.get("path") if class_weights else None])
+    with about_stack(stack_path):
+        return _write_weights(stack_path, out, png, params=params, class_weights=class_weights,
+                              plot_slice=plot_slice, batch_slices=batch_slices)
+
+
+def _plot_path(out: Path) -> Path:
+    """Where :func:`write_weights` puts its figure: next to the store, ``.zarr`` -> ``.png``."""
+    return out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")
+
+
+def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | None, *, params: WeightParams,
+                   class_weights: dict[str, Any] | None, plot_slice: int | None, batch_slices: int) -> dict[str, Any]:
     import dask.array as da
 
     stack = _open_labelled(stack_path, plot_slice)
@@ -273,20 +319,21 @@ def write_weights(
         "class_weights": wc,
         "frequencies": class_weights.get("frequencies"),
         "class_weights_source": class_weights.get("stacks"),
+        "class_weights_file": class_weights.get("path"),
         "label_kind": kind.value,
         "separate_touching": kind is LabelKind.INSTANCE,
         "source": str(stack.path),
         "version": __version__,
+        "stage": "weights",
+        "format": WEIGHTS_FORMAT,
     }
-    out = Path(out)
-    with atomic_output(out) as tmp:
+    with atomic_output(out, own=WEIGHTS_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks), batch_slices=batch_slices,
                           halo_px=params.halo_px)
         root.attrs.update({"unet": attrs})
-    if plot_slice is not None:
+    if png is not None:
         result = zarr.open_group(out, mode="r")
-        png = out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")
         plot_weights(
             np.asarray(stack.labels[plot_slice]), np.asarray(result["classes"][plot_slice]),
             np.asarray(result["weights"][plot_slice]), class_weights=wc, path=png,
@@ -304,7 +351,7 @@ def _open_labelled(stack_path: str | os.PathLike[str], plot_slice: int | None) -
             "shape; re-ingest with matching stacks"
         )
     if plot_slice is not None and not 0 <= plot_slice < stack.labels.shape[0]:
-        raise UserInputError(f"plot slice {plot_slice}: out of range for {stack.labels.shape[0]} slices")
+        raise UserInputError(f"{stack.path}: plot slice {plot_slice} is out of range for its {stack.labels.shape[0]} slices")
     return stack
 
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # figures are written to files; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 
-from unet_core.common.atomic import atomic_output
+from unet_core.common.atomic import save_png
 
 
 def plot_weights(
@@ -52,6 +52,7 @@ def plot_weights(
             fig.colorbar(image, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        save_png(fig, path, stage="weights", dpi=110)
+    finally:
+        plt.close(fig)

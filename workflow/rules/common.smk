@@ -5,15 +5,21 @@ import os
 import re
 import shlex
 
+import yaml
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
+from unet_core.common.config_values import exact_numbers
 from unet_core.common.errors import ConfigError
 from unet_core.infer.tiling import check_multiple_of_stride
 from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
 validate(config, schema="../schemas/config.schema.yaml")
+# the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
+# (exactly) and non-finite numbers stop the run here, naming the key
+with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _fh:
+    exact_numbers(config, yaml.safe_load(_fh))
 
 
 def read_samples(path):
@@ -116,6 +122,12 @@ def get_ingest_inputs(wildcards):
 
 def get_labels_option(wildcards, input):
     return f"--labels {q(input.labels)}" if "labels" in input.keys() else ""
+
+
+def merge_tiff_output():
+    """The merge rule's segmentation TIFF as a declared output when the config asks for it (so
+    Snakemake removes it before a rerun and knows who writes it)."""
+    return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
 
 
 def get_final_outputs():

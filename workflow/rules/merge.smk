@@ -6,10 +6,11 @@ rule merge:
         stack=out("{sample}/stack.ome.zarr"),
         parts=expand(out("{{sample}}/predict/part-{job}.zarr/COMPLETE"), job=JOBS),
     output:
-        directory(out("{sample}/prediction.ome.zarr")),
+        prediction=directory(out("{sample}/prediction.ome.zarr")),
+        **merge_tiff_output(),
     params:
         parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
-        tiff=lambda wc: f"--tiff {q(out(f'{wc.sample}/segmentation.tif'))}" if config["predict"]["tiff"] else "",
+        tiff=lambda wc, output: f"--tiff {q(output.tiff)}" if "tiff" in output.keys() else "",
         code=code_hash("merge"),
     conda:
         "../../environment.yml"
@@ -20,4 +21,4 @@ rule merge:
     resources:
         mem_mb=4000,
     shell:
-        "unet merge {params.parts} --stack {input.stack:q} -o {output:q} {params.tiff} > {log:q} 2>&1"
+        "unet merge {params.parts} --stack {input.stack:q} -o {output.prediction:q} {params.tiff} > {log:q} 2>&1"

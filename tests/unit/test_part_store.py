@@ -1,0 +1,50 @@
+"""The part store's lock: one run at a time, never held forever by a process that is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from unet_core.common.errors import UserInputError
+from unet_core.infer import part_store
+from unet_core.infer.part_store import PartStore
+
+
+def test_a_second_holder_is_refused_and_the_lock_is_released(tmp_path):
+    store = PartStore(tmp_path / "part-0.zarr")
+    with store.locked():
+        holder = json.loads(store.lock_path.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(UserInputError, match=rf"pid {os.getpid()} on host .* is writing this part store"), \
+                store.locked():
+            pass
+        assert store.lock_path.exists()
+    assert not store.lock_path.exists()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(part_store, "LOCK_HEARTBEAT_S", 0.05)
+    store = PartStore(tmp_path / "part-0.zarr")
+    with store.locked():
+        os.utime(store.lock_path, (1.0, 1.0))
+        time.sleep(0.5)
+        assert store.lock_path.stat().st_mtime > time.time() - 60
+
+
+@pytest.mark.parametrize("age, taken", [(5.0, False), (3600.0, True)])
+def test_a_lock_of_another_host_is_taken_over_only_when_no_longer_refreshed(tmp_path, age, taken):
+    store = PartStore(tmp_path / "part-0.zarr")
+    store.lock_path.write_text(json.dumps({"host": "othernode", "pid": 1, "started": None}))
+    when = time.time() - age
+    os.utime(store.lock_path, (when, when))
+    if taken:
+        with store.locked():
+            assert json.loads(store.lock_path.read_text())["pid"] == os.getpid()
+        assert not store.lock_path.exists()
+    else:
+        with pytest.raises(UserInputError, match="pid 1 on host othernode"), store.locked():
+            pass
+        assert json.loads(store.lock_path.read_text())["host"] == "othernode"
