@@ -124,6 +124,7 @@ def test_full_run_outputs_and_nothing_to_do(run_a):
     results = run_a / "results"
     for rel in ["model/model.pt", "model/curve.png", "model/model_card.json", "tiny_train/weights.png",
                 "tiny_train/augment.png", "tiny_val/prediction.ome.zarr/zarr.json", "tiny_val/segmentation.tif",
+                "tiny_val/cells.csv",
                 "tiny_val/evaluate/metrics.csv", "tiny_val/evaluate/overlays.png"]:
         assert (results / rel).is_file(), rel
     res = snakemake(run_a, "--cores", "2")
@@ -175,3 +176,18 @@ def test_reproducible_with_other_parallelism(run_a, tmp_path):
     for (s_a, t_a), (s_b, t_b) in [(tensors(run_a), tensors(work_b))]:
         assert s_a.keys() == s_b.keys() and all(torch.equal(s_a[k], s_b[k]) for k in s_a)
         assert t_a.keys() == t_b.keys() and all(torch.equal(t_a[k], t_b[k]) for k in t_a)
+
+
+def test_a_given_model_file_skips_training_and_predicts_new_stacks(run_a, tmp_path):
+    """model_file: a facility reprocesses stacks with the model it has; nothing is trained."""
+    work = new_workdir(tmp_path)
+    model = run_a / "results" / "model" / "model.pt"
+    res = snakemake(work, "--cores", "2", config={"model_file": str(model), "output_dir": "again"})
+    assert (work / "again" / "tiny_val" / "evaluate" / "metrics.csv").is_file()
+    assert not (work / "again" / "model").exists() and not (work / "again" / "tiny_train").exists()
+    jobs = planned(snakemake(work, "-n", "--cores", "2", "--forceall", config={"model_file": str(model)}))
+    assert "train" not in jobs and "augment" not in jobs and jobs.get("predict") == 2, res.stdout[-500:]
+    # a model section that disagrees with the file is refused before any work, naming the key
+    bad = snakemake(work, "-n", "--cores", "1", config={"model_file": str(model), "model": {"base_channels": 64}},
+                    check=False)
+    assert bad.returncode != 0 and "base_channels" in bad.stdout + bad.stderr

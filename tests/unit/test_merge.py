@@ -274,3 +274,49 @@ def test_wrong_stack_or_not_a_part(two_parts, tmp_path: Path) -> None:
         merge_parts([tmp_path], stack=stack, out=tmp_path / "o.zarr")
     with pytest.raises(UserInputError, match="no part stores"):
         merge_parts([], stack=stack, out=tmp_path / "o.zarr")
+
+
+def _same_partition_any(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a relabelling of the non-zero ids (0 stays 0)."""
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@pytest.mark.parametrize(("jobs", "block_px"), [pytest.param(1, 64, id="1job-64"), pytest.param(3, 32, id="3jobs-32"),
+                                                pytest.param(2, 16, id="2jobs-16")])
+def test_cli_watershed_equals_whole_slice_watershed(tmp_path: Path, stand_in_model: Path, jobs: int,
+                                                     block_px: int) -> None:
+    from unet_core.evaluate.scoring import open_prediction
+    from unet_core.infer.instances import seeded_watershed
+
+    # two discs touching through a weak neck, one disc on the corner of four blocks, one alone
+    image = discs((2, 64, 64), [(0, 20, 20), (0, 20, 36), (0, 32, 48), (1, 32, 32)], 8.5)
+    image[0, 18:23, 26:31] = 120  # a dimmer neck between the first two: two seeds, one mask
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, stand_in_model, tmp_path, jobs, block_px=block_px, tile_out=16)
+    out, cells = tmp_path / "pred.ome.zarr", tmp_path / "cells.csv"
+    assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out), "--instances", "watershed",
+                 "--seed-threshold", "0.8", "--halo-px", "64", "--cells", str(cells)]) == 0
+    pred = open_prediction(out)
+    unet = zarr.open_group(out, mode="r").attrs["unet"]
+    assert unet["instance_method"] == "watershed" and unet["watershed"]["seed_threshold"] == 0.8
+    for z in range(2):
+        whole = seeded_watershed(pred.slice(z)[0], seed_threshold=0.8)
+        assert _same_partition_any(pred.instances_slice(z), whole), f"slice {z}"
+    assert unet["instances"] == len(np.unique(pred.instances[:])) - 1
+    # the table of cells: one row per instance, sums independent of the blocks
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(open(cells)))
+    inst = pred.instances[:]
+    assert [int(r["id"]) for r in rows] == sorted(np.unique(inst[inst > 0]).tolist())
+    for r in rows:
+        z, mask = int(r["z"]), inst == int(r["id"])
+        yy, xx = np.nonzero(mask[z])
+        assert mask[z].sum() == mask.sum() == int(r["area_px"])
+        assert float(r["area_um2"]) == pytest.approx(mask.sum() * 0.25)  # pixels of 0.5 x 0.5 um
+        assert float(r["centroid_y_px"]) == pytest.approx(yy.mean(), abs=1e-3)
+        assert (int(r["bbox_y0"]), int(r["bbox_x1"])) == (yy.min(), xx.max() + 1)
+        assert float(r["mean_intensity"]) == pytest.approx(image[z][mask[z]].mean(), rel=1e-5)

@@ -50,6 +50,14 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, minimum=0.0, what="a finite number >= 0")
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a probability threshold, a number in [0, 1)."""
+    value = _number(text, float, minimum=0.0, what="a number in [0, 1)")
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",

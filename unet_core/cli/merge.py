@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from unet_core.cli.common import nonnegative_int, unit_interval
+from unet_core.infer.instances import (
+    MASK_THRESHOLD,
+    SEED_EROSION_PX,
+    SEED_THRESHOLD,
+    WATERSHED_HALO_PX,
+    InstanceMethod,
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -11,11 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="merge predict part stores into one OME-Zarr prediction (probabilities, labels)",
         description=(
             "Gather step of 'unet predict': checks that the parts come from one run and cover "
-            "every block, then writes an OME-Zarr image of class probabilities (float32, axes "
-            "c, z, y, x, with a 2x pyramid), the argmax segmentation (labels/segmentation, "
-            "uint8) and instance labels (labels/instances, uint32: 4-connected components of the "
-            "cell class per slice, merged across block borders). Output is identical for any "
-            "number of jobs."
+            "every block, then writes an OME-Zarr image of class probabilities (as predict stored "
+            "them: uint8 codes by default; axes c, z, y, x, with a 2x pyramid), the argmax "
+            "segmentation (labels/segmentation, uint8) and cell instances (labels/instances, "
+            "uint32: 4-connected components of the cell class, or a seeded watershed of P(cell), "
+            "per slice, merged across block borders), and optionally a table of cells (CSV). "
+            "Output is identical for any number of jobs."
         ),
     )
     p.add_argument("parts", nargs="+", metavar="PART", help="part stores of jobs 0..N-1, any order")
@@ -26,10 +36,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    default="segmentation",
                    help="what the TIFF holds: segmentation (uint8 class), instances (uint32) or "
                         "cell-probability (float32, 0..1)")
+    p.add_argument("--cells", default=None, metavar="CSV",
+                   help="also write a table of cells: id, z, area (px, um^2), centroid, bounding box, mean intensity")
+    g = p.add_argument_group("instances")
+    g.add_argument("--instances", choices=[m.value for m in InstanceMethod], default="components",
+                   help="components (default): 4-connected components of the argmax cell class; watershed: "
+                        "a seeded watershed of P(cell), which splits cells touching through a weak gap")
+    g.add_argument("--seed-threshold", type=unit_interval, default=SEED_THRESHOLD,
+                   help=f"watershed seeds: P(cell) above this ... (default {SEED_THRESHOLD})")
+    g.add_argument("--seed-erosion-px", type=nonnegative_int, default=SEED_EROSION_PX,
+                   help=f"... eroded this many px, so a thin bridge does not join two seeds (default {SEED_EROSION_PX})")
+    g.add_argument("--mask-threshold", type=unit_interval, default=MASK_THRESHOLD,
+                   help=f"watershed: pixels with P(cell) above this are cell (default {MASK_THRESHOLD})")
+    g.add_argument("--halo-px", type=nonnegative_int, default=WATERSHED_HALO_PX,
+                   help=f"watershed context around each block, px; exact for cells smaller than it "
+                        f"(default {WATERSHED_HALO_PX})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.infer.merge import merge_parts
+    from unet_core.infer.merge import WatershedSettings, merge_parts
 
-    merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content)
+    watershed = WatershedSettings(seed_threshold=args.seed_threshold, seed_erosion_px=args.seed_erosion_px,
+                                  mask_threshold=args.mask_threshold, halo_px=args.halo_px)
+    merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content,
+                instances=args.instances, watershed=watershed, cells=args.cells)

@@ -46,6 +46,7 @@ from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
 from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
+from unet_core.infer.cells import CELLS_MARK, CellTable, write_cells_csv
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
     MASK_THRESHOLD,
@@ -336,6 +337,7 @@ def merge_parts(
     tiff_content: TiffContent | str = TiffContent.SEGMENTATION,
     instances: InstanceMethod | str = InstanceMethod.COMPONENTS,
     watershed: WatershedSettings = WatershedSettings(),
+    cells: str | os.PathLike[str] | None = None,
 ) -> MergeSummary:
     """Merge the part stores of all jobs of one ``unet predict`` run into ``out``.
 
@@ -348,6 +350,7 @@ def merge_parts(
         instances: ``watershed`` (seeded watershed of P(cell), :func:`watershed_blockwise`)
             or ``components`` (connected components of the argmax cell class).
         watershed: the watershed's seeds, mask and block halo.
+        cells: optional CSV file for the table of cells (:mod:`unet_core.infer.cells`).
 
     Raises:
         UserInputError: bad parts (see :func:`unet_core.infer.part_store.open_parts`), a stack
@@ -355,7 +358,7 @@ def merge_parts(
     """
     tiff_content = parse_choice(TiffContent, tiff_content, option="--tiff-content")
     instances = parse_choice(InstanceMethod, instances, option="--instances")
-    claim_outputs([(out, PREDICTION_MARK), (tiff, TIFF_MARK)], [*parts, stack])
+    claim_outputs([(out, PREDICTION_MARK), (tiff, TIFF_MARK), (cells, CELLS_MARK)], [*parts, stack])
     part_list, tiling = open_parts(parts)
     st = open_stack(stack)
     if tuple(st.shape) != tiling.shape:
@@ -368,24 +371,33 @@ def merge_parts(
         root = zarr.open_group(tmp, mode="w")
         outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
         try:
-            n_instances = _write_levels(outputs, part_list, tiling, tmp, instances=instances, watershed=watershed,
-                                        encoding=encoding)
+            table = _write_levels(outputs, part_list, tiling, tmp, instances=instances, watershed=watershed,
+                                  encoding=encoding, image=st.image if cells is not None else None)
         except BaseException:
             outputs.close()
             raise
         outputs.finish()
+        n_instances = table.n_cells
         root.attrs.update({"unet": _provenance(part_list, instances, watershed, n_instances, encoding)})
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
+    if cells is not None:
+        write_cells_csv(cells, table, pixel_um=(float(st.scale[-2]), float(st.scale[-1])))
     summary = MergeSummary(tiling.n_blocks, n_instances, tiling.shape)
     log.info("merged %d parts, %d blocks into %s: %d instances", len(part_list), summary.blocks, out, n_instances)
     return summary
 
 
 def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Path, *,
-                  instances: InstanceMethod, watershed: WatershedSettings, encoding: ProbabilityEncoding) -> int:
-    """Pass 1: copy probabilities, write the segmentation and provisional instance ids; then the
-    instances' final ids and their pyramid. Returns the number of instances."""
+                  instances: InstanceMethod, watershed: WatershedSettings, encoding: ProbabilityEncoding,
+                  image: zarr.Array | None) -> CellTable:
+    """Pass 1: copy probabilities and segmentation, write provisional instance ids (components, or
+    the block-wise watershed afterwards); pass 2: the final ids into the instance pyramid, and
+    the cell statistics where ``image`` (the stack's raw level 0) is given.
+
+    Returns:
+        The cell table (its ``n_cells`` is the number of instances; empty without ``image``).
+    """
     owner = {block.index: part for part in parts for block in tiling.job_blocks(part.job, part.settings["jobs"])}
     sources = {part.job: (part.store.probabilities(), part.store.segmentation()) for part in parts}
     merger = InstanceMerger()
@@ -406,10 +418,14 @@ def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Pat
     else:
         cells = _CellView(outputs.probabilities.arrays[0], encoding)
         final = _watershed_store(tmp, cells, level0, tiling, watershed)
+    table = CellTable(int(final.max(initial=0)))
     for block in progress(blocks, desc="merge: instance pyramid", unit="block"):
         z = block.write.offset[0]
-        outputs.instances.write_block((z,), block.plane.offset, final[level0[(z, *block.plane.to_slices())]])
-    return int(final.max(initial=0))
+        ids = final[level0[(z, *block.plane.to_slices())]]
+        outputs.instances.write_block((z,), block.plane.offset, ids)
+        if image is not None:
+            table.add_block(z, block.plane.offset, ids, np.asarray(image[block.write.to_slices()])[0])
+    return table
 
 
 def _provenance(parts: list[Part], instances: InstanceMethod, watershed: WatershedSettings,

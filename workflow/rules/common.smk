@@ -15,6 +15,7 @@ from unet_core.infer.tiling import check_multiple_of_stride
 from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
+GIVEN_MODEL = dict(config.get("model") or {})  # what the user wrote, before the schema fills defaults
 validate(config, schema="../schemas/config.schema.yaml")
 # the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
 # (exactly) and non-finite numbers stop the run here, naming the key
@@ -22,7 +23,10 @@ with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _f
     exact_numbers(config, yaml.safe_load(_fh))
 
 
-def read_samples(path):
+MODEL_FILE = config["model_file"]
+
+
+def read_samples(path, *, need_train):
     """The samples table (tab-separated, '#' comments) as {name: row}, each row validated."""
     with open(path, newline="") as fh:
         lines = [line for line in fh if line.strip() and not line.lstrip().startswith("#")]
@@ -35,21 +39,27 @@ def read_samples(path):
         if row["role"] in ("train", "val") and not row["labels"]:
             raise ValueError(f"{path}: sample {row['name']!r} has role {row['role']} but no labels")
         table[row["name"]] = row
-    if not any(r["role"] == "train" for r in table.values()):
-        raise ValueError(f"{path}: no sample has role 'train'")
+    if need_train and not any(r["role"] == "train" for r in table.values()):
+        raise ValueError(f"{path}: no sample has role 'train' (or set model_file to predict with a trained model)")
     return table
 
 
-samples = read_samples(config["samples"])
+samples = read_samples(config["samples"], need_train=not MODEL_FILE)
 
 
 def check_geometry(config):
-    """Tile and block sizes must fit the network (its geometry, not retyped numbers)."""
-    spec = UNetSpec.from_dict(config["model"])
-    try:
-        spec.input_size(config["train"]["tile_out"])
-    except ValueError as err:
-        raise ConfigError(f"config train.tile_out = {config['train']['tile_out']}: {err}") from None
+    """Tile and block sizes must fit the network (its geometry, not retyped numbers). With
+    model_file the network is the file's, checked against the model keys the config gives."""
+    if MODEL_FILE:
+        from unet_core.model.checkpoint import load_model
+
+        spec = load_model(MODEL_FILE, expect=GIVEN_MODEL)[0].spec
+    else:
+        spec = UNetSpec.from_dict(config["model"])
+        try:
+            spec.input_size(config["train"]["tile_out"])
+        except ValueError as err:
+            raise ConfigError(f"config train.tile_out = {config['train']['tile_out']}: {err}") from None
     for key in ("tile_out", "block_px"):
         check_multiple_of_stride(config["predict"][key], spec, what=f"config predict.{key} =")
     return spec
@@ -86,7 +96,16 @@ def q(value):
     return shlex.quote(str(value))
 
 
+MODEL = MODEL_FILE or out("model/model.pt")
+
+
 def model_args():
+    """The architecture flags: all of the config's model section, or with model_file only the keys
+    the config gives (checked against the file by unet predict)."""
+    if MODEL_FILE:
+        flags = {"depth": "--depth", "base_channels": "--base-channels", "n_classes": "--n-classes",
+                 "padding": "--padding", "norm": "--norm", "dropout": "--dropout"}
+        return " ".join(f"{flags[k]} {v}" for k, v in GIVEN_MODEL.items() if k in flags)
     m = config["model"]
     return (
         f"--depth {m['depth']} --base-channels {m['base_channels']} --n-classes {m['n_classes']}"
@@ -124,6 +143,14 @@ def get_labels_option(wildcards, input):
     return f"--labels {q(input.labels)}" if "labels" in input.keys() else ""
 
 
+def watershed_options():
+    w = config["predict"]["watershed"]
+    return (
+        f"--seed-threshold {w['seed_threshold']} --seed-erosion-px {w['seed_erosion_px']}"
+        f" --mask-threshold {w['mask_threshold']} --halo-px {w['halo_px']}"
+    )
+
+
 def merge_tiff_output():
     """The merge rule's segmentation TIFF as a declared output when the config asks for it (so
     Snakemake removes it before a rerun and knows who writes it)."""
@@ -131,9 +158,11 @@ def merge_tiff_output():
 
 
 def get_final_outputs():
-    outputs = [out("model/model.pt"), out("model/curve.png")]
-    outputs += expand(out("{sample}/weights.png"), sample=TRAIN)
-    outputs += expand(out("{sample}/augment.png"), sample=TRAIN)
+    outputs = []
+    if not MODEL_FILE:  # with a given model nothing is trained
+        outputs += [out("model/model.pt"), out("model/curve.png")]
+        outputs += expand(out("{sample}/weights.png"), sample=TRAIN)
+        outputs += expand(out("{sample}/augment.png"), sample=TRAIN)
     outputs += expand(out("{sample}/prediction.ome.zarr"), sample=PREDICT)
     outputs += expand(out("{sample}/evaluate/metrics.csv"), sample=LABELLED_PREDICT)
     return outputs

@@ -7,10 +7,13 @@ rule merge:
         parts=expand(out("{{sample}}/predict/part-{job}.zarr/COMPLETE"), job=JOBS),
     output:
         prediction=directory(out("{sample}/prediction.ome.zarr")),
+        cells=out("{sample}/cells.csv"),
         **merge_tiff_output(),
     params:
         parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
         tiff=lambda wc, output: f"--tiff {q(output.tiff)}" if "tiff" in output.keys() else "",
+        instances=lookup(dpath="predict/instances", within=config),
+        watershed=watershed_options(),
         code=code_hash("merge"),
     conda:
         "../../environment.yml"
@@ -21,4 +24,5 @@ rule merge:
     resources:
         mem_mb=4000,
     shell:
-        "unet merge {params.parts} --stack {input.stack:q} -o {output.prediction:q} {params.tiff} > {log:q} 2>&1"
+        "unet merge {params.parts} --stack {input.stack:q} -o {output.prediction:q} {params.tiff}"
+        " --cells {output.cells:q} --instances {params.instances} {params.watershed} > {log:q} 2>&1"

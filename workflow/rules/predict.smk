@@ -4,7 +4,7 @@
 rule predict:
     input:
         stack=out("{sample}/stack.ome.zarr"),
-        model=out("model/model.pt"),
+        model=MODEL,
     output:
         # the job's part store is resumable block by block, so Snakemake tracks only the
         # marker written last: a killed job's finished blocks survive and are not redone
