@@ -23,8 +23,6 @@ from scipy import ndimage
 
 from unet_core.common.atomic import save_png
 
-TRUE_COLOUR = (0.1, 0.9, 0.2)  # ground-truth cell outlines: green
-PRED_COLOUR = (1.0, 0.1, 0.9)  # predicted cell outlines: magenta
 MISSED_COLOUR = (0.1, 0.4, 1.0)  # false negative (cell missed): blue
 EXTRA_COLOUR = (1.0, 0.2, 0.1)  # false positive (cell predicted on background): red
 
@@ -56,12 +54,6 @@ class OverlayPanel:
     pred_instances: np.ndarray
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Inner boundary pixels of a (Y, X) bool mask (mask minus its 4-erosion)."""
-    mask = np.asarray(mask, dtype=bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=1)
-
-
 def _grey_rgb(image: np.ndarray) -> np.ndarray:
     """(Y, X) grey values -> (Y, X, 3) float RGB stretched to the 0.5-99.5 percentiles."""
     img = np.asarray(image, dtype=np.float32)
@@ -72,14 +64,6 @@ def _grey_rgb(image: np.ndarray) -> np.ndarray:
 
 def _paint(rgb: np.ndarray, mask: np.ndarray, colour: Sequence[float], alpha: float = 1.0) -> None:
     rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(colour, dtype=np.float32)
-
-
-def overlay_rgb(image: np.ndarray, true_classes: np.ndarray, pred_classes: np.ndarray) -> np.ndarray:
-    """Grey image with ground-truth (green) and predicted (magenta) cell outlines, (Y, X, 3) float."""
-    rgb = _grey_rgb(image)
-    _paint(rgb, outline(true_classes == 1), TRUE_COLOUR)
-    _paint(rgb, outline(pred_classes == 1), PRED_COLOUR)
-    return rgb
 
 
 def instance_colours(n: int, *, seed: int = 0) -> np.ndarray:
