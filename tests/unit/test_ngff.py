@@ -70,3 +70,22 @@ def test_open_stack_errors(tmp_path):
     _write(tmp_path / "nolabels.zarr", np.zeros((1, 8, 8), np.uint8))
     with pytest.raises(UserInputError, match="no ground-truth labels"):
         open_stack(tmp_path / "nolabels.zarr", require_labels=True)
+
+
+def test_chunk_cache_reads_boxes_like_the_array_and_stays_bounded(tmp_path) -> None:
+    import zarr
+
+    from unet_core.io.ngff import ChunkCache, create_array
+
+    data = np.random.default_rng(0).integers(0, 60000, (3, 70, 90)).astype(np.uint16)
+    arr = create_array(zarr.open_group(tmp_path / "a.zarr", mode="w"), "x", shape=data.shape, dtype=data.dtype,
+                       chunks=(1, 16, 32))
+    arr[:] = data
+    cache = ChunkCache(arr, max_chunks=5)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        z = int(rng.integers(0, 3))
+        y0, x0 = int(rng.integers(0, 70)), int(rng.integers(0, 90))
+        y1, x1 = int(rng.integers(y0 + 1, 71)), int(rng.integers(x0 + 1, 91))
+        np.testing.assert_array_equal(cache[z, slice(y0, y1), slice(x0, x1)], data[z, y0:y1, x0:x1])
+        assert len(cache._cache) <= 5

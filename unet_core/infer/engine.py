@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
@@ -40,6 +42,7 @@ from unet_core.common.mirror import mirror_index
 from unet_core.common.precision import Precision
 from unet_core.common.progress import progress
 from unet_core.infer.encoding import ProbabilityEncoding
+from unet_core.io.ngff import ChunkCache
 from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
 
 #: Stored dtypes torch cannot hold are uploaded as their signed twins and reinterpreted on the device.
@@ -139,6 +142,8 @@ class Engine:
         self._uploads = _PinnedPool(2) if self.cuda else None
         self._downloads = _PinnedPool(self.writers + 1) if self.cuda else None
         self._upload_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._cache: ChunkCache | None = None
+        self._cache_lock = threading.Lock()
 
     # -- host -> device ------------------------------------------------------------------------
     def stage(self, image: Any, block: Block) -> StagedBlock:
@@ -152,13 +157,27 @@ class Engine:
             hi.append(int(index.max()) + 1)
         loaded = Box(tuple(lo), tuple(h - l for l, h in zip(lo, hi)))
         z = block.write.offset[0]
-        raw = np.ascontiguousarray(image[(z, *loaded.to_slices())])
+        raw = np.ascontiguousarray(self._reader(image)[(z, *loaded.to_slices())])
         dtype = raw.dtype
         if dtype in _SIGNED_TWIN and self.cuda:
             raw = raw.view(_SIGNED_TWIN[dtype][0])
         elif dtype == np.uint64:
             raw = raw.astype(np.float64)  # no signed twin holds it; exact below 2**53
         return StagedBlock(block, read, loaded, self._upload(raw), dtype)
+
+    def _reader(self, image: Any) -> Any:
+        """``image`` itself, or for a Zarr array one :class:`ChunkCache` over it holding a block
+        row's chunks plus the halo ring (each chunk is decoded about once in raster order)."""
+        if not isinstance(image, zarr.Array):
+            return image
+        with self._cache_lock:
+            if self._cache is None or self._cache.array is not image:
+                _, cy, cx = image.chunks
+                halo = self.spec.context + 2 * self.spec.stride  # generous: reads grow by margins and TTA
+                rows = -(-(self.tiling.block_px + 2 * halo) // cy) + 1
+                cols = -(-image.shape[2] // cx) + 2
+                self._cache = ChunkCache(image, max_chunks=rows * cols)
+            return self._cache
 
     def _upload(self, raw: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(raw)

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from unet_core.common.errors import UserInputError
+from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats
 
 NGFF_VERSION = "0.5"
@@ -257,6 +259,56 @@ def _even_halvings(*edges: int) -> int:
     while all(e % (2 << k) == 0 for e in edges):
         k += 1
     return k
+
+
+class ChunkCache:
+    """Reads boxes of a Zarr array through a cache of decoded chunks (least recently used dropped first).
+
+    Blocks read with a halo overlap their neighbours' chunks: a 2048-px block with a 92-px halo
+    over 512-px chunks decodes a ring of 20 chunks around its 16, 2.25x its own pixels. Read in
+    raster order through this cache, each chunk is decoded about once. Thread-safe.
+
+    Args:
+        array: a (Z, Y, X) Zarr array.
+        max_chunks: chunks kept (e.g. a block row's worth, so the next row finds its halo).
+    """
+
+    def __init__(self, array: zarr.Array, max_chunks: int) -> None:
+        self.array, self.max_chunks = array, max(1, int(max_chunks))
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self._cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def _chunk(self, key: tuple[int, ...]) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.pop(key, None)
+            if hit is not None:
+                self._cache[key] = hit  # most recently used last
+                return hit
+        box = Box(tuple(k * c for k, c in zip(key, self.chunks)), self.chunks).intersect(Box.from_shape(self.shape))
+        data = np.asarray(self.array[box.to_slices()])
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self.max_chunks:
+                self._cache.pop(next(iter(self._cache)))
+        return data
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        """``cache[z, ys, xs]`` with an integer z and step-1 slices: the (Y, X) plane box."""
+        z, ys, xs = index
+        box = Box((z, ys.start, xs.start), (1, ys.stop - ys.start, xs.stop - xs.start))
+        out = np.empty(box.shape, self.array.dtype)
+        first = [o // c for o, c in zip(box.offset, self.chunks)]
+        last = [(e - 1) // c for e, c in zip(box.end, self.chunks)]
+        for key in product(*(range(a, b + 1) for a, b in zip(first, last))):
+            chunk_box = Box(tuple(k * c for k, c in zip(key, self.chunks)), self.chunks)
+            part = chunk_box.intersect(box)
+            out[part.relative_to(box).to_slices()] = self._chunk(key)[part.relative_to(chunk_box).to_slices()]
+        return out[0]
 
 
 def open_group(path: str | os.PathLike[str], *, hint: str) -> zarr.Group:
