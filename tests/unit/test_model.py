@@ -115,3 +115,24 @@ def test_same_padding_keeps_size() -> None:
         assert model(torch.zeros(1, 1, 32, 48)).shape[-2:] == (32, 48)
     with pytest.raises(ValueError, match=r"nearest: \(28, 32\)"):
         spec.output_size(30)
+
+
+def test_model_files_of_version_0_1_still_load(tmp_path) -> None:
+    """The model-file layout of unet-pipeline 0.1 (written here by hand, key by key) loads, and
+    its architecture comes from the file: what an old model.pt needs to keep predicting."""
+    from unet_core.model.checkpoint import load_model
+
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
+    torch.manual_seed(0)
+    net = UNet(spec)
+    payload = {
+        "format": "unet-pipeline/model/1",
+        "spec": {"depth": 2, "base_channels": 4, "in_channels": 1, "n_classes": 2, "padding": "valid",
+                 "norm": "none", "dropout": 0.0},
+        "state_dict": {k: v.clone() for k, v in net.state_dict().items()},
+        "metadata": {"intensity_normalisation": "stack z-score", "decision": {"logit_offsets": [0.5, -0.5]}},
+    }
+    torch.save(payload, tmp_path / "old.pt")
+    model, metadata = load_model(tmp_path / "old.pt", expect={"base_channels": 4})
+    assert model.spec == spec and metadata["decision"]["logit_offsets"] == [0.5, -0.5]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
