@@ -74,7 +74,7 @@ def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
     prob = np.stack([_cell_probability((120, 150), 30, seed) for seed in (1, 2)])
     out = np.zeros(prob.shape, np.uint32)
     scratch = np.zeros(prob.shape, np.uint32)
-    final = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64)
+    final, _ = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64)
     out, k = final[out], int(final.max())
     whole = [seeded_watershed(p) for p in prob]
     for z in range(2):
@@ -95,7 +95,7 @@ def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces() -> None:
     p[0, 5:35, 45:60] = 0.6  # the cell's faint left part, 15 px wide
     out = np.zeros(p.shape, np.uint32)
     scratch = np.zeros(p.shape, np.uint32)
-    final = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=20, halo_px=0)
+    final, _ = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=20, halo_px=0)
     out = final[out]
     assert final.max() == 2
     assert len(np.unique(out[0, 5:35, 5:35])) == 1 and out[0, 10, 10] > 0
@@ -108,6 +108,6 @@ def test_blockwise_watershed_splits_a_weak_gap_across_blocks() -> None:
     p = two_cells_with_weak_gap()[None]
     out = np.zeros(p.shape, np.uint32)
     scratch = np.zeros(p.shape, np.uint32)
-    final = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=16, halo_px=16)
+    final, _ = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=16, halo_px=16)
     assert final.max() == 2
     assert _same_partition(final[out][0], seeded_watershed(p[0]))

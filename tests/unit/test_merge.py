@@ -320,3 +320,20 @@ def test_cli_watershed_equals_whole_slice_watershed(tmp_path: Path, stand_in_mod
         assert float(r["centroid_y_px"]) == pytest.approx(yy.mean(), abs=1e-3)
         assert (int(r["bbox_y0"]), int(r["bbox_x1"])) == (yy.min(), xx.max() + 1)
         assert float(r["mean_intensity"]) == pytest.approx(image[z][mask[z]].mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["components", "watershed"])
+def test_small_objects_are_dropped_after_merging_across_blocks(tmp_path: Path, stand_in_model: Path,
+                                                              method: str) -> None:
+    # a 5x5 speck (25 px) alone, and a big cell cut by block faces into pieces smaller than the
+    # threshold: only the speck goes, the cell is measured whole
+    image = discs((1, 64, 64), [(0, 32, 32)], 10.5)
+    image[0, 4:9, 4:9] = 200
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16)
+    out = tmp_path / "pred.ome.zarr"
+    summary = merge_parts(parts, stack=stack, out=out, instances=method, min_object_px=30)
+    inst = zarr.open_group(out, mode="r")["labels/instances/0"][0]
+    assert summary.instances == 1 and inst.max() == 1
+    assert inst[6, 6] == 0 and inst[32, 32] == 1 and (inst == 1).sum() > 300
+    assert zarr.open_group(out, mode="r").attrs["unet"]["min_object_px"] == 30

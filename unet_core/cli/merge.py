@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--instances", choices=[m.value for m in InstanceMethod], default="components",
                    help="components (default): 4-connected components of the argmax cell class; watershed: "
                         "a seeded watershed of P(cell), which splits cells touching through a weak gap")
+    g.add_argument("--min-object-px", type=nonnegative_int, default=0,
+                   help="instances of fewer pixels (after merging across blocks) become background: the specks "
+                        "a network leaves at membranes and image borders (default 0: keep all)")
     g.add_argument("--seed-threshold", type=unit_interval, default=SEED_THRESHOLD,
                    help=f"watershed seeds: P(cell) above this ... (default {SEED_THRESHOLD})")
     g.add_argument("--seed-erosion-px", type=nonnegative_int, default=SEED_EROSION_PX,
@@ -60,4 +63,4 @@ def run(args: argparse.Namespace) -> None:
     watershed = WatershedSettings(seed_threshold=args.seed_threshold, seed_erosion_px=args.seed_erosion_px,
                                   mask_threshold=args.mask_threshold, halo_px=args.halo_px)
     merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content,
-                instances=args.instances, watershed=watershed, cells=args.cells)
+                instances=args.instances, watershed=watershed, cells=args.cells, min_object_px=args.min_object_px)

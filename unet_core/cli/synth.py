@@ -19,7 +19,7 @@ def _fraction(text: str) -> float:
 # import numpy (keeps `unet --help` fast); tests/unit/test_synth.py checks they agree.
 DEFAULTS = {
     "height": 512, "width": 512, "cell_size_px": 32.0, "density": 0.7, "irregularity": 0.6,
-    "border": "bright", "border_contrast": 0.9, "border_width_px": 1.0, "texture": 0.5,
+    "border": "bright", "border_contrast": 0.9, "border_width_px": 1.0, "gap_px": 0.0, "texture": 0.5,
     "illumination": 0.3, "blur_px": 1.0, "photons": 40.0, "read_noise": 1.5, "dtype": "uint8",
 }
 BORDER_STYLES = ("bright", "dark")
@@ -75,6 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--border-width-px", type=nonnegative_float, default=d["border_width_px"],
                    help="standard deviation of the membrane profile in px "
                         f"(default {d['border_width_px']:g})")
+    g.add_argument("--gap-px", type=nonnegative_float, default=d["gap_px"],
+                   help="width of the ground-truth background band along every cell edge (the "
+                        "visible membrane; 0 = labels fill the cells up to the edge, touching cells "
+                        f"share an edge) in px (default {d['gap_px']:g})")
     g = p.add_argument_group("optics and camera")
     g.add_argument("--illumination", type=nonnegative_float, default=d["illumination"],
                    help="relative fall-off of the uneven illumination, 0..0.9 "
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> None:
         height=args.size, width=args.width or args.size, cell_size_px=args.cell_size_px,
         density=args.density, irregularity=args.irregularity, border=args.border,
         border_contrast=args.border_contrast, border_width_px=args.border_width_px,
+        gap_px=args.gap_px,
         texture=args.texture, illumination=args.illumination, blur_px=args.blur_px,
         photons=args.photons, read_noise=args.read_noise, dtype=args.dtype,
     )

@@ -135,11 +135,14 @@ class InstanceMerger:
 
     Feed blocks of each slice in raster order of ``(by, bx)`` with :meth:`add_block`; it
     returns provisional ids. After the last block, :meth:`final_ids` maps provisional ids to
-    the final ones. Memory: one row of block edges per slice.
+    the final ones. Pixel counts of the provisional ids are kept on the way, so final object
+    areas need no further pass over the pixels. Memory: one row of block edges per slice plus
+    one count per provisional id.
     """
 
     def __init__(self) -> None:
         self.sets = UnionFind()
+        self.areas = np.zeros(1, np.int64)  # pixels per provisional id
         self._below: dict[int, np.ndarray] = {}  # bx -> last row of the block above
         self._right: np.ndarray | None = None  # last column of the block to the left
         self._z: int | None = None
@@ -158,7 +161,21 @@ class InstanceMerger:
         first = self.sets.add(n)
         ids = np.where(local > 0, local.astype(np.int64) + (first - 1), 0)
         self.join_faces(index, ids)
+        self.count(ids)
         return ids
+
+    def count(self, ids: np.ndarray) -> None:
+        """Add the pixels of each provisional id in ``ids`` (0 ignored) to its area."""
+        counts = np.bincount(ids.ravel())
+        if counts.size > self.areas.size:
+            self.areas = np.concatenate([self.areas, np.zeros(counts.size - self.areas.size, np.int64)])
+        self.areas[: counts.size] += counts
+
+    def final_areas(self, final: np.ndarray) -> np.ndarray:
+        """Pixels of each final id (index = final id) for the lookup table ``final``."""
+        areas = np.zeros(final.size, np.int64)
+        areas[: self.areas.size] = self.areas[: final.size]
+        return np.bincount(final, weights=areas, minlength=int(final.max(initial=0)) + 1).astype(np.int64)
 
     def join_faces(self, index: tuple[int, int, int], ids: np.ndarray, *, fixed_below: int = 0) -> None:
         """Union the ids of ``ids`` with those they touch across the faces of earlier blocks.
@@ -197,7 +214,7 @@ def watershed_blockwise(
     seed_erosion_px: int = SEED_EROSION_PX,
     mask_threshold: float = MASK_THRESHOLD,
     desc: str = "merge: instances",
-) -> np.ndarray:
+) -> tuple[np.ndarray, InstanceMerger]:
     """Seeded-watershed instances of every slice, one block (plus halo) at a time.
 
     The block-wise form of :func:`unet_core.infer.instances.seeded_watershed`:
@@ -222,8 +239,9 @@ def watershed_blockwise(
         halo_px: flooding context around each block, px.
 
     Returns:
-        uint32 lookup table provisional id -> final id: ids 1..K over the whole stack (seeds in
-        raster order of their first block, then the unseeded components), 0 -> 0.
+        ``(final, merger)``: the uint32 lookup table provisional id -> final id (ids 1..K over the
+        whole stack: seeds in raster order of their first block, then the unseeded components;
+        0 -> 0), and the merger that counted the provisional areas.
     """
     whole = Box.from_shape(shape)
     grid = [((b.offset[0], b.offset[1] // block_px, b.offset[2] // block_px), b)
@@ -249,8 +267,9 @@ def watershed_blockwise(
         first = faces.sets.add(n)
         labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
         faces.join_faces(index, labels, fixed_below=n_seeds)
+        faces.count(labels)
         out[_at(block)] = _as_uint32(labels)
-    return faces.final_ids()
+    return faces.final_ids(), faces
 
 
 def _at(box: Box) -> tuple:
@@ -262,6 +281,17 @@ def _at(box: Box) -> tuple:
 def _plane(box: Box) -> tuple[slice, slice]:
     """The (Y, X) slices of a (1, Y, X) box."""
     return box.to_slices()[1:]
+
+
+def drop_small(final: np.ndarray, areas: np.ndarray, *, min_px: int) -> np.ndarray:
+    """The lookup table ``final`` with objects of fewer than ``min_px`` pixels sent to background
+    and the rest renumbered 1..K' in their order (``min_px`` 0: unchanged)."""
+    if min_px <= 0:
+        return final
+    keep = areas >= min_px
+    keep[0] = False
+    renumber = np.cumsum(keep).astype(np.uint32) * keep
+    return renumber[final]
 
 
 def _as_uint32(ids: np.ndarray) -> np.ndarray:
@@ -338,6 +368,7 @@ def merge_parts(
     instances: InstanceMethod | str = InstanceMethod.COMPONENTS,
     watershed: WatershedSettings = WatershedSettings(),
     cells: str | os.PathLike[str] | None = None,
+    min_object_px: int = 0,
 ) -> MergeSummary:
     """Merge the part stores of all jobs of one ``unet predict`` run into ``out``.
 
@@ -351,6 +382,8 @@ def merge_parts(
             or ``components`` (connected components of the argmax cell class).
         watershed: the watershed's seeds, mask and block halo.
         cells: optional CSV file for the table of cells (:mod:`unet_core.infer.cells`).
+        min_object_px: instances of fewer pixels (after merging across blocks) become
+            background: specks the network leaves at membranes and image borders.
 
     Raises:
         UserInputError: bad parts (see :func:`unet_core.infer.part_store.open_parts`), a stack
@@ -372,13 +405,15 @@ def merge_parts(
         outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
         try:
             table = _write_levels(outputs, part_list, tiling, tmp, instances=instances, watershed=watershed,
-                                  encoding=encoding, image=st.image if cells is not None else None)
+                                  encoding=encoding, image=st.image if cells is not None else None,
+                                  min_object_px=min_object_px)
         except BaseException:
             outputs.close()
             raise
         outputs.finish()
         n_instances = table.n_cells
-        root.attrs.update({"unet": _provenance(part_list, instances, watershed, n_instances, encoding)})
+        root.attrs.update({"unet": {**_provenance(part_list, instances, watershed, n_instances, encoding),
+                                    "min_object_px": min_object_px}})
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
     if cells is not None:
@@ -390,7 +425,7 @@ def merge_parts(
 
 def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Path, *,
                   instances: InstanceMethod, watershed: WatershedSettings, encoding: ProbabilityEncoding,
-                  image: zarr.Array | None) -> CellTable:
+                  image: zarr.Array | None, min_object_px: int) -> CellTable:
     """Pass 1: copy probabilities and segmentation, write provisional instance ids (components, or
     the block-wise watershed afterwards); pass 2: the final ids into the instance pyramid, and
     the cell statistics where ``image`` (the stack's raw level 0) is given.
@@ -417,7 +452,8 @@ def _write_levels(outputs: _Outputs, parts: list[Part], tiling: Tiling, tmp: Pat
         final = merger.final_ids()
     else:
         cells = _CellView(outputs.probabilities.arrays[0], encoding)
-        final = _watershed_store(tmp, cells, level0, tiling, watershed)
+        final, merger = _watershed_store(tmp, cells, level0, tiling, watershed)
+    final = drop_small(final, merger.final_areas(final), min_px=min_object_px)
     table = CellTable(int(final.max(initial=0)))
     for block in progress(blocks, desc="merge: instance pyramid", unit="block"):
         z = block.write.offset[0]
@@ -462,7 +498,7 @@ class _CellView:
 
 
 def _watershed_store(tmp: Path, cells: _CellView, labels: zarr.Array, tiling: Tiling,
-                     ws: WatershedSettings) -> np.ndarray:
+                     ws: WatershedSettings) -> tuple[np.ndarray, InstanceMerger]:
     """Run :func:`watershed_blockwise` from the written probabilities into ``labels`` (level 0,
     provisional ids); returns its final-id lookup table."""
     scratch_group = zarr.open_group(Path(tmp) / "_scratch", mode="w")  # inside the atomic temporary

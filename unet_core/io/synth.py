@@ -109,6 +109,9 @@ class SynthParams:
         border: membrane brighter (``bright``) or darker (``dark``) than the interiors.
         border_contrast: membrane amplitude relative to the mean interior intensity, > 0.
         border_width_px: standard deviation of the membrane's Gaussian profile, pixels.
+        gap_px: width of the ground-truth background band along every cell edge (the visible
+            membrane between touching cells, and the membrane on a cell's outer edge), pixels;
+            0 = the labels fill the cells up to the edge (touching cells share an edge).
         texture: 0..1, strength of the granular cytoplasm texture and puncta.
         illumination: 0..0.9, relative fall-off of the uneven illumination.
         blur_px: standard deviation of the Gaussian PSF, pixels (0 = no blur).
@@ -126,6 +129,7 @@ class SynthParams:
     border: BorderStyle = BorderStyle.BRIGHT
     border_contrast: float = 0.9
     border_width_px: float = 1.0
+    gap_px: float = 0.0
     texture: float = 0.5
     illumination: float = 0.3
     blur_px: float = 1.0
@@ -154,6 +158,8 @@ class SynthParams:
                  "saturate at black)")
         _require(0.3 <= self.border_width_px <= self.cell_size_px / 4, "border_width_px",
                  f"{self.border_width_px} px must be between 0.3 px and a quarter of the cell size")
+        _require(0.0 <= self.gap_px <= self.cell_size_px / 4, "gap_px",
+                 f"{self.gap_px} px must be between 0 and a quarter of the cell size")
         _require(0.0 <= self.texture <= 1.0, "texture", f"{self.texture} must be in [0, 1]")
         _require(0.0 <= self.illumination <= 0.9, "illumination", f"{self.illumination} must be in [0, 0.9]")
         _require(0.0 <= self.blur_px <= 20.0, "blur_px", f"{self.blur_px} px must be in [0, 20]")
@@ -445,6 +451,8 @@ class _Scene:
         else:
             signal *= 1.0 - np.minimum(np.float32(p.border_contrast) * membrane, 1.0)
         signal *= self.illumination(r0, r1)
+        if p.gap_px > 0:
+            cell = np.where(mdist >= np.float32(0.5 * p.gap_px), cell, -1)
         return signal, cell
 
 
@@ -496,7 +504,8 @@ def synth_slice(params: SynthParams, *, seed: int, index: int) -> tuple[np.ndarr
         image[r0:r1] = _camera(rng_normal, rng_poisson, signal[r0:r1], params)
     del signal
     labels = _consecutive_labels(cells, scene.seeds.y.size, params.label_dtype)
-    return image, _repair_fragments(labels, min_piece_px=max(4, int(0.05 * params.cell_size_px**2)))
+    return image, _repair_fragments(labels, min_piece_px=max(4, int(0.05 * params.cell_size_px**2)),
+                                    check_all=params.gap_px > 0)
 
 
 def _camera(
@@ -532,7 +541,7 @@ def _consecutive_labels(cells: np.ndarray, n_seeds: int, dtype: np.dtype) -> np.
     return lut.take(cells + 1)
 
 
-def _repair_fragments(labels: np.ndarray, *, min_piece_px: int) -> np.ndarray:
+def _repair_fragments(labels: np.ndarray, *, min_piece_px: int, check_all: bool = False) -> np.ndarray:
     """Make every id one 4-connected region (in place; returns ``labels``).
 
     The continuous cells are connected, but pixel sampling can cut a one-pixel-thin tip
@@ -552,6 +561,8 @@ def _repair_fragments(labels: np.ndarray, *, min_piece_px: int) -> np.ndarray:
     diag = np.concatenate([a[(a == d) & (b != a) & (c != a)], b[(b == c) & (a != b) & (d != b)]])
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     suspects = np.unique(np.concatenate([diag, border]))
+    if check_all:  # a gap can cut a thin neck anywhere
+        suspects = np.unique(labels)
     suspects = suspects[suspects > 0]
     if suspects.size == 0:
         return labels

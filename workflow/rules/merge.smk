@@ -13,6 +13,7 @@ rule merge:
         parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
         tiff=lambda wc, output: f"--tiff {q(output.tiff)}" if "tiff" in output.keys() else "",
         instances=lookup(dpath="predict/instances", within=config),
+        min_object=lookup(dpath="predict/min_object_px", within=config),
         watershed=watershed_options(),
         code=code_hash("merge"),
     conda:
@@ -25,4 +26,5 @@ rule merge:
         mem_mb=4000,
     shell:
         "unet merge {params.parts} --stack {input.stack:q} -o {output.prediction:q} {params.tiff}"
-        " --cells {output.cells:q} --instances {params.instances} {params.watershed} > {log:q} 2>&1"
+        " --cells {output.cells:q} --instances {params.instances} --min-object-px {params.min_object}"
+        " {params.watershed} > {log:q} 2>&1"
