@@ -36,7 +36,8 @@ from unet_core.io.ngff import create_array
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.train.loop import TrainConfig, train
+from unet_core.train.config import TrainConfig
+from unet_core.train.loop import train
 
 H100_BF16_PEAK_TFLOPS = 790.0
 

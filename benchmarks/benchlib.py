@@ -197,7 +197,8 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
     import torch.nn.functional as F
 
     from unet_core.common.precision import resolve_precision
-    from unet_core.train.loop import TrainConfig, train
+    from unet_core.train.config import TrainConfig
+    from unet_core.train.loop import train
 
     in_size = spec.input_size(tile_out)
     third = max(1, iterations // 3)

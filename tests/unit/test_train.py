@@ -23,13 +23,14 @@ import zarr
 from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
+from unet_core.infer.predict import plane_logits
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.checkpoint import load_model, safe_load
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.infer.predict import plane_logits
+from unet_core.train.config import TrainConfig, lr_factor
 from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output
-from unet_core.train.loop import TrainConfig, lr_factor, train
+from unet_core.train.loop import train
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
 RESUME_SEEDS = [int(s) for s in os.environ.get("UNET_RESUME_SEEDS", "0").split(",") if s.strip()]
@@ -262,7 +263,7 @@ def test_non_finite_loss_names_the_learning_rate(tmp_path: Path) -> None:
 
 
 def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> None:
-    from unet_core.train.loop import pixel_metrics
+    from unet_core.train.validation import pixel_metrics
 
     logits = np.zeros((2, 2, 2), np.float32)
     logits[1] = [[1, 1], [-1, -1]]  # predicts class 1 on the top row
@@ -291,7 +292,8 @@ DRIVER = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from unet_core.model.spec import UNetSpec
-    from unet_core.train.loop import TrainConfig, train
+    from unet_core.train.config import TrainConfig
+    from unet_core.train.loop import train
     aug, out, stack, weights, resume = sys.argv[1:6]
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     cfg = TrainConfig(iterations=30, optimizer="sgd", lr=0.01, momentum=0.99, workers=0, validate_every=7,
@@ -509,7 +511,7 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
     ],
 )
 def test_bad_device_names_the_key(device: str, match: str) -> None:
-    from unet_core.train.loop import resolve_runtime
+    from unet_core.train.runtime import resolve_runtime
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

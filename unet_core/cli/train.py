@@ -155,6 +155,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="validation output tile size in px (default: the training output size)",
     )
+    r.add_argument(
+        "--export-weights",
+        choices=["last", "best"],
+        default="last",
+        help="weights written to model.pt/model.ts: 'last' (after the final iteration) or 'best' (the "
+        "validation point with the lowest --val pixel error; needs --val slices that are not the ones you score)",
+    )
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     r.add_argument(
         "--precision",
@@ -171,8 +178,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.io.ngff import open_stack
+    from unet_core.train.config import TrainConfig
     from unet_core.train.data import parse_validation_pair
-    from unet_core.train.loop import TrainConfig, train
+    from unet_core.train.loop import train
 
     configure_threads(args.threads)
     spec = spec_from_args(args)
