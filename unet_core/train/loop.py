@@ -128,7 +128,8 @@ class Session:
         """What a diverged run leaves behind (the end of its error line)."""
         if self.last_saved is None:
             return f"no {STATE_FILE} was written"
-        return f"the last good {self.out_dir / STATE_FILE} (iteration {self.last_saved}) is kept"
+        path = self.out_dir / STATE_FILE
+        return f"the last checkpoint with finite weights, {path} (iteration {self.last_saved}), is kept"
 
 
 class LossMeter:
