@@ -625,11 +625,15 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
         "0",
         "--device",
         "cpu",
+        "--export-weights",
+        "best",
         "--threads",
         "1",
     ]
     assert main(argv) == 0
     assert (tmp_path / "cli" / "model.pt").is_file()
+    card = json.loads((tmp_path / "cli" / "model_card.json").read_text())
+    assert card["exported_weights"]["choice"] == "best" and card["exported_weights"]["iteration"] in (2, 4)
     rows = list(csv.DictReader((tmp_path / "cli" / "metrics.csv").open()))
     assert [r["iteration"] for r in rows] == ["2", "4"] and rows[0]["val_pixel_error"] != ""
     capsys.readouterr()
