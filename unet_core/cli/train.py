@@ -29,8 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train the U-Net of Ronneberger et al. (2015) on the tiles written by 'unet augment' with the "
             "pixel-wise weighted cross-entropy, validating on held-out slices of ingested stacks. Writes "
             "OUT_DIR/model.pt, state.pt (resumable), metrics.csv, curve.png, model.ts (TorchScript) and "
-            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32); on the CPU the "
-            "run is deterministic and '--resume' after a kill gives bit-identical weights."
+            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32, fused optimizer); on the "
+            "CPU the run is deterministic and '--resume' after a kill gives bit-identical weights. A loss or "
+            "weight that becomes NaN/Inf stops the run naming the iteration and learning rate; state.pt is "
+            "never written with non-finite weights."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)

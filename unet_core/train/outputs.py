@@ -145,13 +145,15 @@ def exported_model(
         model: the network after the last iteration.
         history: the run's metrics; its last row describes the last weights.
         best: ``{"iteration", "model"}`` of the best validation point (None: not tracked).
-        choice: ``last`` or ``best``.
+        choice: ``last`` or ``best`` (``best`` without a tracked best point gives the last weights,
+            and the description says ``last``).
     """
     if choice is ExportWeights.BEST and best is not None:
         row = next(r for r in history.rows if r["iteration"] == best["iteration"])
         chosen = UNet(model.spec)
         chosen.load_state_dict(best["model"])
     else:
+        choice = ExportWeights.LAST
         row = history.rows[-1] if history.rows else {}
         chosen = model
     return chosen, {"choice": choice.value, "iteration": row.get("iteration"), "metrics": untimed(row)}
