@@ -275,6 +275,20 @@ def test_divergence_stops_naming_iteration_and_lr_and_keeps_the_last_finite_stat
     assert not (out / "model.pt").exists()
 
 
+def test_cli_divergence_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    from unet_core.cli import main
+
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    argv = ["train", "--train", str(aug), "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4",
+            "--dropout", "0", "--iterations", "30", "--optimizer", "sgd", "--lr", "50", "--momentum", "0.9",
+            "--checkpoint-every", "1", "--validate-every", "1000", "--log-every", "1000", "--workers", "0",
+            "--device", "cpu", "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"the loss became \S+ at iteration \d+ \(learning rate 50\)", err[-1]), err
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_non_finite_weights_name_iteration_and_lr() -> None:
     from unet_core.train.state import check_finite_weights
 
