@@ -1,21 +1,26 @@
-"""Training benchmark: the weighted loss and the full training loop against plain baselines.
+"""Training benchmark: the weighted loss, and the training loop's steady state against a minimal loop.
 
-Two comparisons, each measured side by side in this run:
+Measured side by side in one run, on one device, one job:
 
-1. loss: ``unet_core.model.loss.weighted_cross_entropy`` (float32 cast + fused cross-entropy) against the
-   usual one-liner ``(F.cross_entropy(logits, target, reduction="none") * w).mean()`` on one
-   output tile, forward + backward; prints the time ratio and the largest difference.
-2. loop: ``unet_core.train.loop.train`` (Zarr loader, iteration sampler, progress bar, checkpoint at
-   the end, TorchScript/model-card export excluded from the rate) against a minimal hand-written
-   loop over the same tiles already in memory, same model, optimizer and seed; prints tiles/s,
-   achieved GFLOP/s (forward + backward = 3x the forward FLOPs of ``UNetSpec.tile_flops``) and
-   the ratio. A ratio near 1 means the loader/bookkeeping costs nothing measurable.
+1. loss: ``unet_core.model.loss.weighted_cross_entropy`` (float32 cast + fused cross-entropy) against
+   the usual one-liner ``(F.cross_entropy(logits, target, reduction="none") * w).mean()`` on one
+   388² output tile, forward + backward; prints the time ratio and the largest difference.
+2. ceiling: a dense matmul rate on the same device (bf16 on a GPU, where training runs under bf16
+   autocast; fp32 on the CPU, where training computes in fp32): ``benchlib.matmul_ceiling_tflops``.
+3. loop: ``benchlib.training_rates``: the steady state of ``unet train`` (a stored Zarr set read by
+   the loader, its sampler, device-side loss sums, metrics rows; the first third of the iterations,
+   start-up, worker spawn and cuDNN autotuning excluded) against a minimal hand-written loop over
+   the same tiles already on the device (same net, batch, precision, memory format, optimizer
+   kernels), run before and after it. Prints tiles/s, TFLOP/s (forward + backward = 3 x
+   ``UNetSpec.tile_flops``), % of the ceiling, peak GPU memory and the ratio.
 
-On a GPU (``--device cuda``) the loop also reports peak memory and the fraction of the 790
-TFLOP/s bf16 peak of an H100. Defaults are CPU-sized (base width 16, 284 px tiles); use
-``--base-channels 64 --tile-out 388 --device cuda`` for the paper's network.
+Settings are those of a workflow config ("batch as configured"): ``model`` and ``train`` of
+``config/config.yaml`` with the sections of ``--config FILE`` laid over them (as Snakemake does);
+the flags below override single values.
 
-Usage: python benchmarks/bench_train.py [--iterations 30] [--base-channels 16] [--tile-out 100]
+Usage:
+    python benchmarks/bench_train.py                       # config/config.yaml settings (CPU-sized)
+    python benchmarks/bench_train.py --config config/isbi2012.yaml --device cuda --iterations 150
 """
 
 from __future__ import annotations
@@ -23,22 +28,22 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
+import yaml
 
-from unet_core.io.ngff import create_array
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as B
+
+from unet_core.common.precision import resolve_precision
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.spec import UNetSpec
-from unet_core.model.unet import UNet
-from unet_core.train.loop import TrainConfig, train
 
-H100_BF16_PEAK_TFLOPS = 790.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def timed_pair(a, b, repeats: int) -> tuple[float, float]:
@@ -66,14 +71,12 @@ def bench_loss(out_size: int, device: torch.device, repeats: int) -> None:
     def ours():
         logits.grad = None
         weighted_cross_entropy(logits, target, weight).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        B.sync(device)
 
     def baseline():
         logits.grad = None
         (F.cross_entropy(logits, target, reduction="none") * weight).mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        B.sync(device)
 
     t_ours, t_base = timed_pair(ours, baseline, repeats)
     diff = abs(
@@ -86,114 +89,67 @@ def bench_loss(out_size: int, device: torch.device, repeats: int) -> None:
     )
 
 
-def make_set(path: Path, *, in_size: int, n: int) -> None:
-    rng = np.random.default_rng(0)
-    classes = (rng.random((n, in_size, in_size)) < 0.3).astype(np.uint8)
-    image = (classes + rng.normal(0, 0.5, classes.shape)).astype(np.float32)
-    group = zarr.open_group(path, mode="w")
-    for name, arr in (
-        ("image", image),
-        ("classes", classes),
-        ("weights", (1.0 + classes).astype(np.float32)),
-    ):
-        create_array(group, name, shape=arr.shape, dtype=arr.dtype, chunks=(1, in_size, in_size))[:] = arr
+def configured(path: Path | None) -> tuple[dict, dict]:
+    """The ``model`` and ``train`` sections of config/config.yaml with those of ``path`` laid over them."""
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    over = yaml.safe_load(path.read_text()) if path else {}
+    return ({**base["model"], **(over.get("model") or {})}, {**base["train"], **(over.get("train") or {})})
 
 
-def bench_loop(spec: UNetSpec, out_size: int, iterations: int, device: str, workers: int) -> None:
-    in_size = spec.input_size(out_size)
-    flops = 3 * spec.tile_flops(in_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        aug = Path(tmp) / "aug.zarr"
-        make_set(aug, in_size=in_size, n=8)
-        cfg = TrainConfig(
-            iterations=iterations,
-            workers=workers,
-            device=device,
-            validate_every=iterations,
-            checkpoint_every=iterations,
-            log_every=10,
-            seed=0,
-        )
-        # minimal baseline: tensors in memory, same model/optimizer/seed, fp32 (CPU) or bf16 autocast (CUDA)
-        dev = torch.device("cuda" if device.startswith("cuda") else "cpu")
-        torch.manual_seed(0)
-        model = UNet(spec).to(dev)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        group = zarr.open_group(aug, mode="r")
-        ctx = spec.context
-        images = torch.from_numpy(group["image"][:])[:, None].to(dev)
-        classes = torch.from_numpy(group["classes"][:, ctx:-ctx, ctx:-ctx].astype(np.int64)).to(dev)
-        weights = torch.from_numpy(group["weights"][:, ctx:-ctx, ctx:-ctx]).to(dev)
-        amp = dev.type == "cuda"
+def bench_loop(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
+               workers: int, precision: str) -> None:
+    n = 8192 if device.type == "cuda" else 1024
+    ceiling = B.matmul_ceiling_tflops(device, n=n)
+    kind = "bf16" if device.type == "cuda" else "fp32"
+    print(f"ceil  dense {kind} matmul {n}x{n} on {device}: {ceiling:.3f} TFLOP/s")
+    r = B.training_rates(spec, device, tile_out=tile_out, batch=batch, iterations=iterations, workers=workers,
+                         precision=precision)
+    computed = resolve_precision(precision, device).value
 
-        def step(i: int) -> None:
-            k = i % images.shape[0]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(images[k : k + 1])
-            loss = (
-                F.cross_entropy(logits.float(), classes[k : k + 1], reduction="none") * weights[k : k + 1]
-            ).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    def figures(rate: float, peak: float | None) -> str:
+        mem = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
+        return (f"{rate:.3f} tiles/s = {r.tflops(rate):.4g} TFLOP/s = {100 * r.tflops(rate) / ceiling:.1f}% "
+                f"of the {kind} matmul ceiling{mem}")
 
-        def baseline_rate() -> float:
-            step(0)  # warm-up (unet train's rate includes its first step; this one's does not)
-            if amp:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(iterations):
-                step(i)
-            if amp:
-                torch.cuda.synchronize()
-            return iterations / (time.perf_counter() - t0)
-
-        # baseline before and after, so a change in machine load shows up as their spread
-        base_before = baseline_rate()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
-        ours = result.metrics["tiles_per_s"]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        base_after = baseline_rate()
-        base = (base_before + base_after) / 2
-    print(
-        f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {in_size}->{out_size} px tiles, "
-        f"{iterations} iterations on {result.device}"
-    )
-    print(f"      unet train: {ours:.3f} tiles/s = {ours * flops / 1e9:.1f} GFLOP/s")
-    print(
-        f"      baseline minimal loop: {base:.3f} tiles/s = {base * flops / 1e9:.1f} GFLOP/s "
-        f"(before {base_before:.3f}, after {base_after:.3f})"
-    )
-    print(f"      ratio unet-train/baseline: {ours / base:.2f}x throughput")
-    if peak is not None:
-        print(
-            f"      peak GPU memory {peak:.2f} GiB; {ours * flops / 1e12 / H100_BF16_PEAK_TFLOPS:.1%} of the "
-            f"{H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s bf16 peak"
-        )
+    print(f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {spec.input_size(tile_out)}->{tile_out} px "
+          f"tiles, batch {batch}, {computed}, {workers} loader workers; {r.warmup_iterations + r.timed_iterations} "
+          f"iterations per run, the first {r.warmup_iterations} excluded; unet train on {r.description}")
+    print(f"      unet train (steady state): {figures(r.ours, r.peak_gib)}")
+    print(f"      minimal loop: {figures(r.minimal, r.peak_gib_minimal)} "
+          f"(before {r.minimal_before:.3f}, after {r.minimal_after:.3f})")
+    print(f"      ratio unet-train/minimal: {r.ours / r.minimal:.2f}x throughput")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=30)
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--tile-out", type=int, default=100, help="output tile size, px (valid for the depth)")
+    p.add_argument("--config", type=Path, default=None, help="workflow config whose model/train settings to use")
+    p.add_argument("--iterations", type=int, default=30, help="steps per run; the first third is warm-up")
+    p.add_argument("--base-channels", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--tile-out", type=int, default=None, help="output tile size, px (valid for the depth)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="loader workers of unet train")
+    p.add_argument("--precision", default=None, help="auto, bf16, fp16 or fp32 (the CPU computes in fp32)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--loss-repeats", type=int, default=20)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    spec = UNetSpec(depth=args.depth, base_channels=args.base_channels)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    model, train = configured(args.config)
+    model.update({k: v for k, v in (("depth", args.depth), ("base_channels", args.base_channels)) if v is not None})
+    spec = UNetSpec.from_dict(model)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"bench_train {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device} ({name}), config {args.config or 'config/config.yaml'}")
     bench_loss(388, device, args.loss_repeats)
-    bench_loop(spec, args.tile_out, args.iterations, str(device), args.workers)
+
+    def pick(flag, key):
+        return flag if flag is not None else train[key]
+
+    bench_loop(spec, device, tile_out=pick(args.tile_out, "tile_out"), batch=pick(args.batch_size, "batch_size"),
+               iterations=args.iterations, workers=pick(args.workers, "workers"),
+               precision=pick(args.precision, "precision"))
 
 
 if __name__ == "__main__":

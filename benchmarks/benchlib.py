@@ -186,61 +186,127 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
-def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
-                   workdir: Path | None = None) -> tuple[float, float]:
-    """Steady-state tiles/s of ``unet train`` (the real loop on a stored set, warm-up excluded) and of
-    a minimal hand-written loop (tensors in memory, same net, batch, precision, optimizer).
+@dataclass(frozen=True)
+class TrainingRates:
+    """Steady-state training throughput of ``unet train`` and of a minimal loop, same work.
 
-    ``unet train`` validates at a third and at the end of ``iterations``; the rate is taken between
-    those points from its metrics (training time only), so start-up and the first steps do not count.
+    Attributes:
+        ours: tiles/s of ``unet train`` between its validation rows at 1/3 and 3/3 of the
+            iterations (training time only: start-up, worker spawn, autotuning and the first
+            third of the steps excluded).
+        minimal: tiles/s of the minimal loop, mean of a run before and one after ``unet train``.
+        minimal_before, minimal_after: the two minimal-loop runs (their spread shows load changes).
+        flops_per_tile: forward + backward FLOPs of one tile (3 x the forward FLOPs).
+        peak_gib, peak_gib_minimal: peak device memory of each (None on the CPU).
+        description: device and precision as ``unet train`` logged them.
+        warmup_iterations, timed_iterations: steps excluded / timed, per run.
     """
-    import torch.nn.functional as F
 
-    from unet_core.common.precision import resolve_precision
-    from unet_core.train.loop import TrainConfig, train
+    ours: float
+    minimal: float
+    minimal_before: float
+    minimal_after: float
+    flops_per_tile: float
+    peak_gib: float | None
+    peak_gib_minimal: float | None
+    description: str
+    warmup_iterations: int
+    timed_iterations: int
+
+    def tflops(self, rate: float) -> float:
+        """Achieved TFLOP/s at ``rate`` tiles/s."""
+        return rate * self.flops_per_tile / 1e12
+
+
+def _training_set(path: Path, *, in_size: int, n: int) -> Path:
+    """A stored training set as ``unet augment`` writes it: random classes, noisy image, w = 1 + class."""
+    rng = np.random.default_rng(0)
+    classes = (rng.random((n, in_size, in_size)) < 0.3).astype(np.uint8)
+    group = zarr.open_group(path, mode="w")
+    for name, arr in (("image", (classes + rng.normal(0, 0.5, classes.shape)).astype(np.float32)),
+                      ("classes", classes), ("weights", (1.0 + classes).astype(np.float32))):
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, in_size, in_size))[:] = arr
+    return path
+
+
+def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
+                   workers: int = 2, precision: str = "auto", channels_last: bool = True,
+                   workdir: Path | None = None) -> TrainingRates:
+    """Steady-state tiles/s of ``unet train`` (the real loop on a stored set of ``4 x batch`` tiles,
+    Adam, one job) and of a minimal hand-written loop (tensors already on the device, same net,
+    batch, precision, memory format and optimizer kernels: fused Adam on CUDA; TF32 and cuDNN
+    autotuning on as ``unet train`` sets them), run before and after it. Their ratio is the cost
+    of the loop's data loading and bookkeeping.
+
+    ``unet train`` validates (without validation data: a metrics row only) at 1/3, 2/3 and the end
+    of ``iterations``; its rate is taken between the first and last rows from their training
+    seconds, which are read after the device has finished (the loop synchronises there). Each
+    minimal run likewise skips its first third. Nothing of one run is alive during another, so
+    each peak memory is its own.
+    """
+    from unet_core.train.config import TrainConfig
+    from unet_core.train.loop import train
 
     in_size = spec.input_size(tile_out)
     third = max(1, iterations // 3)
+    kw = {"batch": batch, "precision": precision, "channels_last": channels_last}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        aug = Path(tmp) / "aug.zarr"
-        rng = np.random.default_rng(0)
-        n = 4 * batch
-        classes = (rng.random((n, in_size, in_size)) < 0.3).astype(np.uint8)
-        group = zarr.open_group(aug, mode="w")
-        for name, arr in (("image", (classes + rng.normal(0, 0.5, classes.shape)).astype(np.float32)),
-                          ("classes", classes), ("weights", (1.0 + classes).astype(np.float32))):
-            group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, in_size, in_size))[:] = arr
+        aug = _training_set(Path(tmp) / "aug.zarr", in_size=in_size, n=4 * batch)
+        before, _ = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
         cfg = TrainConfig(iterations=3 * third, batch_size=batch, optimizer="adam", lr=1e-4, device=str(device),
-                          validate_every=third, checkpoint_every=3 * third, log_every=third, workers=2, seed=0)
+                          precision=precision, channels_last=channels_last, validate_every=third,
+                          checkpoint_every=3 * third, log_every=third, workers=workers, seed=0)
+        reset_peak_memory(device)
         result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
+        peak = peak_memory_gib(device)
         rows = _metric_rows(Path(tmp) / "run" / "metrics.csv")
         ours = (rows[-1][0] - rows[0][0]) * batch / (rows[-1][1] - rows[0][1])
-        images = torch.from_numpy(group["image"][:])[:, None].to(device)
-        c = spec.context
-        target = torch.from_numpy(classes[:, c:-c, c:-c].astype(np.int64)).to(device)
-        weight = torch.from_numpy((1.0 + classes[:, c:-c, c:-c]).astype(np.float32)).to(device)
+        after, peak_minimal = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
+    return TrainingRates(ours, (before + after) / 2, before, after, 3 * spec.tile_flops(in_size), peak,
+                         peak_minimal, result.device, third, 2 * third)
+
+
+def _minimal_rate(spec: UNetSpec, device: torch.device, aug: Path, *, warmup: int, timed_steps: int, batch: int,
+                  precision: str, channels_last: bool) -> tuple[float, float | None]:
+    """Tiles/s of a hand-written loop (autocast forward, float32 weighted cross-entropy, Adam) over
+    ``timed_steps`` after ``warmup`` untimed steps, and its peak device memory."""
+    import torch.nn.functional as F
+
+    from unet_core.common.precision import resolve_precision
+
+    group = zarr.open_group(aug, mode="r")
+    c = spec.context
+    images = torch.from_numpy(group["image"][:])[:, None].to(device)
+    target = torch.from_numpy(group["classes"][:, c:-c, c:-c].astype(np.int64)).to(device)
+    weight = torch.from_numpy(group["weights"][:, c:-c, c:-c]).to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = UNet(spec).to(device)
-    dtype = resolve_precision("auto", device).autocast_dtype
-    if device.type == "cuda":
+    dtype = resolve_precision(precision, device).autocast_dtype
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    n = images.shape[0]
 
     def steps(k: int) -> None:
         for i in range(k):
             j = (i * batch) % n
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(images[j : j + batch])
-            loss = (F.cross_entropy(logits.float(), target[j : j + batch], reduction="none") * weight[j : j + batch]).mean()
+            loss = (F.cross_entropy(logits.float(), target[j : j + batch], reduction="none")
+                    * weight[j : j + batch]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-    steps(third)  # warm-up, as unet train's first third is
-    _, seconds = timed(lambda: steps(2 * third), device)
-    del result
-    return ours, 2 * third * batch / seconds
+    reset_peak_memory(device)
+    steps(warmup)
+    _, seconds = timed(lambda: steps(timed_steps), device)
+    return timed_steps * batch / seconds, peak_memory_gib(device)
 
 
 def _metric_rows(path: Path) -> list[tuple[int, float]]:

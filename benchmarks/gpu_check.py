@@ -107,13 +107,13 @@ def end_to_end_rows(table: Table, s: Settings, device: torch.device, in_memory: 
 
 
 def training_row(table: Table, s: Settings, device: torch.device, ceiling: float) -> None:
-    ours, minimal = B.training_rates(s.spec, device, tile_out=s.train_tile_out, batch=s.train_batch,
-                                     iterations=s.train_iterations)
-    flops = 3 * s.spec.tile_flops(s.spec.input_size(s.train_tile_out))
-    tflops = ours * flops / 1e12
+    r = B.training_rates(s.spec, device, tile_out=s.train_tile_out, batch=s.train_batch,
+                         iterations=s.train_iterations)
+    tflops = r.tflops(r.ours)
+    mem = f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else ""
     table.add(f"training {s.spec.input_size(s.train_tile_out)} -> {s.train_tile_out}, batch {s.train_batch}",
-              f"unet train {ours:.1f} tiles/s ({tflops:.0f} TFLOP/s, {pct(tflops, ceiling)}); minimal loop "
-              f"{minimal:.1f} tiles/s; ratio {ours / minimal:.2f}x")
+              f"unet train {r.ours:.1f} tiles/s ({tflops:.0f} TFLOP/s, {pct(tflops, ceiling)}{mem}); minimal loop "
+              f"{r.minimal:.1f} tiles/s; ratio {r.ours / r.minimal:.2f}x")
 
 
 def elastic_row(table: Table, s: Settings, device: torch.device) -> None:

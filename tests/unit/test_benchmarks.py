@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -39,3 +40,19 @@ def test_gpu_check_without_a_gpu_says_how_to_run_it(gpu_check, monkeypatch, caps
     with pytest.raises(SystemExit):
         gpu_check.main([])
     assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_bench_train_reports_steady_state_against_the_ceiling_on_the_cpu(capsys) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", BENCH / "bench_train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--iterations", "3", "--depth", "2", "--base-channels", "4", "--tile-out", "44",
+                     "--batch-size", "2", "--workers", "0", "--loss-repeats", "1", "--device", "cpu"])
+    finally:
+        sys.path.remove(str(BENCH))
+    out = capsys.readouterr().out
+    assert "3 iterations per run, the first 1 excluded" in out and "batch 2" in out
+    assert re.search(r"unet train \(steady state\): [\d.]+ tiles/s = [\d.e+-]+ TFLOP/s = [\d.]+% of the fp32", out), out
+    assert re.search(r"ratio unet-train/minimal: [\d.]+x", out), out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +24,14 @@ import zarr
 from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
+from unet_core.infer.predict import plane_logits
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.checkpoint import load_model, safe_load
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
-from unet_core.infer.predict import plane_logits
+from unet_core.train.config import TrainConfig, lr_factor
 from unet_core.train.data import AugmentedTiles, IterationSampler, crop_to_output
-from unet_core.train.loop import TrainConfig, lr_factor, train
+from unet_core.train.loop import train
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
 RESUME_SEEDS = [int(s) for s in os.environ.get("UNET_RESUME_SEEDS", "0").split(",") if s.strip()]
@@ -250,19 +252,171 @@ def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_names_the_learning_rate(tmp_path: Path) -> None:
+def test_divergence_stops_naming_iteration_and_lr_and_keeps_the_last_finite_state(tmp_path: Path) -> None:
+    """A huge learning rate: the loss turns NaN between log points; checkpoints every step must
+    stop at the last finite weights (the old loop checked only at log points and saved NaN)."""
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    out = tmp_path / "nan"
+    cfg = tiny_config(iterations=30, optimizer="sgd", lr=50.0, momentum=0.9, checkpoint_every=1,
+                      validate_every=1000, log_every=1000)
+    with pytest.raises(ConfigError) as err:
+        train([aug], out_dir=out, spec=TINY, config=cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    found = re.search(r"the loss became (nan|inf|-inf) at iteration (\d+) \(learning rate 50\); lower train.lr",
+                      message)
+    assert found, message
+    state = safe_load(out / "state.pt")
+    assert 1 <= state["iteration"] == int(found.group(2)) - 1, (state["iteration"], message)
+    assert f"(iteration {state['iteration']}), is kept" in message
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for per in state["optimizer"]["state"].values() for v in per.values())
+    UNet(TINY).load_state_dict(state["model"])  # loadable as it is
+    assert not (out / "model.pt").exists()
+
+
+def test_cli_divergence_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    from unet_core.cli import main
+
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    argv = ["train", "--train", str(aug), "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4",
+            "--dropout", "0", "--iterations", "30", "--optimizer", "sgd", "--lr", "50", "--momentum", "0.9",
+            "--checkpoint-every", "1", "--validate-every", "1000", "--log-every", "1000", "--workers", "0",
+            "--device", "cpu", "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"the loss became \S+ at iteration \d+ \(learning rate 50\)", err[-1]), err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_non_finite_weights_name_iteration_and_lr() -> None:
+    from unet_core.train.state import check_finite_weights
+
+    model = UNet(TINY)
+    check_finite_weights(model, iteration=7, config=tiny_config(), kept="x")
+    with torch.no_grad():
+        model.head.bias[0] = float("inf")
+    cfg = tiny_config(warmup_iterations=10)
+    with pytest.raises(ConfigError, match=r"weights became non-finite at iteration 7 \(learning rate 0.00604\)"):
+        check_finite_weights(model, iteration=7, config=cfg, kept="x")
+
+
+def test_bf16_autocast_loss_equals_fp32_within_bf16_rounding(tmp_path: Path) -> None:
+    """The loop's batch loss under CPU bf16 autocast vs float32, same net and fixed batch."""
+    from unet_core.common.precision import Precision
+    from unet_core.train.runtime import Runtime, batch_loss
+
+    spec = UNetSpec(depth=3, base_channels=8, dropout=0.0)
+    data = AugmentedTiles([make_augmented(tmp_path / "aug.zarr", spec=spec, n=2, seed=1)], spec=spec)
+    image, classes, weights = (torch.stack(t) for t in zip(data[0], data[1], strict=True))
+    torch.manual_seed(0)
+    model = UNet(spec)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        fp32 = float(batch_loss(model, image, classes, weights, runtime=Runtime(cpu, Precision.FP32, False, "")))
+        bf16 = float(batch_loss(model, image, classes, weights, runtime=Runtime(cpu, Precision.BF16, False, "")))
+    assert bf16 != fp32  # autocast did run in bf16
+    assert abs(bf16 - fp32) <= 1e-2 * abs(fp32), (bf16, fp32)
+
+
+def test_optimizer_is_fused_on_cuda_only() -> None:
+    from unet_core.common.precision import Precision
+    from unet_core.train.runtime import Runtime, make_optimizer
+
+    model = UNet(TINY)
+    for kind in ("sgd", "adam"):
+        cuda = make_optimizer(model, tiny_config(optimizer=kind), Runtime(torch.device("cuda"), Precision.BF16, True, ""))
+        cpu = make_optimizer(model, tiny_config(optimizer=kind), Runtime(torch.device("cpu"), Precision.FP32, False, ""))
+        assert cuda.defaults["fused"] is True and not cpu.defaults["fused"], kind
+
+
+def test_no_host_synchronisation_between_host_points(tmp_path: Path, monkeypatch) -> None:
+    """Reading a tensor on the host (item, tolist, bool, float, int) only at log/validation/checkpoint
+    iterations: on a GPU each such read waits for the device."""
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    reads = [0]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            reads[0] += 1
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    seen: dict[int, int] = {}
+    cfg = tiny_config(iterations=12, optimizer="sgd", log_every=4, validate_every=12, checkpoint_every=6)
+    train([aug], out_dir=tmp_path / "run", spec=TINY, config=cfg, on_iteration=lambda i: seen.update({i: reads[0]}))
+    host_points = {4, 6, 8, 12}
+    quiet = [i for i in range(2, 13) if i not in host_points and seen[i] != seen[i - 1]]
+    assert not quiet, f"host reads at iterations {quiet}"
+    assert all(seen[i] > seen[i - 1] for i in host_points)  # the counter sees the reads that are there
+
+
+def _scripted_validation(errors: dict[int, float]):
+    """A stand-in for validate(): pixel errors by validation call (1st, 2nd, ...), the rest fixed."""
+    calls = [0]
+
+    def fake(*args, **kwargs) -> dict[str, float]:
+        calls[0] += 1
+        return {"val_loss": 1.0, "val_pixel_error": errors[calls[0]], "val_iou": 0.5}
+
+    return fake
+
+
+def test_export_best_weights_of_the_lowest_validation_error_and_resume(tmp_path: Path, monkeypatch) -> None:
+    from unet_core.train import loop
+
+    aug = make_augmented(tmp_path / "aug.zarr", n=3)
+    stack, weights = make_validation(tmp_path, slices=1)
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
+    errors = {1: 0.30, 2: 0.10, 3: 0.20, 4: 0.10, 5: 0.25}  # iterations 4, 8, 12, 16, 20: best 8 (first of a tie)
+    kw = {"spec": spec, "validation": [(stack, weights)]}
+    best = tiny_config(iterations=20, optimizer="sgd", validate_every=4, checkpoint_every=4, export_weights="best")
+    monkeypatch.setattr(loop, "validate", _scripted_validation(errors))
+    train([aug], out_dir=tmp_path / "best", config=best, **kw)
+    monkeypatch.setattr(loop, "validate", _scripted_validation(errors))
+    train([aug], out_dir=tmp_path / "to8", config=tiny_config(**{**vars(best), "iterations": 8,
+                                                                 "export_weights": "last"}), **kw)
+    got, ref = (safe_load(tmp_path / d / "model.pt") for d in ("best", "to8"))
+    assert all(torch.equal(got["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    last = safe_load(tmp_path / "best" / "state.pt")["model"]
+    assert not all(torch.equal(last[k], got["state_dict"][k]) for k in last)
+    exported = got["metadata"]["exported_weights"]
+    assert (exported["choice"], exported["iteration"], exported["metrics"]["val_pixel_error"]) == ("best", 8, 0.10)
+    card = json.loads((tmp_path / "best" / "model_card.json").read_text())
+    assert card["exported_weights"]["iteration"] == 8 and card["metrics"]["final"]["iteration"] == 20
+    model, _ = load_model(tmp_path / "best" / "model.pt", expect=spec)
+    x = torch.randn(1, 1, 60, 60)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), torch.jit.load(str(tmp_path / "best" / "model.ts"))(x))
+
+    # killed at 14 (state.pt of 12 holds the best weights of 8), resumed: the same model.pt
+    def crash(i: int) -> None:
+        if i == 14:
+            raise _Crash
+
+    monkeypatch.setattr(loop, "validate", _scripted_validation(errors))
+    with pytest.raises(_Crash):
+        train([aug], out_dir=tmp_path / "cut", config=best, on_iteration=crash, **kw)
+    assert safe_load(tmp_path / "cut" / "state.pt")["best"]["iteration"] == 8
+    train([aug], out_dir=tmp_path / "cut", config=best, resume=True, **kw)
+    cut = safe_load(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(got["state_dict"][k], cut["state_dict"][k]) for k in ref["state_dict"])
+
+
+def test_export_best_needs_validation_and_a_state_that_kept_it(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
-    with pytest.raises(ConfigError, match="lower train.lr"):
-        train(
-            [aug],
-            out_dir=tmp_path / "nan",
-            spec=TINY,
-            config=tiny_config(iterations=20, optimizer="sgd", lr=1e12, momentum=0.9),
-        )
+    with pytest.raises(ConfigError, match=r"train.export_weights: 'best' picks the weights on validation slices"):
+        train([aug], out_dir=tmp_path / "none", spec=TINY, config=tiny_config(iterations=2, export_weights="best"))
+    stack, weights = make_validation(tmp_path, slices=1)
+    kw = {"spec": TINY, "validation": [(stack, weights)], "out_dir": tmp_path / "run"}
+    train([aug], config=tiny_config(iterations=4, validate_every=2), **kw)
+    with pytest.raises(CheckpointError, match="did not keep the best validation weights"):
+        train([aug], config=tiny_config(iterations=4, validate_every=2, export_weights="best"), resume=True, **kw)
 
 
 def test_validation_metrics_are_exact_for_known_prediction(tmp_path: Path) -> None:
-    from unet_core.train.loop import pixel_metrics
+    from unet_core.train.validation import pixel_metrics
 
     logits = np.zeros((2, 2, 2), np.float32)
     logits[1] = [[1, 1], [-1, -1]]  # predicts class 1 on the top row
@@ -291,7 +445,8 @@ DRIVER = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from unet_core.model.spec import UNetSpec
-    from unet_core.train.loop import TrainConfig, train
+    from unet_core.train.config import TrainConfig
+    from unet_core.train.loop import train
     aug, out, stack, weights, resume = sys.argv[1:6]
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     cfg = TrainConfig(iterations=30, optimizer="sgd", lr=0.01, momentum=0.99, workers=0, validate_every=7,
@@ -484,11 +639,15 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
         "0",
         "--device",
         "cpu",
+        "--export-weights",
+        "best",
         "--threads",
         "1",
     ]
     assert main(argv) == 0
     assert (tmp_path / "cli" / "model.pt").is_file()
+    card = json.loads((tmp_path / "cli" / "model_card.json").read_text())
+    assert card["exported_weights"]["choice"] == "best" and card["exported_weights"]["iteration"] in (2, 4)
     rows = list(csv.DictReader((tmp_path / "cli" / "metrics.csv").open()))
     assert [r["iteration"] for r in rows] == ["2", "4"] and rows[0]["val_pixel_error"] != ""
     capsys.readouterr()
@@ -509,7 +668,7 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
     ],
 )
 def test_bad_device_names_the_key(device: str, match: str) -> None:
-    from unet_core.train.loop import resolve_runtime
+    from unet_core.train.runtime import resolve_runtime
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -31,8 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train the U-Net of Ronneberger et al. (2015) on the tiles written by 'unet augment' with the "
             "pixel-wise weighted cross-entropy, validating on held-out slices of ingested stacks. Writes "
             "OUT_DIR/model.pt, state.pt (resumable), metrics.csv, curve.png, model.ts (TorchScript) and "
-            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32); on the CPU the "
-            "run is deterministic and '--resume' after a kill gives bit-identical weights."
+            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32, fused optimizer); on the "
+            "CPU the run is deterministic and '--resume' after a kill gives bit-identical weights. A loss or "
+            "weight that becomes NaN/Inf stops the run naming the iteration and learning rate; state.pt is "
+            "never written with non-finite weights."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -157,6 +159,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="validation output tile size in px (default: the training output size)",
     )
+    r.add_argument(
+        "--export-weights",
+        choices=["last", "best"],
+        default="last",
+        help="weights written to model.pt/model.ts: 'last' (after the final iteration) or 'best' (the "
+        "validation point with the lowest --val pixel error; needs --val slices that are not the ones you score)",
+    )
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     r.add_argument(
         "--precision",
@@ -173,8 +182,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.io.ngff import open_stack
+    from unet_core.train.config import TrainConfig
     from unet_core.train.data import parse_validation_pair
-    from unet_core.train.loop import TrainConfig, train
+    from unet_core.train.loop import train
 
     configure_threads(args.threads)
     spec = spec_from_args(args)

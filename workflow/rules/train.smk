@@ -15,6 +15,7 @@ rule train:
         out_dir=lambda wc, output: q(os.path.dirname(output.model)),
         val=lambda wc, input: val_option(input.val_stacks, input.val_weights),
         options=lambda wc: train_options(),
+        export=lambda wc: f"--export-weights {config['train']['export_weights']}",
         model=model_args(),
         threads=lookup(dpath="train/threads", within=config),
         code=code_hash("train"),
@@ -32,4 +33,4 @@ rule train:
         runtime=lookup(dpath="train/runtime_min", within=config),
     shell:
         "unet train --train {input.train:q} {params.val} --out-dir {params.out_dir}"
-        " {params.model} {params.options} --resume --restart-if-changed --threads {params.threads} > {log:q} 2>&1"
+        " {params.model} {params.options} {params.export} --resume --restart-if-changed --threads {params.threads} > {log:q} 2>&1"
