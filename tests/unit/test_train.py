@@ -225,7 +225,7 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     assert result.metrics["val_pixel_error"] == pytest.approx(float(rows[-1]["val_pixel_error"]))
     # model.pt loads with weights_only and reproduces the trained network; so does TorchScript
     model, meta = load_model(out / "model.pt", expect=TINY)
-    assert meta["intensity_normalisation"] == "stack z-score" and meta["tile_out"] == 20
+    assert meta["intensity_normalisation"] == "stack-zscore" and meta["tile_out"] == 20
     # the decision rule's offsets are -log(mean weight per class) of the training pixels, centred
     means = np.asarray(meta["decision"]["mean_weight_per_class"])
     aug_group = zarr.open_group(aug, mode="r")

@@ -3,13 +3,15 @@
 ``unet augment`` writes K deformed samples per source slice, each sized for the network
 input tile (``UNetSpec.input_size(tile_out)``)::
 
-    AUG.zarr/   image     float32 (N, H, W)  z-scored with the stack's IntensityStats, deformed,
+    AUG.zarr/   image     float32 (N, H, W)  normalised (the set's ``normalisation`` mode,
+                                             :mod:`unet_core.common.intensity`), deformed,
                                              grey values varied
                 classes   uint8   (N, H, W)  1 = cell interior (recomputed, see below)
                 weights   float32 (N, H, W)  loss weight w(x) (recomputed, see below)
                 instances int32   (N, H, W)  deformed instances, 0 = background
                 source    int32   (N, 2)     (z, k): source slice and sample index
-                attrs["unet"]                seed, parameters, model spec, tile sizes, provenance
+                attrs["unet"]                seed, parameters, model spec, tile sizes, normalisation,
+                                             object areas of the source slices, provenance
 
 Sample ``n = i * K + k`` comes from the ``i``-th selected slice ``z`` and draws all of its
 randomness from ``SeedSequence(seed, spawn_key=(z, k))`` (:func:`unet_core.augment.elastic.rng_for`),
@@ -36,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,9 +62,10 @@ from unet_core.augment.elastic import (
 from unet_core.augment.plot import plot_augmentation
 from unet_core.common.atomic import atomic_output
 from unet_core.common.device import resolve_device
-from unet_core.common.errors import UserInputError
+from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box
-from unet_core.common.intensity import normalize
+from unet_core.common.intensity import Normalisation, Scaling, normalize
+from unet_core.common.labels import area_histogram, object_areas
 from unet_core.common.mirror import read_mirrored
 from unet_core.common.outputs import PngMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
@@ -84,7 +87,7 @@ SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for 
 class Tiles:
     """Deformed training tiles, NumPy, axes (N, H, W)."""
 
-    image: np.ndarray  # float32, z-scored
+    image: np.ndarray  # float32, normalised
     classes: np.ndarray  # uint8
     weights: np.ndarray  # float32
     instances: np.ndarray  # int32
@@ -115,7 +118,7 @@ def deform_tiles(
     """Deform image and instances together, then recompute classes and weights.
 
     Args:
-        images: (N, Y, X) float32 z-scored source images (whole slices or mirrored regions).
+        images: (N, Y, X) float32 normalised source images (whole slices or mirrored regions).
         instances: (N, Y, X) int32 instance labels aligned with ``images``, 0 = background.
         transforms: one per source (:func:`unet_core.augment.elastic.draw_transform`), origins in
             the coordinates of these arrays.
@@ -160,21 +163,28 @@ def source_region(transform: Deformation, tile_shape: Sequence[int]) -> Box:
 
 @dataclass(frozen=True)
 class Source:
-    """One training stack with its weights store, opened for reading."""
+    """One training stack with its weights store, opened for reading, and how its slices are
+    normalised (``scaling(z)``)."""
 
     stack: Stack
     instances: zarr.Array
     recipe: WeightRecipe
     weights_path: Path
+    normalisation: Normalisation
+    scaling: Callable[[int], Scaling]
 
 
-def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> Source:
-    """Open a stack and the weights store made from it.
+def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathLike[str], *,
+                normalisation: Normalisation | str = Normalisation.STACK_ZSCORE) -> Source:
+    """Open a stack and the weights store made from it, to be normalised by ``normalisation``.
 
     Raises:
-        UserInputError: missing arrays or attributes, or shapes that do not match.
+        UserInputError: missing arrays or attributes, shapes that do not match, or a per-slice
+            normalisation on a stack ingested without per-slice statistics.
     """
+    normalisation = Normalisation(normalisation)
     stack = open_stack(stack_path)
+    scaling = stack.scaler(normalisation)
     weights_path = Path(weights_path)
     group = open_group(weights_path, hint="run 'unet weights' first")
     if "instances" not in group:
@@ -186,7 +196,7 @@ def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathL
             f"{stack.path} shape {stack.shape}; pass the weights store made from this stack"
         )
     recipe = WeightRecipe.from_attrs(dict(group.attrs).get("unet", {}), where=str(weights_path))
-    return Source(stack, instances, recipe, weights_path)
+    return Source(stack, instances, recipe, weights_path, normalisation, scaling)
 
 
 def make_sample(
@@ -211,7 +221,7 @@ def make_sample(
                                out_shape=(tile_out, tile_out))
     region = source_region(transform, tile)
     start, stop = (z, *region.offset), (z + 1, *region.end)
-    image = normalize(read_mirrored(source.stack.image, start, stop), source.stack.intensity)
+    image = normalize(read_mirrored(source.stack.image, start, stop), source.scaling(z))
     instances = read_mirrored(source.instances, start, stop).astype(np.int32, copy=False)
     local = replace(transform, origin=tuple(o - r for o, r in zip(transform.origin, region.offset)))
     return deform_tiles(image, instances, [local], tile_shape=tile, recipe=source.recipe, params=params,
@@ -233,6 +243,7 @@ def augment(
     plot: str | os.PathLike[str] | None = None,
     plot_samples: int = 4,
     workers: int = 1,
+    normalisation: Normalisation | str = Normalisation.STACK_ZSCORE,
 ) -> Path:
     """Write the deformed training set of one stack (see the module docstring), atomically.
 
@@ -254,6 +265,9 @@ def augment(
         plot_samples: rows of that figure.
         workers: samples made at once in threads (the weight maps dominate; the bytes do not
             depend on it).
+        normalisation: grey-value normalisation of the stored tiles
+            (:class:`unet_core.common.intensity.Normalisation`); recorded in the attributes,
+            and training must use the same.
 
     Returns:
         ``out_path``.
@@ -263,12 +277,10 @@ def augment(
     """
     claim_outputs([(out_path, AUGMENT_MARK), (plot, AUGMENT_PLOT_MARK)],
                   [stack_path, weights_path])
-    if samples_per_slice < 1:
-        raise UserInputError(f"--samples-per-slice must be >= 1, got {samples_per_slice}")
-    if seed < 0:
-        raise UserInputError(f"--seed must be >= 0, got {seed}")
+    _check_counts(samples_per_slice, seed)
     device = resolve_device(device)
-    source = open_source(stack_path, weights_path)
+    source = open_source(stack_path, weights_path,
+                         normalisation=parse_choice(Normalisation, normalisation, option="--normalisation"))
     n_z, sy, sx = source.stack.shape
     slices = _checked_slices(slices, n_z)
     tile_in, tile_out = tile_shapes(spec, tile_out)
@@ -294,6 +306,14 @@ def augment(
                             tile_in=tile_in, tile_out=tile_out)
         plot_augmentation(plot, rows, title=f"{source.stack.path.name}: seed {seed}, {params.describe()}")
     return out_path
+
+
+def _check_counts(samples_per_slice: int, seed: int) -> None:
+    """One-line errors for a sample count below 1 or a negative seed."""
+    if samples_per_slice < 1:
+        raise UserInputError(f"--samples-per-slice must be >= 1, got {samples_per_slice}")
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {seed}")
 
 
 def _checked_slices(slices: Sequence[int] | None, n_z: int) -> list[int]:
@@ -329,7 +349,7 @@ class PreviewRow:
 
     Attributes:
         name: "z=.. k=..".
-        original: (H, W) float32 z-scored tile at the sample's origin, no transform.
+        original: (H, W) float32 normalised tile at the sample's origin, no transform.
         original_instances: (H, W) int32.
         deformed: (H, W) float32 deformed tile (as stored).
         deformed_instances: (H, W) int32.
@@ -364,7 +384,7 @@ def preview_rows(
     rows = []
     for (z, k), tr in zip(samples, transforms):
         start, stop = (z, *tr.origin), (z + 1, tr.origin[0] + tile_in, tr.origin[1] + tile_in)
-        original = normalize(read_mirrored(source.stack.image, start, stop)[0], source.stack.intensity)
+        original = normalize(read_mirrored(source.stack.image, start, stop)[0], source.scaling(z))
         original_inst = read_mirrored(source.instances, start, stop)[0].astype(np.int32)
         tiles = make_sample(source, z, k, seed=seed, params=params, tile_in=tile_in, tile_out=tile_out)
         coords = relative_coordinates([tr], tile)[0]
@@ -399,9 +419,9 @@ def provenance(
     source: Source, *, seed: int, params: DeformParams, spec: UNetSpec, tile_in: int, tile_out: int,
     samples_per_slice: int, slices: Sequence[int],
 ) -> dict[str, Any]:
-    """``attrs["unet"]`` of an augmented set (no timestamps: same inputs, same bytes)."""
-
-
+    """``attrs["unet"]`` of an augmented set (no timestamps: same inputs, same bytes). ``object_areas``
+    counts the objects of the undeformed source slices by area (:func:`unet_core.common.labels.area_histogram`):
+    training stores their median with the model."""
     return {
         "format": FORMAT,
         "stage": "augment",
@@ -420,8 +440,10 @@ def provenance(
         "border": "mirror about the border pixel centre (numpy 'reflect')",
         "weights": "recomputed from the deformed instances (unet_core.weights.maps.class_map/weight_map)",
         "weight_recipe": source.recipe.to_dict(),
-        "intensity_normalisation": "stack z-score",
+        "intensity_normalisation": source.normalisation.value,
         "intensity": source.stack.intensity.to_dict(),
+        "object_areas": area_histogram(np.concatenate(
+            [object_areas(np.asarray(source.instances[z])) for z in slices] or [np.zeros(0, np.int64)])),
         "source": {"stack": str(source.stack.path), "weights": str(source.weights_path),
                    "stack_attrs": {k: source.stack.attrs[k] for k in ("name", "sha256") if k in source.stack.attrs}},
     }

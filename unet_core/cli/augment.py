@@ -15,6 +15,7 @@ from unet_core.cli.common import (
     positive_int,
     spec_from_args,
 )
+from unet_core.common.intensity import Normalisation
 
 
 def add_parser(subparsers) -> None:
@@ -64,6 +65,9 @@ def add_parser(subparsers) -> None:
                         "prediction; --no-mirror keeps every sample inside the image")
     g.add_argument("--interpolation", choices=["bicubic", "bilinear"], default="bicubic",
                    help="image resampling (labels are always nearest neighbour)")
+    p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default="stack-zscore",
+                   help="grey-value normalisation of the stored tiles: stack-zscore (default), slice-zscore or "
+                        "slice-percentile (1-99.8 %%, per slice); training and prediction use the same")
     p.add_argument("--device", default="cpu",
                    help="torch device for the warp: 'cpu' (reference bytes), 'cuda', or 'auto' "
                         "(CUDA when available) (default: cpu)")
@@ -95,5 +99,5 @@ def run(args: argparse.Namespace) -> None:
         args.stack, args.weights, args.out,
         samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
         spec=spec_from_args(args), params=params, slices=slices, device=args.device,
-        plot=args.plot, plot_samples=args.plot_samples, workers=threads,
+        plot=args.plot, plot_samples=args.plot_samples, workers=threads, normalisation=args.normalisation,
     )

@@ -11,6 +11,7 @@ from unet_core.cli.common import (
     expected_model,
     positive_int,
 )
+from unet_core.common.intensity import Normalisation
 from unet_core.common.precision import Precision
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.tiling import TTA
@@ -60,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="storage of the probabilities: uint8 (default; round(255 p), 1 byte per class and "
                         "pixel), float16 (2 bytes) or float32 (4 bytes); the segmentation is always the "
                         "argmax of the full-precision probabilities")
+    p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default=None,
+                   help="grey-value normalisation; always the model's (stored in model.pt): a different "
+                        "value is refused (default: the model's)")
     add_threads_arg(p)
     add_model_args(p, check_only=True)
     p.set_defaults(func=run)
@@ -73,4 +77,5 @@ def run(args: argparse.Namespace) -> None:
         args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
         tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
         tta=args.tta, decision=args.decision, probabilities=args.probabilities, expect=expected_model(args),
+        normalisation=args.normalisation,
     )

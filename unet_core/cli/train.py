@@ -19,6 +19,7 @@ from unet_core.cli.common import (
     spec_from_args,
 )
 from unet_core.common.errors import UserInputError
+from unet_core.common.intensity import Normalisation
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="validation output tile size in px (default: the training output size)",
     )
     r.add_argument(
+        "--normalisation",
+        choices=[m.value for m in Normalisation],
+        default="stack-zscore",
+        help="grey-value normalisation of the on-the-fly tiles and validation slices (--train sets must be "
+        "made with the same 'unet augment --normalisation'); stored in model.pt, which 'unet predict' then uses",
+    )
+    r.add_argument(
         "--export-weights",
         choices=["last", "best"],
         default="last",
@@ -214,5 +222,6 @@ def run(args: argparse.Namespace) -> None:
         train_stacks=train_pairs,
         train_slices=train_slices,
         tile_out=args.tile_out,
+        normalisation=args.normalisation,
     )
     log.info("done: %d iterations on %s; last metrics %s", result.iterations, result.device, result.metrics)

@@ -32,3 +32,35 @@ def connectivity_structure(connectivity: int) -> np.ndarray:
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+
+
+def object_areas(instances: np.ndarray) -> np.ndarray:
+    """Pixel counts (int64, ascending id order) of the objects of an instance array, 0 = background.
+
+    Ids that do not occur are left out, so any numbering works (ids unique per slice or per stack).
+    """
+    counts = np.bincount(np.asarray(instances).ravel().astype(np.int64, copy=False))
+    counts = counts[1:]
+    return counts[counts > 0]
+
+
+def area_histogram(areas: np.ndarray) -> dict[str, list[int]]:
+    """Object areas as ``{"area_px": distinct areas, ascending, "objects": how many objects have each}``:
+    a compact, exactly mergeable record of a labelled set's object sizes (stored in attributes)."""
+    values, counts = np.unique(np.asarray(areas, dtype=np.int64), return_counts=True)
+    return {"area_px": values.tolist(), "objects": counts.tolist()}
+
+
+def median_area(histograms: list[dict[str, list[int]]]) -> float | None:
+    """Median object area, px, of the objects of several :func:`area_histogram` records together
+    (numpy's median: the mean of the two middle areas for an even count); None for no objects."""
+    values = np.concatenate([np.asarray(h["area_px"], np.int64) for h in histograms] or [np.zeros(0, np.int64)])
+    counts = np.concatenate([np.asarray(h["objects"], np.int64) for h in histograms] or [np.zeros(0, np.int64)])
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(counts[order])
+    lo = values[order][np.searchsorted(cum, (n - 1) // 2, side="right")]
+    hi = values[order][np.searchsorted(cum, n // 2, side="right")]
+    return (float(lo) + float(hi)) / 2.0

@@ -36,7 +36,7 @@ import zarr
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
-from unet_core.common.intensity import IntensityStats
+from unet_core.common.intensity import IntensityStats, Scaling
 from unet_core.common.memory import reuse_freed_memory
 from unet_core.common.mirror import mirror_index
 from unet_core.common.precision import Precision
@@ -103,7 +103,9 @@ class Engine:
     Args:
         model: a U-Net with a ``spec`` (valid or same padding); put in eval mode on ``device``.
         tiling: block and tile layout of the stack (its ``spec`` is the model's).
-        stats: the stack's intensity statistics (z-score, never per tile).
+        stats: the normalisation of each slice: a function ``z -> Scaling`` (per-slice modes,
+            :meth:`unet_core.io.ngff.Stack.scaler`), or one :class:`Scaling` or
+            :class:`IntensityStats` (its z-score) for every slice; never per tile.
         device: where to compute.
         precision: ``fp32`` or a bf16/fp16 autocast (GPU only; resolve it first).
         batch: tiles per network pass.
@@ -117,7 +119,8 @@ class Engine:
     """
 
     def __init__(
-        self, model: torch.nn.Module, tiling: Tiling, *, stats: IntensityStats, device: torch.device,
+        self, model: torch.nn.Module, tiling: Tiling, *,
+        stats: IntensityStats | Scaling | Callable[[int], Scaling], device: torch.device,
         precision: Precision = Precision.FP32, batch: int = 1, tta: TTA | str = TTA.NONE,
         offsets: Sequence[float] | None = None, encoding: ProbabilityEncoding = ProbabilityEncoding.FLOAT32,
         writers: int = 1, channels_last: bool | None = None,
@@ -125,7 +128,8 @@ class Engine:
         if tiling.spec != model.spec:
             raise ValueError(f"tiling is for {tiling.spec}, the model is {model.spec}")
         self.tiling, self.spec, self.device = tiling, tiling.spec, device
-        self.stats, self.precision, self.batch = stats, Precision(precision), int(batch)
+        self.scaling = _per_slice(stats)
+        self.precision, self.batch = Precision(precision), int(batch)
         self.tta, self.encoding = TTA(tta), ProbabilityEncoding(encoding)
         self.cuda = device.type == "cuda"
         if self.cuda and device.index is not None:
@@ -196,7 +200,9 @@ class Engine:
 
     # -- on the device ---------------------------------------------------------------------
     def normalised_input(self, staged: StagedBlock) -> torch.Tensor:
-        """(Y, X) float32 z-scored block input covering ``staged.read``, mirrored at the borders."""
+        """(Y, X) float32 normalised block input covering ``staged.read``, mirrored at the borders
+        (the block's slice's :class:`Scaling`, in the float32 arithmetic of
+        :func:`unet_core.common.intensity.normalize`)."""
         raw = staged.raw
         if self.cuda:
             raw.record_stream(torch.cuda.current_stream(self.device))
@@ -204,8 +210,8 @@ class Engine:
         if staged.dtype in _SIGNED_TWIN and raw.dtype != torch.from_numpy(np.empty(0, staged.dtype)).dtype:
             x = raw.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & _SIGNED_TWIN[staged.dtype][1]
         x = x.to(torch.float32, copy=x is raw)  # a tensor of its own: normalised in place
-        std = self.stats.std if self.stats.std > 0 else 1.0
-        x.sub_(np.float32(self.stats.mean)).div_(np.float32(std))
+        scaling = self.scaling(staged.block.write.offset[0])
+        x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
         return mirror_to(x, staged.loaded, staged.read, self.tiling.shape[1:])
 
     def block_output(self, image: torch.Tensor, block: Block, read: Box, *, logits: bool = False) -> torch.Tensor:
@@ -296,6 +302,15 @@ class Engine:
                 "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"
             ) from None
         return self.download(staged.block, probs, seg)
+
+
+def _per_slice(stats: IntensityStats | Scaling | Callable[[int], Scaling]) -> Callable[[int], Scaling]:
+    """``z -> Scaling`` from any of the engine's ``stats`` forms."""
+    if isinstance(stats, IntensityStats):
+        stats = stats.scaling()
+    if isinstance(stats, Scaling):
+        return lambda z, s=stats: s
+    return stats
 
 
 def class_probabilities(logits: torch.Tensor, offsets: torch.Tensor | None, *, out: torch.Tensor,

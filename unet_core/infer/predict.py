@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from unet_core import __version__
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.intensity import IntensityStats
+from unet_core.common.intensity import IntensityStats, Normalisation, Scaling
 from unet_core.common.outputs import claim_outputs
 from unet_core.common.precision import Precision, resolve_precision
 from unet_core.common.provenance import code_hash, sha256_files
@@ -51,7 +52,7 @@ def predict_plane(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    stats: IntensityStats,
+    stats: IntensityStats | Scaling | Callable[[int], Scaling],
     block_px: int = 2048,
     tile_out: int = 1024,
     device: str | torch.device = "cpu",
@@ -65,7 +66,8 @@ def predict_plane(
     Args:
         model: a U-Net with a ``spec``.
         image: raw grey values, any numeric dtype.
-        stats: the intensity statistics to z-score with (those of the stack it comes from).
+        stats: how to normalise: the statistics to z-score with (those of the stack it comes
+            from), a :class:`Scaling`, or a function ``z -> Scaling`` (per-slice modes).
         offsets: (C,) decision logit offsets (:mod:`unet_core.model.decision`), or None.
 
     Returns:
@@ -149,7 +151,7 @@ class _Run:
 
 
 def _part_settings(stack: Stack, model_hash: str, engine: Engine, job: int, jobs: int,
-                   offsets: list[float] | None) -> dict[str, Any]:
+                   metadata: dict[str, Any], offsets: list[float] | None) -> dict[str, Any]:
     """What a part's blocks depend on; a resumed job reuses blocks only if all of it is equal
     (so a re-ingested stack, another model or changed prediction code starts afresh). The batch
     size is among them: convolution kernels choose their algorithm by batch size, which changes
@@ -160,9 +162,30 @@ def _part_settings(stack: Stack, model_hash: str, engine: Engine, job: int, jobs
         "stack": str(stack.path), "stack_attrs_sha256": stack_id, "shape": list(stack.shape),
         "model_sha256": model_hash, "tiling": engine.tiling.to_dict(), "job": job, "jobs": jobs,
         "tta": engine.tta.value, "precision": engine.precision.value, "device": engine.device.type,
-        "intensity": stack.intensity.to_dict(), "intensity_normalisation": "stack z-score",
+        "intensity": stack.intensity.to_dict(), "intensity_normalisation": model_normalisation(metadata).value,
         "logit_offsets": offsets, "probabilities": engine.encoding.value, "batch": engine.batch,
+        "median_object_area_px": metadata.get("median_object_area_px"),
     }
+
+
+def model_normalisation(metadata: dict[str, Any]) -> Normalisation:
+    """The normalisation a model was trained with (its metadata; older files: stack z-score)."""
+    return Normalisation.of_metadata(metadata.get("intensity_normalisation"))
+
+
+def checked_normalisation(metadata: dict[str, Any], asked: Normalisation | str | None, *, model: Path) -> Normalisation:
+    """The model's normalisation; ``asked`` (None: whatever the model's) must be the same.
+
+    Raises:
+        UserInputError: ``asked`` differs from the model's mode (names both).
+    """
+    mode = model_normalisation(metadata)
+    if asked is not None and parse_choice(Normalisation, asked, option="--normalisation") is not mode:
+        raise UserInputError(
+            f"--normalisation {Normalisation(asked).value} (config normalisation) differs from {mode.value}, "
+            f"the normalisation {model} was trained with; a model predicts only with its own: "
+            f"set normalisation: {mode.value} or train a model with {Normalisation(asked).value}")
+    return mode
 
 
 def job_device(device: str, job: int) -> torch.device:
@@ -178,13 +201,14 @@ def job_device(device: str, job: int) -> torch.device:
 def _prepare_run(
     stack_path: Path, model_path: Path, *, job: int, jobs: int, block_px: int, tile_out: int, batch: int | None,
     device: str, precision: Precision | str, tta: TTA | str, decision: Decision | str,
-    probabilities: ProbabilityEncoding | str, expect: ModelExpectation,
+    probabilities: ProbabilityEncoding | str, expect: ModelExpectation, normalisation: Normalisation | str | None,
 ) -> _Run:
     """Open the stack and the model, resolve device, precision and geometry (errors before any work)."""
     if not stack_path.exists():
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
     model, metadata = load_model(model_path, expect=expect)
+    scaler = st.scaler(checked_normalisation(metadata, normalisation, model=model_path))
     decision = parse_choice(Decision, decision, option="--decision")
     encoding = parse_choice(ProbabilityEncoding, probabilities, option="--probabilities")
     tta = parse_choice(TTA, tta, option="--tta")
@@ -192,10 +216,10 @@ def _prepare_run(
     tiling = Tiling(st.shape, model.spec, block_px, tile_out)
     tiling.job_blocks(job, jobs)  # validates job and jobs
     dev = job_device(device, job)
-    engine = Engine(model, tiling, stats=st.intensity, device=dev, precision=resolve_precision(precision, dev),
+    engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(precision, dev),
                     batch=batch or DEFAULT_BATCH[dev.type], tta=tta, offsets=offsets, encoding=encoding,
                     writers=WRITERS[dev.type])
-    return _Run(st, engine, _part_settings(st, sha256_files([model_path]), engine, job, jobs, offsets))
+    return _Run(st, engine, _part_settings(st, sha256_files([model_path]), engine, job, jobs, metadata, offsets))
 
 
 def predict_job(
@@ -214,6 +238,7 @@ def predict_job(
     decision: Decision | str = Decision.CORRECTED,
     probabilities: ProbabilityEncoding | str = ProbabilityEncoding.UINT8,
     expect: ModelExpectation = None,
+    normalisation: Normalisation | str | None = None,
 ) -> JobSummary:
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
 
@@ -238,18 +263,22 @@ def predict_job(
         probabilities: storage of the probabilities (:class:`ProbabilityEncoding`, default uint8).
         expect: architecture keys the config asks for (a :class:`UNetSpec` or a partial
             mapping); a model file that differs in any of them is rejected.
+        normalisation: the grey-value normalisation the caller expects (None: the model's,
+            which is always the one used; another value is an error naming both).
 
     Returns:
         A :class:`JobSummary` (also logged as one line with Mpx/s).
 
     Raises:
-        UserInputError: missing/invalid stack, bad sizes or job numbers, GPU memory exhausted;
+        UserInputError: missing/invalid stack, bad sizes or job numbers, GPU memory exhausted, a
+            normalisation other than the model's, or a per-slice one on a stack without per-slice
+            statistics;
             CheckpointError for a model file that is unreadable or does not match ``expect``.
     """
     claim_outputs([(out_part, PART_MARK)], [stack, model_path])
     run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
                        batch=batch, device=device, precision=precision, tta=tta, decision=decision,
-                       probabilities=probabilities, expect=expect)
+                       probabilities=probabilities, expect=expect, normalisation=normalisation)
     store = PartStore(out_part)
     with store.locked():
         return _run_job(run, store, job=job, jobs=jobs)

@@ -24,7 +24,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.outputs import ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.intensity import RunningStats
+from unet_core.common.intensity import RunningStats, slice_stats_to_attrs
 from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.progress import progress
 from unet_core.common.provenance import sha256_files
@@ -216,7 +216,8 @@ def _convert(
             writer.close()
         raise
     image_writer.finish()
-    attrs: dict[str, Any] = {"intensity": stats.result().to_dict(), "dtype": str(img.dtype), "shape": list(shape)}
+    attrs: dict[str, Any] = {"intensity": stats.result().to_dict(), "slice_intensity": slice_stats_to_attrs(stats.slices),
+                             "dtype": str(img.dtype), "shape": list(shape)}
     if label_writer is not None:
         label_writer.finish(IMAGE_LABEL)
         attrs["label_kind"] = _choose_kind(label_kind, kinds).value

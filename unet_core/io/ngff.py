@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
@@ -29,7 +29,13 @@ from zarr.codecs import BloscCodec
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
-from unet_core.common.intensity import IntensityStats
+from unet_core.common.intensity import (
+    IntensityStats,
+    Normalisation,
+    Scaling,
+    StackIntensity,
+    slice_stats_from_attrs,
+)
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"
@@ -370,6 +376,22 @@ class Stack:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.image.shape)
+
+    @property
+    def intensities(self) -> StackIntensity:
+        """The stack's and each slice's intensity statistics (per slice: None if ingested before
+        they were stored)."""
+        stored = self.attrs.get("slice_intensity")
+        slices = tuple(slice_stats_from_attrs(stored)) if stored else None
+        if slices is not None and len(slices) != self.shape[0]:
+            raise UserInputError(f"{self.path}: {len(slices)} per-slice intensity records for "
+                                 f"{self.shape[0]} slices; ingest it again")
+        return StackIntensity(self.intensity, slices, str(self.path))
+
+    def scaler(self, mode: Normalisation | str) -> Callable[[int], Scaling]:
+        """``z -> Scaling``: the normalisation of each slice under ``mode``
+        (:meth:`unet_core.common.intensity.StackIntensity.scaler`)."""
+        return self.intensities.scaler(Normalisation(mode))
 
 
 def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) -> Stack:

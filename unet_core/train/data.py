@@ -3,7 +3,7 @@
 Training tiles come from the augmented sets written by ``unet augment`` (the shared data
 contract), or are deformed on the fly from ingested stacks (:class:`OnTheFlyTiles`)::
 
-    AUG.zarr/      image     float32 (N, H, W)  normalised with the stack's IntensityStats
+    AUG.zarr/      image     float32 (N, H, W)  normalised (attrs: intensity_normalisation)
                    classes   uint8   (N, H, W)  class per pixel (1 = cell interior)
                    weights   float32 (N, H, W)  loss weights w(x)
                    instances int32   (N, H, W)  (not used for training)
@@ -36,7 +36,8 @@ import zarr
 from unet_core.augment.elastic import DeformParams
 from unet_core.augment.samples import make_sample, open_source, tile_shapes
 from unet_core.common.errors import UserInputError
-from unet_core.common.intensity import normalize
+from unet_core.common.intensity import Normalisation, normalize
+from unet_core.common.labels import area_histogram, median_area, object_areas
 from unet_core.io.ngff import open_group, open_stack
 from unet_core.model.decision import WeightSums
 from unet_core.model.spec import UNetSpec
@@ -94,12 +95,15 @@ class AugmentedTiles(torch.utils.data.Dataset):
 
     Item ``i`` is a tuple of tensors: image ``(1, H, W)`` float32, classes ``(h, w)`` int64
     and weights ``(h, w)`` float32 with ``h = spec.output_size(H)``. Zarr arrays are opened
-    lazily in each process, so the dataset can be used by forked loader workers.
+    lazily in each process, so the dataset can be used by forked loader workers. Every set must
+    hold tiles normalised by ``normalisation`` (its attributes say which).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, spec: UNetSpec) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, spec: UNetSpec,
+                 normalisation: Normalisation = Normalisation.STACK_ZSCORE) -> None:
         self.paths = [Path(p) for p in paths]
         self.spec = spec
+        self.area_records: list[dict] = []
         if not self.paths:
             raise UserInputError(
                 "--train: no training set given (pass one or more AUG.zarr from 'unet augment')"
@@ -125,6 +129,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
                 )
             tile = h
             check_tile_size(h, spec=spec, where=str(path))
+            self._check_set_attrs(path, dict(group.attrs).get("unet", {}), normalisation)
             _check_classes(group["classes"], n_classes=spec.n_classes, where=f"{path}/classes")
             self.lengths.append(n)
         if sum(self.lengths) == 0:
@@ -137,6 +142,23 @@ class AugmentedTiles(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def _check_set_attrs(self, path: Path, attrs: dict, normalisation: Normalisation) -> None:
+        """Refuse a set normalised otherwise; keep its object-area record (sets of older versions have none)."""
+        stored = Normalisation.of_metadata(attrs.get("intensity_normalisation"))
+        if stored is not Normalisation(normalisation):
+            raise UserInputError(
+                f"{path}: tiles normalised with {stored.value} (attribute intensity_normalisation), but training "
+                f"uses {Normalisation(normalisation).value} (--normalisation, config normalisation); regenerate "
+                f"the set with 'unet augment --normalisation {Normalisation(normalisation).value}'")
+        if "object_areas" in attrs:
+            self.area_records.append(attrs["object_areas"])
+
+    def median_object_area(self) -> float | None:
+        """Median area, px, of the objects of the sets' undeformed source slices (None: not recorded)."""
+        if len(self.area_records) != len(self.paths):
+            return None
+        return median_area(self.area_records)
 
     def mean_weights(self) -> np.ndarray:
         """Mean loss weight per class over the output region of every tile (the pixels the loss sees)."""
@@ -222,16 +244,18 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
         spec: UNetSpec,
         tile_out: int,
         seed: int,
+        normalisation: Normalisation = Normalisation.STACK_ZSCORE,
     ) -> None:
         if not pairs:
             raise UserInputError("--train-stacks: no training stack given (pass STACK:WEIGHTS.zarr pairs)")
         self.pairs = [(Path(a), Path(b)) for a, b in pairs]
         self.spec, self.seed = spec, int(seed)
+        self.normalisation = Normalisation(normalisation)
         self.in_size, self.out_size = tile_shapes(spec, tile_out)
         self.params = DeformParams()
         self.items: list[tuple[int, int]] = []
         for i, (stack, weights) in enumerate(self.pairs):
-            n_z = open_source(stack, weights).stack.shape[0]
+            n_z = open_source(stack, weights, normalisation=self.normalisation).stack.shape[0]
             chosen = range(n_z) if slices is None else slices
             bad = [z for z in chosen if not 0 <= z < n_z]
             if bad:
@@ -257,7 +281,14 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
             "tile_out": self.out_size,
             "seed": self.seed,
             "deform": {k: str(v) for k, v in vars(self.params).items()},
+            "normalisation": self.normalisation.value,
         }
+
+    def median_object_area(self) -> float | None:
+        """Median area, px, of the objects of the chosen source slices (None: no object)."""
+        stores = [zarr.open_group(w, mode="r") for _, w in self.pairs]
+        areas = [object_areas(np.asarray(stores[which]["instances"][z])) for which, z in self.items]
+        return median_area([area_histogram(np.concatenate(areas))])
 
     def mean_weights(self) -> np.ndarray:
         """Mean loss weight per class over the chosen source slices (before deformation).
@@ -273,7 +304,7 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
 
     def _source(self, which: int):
         if self._sources is None or self._pid != os.getpid():
-            self._sources = [open_source(a, b) for a, b in self.pairs]
+            self._sources = [open_source(a, b, normalisation=self.normalisation) for a, b in self.pairs]
             self._pid = os.getpid()
         return self._sources[which]
 
@@ -304,7 +335,7 @@ class ValidationSlice:
 
     Attributes:
         source: ``"STACK:z"`` for logs.
-        image: (Y, X) float32 z-scored grey values.
+        image: (Y, X) float32 normalised grey values.
         classes: (Y, X) uint8 target classes.
         weights: (Y, X) float32 loss weights w(x).
     """
@@ -326,7 +357,8 @@ def parse_validation_pair(text: str, *, what: str = "--val") -> tuple[Path, Path
 
 
 def load_validation(
-    pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, n_classes: int
+    pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, n_classes: int,
+    normalisation: Normalisation = Normalisation.STACK_ZSCORE,
 ) -> list[ValidationSlice]:
     """Read held-out slices of ingested stacks with their weights stores.
 
@@ -334,6 +366,7 @@ def load_validation(
         pairs: ``(stack, weights store)`` paths.
         slices: z indices to use from every stack, or None for all slices.
         n_classes: classes of the model (targets must be below it).
+        normalisation: how the images are normalised (as ``unet predict`` will with this model).
 
     Returns:
         One :class:`ValidationSlice` per (stack, z).
@@ -347,6 +380,7 @@ def load_validation(
     out: list[ValidationSlice] = []
     for stack_path, weights_path in pairs:
         stack = open_stack(stack_path)
+        scaling = stack.scaler(normalisation)
         group = open_group(weights_path, hint="a weights store from 'unet weights' expected")
         missing = [name for name in ("weights", "classes") if name not in group]
         if missing:
@@ -367,7 +401,7 @@ def load_validation(
             out.append(
                 ValidationSlice(
                     source=f"{stack_path}:{z}",
-                    image=normalize(np.asarray(stack.image[z]), stack.intensity),
+                    image=normalize(np.asarray(stack.image[z]), scaling(z)),
                     classes=classes,
                     weights=np.asarray(group["weights"][z], dtype=np.float32),
                 )

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_core.common.errors import ConfigError
+from unet_core.common.errors import ConfigError, parse_choice
+from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import claim_outputs
 from unet_core.common.progress import progress_bar
 from unet_core.common.provenance import sha256_files
@@ -194,6 +195,7 @@ def train(
     train_stacks: Sequence[tuple[Path, Path]] = (),
     train_slices: Sequence[int] | None = None,
     tile_out: int | None = None,
+    normalisation: Normalisation | str = Normalisation.STACK_ZSCORE,
 ) -> TrainResult:
     """Train a U-Net on augmented tiles; validate, checkpoint and export as configured.
 
@@ -214,6 +216,9 @@ def train(
             deform on the fly (fresh tiles every epoch; :class:`unet_core.train.data.OnTheFlyTiles`).
         train_slices: z indices of every training stack (None: all).
         tile_out: network output size of the on-the-fly tiles, pixels.
+        normalisation: grey-value normalisation (:class:`unet_core.common.intensity.Normalisation`)
+            of the on-the-fly tiles and the validation slices; augmented sets must hold tiles
+            normalised the same way. Stored in model.pt: ``unet predict`` uses it.
 
     Returns:
         A :class:`TrainResult` with the last validation metrics.
@@ -242,6 +247,7 @@ def train(
             train_stacks=train_stacks,
             train_slices=train_slices,
             tile_out=tile_out,
+            normalisation=parse_choice(Normalisation, normalisation, option="--normalisation", error=ConfigError),
         )
     finally:  # the CPU run switches deterministic algorithms on; leave the process as it was
         torch.use_deterministic_algorithms(deterministic)
@@ -261,6 +267,7 @@ def _train(
     train_stacks: Sequence[tuple[Path, Path]],
     train_slices: Sequence[int] | None,
     tile_out: int | None,
+    normalisation: Normalisation,
 ) -> TrainResult:
     if config.export_weights is ExportWeights.BEST and not validation:
         raise ConfigError(
@@ -268,9 +275,10 @@ def _train(
             "(add --val pairs, a 'val' row in the samples table, or use 'last')"
         )
     data = training_data(train_sets, train_stacks=train_stacks, train_slices=train_slices, tile_out=tile_out,
-                         spec=spec, seed=config.seed)
+                         spec=spec, seed=config.seed, normalisation=normalisation)
     val_tile_out = _val_tile_out(config, spec, data.dataset)
-    val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes) if validation else []
+    val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes,
+                               normalisation=normalisation) if validation else []
     mean_weights = data.dataset.mean_weights() if config.weighted else np.ones(spec.n_classes)
     offsets = logit_offsets(mean_weights)
     log.info("mean loss weight per class %s -> decision logit offsets %s",
@@ -286,6 +294,7 @@ def _train(
         validation=[f"{stack}:{weights}" for stack, weights in validation],
         val_slices=list(val_slices) if val_slices is not None else None,
         val_tile_out=val_tile_out, decision=decision_metadata(mean_weights, offsets),
+        normalisation=normalisation, median_object_area_px=data.dataset.median_object_area(),
     )
     s = _session(out_dir, record, val_data, offsets, resume=resume, restart_if_changed=restart_if_changed)
     _run(s, _loader(data.dataset, config, runtime, start=s.progress.iteration), on_iteration)
@@ -304,6 +313,7 @@ def training_data(
     tile_out: int | None,
     spec: UNetSpec,
     seed: int,
+    normalisation: Normalisation = Normalisation.STACK_ZSCORE,
 ) -> TrainingData:
     """Stored augmented sets, or stacks deformed on the fly, with the hash that identifies them.
 
@@ -316,11 +326,12 @@ def training_data(
             "train: give augmented sets (--train) or stacks to deform on the fly (--train-stacks), not both"
         )
     if not train_stacks:
-        return TrainingData(AugmentedTiles(train_sets, spec=spec), sha256_files(train_sets),
+        return TrainingData(AugmentedTiles(train_sets, spec=spec, normalisation=normalisation), sha256_files(train_sets),
                             {"train_sets": [str(p) for p in train_sets]})
     if tile_out is None:
         raise ConfigError("train.tile_out: on-the-fly augmentation needs the output tile size (--tile-out)")
-    dataset = OnTheFlyTiles(train_stacks, slices=train_slices, spec=spec, tile_out=tile_out, seed=seed)
+    dataset = OnTheFlyTiles(train_stacks, slices=train_slices, spec=spec, tile_out=tile_out, seed=seed,
+                            normalisation=normalisation)
     stores = [p for pair in train_stacks for p in pair]
     digest = hashlib.sha256((sha256_files(stores) + json.dumps(dataset.describe())).encode()).hexdigest()
     return TrainingData(dataset, digest, {"on_the_fly": dataset.describe()})

@@ -24,6 +24,7 @@ import torch
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.intensity import Normalisation
 from unet_core.common.provenance import sha256_files
 from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, PngMark
 from unet_core.model.checkpoint import MODEL_MARK, STATE_MARK, TORCHSCRIPT_MARK, save_model, write_torch_file
@@ -84,6 +85,10 @@ class RunRecord:
         val_slices: z indices used from every validation stack (None: all).
         val_tile_out: validation output tile size, px.
         decision: :func:`decision_metadata` of the run.
+        normalisation: the grey-value normalisation of every training and validation input.
+        median_object_area_px: median area of the training labels' objects, px (None: the
+            training sets do not record object areas); seeds and the smallest kept object of
+            ``unet merge`` can scale with it (``auto``).
     """
 
     spec: UNetSpec
@@ -98,6 +103,8 @@ class RunRecord:
     val_slices: list[int] | None
     val_tile_out: int
     decision: dict[str, Any]
+    normalisation: Normalisation = Normalisation.STACK_ZSCORE
+    median_object_area_px: float | None = None
 
 
 def decision_metadata(mean_weights: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -186,7 +193,8 @@ def write_final_outputs(
     export, exported = exported_model(model, history, best, record.config.export_weights)
     final = history.rows[-1] if history.rows else {}
     metadata = {
-        "intensity_normalisation": "stack z-score",
+        "intensity_normalisation": record.normalisation.value,
+        "median_object_area_px": record.median_object_area_px,
         "train_config": record.config.to_dict(),
         "iterations": iteration,
         "tile_in": record.tile_in,
@@ -237,7 +245,9 @@ def model_card(
             "val_tile_out_px": record.val_tile_out,
             "valid_inputs": f"{spec.min_input_size} + {spec.stride}*k",
         },
-        "intensity_normalisation": "stack z-score",
+        "intensity_normalisation": record.normalisation.value,
+        "training_labels": {"median_object_area_px": record.median_object_area_px,
+                            "measured_on": "objects of the training slices' instance labels, undeformed"},
         "training": {
             "config": config.to_dict(),
             "iterations_done": iteration,
