@@ -50,6 +50,21 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, minimum=0.0, what="a finite number >= 0")
 
 
+def nonnegative_int_or_auto(text: str) -> int | str:
+    """argparse type: an integer >= 0 or ``auto`` (derived from the model)."""
+    return "auto" if text == "auto" else _number(text, int, minimum=0, what="an integer >= 0 or 'auto'")
+
+
+def positive_float_or_auto(text: str) -> float | str:
+    """argparse type: a finite number > 0 or ``auto`` (derived from the model)."""
+    if text == "auto":
+        return text
+    value = _number(text, float, minimum=0.0, what="a finite number > 0 or 'auto'")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 or 'auto', got {text!r}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     """argparse type: a probability threshold, a number in [0, 1)."""
     value = _number(text, float, minimum=0.0, what="a number in [0, 1)")

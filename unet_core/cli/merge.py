@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import nonnegative_int, unit_interval
+from unet_core.cli.common import nonnegative_int, nonnegative_int_or_auto, positive_float_or_auto, unit_interval
 from unet_core.infer.instances import (
     MASK_THRESHOLD,
     SEED_EROSION_PX,
     SEED_THRESHOLD,
     WATERSHED_HALO_PX,
     InstanceMethod,
+    SeedRule,
 )
 
 
@@ -42,9 +43,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--instances", choices=[m.value for m in InstanceMethod], default="components",
                    help="components (default): 4-connected components of the argmax cell class; watershed: "
                         "a seeded watershed of P(cell), which splits cells touching through a weak gap")
-    g.add_argument("--min-object-px", type=nonnegative_int, default=0,
+    g.add_argument("--min-object-px", type=nonnegative_int_or_auto, default=0,
                    help="instances of fewer pixels (after merging across blocks) become background: the specks "
-                        "a network leaves at membranes and image borders (default 0: keep all)")
+                        "a network leaves at membranes and image borders (default 0: keep all); auto: 5 %% of the "
+                        "median object area of the model's training labels")
+    g.add_argument("--seeds", choices=[r.value for r in SeedRule], default="threshold",
+                   help="watershed seed rule: threshold (default; P(cell) > --seed-threshold eroded by "
+                        "--seed-erosion-px) or distance (h-maxima of depth --seed-h-px of the mask's smoothed "
+                        "distance transform: one seed per blob whatever its size, for dense nuclei)")
+    g.add_argument("--seed-h-px", type=positive_float_or_auto, default="auto",
+                   help="distance seeds: depth h of the distance maxima, px; auto (default): 0.15 x the median "
+                        "object radius of the model's training labels")
     g.add_argument("--seed-threshold", type=unit_interval, default=SEED_THRESHOLD,
                    help=f"watershed seeds: P(cell) above this ... (default {SEED_THRESHOLD})")
     g.add_argument("--seed-erosion-px", type=nonnegative_int, default=SEED_EROSION_PX,
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> None:
     from unet_core.infer.merge import WatershedSettings, merge_parts
 
     watershed = WatershedSettings(seed_threshold=args.seed_threshold, seed_erosion_px=args.seed_erosion_px,
-                                  mask_threshold=args.mask_threshold, halo_px=args.halo_px)
+                                  mask_threshold=args.mask_threshold, halo_px=args.halo_px, seeds=args.seeds,
+                                  h_px=args.seed_h_px)
     merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content,
                 instances=args.instances, watershed=watershed, cells=args.cells, min_object_px=args.min_object_px)

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,19 @@ from unet_core.common.progress import progress
 from unet_core.infer.cells import CELLS_MARK, CellTable, write_cells_csv
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
+    AUTO,
     MASK_THRESHOLD,
     SEED_EROSION_PX,
     SEED_THRESHOLD,
     WATERSHED_HALO_PX,
     InstanceMethod,
+    SeedRule,
+    auto_h_px,
+    auto_min_object_px,
+    distance_seed_mask,
     flood,
+    flood_height,
+    mask_distance,
     seed_mask,
 )
 from unet_core.infer.part_store import Part, open_parts
@@ -71,14 +78,26 @@ PREDICTION_MARK = ZarrMark("merge")
 TIFF_MARK = TiffMark(TIFF_GENERATOR)
 SEGMENTATION_RULE = "segmentation = argmax of the class probabilities (ties -> lower class index)"
 INSTANCE_RULES = {
-    InstanceMethod.WATERSHED: (
+    (InstanceMethod.WATERSHED, SeedRule.THRESHOLD): (
         "instances = seeded watershed of P(class 1) per slice (seeds: P > {seed_threshold} eroded by "
         "{seed_erosion_px} px; mask: P > {mask_threshold}; block-wise with a {halo_px} px halo)"
+    ),
+    (InstanceMethod.WATERSHED, SeedRule.DISTANCE): (
+        "instances = seeded watershed of the distance transform of the mask P(class 1) > {mask_threshold} per "
+        "slice (seeds: its h-maxima of depth h = {h_px:.3f} px after Gaussian smoothing; flooding in order of "
+        "decreasing distance; block-wise with a {halo_px} px halo)"
     ),
     InstanceMethod.COMPONENTS: (
         "instances = 4-connected components of class 1 (cell interior) per slice, merged across block borders"
     ),
 }
+
+
+def instance_rule(instances: InstanceMethod, watershed: WatershedSettings) -> str:
+    """The sentence that says how a prediction's cells were made (stored in its attributes)."""
+    if instances is InstanceMethod.COMPONENTS:
+        return INSTANCE_RULES[instances]
+    return INSTANCE_RULES[(instances, watershed.seeds)].format(**asdict(watershed))
 
 
 class TiffContent(str, Enum):
@@ -213,17 +232,22 @@ def watershed_blockwise(
     seed_threshold: float = SEED_THRESHOLD,
     seed_erosion_px: int = SEED_EROSION_PX,
     mask_threshold: float = MASK_THRESHOLD,
+    seeds: SeedRule | str = SeedRule.THRESHOLD,
+    h_px: float | None = None,
     desc: str = "merge: instances",
 ) -> tuple[np.ndarray, InstanceMerger]:
     """Seeded-watershed instances of every slice, one block (plus halo) at a time.
 
-    The block-wise form of :func:`unet_core.infer.instances.seeded_watershed`:
+    The block-wise form of :func:`unet_core.infer.instances.seeded_watershed` (``seeds``
+    ``threshold``) and :func:`unet_core.infer.instances.distance_seeded_watershed` (``distance``):
 
-    1. Seeds: each block's seed pixels from its window grown by ``seed_erosion_px`` (exactly
-       the whole slice's seeds), numbered as 4-connected components across block faces.
+    1. Seeds: each block's seed pixels from its window grown by ``seed_erosion_px`` (threshold:
+       exactly the whole slice's seeds) or by ``halo_px`` (distance: the whole slice's seeds on
+       every object smaller than the halo), numbered as 4-connected components across block faces.
     2. Flooding: each block is flooded within its window grown by ``halo_px`` from the seeds
-       in that window. A pixel gets the whole slice's label whenever the flood that reaches it
-       in the whole slice stays inside the window, i.e. when cells are smaller than the halo.
+       in that window (in order of decreasing P, or of decreasing distance to the mask's edge). A
+       pixel gets the whole slice's label whenever the flood that reaches it in the whole slice
+       stays inside the window, i.e. when cells are smaller than the halo.
     3. Mask pixels no seed reached become components of their own, joined across block faces
        to each other and to a seeded region they touch (as flooding the whole slice would).
 
@@ -236,24 +260,27 @@ def watershed_blockwise(
         scratch: like ``out``, for the provisional seed ids.
         shape: (Z, Y, X).
         block_px: block edge, px.
-        halo_px: flooding context around each block, px.
+        halo_px: flooding (and distance-seed) context around each block, px.
+        seeds: the seed rule (:class:`unet_core.infer.instances.SeedRule`).
+        h_px: depth of the distance seeds, px (``seeds`` ``distance`` only).
 
     Returns:
         ``(final, merger)``: the uint32 lookup table provisional id -> final id (ids 1..K over the
         whole stack: seeds in raster order of their first block, then the unseeded components;
         0 -> 0), and the merger that counted the provisional areas.
     """
+    rule = _SeedRuleSettings(SeedRule(seeds), seed_threshold, seed_erosion_px, mask_threshold, h_px)
     whole = Box.from_shape(shape)
     grid = [((b.offset[0], b.offset[1] // block_px, b.offset[2] // block_px), b)
             for b in chunk_grid(shape, (1, block_px, block_px))]
-    seeds = InstanceMerger()
+    seed_sets = InstanceMerger()
+    margin = halo_px if rule.seeds is SeedRule.DISTANCE else seed_erosion_px
     for index, block in progress(grid, desc=f"{desc} (seeds)", unit="block"):
-        window = block.grow((0, seed_erosion_px, seed_erosion_px)).intersect(whole)
+        window = block.grow((0, margin, margin)).intersect(whole)
         core = _plane(block.relative_to(window))
-        mask = seed_mask(np.asarray(prob[_at(window)]), seed_threshold=seed_threshold,
-                         seed_erosion_px=seed_erosion_px, mask_threshold=mask_threshold)[core]
-        scratch[_at(block)] = _as_uint32(seeds.add_block(index, mask))
-    seed_ids = seeds.final_ids()
+        mask = rule.seed_pixels(np.asarray(prob[_at(window)], dtype=np.float32))[core]
+        scratch[_at(block)] = _as_uint32(seed_sets.add_block(index, mask))
+    seed_ids = seed_sets.final_ids()
     n_seeds = int(seed_ids.max(initial=0))
 
     faces = InstanceMerger()
@@ -262,7 +289,7 @@ def watershed_blockwise(
         window = block.grow((0, halo_px, halo_px)).intersect(whole)
         core = _plane(block.relative_to(window))
         p = np.asarray(prob[_at(window)], dtype=np.float32)
-        labels = flood(p, seed_ids[np.asarray(scratch[_at(window)])], mask_threshold=mask_threshold)[core].astype(np.int64)
+        labels = rule.flood(p, seed_ids[np.asarray(scratch[_at(window)])])[core].astype(np.int64)
         orphans, n = ndimage.label((p[core] > mask_threshold) & (labels == 0))
         first = faces.sets.add(n)
         labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
@@ -270,6 +297,36 @@ def watershed_blockwise(
         faces.count(labels)
         out[_at(block)] = _as_uint32(labels)
     return faces.final_ids(), faces
+
+
+@dataclass(frozen=True)
+class _SeedRuleSettings:
+    """One seed rule with its numbers, applied to a window of P(cell)."""
+
+    seeds: SeedRule
+    seed_threshold: float
+    seed_erosion_px: int
+    mask_threshold: float
+    h_px: float | None
+
+    def __post_init__(self) -> None:
+        if self.seeds is SeedRule.DISTANCE and not (self.h_px is not None and self.h_px > 0):
+            raise UserInputError(f"watershed seeds 'distance' need a depth h > 0 px, got {self.h_px}")
+
+    def seed_pixels(self, p: np.ndarray) -> np.ndarray:
+        """(Y, X) bool seed pixels of a window of P(cell)."""
+        if self.seeds is SeedRule.THRESHOLD:
+            return seed_mask(p, seed_threshold=self.seed_threshold, seed_erosion_px=self.seed_erosion_px,
+                             mask_threshold=self.mask_threshold)
+        mask = p > self.mask_threshold
+        return distance_seed_mask(mask_distance(mask), mask, h_px=self.h_px)
+
+    def flood(self, p: np.ndarray, markers: np.ndarray) -> np.ndarray:
+        """(Y, X) int32 labels of a window flooded from ``markers`` within the mask."""
+        if self.seeds is SeedRule.THRESHOLD:
+            return flood(p, markers, mask_threshold=self.mask_threshold)
+        mask = p > self.mask_threshold
+        return flood_height(mask_distance(mask), markers, mask=mask)
 
 
 def _at(box: Box) -> tuple:
@@ -310,19 +367,63 @@ class MergeSummary:
 
 @dataclass(frozen=True)
 class WatershedSettings:
-    """Seeds, mask and block halo of the seeded watershed (see :mod:`unet_core.infer.instances`)."""
+    """Seed rule, seeds, mask and block halo of the seeded watershed (see :mod:`unet_core.infer.instances`).
+
+    Attributes:
+        seeds: ``threshold`` (P > ``seed_threshold`` eroded by ``seed_erosion_px``) or
+            ``distance`` (h-maxima of depth ``h_px`` of the mask's smoothed distance transform).
+        h_px: depth of the distance seeds, px, or ``"auto"`` (0.15 x the median object radius of
+            the model's training labels, resolved by :meth:`resolved`).
+    """
 
     seed_threshold: float = SEED_THRESHOLD
     seed_erosion_px: int = SEED_EROSION_PX
     mask_threshold: float = MASK_THRESHOLD
     halo_px: int = WATERSHED_HALO_PX
+    seeds: SeedRule = SeedRule.THRESHOLD
+    h_px: float | str = AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", parse_choice(SeedRule, self.seeds, option="--seeds"))
         if not 0.0 <= self.seed_threshold < 1.0 or self.seed_erosion_px < 0 or self.halo_px < 0:
             raise UserInputError(
                 f"watershed settings: need 0 <= seed threshold < 1 and erosion, halo >= 0 px "
                 f"(got {self.seed_threshold}, {self.seed_erosion_px}, {self.halo_px})"
             )
+        if self.h_px != AUTO and not (isinstance(self.h_px, int | float) and 0 < self.h_px < float("inf")):
+            raise UserInputError(f"--seed-h-px {self.h_px!r}: must be a number of px > 0 or 'auto'")
+
+    def resolved(self, median_area_px: float | None, *, where: str) -> WatershedSettings:
+        """The settings with ``h_px: auto`` replaced by its value where the distance rule needs it.
+
+        Raises:
+            UserInputError: ``auto`` needed without a median object area (names ``where``).
+        """
+        if self.seeds is not SeedRule.DISTANCE or self.h_px != AUTO:
+            return self
+        return replace(self, h_px=auto_h_px(_need_area(median_area_px, "--seed-h-px", where)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seeds": self.seeds.value}
+
+
+def _need_area(median_area_px: float | None, option: str, where: str) -> float:
+    """The model's median object area, or a one-line error for ``option auto`` without one."""
+    if median_area_px is None:
+        raise UserInputError(
+            f"{where}: {option} auto scales with the median object area of the model's training labels, but "
+            "the model that predicted these parts does not store one (trained before it was measured); "
+            f"give {option} a number or retrain the model")
+    return float(median_area_px)
+
+
+def resolve_min_object_px(min_object_px: int | str, median_area_px: float | None, *, where: str) -> int:
+    """``min_object_px`` as a number of px: ``auto`` is 5 % of the model's median object area."""
+    if min_object_px == AUTO:
+        return auto_min_object_px(_need_area(median_area_px, "--min-object-px", where))
+    if isinstance(min_object_px, bool) or not isinstance(min_object_px, int) or min_object_px < 0:
+        raise UserInputError(f"--min-object-px {min_object_px!r}: must be an integer >= 0 or 'auto'")
+    return min_object_px
 
 
 @dataclass
@@ -368,7 +469,7 @@ def merge_parts(
     instances: InstanceMethod | str = InstanceMethod.COMPONENTS,
     watershed: WatershedSettings = WatershedSettings(),
     cells: str | os.PathLike[str] | None = None,
-    min_object_px: int = 0,
+    min_object_px: int | str = 0,
 ) -> MergeSummary:
     """Merge the part stores of all jobs of one ``unet predict`` run into ``out``.
 
@@ -380,10 +481,12 @@ def merge_parts(
         tiff_content: what the TIFF holds (:class:`TiffContent`).
         instances: ``watershed`` (seeded watershed of P(cell), :func:`watershed_blockwise`)
             or ``components`` (connected components of the argmax cell class).
-        watershed: the watershed's seeds, mask and block halo.
+        watershed: the watershed's seed rule, seeds, mask and block halo (``h_px: auto`` is
+            resolved from the median object area the parts' model stores).
         cells: optional CSV file for the table of cells (:mod:`unet_core.infer.cells`).
         min_object_px: instances of fewer pixels (after merging across blocks) become
-            background: specks the network leaves at membranes and image borders.
+            background: specks the network leaves at membranes and image borders. ``auto``:
+            5 % of the median object area of the model's training labels.
 
     Raises:
         UserInputError: bad parts (see :func:`unet_core.infer.part_store.open_parts`), a stack
@@ -400,6 +503,10 @@ def merge_parts(
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
     encoding = ProbabilityEncoding(part_list[0].settings["probabilities"])
+    area = part_list[0].settings.get("median_object_area_px")
+    min_object_px = resolve_min_object_px(min_object_px, area, where=str(parts[0]))
+    if instances is InstanceMethod.WATERSHED:
+        watershed = watershed.resolved(area, where=str(parts[0]))
     with atomic_output(out, own=PREDICTION_MARK) as tmp:
         root = zarr.open_group(tmp, mode="w")
         outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
@@ -413,7 +520,7 @@ def merge_parts(
         outputs.finish()
         n_instances = table.n_cells
         root.attrs.update({"unet": {**_provenance(part_list, instances, watershed, n_instances, encoding),
-                                    "min_object_px": min_object_px}})
+                                    "min_object_px": min_object_px, "median_object_area_px": area}})
     if tiff is not None:
         export_tiff(out, tiff, content=tiff_content)
     if cells is not None:
@@ -468,17 +575,18 @@ def _provenance(parts: list[Part], instances: InstanceMethod, watershed: Watersh
                 n_instances: int, encoding: ProbabilityEncoding) -> dict[str, Any]:
     """``attrs["unet"]`` of a prediction store."""
     ref = parts[0].settings
-    ws = asdict(watershed)
+    ws = watershed.to_dict()
     if instances is InstanceMethod.WATERSHED:
-        ws["as_stored"] = {"seed": encoding.code_threshold(watershed.seed_threshold),
-                           "mask": encoding.code_threshold(watershed.mask_threshold)}
+        ws["as_stored"] = {"mask": encoding.code_threshold(watershed.mask_threshold)}
+        if watershed.seeds is SeedRule.THRESHOLD:
+            ws["as_stored"]["seed"] = encoding.code_threshold(watershed.seed_threshold)
     return {
         "stage": "merge", "format": PREDICTION_FORMAT, "version": __version__, "source": ref["stack"],
         "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
         "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
         "devices": sorted({p.settings["device"] for p in parts}),
         "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
-        "decision_rule": f"{SEGMENTATION_RULE}; {INSTANCE_RULES[instances].format(**asdict(watershed))}",
+        "decision_rule": f"{SEGMENTATION_RULE}; {instance_rule(instances, watershed)}",
         "cell_class": CELL_CLASS, "instances": n_instances,
         "instance_method": instances.value, "watershed": ws if instances is InstanceMethod.WATERSHED else None,
         "probability_axes": "czyx", "probabilities": encoding.value,
@@ -508,7 +616,8 @@ def _watershed_store(tmp: Path, cells: _CellView, labels: zarr.Array, tiling: Ti
         return watershed_blockwise(
             cells, labels, scratch, shape=tiling.shape, block_px=tiling.block_px,
             halo_px=ws.halo_px, seed_threshold=ws.seed_threshold,
-            seed_erosion_px=ws.seed_erosion_px, mask_threshold=ws.mask_threshold,
+            seed_erosion_px=ws.seed_erosion_px, mask_threshold=ws.mask_threshold, seeds=ws.seeds,
+            h_px=ws.h_px if ws.seeds is SeedRule.DISTANCE else None,
         )
     finally:
         shutil.rmtree(Path(tmp) / "_scratch", ignore_errors=True)
