@@ -20,6 +20,7 @@ rule augment:
         sigma_px=lookup(dpath="augment/sigma_px", within=config),
         seed=lookup(dpath="augment/seed", within=config),
         device=lookup(dpath="augment/device", within=config),
+        normalisation=lookup(dpath="normalisation", within=config),
         model=model_args(),
         code=code_hash("augment"),
     conda:
@@ -35,4 +36,4 @@ rule augment:
         "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
         " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
         " --sigma-px {params.sigma_px} --seed {params.seed} {params.model}"
-        " --device {params.device} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
+        " --device {params.device} --normalisation {params.normalisation} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"

@@ -16,6 +16,7 @@ from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
 GIVEN_MODEL = dict(config.get("model") or {})  # what the user wrote, before the schema fills defaults
+GIVEN_NORMALISATION = config.get("normalisation")
 validate(config, schema="../schemas/config.schema.yaml")
 # the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
 # (exactly) and non-finite numbers stop the run here, naming the key
@@ -121,7 +122,9 @@ def train_options():
         f" --schedule {t['schedule']} --warmup-iterations {t['warmup_iterations']}"
         f" --validate-every {t['validate_every']} --checkpoint-every {t['checkpoint_every']}"
         f" --seed {t['seed']} --device {t['device']} --precision {t['precision']}"
-        f" --workers {t['workers']}" + (" --compile" if t["compile"] else "")
+        f" --workers {t['workers']} --normalisation {config['normalisation']}"
+        + (" --compile" if t["compile"] else "")
+        + (f" --val-tile-out {t['val_tile_out']}" if t["val_tile_out"] else "")
     )
 
 
@@ -146,9 +149,18 @@ def get_labels_option(wildcards, input):
 def watershed_options():
     w = config["predict"]["watershed"]
     return (
-        f"--seed-threshold {w['seed_threshold']} --seed-erosion-px {w['seed_erosion_px']}"
+        f"--seeds {w['seeds']} --seed-h-px {w['h_px']}"
+        f" --seed-threshold {w['seed_threshold']} --seed-erosion-px {w['seed_erosion_px']}"
         f" --mask-threshold {w['mask_threshold']} --halo-px {w['halo_px']}"
     )
+
+
+def predict_normalisation():
+    """--normalisation for unet predict: the config's when it sets one (checked against the model,
+    which predict always follows); nothing otherwise (a given model_file brings its own)."""
+    if MODEL_FILE and GIVEN_NORMALISATION is None:
+        return ""
+    return f"--normalisation {config['normalisation']}"
 
 
 def merge_tiff_output():

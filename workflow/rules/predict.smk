@@ -19,6 +19,7 @@ rule predict:
         tta=lookup(dpath="predict/tta", within=config),
         decision=lookup(dpath="predict/decision", within=config),
         probabilities=lookup(dpath="predict/probabilities", within=config),
+        normalisation=predict_normalisation(),
         model=model_args(),
         threads=lookup(dpath="predict/threads", within=config),
         code=code_hash("predict"),
@@ -37,5 +38,5 @@ rule predict:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
         " --batch {params.batch} --device {params.device} --tta {params.tta} {params.model}"
-        " --decision {params.decision} --probabilities {params.probabilities}"
+        " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"
         " --threads {params.threads} > {log:q} 2>&1"
