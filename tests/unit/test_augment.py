@@ -18,7 +18,15 @@ from unet_core.augment.samples import (
 )
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
-from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.intensity import (
+    IntensityStats,
+    Normalisation,
+    RunningStats,
+    normalize,
+    slice_stats_from_attrs,
+    slice_stats_to_attrs,
+)
+from unet_core.common.labels import median_area
 from unet_core.common.mirror import read_mirrored
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.spec import UNetSpec
@@ -56,7 +64,11 @@ def stores(tmp_path_factory) -> tuple[Path, Path]:
     for z in range(3):
         writer.write_plane(z, raw[z])
     writer.finish()
+    running = RunningStats()
+    for z in range(3):
+        running.update(raw[z] // (z + 1))  # per-slice statistics of other slices: they must be the ones used
     root.attrs["unet"] = {"intensity": IntensityStats(float(raw.mean()), float(raw.std())).to_dict(),
+                          "slice_intensity": slice_stats_to_attrs(running.slices),
                           "label_kind": "instance", "name": "cells"}
     weights = tmp / "weights.zarr"
     group = zarr.open_group(weights, mode="w")
@@ -120,6 +132,26 @@ def test_same_seed_gives_the_same_bytes_in_any_order(stores, tmp_path: Path) -> 
     i = order_a.index((1, 1))
     assert alone.image[0].tobytes() == ga["image"][i].tobytes()
     assert alone.weights[0].tobytes() == ga["weights"][i].tobytes()
+
+
+@pytest.mark.parametrize("mode", [Normalisation.SLICE_PERCENTILE, Normalisation.SLICE_ZSCORE])
+def test_per_slice_normalisation_uses_each_slices_stored_statistics(stores, tmp_path: Path, mode) -> None:
+    stack, weights = stores
+    out = _run(stores, tmp_path / "pct.zarr", params=DeformParams.identity(), samples_per_slice=1, normalisation=mode)
+    g = zarr.open_group(out, mode="r")
+    unet = dict(g.attrs)["unet"]
+    assert unet["intensity_normalisation"] == mode.value
+    raw = zarr.open_group(stack, mode="r")["0"][:]
+    slices = slice_stats_from_attrs(zarr.open_group(stack, mode="r").attrs["unet"]["slice_intensity"])
+    for n, (z, k) in enumerate(g["source"][:]):
+        (tr,) = drawn_transforms((SIZE, SIZE), [(int(z), int(k))], seed=3, params=DeformParams.identity(),
+                                 tile_in=TILE_IN, tile_out=TILE_OUT)
+        box = ((z, *tr.origin), (z + 1, tr.origin[0] + TILE_IN, tr.origin[1] + TILE_IN))
+        np.testing.assert_array_equal(g["image"][n], normalize(read_mirrored(raw, *box)[0], slices[z].scaling(mode)))
+    # the object areas of the undeformed source slices, for the model's median
+    instances = zarr.open_group(weights, mode="r")["instances"][:]
+    areas = np.concatenate([np.bincount(instances[z].ravel())[1:] for z in range(3)])
+    assert median_area([unet["object_areas"]]) == float(np.median(areas[areas > 0]))
 
 
 def test_different_seed_gives_different_samples(stores, tmp_path: Path) -> None:

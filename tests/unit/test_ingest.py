@@ -78,6 +78,12 @@ def test_round_trip(tmp_path, writer, suffix, spacing):
     assert stack.labels is None
     assert stack.intensity.mean == pytest.approx(data.mean())
     assert stack.intensity.std == pytest.approx(data.std())
+    # per-slice statistics, stored once at ingest: what the per-slice normalisations use
+    slices = stack.intensities.slices
+    assert len(slices) == data.shape[0]
+    for plane, s in zip(data, slices):
+        assert s.mean == pytest.approx(plane.mean()) and s.std == pytest.approx(plane.std())
+        assert (s.low, s.high) == tuple(float(v) for v in np.percentile(plane, [1.0, 99.8]))
     root = zarr.open_group(out, mode="r")
     ome = root.attrs["ome"]
     assert ome["version"] == "0.5"

@@ -111,3 +111,79 @@ def test_blockwise_watershed_splits_a_weak_gap_across_blocks() -> None:
     final, _ = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=16, halo_px=16)
     assert final.max() == 2
     assert _same_partition(final[out][0], seeded_watershed(p[0]))
+
+
+# -- distance seeds (size-scaled) -----------------------------------------------------------------
+from unet_core.infer.instances import (  # noqa: E402
+    auto_h_px,
+    auto_min_object_px,
+    distance_seeded_watershed,
+    median_radius_px,
+)
+
+
+def _nuclei_probability(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """P(cell) of blob-like nuclei of radius 4-14 px, many touching or overlapping in pairs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices(shape)
+    mask = np.zeros(shape, bool)
+    for _ in range(n):
+        cy, cx, r = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(4, 14)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        if rng.random() < 0.5:  # a touching neighbour
+            a = rng.uniform(0, 2 * np.pi)
+            r2 = rng.uniform(4, 14)
+            mask |= (yy - cy - (r + r2) * 0.9 * np.sin(a)) ** 2 + (xx - cx - (r + r2) * 0.9 * np.cos(a)) ** 2 <= r2**2
+    p = ndi.gaussian_filter(mask.astype(np.float32), 1.0) * 0.96 + 0.02 + rng.normal(0, 0.01, shape)
+    return np.clip(p, 0, 1).astype(np.float32)
+
+
+def test_distance_seeds_split_touching_nuclei_of_any_size_where_thresholds_cannot() -> None:
+    yy, xx = np.indices((60, 90))
+    big = (yy - 30) ** 2 + (xx - 28) ** 2 <= 18**2
+    small = (yy - 30) ** 2 + (xx - 54) ** 2 <= 9**2  # overlaps the big one: a neck 11 px wide
+    p = np.where(big | small, 0.98, 0.02).astype(np.float32)
+    assert seeded_watershed(p).max() == 1  # a flat P: the eroded threshold seeds stay joined
+    labels = distance_seeded_watershed(p, h_px=auto_h_px(np.pi * 12**2))
+    assert labels.max() == 2 and labels[30, 20] != labels[30, 58] and labels[30, 58] > 0
+    np.testing.assert_array_equal(labels > 0, p > 0.5)
+    # one convex blob gets one seed, however large
+    ellipse = ((yy - 30) / 25.0) ** 2 + ((xx - 45) / 40.0) ** 2 <= 1
+    assert distance_seeded_watershed(np.where(ellipse, 0.9, 0.1), h_px=1.0).max() == 1
+
+
+def test_auto_settings_scale_with_the_median_object_area() -> None:
+    assert median_radius_px(np.pi * 10**2) == pytest.approx(10.0)
+    assert auto_h_px(np.pi * 10**2) == pytest.approx(1.5)
+    assert auto_min_object_px(127.0) == 6 and auto_min_object_px(540.0) == 27
+    with pytest.raises(ValueError, match="h_px"):
+        distance_seeded_watershed(np.zeros((5, 5), np.float32), h_px=0.0)
+
+
+@pytest.mark.parametrize("block_px", [16, 48, 100])
+def test_blockwise_distance_watershed_equals_whole_slice(block_px: int) -> None:
+    from unet_core.infer.merge import watershed_blockwise
+
+    prob = np.stack([_nuclei_probability((120, 150), 25, seed) for seed in (3, 4)])
+    out = np.zeros(prob.shape, np.uint32)
+    scratch = np.zeros(prob.shape, np.uint32)
+    h = auto_h_px(np.pi * 8**2)
+    final, _ = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64,
+                                   seeds="distance", h_px=h)
+    out, k = final[out], int(final.max())
+    whole = [distance_seeded_watershed(p, h_px=h) for p in prob]
+    for z in range(2):
+        assert _same_partition(out[z], whole[z]), f"slice {z} differs from the whole-slice distance watershed"
+        assert whole[z].max() > ndi.label(prob[z] > 0.5)[1]  # touching nuclei were split
+    assert k == sum(int(w.max()) for w in whole)
+    assert np.array_equal(np.unique(out), np.arange(k + 1))
+
+
+def test_blockwise_distance_seeds_need_a_depth() -> None:
+    from unet_core.common.errors import UserInputError
+    from unet_core.infer.merge import watershed_blockwise
+
+    p = np.zeros((1, 8, 8), np.float32)
+    with pytest.raises(UserInputError, match="depth h > 0"):
+        watershed_blockwise(p, np.zeros(p.shape, np.uint32), np.zeros(p.shape, np.uint32), shape=p.shape,
+                            block_px=8, seeds="distance")

@@ -337,3 +337,52 @@ def test_small_objects_are_dropped_after_merging_across_blocks(tmp_path: Path, s
     assert summary.instances == 1 and inst.max() == 1
     assert inst[6, 6] == 0 and inst[32, 32] == 1 and (inst == 1).sum() > 300
     assert zarr.open_group(out, mode="r").attrs["unet"]["min_object_px"] == 30
+
+
+@pytest.mark.parametrize(("jobs", "block_px"), [pytest.param(1, 64, id="1job-64"), pytest.param(2, 16, id="2jobs-16"),
+                                                pytest.param(3, 32, id="3jobs-32")])
+def test_cli_distance_seeds_with_auto_settings_equal_whole_slice(tmp_path: Path, monkeypatch, jobs: int,
+                                                                 block_px: int) -> None:
+    """--seeds distance with h and the smallest object derived from the model's median object area
+    (which predict copies into the part settings): equal to the whole-slice distance watershed."""
+    from unet_core.evaluate.scoring import open_prediction
+    from unet_core.infer.instances import auto_h_px, distance_seeded_watershed
+
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"stand-in")
+    monkeypatch.setattr(unet_core.infer.predict, "load_model",
+                        lambda p, expect=None: (StandIn(TINY), {"median_object_area_px": 200.0}))
+    # two overlapping discs of different sizes (one mask, a neck), one on a block corner, a 3x3 speck
+    image = discs((2, 64, 64), [(0, 20, 18), (0, 20, 36), (0, 48, 48), (1, 32, 32)], 8.5)
+    image |= discs((2, 64, 64), [(0, 20, 18)], 11.0)
+    image[1, 5:8, 5:8] = 200
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    parts = run_jobs(stack, model, tmp_path, jobs, block_px=block_px, tile_out=16)
+    out = tmp_path / "pred.ome.zarr"
+    assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out), "--instances", "watershed",
+                 "--seeds", "distance", "--seed-h-px", "auto", "--min-object-px", "auto", "--halo-px", "64"]) == 0
+    unet = zarr.open_group(out, mode="r").attrs["unet"]
+    h = auto_h_px(200.0)
+    assert unet["watershed"]["seeds"] == "distance" and unet["watershed"]["h_px"] == pytest.approx(h)
+    assert unet["min_object_px"] == 10 and unet["median_object_area_px"] == 200.0
+    assert "h-maxima of depth h = " in unet["decision_rule"]
+    pred = open_prediction(out)
+    for z in range(2):
+        whole = distance_seeded_watershed(pred.slice(z)[0], h_px=h)
+        sizes = np.bincount(whole.ravel())
+        whole[(sizes < 10)[whole] & (whole > 0)] = 0  # the 9-px speck goes
+        assert _same_partition_any(pred.instances_slice(z), whole), f"slice {z}"
+    assert pred.instances_slice(0)[20, 12] != pred.instances_slice(0)[20, 40]  # the overlapping discs split
+    assert unet["instances"] == 4
+
+
+def test_auto_settings_need_a_model_that_stores_the_median_area(tmp_path: Path, stand_in_model: Path,
+                                                                capsys) -> None:
+    stack = write_stack(tmp_path / "s.ome.zarr", discs((1, 32, 32), [(0, 16, 16)], 6.5))
+    parts = run_jobs(stack, stand_in_model, tmp_path, 1, block_px=32, tile_out=16)
+    for extra in (["--min-object-px", "auto"], ["--instances", "watershed", "--seeds", "distance"]):
+        out = tmp_path / "pred.ome.zarr"
+        assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "auto scales with the median object area" in err[0] and "retrain" in err[0]
+        assert not out.exists()

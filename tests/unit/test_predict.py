@@ -14,14 +14,14 @@ from torch import nn
 from unet_core.cli import main
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import CheckpointError, UserInputError
-from unet_core.common.intensity import IntensityStats, normalize
+from unet_core.common.intensity import IntensityStats, Normalisation, RunningStats, normalize, slice_stats_to_attrs
 from unet_core.common.provenance import sha256_files
 from unet_core.infer.part_store import PartStore
 from unet_core.common.precision import resolve_precision
 from unet_core.infer.engine import Engine
 from unet_core.infer.predict import job_device, predict_job, predict_plane
 from unet_core.infer.tiling import Tiling
-from unet_core.io.ngff import PyramidWriter
+from unet_core.io.ngff import PyramidWriter, open_stack
 from unet_core.model.checkpoint import load_model, save_model
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
@@ -314,3 +314,60 @@ def test_decision_applies_the_models_logit_offsets(stack: Path, tmp_path: Path) 
     assert json.loads((tmp_path / "raw" / "part.json").read_text())["logit_offsets"] is None
     with pytest.raises(UserInputError, match="--decision 'best'"):
         predict_job(stack, path, tmp_path / "bad", decision="best", **kw)
+
+
+# -- normalisation ----------------------------------------------------------------------------------
+def _with_slice_statistics(path: Path, image: np.ndarray) -> Path:
+    """Add the per-slice statistics 'unet ingest' stores."""
+    running = RunningStats()
+    for plane in image:
+        running.update(plane)
+    root = zarr.open_group(path, mode="r+")
+    root.attrs["unet"] = {**root.attrs["unet"], "slice_intensity": slice_stats_to_attrs(running.slices)}
+    return path
+
+
+@pytest.mark.parametrize("mode", [Normalisation.SLICE_ZSCORE, Normalisation.SLICE_PERCENTILE])
+@pytest.mark.parametrize(("block_px", "tile_out"), [(16, 8), (64, 32)])
+def test_engine_normalises_each_slice_with_its_own_statistics(tmp_path: Path, mode, block_px, tile_out) -> None:
+    # three slices of one pattern at different intensity scales: per-slice modes undo the scales
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 60, (37, 45))
+    image = np.stack([base + 10, 3 * base + 40, 4 * base]).astype(np.uint16)
+    st = open_stack(_with_slice_statistics(write_stack(tmp_path / "s.ome.zarr", image), image))
+    scaler = st.scaler(mode)
+    out = predict_plane(StandIn(TINY), image, stats=scaler, block_px=block_px, tile_out=tile_out)
+    for z in range(3):  # blocks smaller than the slice still use the whole slice's statistics
+        np.testing.assert_allclose(out[:, z], expected_standin(image[z], scaler(z)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[:, 0], out[:, 2], atol=1e-5 if mode is Normalisation.SLICE_ZSCORE else 0.05)
+
+
+def test_predict_uses_the_models_normalisation_and_refuses_another(stack: Path, tmp_path: Path, capsys) -> None:
+    image = zarr.open_group(stack, mode="r")["0"][:]
+    _with_slice_statistics(stack, image)
+    torch.manual_seed(0)
+    model = tmp_path / "pct.pt"
+    save_model(model, UNet(TINY), metadata={"intensity_normalisation": "slice-percentile"})
+    args = ["--block-px", "64", "--tile-out", "32", "--device", "cpu", "--threads", "1"]
+    refused = tmp_path / "refused"
+    assert main(["predict", str(stack), str(model), str(refused), *args, "--normalisation", "stack-zscore"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--normalisation stack-zscore" in err[0] and "slice-percentile" in err[0]
+    assert str(model) in err[0] and not refused.exists()
+    # without the option (or with the model's own) the model's mode is used
+    part = tmp_path / "p"
+    assert main(["predict", str(stack), str(model), str(part), *args, "--probabilities", "float32"]) == 0
+    assert PartStore(part).settings()["intensity_normalisation"] == "slice-percentile"
+    net = load_model(model)[0]
+    expected = predict_plane(net, image, stats=open_stack(stack).scaler("slice-percentile"), block_px=64, tile_out=32)
+    np.testing.assert_array_equal(read_part(part), expected)
+
+
+def test_per_slice_mode_on_a_stack_without_slice_statistics_asks_to_reingest(stack: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    model = tmp_path / "z.pt"
+    save_model(model, UNet(TINY), metadata={"intensity_normalisation": "slice-zscore"})
+    assert main(["predict", str(stack), str(model), str(tmp_path / "p"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ingested before per-slice intensity statistics" in err[0] and "ingest it again" in err[0]
+    assert str(stack) in err[0] and not (tmp_path / "p").exists()

@@ -194,6 +194,14 @@ def test_lr_schedule(schedule: str, at: int, expected: float) -> None:
     assert lr_factor(at, config=cfg) == pytest.approx(expected, abs=1e-9)
 
 
+def test_a_set_normalised_otherwise_is_refused_naming_both(tmp_path: Path) -> None:
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)  # no mode recorded: a set of the stack z-score era
+    with pytest.raises(UserInputError, match=r"aug\.zarr: tiles normalised with stack-zscore .* training uses "
+                                             r"slice-percentile .*unet augment --normalisation slice-percentile"):
+        train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(), normalisation="slice-percentile")
+    assert not (tmp_path / "run").exists()
+
+
 def test_warmup_is_linear() -> None:
     cfg = TrainConfig(iterations=100, warmup_iterations=10)
     assert [round(lr_factor(i, config=cfg), 3) for i in (0, 5, 10)] == [0.01, 0.505, 1.0]
@@ -202,6 +210,8 @@ def test_warmup_is_linear() -> None:
 # -- training ----------------------------------------------------------------------------------------
 def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    group = zarr.open_group(aug, mode="r+")
+    group.attrs["unet"] = {**group.attrs["unet"], "object_areas": {"area_px": [10, 30, 50], "objects": [2, 1, 1]}}
     stack, weights = make_validation(tmp_path)
     out = tmp_path / "run"
     result = train(
@@ -226,6 +236,7 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     # model.pt loads with weights_only and reproduces the trained network; so does TorchScript
     model, meta = load_model(out / "model.pt", expect=TINY)
     assert meta["intensity_normalisation"] == "stack-zscore" and meta["tile_out"] == 20
+    assert meta["median_object_area_px"] == 20.0  # of the objects 10, 10, 30, 50 px the set records
     # the decision rule's offsets are -log(mean weight per class) of the training pixels, centred
     means = np.asarray(meta["decision"]["mean_weight_per_class"])
     aug_group = zarr.open_group(aug, mode="r")
@@ -240,6 +251,7 @@ def test_overfits_synthetic_slice_and_writes_outputs(tmp_path: Path) -> None:
     card = json.loads((out / "model_card.json").read_text())
     assert card["geometry"]["context_px"] == TINY.context and card["data"]["train_tiles"] == 1
     assert len(card["data"]["train_sha256"]) == 64 and card["versions"]["torch"] == torch.__version__
+    assert card["training_labels"]["median_object_area_px"] == 20.0 and card["intensity_normalisation"] == "stack-zscore"
 
 
 def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
