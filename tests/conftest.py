@@ -10,6 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ISBI_DIR = Path(os.environ.get("UNET_ISBI_DIR", REPO.parent / "shared" / "datasets" / "isbi2012"))
+DSB_DIR = Path(os.environ.get("UNET_DSB_DIR", REPO.parent / "shared" / "datasets" / "dsb2018_fluo_256"))
 
 
 @pytest.fixture
@@ -18,6 +19,14 @@ def isbi_dir() -> Path:
     if not (ISBI_DIR / "train-volume.tif").is_file():
         pytest.skip(f"ISBI 2012 data not found in {ISBI_DIR} (set UNET_ISBI_DIR)")
     return ISBI_DIR
+
+
+@pytest.fixture(scope="session")
+def dsb_dir() -> Path:
+    """The DSB2018 fluorescent nuclei (256 x 256); skips the test when they are not on this machine."""
+    if not (DSB_DIR / "images.tif").is_file():
+        pytest.skip(f"DSB2018 data not found in {DSB_DIR} (set UNET_DSB_DIR)")
+    return DSB_DIR
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "every block, then writes an OME-Zarr image of class probabilities (as predict stored "
             "them: uint8 codes by default; axes c, z, y, x, with a 2x pyramid), the argmax "
             "segmentation (labels/segmentation, uint8) and cell instances (labels/instances, "
-            "uint32: 4-connected components of the cell class, or a seeded watershed of P(cell), "
-            "per slice, merged across block borders), and optionally a table of cells (CSV). "
+            "uint32: 4-connected components of the cell class, or a seeded watershed within the mask "
+            "of P(cell) with threshold or size-scaled distance seeds, per slice, merged across block "
+            "borders), and optionally a table of cells (CSV). "
             "Output is identical for any number of jobs."
         ),
     )

@@ -10,7 +10,8 @@ Output (``prediction.ome.zarr``, NGFF 0.5 on Zarr v3)::
       labels/segmentation/0..  uint8 (Z, Y, X) argmax class of the full-precision probabilities
                                (ties -> lower class index), as predict computed it
       labels/instances/0..     uint32 (Z, Y, X) cell instances per slice, 0 = not cell, ids 1..K
-                               over the whole stack: a seeded watershed of P(cell) (``instances="watershed"``;
+                               over the whole stack: a seeded watershed within the mask of P(cell)
+                               (``instances="watershed"``, threshold or distance seeds;
                                :func:`watershed_blockwise`) or 4-connected components of the
                                argmax cell class merged across block borders (default)
 
