@@ -181,6 +181,12 @@ def _copy_working_tree(dest: Path) -> Path:
     return dest
 
 
+def _predicted_samples(table: Path) -> int:
+    """Rows of a samples table whose stacks are predicted (roles val and predict)."""
+    rows = [line.split("\t") for line in table.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return sum(1 for row in rows[1:] if row[-1].strip() in ("val", "predict"))
+
+
 def _override(config_file: Path) -> dict:
     """OVERRIDE restricted to the keys the default config has (the required ones must exist)."""
     config = yaml.safe_load(config_file.read_text())
@@ -321,7 +327,8 @@ def test_workflow_under_slurm_equals_local_run(slurm_cluster: Cluster, tmp_path:
             assert jobid in records, f"SLURM job {jobid} ({rule}) is not in the controller's job log"
             assert records[jobid][0] == "COMPLETED", f"SLURM job {jobid} ({rule}): {records[jobid][0]}"
     predict_ids = submitted["predict"]
-    assert len(set(predict_ids)) == PREDICT_JOBS, f"predict ran as SLURM jobs {predict_ids}"
+    predicted = _predicted_samples(REPO / "config" / "samples.tsv")
+    assert len(set(predict_ids)) == PREDICT_JOBS * predicted, f"predict ran as SLURM jobs {predict_ids}"
     spans = sorted(records[j][1:] for j in predict_ids)
     overlapping = any(later[0] < earlier[1] for i, earlier in enumerate(spans) for later in spans[i + 1:])
     assert overlapping, f"no two predict jobs ran at the same time: {spans}"
