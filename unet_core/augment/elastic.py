@@ -78,7 +78,7 @@ class DeformParams:
         rotate: rotate by a uniform angle in [0, 360) degrees.
         flip: flip y and x, each with probability 1/2.
         brightness: added offset drawn from U(-brightness, brightness), in units of the
-            stack's grey-value std (images are z-scored); 0 = off.
+            normalised image (the std for z-scores, the 1-99.8 % range for percentiles); 0 = off.
         contrast: factor drawn log-uniformly from [1/(1+contrast), 1+contrast]; 0 = off.
         gamma: exponent drawn log-uniformly from [1/(1+gamma), 1+gamma], applied between
             the tile's min and max grey value; 0 = off.

@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="flip y and x, each with probability 1/2")
     g.add_argument("--brightness", type=nonnegative_float, default=0.1,
-                   help="max grey-value offset, in units of the stack's grey-value std (0 = off)")
+                   help="max grey-value offset, in units of the normalised image (the std for the "
+                        "z-score modes, the 1-99.8 %% range for slice-percentile) (0 = off)")
     g.add_argument("--contrast", type=nonnegative_float, default=0.1,
                    help="contrast factor drawn log-uniformly from [1/(1+c), 1+c] (0 = off)")
     g.add_argument("--gamma", type=nonnegative_float, default=0.0,

@@ -18,6 +18,7 @@ rule augment:
         tile_out=lookup(dpath="train/tile_out", within=config),
         grid=lookup(dpath="augment/grid", within=config),
         sigma_px=lookup(dpath="augment/sigma_px", within=config),
+        grey=lambda wc: " ".join(f"--{k} {config['augment'][k]}" for k in ("brightness", "contrast", "gamma")),
         seed=lookup(dpath="augment/seed", within=config),
         device=lookup(dpath="augment/device", within=config),
         normalisation=lookup(dpath="normalisation", within=config),
@@ -35,5 +36,5 @@ rule augment:
     shell:
         "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
         " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
-        " --sigma-px {params.sigma_px} --seed {params.seed} {params.model}"
+        " --sigma-px {params.sigma_px} {params.grey} --seed {params.seed} {params.model}"
         " --device {params.device} --normalisation {params.normalisation} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
