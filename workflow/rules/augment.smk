@@ -18,7 +18,9 @@ rule augment:
         tile_out=lookup(dpath="train/tile_out", within=config),
         grid=lookup(dpath="augment/grid", within=config),
         sigma_px=lookup(dpath="augment/sigma_px", within=config),
-        grey=lambda wc: " ".join(f"--{k} {config['augment'][k]}" for k in ("brightness", "contrast", "gamma")),
+        brightness=lookup(dpath="augment/brightness", within=config),
+        contrast=lookup(dpath="augment/contrast", within=config),
+        gamma=lookup(dpath="augment/gamma", within=config),
         seed=lookup(dpath="augment/seed", within=config),
         device=lookup(dpath="augment/device", within=config),
         normalisation=lookup(dpath="normalisation", within=config),
@@ -36,5 +38,6 @@ rule augment:
     shell:
         "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
         " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
-        " --sigma-px {params.sigma_px} {params.grey} --seed {params.seed} {params.model}"
+        " --sigma-px {params.sigma_px} --brightness {params.brightness} --contrast {params.contrast}"
+        " --gamma {params.gamma} --seed {params.seed} {params.model}"
         " --device {params.device} --normalisation {params.normalisation} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"
