@@ -136,7 +136,7 @@ def test_parameter_change_reruns_exactly_its_dependants(run_a):
     assert set(jobs) == {"weights", "augment", "train", "predict", "merge", "evaluate", "all"}
     jobs = planned(snakemake(run_a, "-n", "--cores", "2", config={"predict": {"tta": "flips"}}))
     assert set(jobs) == {"predict", "merge", "evaluate", "all"}
-    res = snakemake(run_a, "-n", "--cores", "2", config={"augment": {"gamma": 0.5, "contrast": 0.3}})
+    res = snakemake(run_a, "-n", "-p", "--cores", "2", config={"augment": {"gamma": 0.5, "contrast": 0.3}})
     assert set(planned(res)) == {"augment", "train", "predict", "merge", "evaluate", "all"}
     assert "--contrast 0.3 --gamma 0.5" in res.stdout + res.stderr  # the grey-value keys reach unet augment
 
