@@ -76,12 +76,13 @@ class Rate:
 
 
 def ours_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str, batch: int,
-                   block_px: int, tile_out: int, repeats: int = 1) -> Rate:
-    """:func:`predict_plane` of a random He-initialised net on an in-memory (Y, X) slice."""
+                   block_px: int, tile_out: int, repeats: int = 1, compile: bool = False) -> Rate:
+    """:func:`predict_plane` of a random He-initialised net on an in-memory (Y, X) slice
+    (``compile``: through ``torch.compile``; the warm-up block compiles the tile shape)."""
     model = random_net(spec)
     kw = dict(stats=IntensityStats(0.0, 1.0), device=device, precision=precision, batch=batch,
-              block_px=block_px, tile_out=tile_out)
-    predict_plane(model, image[: block_px, : block_px], **kw)  # warm-up: kernels, allocator
+              block_px=block_px, tile_out=tile_out, compile=compile)
+    predict_plane(model, image[: block_px, : block_px], **kw)  # warm-up: kernels, allocator, compilation
     reset_peak_memory(device)
     times = [timed(lambda: predict_plane(model, image, **kw), device)[1] for _ in range(repeats)]
     px = image.size

@@ -7,7 +7,8 @@ Rows, each measured side by side in this run (random He-initialised networks; ti
 asserted):
 
 * matmul ceiling: dense bf16 matmul rate (TFLOP/s), the ceiling the other rows are a share of;
-* inference in memory, paper net on one 8192² slice: ours (``predict_plane``) vs MONAI
+* inference in memory, paper net on one 8192² slice: ours (``predict_plane``; bf16 also through
+  ``torch.compile``, ``predict.compile``) vs MONAI
   ``sliding_window_inference`` (same-padded net of the same widths, roi 512, overlap 0.25,
   gaussian), bf16 and fp32: Mpx/s, executed TFLOP/s, % of the ceiling, peak GPU memory;
 * end to end: ``unet predict`` (``predict_job``) from a 4 x 8192² uint16 Zarr stack to its
@@ -84,6 +85,12 @@ def inference_rows(table: Table, s: Settings, device: torch.device, ceiling: flo
         mem = f", peak {ours.peak_gib:.1f} GiB" if ours.peak_gib is not None else ""
         table.add(f"in memory {s.slice_px}², ours {precision}",
                   f"{ours.mpx_per_s:.1f} Mpx/s, {ours.tflops:.0f} TFLOP/s, {pct(ours.tflops, ceiling)}{mem}")
+        if device.type == "cuda" and precision == "bf16":  # predict.compile: does it pay? (compiling costs ~1 min on a CPU)
+            comp = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
+                                    tile_out=s.tile_out, compile=True)
+            table.add(f"in memory {s.slice_px}², ours {precision} torch.compile",
+                      f"{comp.mpx_per_s:.1f} Mpx/s, {comp.tflops:.0f} TFLOP/s; compiled/eager "
+                      f"{comp.mpx_per_s / ours.mpx_per_s:.2f}x")
         monai = B.monai_in_memory(s.spec, image, device, precision=precision)
         if monai is None:
             table.add(f"in memory {s.slice_px}², MONAI {precision}", "not installed (pip install monai)")

@@ -139,6 +139,9 @@ def test_parameter_change_reruns_exactly_its_dependants(run_a):
     res = snakemake(run_a, "-n", "-p", "--cores", "2", config={"augment": {"gamma": 0.5, "contrast": 0.3}})
     assert set(planned(res)) == {"augment", "train", "predict", "merge", "evaluate", "all"}
     assert "--contrast 0.3 --gamma 0.5" in res.stdout + res.stderr  # the grey-value keys reach unet augment
+    res = snakemake(run_a, "-n", "-p", "--cores", "2", config={"predict": {"compile": True}})
+    assert set(planned(res)) == {"predict", "merge", "evaluate", "all"}
+    assert " --compile " in res.stdout + res.stderr
 
 
 def test_code_change_reruns_the_stage_that_imports_it(run_a, tmp_path):

@@ -248,6 +248,26 @@ def test_tiled_tta_job_matches_in_memory(stack: Path, model_file: Path, tmp_path
     np.testing.assert_allclose(read_part(part), whole, atol=1e-5, rtol=0)
 
 
+def test_compiled_network_gives_the_eager_result_and_is_part_of_the_run(stack: Path, tmp_path: Path) -> None:
+    # predict.compile / --compile: torch.compile with static shapes (one block of one tile shape
+    # here, so one compilation); equal to the eager network up to float rounding, so a part
+    # store written eagerly is not resumed by a compiled job
+    torch.manual_seed(0)
+    model_path = tmp_path / "depth1.pt"
+    save_model(model_path, UNet(UNetSpec(depth=1, base_channels=2, dropout=0.0)))
+    common = [str(stack), str(model_path), "--block-px", "96", "--tile-out", "32", "--device", "cpu",
+              "--threads", "1", "--probabilities", "float32"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["predict", *common[:2], str(eager), *common[2:]]) == 0
+    assert main(["predict", *common[:2], str(compiled), *common[2:], "--compile"]) == 0
+    np.testing.assert_allclose(read_part(compiled), read_part(eager), atol=1e-5, rtol=0)
+    assert json.loads((compiled / "part.json").read_text())["compile"] is True
+    assert json.loads((eager / "part.json").read_text())["compile"] is False
+    summary = predict_job(stack, model_path, eager, block_px=96, tile_out=32, device="cpu",
+                          probabilities="float32", compile=True)
+    assert summary.skipped == 0 and summary.blocks == 2
+
+
 # -- bad inputs --------------------------------------------------------------------------------
 def test_missing_stack(model_file: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="nope.zarr: input stack not found"):

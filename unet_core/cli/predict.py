@@ -64,6 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default=None,
                    help="grey-value normalisation; always the model's (stored in model.pt): a different "
                         "value is refused (default: the model's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile: one graph per tile shape, compiled on first "
+                        "use (tens of seconds); the same probabilities up to float rounding. Off by default: "
+                        "benchmarks/gpu_check.py measures whether it pays on your GPU")
     add_threads_arg(p)
     add_model_args(p, check_only=True)
     p.set_defaults(func=run)
@@ -77,5 +81,5 @@ def run(args: argparse.Namespace) -> None:
         args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
         tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
         tta=args.tta, decision=args.decision, probabilities=args.probabilities, expect=expected_model(args),
-        normalisation=args.normalisation,
+        normalisation=args.normalisation, compile=args.compile,
     )

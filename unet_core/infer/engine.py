@@ -116,6 +116,10 @@ class Engine:
         channels_last: None (a model of the engine's own: put in eval mode on ``device``, with
             the channels-last layout on a GPU); True/False: the caller's model, already placed
             and in the mode it wants (validation during training), fed in that layout.
+        compile: run the network through ``torch.compile`` (static shapes: one graph per tile
+            shape and batch, compiled on first use, tens of seconds). The probabilities equal the
+            eager ones up to float rounding; whether it is faster is measured by
+            ``benchmarks/gpu_check.py``, not assumed.
     """
 
     def __init__(
@@ -123,7 +127,7 @@ class Engine:
         stats: IntensityStats | Scaling | Callable[[int], Scaling], device: torch.device,
         precision: Precision = Precision.FP32, batch: int = 1, tta: TTA | str = TTA.NONE,
         offsets: Sequence[float] | None = None, encoding: ProbabilityEncoding = ProbabilityEncoding.FLOAT32,
-        writers: int = 1, channels_last: bool | None = None,
+        writers: int = 1, channels_last: bool | None = None, compile: bool = False,
     ) -> None:
         if tiling.spec != model.spec:
             raise ValueError(f"tiling is for {tiling.spec}, the model is {model.spec}")
@@ -140,6 +144,8 @@ class Engine:
             self.model = model.eval().to(device)
             if self.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
+        self.compile = bool(compile)
+        self._net = torch.compile(self.model, dynamic=False) if self.compile else self.model
         self.offsets = None if offsets is None else torch.as_tensor(
             np.asarray(offsets, np.float32), device=device).view(1, -1, 1, 1)
         self.writers = max(1, int(writers))
@@ -253,7 +259,7 @@ class Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = self.precision.autocast_dtype
         with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
-            out = self.model(x)
+            out = self._net(x)
         oy, ox = (output_offset(self.spec, s) for s in shape)
         return out[:, :, oy : oy + shape[0], ox : ox + shape[1]].float()
 

@@ -60,6 +60,7 @@ def predict_plane(
     batch: int = 1,
     tta: TTA | str = TTA.NONE,
     offsets: np.ndarray | None = None,
+    compile: bool = False,
 ) -> np.ndarray:
     """Tiled prediction of a whole (Y, X) or (Z, Y, X) array in memory (for notebooks, benchmarks).
 
@@ -69,6 +70,7 @@ def predict_plane(
         stats: how to normalise: the statistics to z-score with (those of the stack it comes
             from), a :class:`Scaling`, or a function ``z -> Scaling`` (per-slice modes).
         offsets: (C,) decision logit offsets (:mod:`unet_core.model.decision`), or None.
+        compile: run the network through ``torch.compile`` (see :class:`Engine`).
 
     Returns:
         (n_classes, Z, Y, X) float32 probabilities (Z = 1 for a 2-D input).
@@ -77,7 +79,7 @@ def predict_plane(
     tiling = Tiling(vol.shape, model.spec, block_px, tile_out)
     dev = resolve_device(device)
     engine = Engine(model, tiling, stats=stats, device=dev, precision=resolve_precision(precision, dev),
-                    batch=batch, tta=tta, offsets=offsets, encoding=ProbabilityEncoding.FLOAT32)
+                    batch=batch, tta=tta, offsets=offsets, encoding=ProbabilityEncoding.FLOAT32, compile=compile)
     out = np.zeros((model.spec.n_classes, *vol.shape), np.float32)
 
     def write(result: BlockResult) -> None:
@@ -164,6 +166,7 @@ def _part_settings(stack: Stack, model_hash: str, engine: Engine, job: int, jobs
         "tta": engine.tta.value, "precision": engine.precision.value, "device": engine.device.type,
         "intensity": stack.intensity.to_dict(), "intensity_normalisation": model_normalisation(metadata).value,
         "logit_offsets": offsets, "probabilities": engine.encoding.value, "batch": engine.batch,
+        "compile": engine.compile,
         "median_object_area_px": metadata.get("median_object_area_px"),
     }
 
@@ -202,6 +205,7 @@ def _prepare_run(
     stack_path: Path, model_path: Path, *, job: int, jobs: int, block_px: int, tile_out: int, batch: int | None,
     device: str, precision: Precision | str, tta: TTA | str, decision: Decision | str,
     probabilities: ProbabilityEncoding | str, expect: ModelExpectation, normalisation: Normalisation | str | None,
+    compile: bool = False,
 ) -> _Run:
     """Open the stack and the model, resolve device, precision and geometry (errors before any work)."""
     if not stack_path.exists():
@@ -218,7 +222,7 @@ def _prepare_run(
     dev = job_device(device, job)
     engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(precision, dev),
                     batch=batch or DEFAULT_BATCH[dev.type], tta=tta, offsets=offsets, encoding=encoding,
-                    writers=WRITERS[dev.type])
+                    writers=WRITERS[dev.type], compile=compile)
     return _Run(st, engine, _part_settings(st, sha256_files([model_path]), engine, job, jobs, metadata, offsets))
 
 
@@ -239,6 +243,7 @@ def predict_job(
     probabilities: ProbabilityEncoding | str = ProbabilityEncoding.UINT8,
     expect: ModelExpectation = None,
     normalisation: Normalisation | str | None = None,
+    compile: bool = False,
 ) -> JobSummary:
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
 
@@ -265,6 +270,9 @@ def predict_job(
             mapping); a model file that differs in any of them is rejected.
         normalisation: the grey-value normalisation the caller expects (None: the model's,
             which is always the one used; another value is an error naming both).
+        compile: run the network through ``torch.compile`` (one graph per tile shape, compiled
+            on first use; probabilities equal up to float rounding, so a resumed part keeps its
+            blocks only under the same choice).
 
     Returns:
         A :class:`JobSummary` (also logged as one line with Mpx/s).
@@ -278,7 +286,7 @@ def predict_job(
     claim_outputs([(out_part, PART_MARK)], [stack, model_path])
     run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
                        batch=batch, device=device, precision=precision, tta=tta, decision=decision,
-                       probabilities=probabilities, expect=expect, normalisation=normalisation)
+                       probabilities=probabilities, expect=expect, normalisation=normalisation, compile=compile)
     store = PartStore(out_part)
     with store.locked():
         return _run_job(run, store, job=job, jobs=jobs)
@@ -291,10 +299,10 @@ def _run_job(run: _Run, store: PartStore, *, job: int, jobs: int) -> JobSummary:
     mine = engine.tiling.job_blocks(job, jobs)
     todo = [b for b in mine if not store.is_done(b)]
     log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px, tile %d px, FLOP overhead %.3fx, "
-             "%s %s, batch %d, tta %s, probabilities %s, logit offsets %s", job, jobs, len(todo), len(mine),
+             "%s %s%s, batch %d, tta %s, probabilities %s, logit offsets %s", job, jobs, len(todo), len(mine),
              len(mine) - len(todo), engine.tiling.block_px, engine.tiling.tile_out, engine.tiling.flops_overhead(),
-             engine.device, engine.precision.value, engine.batch, engine.tta.value, engine.encoding.value,
-             run.settings["logit_offsets"])
+             engine.device, engine.precision.value, " compiled" if engine.compile else "", engine.batch,
+             engine.tta.value, engine.encoding.value, run.settings["logit_offsets"])
 
     def write(result: BlockResult) -> None:
         arrays.write(result.block, result.probabilities, result.segmentation)
