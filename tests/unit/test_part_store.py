@@ -48,3 +48,21 @@ def test_a_lock_of_another_host_is_taken_over_only_when_no_longer_refreshed(tmp_
         with pytest.raises(UserInputError, match="pid 1 on host othernode"), store.locked():
             pass
         assert json.loads(store.lock_path.read_text())["host"] == "othernode"
+
+
+def test_blocks_are_written_as_given_even_when_they_equal_the_fill_value(tmp_path):
+    # write_empty_chunks: zarr's default compares every chunk with the fill value before encoding
+    # it (a full extra pass on predict's host side); a part store stores every block it is given
+    import numpy as np
+
+    from unet_core.infer.tiling import Tiling
+    from unet_core.model.spec import UNetSpec
+
+    tiling = Tiling((1, 32, 64), UNetSpec(depth=1, base_channels=1, dropout=0.0), 32, 32)
+    store = PartStore(tmp_path / "part-0.zarr")
+    with store.locked():
+        arrays = store.open_for_job({"job": 0}, tiling, np.dtype(np.uint8))
+        for block in tiling.blocks():
+            arrays.write(block, np.zeros((2, 1, 32, 32), np.uint8), np.zeros((1, 32, 32), np.uint8))
+    assert len([p for p in (store.path / "segmentation").rglob("*") if p.is_file() and p.name != "zarr.json"]) == 2
+    assert (store.probabilities()[:] == 0).all()
