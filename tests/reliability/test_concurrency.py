@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 
 from faults import (
@@ -20,6 +23,7 @@ from faults import (
     UNET,
     clone_run,
     data_digest,
+    descendants,
     kill_group,
     snakemake,
     start_in_new_group,
@@ -83,15 +87,28 @@ def test_second_workflow_run_in_one_directory_is_refused_by_the_lock(reference, 
     work = clone_run(reference.workdir, tmp_path / "work")
     first = start_in_new_group([str(SNAKEMAKE), "-s", str(SNAKEFILE), "--configfile", CONFIG, "--cores", "1",
                                 "--forcerun", "merge"], cwd=work)
+    paused: list[int] = []
     try:
         assert wait_for_child(first, r"bin/unet merge ", timeout=300), "the first run never started merge"
+        # hold the first run inside merge (its lock held) for as long as the second one takes to
+        # start: a merge of the tiny stacks can end sooner than snakemake starts on a busy machine
+        paused = [pid for pid, cmd in descendants(first.pid) if re.search(r"unet merge ", cmd)]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
         second = snakemake(work, "--cores", "1", "--forcerun", "evaluate", check=False)
         text = second.stdout + second.stderr
         assert second.returncode != 0
         assert "lock" in text.lower() and "--unlock" in text, text[-3000:]
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-3000:]
     finally:
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         if first.poll() is None:
             kill_group(first)
     assert data_digest(work) == reference.digest
