@@ -20,11 +20,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-config/isbi2012.yaml}  # the workflow the `isbi` step runs (config/config.yaml: a CPU smoke test)
 OUT=${OUT:-/tmp/gpu-session-out}
-# zarr and numcodecs as in the development venv (stores must read the same); the rest: what zarr,
-# dask and the MONAI comparison need beyond the packages the GPU image has
-PINNED=(zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 dask==2026.8.0
-        distributed==2026.8.0 partd==1.4.2 locket==1.0.0 zict==3.0.0 tblib==3.2.2 tornado==6.6.1
-        msgspec monai==1.6.1)
+# what zarr, dask and the MONAI comparison need beyond the packages the GPU image has; `prepare`
+# pins each to the development venv's version where the venv has it (stores must read the same)
+PACKAGES=(zarr numcodecs donfig google-crc32c dask distributed partd locket zict tblib tornado msgspec monai)
 ISBI=${ISBI:-../shared/datasets/isbi2012}
 
 prepare() {
@@ -34,9 +32,18 @@ prepare() {
         grep -qxF "$ignored" "$exclude" 2>/dev/null || echo "$ignored" >>"$exclude"
     done
     rm -rf .whl .gpu && mkdir -p .whl .gpu
+    local pinned
+    pinned=$(.venv/bin/python -c "import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(f'{name}=={version(name)}')
+    except PackageNotFoundError:
+        print(name)" "${PACKAGES[@]}")
+    # shellcheck disable=SC2086  # one requirement per word
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${PINNED[@]}"
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $pinned
     cp -r "$ISBI" .gpu/isbi2012
     # the workflow's own commands, in an order that respects their inputs
     .venv/bin/snakemake -n -p --cores 16 --configfile "$CONFIG" --config output_dir=.gpu/results \

@@ -6,11 +6,14 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from unet_core.common.errors import UserInputError
 from unet_core.infer import part_store
 from unet_core.infer.part_store import PartStore
+from unet_core.infer.tiling import Tiling
+from unet_core.model.spec import UNetSpec
 
 
 def test_a_second_holder_is_refused_and_the_lock_is_released(tmp_path):
@@ -53,11 +56,6 @@ def test_a_lock_of_another_host_is_taken_over_only_when_no_longer_refreshed(tmp_
 def test_blocks_are_written_as_given_even_when_they_equal_the_fill_value(tmp_path):
     # write_empty_chunks: zarr's default compares every chunk with the fill value before encoding
     # it (a full extra pass on predict's host side); a part store stores every block it is given
-    import numpy as np
-
-    from unet_core.infer.tiling import Tiling
-    from unet_core.model.spec import UNetSpec
-
     tiling = Tiling((1, 32, 64), UNetSpec(depth=1, base_channels=1, dropout=0.0), 32, 32)
     store = PartStore(tmp_path / "part-0.zarr")
     with store.locked():

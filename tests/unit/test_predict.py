@@ -255,11 +255,10 @@ def test_compiled_network_gives_the_eager_result_and_is_part_of_the_run(stack: P
     torch.manual_seed(0)
     model_path = tmp_path / "depth1.pt"
     save_model(model_path, UNet(UNetSpec(depth=1, base_channels=2, dropout=0.0)))
-    common = [str(stack), str(model_path), "--block-px", "96", "--tile-out", "32", "--device", "cpu",
-              "--threads", "1", "--probabilities", "float32"]
+    flags = ["--block-px", "96", "--tile-out", "32", "--device", "cpu", "--threads", "1", "--probabilities", "float32"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert main(["predict", *common[:2], str(eager), *common[2:]]) == 0
-    assert main(["predict", *common[:2], str(compiled), *common[2:], "--compile"]) == 0
+    assert main(["predict", str(stack), str(model_path), str(eager), *flags]) == 0
+    assert main(["predict", str(stack), str(model_path), str(compiled), *flags, "--compile"]) == 0
     np.testing.assert_allclose(read_part(compiled), read_part(eager), atol=1e-5, rtol=0)
     assert json.loads((compiled / "part.json").read_text())["compile"] is True
     assert json.loads((eager / "part.json").read_text())["compile"] is False

@@ -218,10 +218,8 @@ class PartStore:
         # write_empty_chunks: store every chunk as given. zarr's default compares each chunk
         # with the fill value before encoding it (a full extra pass, about twice the cost of LZ4
         # on the uint8 probabilities) only to omit chunks a part store almost never has
-        def writable(array: zarr.Array) -> zarr.Array:
-            return array.with_config({"write_empty_chunks": True})
-
-        return PartArrays(writable(self.probabilities("r+")), writable(self.segmentation("r+")))
+        config = {"write_empty_chunks": True}
+        return PartArrays(self.probabilities("r+").with_config(config), self.segmentation("r+").with_config(config))
 
     def mark_done(self, block: Block) -> None:
         """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
