@@ -120,6 +120,21 @@ def test_engine_block_gives_probabilities_codes_and_argmax() -> None:
         np.testing.assert_array_equal(r.segmentation, p.argmax(axis=0).astype(np.uint8))
 
 
+def test_engine_runs_its_own_model_channels_last_also_on_the_cpu() -> None:
+    # oneDNN skips the NCHW <-> blocked reorders around each convolution in this layout (about
+    # half the CPU forward time of a thin network); a caller's model is left as it is
+    model = UNet(TINY).eval()
+    tiling = Tiling((1, 30, 41), TINY, block_px=32, tile_out=16)
+    own = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=torch.device("cpu"))
+    kernels = [p for p in own.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert own.channels_last and kernels
+    assert all(k.is_contiguous(memory_format=torch.channels_last) and not k.is_contiguous() for k in kernels)
+    callers = Engine(UNet(TINY).eval(), tiling, stats=IntensityStats(0.0, 1.0), device=torch.device("cpu"),
+                     channels_last=False)
+    assert not callers.channels_last
+    assert all(p.is_contiguous() for p in callers.model.parameters())
+
+
 def test_batch_size_changes_only_the_last_bits_and_is_part_of_the_run(stack, model_file, tmp_path) -> None:
     # convolution kernels pick their algorithm by batch size, so the batch is a setting of the run
     # (recorded in the part store, never sized from free memory): equal to rounding, not to the bit

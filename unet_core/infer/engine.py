@@ -7,7 +7,7 @@ cover), so there is one engine, not a GPU twin. Per block::
             upload it once (GPU: through a reused pinned buffer)
     device  cast and normalise; mirror at the image borders (an index gather); cut the tiles
             as strided windows of the block (no per-tile host copies); test-time transforms;
-            the network (bf16 autocast + channels_last on a GPU, float32 on the CPU); decision
+            the network in channels-last layout (bf16 autocast on a GPU, float32 on the CPU); decision
             offsets; softmax in float32; undo the transforms; stitch (sum over the transforms,
             then / n); argmax segmentation from the full-precision probabilities; encode
     host    download only the encoded probabilities and the segmentation              (writer threads)
@@ -113,9 +113,11 @@ class Engine:
         offsets: (C,) decision logit offsets added before the softmax, or None.
         encoding: storage dtype of the probabilities.
         writers: threads writing results (and download buffers in flight on a GPU).
-        channels_last: None (a model of the engine's own: put in eval mode on ``device``, with
-            the channels-last layout on a GPU); True/False: the caller's model, already placed
-            and in the mode it wants (validation during training), fed in that layout.
+        channels_last: None (a model of the engine's own: put in eval mode on ``device``, in
+            the channels-last layout, which is faster on both devices: on the CPU oneDNN then
+            skips the NCHW<->blocked reorders around every convolution, measured 25-40 % less
+            forward time and no per-shape reorder JIT); True/False: the caller's model, already
+            placed and in the mode it wants (validation during training), fed in that layout.
         compile: run the network through ``torch.compile`` (static shapes: one graph per tile
             shape and batch, compiled on first use, tens of seconds). The probabilities equal the
             eager ones up to float rounding; whether it is faster is measured by
@@ -138,7 +140,7 @@ class Engine:
         self.cuda = device.type == "cuda"
         if self.cuda and device.index is not None:
             torch.cuda.set_device(device)  # this thread's kernels and events go to the job's GPU
-        self.channels_last = self.cuda if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
         self.model = model
         if channels_last is None:  # a model of its own: move and lay it out; else the caller's model as it is
             self.model = model.eval().to(device)
