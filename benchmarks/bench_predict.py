@@ -19,8 +19,9 @@ large stack (a narrow net, same block/tile/batch: memory must not grow with the 
 ``--sections host`` measures the host side of ``unet predict`` on the CPU, one thread, a
 2 x 4096² uint16 stack, in fresh processes: (a) the CPU time (all threads) of a
 ``predict_job`` with a depth-1, width-1 network over the CPU time of that network's forward
-passes alone on the same tiles, in the engine's channels-last layout (NCHW shown beside); (b) the same job with a zero-cost network (a benchmark-only
-module returning the valid-geometry crop of its input) in CPU-ms per output Mpx. Process
+passes alone on the same tiles, in the engine's channels-last layout (NCHW shown beside); (b) the
+same job with a zero-cost network (a benchmark-only module returning the valid-geometry crop of
+its input) in CPU-ms per output Mpx. Process
 start-up (Python and torch imports, ~2 CPU-s) is outside both.
 
 On a GPU (``--sections gpu``) it reports, through ``benchmarks/benchlib.py``, bf16 and fp32

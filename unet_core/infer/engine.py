@@ -143,9 +143,7 @@ class Engine:
         self.channels_last = True if channels_last is None else channels_last
         self.model = model
         if channels_last is None:  # a model of its own: move and lay it out; else the caller's model as it is
-            self.model = model.eval().to(device)
-            if self.channels_last:
-                self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self.compile = bool(compile)
         self._net = torch.compile(self.model, dynamic=False) if self.compile else self.model
         self.offsets = None if offsets is None else torch.as_tensor(
