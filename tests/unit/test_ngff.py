@@ -72,15 +72,19 @@ def test_open_stack_errors(tmp_path):
         open_stack(tmp_path / "nolabels.zarr", require_labels=True)
 
 
-def test_chunk_cache_reads_boxes_like_the_array_and_stays_bounded(tmp_path) -> None:
-    import zarr
-
-    from unet_core.io.ngff import ChunkCache, create_array
+@pytest.mark.parametrize("layout", ["project", "zarr-default"])
+def test_chunk_cache_reads_boxes_like_the_array_and_stays_bounded(tmp_path, layout) -> None:
+    from unet_core.io.ngff import ChunkCache, create_array, direct_chunk_reader
 
     data = np.random.default_rng(0).integers(0, 60000, (3, 70, 90)).astype(np.uint16)
-    arr = create_array(zarr.open_group(tmp_path / "a.zarr", mode="w"), "x", shape=data.shape, dtype=data.dtype,
-                       chunks=(1, 16, 32))
+    data[1, :40] = 0  # chunks equal to the fill value are not stored
+    group = zarr.open_group(tmp_path / "a.zarr", mode="w")
+    if layout == "project":
+        arr = create_array(group, "x", shape=data.shape, dtype=data.dtype, chunks=(1, 16, 32))
+    else:  # zarr's default codecs: read through zarr
+        arr = group.create_array("x", shape=data.shape, dtype=data.dtype, chunks=(1, 16, 32))
     arr[:] = data
+    assert (direct_chunk_reader(arr) is not None) == (layout == "project")
     cache = ChunkCache(arr, max_chunks=5)
     rng = np.random.default_rng(1)
     for _ in range(40):
@@ -89,3 +93,45 @@ def test_chunk_cache_reads_boxes_like_the_array_and_stays_bounded(tmp_path) -> N
         y1, x1 = int(rng.integers(y0 + 1, 71)), int(rng.integers(x0 + 1, 91))
         np.testing.assert_array_equal(cache[z, slice(y0, y1), slice(x0, x1)], data[z, y0:y1, x0:x1])
         assert len(cache._cache) <= 5
+
+
+def _chunk_boxes(arr):
+    from itertools import product
+
+    grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
+    for key in product(*grid):
+        yield key, tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(key, arr.chunks, arr.shape))
+
+
+@pytest.mark.parametrize("dtype,endian", [(np.uint16, "little"), (np.float32, "big"), (np.uint8, None)])
+def test_direct_chunk_reader_decodes_every_chunk_as_zarr_does(tmp_path, dtype, endian) -> None:
+    """Edge chunks (stored whole, cropped here), chunks never written (the fill value), and the
+    byte order of the ``bytes`` codec: the direct read equals zarr's read chunk by chunk."""
+    from zarr.codecs import BytesCodec
+
+    from unet_core.io.ngff import compressor, direct_chunk_reader
+
+    data = (np.random.default_rng(2).random((2, 37, 50)) * 200).astype(dtype)
+    arr = zarr.create_array(tmp_path / "a.zarr", shape=data.shape, dtype=dtype, chunks=(1, 16, 16), fill_value=7,
+                            serializer=BytesCodec(endian=endian), compressors=compressor())
+    arr[0] = data[0]  # slice 1 stays unwritten: no chunk files
+    read = direct_chunk_reader(zarr.open_array(tmp_path / "a.zarr", mode="r"))
+    assert read is not None
+    for key, box in _chunk_boxes(arr):
+        got = read(key)
+        assert got.shape == arr.chunks and got.dtype == arr.dtype
+        np.testing.assert_array_equal(got[tuple(slice(0, s.stop - s.start) for s in box)], arr[box])
+    assert (read((1, 0, 0)) == 7).all()
+
+
+def test_direct_chunk_reader_leaves_other_layouts_to_zarr(tmp_path) -> None:
+    from unet_core.io.ngff import direct_chunk_reader
+
+    kw = dict(shape=(2, 64, 64), dtype=np.uint16, chunks=(1, 16, 16))
+    others = {
+        "other codecs": zarr.create_array(tmp_path / "zstd.zarr", **kw),
+        "sharded": zarr.create_array(tmp_path / "shard.zarr", shards=(1, 32, 32), **kw),
+        "in memory": zarr.create_array(zarr.storage.MemoryStore(), **kw),
+        "zarr v2": zarr.create_array(tmp_path / "v2.zarr", zarr_format=2, **kw),
+    }
+    assert {name: direct_chunk_reader(arr) for name, arr in others.items()} == dict.fromkeys(others)
