@@ -331,6 +331,42 @@ def test_bf16_autocast_loss_equals_fp32_within_bf16_rounding(tmp_path: Path) -> 
     assert abs(bf16 - fp32) <= 1e-2 * abs(fp32), (bf16, fp32)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_is_used_only_where_the_cpu_has_it_natively(monkeypatch, caplog, native: bool) -> None:
+    import unet_core.common.precision as P
+    from unet_core.train.runtime import resolve_runtime
+
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert P.resolve_precision("auto", cpu) is P.resolve_precision("fp32", cpu) is P.Precision.FP32
+    with caplog.at_level("WARNING"):
+        assert P.resolve_precision("fp16", cpu) is P.Precision.FP32
+        assert P.resolve_precision("bf16", cpu) is (P.Precision.BF16 if native else P.Precision.FP32)
+    assert caplog.text.count("computing in float32") == (1 if native else 2)
+    runtime = resolve_runtime(tiny_config(precision="bf16"))
+    assert (runtime.precision, runtime.channels_last) == ((P.Precision.BF16, True) if native else (P.Precision.FP32, False))
+    assert ("bf16 autocast" in runtime.description) == native
+    assert resolve_runtime(tiny_config(precision="bf16", channels_last=False)).channels_last is False
+
+
+@pytest.mark.skipif(not __import__("unet_core.common.precision", fromlist=["x"]).cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
+def test_cpu_bf16_training_learns_and_validates_through_the_engine(tmp_path: Path) -> None:
+    """The whole loop under CPU bf16 autocast and channels-last: the loss falls as in float32,
+    validation runs, and the exported model is an ordinary float32 model."""
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    stack, weights = make_validation(tmp_path)
+    out = tmp_path / "run"
+    result = train([aug], out_dir=out, spec=TINY, config=tiny_config(iterations=80, validate_every=40, precision="bf16"),
+                   validation=[(stack, weights)], val_slices=[1])
+    log = safe_load(out / "state.pt")["history"]["train_log"]
+    assert log[0][1] / log[-1][1] >= 5.0, log
+    assert 0 <= result.metrics["val_pixel_error"] <= 0.2
+    model, _ = load_model(out / "model.pt", expect=TINY)
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+    assert "bf16" in json.dumps(json.loads((out / "model_card.json").read_text()))
+
+
 def test_optimizer_is_fused_on_cuda_only() -> None:
     from unet_core.common.precision import Precision
     from unet_core.train.runtime import Runtime, make_optimizer

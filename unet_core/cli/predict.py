@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (GPU if available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=[p.value for p in Precision], default="auto",
-                   help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU (the CPU always uses fp32)")
+                   help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU; bf16 is honoured on a CPU "
+                        "with native bf16 (AMX/AVX512-BF16), else fp32 with a warning")
     p.add_argument("--tta", choices=[t.value for t in TTA], default="none",
                    help="test-time augmentation averaged per tile: none, flips (4) or d4 "
                         "(8 rotations/mirrors)")

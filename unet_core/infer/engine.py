@@ -107,7 +107,7 @@ class Engine:
             :meth:`unet_core.io.ngff.Stack.scaler`), or one :class:`Scaling` or
             :class:`IntensityStats` (its z-score) for every slice; never per tile.
         device: where to compute.
-        precision: ``fp32`` or a bf16/fp16 autocast (GPU only; resolve it first).
+        precision: ``fp32`` or a bf16/fp16 autocast (resolve it first: on the CPU only native bf16).
         batch: tiles per network pass.
         tta: test-time transforms to average (probabilities only).
         offsets: (C,) decision logit offsets added before the softmax, or None.

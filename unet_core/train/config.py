@@ -79,8 +79,8 @@ class TrainConfig:
             (also how often the host waits for the device: there is no per-step synchronisation).
         val_tile_out: output tile size for validation, pixels (None: the training output size).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: autocast precision on CUDA (the CPU always trains in float32).
-        channels_last: channels-last memory format on CUDA.
+        precision: autocast precision on CUDA; on the CPU float32, or bf16 where the CPU has it natively.
+        channels_last: channels-last memory format on CUDA (and with bf16 on the CPU).
         compile: wrap the model in ``torch.compile``.
         workers: data-loader worker processes.
         export_weights: ``last`` or ``best`` (lowest validation pixel error) weights in model.pt.
