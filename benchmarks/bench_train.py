@@ -6,7 +6,8 @@ Measured side by side in one run, on one device, one job:
    the usual one-liner ``(F.cross_entropy(logits, target, reduction="none") * w).mean()`` on one
    388² output tile, forward + backward; prints the time ratio and the largest difference.
 2. ceiling: a dense matmul rate on the same device (bf16 on a GPU, where training runs under bf16
-   autocast; fp32 on the CPU, where training computes in fp32): ``benchlib.matmul_ceiling_tflops``.
+   autocast; fp32 on the CPU, where training computes in fp32 unless ``--precision bf16`` on a CPU
+   with native bf16): ``benchlib.matmul_ceiling_tflops``.
 3. loop: ``benchlib.training_rates``: the steady state of ``unet train`` (a stored Zarr set read by
    the loader, its sampler, device-side loss sums, metrics rows; the first third of the iterations,
    start-up, worker spawn and cuDNN autotuning excluded) against a minimal hand-written loop over
@@ -99,8 +100,8 @@ def configured(path: Path | None) -> tuple[dict, dict]:
 def bench_loop(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
                workers: int, precision: str) -> None:
     n = 8192 if device.type == "cuda" else 1024
-    ceiling = B.matmul_ceiling_tflops(device, n=n)
-    kind = "bf16" if device.type == "cuda" else "fp32"
+    kind = "bf16" if device.type == "cuda" or resolve_precision(precision, device).value == "bf16" else "fp32"
+    ceiling = B.matmul_ceiling_tflops(device, n=n, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
     print(f"ceil  dense {kind} matmul {n}x{n} on {device}: {ceiling:.3f} TFLOP/s")
     r = B.training_rates(spec, device, tile_out=tile_out, batch=batch, iterations=iterations, workers=workers,
                          precision=precision)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tile-out", type=int, default=None, help="output tile size, px (valid for the depth)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="loader workers of unet train")
-    p.add_argument("--precision", default=None, help="auto, bf16, fp16 or fp32 (the CPU computes in fp32)")
+    p.add_argument("--precision", default=None, help="auto, bf16, fp16 or fp32 (the CPU computes in fp32, or bf16 where it has it natively)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loss-repeats", type=int, default=20)
     args = p.parse_args(argv)

@@ -42,9 +42,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     return out, time.perf_counter() - t0
 
 
-def matmul_ceiling_tflops(device: torch.device, *, n: int = 8192, repeats: int = 20) -> float:
-    """Dense bf16 (GPU) or fp32 (CPU) matmul rate, TFLOP/s: the ceiling rates are compared with."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_ceiling_tflops(device: torch.device, *, n: int = 8192, repeats: int = 20,
+                          dtype: torch.dtype | None = None) -> float:
+    """Dense matmul rate, TFLOP/s, in ``dtype`` (default bf16 on a GPU, fp32 on the CPU): the
+    ceiling rates are compared with."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -289,7 +291,7 @@ def _minimal_rate(spec: UNetSpec, device: torch.device, aug: Path, *, warmup: in
     torch.manual_seed(0)
     model = UNet(spec).to(device)
     dtype = resolve_precision(precision, device).autocast_dtype
-    if device.type == "cuda" and channels_last:
+    if channels_last and (device.type == "cuda" or dtype is not None):  # as unet train: CUDA, or CPU bf16
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))

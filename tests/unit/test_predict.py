@@ -198,6 +198,18 @@ def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) ->
     np.testing.assert_array_equal(read_part(part), in_memory)
 
 
+@pytest.mark.skipif(not __import__("unet_core.common.precision", fromlist=["x"]).cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
+def test_cpu_bf16_prediction_is_recorded_and_close_to_fp32(stack: Path, model_file: Path, tmp_path: Path) -> None:
+    kw = dict(job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY, probabilities="float32")
+    predict_job(stack, model_file, tmp_path / "fp32", **kw)
+    predict_job(stack, model_file, tmp_path / "bf16", precision="bf16", **kw)
+    assert json.loads((tmp_path / "bf16" / "part.json").read_text())["precision"] == "bf16"
+    fp32, bf16 = read_part(tmp_path / "fp32"), read_part(tmp_path / "bf16")
+    assert not np.array_equal(bf16, fp32)  # it did run in bf16
+    assert np.abs(bf16 - fp32).max() < 0.05
+
+
 def test_job_writes_only_its_blocks(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part1"
     predict_job(stack, model_file, part, job=1, jobs=4, block_px=32, tile_out=32, device="cpu", expect=TINY,

@@ -16,6 +16,7 @@ rule predict:
         block=lookup(dpath="predict/block_px", within=config),
         batch=lookup(dpath="predict/batch_size", within=config),
         device=lookup(dpath="predict/device", within=config),
+        precision=lookup(dpath="predict/precision", within=config),
         tta=lookup(dpath="predict/tta", within=config),
         compile=lambda wc: "--compile" if config["predict"]["compile"] else "",
         decision=lookup(dpath="predict/decision", within=config),
@@ -38,6 +39,6 @@ rule predict:
     shell:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
-        " --batch {params.batch} --device {params.device} --tta {params.tta} {params.compile} {params.model}"
+        " --batch {params.batch} --device {params.device} --precision {params.precision} --tta {params.tta} {params.compile} {params.model}"
         " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"
         " --threads {params.threads} > {log:q} 2>&1"
