@@ -11,6 +11,8 @@ Side by side in one run, on one random (He-initialised) paper U-Net and one rand
 * ``monai``: the typical MONAI set-up, a same-padded U-Net of the same widths run with
   ``sliding_window_inference`` (roi 512, overlap 0.25, gaussian blending); skipped with a
   message if MONAI is not installed (``.venv/bin/pip install --no-deps monai``).
+* ``ours in bf16``: the same on a CPU with native bf16 (AMX / AVX512-BF16), where
+  ``--precision bf16`` is honoured; its rate against ours in fp32 and the argmax agreement.
 
 Prints max |tiled - whole|, output Mpx/s and ratios, the analytic FLOP overhead per output
 pixel at several tile sizes, and the peak RSS of ``unet predict`` jobs on a small and a
@@ -46,6 +48,7 @@ import benchlib as B  # noqa: E402
 
 from unet_core.common.geometry import Box  # noqa: E402
 from unet_core.common.intensity import IntensityStats  # noqa: E402
+from unet_core.common.precision import cpu_has_native_bf16  # noqa: E402
 from unet_core.common.mirror import mirror_pad  # noqa: E402
 from unet_core.infer.predict import predict_plane  # noqa: E402
 from unet_core.infer.tiling import Tiling, tile_read_box  # noqa: E402
@@ -198,6 +201,14 @@ def cpu_section(args: argparse.Namespace, spec: UNetSpec) -> None:
     err, share, std = paper_388_error(model, raw, whole)
     print(f"  paper-388 (388-px tiles at 388-px steps, {min(776, args.size)}^2 corner): max |diff| = {err:.3g} "
           f"({err / std:.1f}x the output std {std:.3g}), {share:.0%} of pixels off by > 1e-3")
+    if cpu_has_native_bf16():  # AMX / AVX512-BF16: predict --precision bf16 is honoured on this CPU
+        bf16, t_bf16 = B.timed(lambda: predict_plane(model, raw, stats=IntensityStats(0.0, 1.0), block_px=DEFAULT_BLOCK,
+                                                     tile_out=DEFAULT_TILE, device=cpu, precision="bf16")[:, 0], cpu)
+        agree = float((bf16.argmax(axis=0) == ours.argmax(axis=0)).mean())
+        print(f"  ours in bf16 (native on this CPU):  {t_bf16:7.1f} s  {mpx / t_bf16:.4f} Mpx/s = {t_ours / t_bf16:.2f}x "
+              f"ours fp32; max |bf16 - fp32| = {np.abs(bf16 - ours).max():.3g}, argmax agreement {agree:.4%}")
+    else:
+        print("  ours in bf16: skipped (this CPU has no native bf16; predict computes in fp32 here)")
     monai = B.monai_in_memory(spec, raw, cpu, precision="fp32", sw_batch=1)
     if monai is None:
         print("  monai: skipped (MONAI not installed; .venv/bin/pip install --no-deps monai)")

@@ -77,6 +77,15 @@ def _model_of_other_config(d: Path, ref: Path) -> str:
     return str(d / "in/other_config.pt")
 
 
+def _damaged_stack(d: Path, ref: Path) -> str:
+    """A copy of a reference stack with one image chunk cut short (a disk or copy error)."""
+    stack = d / "in/damaged.ome.zarr"
+    shutil.copytree(ref / TV / "stack.ome.zarr", stack)
+    chunk = next(p for p in sorted((stack / "0" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    return str(stack)
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -146,6 +155,9 @@ CASES = {
     "corrupted-checkpoint": Case(
         lambda d, r: ["predict", r / TV / "stack.ome.zarr", _corrupted_model(d, r), d / "out/p.zarr", *MODEL_ARGS],
         "out/p.zarr", ("corrupted.pt",)),
+    "damaged-stack-chunk": Case(
+        lambda d, r: ["predict", _damaged_stack(d, r), r / "results/model/model.pt", d / "out/p.zarr", *MODEL_ARGS],
+        "out/p.zarr/COMPLETE", ("damaged.ome.zarr", "damaged Zarr chunk")),
     "output-not-writable": Case(
         lambda d, r: ["ingest", d / "in/image.tif", d / "in/a_file/s.ome.zarr"], None, ("a_file",)),
     "stack-without-labels-weights": Case(

@@ -135,3 +135,17 @@ def test_direct_chunk_reader_leaves_other_layouts_to_zarr(tmp_path) -> None:
         "zarr v2": zarr.create_array(tmp_path / "v2.zarr", zarr_format=2, **kw),
     }
     assert {name: direct_chunk_reader(arr) for name, arr in others.items()} == dict.fromkeys(others)
+
+
+def test_a_damaged_chunk_is_one_line_naming_its_file(tmp_path) -> None:
+    from unet_core.io.ngff import ChunkCache, create_array
+
+    arr = create_array(zarr.open_group(tmp_path / "a.zarr", mode="w"), "x", shape=(1, 32, 32), dtype=np.uint16,
+                       chunks=(1, 16, 16))
+    arr[:] = np.arange(32 * 32, dtype=np.uint16).reshape(1, 32, 32)
+    chunk = tmp_path / "a.zarr" / "x" / "c" / "0" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    cache = ChunkCache(arr, max_chunks=4)
+    np.testing.assert_array_equal(cache[0, slice(0, 16), slice(0, 32)], arr[0, :16])
+    with pytest.raises(UserInputError, match=r"c/0/1/0: damaged Zarr chunk"):
+        cache[0, slice(16, 32), slice(0, 8)]

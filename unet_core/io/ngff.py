@@ -295,11 +295,15 @@ def direct_chunk_reader(array: zarr.Array) -> Callable[[tuple[int, ...]], np.nda
     stored = array.dtype.newbyteorder(">" if big else "<")
 
     def read(key: tuple[int, ...]) -> np.ndarray:
+        path = folder / meta.encode_chunk_key(key)
         try:
-            raw = (folder / meta.encode_chunk_key(key)).read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return np.full(shape, fill, array.dtype)
-        return np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
+        try:
+            return np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
+        except (RuntimeError, ValueError) as err:  # not a Blosc frame, or not the chunk's size
+            raise UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store") from None
 
     return read
 
