@@ -156,8 +156,9 @@ CASES = {
         lambda d, r: ["predict", r / TV / "stack.ome.zarr", _corrupted_model(d, r), d / "out/p.zarr", *MODEL_ARGS],
         "out/p.zarr", ("corrupted.pt",)),
     "damaged-stack-chunk": Case(
-        lambda d, r: ["predict", _damaged_stack(d, r), r / "results/model/model.pt", d / "out/p.zarr", *MODEL_ARGS],
-        "out/p.zarr/COMPLETE", ("damaged.ome.zarr", "damaged Zarr chunk")),
+        # found while predicting: the resumable part store exists, never marked complete
+        lambda d, r: ["predict", _damaged_stack(d, r), r / "results/model/model.pt", d / "out/damaged-part.zarr",
+                      *MODEL_ARGS], "out/damaged-part.zarr/COMPLETE", ("damaged.ome.zarr", "damaged Zarr chunk")),
     "output-not-writable": Case(
         lambda d, r: ["ingest", d / "in/image.tif", d / "in/a_file/s.ome.zarr"], None, ("a_file",)),
     "stack-without-labels-weights": Case(
