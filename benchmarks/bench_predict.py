@@ -48,8 +48,8 @@ import benchlib as B  # noqa: E402
 
 from unet_core.common.geometry import Box  # noqa: E402
 from unet_core.common.intensity import IntensityStats  # noqa: E402
-from unet_core.common.precision import cpu_has_native_bf16  # noqa: E402
 from unet_core.common.mirror import mirror_pad  # noqa: E402
+from unet_core.common.precision import cpu_has_native_bf16  # noqa: E402
 from unet_core.infer.predict import predict_plane  # noqa: E402
 from unet_core.infer.tiling import Tiling, tile_read_box  # noqa: E402
 from unet_core.model.spec import UNetSpec  # noqa: E402

@@ -100,12 +100,12 @@ def configured(path: Path | None) -> tuple[dict, dict]:
 def bench_loop(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
                workers: int, precision: str) -> None:
     n = 8192 if device.type == "cuda" else 1024
-    kind = "bf16" if device.type == "cuda" or resolve_precision(precision, device).value == "bf16" else "fp32"
+    computed = resolve_precision(precision, device).value
+    kind = "bf16" if device.type == "cuda" or computed == "bf16" else "fp32"
     ceiling = B.matmul_ceiling_tflops(device, n=n, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
     print(f"ceil  dense {kind} matmul {n}x{n} on {device}: {ceiling:.3f} TFLOP/s")
     r = B.training_rates(spec, device, tile_out=tile_out, batch=batch, iterations=iterations, workers=workers,
                          precision=precision)
-    computed = resolve_precision(precision, device).value
 
     def figures(rate: float, peak: float | None) -> str:
         mem = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tile-out", type=int, default=None, help="output tile size, px (valid for the depth)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="loader workers of unet train")
-    p.add_argument("--precision", default=None, help="auto, bf16, fp16 or fp32 (the CPU computes in fp32, or bf16 where it has it natively)")
+    p.add_argument("--precision", default=None,
+                   help="auto, bf16, fp16 or fp32 (the CPU computes in fp32, or bf16 where it has it natively)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loss-repeats", type=int, default=20)
     args = p.parse_args(argv)

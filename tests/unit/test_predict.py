@@ -17,7 +17,7 @@ from unet_core.common.errors import CheckpointError, UserInputError
 from unet_core.common.intensity import IntensityStats, Normalisation, RunningStats, normalize, slice_stats_to_attrs
 from unet_core.common.provenance import sha256_files
 from unet_core.infer.part_store import PartStore
-from unet_core.common.precision import resolve_precision
+from unet_core.common.precision import cpu_has_native_bf16, resolve_precision
 from unet_core.infer.engine import Engine
 from unet_core.infer.predict import job_device, predict_job, predict_plane
 from unet_core.infer.tiling import Tiling
@@ -198,8 +198,7 @@ def test_job_writes_part_store(stack: Path, model_file: Path, tmp_path: Path) ->
     np.testing.assert_array_equal(read_part(part), in_memory)
 
 
-@pytest.mark.skipif(not __import__("unet_core.common.precision", fromlist=["x"]).cpu_has_native_bf16(),
-                    reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
 def test_cpu_bf16_prediction_is_recorded_and_close_to_fp32(stack: Path, model_file: Path, tmp_path: Path) -> None:
     kw = dict(job=0, jobs=1, block_px=32, tile_out=16, device="cpu", expect=TINY, probabilities="float32")
     predict_job(stack, model_file, tmp_path / "fp32", **kw)

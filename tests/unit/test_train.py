@@ -24,6 +24,7 @@ import zarr
 from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
+from unet_core.common.precision import cpu_has_native_bf16
 from unet_core.infer.predict import plane_logits
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.checkpoint import load_model, safe_load
@@ -349,8 +350,7 @@ def test_cpu_bf16_is_used_only_where_the_cpu_has_it_natively(monkeypatch, caplog
     assert resolve_runtime(tiny_config(precision="bf16", channels_last=False)).channels_last is False
 
 
-@pytest.mark.skipif(not __import__("unet_core.common.precision", fromlist=["x"]).cpu_has_native_bf16(),
-                    reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
 def test_cpu_bf16_training_learns_and_validates_through_the_engine(tmp_path: Path) -> None:
     """The whole loop under CPU bf16 autocast and channels-last: the loss falls as in float32,
     validation runs, and the exported model is an ordinary float32 model."""

@@ -39,6 +39,7 @@ rule predict:
     shell:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
-        " --batch {params.batch} --device {params.device} --precision {params.precision} --tta {params.tta} {params.compile} {params.model}"
+        " --batch {params.batch} --device {params.device} --precision {params.precision}"
+        " --tta {params.tta} {params.compile} {params.model}"
         " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"
         " --threads {params.threads} > {log:q} 2>&1"
