@@ -129,3 +129,28 @@ def test_rename_refuses_what_is_not_the_stages_own_output(tmp_path):
     with atomic_output(target, own=mark) as tmp:  # its own earlier output: replaced
         tmp.write_text('{"format": "unet-pipeline/test/1", "n": 2}')
     assert '"n": 2' in target.read_text()
+
+
+def test_failure_waits_for_zarrs_writes_still_in_flight(tmp_path):
+    """zarr writes concurrently on its own loop; when one write fails (a full disk) its
+    siblings are still running. The failed output is removed only after they have ended, so
+    none of them fails on the deleted folder and asyncio has nothing to report at exit."""
+    import asyncio
+
+    import zarr
+    from zarr.core.sync import _get_loop
+
+    zarr.create_group(tmp_path / "warm.zarr")  # starts zarr's loop as any stage does
+    outcome = {}
+
+    async def late_sibling(folder):
+        await asyncio.sleep(0.3)
+        (folder / "c0").write_bytes(b"chunk")
+        outcome["wrote"] = True
+
+    with pytest.raises(OSError), atomic_output(tmp_path / "out.zarr", own=None) as tmp:
+        tmp.mkdir()
+        future = asyncio.run_coroutine_threadsafe(late_sibling(tmp), _get_loop())
+        raise OSError(28, "No space left on device")
+    assert future.done() and future.exception() is None and outcome == {"wrote": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warm.zarr"]

@@ -23,6 +23,7 @@ import sys
 import traceback
 
 from unet_core import __version__
+from unet_core.common.atomic import settle_background_writes
 from unet_core.common.errors import UserInputError
 
 # Display order of the subcommands (the order data flows through the pipeline).
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     prefix = f"unet {args.stage}: error:"
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        finally:  # in-place stores (a part store) too: no write of the stage outlives it
+            settle_background_writes()
     except KeyboardInterrupt:
         print(f"{prefix} interrupted", file=sys.stderr)
         return 130
