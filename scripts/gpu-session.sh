@@ -54,7 +54,7 @@ for name in sys.argv[1:]:
 install() {  # on the GPU machine: the wheels into /tmp/site, and a `unet` command
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     mkdir -p /tmp/bin "$OUT"
-    printf '#!/bin/sh\nexec %s -c "import sys; from unet_core.cli import main; sys.exit(main())" "$@"\n' "$PY" >/tmp/bin/unet
+    printf '#!/bin/sh\nexec %s -m unet_core "$@"\n' "$PY" >/tmp/bin/unet
     chmod +x /tmp/bin/unet
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/bin:$PATH" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

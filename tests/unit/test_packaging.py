@@ -46,3 +46,16 @@ def test_quick_start_is_two_commands_run_first():
     assert "bash ./test.sh" in (REPO / ".ci/run").read_text()
     assert "--cores all" in (REPO / "run.sh").read_text()
     assert "torch==2.13.0" in (REPO / "scripts/setup-venv.sh").read_text()
+
+
+def test_python_dash_m_runs_the_cli():
+    """``python -m unet_core`` is the ``unet`` command where no console script is installed."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "unet_core", "--version"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and res.stdout.startswith("unet-pipeline "), res.stderr
+    res = subprocess.run([sys.executable, "-m", "unet_core", "merge"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 2 and "usage: unet merge" in res.stderr, res.stderr
