@@ -135,3 +135,45 @@ def test_cli_class_weights_then_weights(instance_stack, tmp_path, capsys):
     assert main(["weights", str(path), str(tmp_path / "x.zarr"), "--scheduler", "nonsense"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("unet weights: error:") and "scheduler" in err[-1]
+
+
+def test_a_failed_dask_task_leaves_no_temporary(tmp_path):
+    """Dask raises a task's error at once while the other tasks still run; the failed output
+    is removed only after they have ended, so none of them re-creates part of it."""
+    import time
+
+    from unet_core.common.atomic import atomic_output
+
+    written = []
+
+    def block(x, block_info=None):
+        if block_info[0]["chunk-location"][0] == 0:
+            time.sleep(0.1)
+            raise ValueError("bad block")
+        time.sleep(0.5)  # still running when block 0 fails
+        written.append(True)
+        return x + 1
+
+    with pytest.raises(ValueError, match="bad block"):
+        with WD.dask_scheduler("threads", workers=2), atomic_output(tmp_path / "out.zarr", own=None) as tmp:
+            target = zarr.create_array(tmp, shape=(2, 4), chunks=(1, 4), dtype="i4")
+            da.store(da.zeros((2, 4), chunks=(1, 4), dtype="i4").map_blocks(block, dtype="i4"), target, lock=False)
+    assert written == [True]  # the other block ran to its end before the removal...
+    time.sleep(0.2)
+    assert list(tmp_path.iterdir()) == []  # ...so nothing of the output is left
+
+
+def test_settling_pool_cancels_queued_work_and_waits_for_running_work():
+    import threading
+    import time
+
+    from unet_core.common.background import SettlingThreadPool
+
+    started, finished = threading.Event(), []
+    with SettlingThreadPool(1) as pool:
+        running = pool.submit(lambda: (started.set(), time.sleep(0.3), finished.append("running")))
+        queued = pool.submit(lambda: finished.append("queued"))
+        started.wait(5)
+        pool.settle(timeout_s=10)
+        assert running.done() and queued.cancelled() and finished == ["running"]
+        assert pool.submit(lambda: 7).result() == 7  # still usable after settling

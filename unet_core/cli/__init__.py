@@ -23,7 +23,7 @@ import sys
 import traceback
 
 from unet_core import __version__
-from unet_core.common.atomic import settle_background_writes
+from unet_core.common.background import settle_background_writes
 from unet_core.common.errors import UserInputError
 
 # Display order of the subcommands (the order data flows through the pipeline).

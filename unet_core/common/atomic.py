@@ -8,18 +8,16 @@ so the final ``os.replace`` is a rename on one file system.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import socket
-import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from unet_core.common.background import settle_background_writes
 from unet_core.common.errors import UserInputError
 from unet_core.common.outputs import Mark, PngMark, check_replaceable, png_metadata
 
@@ -134,34 +132,6 @@ def remove_path(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def settle_background_writes(timeout_s: float = 60.0) -> None:
-    """Wait until the writes zarr still has in flight have ended, and take their errors.
-
-    zarr writes a store's chunks and metadata as concurrent tasks on its own event-loop
-    thread. When one fails (a full disk), the caller gets that error at once while its
-    siblings keep running: removing the temporary then races with them (a sibling's rename
-    into the deleted folder fails), and asyncio prints their unretrieved exceptions to stderr
-    at exit, after the stage's one-line error. Call this before removing a failed output and
-    before reporting an error. Does nothing where zarr was never loaded or its loop is idle.
-    """
-    zarr_sync = sys.modules.get("zarr.core.sync")
-    loop = getattr(zarr_sync, "loop", [None])[0]
-    if loop is None or not loop.is_running() or zarr_sync.iothread[0] is threading.current_thread():
-        return
-
-    async def settle() -> None:
-        pending = asyncio.all_tasks() - {asyncio.current_task()}
-        if not pending:
-            return
-        done, _ = await asyncio.wait(pending, timeout=timeout_s)
-        for task in done:  # retrieved: asyncio no longer reports them at exit
-            if not task.cancelled():
-                task.exception()
-
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout_s + 5)
 
 
 def ensure_writable_parent(path: Path) -> None:

@@ -37,6 +37,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
+from unet_core.common.background import SettlingThreadPool, background_work
 from unet_core.common.outputs import JsonMark, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
@@ -80,8 +81,18 @@ def dask_scheduler(scheduler: str = "threads", *, workers: int | None = None) ->
     """
     import dask
 
-    if scheduler in ("threads", "processes", "synchronous"):
-        n = workers or os.cpu_count() or 1
+    n = workers or os.cpu_count() or 1
+    if scheduler == "threads":
+        # our own pool: when a task fails, Dask raises at once while the other tasks still run;
+        # a failed output is removed only after they have ended (unet_core.common.background)
+        pool = SettlingThreadPool(n, thread_name_prefix="dask")
+        try:
+            with background_work(pool.settle), dask.config.set(scheduler="threads", pool=pool, num_workers=n):
+                yield
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return
+    if scheduler in ("processes", "synchronous"):
         with dask.config.set(scheduler=scheduler, num_workers=n):
             yield
         return
