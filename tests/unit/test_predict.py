@@ -14,6 +14,7 @@ from torch import nn
 from unet_core.cli import main
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import CheckpointError, UserInputError
+from unet_core.common.mirror import mirror_index
 from unet_core.common.intensity import IntensityStats, Normalisation, RunningStats, normalize, slice_stats_to_attrs
 from unet_core.common.provenance import sha256_files
 from unet_core.infer.part_store import PartStore
@@ -114,10 +115,68 @@ def test_engine_block_gives_probabilities_codes_and_argmax() -> None:
     assert p.shape == (2, 1, 30, 9) and p.dtype == np.float32
     np.testing.assert_allclose(p.sum(axis=0), 1.0, atol=1e-6)
     assert results["uint8"].probabilities.dtype == np.uint8
-    np.testing.assert_array_equal(results["uint8"].probabilities, np.floor(p * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+    codes = results["uint8"].probabilities
+    np.testing.assert_array_equal(codes[1], np.floor(p[1] * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+    np.testing.assert_array_equal(codes[0], 255 - codes[1])  # the codes sum to 255 as the probabilities sum to 1
+    assert np.abs(codes / np.float32(255) - p).max() <= 0.5 / 255 + 1e-6
     np.testing.assert_array_equal(results["float16"].probabilities, p.astype(np.float16))
     for r in results.values():  # the argmax is taken before any rounding: the same for every encoding
         np.testing.assert_array_equal(r.segmentation, p.argmax(axis=0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("offsets", [None, [0.3, -0.4]], ids=["raw", "offsets"])
+@pytest.mark.parametrize("encoding", ["float32", "float16", "uint8"])
+def test_two_class_tile_path_equals_the_general_one(encoding: str, offsets) -> None:
+    # two classes without TTA are finished tile by tile from the logit margin; the general path
+    # (softmax per class, a block-sized float canvas, argmax over classes) must give the same
+    torch.manual_seed(3)
+    image = np.random.default_rng(3).normal(size=(1, 45, 38)).astype(np.float32)
+    tiling = Tiling(image.shape, TINY, block_px=32, tile_out=16)  # blocks cut by the image edge
+    engine = Engine(UNet(TINY).eval(), tiling, stats=IntensityStats(0.0, 1.0), device=torch.device("cpu"),
+                    encoding=encoding, offsets=offsets)
+    for block in tiling.blocks():
+        staged = engine.stage(image, block)
+        fast, fast_seg = engine.block_two_class(engine.normalised_input(staged), block, staged.read)
+        general, seg = engine.encode(engine.block_output(engine.normalised_input(staged), block, staged.read))
+        assert fast.shape == general.shape == (2, *block.plane.shape) and fast.dtype == general.dtype
+        np.testing.assert_array_equal(fast_seg.numpy(), seg.numpy())
+        if offsets is None:  # the same float operations: identical
+            np.testing.assert_array_equal(fast.numpy(), general.numpy())
+        else:  # (l1 - l0) + (o1 - o0) instead of (l1 + o1) - (l0 + o0): float rounding apart
+            diff = np.abs(fast.numpy().astype(np.float32) - general.numpy().astype(np.float32))
+            assert diff.max() <= (1 if encoding == "uint8" else 2e-3 if encoding == "float16" else 1e-6)
+
+
+def test_uint8_codes_of_two_classes_complement_and_of_more_classes_round_each() -> None:
+    from unet_core.infer.encoding import ProbabilityEncoding
+
+    p = torch.softmax(torch.randn(3, 50, 40, generator=torch.Generator().manual_seed(0)), dim=0)
+    three = ProbabilityEncoding.UINT8.encode(p.clone()).numpy()
+    np.testing.assert_array_equal(three, np.floor(p.numpy() * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+    two = ProbabilityEncoding.UINT8.encode(torch.stack([1 - p[1], p[1]])).numpy()
+    np.testing.assert_array_equal(two[1], three[1])
+    np.testing.assert_array_equal(two.astype(int).sum(axis=0), 255)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 40, 37), (1, 3, 50)], ids=["blocks", "thinner-than-the-context"])
+def test_block_input_is_the_mirrored_normalised_image_for_every_stored_dtype(dtype, shape) -> None:
+    # mirrored as stored (unsigned 16/32-bit values as their signed twins' bits), then cast and
+    # normalised: the values of normalize() on the mirror-padded image, also above the sign bit
+    rng = np.random.default_rng(4)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        image = rng.integers(max(info.min, -(2**40)), min(info.max, 2**40), shape, endpoint=True).astype(dtype)
+    else:
+        image = rng.normal(100, 30, shape).astype(dtype)
+    stats = IntensityStats(float(image.mean()), float(image.std()) + 1.0)
+    tiling = Tiling(shape, TINY, block_px=16, tile_out=8)
+    engine = Engine(StandIn(TINY), tiling, stats=stats, device=torch.device("cpu"))
+    for block in tiling.blocks():
+        staged = engine.stage(image, block)
+        got = engine.normalised_input(staged).numpy()
+        rows, cols = (mirror_index(np.arange(a, b), n) for a, b, n in zip(staged.read.offset, staged.read.end, shape[1:]))
+        np.testing.assert_array_equal(got, normalize(image[0][np.ix_(rows, cols)], stats))
 
 
 def test_engine_runs_its_own_model_channels_last_also_on_the_cpu() -> None:

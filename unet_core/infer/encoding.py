@@ -1,7 +1,9 @@
 """How class probabilities are stored: ``uint8`` codes (default), ``float16`` or ``float32``.
 
 ``uint8`` stores ``floor(255 · p + 0.5)`` (round half up, computed in float32): 1 byte per
-class and pixel instead of 4, exact to ±0.002. A probability threshold ``t`` on stored codes is exactly the code
+class and pixel instead of 4, exact to ±0.002. With two classes the background's code is the
+complement of the cell's, ``255 − code``, so a pixel's codes sum to 255 as its probabilities
+sum to 1. A probability threshold ``t`` on stored codes is exactly the code
 threshold ``code > 255 · t`` (:meth:`ProbabilityEncoding.code_threshold`), which is how merge
 and evaluate state the thresholds they apply. The argmax segmentation is never derived from
 stored codes: prediction computes it from full-precision probabilities and stores it beside
@@ -42,18 +44,48 @@ class ProbabilityEncoding(str, Enum):
         """The encoding of a stored array's dtype (float32 arrays of older stores included)."""
         return cls(np.dtype(dtype).name)
 
+    @property
+    def description(self) -> str:
+        """How the stored values are computed from the probabilities (for output attributes)."""
+        if self is ProbabilityEncoding.UINT8:
+            return "uint8 codes floor(255 p + 0.5); with two classes class 0's code is 255 - class 1's"
+        return self.value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch  # not at the top: merge and evaluate read stores without torch
+
+        return getattr(torch, self.value)
+
     def encode(self, probs: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-        """float32 probabilities in [0, 1] (any shape, on any device) -> stored values.
+        """(C, ...) float32 probabilities in [0, 1] (on any device) -> stored values.
 
         With ``inplace`` the uint8 encoding scales ``probs`` itself (one pass less, no float copy).
         """
-        import torch  # not at the top: merge and evaluate read stores without torch
+        import torch
+
+        if self is not ProbabilityEncoding.UINT8:
+            return probs.to(self.torch_dtype)
+        if probs.shape[0] != 2:
+            return _scaled(probs, inplace=inplace).to(torch.uint8)  # truncation of a positive value: floor
+        codes = torch.empty(probs.shape, dtype=torch.uint8, device=probs.device)
+        _two_class_codes(probs[1], out=codes, inplace=inplace)
+        return codes
+
+    def encode_margin(self, margin: torch.Tensor, *, out: torch.Tensor) -> None:
+        """(...) float32 logit margin d = l1 - l0 of a two-class model (decision offsets included)
+        -> the stored values of p0 = sigmoid(-d) and p1 = sigmoid(d), written into the (2, ...)
+        ``out`` of this encoding's dtype. ``margin`` is overwritten."""
+        import torch
 
         if self is ProbabilityEncoding.UINT8:
-            half = torch.full((), 0.5, dtype=probs.dtype, device=probs.device)
-            scaled = torch.add(half, probs, alpha=UINT8_SCALE, out=probs if inplace else None)  # 0.5 + 255 p
-            return scaled.to(torch.uint8)  # truncation of a positive value: floor
-        return probs.to(getattr(torch, self.value))
+            _two_class_codes(margin.sigmoid_(), out=out, inplace=True)
+        elif self is ProbabilityEncoding.FLOAT32:
+            torch.sigmoid(margin, out=out[1])
+            torch.sigmoid(margin.neg_(), out=out[0])  # not 1 - p1: accurate where p0 is tiny
+        else:
+            out[1].copy_(torch.sigmoid(margin))
+            out[0].copy_(margin.neg_().sigmoid_())
 
     def decode(self, stored: np.ndarray) -> np.ndarray:
         """Stored values -> float32 probabilities in [0, 1].
@@ -71,3 +103,20 @@ class ProbabilityEncoding(str, Enum):
         if self is ProbabilityEncoding.UINT8:
             return f"code >= {math.floor(UINT8_SCALE * threshold) + 1}"
         return f"value > {threshold}"
+
+
+def _scaled(probs: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+    """0.5 + 255 p in float32, in ``probs`` itself where ``inplace``."""
+    import torch
+
+    half = torch.full((), 0.5, dtype=probs.dtype, device=probs.device)
+    return torch.add(half, probs, alpha=UINT8_SCALE, out=probs if inplace else None)
+
+
+def _two_class_codes(p1: torch.Tensor, *, out: torch.Tensor, inplace: bool) -> None:
+    """Codes of a two-class pixel into the (2, ...) uint8 ``out``: class 1's floor(255 p1 + 0.5),
+    class 0's its complement 255 - code (no pass over class 0's floats)."""
+    import torch
+
+    out[1].copy_(_scaled(p1, inplace=inplace))  # truncation of a positive value: floor
+    torch.bitwise_not(out[1], out=out[0])  # 255 - code, exactly

@@ -5,11 +5,14 @@ cover), so there is one engine, not a GPU twin. Per block::
 
     host    read the in-bounds part of the block's read box, in its stored dtype   (reader thread)
             upload it once (GPU: through a reused pinned buffer)
-    device  cast and normalise; mirror at the image borders (an index gather); cut the tiles
-            as strided windows of the block (no per-tile host copies); test-time transforms;
-            the network in channels-last layout (bf16 autocast on a GPU, float32 on the CPU); decision
-            offsets; softmax in float32; undo the transforms; stitch (sum over the transforms,
-            then / n); argmax segmentation from the full-precision probabilities; encode
+    device  mirror at the image borders (reflect padding, or an index gather), still in the
+            stored dtype; cast and normalise; cut the tiles as strided windows of the block (no
+            per-tile host copies); test-time transforms; the network in channels-last layout (bf16
+            autocast on a GPU, float32 on the CPU); decision offsets; softmax in float32; undo the
+            transforms; stitch (sum over the transforms, then / n); argmax segmentation from the
+            full-precision probabilities; encode. Two classes without test-time transforms (the
+            usual case) finish each tile while it is in cache: logit margin, argmax, encoded
+            probabilities, with no block-sized float array
     host    download only the encoded probabilities and the segmentation              (writer threads)
 
 No step waits for the device inside a block: the host waits only when a block's compact
@@ -212,21 +215,78 @@ class Engine:
         raw = staged.raw
         if self.cuda:
             raw.record_stream(torch.cuda.current_stream(self.device))
-        x = raw
-        if staged.dtype in _SIGNED_TWIN and raw.dtype != torch.from_numpy(np.empty(0, staged.dtype)).dtype:
-            x = raw.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & _SIGNED_TWIN[staged.dtype][1]
+        # mirrored as stored, before the cast (half or a quarter of float32's bytes to move); the
+        # pad and gather kernels have no unsigned 16/32-bit versions, so those move as their signed twins
+        twin = _SIGNED_TWIN.get(staged.dtype)
+        x = raw.view(_torch_dtype(twin[0])) if twin and raw.dtype == _torch_dtype(staged.dtype) else raw
+        x = mirror_to(x, staged.loaded, staged.read, self.tiling.shape[1:])
+        if twin and self.cuda:  # uploaded as the twin: back to the unsigned values
+            x = x.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
+        elif twin:
+            x = x.view(_torch_dtype(staged.dtype))
         x = x.to(torch.float32, copy=x is raw)  # a tensor of its own: normalised in place
         scaling = self.scaling(staged.block.write.offset[0])
-        x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
-        return mirror_to(x, staged.loaded, staged.read, self.tiling.shape[1:])
+        return x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
 
     def block_output(self, image: torch.Tensor, block: Block, read: Box, *, logits: bool = False) -> torch.Tensor:
         """(C, by, bx) float32 of ``block``: probabilities averaged over the test-time transforms,
         or (``logits=True``, no transforms, no offsets) the raw network logits."""
+        trs = (Dihedral(),) if logits else transforms(self.tta)
+        canvas = torch.empty((self.spec.n_classes, *self._canvas_shape(block)), dtype=torch.float32,
+                             device=image.device)
+
+        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
+            target = canvas[(slice(None), *where)]
+            if logits:
+                target.copy_(tile_out)
+            else:  # every tile is written once per transform, the first transform first: set, then add
+                class_probabilities(tile_out, self.offsets, out=target, add=tr != trs[0],
+                                    tails=self.encoding is not ProbabilityEncoding.UINT8)
+
+        self._run_tiles(image, block, read, trs, put)
+        if len(trs) > 1:
+            canvas /= np.float32(len(trs))
+        return _crop(canvas, block)
+
+    def block_two_class(self, image: torch.Tensor, block: Block, read: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored (2, by, bx) probabilities, (by, bx) uint8 argmax classes) of a two-class model
+        without test-time transforms, finished tile by tile while each tile's output is in cache.
+
+        Everything follows from the logit margin d = (l1 + o1) - (l0 + o0): the argmax is d > 0
+        (p1 > p0 exactly where the margin is positive, decided before any rounding), and
+        p1 = sigmoid(d), p0 = sigmoid(-d) (:meth:`ProbabilityEncoding.encode_margin`). No block-sized
+        float array is made: on a CPU the post-processing is memory-bound, and this reads the
+        network's output once.
+        """
+        shape = self._canvas_shape(block)
+        stored = torch.empty((2, *shape), dtype=self.encoding.torch_dtype, device=image.device)
+        seg = torch.empty(shape, dtype=torch.uint8, device=image.device)
+        offset = None if self.offsets is None else self.offsets[0, 1] - self.offsets[0, 0]
+        (_, sy), (_, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
+        margin = torch.empty((sy, sx), dtype=torch.float32, device=image.device)  # reused by every tile
+
+        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
+            torch.sub(tile_out[1], tile_out[0], out=margin)
+            if offset is not None:
+                margin.add_(offset)
+            torch.gt(margin, 0, out=seg[where].view(torch.bool))
+            self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
+
+        self._run_tiles(image, block, read, (Dihedral(),), put)
+        return _crop(stored, block), _crop(seg, block)
+
+    def _canvas_shape(self, block: Block) -> tuple[int, int]:
+        """(Y, X) of the block's tile grid: the block rounded up to whole tiles."""
+        (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
+        return ny * sy, nx * sx
+
+    def _run_tiles(self, image: torch.Tensor, block: Block, read: Box, trs: Sequence[Dihedral],
+                   put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None]) -> None:
+        """Run the network over ``block``'s tiles under each transform of ``trs`` (in this order)
+        and hand each tile to ``put(transform, (C, ty, tx) output in the block's frame, (ys, xs)
+        slices of the tile in the block's tile grid)``."""
         tiles = self.tiling.tiles(block)
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        canvas = torch.empty((self.spec.n_classes, ny * sy, nx * sx), dtype=torch.float32, device=image.device)
-        trs = (Dihedral(),) if logits else transforms(self.tta)
         for shape, items in _work_by_shape(trs, ny, nx, sy, sx):
             windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in {tr for tr, _, _ in items}}
             for start in range(0, len(items), self.batch):
@@ -234,18 +294,7 @@ class Engine:
                 x = torch.stack([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk])[:, None]
                 out = self._network(x, shape)
                 for (tr, i, j), tile_out in zip(chunk, out, strict=True):
-                    target = canvas[:, i * sy : (i + 1) * sy, j * sx : (j + 1) * sx]
-                    # every tile is written once per transform, the first transform first: set, then add
-                    tile_out = _inverse(tr, tile_out)
-                    if logits:
-                        target.copy_(tile_out)
-                    else:
-                        class_probabilities(tile_out, self.offsets, out=target, add=tr != trs[0],
-                                            tails=self.encoding is not ProbabilityEncoding.UINT8)
-        if len(trs) > 1:
-            canvas /= np.float32(len(trs))
-        by, bx = block.plane.shape
-        return canvas[:, :by, :bx]
+                    put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
 
     def _windows(self, image: torch.Tensor, first: Box, read: Box, tr: Dihedral, sy: int, sx: int) -> torch.Tensor:
         """(ny', nx', in_y, in_x) strided view: the read boxes of all tiles under ``tr``."""
@@ -301,13 +350,27 @@ class Engine:
         """All device work of one staged block; returns the waiter of its download."""
         try:
             image = self.normalised_input(staged)
-            probs, seg = self.encode(self.block_output(image, staged.block, staged.read))
+            if self.spec.n_classes == 2 and self.tta is TTA.NONE:
+                probs, seg = self.block_two_class(image, staged.block, staged.read)
+            else:
+                probs, seg = self.encode(self.block_output(image, staged.block, staged.read))
         except torch.cuda.OutOfMemoryError:
             raise UserInputError(
                 f"out of GPU memory at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}; "
                 "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"
             ) from None
         return self.download(staged.block, probs, seg)
+
+
+def _torch_dtype(dtype: np.dtype | type) -> torch.dtype:
+    """The torch dtype of a numpy dtype."""
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _crop(canvas: torch.Tensor, block: Block) -> torch.Tensor:
+    """The block's own (..., by, bx) part of a tile-grid canvas."""
+    by, bx = block.plane.shape
+    return canvas[..., :by, :bx]
 
 
 def _per_slice(stats: IntensityStats | Scaling | Callable[[int], Scaling]) -> Callable[[int], Scaling]:

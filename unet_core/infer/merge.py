@@ -591,8 +591,7 @@ def _provenance(parts: list[Part], instances: InstanceMethod, watershed: Watersh
         "cell_class": CELL_CLASS, "instances": n_instances,
         "instance_method": instances.value, "watershed": ws if instances is InstanceMethod.WATERSHED else None,
         "probability_axes": "czyx", "probabilities": encoding.value,
-        "probability_encoding": "round(255 p), round half to even" if encoding is ProbabilityEncoding.UINT8
-                                else encoding.value,
+        "probability_encoding": encoding.description,
     }
 
 
