@@ -21,7 +21,7 @@ from unet_core.infer.part_store import PartStore
 from unet_core.common.precision import cpu_has_native_bf16, resolve_precision
 from unet_core.infer.engine import Engine
 from unet_core.infer.predict import job_device, predict_job, predict_plane
-from unet_core.infer.tiling import Tiling
+from unet_core.infer.tiling import Tiling, tile_read_box
 from unet_core.io.ngff import PyramidWriter, open_stack
 from unet_core.model.checkpoint import load_model, save_model
 from unet_core.model.spec import UNetSpec
@@ -136,8 +136,8 @@ def test_two_class_tile_path_equals_the_general_one(encoding: str, offsets) -> N
                     encoding=encoding, offsets=offsets)
     for block in tiling.blocks():
         staged = engine.stage(image, block)
-        fast, fast_seg = engine.block_two_class(engine.normalised_input(staged), block, staged.read)
-        general, seg = engine.encode(engine.block_output(engine.normalised_input(staged), block, staged.read))
+        fast, fast_seg = engine.block_two_class(staged)
+        general, seg = engine.encode(engine.block_output(staged))
         assert fast.shape == general.shape == (2, *block.plane.shape) and fast.dtype == general.dtype
         np.testing.assert_array_equal(fast_seg.numpy(), seg.numpy())
         if offsets is None:  # the same float operations: identical
@@ -158,11 +158,24 @@ def test_uint8_codes_of_two_classes_complement_and_of_more_classes_round_each() 
     np.testing.assert_array_equal(two.astype(int).sum(axis=0), 255)
 
 
+class Recording(StandIn):
+    """The stand-in, keeping a copy of every input batch it is given."""
+
+    def __init__(self, spec: UNetSpec) -> None:
+        super().__init__(spec)
+        self.inputs: list[np.ndarray] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.extend(x[:, 0].numpy().copy())
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 40, 37), (1, 3, 50)], ids=["blocks", "thinner-than-the-context"])
-def test_block_input_is_the_mirrored_normalised_image_for_every_stored_dtype(dtype, shape) -> None:
-    # mirrored as stored (unsigned 16/32-bit values as their signed twins' bits), then cast and
-    # normalised: the values of normalize() on the mirror-padded image, also above the sign bit
+def test_network_input_is_the_mirrored_normalised_image_for_every_stored_dtype(dtype, shape) -> None:
+    # blocks are mirrored as stored (unsigned 16/32-bit values as their signed twins' bits), tiles
+    # cast and normalised as they are cut out: the values of normalize() on the mirror-padded
+    # image, also above the sign bit
     rng = np.random.default_rng(4)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -171,12 +184,22 @@ def test_block_input_is_the_mirrored_normalised_image_for_every_stored_dtype(dty
         image = rng.normal(100, 30, shape).astype(dtype)
     stats = IntensityStats(float(image.mean()), float(image.std()) + 1.0)
     tiling = Tiling(shape, TINY, block_px=16, tile_out=8)
-    engine = Engine(StandIn(TINY), tiling, stats=stats, device=torch.device("cpu"))
+    net = Recording(TINY)
+    engine = Engine(net, tiling, stats=stats, device=torch.device("cpu"), channels_last=False)
     for block in tiling.blocks():
         staged = engine.stage(image, block)
-        got = engine.normalised_input(staged).numpy()
         rows, cols = (mirror_index(np.arange(a, b), n) for a, b, n in zip(staged.read.offset, staged.read.end, shape[1:]))
-        np.testing.assert_array_equal(got, normalize(image[0][np.ix_(rows, cols)], stats))
+        pixels = engine.block_pixels(staged).numpy()  # uint64 is staged as float64 (exact below 2**53)
+        pixels = pixels.view(dtype) if dtype in (np.uint16, np.uint32) else pixels
+        np.testing.assert_array_equal(pixels, image[0][np.ix_(rows, cols)])
+        net.inputs.clear()
+        engine.block_output(staged, logits=True)
+        tiles = tiling.tiles(block)
+        assert len(net.inputs) == len(tiles)
+        for got, tile in zip(net.inputs, tiles, strict=True):
+            box = tile_read_box(tile, TINY)
+            rows, cols = (mirror_index(np.arange(a, b), n) for a, b, n in zip(box.offset, box.end, shape[1:]))
+            np.testing.assert_array_equal(got, normalize(image[0][np.ix_(rows, cols)], stats))
 
 
 def test_engine_runs_its_own_model_channels_last_also_on_the_cpu() -> None:

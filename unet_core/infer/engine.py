@@ -208,32 +208,43 @@ class Engine:
         return dev
 
     # -- on the device ---------------------------------------------------------------------
-    def normalised_input(self, staged: StagedBlock) -> torch.Tensor:
-        """(Y, X) float32 normalised block input covering ``staged.read``, mirrored at the borders
-        (the block's slice's :class:`Scaling`, in the float32 arithmetic of
-        :func:`unet_core.common.intensity.normalize`)."""
+    def block_pixels(self, staged: StagedBlock) -> torch.Tensor:
+        """(Y, X) the block's read box ``staged.read``, mirrored beyond the image borders by the
+        project's convention, still in the stored dtype (unsigned 16/32-bit values as the bits of
+        their signed twins: the pad and gather kernels have no unsigned versions).
+
+        Mirroring before the cast moves half or a quarter of float32's bytes; each tile is cast and
+        normalised as it is cut out (:meth:`_network_input`), so no block-sized float copy is made.
+        """
         raw = staged.raw
         if self.cuda:
             raw.record_stream(torch.cuda.current_stream(self.device))
-        # mirrored as stored, before the cast (half or a quarter of float32's bytes to move); the
-        # pad and gather kernels have no unsigned 16/32-bit versions, so those move as their signed twins
         twin = _SIGNED_TWIN.get(staged.dtype)
-        x = raw.view(_torch_dtype(twin[0])) if twin and raw.dtype == _torch_dtype(staged.dtype) else raw
-        x = mirror_to(x, staged.loaded, staged.read, self.tiling.shape[1:])
-        if twin and self.cuda:  # uploaded as the twin: back to the unsigned values
-            x = x.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
-        elif twin:
-            x = x.view(_torch_dtype(staged.dtype))
-        x = x.to(torch.float32, copy=x is raw)  # a tensor of its own: normalised in place
+        if twin and raw.dtype == _torch_dtype(staged.dtype):  # on the GPU it was uploaded as the twin
+            raw = raw.view(_torch_dtype(twin[0]))
+        return mirror_to(raw, staged.loaded, staged.read, self.tiling.shape[1:])
+
+    def _network_input(self, windows: Sequence[torch.Tensor], staged: StagedBlock) -> torch.Tensor:
+        """(B, 1, ty, tx) float32 network input from tile windows of :meth:`block_pixels`: each cast
+        as it is copied out of the block, then normalised with its slice's :class:`Scaling` in the
+        float32 arithmetic of :func:`unet_core.common.intensity.normalize`."""
+        x = torch.empty((len(windows), 1, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
+        twin = _SIGNED_TWIN.get(staged.dtype)
+        for k, window in enumerate(windows):
+            if twin and self.cuda:  # no unsigned kernels there: widen, then drop the sign extension
+                window = window.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
+            elif twin:
+                window = window.view(_torch_dtype(staged.dtype))
+            x[k, 0].copy_(window)
         scaling = self.scaling(staged.block.write.offset[0])
         return x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
 
-    def block_output(self, image: torch.Tensor, block: Block, read: Box, *, logits: bool = False) -> torch.Tensor:
-        """(C, by, bx) float32 of ``block``: probabilities averaged over the test-time transforms,
-        or (``logits=True``, no transforms, no offsets) the raw network logits."""
+    def block_output(self, staged: StagedBlock, *, logits: bool = False) -> torch.Tensor:
+        """(C, by, bx) float32 of the staged block: probabilities averaged over the test-time
+        transforms, or (``logits=True``, no transforms, no offsets) the raw network logits."""
         trs = (Dihedral(),) if logits else transforms(self.tta)
-        canvas = torch.empty((self.spec.n_classes, *self._canvas_shape(block)), dtype=torch.float32,
-                             device=image.device)
+        canvas = torch.empty((self.spec.n_classes, *self._canvas_shape(staged.block)), dtype=torch.float32,
+                             device=staged.raw.device)
 
         def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
             target = canvas[(slice(None), *where)]
@@ -243,12 +254,12 @@ class Engine:
                 class_probabilities(tile_out, self.offsets, out=target, add=tr != trs[0],
                                     tails=self.encoding is not ProbabilityEncoding.UINT8)
 
-        self._run_tiles(image, block, read, trs, put)
+        self._run_tiles(staged, trs, put)
         if len(trs) > 1:
             canvas /= np.float32(len(trs))
-        return _crop(canvas, block)
+        return _crop(canvas, staged.block)
 
-    def block_two_class(self, image: torch.Tensor, block: Block, read: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_two_class(self, staged: StagedBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored (2, by, bx) probabilities, (by, bx) uint8 argmax classes) of a two-class model
         without test-time transforms, finished tile by tile while each tile's output is in cache.
 
@@ -258,12 +269,13 @@ class Engine:
         float array is made: on a CPU the post-processing is memory-bound, and this reads the
         network's output once.
         """
+        block, device = staged.block, staged.raw.device
         shape = self._canvas_shape(block)
-        stored = torch.empty((2, *shape), dtype=self.encoding.torch_dtype, device=image.device)
-        seg = torch.empty(shape, dtype=torch.uint8, device=image.device)
+        stored = torch.empty((2, *shape), dtype=self.encoding.torch_dtype, device=device)
+        seg = torch.empty(shape, dtype=torch.uint8, device=device)
         offset = None if self.offsets is None else self.offsets[0, 1] - self.offsets[0, 0]
         (_, sy), (_, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        margin = torch.empty((sy, sx), dtype=torch.float32, device=image.device)  # reused by every tile
+        margin = torch.empty((sy, sx), dtype=torch.float32, device=device)  # reused by every tile
 
         def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
             torch.sub(tile_out[1], tile_out[0], out=margin)
@@ -272,7 +284,7 @@ class Engine:
             torch.gt(margin, 0, out=seg[where].view(torch.bool))
             self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
 
-        self._run_tiles(image, block, read, (Dihedral(),), put)
+        self._run_tiles(staged, (Dihedral(),), put)
         return _crop(stored, block), _crop(seg, block)
 
     def _canvas_shape(self, block: Block) -> tuple[int, int]:
@@ -280,18 +292,19 @@ class Engine:
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
         return ny * sy, nx * sx
 
-    def _run_tiles(self, image: torch.Tensor, block: Block, read: Box, trs: Sequence[Dihedral],
+    def _run_tiles(self, staged: StagedBlock, trs: Sequence[Dihedral],
                    put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None]) -> None:
-        """Run the network over ``block``'s tiles under each transform of ``trs`` (in this order)
-        and hand each tile to ``put(transform, (C, ty, tx) output in the block's frame, (ys, xs)
-        slices of the tile in the block's tile grid)``."""
+        """Run the network over the staged block's tiles under each transform of ``trs`` (in this
+        order) and hand each tile to ``put(transform, (C, ty, tx) output in the block's frame,
+        (ys, xs) slices of the tile in the block's tile grid)``."""
+        block, read, image = staged.block, staged.read, self.block_pixels(staged)
         tiles = self.tiling.tiles(block)
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
         for shape, items in _work_by_shape(trs, ny, nx, sy, sx):
             windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in {tr for tr, _, _ in items}}
             for start in range(0, len(items), self.batch):
                 chunk = items[start : start + self.batch]
-                x = torch.stack([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk])[:, None]
+                x = self._network_input([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk], staged)
                 out = self._network(x, shape)
                 for (tr, i, j), tile_out in zip(chunk, out, strict=True):
                     put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
@@ -349,11 +362,10 @@ class Engine:
     def predict(self, staged: StagedBlock) -> Callable[[], BlockResult]:
         """All device work of one staged block; returns the waiter of its download."""
         try:
-            image = self.normalised_input(staged)
             if self.spec.n_classes == 2 and self.tta is TTA.NONE:
-                probs, seg = self.block_two_class(image, staged.block, staged.read)
+                probs, seg = self.block_two_class(staged)
             else:
-                probs, seg = self.encode(self.block_output(image, staged.block, staged.read))
+                probs, seg = self.encode(self.block_output(staged))
         except torch.cuda.OutOfMemoryError:
             raise UserInputError(
                 f"out of GPU memory at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}; "

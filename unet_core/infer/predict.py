@@ -120,7 +120,7 @@ def plane_logits(
     out = np.empty((spec.n_classes, *image.shape), np.float32)
     for block in tiling.blocks():
         staged = engine.stage(image[None], block)
-        logits = engine.block_output(engine.normalised_input(staged), block, staged.read, logits=True)
+        logits = engine.block_output(staged, logits=True)
         out[(slice(None), *block.plane.to_slices())] = logits.cpu().numpy()
     return out
 
