@@ -6,13 +6,13 @@ cover), so there is one engine, not a GPU twin. Per block::
     host    read the in-bounds part of the block's read box, in its stored dtype   (reader thread)
             upload it once (GPU: through a reused pinned buffer)
     device  mirror at the image borders (reflect padding, or an index gather), still in the
-            stored dtype; cast and normalise; cut the tiles as strided windows of the block (no
-            per-tile host copies); test-time transforms; the network in channels-last layout (bf16
-            autocast on a GPU, float32 on the CPU); decision offsets; softmax in float32; undo the
-            transforms; stitch (sum over the transforms, then / n); argmax segmentation from the
-            full-precision probabilities; encode. Two classes without test-time transforms (the
-            usual case) finish each tile while it is in cache: logit margin, argmax, encoded
-            probabilities, with no block-sized float array
+            stored dtype; cut the tiles as strided windows of the block (no per-tile host
+            copies); test-time transforms; cast and normalise each tile as it is copied out; the
+            network in channels-last layout (bf16 autocast on a GPU, float32 on the CPU); decision
+            offsets; softmax in float32; undo the transforms; stitch (sum over the transforms,
+            then / n); argmax segmentation from the full-precision probabilities; encode. Two
+            classes without test-time transforms (the usual case) finish each tile while it is in
+            cache: logit margin, argmax, encoded probabilities, with no block-sized float array
     host    download only the encoded probabilities and the segmentation              (writer threads)
 
 No step waits for the device inside a block: the host waits only when a block's compact
