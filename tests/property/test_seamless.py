@@ -131,7 +131,7 @@ def test_block_input_is_mirrored_with_project_convention() -> None:
     block = tiling.block((0, 0, 0))
     engine = Engine(UNet(spec).eval(), tiling, stats=IntensityStats(0.0, 1.0), device=CPU)
     staged = engine.stage(volume, block)
-    image, box = engine.block_pixels(staged).numpy(), staged.read
+    image, box = staged.raw.numpy(), staged.read
     pads = [(-o, e - n) for o, e, n in zip(box.offset, box.end, volume.shape[1:])]
     np.testing.assert_array_equal(image, mirror_pad(volume[0], pads))
     # numpy 'reflect' (no repeated edge pixel): ... c b | a b c d e | d c ...

@@ -95,6 +95,28 @@ def test_chunk_cache_reads_boxes_like_the_array_and_stays_bounded(tmp_path, layo
         assert len(cache._cache) <= 5
 
 
+def test_mirrored_reads_through_the_chunk_cache_equal_padding_the_whole(tmp_path) -> None:
+    # read_mirrored writes the in-bounds part straight into place through the cache (read_into)
+    # and copies the borders from it, or gathers where one reflection is not enough
+    from unet_core.common.mirror import mirror_pad, read_mirrored
+    from unet_core.io.ngff import ChunkCache, create_array
+
+    data = np.random.default_rng(3).integers(0, 65535, (2, 37, 50)).astype(np.uint16)
+    arr = create_array(zarr.open_group(tmp_path / "a.zarr", mode="w"), "x", shape=data.shape, dtype=data.dtype,
+                       chunks=(1, 16, 16))
+    arr[:] = data
+    cache = ChunkCache(arr, max_chunks=6)
+    whole = mirror_pad(data, [(0, 0), (60, 60), (60, 60)])
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        z = int(rng.integers(0, 2))
+        y0, x0 = int(rng.integers(-60, 38)), int(rng.integers(-60, 40))
+        y1, x1 = y0 + int(rng.integers(1, 60)), x0 + int(rng.integers(1, 70))
+        got = read_mirrored(cache, (z, y0, x0), (z + 1, y1, x1))
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, whole[z : z + 1, y0 + 60 : y1 + 60, x0 + 60 : x1 + 60])
+
+
 def _chunk_boxes(arr):
     from itertools import product
 

@@ -67,11 +67,15 @@ def mirror_pad(array: np.ndarray, pad: Sequence[tuple[int, int]] | int) -> np.nd
 def read_mirrored(source, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
     """Read the box ``[start, stop)`` from an array-like, mirroring outside its bounds.
 
-    Reads only the in-bounds bounding range from ``source`` (a NumPy, Zarr or Dask array),
-    so a block plus halo is read without loading the whole array.
+    Reads only the in-bounds part from ``source`` (a NumPy, Zarr or Dask array, or anything with
+    ``shape``, ``dtype`` and basic slicing), so a block plus halo is read without loading the
+    whole array. Where one reflection suffices (every mirrored coordinate lies inside the box:
+    a block and its halo, except on images thinner than the halo) the in-bounds part is read
+    straight into place (through ``source.read_into(slices, out)`` where the source has it) and
+    the borders are copied from it; otherwise the in-bounds bounding range is read and gathered.
 
     Args:
-        source: array-like with ``shape`` and basic slicing, axes as in ``start``/``stop``.
+        source: array-like, axes as in ``start``/``stop``.
         start: first coordinate per axis (may be negative).
         stop: one past the last coordinate per axis (may exceed the shape).
 
@@ -79,7 +83,26 @@ def read_mirrored(source, start: Sequence[int], stop: Sequence[int]) -> np.ndarr
         NumPy array of shape ``stop - start``.
     """
     index = [mirror_index(np.arange(a, b), n) for a, b, n in zip(start, stop, source.shape, strict=True)]
+    if all(((i >= a) & (i < b)).all() for i, a, b in zip(index, start, stop, strict=True)):
+        return _read_reflected(source, start, stop, index)
     lo = [int(i.min()) for i in index]
     hi = [int(i.max()) + 1 for i in index]
     block = np.asarray(source[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
     return block[np.ix_(*[i - a for i, a in zip(index, lo, strict=True)])]
+
+
+def _read_reflected(source, start: Sequence[int], stop: Sequence[int], index: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`read_mirrored` where every mirrored coordinate ``index`` lies inside the box."""
+    out = np.empty([b - a for a, b in zip(start, stop, strict=True)], np.dtype(source.dtype))
+    inner = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, source.shape, strict=True))
+    region = out[tuple(slice(s.start - a, s.stop - a) for s, a in zip(inner, start, strict=True))]
+    if hasattr(source, "read_into"):
+        source.read_into(inner, region)
+    else:
+        region[...] = np.asarray(source[inner])
+    for axis, (i, a) in enumerate(zip(index, start, strict=True)):  # axis by axis: corners come last
+        border = np.flatnonzero(i != np.arange(a, a + len(i)))
+        if border.size:
+            where = (slice(None),) * axis
+            out[(*where, border)] = out[(*where, i[border] - a)]
+    return out

@@ -3,11 +3,11 @@
 The same torch code runs on a GPU and on the CPU (the CPU path is the one the exactness tests
 cover), so there is one engine, not a GPU twin. Per block::
 
-    host    read the in-bounds part of the block's read box, in its stored dtype   (reader thread)
+    host    read the block's read box, mirrored beyond the image borders as it is assembled
+            from the stack's chunks, in its stored dtype                       (reader thread)
             upload it once (GPU: through a reused pinned buffer)
-    device  mirror at the image borders (reflect padding, or an index gather), still in the
-            stored dtype; cut the tiles as strided windows of the block (no per-tile host
-            copies); test-time transforms; cast and normalise each tile as it is copied out; the
+    device  cut the tiles as strided windows of the block (no per-tile host copies);
+            test-time transforms; cast and normalise each tile as it is copied out; the
             network in channels-last layout (bf16 autocast on a GPU, float32 on the CPU); decision
             offsets; softmax in float32; undo the transforms; stitch (sum over the transforms,
             then / n); argmax segmentation from the full-precision probabilities; encode. Two
@@ -41,7 +41,7 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats, Scaling
 from unet_core.common.memory import reuse_freed_memory
-from unet_core.common.mirror import mirror_index
+from unet_core.common.mirror import read_mirrored
 from unet_core.common.precision import Precision
 from unet_core.common.progress import progress
 from unet_core.infer.encoding import ProbabilityEncoding
@@ -59,14 +59,13 @@ class StagedBlock:
     Attributes:
         block: the block.
         read: (Y, X) box the block's tiles read (image coordinates; may extend past the image).
-        loaded: (Y, X) in-bounds box that was read from the stack (``raw``'s extent).
-        raw: (Y', X') the loaded pixels on the device, as stored (see :data:`_SIGNED_TWIN`).
+        raw: (Y, X) the pixels of ``read`` on the device, mirrored beyond the image borders, as
+            stored (on a GPU unsigned 16/32-bit values as their signed twins, :data:`_SIGNED_TWIN`).
         dtype: the stored numpy dtype.
     """
 
     block: Block
     read: Box
-    loaded: Box
     raw: torch.Tensor
     dtype: np.dtype
 
@@ -160,23 +159,22 @@ class Engine:
 
     # -- host -> device ------------------------------------------------------------------------
     def stage(self, image: Any, block: Block) -> StagedBlock:
-        """Read the in-bounds part of ``block``'s read box from the (Z, Y, X) ``image`` and put it
-        on the device (thread-safe: the reader threads call it)."""
+        """Read ``block``'s read box from the (Z, Y, X) ``image``, mirrored beyond its borders, and
+        put it on the device (thread-safe: the reader threads call it).
+
+        The mirroring happens here, as the block is assembled from the stack's chunks
+        (:func:`unet_core.common.mirror.read_mirrored` writes the in-bounds part into place and
+        copies the borders from it): no second pass over the block.
+        """
         read = self.tiling.block_read(block, self.tta)
-        lo, hi = [], []
-        for start, stop, size in zip(read.offset, read.end, image.shape[1:], strict=True):
-            index = mirror_index(np.arange(start, stop), size)
-            lo.append(int(index.min()))
-            hi.append(int(index.max()) + 1)
-        loaded = Box(tuple(lo), tuple(h - l for l, h in zip(lo, hi)))
         z = block.write.offset[0]
-        raw = np.ascontiguousarray(self._reader(image)[(z, *loaded.to_slices())])
+        raw = read_mirrored(self._reader(image), (z, *read.offset), (z + 1, *read.end))[0]
         dtype = raw.dtype
         if dtype in _SIGNED_TWIN and self.cuda:
             raw = raw.view(_SIGNED_TWIN[dtype][0])
         elif dtype == np.uint64:
             raw = raw.astype(np.float64)  # no signed twin holds it; exact below 2**53
-        return StagedBlock(block, read, loaded, self._upload(raw), dtype)
+        return StagedBlock(block, read, self._upload(raw), dtype)
 
     def _reader(self, image: Any) -> Any:
         """``image`` itself, or for a Zarr array one :class:`ChunkCache` over it holding a block
@@ -208,33 +206,15 @@ class Engine:
         return dev
 
     # -- on the device ---------------------------------------------------------------------
-    def block_pixels(self, staged: StagedBlock) -> torch.Tensor:
-        """(Y, X) the block's read box ``staged.read``, mirrored beyond the image borders by the
-        project's convention, still in the stored dtype (unsigned 16/32-bit values as the bits of
-        their signed twins: the pad and gather kernels have no unsigned versions).
-
-        Mirroring before the cast moves half or a quarter of float32's bytes; each tile is cast and
-        normalised as it is cut out (:meth:`_network_input`), so no block-sized float copy is made.
-        """
-        raw = staged.raw
-        if self.cuda:
-            raw.record_stream(torch.cuda.current_stream(self.device))
-        twin = _SIGNED_TWIN.get(staged.dtype)
-        if twin and raw.dtype == _torch_dtype(staged.dtype):  # on the GPU it was uploaded as the twin
-            raw = raw.view(_torch_dtype(twin[0]))
-        return mirror_to(raw, staged.loaded, staged.read, self.tiling.shape[1:])
-
     def _network_input(self, windows: Sequence[torch.Tensor], staged: StagedBlock) -> torch.Tensor:
-        """(B, 1, ty, tx) float32 network input from tile windows of :meth:`block_pixels`: each cast
+        """(B, 1, ty, tx) float32 network input from tile windows of the staged block: each cast
         as it is copied out of the block, then normalised with its slice's :class:`Scaling` in the
         float32 arithmetic of :func:`unet_core.common.intensity.normalize`."""
         x = torch.empty((len(windows), 1, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
         twin = _SIGNED_TWIN.get(staged.dtype)
         for k, window in enumerate(windows):
-            if twin and self.cuda:  # no unsigned kernels there: widen, then drop the sign extension
+            if twin and self.cuda:  # uploaded as the signed twin: widen, then drop the sign extension
                 window = window.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
-            elif twin:
-                window = window.view(_torch_dtype(staged.dtype))
             x[k, 0].copy_(window)
         scaling = self.scaling(staged.block.write.offset[0])
         return x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
@@ -297,7 +277,9 @@ class Engine:
         """Run the network over the staged block's tiles under each transform of ``trs`` (in this
         order) and hand each tile to ``put(transform, (C, ty, tx) output in the block's frame,
         (ys, xs) slices of the tile in the block's tile grid)``."""
-        block, read, image = staged.block, staged.read, self.block_pixels(staged)
+        block, read, image = staged.block, staged.read, staged.raw
+        if self.cuda:
+            image.record_stream(torch.cuda.current_stream(self.device))
         tiles = self.tiling.tiles(block)
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
         for shape, items in _work_by_shape(trs, ny, nx, sy, sx):
@@ -374,11 +356,6 @@ class Engine:
         return self.download(staged.block, probs, seg)
 
 
-def _torch_dtype(dtype: np.dtype | type) -> torch.dtype:
-    """The torch dtype of a numpy dtype."""
-    return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
 def _crop(canvas: torch.Tensor, block: Block) -> torch.Tensor:
     """The block's own (..., by, bx) part of a tile-grid canvas."""
     by, bx = block.plane.shape
@@ -422,30 +399,6 @@ def class_probabilities(logits: torch.Tensor, offsets: torch.Tensor | None, *, o
         torch.sigmoid(diff.neg_(), out=out[0])
     else:
         torch.sub(one, out[1], out=out[0])
-
-
-def mirror_to(x: torch.Tensor, loaded: Box, read: Box, size: Sequence[int]) -> torch.Tensor:
-    """The (Y, X) ``read`` box of an image of (Y, X) ``size`` from its in-bounds part ``x`` (at
-    ``loaded``), mirrored beyond the image border by the project's convention
-    (:mod:`unet_core.common.mirror`).
-
-    One reflect-padding pass where each border needs less than one reflection (the usual
-    case), else an index gather (images smaller than the padding, 1-px axes).
-    """
-    pads, inside = [], True
-    for start, stop, first, last, n in zip(read.offset, read.end, loaded.offset, loaded.end, size, strict=True):
-        before, after = first - start, stop - last
-        inside &= first == max(start, 0) and last == min(stop, n) and before < x.shape[len(pads)] and after < x.shape[len(pads)]
-        pads.append((before, after))
-    if inside:
-        (top, bottom), (left, right) = pads
-        if top or bottom or left or right:
-            x = torch.nn.functional.pad(x[None], (left, right, top, bottom), mode="reflect")[0]
-        return x
-    for axis, (start, stop, first, n) in enumerate(zip(read.offset, read.end, loaded.offset, size, strict=True)):
-        index = mirror_index(np.arange(start, stop), n) - first
-        x = x.index_select(axis, torch.as_tensor(index, device=x.device))
-    return x
 
 
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:

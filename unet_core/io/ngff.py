@@ -332,6 +332,10 @@ class ChunkCache:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
     def _chunk(self, key: tuple[int, ...]) -> np.ndarray:
         with self._lock:
             hit = self._cache.pop(key, None)
@@ -349,18 +353,24 @@ class ChunkCache:
                 self._cache.pop(next(iter(self._cache)))
         return data
 
-    def __getitem__(self, index: tuple) -> np.ndarray:
-        """``cache[z, ys, xs]`` with an integer z and step-1 slices: the (Y, X) plane box."""
-        z, ys, xs = index
-        box = Box((z, ys.start, xs.start), (1, ys.stop - ys.start, xs.stop - xs.start))
-        out = np.empty(box.shape, self.array.dtype)
+    def read_into(self, index: tuple[slice, ...], out: np.ndarray) -> None:
+        """Copy the box of step-1 slices ``index`` (one per axis, within the array) into ``out``
+        (an array of the box's shape, e.g. a view into a larger buffer): no intermediate copy."""
+        box = Box(tuple(s.start for s in index), tuple(s.stop - s.start for s in index))
         first = [o // c for o, c in zip(box.offset, self.chunks)]
         last = [(e - 1) // c for e, c in zip(box.end, self.chunks)]
         for key in product(*(range(a, b + 1) for a, b in zip(first, last))):
             chunk_box = Box(tuple(k * c for k, c in zip(key, self.chunks)), self.chunks)
             part = chunk_box.intersect(box)
             out[part.relative_to(box).to_slices()] = self._chunk(key)[part.relative_to(chunk_box).to_slices()]
-        return out[0]
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        """``cache[z, ys, xs]`` with step-1 slices (an integer z drops that axis)."""
+        z, ys, xs = index
+        zs = slice(z, z + 1) if isinstance(z, (int, np.integer)) else z
+        out = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), self.dtype)
+        self.read_into((zs, ys, xs), out)
+        return out[0] if zs is not z else out
 
 
 def open_group(path: str | os.PathLike[str], *, hint: str) -> zarr.Group:
