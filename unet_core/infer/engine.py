@@ -148,6 +148,8 @@ class Engine:
             self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self.compile = bool(compile)
         self._net = torch.compile(self.model, dynamic=False) if self.compile else self.model
+        margin = _margin_network(self.model)
+        self._margin_net = torch.compile(margin, dynamic=False) if self.compile else margin
         self.offsets = None if offsets is None else torch.as_tensor(
             np.asarray(offsets, np.float32), device=device).view(1, -1, 1, 1)
         self.writers = max(1, int(writers))
@@ -243,11 +245,12 @@ class Engine:
         """(stored (2, by, bx) probabilities, (by, bx) uint8 argmax classes) of a two-class model
         without test-time transforms, finished tile by tile while each tile's output is in cache.
 
-        Everything follows from the logit margin d = (l1 + o1) - (l0 + o0): the argmax is d > 0
-        (p1 > p0 exactly where the margin is positive, decided before any rounding), and
-        p1 = sigmoid(d), p0 = sigmoid(-d) (:meth:`ProbabilityEncoding.encode_margin`). No block-sized
-        float array is made: on a CPU the post-processing is memory-bound, and this reads the
-        network's output once.
+        Everything follows from the logit margin d = (l1 - l0) + (o1 - o0), which the network
+        computes as one output channel (:meth:`unet_core.model.unet.UNet.margin`: its head folded):
+        the argmax is d > 0 (p1 > p0 exactly where the margin is positive, decided before any
+        rounding), and p1 = sigmoid(d), p0 = sigmoid(-d) (:meth:`ProbabilityEncoding.encode_margin`).
+        No block-sized float array is made: on a CPU the post-processing is memory-bound, and this
+        reads one output plane per tile, once.
         """
         block, device = staged.block, staged.raw.device
         shape = self._canvas_shape(block)
@@ -258,13 +261,14 @@ class Engine:
         margin = torch.empty((sy, sx), dtype=torch.float32, device=device)  # reused by every tile
 
         def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
-            torch.sub(tile_out[1], tile_out[0], out=margin)
-            if offset is not None:
-                margin.add_(offset)
+            if offset is None:
+                margin.copy_(tile_out[0])
+            else:
+                torch.add(tile_out[0], offset, out=margin)
             torch.gt(margin, 0, out=seg[where].view(torch.bool))
             self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
 
-        self._run_tiles(staged, (Dihedral(),), put)
+        self._run_tiles(staged, (Dihedral(),), put, net=self._margin_net)
         return _crop(stored, block), _crop(seg, block)
 
     def _canvas_shape(self, block: Block) -> tuple[int, int]:
@@ -273,10 +277,11 @@ class Engine:
         return ny * sy, nx * sx
 
     def _run_tiles(self, staged: StagedBlock, trs: Sequence[Dihedral],
-                   put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None]) -> None:
-        """Run the network over the staged block's tiles under each transform of ``trs`` (in this
-        order) and hand each tile to ``put(transform, (C, ty, tx) output in the block's frame,
-        (ys, xs) slices of the tile in the block's tile grid)``."""
+                   put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None], *,
+                   net: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Run the network (or ``net``, e.g. its margin) over the staged block's tiles under each
+        transform of ``trs`` (in this order) and hand each tile to ``put(transform, (C, ty, tx)
+        output in the block's frame, (ys, xs) slices of the tile in the block's tile grid)``."""
         block, read, image = staged.block, staged.read, staged.raw
         if self.cuda:
             image.record_stream(torch.cuda.current_stream(self.device))
@@ -287,7 +292,7 @@ class Engine:
             for start in range(0, len(items), self.batch):
                 chunk = items[start : start + self.batch]
                 x = self._network_input([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk], staged)
-                out = self._network(x, shape)
+                out = self._network(x, shape, net or self._net)
                 for (tr, i, j), tile_out in zip(chunk, out, strict=True):
                     put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
 
@@ -297,13 +302,14 @@ class Engine:
         view = image[box.offset[0]:, box.offset[1]:]
         return view.unfold(0, box.shape[0], sy).unfold(1, box.shape[1], sx)
 
-    def _network(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """Logits kept for tiles of (transformed) write ``shape``: (B, C, *shape) float32 views."""
+    def _network(self, x: torch.Tensor, shape: tuple[int, int],
+                 net: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``net``'s outputs kept for tiles of (transformed) write ``shape``: (B, C, *shape) float32 views."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = self.precision.autocast_dtype
         with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
-            out = self._net(x)
+            out = net(x)
         oy, ox = (output_offset(self.spec, s) for s in shape)
         return out[:, :, oy : oy + shape[0], ox : ox + shape[1]].float()
 
@@ -354,6 +360,20 @@ class Engine:
                 "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"
             ) from None
         return self.download(staged.block, probs, seg)
+
+
+def _margin_network(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> (N, 1, ...)`` logit margin l1 - l0 of a two-class ``model``: its folded head where it
+    has one (:meth:`unet_core.model.unet.UNet.margin`), else the difference of its two logits."""
+    folded = getattr(model, "margin", None)
+    if folded is not None:
+        return folded
+
+    def difference(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        return out[:, 1:] - out[:, :1]
+
+    return difference
 
 
 def _crop(canvas: torch.Tensor, block: Block) -> torch.Tensor:
