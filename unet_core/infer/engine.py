@@ -256,15 +256,12 @@ class Engine:
         shape = self._canvas_shape(block)
         stored = torch.empty((2, *shape), dtype=self.encoding.torch_dtype, device=device)
         seg = torch.empty(shape, dtype=torch.uint8, device=device)
-        offset = None if self.offsets is None else self.offsets[0, 1] - self.offsets[0, 0]
+        offset = 0.0 if self.offsets is None else self.offsets[0, 1] - self.offsets[0, 0]
         (_, sy), (_, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
         margin = torch.empty((sy, sx), dtype=torch.float32, device=device)  # reused by every tile
 
         def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
-            if offset is None:
-                margin.copy_(tile_out[0])
-            else:
-                torch.add(tile_out[0], offset, out=margin)
+            torch.add(tile_out[0], offset, out=margin)  # a copy of its own: encoding overwrites it
             torch.gt(margin, 0, out=seg[where].view(torch.bool))
             self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
 

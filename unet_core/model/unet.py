@@ -51,7 +51,8 @@ class UNet(nn.Module):
 
         The same function as the difference of :meth:`forward`'s two logits, with no cancellation
         of two large logits, and half the head's work: on a CPU a 1x1 convolution to two
-        channels-last outputs costs as much as the rest of a narrow network's last level.
+        channels-last outputs is slow (a width-1 network's two-output head took 8 ms of its 47 ms
+        forward on a 1024-px tile; benchmarks/RESULTS.md).
         """
         if self.spec.n_classes != 2:
             raise ValueError(f"a logit margin needs two classes, the network has {self.spec.n_classes}")
