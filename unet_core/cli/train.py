@@ -38,6 +38,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "never written with non-finite weights."
         ),
     )
+    _add_data_args(p)
+    add_model_args(p)
+    _add_optimisation_args(p)
+    _add_run_control_args(p)
+    add_threads_arg(p)
+    p.set_defaults(func=run)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """Training sets (stored or deformed on the fly), validation slices and the output folder."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--train",
@@ -92,7 +102,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --resume: if OUT_DIR/state.pt was written with other settings, data or model, "
         "start afresh instead of stopping (the workflow's choice: it reruns training only then)",
     )
-    add_model_args(p)
+
+
+def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
+    """Steps, batch, optimizer, learning-rate schedule, loss weighting and seed (defaults: the paper)."""
     g = p.add_argument_group("optimisation (defaults: the paper)")
     g.add_argument("--iterations", type=positive_int, default=20000, help="optimizer steps in total")
     g.add_argument("--batch-size", type=positive_int, default=1, help="tiles per step (paper: 1 large tile)")
@@ -135,6 +148,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--seed", type=nonnegative_int, default=0, help="seed for initialisation, tile order and dropout"
     )
+
+
+def _add_run_control_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoints, validation, normalisation, export choice, device and precision."""
     r = p.add_argument_group("run control")
     r.add_argument(
         "--checkpoint-every",
@@ -185,8 +202,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format (CUDA, CPU bf16)")
     r.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CUDA speed-up)")
     r.add_argument("--workers", type=nonnegative_int, default=2, help="data-loader worker processes")
-    add_threads_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
