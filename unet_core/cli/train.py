@@ -151,7 +151,7 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_control_args(p: argparse.ArgumentParser) -> None:
-    """Checkpoints, validation, normalisation, export choice, device and precision."""
+    """Checkpoints, validation, normalisation, export choice, device, precision, compile, workers."""
     r = p.add_argument_group("run control")
     r.add_argument(
         "--checkpoint-every",
