@@ -295,3 +295,5 @@ def test_scores_the_instances_the_workflow_wrote(tmp_path):
     assert dataset["object_f1_components"] == 1.0 and dataset["seg_components"] == pytest.approx(1.0)
     assert dataset["n_pred_objects"] == Z and dataset["object_f1"] < 0.5  # the merges show
     assert dataset["adapted_rand_error"] > dataset["adapted_rand_error_components"]
+    # the merged foreground is the true foreground: the loss is the instance rule's, not the classifier's
+    assert dataset["seg_truth_split"] == pytest.approx(1.0) and dataset["object_f1_truth_split"] == 1.0

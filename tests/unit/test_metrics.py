@@ -223,6 +223,42 @@ def test_objects_iou_above_half_matches_and_seg_value():
     assert (m.match_objects(truth, pred) + c).tp == 2  # counts pool over slices
 
 
+def _two_cells_and_a_merge() -> tuple[np.ndarray, np.ndarray]:
+    """Two 16-px true cells 2 px apart, and one predicted object over both and the gap (40 px)."""
+    truth = np.zeros((6, 12), np.int32)
+    truth[1:5, 1:5] = 7
+    truth[1:5, 7:11] = 9
+    merged = np.zeros_like(truth)
+    merged[1:5, 1:11] = 1
+    return truth, merged
+
+
+def test_truth_split_separates_what_the_instances_merged():
+    truth, merged = _two_cells_and_a_merge()
+    assert m.match_objects(truth, merged).seg == pytest.approx(0.4)
+    split = m.truth_split(truth, merged, np.ones(truth.shape, np.float32))
+    assert set(np.unique(split)) == {0, 7, 9}
+    assert (split == 7).sum() == (split == 9).sum() == 20  # each cell gets the gap column beside it
+    c = m.match_objects(truth, split)
+    assert (c.tp, c.fp, c.fn, c.seg) == (2, 0, 0, pytest.approx(16 / 20))
+
+
+def test_truth_split_keeps_unmatched_foreground_and_ignores_predicted_ids():
+    truth, merged = _two_cells_and_a_merge()
+    pred = merged * 5
+    pred[1:5, 3:5] = 2  # other predicted ids over the same foreground: only the union counts
+    pred[0, 1] = 3  # 4-connected to cell 7's foreground: flooded into it
+    pred[5, 11] = 4  # only diagonal to the foreground: a false positive of its own, numbered above the truth
+    p = np.ones(truth.shape, np.float32)
+    split = m.truth_split(truth, pred, p)
+    assert split[0, 1] == 7 and split[5, 11] > truth.max()
+    c = m.match_objects(truth, split)
+    assert (c.tp, c.fp, c.fn) == (2, 1, 0)
+    assert m.truth_split(truth, np.zeros_like(truth), p).max() == 0  # nothing predicted: nothing to split
+    missed = m.truth_split(truth, np.where(truth == 7, 1, 0), p)
+    assert m.match_objects(truth, missed).seg == pytest.approx(0.5)  # cell 9 is missing, not invented
+
+
 # --------------------------------------------------------------------------- warping
 def _count_topology(img: np.ndarray, connectivity: int) -> tuple[int, int]:
     fg = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)

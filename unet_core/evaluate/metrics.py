@@ -33,7 +33,9 @@ Scores and where they come from:
     * object precision/recall/F1: a predicted object matches a ground-truth object when
       their IoU is > 0.5 (strictly greater, which makes the matching one-to-one).
     * SEG (cell tracking challenge): the mean, over ground-truth objects, of the IoU with
-      the predicted object covering more than half of it (0 if none).
+      the predicted object covering more than half of it (0 if none). :func:`truth_split`
+      splits the predicted foreground as the ground truth does: its SEG bounds what any
+      instance rule can reach on that foreground.
     * warping error (Jain et al. 2010): the ground-truth foreground is deformed by flipping
       simple points (pixels whose flip changes no topology) towards the prediction until no
       mismatching simple point is left; the pixels still mismatching are topological errors
@@ -51,6 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from unet_core.common.labels import connectivity_structure
+from unet_core.infer.instances import flood_height
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +483,43 @@ def match_objects(true_instances: np.ndarray, pred_instances: np.ndarray) -> Obj
     tp = int((iou > 0.5).sum())
     seg_sum = float(iou[inter * 2 > size_t[ti]].sum())
     return ObjectCounts(tp=tp, fp=n_pred - tp, fn=n_true - tp, seg_sum=seg_sum, n_true=n_true)
+
+
+def truth_split(
+    true_instances: np.ndarray,
+    pred_instances: np.ndarray,
+    cell_probability: np.ndarray,
+    *,
+    connectivity: int = 4,
+) -> np.ndarray:
+    """The predicted cell foreground split into objects as the ground truth splits it.
+
+    Each ground-truth object seeds the predicted foreground pixels it covers, and the seeds flood
+    the rest of the foreground in order of decreasing P(cell); foreground components that touch no
+    ground-truth object stay objects of their own (false positives). Scored with
+    :func:`match_objects`, this is what a perfect instance rule could reach on the predicted
+    foreground: below it, instance scores are lost to the seeds; above it, to the pixel classifier.
+
+    Args:
+        true_instances: (Y, X) integer ground-truth objects, 0 = background.
+        pred_instances: (Y, X) integer predicted objects, 0 = background (only their union is used).
+        cell_probability: (Y, X) P(cell) in [0, 1], the flooding order.
+        connectivity: 4 or 8, adjacency of the flooding and of the leftover components.
+
+    Returns:
+        (Y, X) int32 objects, 0 = background: ground-truth ids, then leftovers numbered above them.
+    """
+    true_instances = _check_2d("true_instances", true_instances)
+    foreground = _check_2d("pred_instances", pred_instances) != 0
+    _check_same_shape(true_instances=true_instances, pred_instances=foreground,
+                      cell_probability=_check_2d("cell_probability", cell_probability))
+    markers = np.where(foreground, true_instances, 0).astype(np.int32)
+    labels = flood_height(np.asarray(cell_probability, dtype=np.float32), markers, mask=foreground,
+                          connectivity=connectivity)
+    leftover = connected_components(foreground & (labels == 0), connectivity=connectivity)
+    top = int(true_instances.max(initial=0))
+    labels[leftover > 0] = leftover[leftover > 0] + top
+    return labels
 
 
 # ---------------------------------------------------------------------------------------

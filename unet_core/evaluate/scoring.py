@@ -58,6 +58,7 @@ from unet_core.evaluate.metrics import (
     rand_pair_counts,
     rand_sweep,
     threshold_counts,
+    truth_split,
     warping_sweep,
 )
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
@@ -105,6 +106,12 @@ DECISION_RULES: dict[str, str] = {
     "object_precision/recall/f1": "a predicted instance matches a ground-truth object when their IoU > 0.5",
     "seg": "cell tracking challenge SEG: mean over ground-truth objects of the IoU with the predicted instance "
            "covering more than half of it (0 if none)",
+    "seg_truth_split / object_f1_truth_split": (
+        "the same scores of the predicted instances' foreground split as the ground truth splits it (each "
+        "ground-truth object seeds the foreground it covers, flooding the rest by decreasing P(cell)): "
+        "what a perfect instance rule could reach on this foreground. seg below it is lost to the instance "
+        "rule (seeds, merges), 1 - it to the pixel classifier (where cells end)"
+    ),
     "warping_error": "Jain et al. 2010 at the Rand operating point: P(cell) > rand_threshold, ground-truth "
                      "foreground warped by simple-point flips towards it, remaining mismatching pixels / all "
                      "pixels (every topological error: splits, merges, holes, missing and extra objects; the "
@@ -121,7 +128,8 @@ DECISION_RULES: dict[str, str] = {
 #: Scores where a larger value is better (used to rank slices for the overlay figure).
 HIGHER_IS_BETTER = frozenset(
     {"iou_background", "iou_cell", "foreground_iou", "dice", "object_precision", "object_recall", "object_f1",
-     "seg", "adapted_rand_precision", "adapted_rand_recall", "rand_precision", "rand_recall"}
+     "seg", "seg_truth_split", "object_f1_truth_split", "adapted_rand_precision", "adapted_rand_recall",
+     "rand_precision", "rand_recall"}
 )
 
 
@@ -176,6 +184,8 @@ class SliceCounts:
         adapted_rand: skimage-style :class:`PairCounts` of the predicted instances.
         objects: :class:`ObjectCounts` of the predicted instances.
         adapted_rand_cc, objects_cc: the same for the 4-connected components of the argmax.
+        objects_split: :class:`ObjectCounts` of the predicted instances' foreground split as
+            the ground truth splits it (:func:`~unet_core.evaluate.metrics.truth_split`).
         warping: (topological-error pixels, split + merge pixels) per threshold (empty when
             not computed).
         pixels: pixels scored.
@@ -188,6 +198,7 @@ class SliceCounts:
     objects: ObjectCounts
     adapted_rand_cc: PairCounts
     objects_cc: ObjectCounts
+    objects_split: ObjectCounts
     warping: list[tuple[int, int]] = field(default_factory=list)
     pixels: int = 0
 
@@ -200,6 +211,7 @@ class SliceCounts:
             objects=self.objects + other.objects,
             adapted_rand_cc=self.adapted_rand_cc + other.adapted_rand_cc,
             objects_cc=self.objects_cc + other.objects_cc,
+            objects_split=self.objects_split + other.objects_split,
             warping=[(a[0] + b[0], a[1] + b[1]) for a, b in zip(self.warping, other.warping, strict=True)],
             pixels=self.pixels + other.pixels,
         )
@@ -247,6 +259,8 @@ def score_slice(
         objects=match_objects(true_instances, pred_instances),
         adapted_rand_cc=rand_pair_counts(true_instances, components, pred_background="segment"),
         objects_cc=match_objects(true_instances, components),
+        objects_split=match_objects(true_instances, truth_split(
+            true_instances, pred_instances, cell_probability, connectivity=connectivity)),
         warping=(
             warping_sweep(cell_probability, true_fg, thresholds=thresholds, connectivity=connectivity)
             if warping else []
@@ -308,6 +322,8 @@ def summarise(counts: SliceCounts, *, thresholds: Sequence[float]) -> dict[str, 
     out["object_f1_components"] = counts.objects_cc.f1
     out["seg_components"] = counts.objects_cc.seg
     out["n_pred_objects_components"] = counts.objects_cc.n_pred
+    out["seg_truth_split"] = counts.objects_split.seg
+    out["object_f1_truth_split"] = counts.objects_split.f1
 
     if counts.warping:
         i_rand = best_index([c.error for c in counts.rand_sweep])
@@ -549,10 +565,11 @@ def evaluate(
     _write_report(Path(out_dir), report, rows, panels, rank_by=rank_by)
     log.info(
         "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), instances: adapted Rand "
-        "%.4f, object F1 %.4f, SEG %.4f (components of the argmax: %.4f / %.4f), foreground IoU %.4f -> %s",
+        "%.4f, object F1 %.4f, SEG %.4f (components of the argmax: %.4f / %.4f; the same foreground split "
+        "as the ground truth: SEG %.4f), foreground IoU %.4f -> %s",
         len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
         dataset["adapted_rand_error"], dataset["object_f1"], dataset["seg"], dataset["adapted_rand_error_components"],
-        dataset["object_f1_components"], dataset["foreground_iou"], out_dir,
+        dataset["object_f1_components"], dataset["seg_truth_split"], dataset["foreground_iou"], out_dir,
     )
     return dataset
 
