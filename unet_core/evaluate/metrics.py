@@ -34,8 +34,8 @@ Scores and where they come from:
       their IoU is > 0.5 (strictly greater, which makes the matching one-to-one).
     * SEG (cell tracking challenge): the mean, over ground-truth objects, of the IoU with
       the predicted object covering more than half of it (0 if none). :func:`truth_split`
-      splits the predicted foreground as the ground truth does: its SEG bounds what any
-      instance rule can reach on that foreground.
+      splits the predicted foreground as the ground truth does: its SEG is what a perfect
+      instance rule would reach on that foreground.
     * warping error (Jain et al. 2010): the ground-truth foreground is deformed by flipping
       simple points (pixels whose flip changes no topology) towards the prediction until no
       mismatching simple point is left; the pixels still mismatching are topological errors
@@ -497,8 +497,9 @@ def truth_split(
     Each ground-truth object seeds the predicted foreground pixels it covers, and the seeds flood
     the rest of the foreground in order of decreasing P(cell); foreground components that touch no
     ground-truth object stay objects of their own (false positives). Scored with
-    :func:`match_objects`, this is what a perfect instance rule could reach on the predicted
-    foreground: below it, instance scores are lost to the seeds; above it, to the pixel classifier.
+    :func:`match_objects`, this is what a perfect instance rule would reach on the predicted
+    foreground: the gap from the instances' own score to it is the instance rule's loss, the gap
+    from it to 1 the pixel classifier's.
 
     Args:
         true_instances: (Y, X) integer ground-truth objects, 0 = background.
