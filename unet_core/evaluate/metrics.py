@@ -53,7 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from unet_core.common.labels import connectivity_structure
-from unet_core.infer.instances import flood_height
+from unet_core.infer.instances import flood_height, label_unflooded
 
 log = logging.getLogger(__name__)
 
@@ -517,9 +517,7 @@ def truth_split(
     markers = np.where(foreground, true_instances, 0).astype(np.int32)
     labels = flood_height(np.asarray(cell_probability, dtype=np.float32), markers, mask=foreground,
                           connectivity=connectivity)
-    leftover = connected_components(foreground & (labels == 0), connectivity=connectivity)
-    top = int(true_instances.max(initial=0))
-    labels[leftover > 0] = leftover[leftover > 0] + top
+    label_unflooded(labels, foreground, first_id=int(true_instances.max(initial=0)) + 1, connectivity=connectivity)
     return labels
 
 

@@ -93,8 +93,7 @@ def seeded_watershed(
     )
     labels = flood(p, markers, mask_threshold=mask_threshold, connectivity=connectivity)
     # mask components that hold no seed (small or faint cells) are kept as objects of their own
-    orphans, n_orphans = ndi.label((p > mask_threshold) & (labels == 0), structure=structure)
-    labels[orphans > 0] = orphans[orphans > 0] + n
+    label_unflooded(labels, p > mask_threshold, first_id=n + 1, connectivity=connectivity)
     return labels
 
 
@@ -148,6 +147,23 @@ def flood_height(height: np.ndarray, markers: np.ndarray, *, mask: np.ndarray, c
     connectivity_structure(connectivity)
     labels = watershed(-height, markers, mask=mask, connectivity=1 if connectivity == 4 else 2)
     return labels.astype(np.int32, copy=False)
+
+
+def label_unflooded(labels: np.ndarray, mask: np.ndarray, *, first_id: int, connectivity: int = 4) -> int:
+    """Give each connected component of the ``mask`` pixels a flood left at 0 its own id, in place.
+
+    Args:
+        labels: (Y, X) integer labels of a flood (0 = not reached); changed in place.
+        mask: (Y, X) bool pixels that belong to some object.
+        first_id: id of the first such component (raster order); the next ones follow it.
+        connectivity: 4 or 8, adjacency of the components.
+
+    Returns:
+        How many components were labelled.
+    """
+    unflooded, n = ndi.label(mask & (labels == 0), structure=connectivity_structure(connectivity))
+    labels[unflooded > 0] = unflooded[unflooded > 0] + (first_id - 1)
+    return int(n)
 
 
 def median_radius_px(median_area_px: float) -> float:
@@ -207,6 +223,5 @@ def distance_seeded_watershed(
     distance = mask_distance(mask)
     markers, n = ndi.label(distance_seed_mask(distance, mask, h_px=h_px), structure=structure)
     labels = flood_height(distance, markers, mask=mask, connectivity=connectivity)
-    orphans, _ = ndi.label(mask & (labels == 0), structure=structure)
-    labels[orphans > 0] = orphans[orphans > 0] + n
+    label_unflooded(labels, mask, first_id=n + 1, connectivity=connectivity)
     return labels

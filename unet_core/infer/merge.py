@@ -62,6 +62,7 @@ from unet_core.infer.instances import (
     distance_seed_mask,
     flood,
     flood_height,
+    label_unflooded,
     mask_distance,
     seed_mask,
 )
@@ -291,9 +292,8 @@ def watershed_blockwise(
         core = _plane(block.relative_to(window))
         p = np.asarray(prob[_at(window)], dtype=np.float32)
         labels = rule.flood(p, seed_ids[np.asarray(scratch[_at(window)])])[core].astype(np.int64)
-        orphans, n = ndimage.label((p[core] > mask_threshold) & (labels == 0))
-        first = faces.sets.add(n)
-        labels = np.where(orphans > 0, orphans.astype(np.int64) + (first - 1), labels)
+        first = faces.sets.add(0)  # the next free id; the unseeded components take it and the ones after
+        faces.sets.add(label_unflooded(labels, p[core] > mask_threshold, first_id=first))
         faces.join_faces(index, labels, fixed_below=n_seeds)
         faces.count(labels)
         out[_at(block)] = _as_uint32(labels)
