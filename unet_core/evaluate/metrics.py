@@ -517,7 +517,8 @@ def truth_split(
     markers = np.where(foreground, true_instances, 0).astype(np.int32)
     labels = flood_height(np.asarray(cell_probability, dtype=np.float32), markers, mask=foreground,
                           connectivity=connectivity)
-    label_unflooded(labels, foreground, first_id=int(true_instances.max(initial=0)) + 1, connectivity=connectivity)
+    first_leftover = int(true_instances.max(initial=0)) + 1
+    label_unflooded(labels, foreground, first_id=first_leftover, connectivity=connectivity)
     return labels
 
 
