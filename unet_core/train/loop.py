@@ -410,7 +410,8 @@ def _run(s: Session, loader: torch.utils.data.DataLoader, on_iteration: Callable
     """The loop: one optimizer step per batch, host work only at log/validation/checkpoint points."""
     meter = LossMeter(s.progress, s.runtime.device, skips_nonfinite=s.scaler is not None)
     s.model.train()
-    bar = progress_bar(loader, desc="train", total=s.config.iterations, unit="it", initial=s.progress.iteration)
+    bar = progress_bar(loader, desc="train", total=s.config.iterations, unit="it",
+                       initial=s.progress.iteration)
     s.clock = time.perf_counter()
     for batch in bar:
         loss = _step(s, batch)
