@@ -12,7 +12,9 @@ import tqdm.std
 from unet_core.common import progress
 
 
-def test_a_resumed_bar_counts_each_iteration_once_in_a_log_file(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_bar_counts_each_iteration_once_in_a_log_file(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A run resumed at iteration 3 of 10 prints 4/10 ... 8/10, not the resumed 3 a second time.
 
     In a log file the bar prints at most every 30 s. The clock stands still while the bar is made
@@ -22,7 +24,7 @@ def test_a_resumed_bar_counts_each_iteration_once_in_a_log_file(monkeypatch: pyt
     monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
     log_file = io.StringIO()  # not a terminal: the log-file settings
     monkeypatch.setattr(progress.sys, "stderr", log_file)
-    monkeypatch.setattr(logging.getLogger("unet_core"), "level", logging.INFO)
+    caplog.set_level(logging.INFO, logger="unet_core")  # the bar shows while info messages are on
 
     bar = progress.progress_bar(range(5), desc="train", total=10, unit="it", initial=3)
     for _ in bar:
