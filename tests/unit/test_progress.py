@@ -15,7 +15,9 @@ from unet_core.common import progress
 def test_a_resumed_bar_counts_each_iteration_once_in_a_log_file(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run resumed at iteration 3 of 10 prints 4/10 ... 8/10, not the resumed 3 a second time.
+    """A run resumed at iteration 3 of 10 prints 3/10, 4/10 ... 8/10, not 7/10 after one step.
+
+    (tqdm used to count the resumed 3 again at its first print, then fell silent for as many steps.)
 
     In a log file the bar prints at most every 30 s. The clock stands still while the bar is made
     (as when a run starts) and then moves 31 s per iteration, so every iteration is printed.
