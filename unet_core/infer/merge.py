@@ -117,9 +117,14 @@ class UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = [0]  # id 0 = background, never joined
 
+    @property
+    def next_id(self) -> int:
+        """The id the next :meth:`add` returns first."""
+        return len(self.parent)
+
     def add(self, n: int) -> int:
         """Append ``n`` singleton sets; returns the first new id."""
-        first = len(self.parent)
+        first = self.next_id
         self.parent.extend(range(first, first + n))
         return first
 
@@ -292,8 +297,8 @@ def watershed_blockwise(
         core = _plane(block.relative_to(window))
         p = np.asarray(prob[_at(window)], dtype=np.float32)
         labels = rule.flood(p, seed_ids[np.asarray(scratch[_at(window)])])[core].astype(np.int64)
-        first = faces.sets.add(0)  # the next free id; the unseeded components take it and the ones after
-        faces.sets.add(label_unflooded(labels, p[core] > mask_threshold, first_id=first))
+        # the unseeded components take the next free ids, then get their sets
+        faces.sets.add(label_unflooded(labels, p[core] > mask_threshold, first_id=faces.sets.next_id))
         faces.join_faces(index, labels, fixed_below=n_seeds)
         faces.count(labels)
         out[_at(block)] = _as_uint32(labels)
