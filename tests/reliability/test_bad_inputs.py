@@ -232,3 +232,30 @@ def test_samples_table_missing_a_column_names_it(reference, tmp_path):
     res = snakemake(work, "-n", "--cores", "1", check=False)
     text = res.stdout + res.stderr
     assert res.returncode != 0 and "role" in text and "samples" in text, text[-3000:]
+
+
+def test_misspelt_config_key_is_one_line_with_a_suggestion(tmp_path):
+    """Snakemake's own schema error buries the key under the whole schema and config (hundreds
+    of lines); the workflow says it in one line naming the file and the closest key."""
+    from faults import new_workdir
+
+    work = new_workdir(tmp_path)
+    (work / "mine.yaml").write_text("normalization: slice-zscore\n")
+    res = snakemake(work, "-n", "--cores", "1", configfiles=("mine.yaml",), check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    line = next(line for line in text.splitlines() if "unknown key" in line)
+    assert "mine.yaml" in line and "'normalization'" in line and "did you mean 'normalisation'" in line, line
+    assert "Failed validating" not in text and len(text.splitlines()) < 15, text[-3000:]
+
+
+def test_samples_table_with_spaces_for_tabs_says_so(tmp_path):
+    from faults import new_workdir
+
+    work = new_workdir(tmp_path)
+    table = work / "tests/integration/samples.tsv"
+    table.write_text(table.read_text().replace("\t", "  "))
+    res = snakemake(work, "-n", "--cores", "1", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "samples.tsv line" in text and "not spaces" in text, text[-3000:]
+    assert "Failed validating" not in text, text[-3000:]

@@ -1,66 +1,68 @@
 # Config and samples: validation, wildcard constraints, input functions.
 
-import csv
 import os
 import re
 import shlex
 
 import yaml
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
-from unet_core.common.config_values import exact_numbers
+from unet_core.common.config_values import exact_numbers, schema_problem
 from unet_core.common.errors import ConfigError
+from unet_core.common.samples import read_samples, shared_slices
 from unet_core.infer.tiling import check_multiple_of_stride
 from unet_core.model.spec import UNetSpec
 from unet_core.common.provenance import code_hash
 
+
+def load_schema(name):
+    with open(os.path.join(workflow.basedir, "schemas", name)) as fh:
+        return yaml.safe_load(fh)
+
+
+CONFIG_SCHEMA = load_schema("config.schema.yaml")
 GIVEN_MODEL = dict(config.get("model") or {})  # what the user wrote, before the schema fills defaults
 GIVEN_NORMALISATION = config.get("normalisation")
-validate(config, schema="../schemas/config.schema.yaml")
+# one line naming the key and the file(s), instead of Snakemake's dump of the schema and config
+_given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile, over config/config.yaml
+_problem = schema_problem(config, CONFIG_SCHEMA, [str(f) for f in workflow.configfiles if str(f) not in _given] + _given)
+if _problem:
+    raise ConfigError(_problem)
+validate(config, schema="../schemas/config.schema.yaml")  # fills the defaults
 # the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
 # (exactly) and non-finite numbers stop the run here, naming the key
-with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _fh:
-    exact_numbers(config, yaml.safe_load(_fh))
+exact_numbers(config, CONFIG_SCHEMA)
 
 
 MODEL_FILE = config["model_file"]
-
-
-def read_samples(path, *, need_train):
-    """The samples table (tab-separated, '#' comments) as {name: row}, each row validated."""
-    with open(path, newline="") as fh:
-        lines = [line for line in fh if line.strip() and not line.lstrip().startswith("#")]
-    table = {}
-    for row in csv.DictReader(lines, delimiter="\t"):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-        validate(row, schema="../schemas/samples.schema.yaml")
-        if row["name"] in table:
-            raise ValueError(f"{path}: sample name {row['name']!r} appears twice")
-        if row["role"] in ("train", "val") and not row["labels"]:
-            raise ValueError(f"{path}: sample {row['name']!r} has role {row['role']} but no labels")
-        table[row["name"]] = row
-    if need_train and not any(r["role"] == "train" for r in table.values()):
-        raise ValueError(f"{path}: no sample has role 'train' (or set model_file to predict with a trained model)")
-    return table
-
-
-samples = read_samples(config["samples"], need_train=not MODEL_FILE)
+samples = read_samples(config["samples"], load_schema("samples.schema.yaml"), need_train=not MODEL_FILE)
+for _warning in shared_slices(samples):
+    logger.warning(f"Warning: {_warning}")
 
 
 def check_geometry(config):
     """Tile and block sizes must fit the network (its geometry, not retyped numbers). With
-    model_file the network is the file's, checked against the model keys the config gives."""
+    model_file the network is the file's, checked against the model keys the config gives, and the
+    config's normalisation (where it sets one) against the model's. Checked here, before any stage
+    runs, so a mistake costs seconds, not the ingest and augmentation before the stage that fails."""
     if MODEL_FILE:
+        from unet_core.infer.predict import checked_normalisation
         from unet_core.model.checkpoint import load_model
 
-        spec = load_model(MODEL_FILE, expect=GIVEN_MODEL)[0].spec
+        model, metadata = load_model(MODEL_FILE, expect=GIVEN_MODEL)
+        if GIVEN_NORMALISATION is not None:
+            checked_normalisation(metadata, GIVEN_NORMALISATION, model=MODEL_FILE)
+        spec = model.spec
     else:
         spec = UNetSpec.from_dict(config["model"])
-        try:
-            spec.input_size(config["train"]["tile_out"])
-        except ValueError as err:
-            raise ConfigError(f"config train.tile_out = {config['train']['tile_out']}: {err}") from None
+        for key in ("tile_out", "val_tile_out"):
+            size = config["train"][key]
+            try:
+                spec.input_size(size or config["train"]["tile_out"])
+            except ValueError as err:
+                raise ConfigError(f"config train.{key} = {size}: {err}") from None
     for key in ("tile_out", "block_px"):
         check_multiple_of_stride(config["predict"][key], spec, what=f"config predict.{key} =")
     return spec

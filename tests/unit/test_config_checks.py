@@ -1,0 +1,139 @@
+"""Config and samples-table checks at workflow start-up: one line per mistake, naming the file,
+the key or column and the fix (``unet_core.common.config_values``, ``unet_core.common.samples``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet_core.common.config_values import schema_problem
+from unet_core.common.errors import ConfigError
+from unet_core.common.samples import read_samples, shared_slices
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+SAMPLES_SCHEMA = yaml.safe_load((REPO / "workflow/schemas/samples.schema.yaml").read_text())
+KEYWORDS = {"$schema", "description", "type", "additionalProperties", "properties", "default", "enum",
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "items", "minItems", "maxItems",
+            "pattern", "required"}
+PROFILES = ["isbi2012", "isbi2012_cpu", "dsb2018", "dsb2018_cpu"]
+
+
+def _walk(schema, path=""):
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+
+
+def test_schema_descriptions_are_whole():
+    """An unquoted description with a comma in a YAML flow mapping splits into a bogus key; the
+    units after the comma were lost from every error message and from the docs."""
+    for path, schema in _walk(CONFIG_SCHEMA):
+        assert set(schema) <= KEYWORDS, (path, set(schema) - KEYWORDS)
+        if path.count(".") >= 1:
+            assert schema.get("description"), f"{path} has no description"
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"normalization": "slice-zscore"}, "unknown key 'normalization' at the top level; did you mean 'normalisation'?"),
+    ({"train": {"iteration": 3}}, "unknown key 'iteration' in train; did you mean 'iterations'?"),
+    ({"zzz": 1}, "unknown key 'zzz' at the top level; known keys: augment, ingest, model"),
+    ({"predict": {"device": "gpu"}}, "config predict.device = 'gpu': auto = CUDA when available"),
+    ({"train": {"optimizer": "rmsprop"}}, "config train.optimizer = 'rmsprop': use one of sgd, adam"),
+    ({"train": {"iterations": "many"}}, "config train.iterations = 'many': must be an integer"),
+    ({"train": {"iterations": 0}}, "config train.iterations = 0: must be >= 1"),
+    ({"ingest": {"chunks": [1, 2]}}, "config ingest.chunks = [1, 2]: must have 3 items"),
+    ({"ingest": {"chunks": [1, 0, 2]}}, "config ingest.chunks[1] = 0: must be >= 1"),
+    ({"predict": {"min_object_px": "big"}}, "config predict.min_object_px = 'big': must be an integer or 'auto'"),
+    ({"train": {"val_tile_out": "x"}}, "config train.val_tile_out = 'x': must be an integer or null"),
+])
+def test_schema_problem_is_one_line_naming_the_key(config, expected):
+    line = schema_problem(config, CONFIG_SCHEMA, ["config/config.yaml", "mine.yaml"])
+    assert line.startswith("config/config.yaml + mine.yaml: ") and expected in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True),
+                                        ("gpu", False), ("cuda:", False), ("cuda:x", False)])
+def test_device_takes_what_the_command_line_takes(device, ok):
+    for section in ("train", "predict"):
+        assert (schema_problem({section: {"device": device}}, CONFIG_SCHEMA, []) is None) is ok
+
+
+@pytest.mark.parametrize("name", ["config"] + PROFILES)
+def test_shipped_configs_validate(name):
+    config = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
+    assert schema_problem(config, CONFIG_SCHEMA, [name]) is None
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profiles_set_every_key_the_demo_config_sets(name):
+    """A profile is merged over config/config.yaml: a key it leaves out takes the demo's value
+    silently (min_object_px 27 did). So each profile states every key the demo config sets."""
+    demo = {k for k in _flat(yaml.safe_load((REPO / "config/config.yaml").read_text())) if not k.startswith("synth.")}
+    profile = set(_flat(yaml.safe_load((REPO / f"config/{name}.yaml").read_text())))
+    assert demo - profile == set()
+
+
+HEADER = "name\timage\tlabels\tslices\trole\n"
+
+
+def _table(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "samples.tsv"
+    path.write_text(text)
+    return path
+
+
+def test_samples_table_is_read(tmp_path):
+    path = _table(tmp_path, "# a comment\n" + HEADER + "a\tx.tif\ty.tif\t0-5\ttrain\n\nb\tx.tif\t\tall\tpredict\r\n")
+    table = read_samples(path, SAMPLES_SCHEMA, need_train=True)
+    assert list(table) == ["a", "b"] and table["b"] == {"name": "b", "image": "x.tif", "labels": "",
+                                                        "slices": "all", "role": "predict"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name image labels slices role\n", "line 1: the first line must be the header name image labels slices "
+                                        "role, separated by tabs; missing column(s) name, image, labels, "
+                                        "slices, role (it has no tab: separate the columns by tabs, not spaces)"),
+    ("name\timage\tlabels\tslices\n", "line 1: the first line must be the header"),
+    (HEADER + "a\tx.tif\ty.tif\t0-5\ttrain\textra\n", "line 2: more cells than the header has columns"),
+    (HEADER + "a\tx.tif\ty.tif\t0..5\ttrain\n", "line 2: column slices = '0..5': Slices of the stack to use"),
+    (HEADER + "a b\tx.tif\ty.tif\t0-5\ttrain\n", "line 2: column name = 'a b': Sample name"),
+    (HEADER + "a\tx.tif\ty.tif\t0-5\ttraining\n", "line 2: column role = 'training': use one of train, val, predict"),
+    (HEADER + "a\tx.tif\ty.tif\t0-5\ttrain\n# c\na\tx.tif\ty.tif\t6-7\tval\n", "line 4: sample name 'a' appears twice"),
+    (HEADER + "a\tx.tif\t\t0-5\tval\n", "line 2: sample 'a' has role val but no labels"),
+    (HEADER + "a\tx.tif\t\t0-5\tpredict\n", "no sample has role 'train'"),
+    ("# only a comment\n", "the samples table is empty"),
+])
+def test_samples_table_mistakes_name_the_line(tmp_path, text, message):
+    path = _table(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        read_samples(path, SAMPLES_SCHEMA, need_train=True)
+    assert str(err.value).startswith(str(path)) and message in str(err.value), str(err.value)
+
+
+def test_missing_samples_table_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"config samples = '.*nope.tsv': no such file"):
+        read_samples(tmp_path / "nope.tsv", SAMPLES_SCHEMA, need_train=True)
+
+
+def test_training_slices_shared_with_judged_rows_are_found(tmp_path):
+    path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\t0-5\ttrain\n"
+                                     "va\t./x.tif\ty.tif\t4-7\tval\n"
+                                     "te\tx.tif\ty.tif\t8-9\tpredict\n"
+                                     "new\tx.tif\t\tall\tpredict\n"
+                                     "other\tz.tif\ty.tif\tall\tval\n")
+    found = shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
+    assert len(found) == 1 and "'tr' and val sample 'va' share slice(s) 4, 5 of x.tif" in found[0], found
+    path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\tall\ttrain\nte\tx.tif\ty.tif\t8-9\tpredict\n")
+    found = shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
+    assert len(found) == 1 and "share slice(s) 8, 9" in found[0] and "the scores" in found[0], found
