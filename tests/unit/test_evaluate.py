@@ -297,3 +297,13 @@ def test_scores_the_instances_the_workflow_wrote(tmp_path):
     assert dataset["adapted_rand_error"] > dataset["adapted_rand_error_components"]
     # the merged foreground is the true foreground: the loss is the instance rule's, not the classifier's
     assert dataset["seg_truth_split"] == pytest.approx(1.0) and dataset["object_f1_truth_split"] == 1.0
+
+
+@pytest.mark.parametrize("n, count, shown", [(1, 2, (1, 0)), (2, 2, (1, 1)), (3, 2, (2, 1)), (4, 2, (2, 2)),
+                                             (9, 2, (2, 2))])
+def test_few_slices_show_each_once_worst_and_best(n, count, shown):
+    """Two scored slices used to be both labelled 'worst', and no 'best'."""
+    rows = [{"z": z, "pixels": 1, "pixel_error": 0.1 * z} for z in range(n)]
+    worst, best = ev.rank_slices(rows, by="pixel_error", count=count)
+    assert (len(worst), len(best)) == shown and not set(worst) & set(best)
+    assert worst[0] == n - 1 and (not best or best[0] == 0)

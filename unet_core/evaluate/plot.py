@@ -98,14 +98,16 @@ def error_rgb(image: np.ndarray, true_classes: np.ndarray, pred_classes: np.ndar
     return rgb
 
 
-def _title(panel: OverlayPanel, rank_by: str) -> str:
+def _title(panel: OverlayPanel, rank_by: str, n_pred: int, n_true: int) -> str:
+    """Three short lines (a long one is cut at the figure's edge): which slice, its scores, its cells."""
     s = panel.scores
-    parts = [f"{rank_by}={s[rank_by]:.4g}"]
+    parts = [f"{rank_by} {s[rank_by]:.4g}"]
     if rank_by != "pixel_error":
-        parts.append(f"pixel error={s['pixel_error']:.4f}")
+        parts.append(f"pixel error {s['pixel_error']:.4f}")
     if rank_by != "rand_error_fg":
-        parts.append(f"Rand fg={s['rand_error_fg']:.4f}")
-    return f"{panel.tag} by {rank_by}: slice z={panel.z}\n" + ", ".join(parts)
+        parts.append(f"Rand fg {s['rand_error_fg']:.4f}")
+    return (f"{panel.tag} slice by {rank_by}: z={panel.z}\n" + ", ".join(parts)
+            + f"\n{n_pred} predicted cells, {n_true} true")
 
 
 def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], *, rank_by: str) -> None:
@@ -121,7 +123,7 @@ def plot_overlays(panels: Sequence[OverlayPanel], path: str | os.PathLike[str], 
     for row, panel in zip(axes, panels, strict=False):
         row[0].imshow(instances_rgb(panel.image, panel.true_instances, panel.pred_instances), interpolation="nearest")
         n_pred, n_true = len(np.unique(panel.pred_instances)) - 1, len(np.unique(panel.true_instances)) - 1
-        row[0].set_title(_title(panel, rank_by) + f"\n{n_pred} predicted cells, {n_true} true", fontsize=9)
+        row[0].set_title(_title(panel, rank_by, n_pred, n_true), fontsize=9)
         row[1].imshow(error_rgb(panel.image, panel.true_classes, panel.pred_classes), interpolation="nearest")
         row[1].set_title("argmax errors: blue = missed cell, red = extra cell", fontsize=9)
         im = row[2].imshow(panel.cell_probability, cmap="magma", vmin=0, vmax=1, interpolation="nearest")

@@ -476,7 +476,8 @@ def _write_text(path: Path, text: str, *, own: Mark) -> None:
 
 
 def rank_slices(rows: list[dict[str, Any]], *, by: str, count: int) -> tuple[list[int], list[int]]:
-    """Row indices of the ``count`` worst and ``count`` best slices by score ``by``.
+    """Row indices of the ``count`` worst and ``count`` best slices by score ``by`` (of fewer than
+    ``2 * count`` slices, the worse half and the better half: none is shown twice).
 
     Raises:
         UserInputError: ``by`` is not a per-slice score.
@@ -488,8 +489,9 @@ def rank_slices(rows: list[dict[str, Any]], *, by: str, count: int) -> tuple[lis
     order = np.argsort(values, kind="stable")  # ascending
     if by not in HIGHER_IS_BETTER:
         order = order[::-1]  # worst (largest error) first
-    worst = [int(i) for i in order[:count]]
-    best = [int(i) for i in order[::-1][:count] if int(i) not in worst]
+    n_worst = min(count, (len(order) + 1) // 2)  # with few slices, both ends still get a row
+    worst = [int(i) for i in order[:n_worst]]
+    best = [int(i) for i in order[::-1][: min(count, len(order) - n_worst)]]
     return worst, best
 
 
