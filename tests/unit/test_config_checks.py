@@ -97,7 +97,8 @@ def test_samples_table_is_read(tmp_path):
     path = _table(tmp_path, "# a comment\n" + HEADER + "a\tx.tif\ty.tif\t0-5\ttrain\n\nb\tx.tif\t\tall\tpredict\r\n")
     table = read_samples(path, SAMPLES_SCHEMA, need_train=True)
     assert list(table) == ["a", "b"] and table["b"] == {"name": "b", "image": "x.tif", "labels": "",
-                                                        "slices": "all", "role": "predict"}
+                                                        "slices": "all", "role": "predict",
+                                                        "voxel_size_um": ""}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -137,3 +138,15 @@ def test_training_slices_shared_with_judged_rows_are_found(tmp_path):
     path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\tall\ttrain\nte\tx.tif\ty.tif\t8-9\tpredict\n")
     found = shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
     assert len(found) == 1 and "share slice(s) 8, 9" in found[0] and "the scores" in found[0], found
+
+
+def test_voxel_size_column_is_optional_and_checked(tmp_path):
+    path = _table(tmp_path, "name\timage\tlabels\tslices\trole\tvoxel_size_um\n"
+                            "a\tx.tif\ty.tif\t0-5\ttrain\t0.5, 0.1,0.1\nb\tx.tif\t\t\tpredict\t\n")
+    table = read_samples(path, SAMPLES_SCHEMA, need_train=True)
+    assert table["a"]["voxel_size_um"] == "0.5, 0.1,0.1" and table["b"]["voxel_size_um"] == ""
+    assert read_samples(_table(tmp_path, HEADER + "a\tx.tif\ty.tif\t0-5\ttrain\n"), SAMPLES_SCHEMA,
+                        need_train=True)["a"]["voxel_size_um"] == ""
+    path = _table(tmp_path, "name\timage\tlabels\tslices\trole\tvoxel_size_um\na\tx.tif\ty.tif\t0-5\ttrain\t0.1,0.1\n")
+    with pytest.raises(ConfigError, match="line 2: column voxel_size_um = '0.1,0.1': Optional column - the voxel"):
+        read_samples(path, SAMPLES_SCHEMA, need_train=True)

@@ -228,3 +228,21 @@ def test_output_under_a_file_is_a_clear_error(tmp_path, capsys):
     assert run_cli(tmp_path / "good.tif", tmp_path / "afile" / "o.zarr") == 2
     err = capsys.readouterr().err.strip()
     assert "cannot create output directory" in err and "afile" in err
+
+
+def test_missing_voxel_size_is_said_in_the_log(tmp_path, caplog):
+    """A file without a resolution gets 1 µm, so cells.csv's µm columns are pixels: the log says
+    so and how to give the size; a given size is used and nothing is said."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="unet_core")
+    src = tmp_path / "plain.tif"
+    tifffile.imwrite(src, _stack(), photometric="minisblack")
+    assert run_cli(src, tmp_path / "a.ome.zarr") == 0
+    said = [r.getMessage() for r in caplog.records if "no voxel size" in r.getMessage()]
+    assert len(said) == 1 and "axis z, y, x" in said[0] and "--voxel-size-um" in said[0], said
+    assert open_stack(tmp_path / "a.ome.zarr").scale == pytest.approx((1.0, 1.0, 1.0))
+    caplog.clear()
+    assert run_cli(src, tmp_path / "b.ome.zarr", "--voxel-size-um", "0.5,0.1,0.1") == 0
+    assert not [r for r in caplog.records if "no voxel size" in r.getMessage()]
+    assert open_stack(tmp_path / "b.ome.zarr").scale == pytest.approx((0.5, 0.1, 0.1))

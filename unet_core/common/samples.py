@@ -19,6 +19,8 @@ from unet_core.common.errors import ConfigError, UserInputError
 
 #: The columns, in the order the README and the shipped tables write them.
 COLUMNS = ("name", "image", "labels", "slices", "role")
+#: Columns a table may add (empty where a table leaves them out).
+OPTIONAL_COLUMNS = ("voxel_size_um",)
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -71,6 +73,7 @@ def read_samples(path: str | Path, schema: Mapping[str, Any], *, need_train: boo
         if "\0extra" in raw:
             raise ConfigError(f"{where}: more cells than the header has columns (a tab too many?)")
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+        row.update({k: "" for k in OPTIONAL_COLUMNS if k not in row})
         problem = schema_problem(row, schema, [where], noun="column")
         if problem:
             raise ConfigError(problem)

@@ -177,6 +177,11 @@ def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, f
         raise UserInputError(
             f"{img.path}: the file gives voxel size {list(found)} µm (not finite and positive); "
             "pass --voxel-size-um z,y,x")
+    missing = [axis for axis, v in zip("zyx", found, strict=True) if v is None]
+    if missing:
+        log.warning("%s: the file gives no voxel size for axis %s; using 1 µm there (areas and centroids "
+                    "in µm are then in pixels): pass --voxel-size-um z,y,x (workflow: the samples "
+                    "table's voxel_size_um column)", img.path, ", ".join(missing))
     z, y, x = found
     return (z or 1.0, y or 1.0, x or 1.0)
 

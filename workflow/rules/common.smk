@@ -144,6 +144,12 @@ def get_ingest_inputs(wildcards):
     return inputs
 
 
+def voxel_option(row):
+    """ --voxel-size-um z,y,x from the samples table's optional column (nothing where it is empty)."""
+    size = row["voxel_size_um"].replace(" ", "")
+    return f" --voxel-size-um {q(size)}" if size else ""
+
+
 def get_labels_option(wildcards, input):
     return f"--labels {q(input.labels)}" if "labels" in input.keys() else ""
 

@@ -9,6 +9,7 @@ rule ingest:
     params:
         labels=get_labels_option,
         slices=lambda wc: q(samples[wc.sample]["slices"] or "all"),
+        voxel=lambda wc: voxel_option(samples[wc.sample]),
         chunks=",".join(map(str, config["ingest"]["chunks"])),
         code=code_hash("ingest"),
     conda:
@@ -21,4 +22,4 @@ rule ingest:
         mem_mb=2000,
     shell:
         "unet ingest {input.image:q} {output:q} {params.labels} --slices {params.slices}"
-        " --chunks {params.chunks} --name {wildcards.sample} > {log:q} 2>&1"
+        " --chunks {params.chunks}{params.voxel} --name {wildcards.sample} > {log:q} 2>&1"
