@@ -704,7 +704,7 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys) -> None:
     assert "tile size 60 px" in err[-1] and "nearest valid input sizes: (188,)" in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert main([*argv[:-2], "--val-slices", "9"]) == 2
-    assert "--val-slices: slice(s) [9] out of range" in capsys.readouterr().err
+    assert "--val-slices: slice(s) 9 out of range" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

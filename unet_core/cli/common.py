@@ -126,7 +126,8 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
         raise UserInputError(f"{what}: slice selection {text!r} selects no slice")
     bad = [z for z in chosen if not 0 <= z < n_slices]
     if bad:
-        raise UserInputError(f"{what}: slice(s) {bad[:5]} out of range for a stack of {n_slices} slices")
+        shown = ", ".join(map(str, bad[:5])) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise UserInputError(f"{what}: slice(s) {shown} out of range for a stack of {n_slices} slices (0-{n_slices - 1})")
     if len(set(chosen)) != len(chosen):
         raise UserInputError(f"{what}: slice selection {text!r} lists a slice twice")
     return chosen
