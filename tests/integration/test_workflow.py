@@ -103,6 +103,7 @@ def test_dry_run_lists_every_stage(tmp_path):
         pytest.param({"predict": {"jobz": 2}}, "jobz", id="unknown-key"),
         pytest.param({"model": {"depth": 0}}, "depth", id="out-of-range"),
         pytest.param({"train": {"tile_out": 37}}, "tile", id="invalid-tile-size"),
+        pytest.param({"train": {"val_tile_out": 37}}, "config train.val_tile_out = 37", id="invalid-val-tile-size"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, override, message):
@@ -110,6 +111,16 @@ def test_bad_config_names_the_key(tmp_path, override, message):
     res = snakemake(work, "-n", "--cores", "1", config=override, check=False)
     assert res.returncode != 0
     assert message in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("tiff, flags", [(True, "--tiff "), ("instances", "--tiff-content instances"),
+                                         ("cell-probability", "--tiff-content cell-probability")])
+def test_tiff_content_reaches_merge(tmp_path, tiff, flags):
+    work = new_workdir(tmp_path)
+    res = snakemake(work, "-n", "-p", "--cores", "1", config={"predict": {"tiff": tiff}})
+    merge = [line for line in res.stdout.splitlines() if line.startswith("Shell command: unet merge")]
+    assert merge and all(flags in line and "segmentation.tif" in line for line in merge), merge
+    assert tiff is not True or not any("--tiff-content" in line for line in merge)
 
 
 def test_bad_samples_table_names_the_problem(tmp_path):

@@ -42,6 +42,8 @@ def test_schema_descriptions_are_whole():
     ({"zzz": 1}, "unknown key 'zzz' at the top level; known keys: augment, ingest, model"),
     ({"predict": {"device": "gpu"}}, "config predict.device = 'gpu': auto = CUDA when available"),
     ({"train": {"optimizer": "rmsprop"}}, "config train.optimizer = 'rmsprop': use one of sgd, adam"),
+    ({"predict": {"tiff": "instance"}},
+     "config predict.tiff = 'instance': use one of false, true, segmentation, instances, cell-probability"),
     ({"train": {"iterations": "many"}}, "config train.iterations = 'many': must be an integer"),
     ({"train": {"iterations": 0}}, "config train.iterations = 0: must be >= 1"),
     ({"ingest": {"chunks": [1, 2]}}, "config ingest.chunks = [1, 2]: must have 3 items"),

@@ -100,7 +100,7 @@ def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any], noun
         return "; ".join(lines)
     shown = f"{'config' if noun == 'key' else noun} {_key(path)} = {error.instance!r}"
     if kind == "enum":
-        return f"{shown}: use one of {', '.join(map(str, rule))}"
+        return f"{shown}: use one of {', '.join(str(v).lower() if isinstance(v, bool) else str(v) for v in rule)}"
     if kind == "type":
         return f"{shown}: must be {_kinds(rule)}"
     if kind == "pattern" and rule == "^auto$":

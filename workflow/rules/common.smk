@@ -177,6 +177,15 @@ def merge_tiff_output():
     return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
 
 
+def merge_tiff_option(output):
+    """--tiff [--tiff-content] for unet merge: predict.tiff true means the segmentation."""
+    if "tiff" not in output.keys():
+        return ""
+    content = config["predict"]["tiff"]
+    extra = f" --tiff-content {content}" if content not in (True, "segmentation") else ""
+    return f"--tiff {q(output.tiff)}{extra}"
+
+
 def get_final_outputs():
     outputs = []
     if not MODEL_FILE:  # with a given model nothing is trained

@@ -11,7 +11,7 @@ rule merge:
         **merge_tiff_output(),
     params:
         parts=lambda wc, input: " ".join(q(os.path.dirname(p)) for p in input.parts),
-        tiff=lambda wc, output: f"--tiff {q(output.tiff)}" if "tiff" in output.keys() else "",
+        tiff=lambda wc, output: merge_tiff_option(output),
         instances=lookup(dpath="predict/instances", within=config),
         min_object=lookup(dpath="predict/min_object_px", within=config),
         watershed=watershed_options(),
