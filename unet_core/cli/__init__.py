@@ -53,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in _stage_modules():
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    for stage in sub.choices.values():
+        _show_defaults(stage)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default X)" to every option's help that has a value default and does not say it."""
+    for action in parser._actions:
+        default = action.default
+        if (action.help in (None, argparse.SUPPRESS) or default in (None, argparse.SUPPRESS)
+                or isinstance(default, bool) or "default" in action.help.lower()):
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        action.help += f" (default {str(shown).replace('%', '%%')})"
 
 
 def _one_line(err: BaseException) -> str:
