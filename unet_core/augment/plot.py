@@ -58,7 +58,7 @@ def plot_augmentation(path: str | os.PathLike[str], rows: Sequence, *, title: st
     """
     if not rows:
         raise ValueError("no samples to plot")
-    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 4 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 4 * len(rows)), squeeze=False, constrained_layout=True)
     for (ax_o, ax_d), row in zip(axes, rows):
         h, w = row.original.shape
         levels_y = np.arange(0, h, GRID_STEP_PX, dtype=float)
@@ -85,8 +85,7 @@ def plot_augmentation(path: str | os.PathLike[str], rows: Sequence, *, title: st
         ax_d.contour(row.coords[1], levels=levels_x, colors=GRID_COLOUR, linewidths=0.5)
         ax_d.scatter(row.knots[1].ravel(), row.knots[0].ravel(), s=10, c="yellow", zorder=3)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9)  # constrained layout keeps it clear of the first row's titles
     try:
         save_png(fig, path, stage="augment", dpi=80)
     finally:

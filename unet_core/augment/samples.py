@@ -304,7 +304,7 @@ def augment(
     if plot is not None:
         rows = preview_rows(source, [(z, k) for _, z, k in jobs[:plot_samples]], seed=seed, params=params,
                             tile_in=tile_in, tile_out=tile_out)
-        plot_augmentation(plot, rows, title=f"{source.stack.path.name}: seed {seed}, {params.describe()}")
+        plot_augmentation(plot, rows, title=f"{source.stack.name}: seed {seed}, {params.describe()}")
     return out_path
 
 

@@ -434,6 +434,15 @@ class Stack:
         return tuple(self.image.shape)
 
     @property
+    def name(self) -> str:
+        """The sample's name for titles: ingest's ``--name`` (the workflow's sample), else the
+        folder holding the store, else the store's own name."""
+        given = self.attrs.get("name")
+        if given:
+            return str(given)
+        return self.path.parent.name if self.path.name == "stack.ome.zarr" and self.path.parent.name else self.path.name
+
+    @property
     def intensities(self) -> StackIntensity:
         """The stack's and each slice's intensity statistics (per slice: None if ingested before
         they were stored)."""

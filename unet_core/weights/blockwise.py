@@ -348,7 +348,7 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         plot_weights(
             np.asarray(stack.labels[plot_slice]), np.asarray(result["classes"][plot_slice]),
             np.asarray(result["weights"][plot_slice]), class_weights=wc, path=png,
-            title=f"{stack.path.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
+            title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
         )
     return attrs
 
