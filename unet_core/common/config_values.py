@@ -91,12 +91,12 @@ def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any], noun
     path, kind, rule = list(error.absolute_path), error.validator, error.validator_value
     if kind == "additionalProperties":
         known = sorted(_subschema(schema, path).get("properties", {}))
-        where = f"in {_key(path)}" if path else "at the top level"
+        where = f" in {_key(path)}" if path else " at the top level" if noun == "key" else ""
         lines = []
         for name in sorted(set(error.instance) - set(known)):
             close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}?" if close else f"known {noun}s: {', '.join(known)}"
-            lines.append(f"unknown {noun} {name!r} {where}; {hint}")
+            lines.append(f"unknown {noun} {name!r}{where}; {hint}")
         return "; ".join(lines)
     shown = f"{'config' if noun == 'key' else noun} {_key(path)} = {error.instance!r}"
     if kind == "enum":
