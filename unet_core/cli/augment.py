@@ -11,11 +11,11 @@ from unet_core.cli.common import (
     existing_path,
     nonnegative_float,
     nonnegative_int,
-    parse_slices,
     positive_int,
     spec_from_args,
 )
 from unet_core.common.intensity import Normalisation
+from unet_core.common.slices import parse_slices
 
 
 def add_parser(subparsers) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from unet_core.cli.common import existing_path, parse_slices, positive_int
+from unet_core.cli.common import existing_path, positive_int
+from unet_core.common.slices import parse_slices
 
 
 def _thresholds(text: str) -> list[float]:

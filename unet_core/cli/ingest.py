@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import parse_slices
 from unet_core.common.labels import AUTO_KIND, LabelKind
+from unet_core.common.slices import parse_slices
 
 
 def _triple(text: str, *, what: str, kind: type) -> tuple:

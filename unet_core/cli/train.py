@@ -14,12 +14,12 @@ from unet_core.cli.common import (
     finite_float,
     nonnegative_float,
     nonnegative_int,
-    parse_slices,
     positive_int,
     spec_from_args,
 )
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import Normalisation
+from unet_core.common.slices import parse_slices
 
 log = logging.getLogger(__name__)
 

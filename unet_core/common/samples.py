@@ -16,6 +16,7 @@ from typing import Any
 
 from unet_core.common.config_values import schema_problem
 from unet_core.common.errors import ConfigError, UserInputError
+from unet_core.common.slices import parse_slices
 
 #: The columns, in the order the README and the shipped tables write them.
 COLUMNS = ("name", "image", "labels", "slices", "role")
@@ -89,8 +90,6 @@ def read_samples(path: str | Path, schema: Mapping[str, Any], *, need_train: boo
 
 def _slices(row: Mapping[str, str]) -> set[int] | None:
     """The row's slice indices, or None for all of them."""
-    from unet_core.cli.common import parse_slices
-
     text = row["slices"]
     if text in ("", "all"):
         return None
