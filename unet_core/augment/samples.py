@@ -67,7 +67,7 @@ from unet_core.common.geometry import Box
 from unet_core.common.intensity import Normalisation, Scaling, normalize
 from unet_core.common.labels import area_histogram, object_areas
 from unet_core.common.mirror import read_mirrored
-from unet_core.common.outputs import PngMark, ZarrMark, claim_outputs
+from unet_core.common.outputs import Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.io.ngff import Stack, create_array, open_group, open_stack
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "unet-pipeline/augmented/1"
 #: How 'unet augment' recognises its own outputs (:mod:`unet_core.common.outputs`).
-AUGMENT_MARK = ZarrMark("augment")
+AUGMENT_MARK = ZarrMark("augment", Layout(("", "image", "classes", "weights", "instances", "source")))
 AUGMENT_PLOT_MARK = PngMark("augment")
 SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for rounding
 

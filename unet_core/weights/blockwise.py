@@ -38,7 +38,7 @@ import zarr
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.background import SettlingThreadPool, background_work
-from unet_core.common.outputs import JsonMark, PngMark, ZarrMark, claim_outputs
+from unet_core.common.outputs import JsonMark, Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
 from unet_core.common.progress import progress
@@ -53,7 +53,7 @@ CLASS_WEIGHTS_FORMAT = "unet-pipeline/class-weights/1"
 WEIGHTS_FORMAT = "unet-pipeline/weights/1"
 #: How 'unet class-weights' and 'unet weights' recognise their own outputs (:mod:`unet_core.common.outputs`).
 CLASS_WEIGHTS_MARK = JsonMark(CLASS_WEIGHTS_FORMAT, "a class_weights.json written by 'unet class-weights'")
-WEIGHTS_MARK = ZarrMark("weights")
+WEIGHTS_MARK = ZarrMark("weights", Layout(("", "weights", "classes", "instances")))
 WEIGHTS_PLOT_MARK = PngMark("weights")
 
 
