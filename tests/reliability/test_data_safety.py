@@ -634,6 +634,19 @@ def test_own_output_holding_what_the_stage_did_not_write_is_refused(reference, t
     assert tree_state(c) == before and os.path.islink(out / added) == (added == "my_data")
 
 
+def test_dotdot_after_a_link_is_resolved_like_the_file_system_does(reference, tmp_path):
+    """``LINK/..`` is the folder above the link's target, not the folder holding the link: an output
+    there that lies inside an input is refused (a lexical ``..`` would let it into the input)."""
+    (stack,) = _in(tmp_path, reference.workdir, "stack.ome.zarr")
+    os.symlink(stack / "labels", tmp_path / "lnk")
+    before = tree_state(tmp_path)
+    argv = ["class-weights", stack, "-o", tmp_path / "lnk/../cw.json", "--threads", "1"]
+    (result,) = _batch([["-q", *map(str, argv)]])
+    assert result["rc"] == 2, result["stderr"][-3000:]
+    assert "lies inside the input" in _one_error_line(result["stderr"])
+    assert tree_state(tmp_path) == before and not (stack / "cw.json").exists()
+
+
 def test_config_numbers_are_settled_once_naming_the_key(tmp_path):
     """Integers given as 400.0 run as integers; NaN stops the run naming the key."""
     from faults import new_workdir

@@ -421,7 +421,9 @@ def check_replaceable(path: str | os.PathLike[str], mark: Mark) -> None:
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(path)).resolve(strict=False)
+    """The absolute path with links resolved before each ``..``, as the file system reads it
+    (``LINK/..`` is the folder above the link's target; a lexical ``..`` would drop the link)."""
+    return Path(path).resolve(strict=False)
 
 
 def claim_outputs(
