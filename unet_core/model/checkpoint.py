@@ -112,6 +112,39 @@ def check_architecture(spec: UNetSpec, expect: ModelExpectation, *, path: str | 
         raise CheckpointError(f"{path}: model does not match the config's model section ({detail})")
 
 
+def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -> None:
+    """Raise unless ``state`` holds finite weights of exactly the shapes of ``spec``'s network.
+
+    The shapes are compared with a network built on the meta device (no memory), so a file
+    whose architecture would not fit in memory (a crafted or damaged one) is refused before
+    anything is allocated; weights the file really holds are already in memory.
+
+    Raises:
+        CheckpointError: no tensor dictionary, a missing, extra or differently shaped tensor, or
+            NaN/Inf values (the file is damaged, or not a finished run's).
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture (no dictionary of tensors)")
+    if spec.depth > len(state):  # every level holds weights: bounds the network built below
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture (depth {spec.depth} "
+                              f"needs more than the {len(state)} tensors stored)")
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+    except RuntimeError as err:  # sizes beyond what any tensor can hold
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture "
+                              f"({str(err).splitlines()[0][:160]})") from err
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        key = min(set(want) ^ set(have)) if set(want) != set(have) else min(k for k in want if want[k] != have[k])
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({key}: stored "
+                              f"{have.get(key, 'nothing')}, architecture {want.get(key, 'nothing')})")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{path}: weights {bad[0]} hold NaN or Inf values; the file is damaged or "
+                              "from a diverged run")
+
+
 def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None) -> tuple[UNet, dict[str, Any]]:
     """Load a model written by :func:`save_model` (also accepts a training checkpoint).
 
@@ -136,8 +169,9 @@ def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None)
     except ValueError as err:
         raise CheckpointError(f"{path}: invalid architecture in file: {err}") from err
     check_architecture(spec, expect, path=path)
-    model = UNet(spec)
     state = data.get("state_dict") or data.get("model")
+    check_weights(spec, state, path=path)
+    model = UNet(spec)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
