@@ -108,6 +108,16 @@ CRAFTED_MODELS = {
     "depth-beyond-the-weights": (lambda d: d["spec"].update(depth=40), "do not fit"),
     # non-finite weights would give NaN probabilities without a word
     "nan-weights": (_nan_weights, "NaN"),
+    # metadata prediction and merge use: tracebacks, or silently wrong probabilities before
+    "metadata-not-a-dict": (lambda d: d.update(metadata=[1, 2]), "not a dictionary"),
+    "unknown-normalisation": (lambda d: d["metadata"].update(intensity_normalisation="bogus"),
+                              "intensity_normalisation"),
+    "nan-logit-offset": (lambda d: d["metadata"]["decision"].update(logit_offsets=[float("nan"), 0.0]),
+                         "logit_offsets"),
+    "logit-offsets-of-three-classes": (
+        lambda d: d["metadata"]["decision"].update(logit_offsets=[0.0, 1.0, 2.0]), "logit_offsets"),
+    "nan-median-object-area": (lambda d: d["metadata"].update(median_object_area_px=float("nan")),
+                               "median_object_area_px"),
 }
 
 

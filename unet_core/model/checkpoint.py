@@ -9,6 +9,7 @@ stored inside, so ``unet predict`` needs no repeated model flags.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -20,6 +21,7 @@ import torch
 
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import CheckpointError
+from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import Mark, ZipMark, torch_file_mark
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
@@ -145,6 +147,47 @@ def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -
                               "from a diverged run")
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def checked_metadata(metadata: Any, spec: UNetSpec, *, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model file's metadata (None: an empty dict), with the values prediction uses checked:
+    the normalisation, the decision's logit offsets (one finite number per class) and the median
+    object area (a finite number > 0).
+
+    Raises:
+        CheckpointError: a value that is not what 'unet train' writes (names the key).
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{path}: model metadata is a {type(metadata).__name__}, not a dictionary; "
+                              "the file is damaged or not written by 'unet train'")
+
+    def refuse(key: str, value: Any, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata {key} = {repr(value)[:80]}: {problem}; the file is damaged "
+                               "or not written by 'unet train'")
+
+    norm = metadata.get("intensity_normalisation")
+    try:
+        Normalisation.of_metadata(norm)
+    except (ValueError, TypeError):
+        raise refuse("intensity_normalisation", norm, "not a normalisation") from None
+    decision = metadata.get("decision")
+    if decision is not None and not isinstance(decision, Mapping):
+        raise refuse("decision", decision, "not a dictionary")
+    offsets = (decision or {}).get("logit_offsets")
+    if offsets is not None and not (isinstance(offsets, (list, tuple)) and len(offsets) == spec.n_classes
+                                    and all(map(_finite, offsets))):
+        raise refuse("decision.logit_offsets", offsets,
+                     f"must be {spec.n_classes} finite numbers, one per class")
+    area = metadata.get("median_object_area_px")
+    if area is not None and not (_finite(area) and area > 0):
+        raise refuse("median_object_area_px", area, "must be a finite number > 0")
+    return dict(metadata)
+
+
 def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None) -> tuple[UNet, dict[str, Any]]:
     """Load a model written by :func:`save_model` (also accepts a training checkpoint).
 
@@ -177,4 +220,4 @@ def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from err
     model.eval()
-    return model, dict(data.get("metadata") or {})
+    return model, checked_metadata(data.get("metadata"), spec, path=path)
