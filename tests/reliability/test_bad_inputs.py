@@ -86,6 +86,37 @@ def _damaged_stack(d: Path, ref: Path) -> str:
     return str(stack)
 
 
+def _edited_stack(name: str, edit: Callable[[dict, Path], None]) -> Callable[[Path, Path], str]:
+    """A copy of a reference stack whose root attributes (or arrays) ``edit(attrs, store)`` damages:
+    a stack crafted or damaged after ingest, which every stage opens the same way."""
+    def make(d: Path, ref: Path) -> str:
+        import json
+
+        stack = d / "in" / name
+        shutil.copytree(ref / TV / "stack.ome.zarr", stack)
+        meta = json.loads((stack / "zarr.json").read_text())
+        edit(meta["attributes"], stack)
+        (stack / "zarr.json").write_text(json.dumps(meta))
+        return str(stack)
+    return make
+
+
+def _smaller_labels(attrs: dict, stack: Path) -> None:
+    import zarr
+
+    shutil.rmtree(stack / "labels/gt/0")
+    zarr.open_group(stack / "labels/gt", mode="a").create_array("0", shape=(2, 16, 16), dtype="uint8")
+
+
+_NO_STD = _edited_stack("nostd.ome.zarr", lambda attrs, _: attrs["unet"]["intensity"].pop("std"))
+_NAN_MEAN = _edited_stack("nan.ome.zarr",
+                          lambda attrs, _: attrs["unet"]["intensity"].update(mean=float("nan")))
+_NO_MULTISCALES = _edited_stack("noms.ome.zarr", lambda attrs, _: attrs["ome"].pop("multiscales"))
+_SHORT_SLICE_RECORDS = _edited_stack("slices.ome.zarr",
+                                     lambda attrs, _: attrs["unet"]["slice_intensity"].update(mean=[]))
+_SMALLER_LABELS = _edited_stack("lab.ome.zarr", _smaller_labels)
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -180,6 +211,24 @@ CASES = {
     "merge-missing-part": Case(
         lambda d, r: ["merge", r / TV / "predict/part-1.zarr", "--stack", r / TV / "stack.ome.zarr",
                       "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr", ("missing job",)),
+    # stacks damaged or crafted after ingest: one line from every stage (were tracebacks, or NaN
+    # statistics that normalised every pixel to NaN without a word)
+    "stack-intensity-without-std": Case(
+        lambda d, r: ["class-weights", _NO_STD(d, r), "-o", d / "out/cw.json"], "out/cw.json",
+        ("nostd.ome.zarr", "damaged stack attributes")),
+    "stack-intensity-nan": Case(
+        lambda d, r: ["predict", _NAN_MEAN(d, r), r / "results/model/model.pt", d / "out/nan-part.zarr",
+                      *MODEL_ARGS], "out/nan-part.zarr", ("nan.ome.zarr", "not finite")),
+    "stack-without-multiscales": Case(
+        lambda d, r: ["weights", _NO_MULTISCALES(d, r), d / "out/w2.zarr"], "out/w2.zarr",
+        ("noms.ome.zarr", "damaged stack attributes")),
+    "stack-per-slice-records-damaged": Case(
+        lambda d, r: ["augment", _SHORT_SLICE_RECORDS(d, r), r / TV / "weights.zarr", d / "out/a2.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a2.zarr",
+        ("slices.ome.zarr", "per-slice intensity")),
+    "stack-labels-of-another-shape": Case(
+        lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _SMALLER_LABELS(d, r),
+                      "-o", d / "out/eval2"], "out/eval2/metrics.csv", ("lab.ome.zarr", "differ in shape")),
     "evaluate-prediction-of-another-stack": Case(
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", r / TT / "stack.ome.zarr", "-o", d / "out/eval"],
         "out/eval/metrics.csv", ("prediction.ome.zarr",)),

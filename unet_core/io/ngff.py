@@ -29,6 +29,7 @@ from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.storage import LocalStore
 
+from unet_core.common.config_values import all_finite
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import (
@@ -438,7 +439,14 @@ class Stack:
         """The stack's and each slice's intensity statistics (per slice: None if ingested before
         they were stored)."""
         stored = self.attrs.get("slice_intensity")
-        slices = tuple(slice_stats_from_attrs(stored)) if stored else None
+        try:
+            slices = tuple(slice_stats_from_attrs(stored)) if stored else None
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise UserInputError(f"{self.path}: damaged per-slice intensity records ({err}); "
+                                 "ingest it again") from None
+        if slices is not None and not all(all_finite(*vars(s).values()) for s in slices):
+            raise UserInputError(f"{self.path}: per-slice intensity records hold NaN, Inf or text; "
+                                 "ingest it again")
         if slices is not None and len(slices) != self.shape[0]:
             raise UserInputError(f"{self.path}: {len(slices)} per-slice intensity records for "
                                  f"{self.shape[0]} slices; ingest it again")
@@ -470,7 +478,24 @@ def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) ->
         label_kind = unet.get("label_kind")
     if require_labels and labels is None:
         raise UserInputError(f"{path}: has no ground-truth labels (ingest it with --labels)")
-    ms = attrs["ome"]["multiscales"][0]
-    scale = tuple(ms["datasets"][0]["coordinateTransformations"][0]["scale"])
-    unit = ms["axes"][-1].get("unit")
-    return Stack(path, image, labels, label_kind, IntensityStats.from_dict(unet["intensity"]), scale, unit, unet)
+    if not isinstance(image, zarr.Array) or image.ndim != 3 or min(image.shape) < 1:
+        raise UserInputError(f"{path}: image '0' of shape {getattr(image, 'shape', None)} is not a non-empty "
+                             "(Z, Y, X) volume; ingest it again")
+    if labels is not None and (not isinstance(labels, zarr.Array) or labels.shape != image.shape):
+        raise UserInputError(f"{path}: labels {getattr(labels, 'shape', None)} and image {image.shape} "
+                             "differ in shape; re-ingest with matching stacks")
+    try:
+        ms = attrs["ome"]["multiscales"][0]
+        scale = tuple(float(v) for v in ms["datasets"][0]["coordinateTransformations"][0]["scale"])
+        unit = ms["axes"][-1].get("unit")
+        intensity = IntensityStats.from_dict(unet["intensity"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise UserInputError(f"{path}: damaged stack attributes ({type(err).__name__}: {err}); "
+                             "ingest it again") from None
+    if len(scale) != 3 or not all_finite(*scale) or min(scale) <= 0:
+        raise UserInputError(f"{path}: voxel size {scale} is not three finite sizes > 0; ingest it again")
+    if not all_finite(intensity.mean, intensity.std) or intensity.std < 0:
+        raise UserInputError(f"{path}: intensity statistics (mean {intensity.mean}, std {intensity.std}) "
+                             "are not finite numbers with std >= 0; ingest it again")
+    return Stack(path, image, labels, label_kind, intensity, scale, unit, unet)
+

@@ -9,7 +9,6 @@ stored inside, so ``unet predict`` needs no repeated model flags.
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import zipfile
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from unet_core.common.atomic import atomic_output
+from unet_core.common.config_values import all_finite
 from unet_core.common.errors import CheckpointError
 from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import Mark, ZipMark, torch_file_mark
@@ -147,10 +147,6 @@ def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -
                               "from a diverged run")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def checked_metadata(metadata: Any, spec: UNetSpec, *, path: str | os.PathLike[str]) -> dict[str, Any]:
     """A model file's metadata (None: an empty dict), with the values prediction uses checked:
     the normalisation, the decision's logit offsets (one finite number per class) and the median
@@ -179,11 +175,11 @@ def checked_metadata(metadata: Any, spec: UNetSpec, *, path: str | os.PathLike[s
         raise refuse("decision", decision, "not a dictionary")
     offsets = (decision or {}).get("logit_offsets")
     if offsets is not None and not (isinstance(offsets, (list, tuple)) and len(offsets) == spec.n_classes
-                                    and all(map(_finite, offsets))):
+                                    and all_finite(*offsets)):
         raise refuse("decision.logit_offsets", offsets,
                      f"must be {spec.n_classes} finite numbers, one per class")
     area = metadata.get("median_object_area_px")
-    if area is not None and not (_finite(area) and area > 0):
+    if area is not None and not (all_finite(area) and area > 0):
         raise refuse("median_object_area_px", area, "must be a finite number > 0")
     return dict(metadata)
 
