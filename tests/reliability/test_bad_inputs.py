@@ -117,6 +117,23 @@ _SHORT_SLICE_RECORDS = _edited_stack("slices.ome.zarr",
 _SMALLER_LABELS = _edited_stack("lab.ome.zarr", _smaller_labels)
 
 
+def _damaged_copy(src: str, name: str, array: str) -> Callable[[Path, Path], str]:
+    """A copy of the reference validation store ``src`` with its array's first chunk cut short (a disk
+    or copy error)."""
+    def make(d: Path, ref: Path) -> str:
+        store = d / "in" / name
+        shutil.copytree(ref / TV / src, store)
+        chunk = next(p for p in sorted((store / array / "c").rglob("*")) if p.is_file())
+        chunk.write_bytes(chunk.read_bytes()[:10])  # shorter than a Blosc header
+        return str(store)
+    return make
+
+
+_DAMAGED_LABELS = _damaged_copy("stack.ome.zarr", "damaged-labels.ome.zarr", "labels/gt/0")
+_DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "probabilities")
+_DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -192,6 +209,18 @@ CASES = {
                       *MODEL_ARGS], "out/damaged-part.zarr/COMPLETE", ("damaged.ome.zarr", "damaged Zarr chunk")),
     "output-not-writable": Case(
         lambda d, r: ["ingest", d / "in/image.tif", d / "in/a_file/s.ome.zarr"], None, ("a_file",)),
+    # damaged chunks where zarr, not the stack reader, decodes them (were codec tracebacks)
+    "damaged-label-chunk-weights": Case(
+        lambda d, r: ["weights", _DAMAGED_LABELS(d, r), d / "out/w3.zarr"], "out/w3.zarr",
+        ("damaged-labels.ome.zarr/labels/gt/0/c/", "damaged Zarr chunk")),
+    "damaged-part-chunk-merge": Case(
+        lambda d, r: ["merge", _DAMAGED_PART(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred3.ome.zarr"], "out/pred3.ome.zarr",
+        ("damaged-part-0.zarr/probabilities/c/", "damaged Zarr chunk")),
+    "damaged-prediction-chunk-evaluate": Case(
+        lambda d, r: ["evaluate", _DAMAGED_PREDICTION(d, r), r / TV / "stack.ome.zarr",
+                      "-o", d / "out/eval3"], "out/eval3/metrics.csv",
+        ("damaged-prediction.ome.zarr/0/c/", "damaged Zarr chunk")),
     "stack-without-labels-weights": Case(
         lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
         ("nolabels.ome.zarr", "labels")),

@@ -27,6 +27,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.codec_pipeline import BatchedCodecPipeline
+from zarr.registry import register_pipeline
 from zarr.storage import LocalStore
 
 from unet_core.common.config_values import all_finite
@@ -42,6 +44,34 @@ from unet_core.common.intensity import (
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"
+
+
+def _damaged_chunk(path: object, err: BaseException) -> UserInputError:
+    """The one-line error for a chunk file that does not decode (its path named)."""
+    return UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store")
+
+
+class ChunkNamingPipeline(BatchedCodecPipeline):
+    """zarr's codec pipeline, except that a chunk which cannot be read into its array (a file
+    cut short or overwritten by a disk or copy error) is a :class:`UserInputError` naming its
+    file, wherever a stage reads a Zarr array (Dask tasks included), not a codec traceback.
+    Installed for every Zarr array this process opens (zarr's ``codec_pipeline.path``)."""
+
+    async def read_batch(self, batch_info, out, drop_axes=()) -> None:  # type: ignore[no-untyped-def]
+        batch_info = list(batch_info)
+        try:
+            await super().read_batch(batch_info, out, drop_axes)
+        except (UserInputError, OSError, MemoryError):
+            raise
+        except Exception as err:  # a codec or the chunk's size: the bytes are damaged
+            getter = batch_info[0][0]  # zarr reads one chunk per batch (codec_pipeline.batch_size 1)
+            store = getattr(getter, "store", None)
+            raise _damaged_chunk(Path(store.root) / getter.path if isinstance(store, LocalStore) else getter,
+                                 err) from None
+
+
+register_pipeline(ChunkNamingPipeline)
+zarr.config.set({"codec_pipeline.path": f"{__name__}.{ChunkNamingPipeline.__qualname__}"})
 
 
 def compressor() -> BloscCodec:
@@ -304,7 +334,7 @@ def direct_chunk_reader(array: zarr.Array) -> Callable[[tuple[int, ...]], np.nda
         try:
             return np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
         except (RuntimeError, ValueError) as err:  # not a Blosc frame, or not the chunk's size
-            raise UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store") from None
+            raise _damaged_chunk(path, err) from None
 
     return read
 
