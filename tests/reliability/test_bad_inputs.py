@@ -233,6 +233,13 @@ CASES = {
     "train-on-a-stack-not-a-training-set": Case(
         lambda d, r: ["train", "--train", r / TT / "stack.ome.zarr", "--out-dir", d / "out/model", *MODEL_ARGS,
                       "--iterations", "1", "--device", "cpu"], "out/model/model.pt", ("stack.ome.zarr",)),
+    # a typo in the model's size: one line before anything is allocated (was an allocation traceback;
+    # sizes just beyond the memory met the OOM killer)
+    "train-model-beyond-memory": Case(
+        lambda d, r: ["train", "--train", r / TT / "augment.zarr", "--out-dir", d / "out/big", *MODEL_ARGS,
+                      "--base-channels", "100000000", "--iterations", "1", "--device", "cpu",
+                      "--workers", "0"],
+        "out/big", ("base_channels", "GiB")),
     "merge-unfinished-part": Case(
         lambda d, r: ["merge", _incomplete_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
                       r / TV / "stack.ome.zarr", "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr",

@@ -347,6 +347,33 @@ def _val_tile_out(config: TrainConfig, spec: UNetSpec, dataset: AugmentedTiles |
     return size
 
 
+#: Float32 copies of every parameter training holds: weights, gradients, two Adam moments.
+TRAINING_COPIES = 4
+
+
+def check_model_fits_memory(spec: UNetSpec) -> None:
+    """Raise where the network's training state alone exceeds this machine's memory.
+
+    Counted on the meta device (no memory), so an oversized ``model`` section (e.g. a typo in
+    ``base_channels``) is one line instead of an allocation failure or the OOM killer.
+
+    Raises:
+        ConfigError: the parameters times :data:`TRAINING_COPIES` exceed the physical memory.
+    """
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in UNet(spec).parameters())
+    except RuntimeError:  # sizes beyond what any tensor can hold
+        n = float("inf")
+    need = TRAINING_COPIES * 4 * n
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ConfigError(
+            f"model: a network of depth {spec.depth} and base_channels {spec.base_channels} has {n:.3g} "
+            f"parameters; training them needs {need / 2**30:.3g} GiB, more than this machine's "
+            f"{total / 2**30:.3g} GiB: choose a smaller model.base_channels or model.depth")
+
+
 def _session(
     out_dir: Path,
     record: RunRecord,
@@ -359,6 +386,7 @@ def _session(
     """Seed, build the network, optimizer, schedule and scaler; load state.pt when resuming."""
     config, runtime, spec = record.config, record.runtime, record.spec
     seed_everything(config.seed)
+    check_model_fits_memory(spec)
     model = UNet(spec).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
