@@ -413,8 +413,13 @@ def _loader(
 
     Pinned host memory on CUDA (asynchronous uploads), ``4 x workers`` batches read ahead.
     The loader is iterated exactly once per run (validation does not use it), so
-    ``persistent_workers`` would keep nothing alive between epochs: it stays off.
+    ``persistent_workers`` would keep nothing alive between epochs: it stays off. At most one
+    worker per CPU core: each is a fork of this process (``train.workers: 100000`` would fork
+    them all at once), and the batches do not depend on the count.
     """
+    workers = min(config.workers, os.cpu_count() or 1)
+    if workers < config.workers:
+        log.warning("train.workers %d: using %d loader processes, one per CPU core", config.workers, workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -426,11 +431,11 @@ def _loader(
             seed=config.seed,
             with_epoch=isinstance(dataset, OnTheFlyTiles),
         ),
-        num_workers=config.workers,
+        num_workers=workers,
         pin_memory=runtime.device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
         persistent_workers=False,
-        prefetch_factor=4 if config.workers else None,
+        prefetch_factor=4 if workers else None,
     )
 
 
