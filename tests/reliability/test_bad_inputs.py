@@ -134,6 +134,17 @@ _DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "pro
 _DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
 
 
+def _same_shape_other_stack(d: Path, ref: Path) -> str:
+    """Slice 0 of the synthetic stack, ingested as the validation stack (slice 3) was: the same
+    shape, other data."""
+    stack = d / "in/other-slice.ome.zarr"
+    if not stack.exists():
+        res = run_unet("ingest", ref / "resources/synth/image.tif", stack, "--labels",
+                       ref / "resources/synth/labels.tif", "--slices", "0", "--chunks", "1,64,64")
+        assert res.returncode == 0, res.stderr
+    return str(stack)
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -265,6 +276,17 @@ CASES = {
     "stack-labels-of-another-shape": Case(
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _SMALLER_LABELS(d, r),
                       "-o", d / "out/eval2"], "out/eval2/metrics.csv", ("lab.ome.zarr", "differ in shape")),
+    # another stack of the same shape (another sample; ISBI's test volume for its training volume):
+    # the cells' intensities, or every score, silently from the wrong data before
+    "merge-with-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["merge", r / TV / "predict/part-0.zarr", r / TV / "predict/part-1.zarr", "--stack",
+                      _same_shape_other_stack(d, r), "-o", d / "out/pred4.ome.zarr",
+                      "--cells", d / "out/c4.csv"],
+        "out/pred4.ome.zarr", ("other-slice.ome.zarr", "made from another stack")),
+    "evaluate-against-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _same_shape_other_stack(d, r),
+                      "-o", d / "out/eval4"], "out/eval4/metrics.csv",
+        ("other-slice.ome.zarr", "another stack")),
     "evaluate-prediction-of-another-stack": Case(
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", r / TT / "stack.ome.zarr", "-o", d / "out/eval"],
         "out/eval/metrics.csv", ("prediction.ome.zarr",)),

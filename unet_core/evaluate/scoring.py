@@ -584,6 +584,8 @@ def _open_inputs(prediction_path: str | os.PathLike[str], stack_path: str | os.P
             f"{prediction.path}: prediction (z, y, x) {tuple(prediction.probabilities.shape[1:])} does not match "
             f"stack {stack.path} {tuple(stack.shape)}; score the prediction against the stack it was made on"
         )
+    unet = prediction.attrs.get("unet")
+    stack.check_made_from(unet.get("intensity") if isinstance(unet, dict) else None, result=prediction.path)
     return stack, prediction
 
 

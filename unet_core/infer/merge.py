@@ -510,6 +510,7 @@ def merge_parts(
             f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
+    st.check_made_from(part_list[0].settings.get("intensity"), result=part_list[0].path)
     encoding = ProbabilityEncoding(part_list[0].settings["probabilities"])
     area = part_list[0].settings.get("median_object_area_px")
     min_object_px = resolve_min_object_px(min_object_px, area, where=str(parts[0]))

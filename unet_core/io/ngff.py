@@ -482,6 +482,19 @@ class Stack:
                                  f"{self.shape[0]} slices; ingest it again")
         return StackIntensity(self.intensity, slices, str(self.path))
 
+    def check_made_from(self, recorded: Any, *, result: str | os.PathLike[str]) -> None:
+        """Raise unless ``recorded``, the intensity statistics a result (a part store, a prediction)
+        copied from the stack it was made from, are this stack's: another stack of the same shape
+        (another sample, ISBI's test volume for its training volume) is not accepted in its place.
+
+        Raises:
+            UserInputError: they differ (None, a result written before they were recorded, passes).
+        """
+        if recorded is not None and recorded != self.intensity.to_dict():
+            raise UserInputError(
+                f"{result}: made from another stack than {self.path} (intensity statistics {recorded} there, "
+                f"{self.intensity.to_dict()} here); pass the stack it was made from")
+
     def scaler(self, mode: Normalisation | str) -> Callable[[int], Scaling]:
         """``z -> Scaling``: the normalisation of each slice under ``mode``
         (:meth:`unet_core.common.intensity.StackIntensity.scaler`)."""
