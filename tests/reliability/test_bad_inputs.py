@@ -145,6 +145,16 @@ def _same_shape_other_stack(d: Path, ref: Path) -> str:
     return str(stack)
 
 
+def _val_weights(d: Path, ref: Path) -> str:
+    """A weights store of the validation stack written by this code (it records its stack)."""
+    weights = d / "in/val-weights.zarr"
+    if not weights.exists():
+        res = run_unet("weights", ref / TV / "stack.ome.zarr", weights, "--plot-slice", "-1",
+                       "--threads", "1")
+        assert res.returncode == 0, res.stderr
+    return str(weights)
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -287,6 +297,10 @@ CASES = {
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _same_shape_other_stack(d, r),
                       "-o", d / "out/eval4"], "out/eval4/metrics.csv",
         ("other-slice.ome.zarr", "another stack")),
+    "augment-with-weights-of-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["augment", _same_shape_other_stack(d, r), _val_weights(d, r), d / "out/a4.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a4.zarr",
+        ("val-weights.zarr", "made from another stack")),
     "evaluate-prediction-of-another-stack": Case(
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", r / TT / "stack.ome.zarr", "-o", d / "out/eval"],
         "out/eval/metrics.csv", ("prediction.ome.zarr",)),

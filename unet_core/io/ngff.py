@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
@@ -499,6 +499,13 @@ class Stack:
         """``z -> Scaling``: the normalisation of each slice under ``mode``
         (:meth:`unet_core.common.intensity.StackIntensity.scaler`)."""
         return self.intensities.scaler(Normalisation(mode))
+
+
+def recorded_intensity(attrs: Mapping[str, Any]) -> Any:
+    """The stack intensity statistics a store made from a stack (a prediction, a weights store)
+    recorded in its ``attrs["unet"]["intensity"]``, for :meth:`Stack.check_made_from` (None: none)."""
+    unet = attrs.get("unet")
+    return unet.get("intensity") if isinstance(unet, Mapping) else None
 
 
 def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) -> Stack:

@@ -8,7 +8,7 @@ Layout written by :func:`write_weights` (Zarr v3 group, chunks = the stack's lab
       instances   int32   (Z, Y, X)  cells after separation (0 where classes == 0)
       attrs["unet"]: w0, sigma_px, tolerance, cutoff_px, halo_px, class_weights
                      [w_background, w_cell], frequencies, connectivity, label_kind,
-                     separate_touching, border_pixels, source, version
+                     separate_touching, border_pixels, source, intensity (of the source stack), version
 
 Every 2-D value is computed per slice by :mod:`unet_core.weights.maps`. Instance labels are
 chunked as stored and processed with ``map_overlap``: depth 1 for the separation lines and
@@ -334,6 +334,7 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         "label_kind": kind.value,
         "separate_touching": kind is LabelKind.INSTANCE,
         "source": str(stack.path),
+        "intensity": stack.intensity.to_dict(),  # which stack it was made from (Stack.check_made_from)
         "version": __version__,
         "stage": "weights",
         "format": WEIGHTS_FORMAT,
