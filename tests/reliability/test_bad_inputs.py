@@ -86,6 +86,75 @@ def _damaged_stack(d: Path, ref: Path) -> str:
     return str(stack)
 
 
+def _edited_stack(name: str, edit: Callable[[dict, Path], None]) -> Callable[[Path, Path], str]:
+    """A copy of a reference stack whose root attributes (or arrays) ``edit(attrs, store)`` damages:
+    a stack crafted or damaged after ingest, which every stage opens the same way."""
+    def make(d: Path, ref: Path) -> str:
+        import json
+
+        stack = d / "in" / name
+        shutil.copytree(ref / TV / "stack.ome.zarr", stack)
+        meta = json.loads((stack / "zarr.json").read_text())
+        edit(meta["attributes"], stack)
+        (stack / "zarr.json").write_text(json.dumps(meta))
+        return str(stack)
+    return make
+
+
+def _smaller_labels(attrs: dict, stack: Path) -> None:
+    import zarr
+
+    shutil.rmtree(stack / "labels/gt/0")
+    zarr.open_group(stack / "labels/gt", mode="a").create_array("0", shape=(2, 16, 16), dtype="uint8")
+
+
+_NO_STD = _edited_stack("nostd.ome.zarr", lambda attrs, _: attrs["unet"]["intensity"].pop("std"))
+_NAN_MEAN = _edited_stack("nan.ome.zarr",
+                          lambda attrs, _: attrs["unet"]["intensity"].update(mean=float("nan")))
+_NO_MULTISCALES = _edited_stack("noms.ome.zarr", lambda attrs, _: attrs["ome"].pop("multiscales"))
+_SHORT_SLICE_RECORDS = _edited_stack("slices.ome.zarr",
+                                     lambda attrs, _: attrs["unet"]["slice_intensity"].update(mean=[]))
+_SMALLER_LABELS = _edited_stack("lab.ome.zarr", _smaller_labels)
+
+
+def _damaged_copy(src: str, name: str, array: str) -> Callable[[Path, Path], str]:
+    """A copy of the reference validation store ``src`` with its array's first chunk cut short (a disk
+    or copy error)."""
+    def make(d: Path, ref: Path) -> str:
+        store = d / "in" / name
+        shutil.copytree(ref / TV / src, store)
+        chunk = next(p for p in sorted((store / array / "c").rglob("*")) if p.is_file())
+        chunk.write_bytes(chunk.read_bytes()[:10])  # shorter than a Blosc header
+        return str(store)
+    return make
+
+
+_DAMAGED_LABELS = _damaged_copy("stack.ome.zarr", "damaged-labels.ome.zarr", "labels/gt/0")
+_DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "probabilities")
+_DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
+
+
+def _same_shape_other_stack(d: Path, ref: Path) -> str:
+    """Slice 0 of the synthetic stack, ingested as the validation stack (slice 3) was: the same
+    shape, other data."""
+    stack = d / "in/other-slice.ome.zarr"
+    if not stack.exists():
+        res = run_unet("ingest", ref / "resources/synth/image.tif", stack, "--labels",
+                       ref / "resources/synth/labels.tif", "--slices", "0", "--chunks", "1,64,64")
+        assert res.returncode == 0, res.stderr
+    return str(stack)
+
+
+def _val_weights(d: Path, ref: Path) -> str:
+    """A weights store of the validation stack written by this code (it records its stack)."""
+    weights = d / "in/val-weights.zarr"
+    if not weights.exists():
+        res = run_unet("weights", ref / TV / "stack.ome.zarr", weights, "--plot-slice", "-1",
+                       "--threads", "1")
+        assert res.returncode == 0, res.stderr
+    return str(weights)
+
+
 def _corrupted_model(d: Path, ref: Path) -> str:
     raw = bytearray((ref / "results/model/model.pt").read_bytes())
     mid = len(raw) // 2
@@ -161,6 +230,18 @@ CASES = {
                       *MODEL_ARGS], "out/damaged-part.zarr/COMPLETE", ("damaged.ome.zarr", "damaged Zarr chunk")),
     "output-not-writable": Case(
         lambda d, r: ["ingest", d / "in/image.tif", d / "in/a_file/s.ome.zarr"], None, ("a_file",)),
+    # damaged chunks where zarr, not the stack reader, decodes them (were codec tracebacks)
+    "damaged-label-chunk-weights": Case(
+        lambda d, r: ["weights", _DAMAGED_LABELS(d, r), d / "out/w3.zarr"], "out/w3.zarr",
+        ("damaged-labels.ome.zarr/labels/gt/0/c/", "damaged Zarr chunk")),
+    "damaged-part-chunk-merge": Case(
+        lambda d, r: ["merge", _DAMAGED_PART(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred3.ome.zarr"], "out/pred3.ome.zarr",
+        ("damaged-part-0.zarr/probabilities/c/", "damaged Zarr chunk")),
+    "damaged-prediction-chunk-evaluate": Case(
+        lambda d, r: ["evaluate", _DAMAGED_PREDICTION(d, r), r / TV / "stack.ome.zarr",
+                      "-o", d / "out/eval3"], "out/eval3/metrics.csv",
+        ("damaged-prediction.ome.zarr/0/c/", "damaged Zarr chunk")),
     "stack-without-labels-weights": Case(
         lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
         ("nolabels.ome.zarr", "labels")),
@@ -173,6 +254,13 @@ CASES = {
     "train-on-a-stack-not-a-training-set": Case(
         lambda d, r: ["train", "--train", r / TT / "stack.ome.zarr", "--out-dir", d / "out/model", *MODEL_ARGS,
                       "--iterations", "1", "--device", "cpu"], "out/model/model.pt", ("stack.ome.zarr",)),
+    # a typo in the model's size: one line before anything is allocated (was an allocation traceback;
+    # sizes just beyond the memory met the OOM killer)
+    "train-model-beyond-memory": Case(
+        lambda d, r: ["train", "--train", r / TT / "augment.zarr", "--out-dir", d / "out/big", *MODEL_ARGS,
+                      "--base-channels", "100000000", "--iterations", "1", "--device", "cpu",
+                      "--workers", "0"],
+        "out/big", ("base_channels", "GiB")),
     "merge-unfinished-part": Case(
         lambda d, r: ["merge", _incomplete_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
                       r / TV / "stack.ome.zarr", "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr",
@@ -180,6 +268,39 @@ CASES = {
     "merge-missing-part": Case(
         lambda d, r: ["merge", r / TV / "predict/part-1.zarr", "--stack", r / TV / "stack.ome.zarr",
                       "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr", ("missing job",)),
+    # stacks damaged or crafted after ingest: one line from every stage (were tracebacks, or NaN
+    # statistics that normalised every pixel to NaN without a word)
+    "stack-intensity-without-std": Case(
+        lambda d, r: ["class-weights", _NO_STD(d, r), "-o", d / "out/cw.json"], "out/cw.json",
+        ("nostd.ome.zarr", "damaged stack attributes")),
+    "stack-intensity-nan": Case(
+        lambda d, r: ["predict", _NAN_MEAN(d, r), r / "results/model/model.pt", d / "out/nan-part.zarr",
+                      *MODEL_ARGS], "out/nan-part.zarr", ("nan.ome.zarr", "not finite")),
+    "stack-without-multiscales": Case(
+        lambda d, r: ["weights", _NO_MULTISCALES(d, r), d / "out/w2.zarr"], "out/w2.zarr",
+        ("noms.ome.zarr", "damaged stack attributes")),
+    "stack-per-slice-records-damaged": Case(
+        lambda d, r: ["augment", _SHORT_SLICE_RECORDS(d, r), r / TV / "weights.zarr", d / "out/a2.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a2.zarr",
+        ("slices.ome.zarr", "per-slice intensity")),
+    "stack-labels-of-another-shape": Case(
+        lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _SMALLER_LABELS(d, r),
+                      "-o", d / "out/eval2"], "out/eval2/metrics.csv", ("lab.ome.zarr", "differ in shape")),
+    # another stack of the same shape (another sample; ISBI's test volume for its training volume):
+    # the cells' intensities, or every score, silently from the wrong data before
+    "merge-with-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["merge", r / TV / "predict/part-0.zarr", r / TV / "predict/part-1.zarr", "--stack",
+                      _same_shape_other_stack(d, r), "-o", d / "out/pred4.ome.zarr",
+                      "--cells", d / "out/c4.csv"],
+        "out/pred4.ome.zarr", ("other-slice.ome.zarr", "made from another stack")),
+    "evaluate-against-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", _same_shape_other_stack(d, r),
+                      "-o", d / "out/eval4"], "out/eval4/metrics.csv",
+        ("other-slice.ome.zarr", "another stack")),
+    "augment-with-weights-of-another-stack-of-the-same-shape": Case(
+        lambda d, r: ["augment", _same_shape_other_stack(d, r), _val_weights(d, r), d / "out/a4.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a4.zarr",
+        ("val-weights.zarr", "made from another stack")),
     "evaluate-prediction-of-another-stack": Case(
         lambda d, r: ["evaluate", r / TV / "prediction.ome.zarr", r / TT / "stack.ome.zarr", "-o", d / "out/eval"],
         "out/eval/metrics.csv", ("prediction.ome.zarr",)),

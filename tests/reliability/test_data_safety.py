@@ -601,6 +601,52 @@ def test_the_console_script_refuses_too(reference, tmp_path):
     assert tree_state(tmp_path) == before
 
 
+# what the user added inside a stage's own earlier output (a proofread label image, a note, a
+# link to their data): replacing the output would delete it, so the output is refused, naming
+# the first entry the stage did not write
+ADDED_INSIDE = {
+    "ingest": ("labels/proofread/zarr.json", "labels/proofread"),
+    "weights": ("notes.txt", "notes.txt"),
+    "augment": ("my_data", "my_data"),  # a link
+    "merge": ("labels/proofread/zarr.json", "labels/proofread"),
+    "predict": ("done/notes.txt", "done/notes.txt"),
+}
+
+
+@pytest.mark.parametrize("stage", list(ADDED_INSIDE))
+def test_own_output_holding_what_the_stage_did_not_write_is_refused(reference, tmp_path, stage):
+    st, (added, named) = STAGES[stage], ADDED_INSIDE[stage]
+    c = tmp_path / stage
+    _in(c, reference.workdir, *st.inputs)
+    _user(c)
+    out = c / "out" / Path(st.own).name
+    _copy(reference.workdir, st.own, out)
+    if added == "my_data":
+        os.symlink(c / "user/folder", out / added)
+    else:
+        (out / added).parent.mkdir(parents=True, exist_ok=True)
+        (out / added).write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}\n')
+    before = tree_state(c)
+    (result,) = _batch([["-q", *map(str, st.argv(c, out))]])
+    assert "Traceback" not in result["stderr"] and result["rc"] == 2, result["stderr"][-3000:]
+    line = _one_error_line(result["stderr"])
+    assert str(out) in line and repr(named) in line and "did not write" in line, line
+    assert tree_state(c) == before and os.path.islink(out / added) == (added == "my_data")
+
+
+def test_dotdot_after_a_link_is_resolved_like_the_file_system_does(reference, tmp_path):
+    """``LINK/..`` is the folder above the link's target, not the folder holding the link: an output
+    there that lies inside an input is refused (a lexical ``..`` would let it into the input)."""
+    (stack,) = _in(tmp_path, reference.workdir, "stack.ome.zarr")
+    os.symlink(stack / "labels", tmp_path / "lnk")
+    before = tree_state(tmp_path)
+    argv = ["class-weights", stack, "-o", tmp_path / "lnk/../cw.json", "--threads", "1"]
+    (result,) = _batch([["-q", *map(str, argv)]])
+    assert result["rc"] == 2, result["stderr"][-3000:]
+    assert "lies inside the input" in _one_error_line(result["stderr"])
+    assert tree_state(tmp_path) == before and not (stack / "cw.json").exists()
+
+
 def test_config_numbers_are_settled_once_naming_the_key(tmp_path):
     """Integers given as 400.0 run as integers; NaN stops the run naming the key."""
     from faults import new_workdir

@@ -96,6 +96,45 @@ def test_foreign_torch_file_is_refused(reference, tmp_path):
     assert_one_line_error(res, "resnet.pt", "not a unet-pipeline")
 
 
+def _nan_weights(data: dict) -> None:
+    next(iter(data["state_dict"].values())).fill_(float("nan"))
+
+
+# model files shaped like ours with one thing wrong: (edit, what the one line must say)
+CRAFTED_MODELS = {
+    # an architecture no memory holds: refused before anything is allocated (was a traceback)
+    "architecture-beyond-memory": (lambda d: d["spec"].update(base_channels=10**12), "do not fit"),
+    # a depth far beyond the stored weights (a depth of 10**6 took minutes and gigabytes to build)
+    "depth-beyond-the-weights": (lambda d: d["spec"].update(depth=40), "do not fit"),
+    # non-finite weights would give NaN probabilities without a word
+    "nan-weights": (_nan_weights, "NaN"),
+    # metadata prediction and merge use: tracebacks, or silently wrong probabilities before
+    "metadata-not-a-dict": (lambda d: d.update(metadata=[1, 2]), "not a dictionary"),
+    "unknown-normalisation": (lambda d: d["metadata"].update(intensity_normalisation="bogus"),
+                              "intensity_normalisation"),
+    "nan-logit-offset": (lambda d: d["metadata"]["decision"].update(logit_offsets=[float("nan"), 0.0]),
+                         "logit_offsets"),
+    "logit-offsets-of-three-classes": (
+        lambda d: d["metadata"]["decision"].update(logit_offsets=[0.0, 1.0, 2.0]), "logit_offsets"),
+    "nan-median-object-area": (lambda d: d["metadata"].update(median_object_area_px=float("nan")),
+                               "median_object_area_px"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_MODELS))
+def test_crafted_model_file_is_refused_with_one_line(reference, tmp_path, case):
+    edit, says = CRAFTED_MODELS[case]
+    data = torch.load(reference.workdir / "results/model/model.pt", weights_only=True)
+    edit(data)
+    crafted = tmp_path / "crafted.pt"
+    torch.save(data, crafted)
+    before = tree_state(tmp_path)
+    res = run_unet("predict", reference.workdir / "results/tiny_val/stack.ome.zarr", crafted, tmp_path / "p.zarr",
+                   "--tile-out", "64", "--block-px", "64", "--device", "cpu", timeout=120)
+    assert_one_line_error(res, "crafted.pt", says)
+    assert tree_state(tmp_path) == before
+
+
 def test_resume_from_another_model_configuration_is_refused(reference, tmp_path):
     out = tmp_path / "model"
     shutil.copytree(reference.workdir / "results/model", out)

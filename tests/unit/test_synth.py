@@ -71,6 +71,24 @@ def test_workers_do_not_change_output():
         assert np.array_equal(i1, i2) and np.array_equal(l1, l2)
 
 
+def test_workers_beyond_slices_or_cores_start_no_processes(monkeypatch):
+    """--workers 100000 forked 100000 copies of the process at once (a fork start spawns the whole
+    pool), exhausting the machine's memory; processes beyond the slices or cores do no work."""
+    started = []
+
+    class Recorder:  # records the pool size, starts nothing
+        def __init__(self, max_workers, **kw):
+            started.append(max_workers)
+            raise InterruptedError
+
+    monkeypatch.setattr(synth, "ProcessPoolExecutor", Recorder)
+    monkeypatch.setattr(synth.os, "cpu_count", lambda: 8)
+    for slices in (3, 20):
+        with pytest.raises(InterruptedError):
+            list(iter_synth_slices(SMALL, seed=1, slices=slices, workers=100000))
+    assert started == [3, 8]
+
+
 @pytest.mark.parametrize(
     "strip_pixels", [pytest.param(100, id="one-row-strips"), pytest.param(10**9, id="whole-slice")]
 )

@@ -265,6 +265,18 @@ def test_loader_workers_do_not_change_the_weights(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loader_starts_at_most_one_worker_per_core(tmp_path: Path, monkeypatch) -> None:
+    """train.workers 100000 forked 100000 copies of the process when the first batch was asked for."""
+    from unet_core.train import loop
+    from unet_core.train.data import AugmentedTiles
+    from unet_core.train.runtime import resolve_runtime
+
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 3)
+    dataset = AugmentedTiles([make_augmented(tmp_path / "aug.zarr", n=2)], spec=TINY)
+    config = tiny_config(workers=100000)
+    assert loop._loader(dataset, config, resolve_runtime(config), start=0).num_workers == 3
+
+
 def test_divergence_stops_naming_iteration_and_lr_and_keeps_the_last_finite_state(tmp_path: Path) -> None:
     """A huge learning rate: the loss turns NaN between log points; checkpoints every step must
     stop at the last finite weights (the old loop checked only at log points and saved NaN)."""

@@ -67,10 +67,10 @@ from unet_core.common.geometry import Box
 from unet_core.common.intensity import Normalisation, Scaling, normalize
 from unet_core.common.labels import area_histogram, object_areas
 from unet_core.common.mirror import read_mirrored
-from unet_core.common.outputs import PngMark, ZarrMark, claim_outputs
+from unet_core.common.outputs import Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
-from unet_core.io.ngff import Stack, create_array, open_group, open_stack
+from unet_core.io.ngff import Stack, create_array, open_group, open_stack, recorded_intensity
 from unet_core.model.spec import UNetSpec
 from unet_core.weights.recipe import WeightRecipe
 
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "unet-pipeline/augmented/1"
 #: How 'unet augment' recognises its own outputs (:mod:`unet_core.common.outputs`).
-AUGMENT_MARK = ZarrMark("augment")
+AUGMENT_MARK = ZarrMark("augment", Layout(("", "image", "classes", "weights", "instances", "source")))
 AUGMENT_PLOT_MARK = PngMark("augment")
 SUPPORT_PX = 3  # bicubic taps reach floor(p) - 1 .. floor(p) + 2; one more for rounding
 
@@ -195,6 +195,7 @@ def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathL
             f"{weights_path}: instances shape {tuple(instances.shape)} does not match stack "
             f"{stack.path} shape {stack.shape}; pass the weights store made from this stack"
         )
+    stack.check_made_from(recorded_intensity(group.attrs), result=weights_path)
     recipe = WeightRecipe.from_attrs(dict(group.attrs).get("unet", {}), where=str(weights_path))
     return Source(stack, instances, recipe, weights_path, normalisation, scaling)
 

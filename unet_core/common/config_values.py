@@ -24,6 +24,12 @@ import jsonschema
 from unet_core.common.errors import ConfigError
 
 
+def all_finite(*values: Any) -> bool:
+    """Whether every value is a finite number (an int or float; not text, None, a bool or NaN/±Inf):
+    the check for numbers read from files (model metadata, store attributes)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
 def _types(schema: Mapping[str, Any]) -> set[str]:
     kind = schema.get("type", ())
     return {kind} if isinstance(kind, str) else set(kind)

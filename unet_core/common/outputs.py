@@ -19,10 +19,10 @@ How each kind of output is recognised (its mark):
 output                            mark
 ================================  =====================================================================
 Zarr store (``ingest``,           ``zarr.json`` of the store's root: ``attributes.unet.stage`` names
-``weights``, ``augment``,         the stage (and ``attributes.unet.format`` its format)
-``merge``)
+``weights``, ``augment``,         the stage (and ``attributes.unet.format`` its format); the store
+``merge``)                        holds only the stage's arrays and groups (its :class:`Layout`)
 predict part store                ``part.json`` inside it with ``format`` = ``unet-pipeline/predict-part/2``
-                                  (or ``/1``, written by earlier versions)
+                                  (or ``/1``, written by earlier versions); holds only its layout
 TIFF (``synth``, ``merge         the first page's ImageDescription is JSON with ``generator`` =
 --tiff``)                         ``unet synth`` / ``unet merge``
 JSON file (``class_weights.json``,  ``format`` = ``unet-pipeline/class-weights/1``,
@@ -38,11 +38,13 @@ output folder (``train            every entry is one of the stage's files, each 
 ================================  =====================================================================
 
 An empty folder standing where a folder or Zarr store is to be written is replaced too: it
-holds no data.
+holds no data. A store that carries the mark but also holds something the stage never writes
+(a user's annotation added to it, a note, a link) is not: replacing it would delete that too.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import struct
@@ -76,6 +78,11 @@ class Mark(ABC):
     def _carries_mark(self, path: Path) -> bool:
         """Whether ``path`` (which exists) carries the mark; never raises for unreadable content."""
 
+    def foreign_entry(self, path: Path) -> Path | None:
+        """The entry inside the folder ``path`` that keeps it from being recognised although it
+        carries the mark (for messages); None where there is none or the mark itself is missing."""
+        return None
+
     def recognises(self, path: str | os.PathLike[str]) -> bool:
         """Whether the thing at ``path`` is an output of this kind that may be replaced.
 
@@ -100,22 +107,88 @@ def _read_json(path: Path) -> object:
         return None
 
 
+def _is_temporary(name: str) -> bool:
+    """Whether ``name`` is a hidden temporary of an atomic output (``.NAME.tmp-...``)."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _temporary_of(name: str) -> str:
+    """The final name of the temporary ``name`` (see :func:`_is_temporary`)."""
+    return name[1:].split(_TMP_MARK, 1)[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a stage writes inside an output folder (a Zarr store, a part store).
+
+    ``nodes`` are the Zarr groups and arrays (their ``zarr.json``, and an array's chunks under
+    ``c/``), ``files`` any other files or folders, both as paths relative to the folder whose
+    '/'-separated parts are :func:`fnmatch.fnmatchcase` patterns (``""`` is the folder itself).
+    Also allowed: hidden temporaries of those files left by a killed run, and Snakemake's
+    ``.snakemake_timestamp`` flag of a directory output. Links are never the stage's.
+    """
+
+    nodes: tuple[str, ...]
+    files: tuple[str, ...] = ()
+
+    @staticmethod
+    def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
+        parts = rel.split("/") if rel else []
+        return any(len(parts) == len(pat) and all(map(fnmatch.fnmatchcase, parts, pat))
+                   for pat in (p.split("/") if p else [] for p in patterns))
+
+    def foreign_entry(self, root: Path) -> Path | None:
+        """The first entry below ``root`` that is not the stage's (None: all of it is)."""
+        todo = [root]
+        while todo:
+            folder = todo.pop()
+            here = folder.relative_to(root).as_posix() if folder != root else ""
+            for entry in sorted(folder.iterdir()):
+                rel = f"{here}/{entry.name}" if here else entry.name
+                name = entry.name
+                if entry.is_symlink():
+                    return entry
+                if self._matches(rel, self.nodes) or self._matches(rel, self.files):
+                    if entry.is_dir():
+                        todo.append(entry)
+                    elif self._matches(rel, self.nodes):  # a node is a folder
+                        return entry
+                    continue
+                node_file = self._matches(here, self.nodes) and (
+                    (name == "zarr.json" and entry.is_file()) or (name == "c" and entry.is_dir()))  # chunks
+                temporary = _is_temporary(name) and self._matches(
+                    f"{here}/{_temporary_of(name)}" if here else _temporary_of(name), self.files)
+                if not (node_file or temporary or (rel == ".snakemake_timestamp" and entry.is_file())):
+                    return entry
+        return None
+
+
 @dataclass(frozen=True)
 class ZarrMark(Mark):
-    """A Zarr v3 store whose root attributes hold ``unet.stage == stage``."""
+    """A Zarr v3 store whose root attributes hold ``unet.stage == stage`` and which holds only
+    what ``layout`` allows (where given)."""
 
     stage: str
+    layout: Layout | None = None
     directory: bool = field(default=True, init=False)
 
     @property
     def what(self) -> str:
         return f"a Zarr store written by 'unet {self.stage}'"
 
-    def _carries_mark(self, path: Path) -> bool:
+    def _root_mark(self, path: Path) -> bool:
         meta = _read_json(path / "zarr.json") if path.is_dir() else None
         attrs = meta.get("attributes") if isinstance(meta, dict) else None
         unet = attrs.get("unet") if isinstance(attrs, dict) else None
         return isinstance(unet, dict) and unet.get("stage") == self.stage
+
+    def _carries_mark(self, path: Path) -> bool:
+        return self._root_mark(path) and (self.layout is None or self.layout.foreign_entry(path) is None)
+
+    def foreign_entry(self, path: Path) -> Path | None:
+        if self.layout is None or not self._root_mark(path):
+            return None
+        return self.layout.foreign_entry(path)
 
 
 @dataclass(frozen=True)
@@ -127,6 +200,8 @@ class JsonMark(Mark):
     manifest: str | None = None
     #: Formats of earlier versions of the same output, also replaceable (a rerun after an upgrade).
     older: tuple[str, ...] = ()
+    #: With ``manifest``: everything the folder may hold (None: anything).
+    layout: Layout | None = None
 
     @property
     def directory(self) -> bool:  # type: ignore[override]
@@ -136,12 +211,20 @@ class JsonMark(Mark):
     def what(self) -> str:
         return self.description
 
-    def _carries_mark(self, path: Path) -> bool:
+    def _format_mark(self, path: Path) -> bool:
         target = path / self.manifest if self.manifest else path
         if not target.is_file():
             return False
         data = _read_json(target)
         return isinstance(data, dict) and data.get("format") in (self.format, *self.older)
+
+    def _carries_mark(self, path: Path) -> bool:
+        return self._format_mark(path) and (self.layout is None or self.layout.foreign_entry(path) is None)
+
+    def foreign_entry(self, path: Path) -> Path | None:
+        if self.layout is None or not self._format_mark(path):
+            return None
+        return self.layout.foreign_entry(path)
 
 
 @dataclass(frozen=True)
@@ -291,7 +374,7 @@ class FolderMark(Mark):
             return False
         for entry in path.iterdir():
             name = entry.name
-            if name.startswith(".") and _TMP_MARK in name and name[1:].split(_TMP_MARK, 1)[0] in self.files:
+            if _is_temporary(name) and _temporary_of(name) in self.files:
                 continue
             mark = self.files.get(name)
             if mark is None or not mark.recognises(entry):
@@ -302,7 +385,7 @@ class FolderMark(Mark):
         """The first entry of the folder ``path`` that keeps it from being recognised (for messages)."""
         for entry in sorted(path.iterdir()):
             name = entry.name
-            if name.startswith(".") and _TMP_MARK in name and name[1:].split(_TMP_MARK, 1)[0] in self.files:
+            if _is_temporary(name) and _temporary_of(name) in self.files:
                 continue
             mark = self.files.get(name)
             if mark is None or not mark.recognises(entry):
@@ -317,8 +400,9 @@ def not_own_message(path: Path, mark: Mark) -> str:
         found = "a broken link"
     elif path.is_dir():
         found = "a folder"
-        entry = mark.foreign_entry(path) if isinstance(mark, FolderMark) else None
-        detail = f" (it holds {entry.name!r}, which that stage did not write)" if entry is not None else ""
+        entry = mark.foreign_entry(path)
+        detail = (f" (it holds {entry.relative_to(path).as_posix()!r}, which that stage did not write)"
+                  if entry is not None else "")
     else:
         found = "a file"
     return (f"{path}: output path holds {found} that is not {mark.what}{detail}; it is left untouched: "
@@ -337,7 +421,9 @@ def check_replaceable(path: str | os.PathLike[str], mark: Mark) -> None:
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(path)).resolve(strict=False)
+    """The absolute path with links resolved before each ``..``, as the file system reads it
+    (``LINK/..`` is the folder above the link's target; a lexical ``..`` would drop the link)."""
+    return Path(path).resolve(strict=False)
 
 
 def claim_outputs(

@@ -63,7 +63,7 @@ from unet_core.evaluate.metrics import (
 )
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
 from unet_core.infer.encoding import ProbabilityEncoding
-from unet_core.io.ngff import Stack, open_group, open_stack
+from unet_core.io.ngff import Stack, open_group, open_stack, recorded_intensity
 from unet_core.weights.maps import class_map, instances_from_labels
 
 log = logging.getLogger(__name__)
@@ -586,6 +586,7 @@ def _open_inputs(prediction_path: str | os.PathLike[str], stack_path: str | os.P
             f"{prediction.path}: prediction (z, y, x) {tuple(prediction.probabilities.shape[1:])} does not match "
             f"stack {stack.path} {tuple(stack.shape)}; score the prediction against the stack it was made on"
         )
+    stack.check_made_from(recorded_intensity(prediction.attrs), result=prediction.path)
     return stack, prediction
 
 

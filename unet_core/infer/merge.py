@@ -45,7 +45,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
-from unet_core.common.outputs import TiffMark, ZarrMark, claim_outputs
+from unet_core.common.outputs import Layout, TiffMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.infer.cells import CELLS_MARK, CellTable, write_cells_csv
 from unet_core.infer.encoding import ProbabilityEncoding
@@ -75,8 +75,10 @@ log = logging.getLogger(__name__)
 CELL_CLASS = 1
 PREDICTION_FORMAT = "unet-pipeline/prediction/1"
 TIFF_GENERATOR = "unet merge"
-#: How 'unet merge' recognises its own outputs (:mod:`unet_core.common.outputs`).
-PREDICTION_MARK = ZarrMark("merge")
+#: How 'unet merge' recognises its own outputs (:mod:`unet_core.common.outputs`): the probability
+#: pyramid and the segmentation's and instances' label pyramids, nothing else.
+PREDICTION_MARK = ZarrMark("merge", Layout(("", "[0-9]*", "labels", *(f"labels/{name}{level}" for name in (
+    "segmentation", "instances") for level in ("", "/[0-9]*")))))
 TIFF_MARK = TiffMark(TIFF_GENERATOR)
 SEGMENTATION_RULE = "segmentation = argmax of the class probabilities (ties -> lower class index)"
 INSTANCE_RULES = {
@@ -508,6 +510,7 @@ def merge_parts(
             f"{stack}: shape {st.shape} differs from the predicted stack's {tiling.shape} "
             f"({part_list[0].settings['stack']}); pass the stack the parts were predicted from"
         )
+    st.check_made_from(part_list[0].settings.get("intensity"), result=part_list[0].path)
     encoding = ProbabilityEncoding(part_list[0].settings["probabilities"])
     area = part_list[0].settings.get("median_object_area_px")
     min_object_px = resolve_min_object_px(min_object_px, area, where=str(parts[0]))

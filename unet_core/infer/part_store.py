@@ -49,7 +49,7 @@ import zarr
 
 from unet_core.common.atomic import atomic_output, ensure_writable_parent, host_name, pid_alive, process_start
 from unet_core.common.errors import UserInputError
-from unet_core.common.outputs import JsonMark, check_replaceable
+from unet_core.common.outputs import JsonMark, Layout, check_replaceable
 from unet_core.infer.tiling import Block, Tiling
 from unet_core.io.ngff import create_array, fast_compressor
 
@@ -63,8 +63,12 @@ MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
 #: A holder refreshes its lock this often; a lock of another host not refreshed for LOCK_STALE_S
 #: is taken over (its process can only be checked on its own host).
 LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
-#: How 'unet predict' recognises its own part stores: the manifest's format.
-PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST, older=tuple(OLD_FORMATS))
+#: How 'unet predict' recognises its own part stores: the manifest's format, and nothing in them but
+#: the arrays, the manifest and the completion markers.
+PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST,
+                     older=tuple(OLD_FORMATS),
+                     layout=Layout(("", PROBABILITIES, SEGMENTATION),
+                                   (MANIFEST, COMPLETE, DONE, f"{DONE}/[0-9]*.[0-9]*.[0-9]*")))
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
 RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets",
             "probabilities", "batch")

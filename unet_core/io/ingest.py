@@ -22,7 +22,7 @@ import zarr
 
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
-from unet_core.common.outputs import ZarrMark, claim_outputs
+from unet_core.common.outputs import Layout, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.intensity import RunningStats, slice_stats_to_attrs
 from unet_core.common.labels import AUTO_KIND, LabelKind
@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS = (1, 512, 512)
 STACK_FORMAT = "unet-pipeline/stack/1"
-#: How 'unet ingest' recognises its own stores (attrs["unet"]["stage"], :mod:`unet_core.common.outputs`).
-STACK_MARK = ZarrMark("ingest")
+#: How 'unet ingest' recognises its own stores (attrs["unet"]["stage"], :mod:`unet_core.common.outputs`):
+#: the image pyramid and the ground-truth labels' pyramid, nothing else.
+STACK_MARK = ZarrMark("ingest", Layout(("", "[0-9]*", "labels", f"labels/{LABEL_NAME}",
+                                         f"labels/{LABEL_NAME}/[0-9]*")))
 
 
 def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:

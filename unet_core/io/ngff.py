@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
@@ -27,8 +27,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.codec_pipeline import BatchedCodecPipeline
+from zarr.registry import register_pipeline
 from zarr.storage import LocalStore
 
+from unet_core.common.config_values import all_finite
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import (
@@ -41,6 +44,34 @@ from unet_core.common.intensity import (
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"
+
+
+def _damaged_chunk(path: object, err: BaseException) -> UserInputError:
+    """The one-line error for a chunk file that does not decode (its path named)."""
+    return UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store")
+
+
+class ChunkNamingPipeline(BatchedCodecPipeline):
+    """zarr's codec pipeline, except that a chunk which cannot be read into its array (a file
+    cut short or overwritten by a disk or copy error) is a :class:`UserInputError` naming its
+    file, wherever a stage reads a Zarr array (Dask tasks included), not a codec traceback.
+    Installed for every Zarr array this process opens (zarr's ``codec_pipeline.path``)."""
+
+    async def read_batch(self, batch_info, out, drop_axes=()) -> None:  # type: ignore[no-untyped-def]
+        batch_info = list(batch_info)
+        try:
+            await super().read_batch(batch_info, out, drop_axes)
+        except (UserInputError, OSError, MemoryError):
+            raise
+        except Exception as err:  # a codec or the chunk's size: the bytes are damaged
+            getter = batch_info[0][0]  # zarr reads one chunk per batch (codec_pipeline.batch_size 1)
+            store = getattr(getter, "store", None)
+            raise _damaged_chunk(Path(store.root) / getter.path if isinstance(store, LocalStore) else getter,
+                                 err) from None
+
+
+register_pipeline(ChunkNamingPipeline)
+zarr.config.set({"codec_pipeline.path": f"{__name__}.{ChunkNamingPipeline.__qualname__}"})
 
 
 def compressor() -> BloscCodec:
@@ -303,7 +334,7 @@ def direct_chunk_reader(array: zarr.Array) -> Callable[[tuple[int, ...]], np.nda
         try:
             return np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
         except (RuntimeError, ValueError) as err:  # not a Blosc frame, or not the chunk's size
-            raise UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store") from None
+            raise _damaged_chunk(path, err) from None
 
     return read
 
@@ -447,16 +478,43 @@ class Stack:
         """The stack's and each slice's intensity statistics (per slice: None if ingested before
         they were stored)."""
         stored = self.attrs.get("slice_intensity")
-        slices = tuple(slice_stats_from_attrs(stored)) if stored else None
+        try:
+            slices = tuple(slice_stats_from_attrs(stored)) if stored else None
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise UserInputError(f"{self.path}: damaged per-slice intensity records ({err}); "
+                                 "ingest it again") from None
+        if slices is not None and not all(all_finite(*vars(s).values()) for s in slices):
+            raise UserInputError(f"{self.path}: per-slice intensity records hold NaN, Inf or text; "
+                                 "ingest it again")
         if slices is not None and len(slices) != self.shape[0]:
             raise UserInputError(f"{self.path}: {len(slices)} per-slice intensity records for "
                                  f"{self.shape[0]} slices; ingest it again")
         return StackIntensity(self.intensity, slices, str(self.path))
 
+    def check_made_from(self, recorded: Any, *, result: str | os.PathLike[str]) -> None:
+        """Raise unless ``recorded``, the intensity statistics a result (a part store, a prediction)
+        copied from the stack it was made from, are this stack's: another stack of the same shape
+        (another sample, ISBI's test volume for its training volume) is not accepted in its place.
+
+        Raises:
+            UserInputError: they differ (None, a result written before they were recorded, passes).
+        """
+        if recorded is not None and recorded != self.intensity.to_dict():
+            raise UserInputError(
+                f"{result}: made from another stack than {self.path} (intensity statistics {recorded} there, "
+                f"{self.intensity.to_dict()} here); pass the stack it was made from")
+
     def scaler(self, mode: Normalisation | str) -> Callable[[int], Scaling]:
         """``z -> Scaling``: the normalisation of each slice under ``mode``
         (:meth:`unet_core.common.intensity.StackIntensity.scaler`)."""
         return self.intensities.scaler(Normalisation(mode))
+
+
+def recorded_intensity(attrs: Mapping[str, Any]) -> Any:
+    """The stack intensity statistics a store made from a stack (a prediction, a weights store)
+    recorded in its ``attrs["unet"]["intensity"]``, for :meth:`Stack.check_made_from` (None: none)."""
+    unet = attrs.get("unet")
+    return unet.get("intensity") if isinstance(unet, Mapping) else None
 
 
 def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) -> Stack:
@@ -479,7 +537,24 @@ def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) ->
         label_kind = unet.get("label_kind")
     if require_labels and labels is None:
         raise UserInputError(f"{path}: has no ground-truth labels (ingest it with --labels)")
-    ms = attrs["ome"]["multiscales"][0]
-    scale = tuple(ms["datasets"][0]["coordinateTransformations"][0]["scale"])
-    unit = ms["axes"][-1].get("unit")
-    return Stack(path, image, labels, label_kind, IntensityStats.from_dict(unet["intensity"]), scale, unit, unet)
+    if not isinstance(image, zarr.Array) or image.ndim != 3 or min(image.shape) < 1:
+        raise UserInputError(f"{path}: image '0' of shape {getattr(image, 'shape', None)} is not a non-empty "
+                             "(Z, Y, X) volume; ingest it again")
+    if labels is not None and (not isinstance(labels, zarr.Array) or labels.shape != image.shape):
+        raise UserInputError(f"{path}: labels {getattr(labels, 'shape', None)} and image {image.shape} "
+                             "differ in shape; re-ingest with matching stacks")
+    try:
+        ms = attrs["ome"]["multiscales"][0]
+        scale = tuple(float(v) for v in ms["datasets"][0]["coordinateTransformations"][0]["scale"])
+        unit = ms["axes"][-1].get("unit")
+        intensity = IntensityStats.from_dict(unet["intensity"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise UserInputError(f"{path}: damaged stack attributes ({type(err).__name__}: {err}); "
+                             "ingest it again") from None
+    if len(scale) != 3 or not all_finite(*scale) or min(scale) <= 0:
+        raise UserInputError(f"{path}: voxel size {scale} is not three finite sizes > 0; ingest it again")
+    if not all_finite(intensity.mean, intensity.std) or intensity.std < 0:
+        raise UserInputError(f"{path}: intensity statistics (mean {intensity.mean}, std {intensity.std}) "
+                             "are not finite numbers with std >= 0; ingest it again")
+    return Stack(path, image, labels, label_kind, intensity, scale, unit, unet)
+

@@ -41,6 +41,7 @@ import functools
 import logging
 import math
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -620,10 +621,13 @@ def iter_synth_slices(
     """Yield ``(image, labels)`` of :func:`synth_slice` for slices ``start .. start + slices - 1``.
 
     With ``workers > 1`` slices are rendered ahead in that many processes (at most
-    ``2 * workers`` slices in flight); the output is identical for any worker count.
+    ``2 * workers`` slices in flight; never more processes than slices or CPU cores, which would
+    only cost memory: a fork start forks them all at once); the output is identical for any
+    worker count.
     """
     if slices < 1:
         raise UserInputError(f"slices: {slices} must be at least 1")
+    workers = min(workers, slices, os.cpu_count() or 1)
     if workers <= 1:
         for z in range(start, start + slices):
             yield synth_slice(params, seed=seed, index=z)

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from unet_core.common.atomic import atomic_output
+from unet_core.common.config_values import all_finite
 from unet_core.common.errors import CheckpointError
+from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import Mark, ZipMark, torch_file_mark
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
@@ -112,6 +114,76 @@ def check_architecture(spec: UNetSpec, expect: ModelExpectation, *, path: str | 
         raise CheckpointError(f"{path}: model does not match the config's model section ({detail})")
 
 
+def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -> None:
+    """Raise unless ``state`` holds finite weights of exactly the shapes of ``spec``'s network.
+
+    The shapes are compared with a network built on the meta device (no memory), so a file
+    whose architecture would not fit in memory (a crafted or damaged one) is refused before
+    anything is allocated; weights the file really holds are already in memory.
+
+    Raises:
+        CheckpointError: no tensor dictionary, a missing, extra or differently shaped tensor, or
+            NaN/Inf values (the file is damaged, or not a finished run's).
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture (no dictionary of tensors)")
+    if spec.depth > len(state):  # every level holds weights: bounds the network built below
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture (depth {spec.depth} "
+                              f"needs more than the {len(state)} tensors stored)")
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in UNet(spec).state_dict().items()}
+    except RuntimeError as err:  # sizes beyond what any tensor can hold
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture "
+                              f"({str(err).splitlines()[0][:160]})") from err
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        key = min(set(want) ^ set(have)) if set(want) != set(have) else min(k for k in want if want[k] != have[k])
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({key}: stored "
+                              f"{have.get(key, 'nothing')}, architecture {want.get(key, 'nothing')})")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{path}: weights {bad[0]} hold NaN or Inf values; the file is damaged or "
+                              "from a diverged run")
+
+
+def checked_metadata(metadata: Any, spec: UNetSpec, *, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model file's metadata (None: an empty dict), with the values prediction uses checked:
+    the normalisation, the decision's logit offsets (one finite number per class) and the median
+    object area (a finite number > 0).
+
+    Raises:
+        CheckpointError: a value that is not what 'unet train' writes (names the key).
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{path}: model metadata is a {type(metadata).__name__}, not a dictionary; "
+                              "the file is damaged or not written by 'unet train'")
+
+    def refuse(key: str, value: Any, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata {key} = {repr(value)[:80]}: {problem}; the file is damaged "
+                               "or not written by 'unet train'")
+
+    norm = metadata.get("intensity_normalisation")
+    try:
+        Normalisation.of_metadata(norm)
+    except (ValueError, TypeError):
+        raise refuse("intensity_normalisation", norm, "not a normalisation") from None
+    decision = metadata.get("decision")
+    if decision is not None and not isinstance(decision, Mapping):
+        raise refuse("decision", decision, "not a dictionary")
+    offsets = (decision or {}).get("logit_offsets")
+    if offsets is not None and not (isinstance(offsets, (list, tuple)) and len(offsets) == spec.n_classes
+                                    and all_finite(*offsets)):
+        raise refuse("decision.logit_offsets", offsets,
+                     f"must be {spec.n_classes} finite numbers, one per class")
+    area = metadata.get("median_object_area_px")
+    if area is not None and not (all_finite(area) and area > 0):
+        raise refuse("median_object_area_px", area, "must be a finite number > 0")
+    return dict(metadata)
+
+
 def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None) -> tuple[UNet, dict[str, Any]]:
     """Load a model written by :func:`save_model` (also accepts a training checkpoint).
 
@@ -136,11 +208,12 @@ def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None)
     except ValueError as err:
         raise CheckpointError(f"{path}: invalid architecture in file: {err}") from err
     check_architecture(spec, expect, path=path)
-    model = UNet(spec)
     state = data.get("state_dict") or data.get("model")
+    check_weights(spec, state, path=path)
+    model = UNet(spec)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from err
     model.eval()
-    return model, dict(data.get("metadata") or {})
+    return model, checked_metadata(data.get("metadata"), spec, path=path)

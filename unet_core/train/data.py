@@ -38,7 +38,7 @@ from unet_core.augment.samples import make_sample, open_source, tile_shapes
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import Normalisation, normalize
 from unet_core.common.labels import area_histogram, median_area, object_areas
-from unet_core.io.ngff import open_group, open_stack
+from unet_core.io.ngff import open_group, open_stack, recorded_intensity
 from unet_core.model.decision import WeightSums
 from unet_core.model.spec import UNetSpec
 
@@ -390,6 +390,7 @@ def load_validation(
                 f"{weights_path}: shape {tuple(group['classes'].shape)} does not match "
                 f"stack {stack_path} {stack.shape}"
             )
+        stack.check_made_from(recorded_intensity(group.attrs), result=weights_path)
         chosen = range(stack.shape[0]) if slices is None else slices
         for z in chosen:
             if not 0 <= z < stack.shape[0]:

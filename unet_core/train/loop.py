@@ -347,6 +347,33 @@ def _val_tile_out(config: TrainConfig, spec: UNetSpec, dataset: AugmentedTiles |
     return size
 
 
+#: Float32 copies of every parameter training holds: weights, gradients, two Adam moments.
+TRAINING_COPIES = 4
+
+
+def check_model_fits_memory(spec: UNetSpec) -> None:
+    """Raise where the network's training state alone exceeds this machine's memory.
+
+    Counted on the meta device (no memory), so an oversized ``model`` section (e.g. a typo in
+    ``base_channels``) is one line instead of an allocation failure or the OOM killer.
+
+    Raises:
+        ConfigError: the parameters times :data:`TRAINING_COPIES` exceed the physical memory.
+    """
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in UNet(spec).parameters())
+    except RuntimeError:  # sizes beyond what any tensor can hold
+        n = float("inf")
+    need = TRAINING_COPIES * 4 * n
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ConfigError(
+            f"model: a network of depth {spec.depth} and base_channels {spec.base_channels} has {n:.3g} "
+            f"parameters; training them needs {need / 2**30:.3g} GiB, more than this machine's "
+            f"{total / 2**30:.3g} GiB: choose a smaller model.base_channels or model.depth")
+
+
 def _session(
     out_dir: Path,
     record: RunRecord,
@@ -359,6 +386,7 @@ def _session(
     """Seed, build the network, optimizer, schedule and scaler; load state.pt when resuming."""
     config, runtime, spec = record.config, record.runtime, record.spec
     seed_everything(config.seed)
+    check_model_fits_memory(spec)
     model = UNet(spec).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -385,8 +413,13 @@ def _loader(
 
     Pinned host memory on CUDA (asynchronous uploads), ``4 x workers`` batches read ahead.
     The loader is iterated exactly once per run (validation does not use it), so
-    ``persistent_workers`` would keep nothing alive between epochs: it stays off.
+    ``persistent_workers`` would keep nothing alive between epochs: it stays off. At most one
+    worker per CPU core: each is a fork of this process (``train.workers: 100000`` would fork
+    them all at once), and the batches do not depend on the count.
     """
+    workers = min(config.workers, os.cpu_count() or 1)
+    if workers < config.workers:
+        log.warning("train.workers %d: using %d loader processes, one per CPU core", config.workers, workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -398,11 +431,11 @@ def _loader(
             seed=config.seed,
             with_epoch=isinstance(dataset, OnTheFlyTiles),
         ),
-        num_workers=config.workers,
+        num_workers=workers,
         pin_memory=runtime.device.type == "cuda",
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
         persistent_workers=False,
-        prefetch_factor=4 if config.workers else None,
+        prefetch_factor=4 if workers else None,
     )
 
 

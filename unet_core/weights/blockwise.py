@@ -8,7 +8,7 @@ Layout written by :func:`write_weights` (Zarr v3 group, chunks = the stack's lab
       instances   int32   (Z, Y, X)  cells after separation (0 where classes == 0)
       attrs["unet"]: w0, sigma_px, tolerance, cutoff_px, halo_px, class_weights
                      [w_background, w_cell], frequencies, connectivity, label_kind,
-                     separate_touching, border_pixels, source, version
+                     separate_touching, border_pixels, source, intensity (of the source stack), version
 
 Every 2-D value is computed per slice by :mod:`unet_core.weights.maps`. Instance labels are
 chunked as stored and processed with ``map_overlap``: depth 1 for the separation lines and
@@ -38,7 +38,7 @@ import zarr
 from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.background import SettlingThreadPool, background_work
-from unet_core.common.outputs import JsonMark, PngMark, ZarrMark, claim_outputs
+from unet_core.common.outputs import JsonMark, Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.labels import LabelKind
 from unet_core.common.progress import progress
@@ -53,7 +53,7 @@ CLASS_WEIGHTS_FORMAT = "unet-pipeline/class-weights/1"
 WEIGHTS_FORMAT = "unet-pipeline/weights/1"
 #: How 'unet class-weights' and 'unet weights' recognise their own outputs (:mod:`unet_core.common.outputs`).
 CLASS_WEIGHTS_MARK = JsonMark(CLASS_WEIGHTS_FORMAT, "a class_weights.json written by 'unet class-weights'")
-WEIGHTS_MARK = ZarrMark("weights")
+WEIGHTS_MARK = ZarrMark("weights", Layout(("", "weights", "classes", "instances")))
 WEIGHTS_PLOT_MARK = PngMark("weights")
 
 
@@ -334,6 +334,7 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         "label_kind": kind.value,
         "separate_touching": kind is LabelKind.INSTANCE,
         "source": str(stack.path),
+        "intensity": stack.intensity.to_dict(),  # which stack it was made from (Stack.check_made_from)
         "version": __version__,
         "stage": "weights",
         "format": WEIGHTS_FORMAT,
