@@ -134,6 +134,15 @@ _DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "pro
 _DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
 
 
+def _part_copied_in_part(d: Path, ref: Path) -> str:
+    """A complete part store whose first probability chunk did not arrive (an interrupted copy:
+    rsync sends COMPLETE and done/ before the chunks)."""
+    part = d / "in/copied-part-0.zarr"
+    shutil.copytree(ref / TV / "predict/part-0.zarr", part)
+    next(p for p in sorted((part / "probabilities/c").rglob("*")) if p.is_file()).unlink()
+    return str(part)
+
+
 def _same_shape_other_stack(d: Path, ref: Path) -> str:
     """Slice 0 of the synthetic stack, ingested as the validation stack (slice 3) was: the same
     shape, other data."""
@@ -265,6 +274,10 @@ CASES = {
         lambda d, r: ["merge", _incomplete_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
                       r / TV / "stack.ome.zarr", "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr",
         ("part-0.zarr", "did not finish")),
+    "merge-part-copied-in-part": Case(  # zarr read the missing chunk as zeros: background, silently
+        lambda d, r: ["merge", _part_copied_in_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred5.ome.zarr"], "out/pred5.ome.zarr",
+        ("copied-part-0.zarr/probabilities/c/", "missing chunk")),
     "merge-missing-part": Case(
         lambda d, r: ["merge", r / TV / "predict/part-1.zarr", "--stack", r / TV / "stack.ome.zarr",
                       "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr", ("missing job",)),
