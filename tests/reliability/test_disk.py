@@ -108,6 +108,8 @@ def test_full_disk_under_a_tiff_names_it(reference, tmp_path, stage):
         line = assert_one_line_error(res, "no space left", str(mount))
         assert ".tif: no space left" in line and ".tmp-" not in line, line
         assert sorted(p.name for p in mount.iterdir()) == ["ballast"]
+    # merge: no prediction either (it was put in place before the TIFF was written)
+    assert not (tmp_path / "prediction.ome.zarr").exists() and not list(tmp_path.glob(".prediction*"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
