@@ -143,6 +143,15 @@ def _part_copied_in_part(d: Path, ref: Path) -> str:
     return str(part)
 
 
+def _class_weights(d: Path, weights: list[float]) -> str:
+    """A class_weights.json of 'unet class-weights' holding ``weights``."""
+    import json
+
+    path = d / "in/cw-huge.json"
+    path.write_text(json.dumps({"class_weights": weights, "format": "unet-pipeline/class-weights/1"}))
+    return str(path)
+
+
 def _same_shape_other_stack(d: Path, ref: Path) -> str:
     """Slice 0 of the synthetic stack, ingested as the validation stack (slice 3) was: the same
     shape, other data."""
@@ -251,6 +260,9 @@ CASES = {
         lambda d, r: ["evaluate", _DAMAGED_PREDICTION(d, r), r / TV / "stack.ome.zarr",
                       "-o", d / "out/eval3"], "out/eval3/metrics.csv",
         ("damaged-prediction.ome.zarr/0/c/", "damaged Zarr chunk")),
+    "class-weights-beyond-float32": Case(  # was a numpy overflow warning on stderr, naming the stack
+        lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w4.zarr", "--class-weights",
+                      _class_weights(d, [1e39, 1.0])], "out/w4.zarr", ("cw-huge.json", "float32")),
     "stack-without-labels-weights": Case(
         lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
         ("nolabels.ome.zarr", "labels")),

@@ -261,8 +261,10 @@ def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
         data["path"] = str(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: not a class_weights.json from 'unet class-weights' ({err})") from err
-    if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0")
+    top = float(np.finfo(np.float32).max)  # weight maps are float32
+    if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and 0 <= w <= top for w in weights):
+        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0 "
+                             f"(at most {top:.3g}, as float32)")
     return data
 
 
