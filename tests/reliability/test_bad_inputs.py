@@ -263,6 +263,9 @@ CASES = {
     "class-weights-beyond-float32": Case(  # was a numpy overflow warning on stderr, naming the stack
         lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w4.zarr", "--class-weights",
                       _class_weights(d, [1e39, 1.0])], "out/w4.zarr", ("cw-huge.json", "float32")),
+    "w0-beyond-float32": Case(  # wrote a weights store of Inf with exit status 0
+        lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w5.zarr", "--w0", "1e39"], "out/w5.zarr",
+        ("w0", "1e+39")),
     "stack-without-labels-weights": Case(
         lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
         ("nolabels.ome.zarr", "labels")),

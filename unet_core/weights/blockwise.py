@@ -261,10 +261,10 @@ def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
         data["path"] = str(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: not a class_weights.json from 'unet class-weights' ({err})") from err
-    top = float(np.finfo(np.float32).max)  # weight maps are float32
-    if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and 0 <= w <= top for w in weights):
-        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0 "
-                             f"(at most {top:.3g}, as float32)")
+    usable = all(math.isfinite(w) and 0 <= w <= kernel.MAX_WEIGHT for w in weights)
+    if len(weights) != kernel.N_CLASSES or not usable:
+        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0, at most "
+                             f"{kernel.MAX_WEIGHT:.3g} (the weight maps are float32)")
     return data
 
 
