@@ -134,6 +134,24 @@ _DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "pro
 _DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
 
 
+def _part_copied_in_part(d: Path, ref: Path) -> str:
+    """A complete part store whose first probability chunk did not arrive (an interrupted copy:
+    rsync sends COMPLETE and done/ before the chunks)."""
+    part = d / "in/copied-part-0.zarr"
+    shutil.copytree(ref / TV / "predict/part-0.zarr", part)
+    next(p for p in sorted((part / "probabilities/c").rglob("*")) if p.is_file()).unlink()
+    return str(part)
+
+
+def _class_weights(d: Path, weights: list[float]) -> str:
+    """A class_weights.json of 'unet class-weights' holding ``weights``."""
+    import json
+
+    path = d / "in/cw-huge.json"
+    path.write_text(json.dumps({"class_weights": weights, "format": "unet-pipeline/class-weights/1"}))
+    return str(path)
+
+
 def _same_shape_other_stack(d: Path, ref: Path) -> str:
     """Slice 0 of the synthetic stack, ingested as the validation stack (slice 3) was: the same
     shape, other data."""
@@ -242,6 +260,12 @@ CASES = {
         lambda d, r: ["evaluate", _DAMAGED_PREDICTION(d, r), r / TV / "stack.ome.zarr",
                       "-o", d / "out/eval3"], "out/eval3/metrics.csv",
         ("damaged-prediction.ome.zarr/0/c/", "damaged Zarr chunk")),
+    "class-weights-beyond-float32": Case(  # was a numpy overflow warning on stderr, naming the stack
+        lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w4.zarr", "--class-weights",
+                      _class_weights(d, [1e39, 1.0])], "out/w4.zarr", ("cw-huge.json", "float32")),
+    "w0-beyond-float32": Case(  # wrote a weights store of Inf with exit status 0
+        lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w5.zarr", "--w0", "1e39"], "out/w5.zarr",
+        ("w0", "1e+39")),
     "stack-without-labels-weights": Case(
         lambda d, r: ["weights", d / "in/nolabels.ome.zarr", d / "out/w.zarr"], "out/w.zarr",
         ("nolabels.ome.zarr", "labels")),
@@ -265,6 +289,10 @@ CASES = {
         lambda d, r: ["merge", _incomplete_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
                       r / TV / "stack.ome.zarr", "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr",
         ("part-0.zarr", "did not finish")),
+    "merge-part-copied-in-part": Case(  # zarr read the missing chunk as zeros: background, silently
+        lambda d, r: ["merge", _part_copied_in_part(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred5.ome.zarr"], "out/pred5.ome.zarr",
+        ("copied-part-0.zarr/probabilities/c/", "missing chunk")),
     "merge-missing-part": Case(
         lambda d, r: ["merge", r / TV / "predict/part-1.zarr", "--stack", r / TV / "stack.ome.zarr",
                       "-o", d / "out/pred.ome.zarr"], "out/pred.ome.zarr", ("missing job",)),

@@ -85,6 +85,33 @@ def test_full_disk_gives_one_line_and_leaves_nothing(reference, tmp_path, stage)
     assert tree_state(reference.workdir / "results") == before, "inputs changed"
 
 
+def _tiff_args(reference, mount: Path, elsewhere: Path) -> dict[str, list]:
+    """Stages writing TIFFs (through numpy's ``tofile``, which loses the errno of a short write):
+    synth, and merge's --tiff on the full disk beside a prediction written ``elsewhere``."""
+    r = reference.workdir / "results/tiny_val"
+    return {
+        "synth": ["synth", "--image", mount / "image.tif", "--labels", mount / "labels.tif", "--slices", "2",
+                  "--size", "64"],
+        "merge-tiff": ["merge", r / "predict/part-0.zarr", r / "predict/part-1.zarr", "--stack",
+                       r / "stack.ome.zarr", "-o", elsewhere / "prediction.ome.zarr",
+                       "--tiff", mount / "segmentation.tif"],
+    }
+
+
+@pytest.mark.parametrize("stage", ["synth", "merge-tiff"])
+def test_full_disk_under_a_tiff_names_it(reference, tmp_path, stage):
+    """Was 'unet merge: error: 9216 requested and 3648 written' (no file, no cause) and, for synth,
+    'no space left on device' without the file."""
+    with tmpfs(tmp_path / "disk", size_kb=256) as mount:
+        _fill(mount, leave_kb=8)
+        res = run_unet(*_tiff_args(reference, mount, tmp_path)[stage])
+        line = assert_one_line_error(res, "no space left", str(mount))
+        assert ".tif: no space left" in line and ".tmp-" not in line, line
+        assert sorted(p.name for p in mount.iterdir()) == ["ballast"]
+    # merge: no prediction either (it was put in place before the TIFF was written)
+    assert not (tmp_path / "prediction.ome.zarr").exists() and not list(tmp_path.glob(".prediction*"))
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_read_only_output_directory_gives_one_line(reference, tmp_path, stage):
     before = tree_state(reference.workdir / "results")

@@ -274,6 +274,25 @@ def test_cli_writes_the_set_and_the_figure(stores, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_a_figure_that_cannot_be_written_leaves_no_set(stores, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The set used to be put in place before the figure was drawn: a full disk under the PNG
+    left an augmented set behind a failed run."""
+    import errno
+
+    from unet_core.augment import samples
+
+    def full_disk(path, *args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(samples, "plot_augmentation", full_disk)
+    stack, weights = stores
+    out = tmp_path / "new"
+    code = main(["augment", str(stack), str(weights), str(out / "aug.zarr"), "--samples-per-slice", "1",
+                 "--slices", "0", "--plot", str(out / "aug.png"), *TINY_ARGS])
+    assert code == 2 and "no space left" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

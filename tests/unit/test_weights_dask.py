@@ -137,6 +137,21 @@ def test_cli_class_weights_then_weights(instance_stack, tmp_path, capsys):
     assert err[-1].startswith("unet weights: error:") and "scheduler" in err[-1]
 
 
+def test_a_figure_that_cannot_be_written_leaves_no_store(instance_stack, tmp_path, monkeypatch, capsys):
+    """The store used to be put in place before the figure was drawn: a full disk under the PNG
+    left a weights store behind a failed run."""
+    import errno
+
+    def full_disk(*args, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(WD, "plot_weights", full_disk)
+    path, _ = instance_stack
+    assert main(["weights", str(path), str(tmp_path / "w.zarr"), "--scheduler", "synchronous"]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst.ome.zarr"]
+
+
 def test_a_failed_dask_task_leaves_no_temporary(tmp_path):
     """Dask raises a task's error at once while the other tasks still run; the failed output
     is removed only after they have ended, so none of them re-creates part of it."""

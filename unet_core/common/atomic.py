@@ -9,6 +9,7 @@ so the final ``os.replace`` is a rename on one file system.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -176,7 +177,12 @@ def atomic_output(path: str | os.PathLike[str], *, own: Mark | None) -> Iterator
     remove_stale(final)
     tmp = temporary_sibling(final)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if err.filename is None:  # name the user's path (numpy and tifffile writes name none)
+                raise _naming(err, final) from err
+            raise
         if not tmp.exists():
             raise RuntimeError(f"{final}: the stage finished without writing its output")
         if own is not None:
@@ -196,6 +202,18 @@ def atomic_output(path: str | os.PathLike[str], *, own: Mark | None) -> Iterator
         settle_background_writes()
         remove_path(tmp)
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` as an error about the output ``path``. A short write that lost its errno (numpy's
+    ``tofile``, under tifffile: "N requested and M written") on a file system with less than
+    1 MiB left is a full disk (ENOSPC), which the CLI reports as such."""
+    code = err.errno
+    if code is None:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(path.parent)
+            code = errno.ENOSPC if st.f_bavail * st.f_frsize < 1 << 20 else None
+    return OSError(code, err.strerror or str(err), str(path))
 
 
 def save_png(fig: Any, path: str | os.PathLike[str], *, stage: str, dpi: int) -> None:

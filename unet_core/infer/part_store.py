@@ -85,11 +85,12 @@ class PartStore:
 
     # -- reading ----------------------------------------------------------------------------
     def settings(self) -> dict[str, Any] | None:
-        """The manifest's settings, or None where there is no readable manifest."""
+        """The manifest's settings, or None where there is no readable manifest (or it holds no dict)."""
         try:
-            return json.loads((self.path / MANIFEST).read_text())
+            settings = json.loads((self.path / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
             return None
+        return settings if isinstance(settings, dict) else None
 
     @property
     def complete(self) -> bool:
@@ -300,10 +301,32 @@ def open_parts(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Part], Til
     tiling = Tiling.from_dict(parts[0].settings["tiling"])
     jobs = parts[0].settings["jobs"]
     for part in parts:
-        want = {b.name for b in tiling.job_blocks(part.job, jobs)}
-        if missing := sorted(want - part.done):
+        mine = tiling.job_blocks(part.job, jobs)
+        if missing := sorted({b.name for b in mine} - part.done):
             raise UserInputError(f"{part.path}: {len(missing)} block(s) not finished (e.g. {missing[0]}); rerun its job")
+        _check_arrays(part, tiling, mine)
     return parts, tiling
+
+
+def _check_arrays(part: Part, tiling: Tiling, blocks: Sequence[Block]) -> None:
+    """Raise unless the part's arrays have the run's shape and hold a chunk for each of its
+    finished blocks: every block's chunk is written (``write_empty_chunks``), so a missing one
+    is a store copied or damaged in part, which zarr would read as zeros without a word."""
+    arrays = {PROBABILITIES: ((tiling.spec.n_classes, *tiling.shape), (0,)), SEGMENTATION: (tiling.shape, ())}
+    for name, (shape, lead) in arrays.items():
+        try:
+            array = zarr.open_array(part.path / name, mode="r")
+        except Exception as err:  # zarr raises several types for missing or damaged metadata
+            raise UserInputError(f"{part.path}: cannot open its array {name!r} ({err}); "
+                                 "rerun its job") from err
+        if tuple(array.shape) != tuple(shape):
+            raise UserInputError(f"{part.path}: array {name!r} has shape {tuple(array.shape)}, the run's is "
+                                 f"{tuple(shape)}; rerun its job")
+        for block in blocks:
+            chunk = part.path / name / array.metadata.encode_chunk_key((*lead, *block.index))
+            if not chunk.is_file():
+                raise UserInputError(f"{chunk}: missing chunk of the finished block {block.name} (a store "
+                                     "copied or damaged in part); copy it again or rerun its job")
 
 
 def _open_part(store: PartStore) -> Part:

@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output
+from unet_core.common.atomic import atomic_output, remove_path
 from unet_core.common.background import SettlingThreadPool, background_work
 from unet_core.common.outputs import JsonMark, Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
@@ -261,8 +261,10 @@ def read_class_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
         data["path"] = str(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: not a class_weights.json from 'unet class-weights' ({err})") from err
-    if len(weights) != kernel.N_CLASSES or not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0")
+    usable = all(math.isfinite(w) and 0 <= w <= kernel.MAX_WEIGHT for w in weights)
+    if len(weights) != kernel.N_CLASSES or not usable:
+        raise UserInputError(f"{path}: class_weights {weights} must be two finite numbers >= 0, at most "
+                             f"{kernel.MAX_WEIGHT:.3g} (the weight maps are float32)")
     return data
 
 
@@ -339,18 +341,26 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         "stage": "weights",
         "format": WEIGHTS_FORMAT,
     }
-    with atomic_output(out, own=WEIGHTS_MARK) as tmp:
-        root = zarr.open_group(tmp, mode="w")
-        _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks), batch_slices=batch_slices,
-                          halo_px=params.halo_px)
-        root.attrs.update({"unet": attrs})
-    if png is not None:
-        result = zarr.open_group(out, mode="r")
-        plot_weights(
-            np.asarray(stack.labels[plot_slice]), np.asarray(result["classes"][plot_slice]),
-            np.asarray(result["weights"][plot_slice]), class_weights=wc, path=png,
-            title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
-        )
+    # the figure is drawn from the finished temporary store, before the store is put in place: a
+    # run that fails on either (a full disk) leaves neither
+    written: list[Path] = []
+    try:
+        with atomic_output(out, own=WEIGHTS_MARK) as tmp:
+            root = zarr.open_group(tmp, mode="w")
+            _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks),
+                              batch_slices=batch_slices, halo_px=params.halo_px)
+            root.attrs.update({"unet": attrs})
+            if png is not None:
+                plot_weights(
+                    np.asarray(stack.labels[plot_slice]), np.asarray(root["classes"][plot_slice]),
+                    np.asarray(root["weights"][plot_slice]), class_weights=wc, path=png,
+                    title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
+                )
+                written.append(Path(png))
+    except BaseException:
+        for path in written:
+            remove_path(path)
+        raise
     return attrs
 
 

@@ -117,10 +117,15 @@ def cutoff_px(*, w0: float, sigma_px: float, tolerance: float) -> float:
     return sigma_px * math.sqrt(2.0 * math.log(w0 / tolerance))
 
 
+#: Largest w0 and class weight: w(x) = w_c(x) + border term is stored as float32, and a sum of two
+#: terms of at most half its largest value cannot overflow to Inf.
+MAX_WEIGHT = float(np.finfo(np.float32).max) / 2
+
+
 def check_parameters(*, w0: float, sigma_px: float, tolerance: float) -> None:
     """Raise :class:`UserInputError` for an unusable w0, sigma or tolerance."""
-    if not (math.isfinite(w0) and w0 >= 0):
-        raise UserInputError(f"w0 = {w0}: must be a finite number >= 0 (paper: 10)")
+    if not (math.isfinite(w0) and 0 <= w0 <= MAX_WEIGHT):
+        raise UserInputError(f"w0 = {w0}: must be a finite number >= 0, at most {MAX_WEIGHT:.3g} (paper: 10)")
     if not (math.isfinite(sigma_px) and sigma_px > 0):
         raise UserInputError(f"sigma_px = {sigma_px}: must be a finite number > 0 px (paper: 5)")
     if not (math.isfinite(tolerance) and tolerance > 0):
