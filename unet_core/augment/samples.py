@@ -60,7 +60,7 @@ from unet_core.augment.elastic import (
     upsample_matrix,
 )
 from unet_core.augment.plot import plot_augmentation
-from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.atomic import atomic_output_with_companions
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box
@@ -295,27 +295,19 @@ def augment(
                            tile_out=tile_out, device=device)
 
     out_path = Path(out_path)
-    # the figure is drawn before the set is put in place: a run that fails on either (a full disk)
-    # leaves neither
-    written: list[Path] = []
-    try:
-        with atomic_output(out_path, own=AUGMENT_MARK) as tmp:
-            root = zarr.open_group(tmp, mode="w")
-            _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
-            root.attrs.update({"unet": provenance(
-                source, seed=seed, params=params, spec=spec, tile_in=tile_in, tile_out=tile_out,
-                samples_per_slice=samples_per_slice, slices=slices,
-            )})
-            if plot is not None:
-                rows = preview_rows(source, [(z, k) for _, z, k in jobs[:plot_samples]], seed=seed,
-                                    params=params, tile_in=tile_in, tile_out=tile_out)
-                plot_augmentation(plot, rows,
-                                  title=f"{source.stack.name}: seed {seed}, {params.describe()}")
-                written.append(Path(plot))
-    except BaseException:
-        for path in written:
-            remove_path(path)
-        raise
+    # the figure is drawn before the set is put in place: a run that fails on either leaves neither
+    with atomic_output_with_companions(out_path, own=AUGMENT_MARK) as (tmp, written):
+        root = zarr.open_group(tmp, mode="w")
+        _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
+        root.attrs.update({"unet": provenance(
+            source, seed=seed, params=params, spec=spec, tile_in=tile_in, tile_out=tile_out,
+            samples_per_slice=samples_per_slice, slices=slices,
+        )})
+        if plot is not None:
+            rows = preview_rows(source, [(z, k) for _, z, k in jobs[:plot_samples]], seed=seed,
+                                params=params, tile_in=tile_in, tile_out=tile_out)
+            plot_augmentation(plot, rows, title=f"{source.stack.name}: seed {seed}, {params.describe()}")
+            written.append(Path(plot))
     return out_path
 
 

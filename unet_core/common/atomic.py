@@ -204,6 +204,29 @@ def atomic_output(path: str | os.PathLike[str], *, own: Mark | None) -> Iterator
         raise
 
 
+@contextlib.contextmanager
+def atomic_output_with_companions(
+    path: str | os.PathLike[str], *, own: Mark | None
+) -> Iterator[tuple[Path, list[Path]]]:
+    """:func:`atomic_output`, for a stage that also writes companion files (a figure, a TIFF, a
+    table) from the finished temporary, before it is put in place.
+
+    Yields:
+        (the temporary path, a list): append each companion to the list once it is written;
+        if anything fails, then or while the output is put in place, they are removed again,
+        so a failed run leaves none of its outputs (each companion is itself written atomically,
+        over an earlier output of its own kind only).
+    """
+    written: list[Path] = []
+    try:
+        with atomic_output(path, own=own) as tmp:
+            yield tmp, written
+    except BaseException:
+        for companion in written:
+            remove_path(Path(companion))
+        raise
+
+
 def _naming(err: OSError, path: Path) -> OSError:
     """``err`` as an error about the output ``path``. A short write that lost its errno (numpy's
     ``tofile``, under tifffile: "N requested and M written") on a file system with less than

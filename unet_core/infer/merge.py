@@ -42,7 +42,7 @@ import zarr
 from scipy import ndimage
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.atomic import atomic_output, atomic_output_with_companions
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.geometry import Box, chunk_grid
 from unet_core.common.outputs import Layout, TiffMark, ZarrMark, claim_outputs
@@ -518,32 +518,26 @@ def merge_parts(
         watershed = watershed.resolved(area, where=str(parts[0]))
     # the TIFF and the cell table are written from the finished temporary store, before it is put
     # in place: a run that fails on any of them (a full disk) leaves none of its outputs
-    written: list[Path] = []
-    try:
-        with atomic_output(out, own=PREDICTION_MARK) as tmp:
-            root = zarr.open_group(tmp, mode="w")
-            outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
-            try:
-                table = _write_levels(outputs, part_list, tiling, tmp, instances=instances,
-                                      watershed=watershed, encoding=encoding, min_object_px=min_object_px,
-                                      image=st.image if cells is not None else None)
-            except BaseException:
-                outputs.close()
-                raise
-            outputs.finish()
-            n_instances = table.n_cells
-            root.attrs.update({"unet": {**_provenance(part_list, instances, watershed, n_instances, encoding),
-                                        "min_object_px": min_object_px, "median_object_area_px": area}})
-            if tiff is not None:
-                export_tiff(tmp, tiff, content=tiff_content)
-                written.append(Path(tiff))
-            if cells is not None:
-                write_cells_csv(cells, table, pixel_um=(float(st.scale[-2]), float(st.scale[-1])))
-                written.append(Path(cells))
-    except BaseException:
-        for path in written:
-            remove_path(path)
-        raise
+    with atomic_output_with_companions(out, own=PREDICTION_MARK) as (tmp, written):
+        root = zarr.open_group(tmp, mode="w")
+        outputs = _Outputs.create(root, tiling, tuple(float(s) for s in st.scale), st.unit, encoding)
+        try:
+            table = _write_levels(outputs, part_list, tiling, tmp, instances=instances,
+                                  watershed=watershed, encoding=encoding, min_object_px=min_object_px,
+                                  image=st.image if cells is not None else None)
+        except BaseException:
+            outputs.close()
+            raise
+        outputs.finish()
+        n_instances = table.n_cells
+        root.attrs.update({"unet": {**_provenance(part_list, instances, watershed, n_instances, encoding),
+                                    "min_object_px": min_object_px, "median_object_area_px": area}})
+        if tiff is not None:
+            export_tiff(tmp, tiff, content=tiff_content)
+            written.append(Path(tiff))
+        if cells is not None:
+            write_cells_csv(cells, table, pixel_um=(float(st.scale[-2]), float(st.scale[-1])))
+            written.append(Path(cells))
     summary = MergeSummary(tiling.n_blocks, n_instances, tiling.shape)
     log.info("merged %d parts, %d blocks into %s: %d instances", len(part_list), summary.blocks, out, n_instances)
     return summary

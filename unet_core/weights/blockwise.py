@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output, remove_path
+from unet_core.common.atomic import atomic_output, atomic_output_with_companions
 from unet_core.common.background import SettlingThreadPool, background_work
 from unet_core.common.outputs import JsonMark, Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
@@ -343,24 +343,18 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
     }
     # the figure is drawn from the finished temporary store, before the store is put in place: a
     # run that fails on either (a full disk) leaves neither
-    written: list[Path] = []
-    try:
-        with atomic_output(out, own=WEIGHTS_MARK) as tmp:
-            root = zarr.open_group(tmp, mode="w")
-            _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks),
-                              batch_slices=batch_slices, halo_px=params.halo_px)
-            root.attrs.update({"unet": attrs})
-            if png is not None:
-                plot_weights(
-                    np.asarray(stack.labels[plot_slice]), np.asarray(root["classes"][plot_slice]),
-                    np.asarray(root["weights"][plot_slice]), class_weights=wc, path=png,
-                    title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
-                )
-                written.append(Path(png))
-    except BaseException:
-        for path in written:
-            remove_path(path)
-        raise
+    with atomic_output_with_companions(out, own=WEIGHTS_MARK) as (tmp, written):
+        root = zarr.open_group(tmp, mode="w")
+        _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks),
+                          batch_slices=batch_slices, halo_px=params.halo_px)
+        root.attrs.update({"unet": attrs})
+        if png is not None:
+            plot_weights(
+                np.asarray(stack.labels[plot_slice]), np.asarray(root["classes"][plot_slice]),
+                np.asarray(root["weights"][plot_slice]), class_weights=wc, path=png,
+                title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
+            )
+            written.append(Path(png))
     return attrs
 
 
