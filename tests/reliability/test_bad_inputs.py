@@ -272,6 +272,15 @@ CASES = {
     "stack-without-labels-class-weights": Case(
         lambda d, r: ["class-weights", d / "in/nolabels.ome.zarr", "-o", d / "out/cw.json"], "out/cw.json",
         ("nolabels.ome.zarr", "labels")),
+    # deformation settings that wrote a set of Inf/NaN images with exit status 0
+    "augment-brightness-beyond-float32": Case(
+        lambda d, r: ["augment", r / TT / "stack.ome.zarr", r / TT / "weights.zarr", d / "out/a5.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", "--brightness", "1e39", *MODEL_ARGS],
+        "out/a5.zarr", ("brightness", "NaN or Inf")),
+    "augment-displacement-beyond-any-image": Case(
+        lambda d, r: ["augment", r / TT / "stack.ome.zarr", r / TT / "weights.zarr", d / "out/a6.zarr",
+                      "--tile-out", "36", "--samples-per-slice", "1", "--sigma-px", "1e30", *MODEL_ARGS],
+        "out/a6.zarr", ("sigma_px", "beyond any image")),
     "weights-of-another-stack": Case(
         lambda d, r: ["augment", r / TT / "stack.ome.zarr", r / TV / "weights.zarr", d / "out/a.zarr",
                       "--tile-out", "36", "--samples-per-slice", "1", *MODEL_ARGS], "out/a.zarr", ("weights.zarr",)),

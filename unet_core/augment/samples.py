@@ -62,7 +62,7 @@ from unet_core.augment.elastic import (
 from unet_core.augment.plot import plot_augmentation
 from unet_core.common.atomic import atomic_output_with_companions
 from unet_core.common.device import resolve_device
-from unet_core.common.errors import UserInputError, parse_choice
+from unet_core.common.errors import ConfigError, UserInputError, parse_choice
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import Normalisation, Scaling, normalize
 from unet_core.common.labels import area_histogram, object_areas
@@ -134,6 +134,9 @@ def deform_tiles(
     lab = torch.from_numpy(np.ascontiguousarray(instances, dtype=np.int32)).to(device)
     warped, labels = deform(img, lab, transforms, tile_shape=tile_shape, interpolation=params.interpolation)
     image_np = warped[:, 0].cpu().numpy().astype(np.float32, copy=False)
+    if not np.isfinite(image_np).all():  # e.g. a brightness offset beyond float32
+        raise ConfigError(f"augmentation settings ({params.describe()}) give grey values of NaN or Inf; "
+                          "use smaller augment.brightness, contrast or sigma_px")
     inst_np = labels.cpu().numpy().astype(np.int32, copy=False)
     classes = np.empty(inst_np.shape, np.uint8)
     weights = np.empty(inst_np.shape, np.float32)
@@ -156,6 +159,9 @@ def source_region(transform: Deformation, tile_shape: Sequence[int]) -> Box:
     corners = np.array([[-cy, -cx], [-cy, cx], [cy, -cx], [cy, cx]]) @ transform.matrix().T
     lo = corners.min(0) + np.array([cy, cx]) + np.array(transform.origin) - reach - SUPPORT_PX
     hi = corners.max(0) + np.array([cy, cx]) + np.array(transform.origin) + reach + SUPPORT_PX
+    if not np.abs([lo, hi]).max() < 2**31:  # beyond any image's size (and NaN): no box to read
+        raise ConfigError(f"augment.sigma_px: displacements of {reach:g} px reach beyond any image; use a "
+                          "displacement of the order of the cell size (paper: 10 px)")
     start = np.floor(lo).astype(int)
     stop = np.ceil(hi).astype(int) + 1
     return Box(tuple(start), tuple(stop - start))
