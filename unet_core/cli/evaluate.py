@@ -52,8 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out-dir", required=True,
                    help="output directory for metrics.csv, metrics.json and overlays.png (created if missing)")
     p.add_argument("--slices", default="all",
-                   help="slices of the ingested stack to score, 0-based within it (not the source file's numbers: "
-                        "a stack ingested from file slices 20-29 has slices 0-9), e.g. 0-9 or 0,3,5-7 (default: all)")
+                   help="slices of the ingested stack to score, 0-based within it (not the source "
+                        "file's numbers: a stack ingested from file slices 20-29 has slices 0-9), "
+                        "e.g. 0-9 or 0,3,5-7 (default: all)")
     p.add_argument("--thresholds", type=_thresholds, default=None,
                    help="thresholds of P(cell) for the swept ISBI scores, as START:STOP:STEP (inclusive) or a "
                         "comma list, each in [0, 1] (default 0:1:0.1 as the ISBI 2012 Fiji script)")

@@ -81,7 +81,10 @@ def _key(path: Sequence[Any]) -> str:
 def _subschema(schema: Mapping[str, Any], path: Sequence[Any]) -> Mapping[str, Any]:
     """The schema of the config section at ``path`` ({} where the schema does not say)."""
     for part in path:
-        schema = schema.get("items", {}) if isinstance(part, int) else schema.get("properties", {}).get(part, {})
+        if isinstance(part, int):
+            schema = schema.get("items", {})
+        else:
+            schema = schema.get("properties", {}).get(part, {})
     return schema
 
 
@@ -106,7 +109,8 @@ def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any], noun
         return "; ".join(lines)
     shown = f"{'config' if noun == 'key' else noun} {_key(path)} = {error.instance!r}"
     if kind == "enum":
-        return f"{shown}: use one of {', '.join(str(v).lower() if isinstance(v, bool) else str(v) for v in rule)}"
+        choices = (str(v).lower() if isinstance(v, bool) else str(v) for v in rule)  # YAML's true/false
+        return f"{shown}: use one of {', '.join(choices)}"
     if kind == "type":
         return f"{shown}: must be {_kinds(rule)}"
     if kind == "pattern" and rule == "^auto$":

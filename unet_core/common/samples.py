@@ -47,7 +47,9 @@ def _check_header(path: Path, number: int, header: str) -> None:
                           f"separated by tabs; missing column(s) {', '.join(missing)}{hint}")
 
 
-def read_samples(path: str | Path, schema: Mapping[str, Any], *, need_train: bool) -> dict[str, dict[str, str]]:
+def read_samples(
+    path: str | Path, schema: Mapping[str, Any], *, need_train: bool
+) -> dict[str, dict[str, str]]:
     """The samples table as ``{name: row}``, every row checked against ``schema`` (one row's schema).
 
     Args:
@@ -84,7 +86,8 @@ def read_samples(path: str | Path, schema: Mapping[str, Any], *, need_train: boo
             raise ConfigError(f"{where}: sample {row['name']!r} has role {row['role']} but no labels")
         table[row["name"]] = row
     if need_train and not any(r["role"] == "train" for r in table.values()):
-        raise ConfigError(f"{path}: no sample has role 'train' (or set model_file to predict with a trained model)")
+        raise ConfigError(f"{path}: no sample has role 'train' "
+                          "(or set model_file to predict with a trained model)")
     return table
 
 
@@ -104,6 +107,7 @@ def shared_slices(table: Mapping[str, Mapping[str, str]]) -> list[str]:
     results are judged (``val``, or ``predict`` with labels): validation would then choose the
     checkpoint, or the scores would be computed, on slices the network was trained on."""
     judged = [r for r in table.values() if r["role"] == "val" or (r["role"] == "predict" and r["labels"])]
+    judged_by = {"val": "validation (which chooses the checkpoint)", "predict": "the scores"}
     found = []
     for train in (r for r in table.values() if r["role"] == "train"):
         for other in judged:
@@ -115,6 +119,5 @@ def shared_slices(table: Mapping[str, Mapping[str, str]]) -> list[str]:
                 shown = ", ".join(map(str, sorted(common)[:8])) + (" ..." if len(common) > 8 else "")
                 found.append(f"samples: train sample {train['name']!r} and {other['role']} sample "
                              f"{other['name']!r} share slice(s) {shown} of {train['image']}: "
-                             f"{'validation (which chooses the checkpoint)' if other['role'] == 'val' else 'the scores'}"
-                             " would include slices the network was trained on")
+                             f"{judged_by[other['role']]} would include slices the network was trained on")
     return found

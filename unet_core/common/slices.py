@@ -28,7 +28,8 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
         try:
             lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
-            raise UserInputError(f"{what}: cannot parse slice selection {text!r} (use e.g. 0-19 or 0,3,5-7)") from None
+            raise UserInputError(
+                f"{what}: cannot parse slice selection {text!r} (use e.g. 0-19 or 0,3,5-7)") from None
         if hi < lo:
             raise UserInputError(
                 f"{what}: range {part!r} in {text!r} selects no slice (its end comes before its start); "
@@ -39,7 +40,8 @@ def parse_slices(text: str | None, n_slices: int, *, what: str) -> list[int]:
     bad = [z for z in chosen if not 0 <= z < n_slices]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (f" ... ({len(bad)} in all)" if len(bad) > 5 else "")
-        raise UserInputError(f"{what}: slice(s) {shown} out of range for a stack of {n_slices} slices (0-{n_slices - 1})")
+        raise UserInputError(
+            f"{what}: slice(s) {shown} out of range for a stack of {n_slices} slices (0-{n_slices - 1})")
     if len(set(chosen)) != len(chosen):
         raise UserInputError(f"{what}: slice selection {text!r} lists a slice twice")
     return chosen
