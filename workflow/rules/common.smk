@@ -27,7 +27,8 @@ GIVEN_MODEL = dict(config.get("model") or {})  # what the user wrote, before the
 GIVEN_NORMALISATION = config.get("normalisation")
 # one line naming the key and the file(s), instead of Snakemake's dump of the schema and config
 _given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile, over config/config.yaml
-_problem = schema_problem(config, CONFIG_SCHEMA, [str(f) for f in workflow.configfiles if str(f) not in _given] + _given)
+_files = [str(f) for f in workflow.configfiles if str(f) not in _given] + _given
+_problem = schema_problem(config, CONFIG_SCHEMA, _files)
 if _problem:
     raise ConfigError(_problem)
 validate(config, schema="../schemas/config.schema.yaml")  # fills the defaults
