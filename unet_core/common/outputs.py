@@ -163,8 +163,27 @@ class Layout:
         return None
 
 
+class _LaidOutMark(Mark):
+    """A folder output recognised by a mark in one file of it (:meth:`_marked`) and, where the
+    subclass gives a ``layout``, by holding nothing else than that layout allows."""
+
+    layout: Layout | None
+
+    @abstractmethod
+    def _marked(self, path: Path) -> bool:
+        """Whether ``path`` carries the mark itself, whatever else it holds."""
+
+    def _carries_mark(self, path: Path) -> bool:
+        return self._marked(path) and (self.layout is None or self.layout.foreign_entry(path) is None)
+
+    def foreign_entry(self, path: Path) -> Path | None:
+        if self.layout is None or not self._marked(path):
+            return None
+        return self.layout.foreign_entry(path)
+
+
 @dataclass(frozen=True)
-class ZarrMark(Mark):
+class ZarrMark(_LaidOutMark):
     """A Zarr v3 store whose root attributes hold ``unet.stage == stage`` and which holds only
     what ``layout`` allows (where given)."""
 
@@ -176,23 +195,15 @@ class ZarrMark(Mark):
     def what(self) -> str:
         return f"a Zarr store written by 'unet {self.stage}'"
 
-    def _root_mark(self, path: Path) -> bool:
+    def _marked(self, path: Path) -> bool:
         meta = _read_json(path / "zarr.json") if path.is_dir() else None
         attrs = meta.get("attributes") if isinstance(meta, dict) else None
         unet = attrs.get("unet") if isinstance(attrs, dict) else None
         return isinstance(unet, dict) and unet.get("stage") == self.stage
 
-    def _carries_mark(self, path: Path) -> bool:
-        return self._root_mark(path) and (self.layout is None or self.layout.foreign_entry(path) is None)
-
-    def foreign_entry(self, path: Path) -> Path | None:
-        if self.layout is None or not self._root_mark(path):
-            return None
-        return self.layout.foreign_entry(path)
-
 
 @dataclass(frozen=True)
-class JsonMark(Mark):
+class JsonMark(_LaidOutMark):
     """A JSON file (or, with ``manifest``, a folder holding that JSON file) whose ``format`` is ``format``."""
 
     format: str
@@ -211,20 +222,12 @@ class JsonMark(Mark):
     def what(self) -> str:
         return self.description
 
-    def _format_mark(self, path: Path) -> bool:
+    def _marked(self, path: Path) -> bool:
         target = path / self.manifest if self.manifest else path
         if not target.is_file():
             return False
         data = _read_json(target)
         return isinstance(data, dict) and data.get("format") in (self.format, *self.older)
-
-    def _carries_mark(self, path: Path) -> bool:
-        return self._format_mark(path) and (self.layout is None or self.layout.foreign_entry(path) is None)
-
-    def foreign_entry(self, path: Path) -> Path | None:
-        if self.layout is None or not self._format_mark(path):
-            return None
-        return self.layout.foreign_entry(path)
 
 
 @dataclass(frozen=True)
@@ -370,16 +373,7 @@ class FolderMark(Mark):
         return self.description
 
     def _carries_mark(self, path: Path) -> bool:
-        if not path.is_dir():
-            return False
-        for entry in path.iterdir():
-            name = entry.name
-            if _is_temporary(name) and _temporary_of(name) in self.files:
-                continue
-            mark = self.files.get(name)
-            if mark is None or not mark.recognises(entry):
-                return False
-        return True
+        return path.is_dir() and self.foreign_entry(path) is None
 
     def foreign_entry(self, path: Path) -> Path | None:
         """The first entry of the folder ``path`` that keeps it from being recognised (for messages)."""
