@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from unet_core.common.config_values import schema_problem
 from unet_core.common.errors import ConfigError, UserInputError
 from unet_core.common.slices import parse_slices
-
-#: The columns, in the order the README and the shipped tables write them.
-COLUMNS = ("name", "image", "labels", "slices", "role")
-#: Columns a table may add (empty where a table leaves them out).
-OPTIONAL_COLUMNS = ("voxel_size_um",)
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -37,13 +32,13 @@ def _lines(path: Path) -> list[tuple[int, str]]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _check_header(path: Path, number: int, header: str) -> None:
-    """The header must name every column, separated by tabs."""
+def _check_header(path: Path, number: int, header: str, columns: Sequence[str]) -> None:
+    """The header must name every required column, separated by tabs."""
     found = [c.strip() for c in header.split("\t")]
-    missing = [c for c in COLUMNS if c not in found]
+    missing = [c for c in columns if c not in found]
     if missing:
         hint = " (it has no tab: separate the columns by tabs, not spaces)" if "\t" not in header else ""
-        raise ConfigError(f"{path} line {number}: the first line must be the header {' '.join(COLUMNS)}, "
+        raise ConfigError(f"{path} line {number}: the first line must be the header {' '.join(columns)}, "
                           f"separated by tabs; missing column(s) {', '.join(missing)}{hint}")
 
 
@@ -64,10 +59,12 @@ def read_samples(
             names the file and line.
     """
     path = Path(path)
+    required = tuple(schema.get("required", ()))  # the columns, in the schema's (and README's) order
+    optional = [k for k in schema.get("properties", {}) if k not in required]  # empty where left out
     lines = _lines(path)
     if not lines:
-        raise ConfigError(f"{path}: the samples table is empty (it needs the header {' '.join(COLUMNS)})")
-    _check_header(path, *lines[0])
+        raise ConfigError(f"{path}: the samples table is empty (it needs the header {' '.join(required)})")
+    _check_header(path, *lines[0], required)
     reader = csv.DictReader([text for _, text in lines], delimiter="\t", quoting=csv.QUOTE_NONE,
                             restkey="\0extra")
     table: dict[str, dict[str, str]] = {}
@@ -76,7 +73,7 @@ def read_samples(
         if "\0extra" in raw:
             raise ConfigError(f"{where}: more cells than the header has columns (a tab too many?)")
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
-        row.update({k: "" for k in OPTIONAL_COLUMNS if k not in row})
+        row.update({k: "" for k in optional if k not in row})
         problem = schema_problem(row, schema, [where], noun="column")
         if problem:
             raise ConfigError(problem)
