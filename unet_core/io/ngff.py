@@ -471,7 +471,8 @@ class Stack:
         given = self.attrs.get("name")
         if given:
             return str(given)
-        return self.path.parent.name if self.path.name == "stack.ome.zarr" and self.path.parent.name else self.path.name
+        in_folder = self.path.name == "stack.ome.zarr" and self.path.parent.name
+        return self.path.parent.name if in_folder else self.path.name
 
     @property
     def intensities(self) -> StackIntensity:

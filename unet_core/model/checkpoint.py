@@ -126,7 +126,8 @@ def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -
             NaN/Inf values (the file is damaged, or not a finished run's).
     """
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture (no dictionary of tensors)")
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture "
+                              "(no dictionary of tensors)")
     if spec.depth > len(state):  # every level holds weights: bounds the network built below
         raise CheckpointError(f"{path}: weights do not fit the stored architecture (depth {spec.depth} "
                               f"needs more than the {len(state)} tensors stored)")
@@ -138,7 +139,8 @@ def check_weights(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -
                               f"({str(err).splitlines()[0][:160]})") from err
     have = {k: tuple(v.shape) for k, v in state.items()}
     if want != have:
-        key = min(set(want) ^ set(have)) if set(want) != set(have) else min(k for k in want if want[k] != have[k])
+        differ = set(want) ^ set(have) or {k for k in want if want[k] != have[k]}
+        key = min(differ)
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({key}: stored "
                               f"{have.get(key, 'nothing')}, architecture {want.get(key, 'nothing')})")
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
