@@ -688,3 +688,36 @@ def test_exact_numbers_converts_integral_floats():
     config = exact_numbers({"train": {"iterations": 400.0, "lr": 0.5}, "ingest": {"chunks": [1.0, 64, 64.0]}}, schema)
     assert config == {"train": {"iterations": 400, "lr": 0.5}, "ingest": {"chunks": [1, 64, 64]}}
     assert type(config["train"]["iterations"]) is int and all(type(v) is int for v in config["ingest"]["chunks"])
+
+
+# A user's file at a declared output path, or added inside one: Snakemake deletes a job's declared
+# outputs before the job runs (before its stage could refuse them), so the workflow refuses them at
+# start-up. Case: (what is planted, the output named in the refusal, the rule forced to rerun).
+PLANTED = {
+    "file replacing an output": ("results/tiny_val/segmentation.tif", "results/tiny_val/segmentation.tif", "merge"),
+    "note in the model folder": ("results/model/notes.txt", "results/model", "train"),
+    "labels added to the prediction": ("results/tiny_val/prediction.ome.zarr/labels/proofread/zarr.json",
+                                       "results/tiny_val/prediction.ome.zarr", "merge"),
+    "file in an evaluate folder": ("results/tiny_val/evaluate/mine.csv", "results/tiny_val/evaluate", "evaluate"),
+    "figure replaced": ("results/tiny_train/weights.png", "results/tiny_train/weights.png", "weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_workflow_refuses_foreign_content_at_declared_outputs_before_any_job(reference, tmp_path, case):
+    from faults import clone_run
+
+    planted, named, rule = PLANTED[case]
+    work = clone_run(reference.workdir, tmp_path / "work")
+    new = next((p for p in reversed((work / planted).parents) if not p.exists()), work / planted)
+    (work / planted).parent.mkdir(parents=True, exist_ok=True)
+    (work / planted).write_text("the user's own\n")
+    before = tree_state(work / "results")
+    res = snakemake(work, "--cores", "2", "--forcerun", rule, check=False)
+    text = res.stdout + res.stderr
+    lines = [ln for ln in text.splitlines() if "output path holds" in ln]
+    assert res.returncode != 0 and len(lines) == 1, text[-3000:]
+    assert lines[0].startswith(f"{named}: ") and "move it away or set another output_dir" in lines[0], lines
+    assert f"rule {rule}:" not in text and tree_state(work / "results") == before  # no job started
+    shutil.rmtree(new) if new.is_dir() else new.unlink()  # without it the same command runs
+    assert snakemake(work, "--cores", "2", "-n", "--forcerun", rule).returncode == 0

@@ -387,8 +387,9 @@ class FolderMark(Mark):
         return None
 
 
-def not_own_message(path: Path, mark: Mark) -> str:
-    """The one-line refusal for ``path``, which stands where an output of kind ``mark`` goes."""
+def not_own_message(path: Path, mark: Mark, remedy: str = "choose another output path") -> str:
+    """The one-line refusal for ``path``, which stands where an output of kind ``mark`` goes;
+    ``remedy`` is the second way out offered beside moving it away."""
     detail = ""
     if os.path.islink(path) and not path.exists():
         found = "a broken link"
@@ -400,18 +401,20 @@ def not_own_message(path: Path, mark: Mark) -> str:
     else:
         found = "a file"
     return (f"{path}: output path holds {found} that is not {mark.what}{detail}; it is left untouched: "
-            "move it away or choose another output path")
+            f"move it away or {remedy}")
 
 
-def check_replaceable(path: str | os.PathLike[str], mark: Mark) -> None:
+def check_replaceable(path: str | os.PathLike[str], mark: Mark,
+                      remedy: str = "choose another output path") -> None:
     """Raise unless nothing stands at ``path`` or it is an output of kind ``mark``.
 
     Raises:
-        UserInputError: something else is in the way (one line naming ``path``).
+        UserInputError: something else is in the way (one line naming ``path`` and, beside
+            moving it away, ``remedy``).
     """
     path = Path(path)
     if os.path.lexists(path) and not mark.recognises(path):
-        raise UserInputError(not_own_message(path, mark))
+        raise UserInputError(not_own_message(path, mark, remedy))
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:

@@ -6,6 +6,7 @@ import shlex
 
 import yaml
 from snakemake.logging import logger
+from snakemake.io import strip_wildcard_constraints
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
@@ -196,3 +197,55 @@ def get_final_outputs():
     outputs += expand(out("{sample}/prediction.ome.zarr"), sample=PREDICT)
     outputs += expand(out("{sample}/evaluate/metrics.csv"), sample=LABELLED_PREDICT)
     return outputs
+
+
+# Snakemake deletes a job's declared outputs before the job runs, before its stage can check
+# them, and takes what stands there as up to date where it is newer than the inputs. So before any
+# job, every declared output that exists must be the workflow's own: its stage's mark
+# (unet_core.common.outputs). Marks are named "module:NAME" and imported only where something exists.
+OUTPUT_MARKS = {  # (rule, output name; None for a rule's one unnamed output) -> the output's mark
+    ("synth", "image"): "unet_core.io.synth:SYNTH_TIFF_MARK",
+    ("synth", "labels"): "unet_core.io.synth:SYNTH_TIFF_MARK",
+    ("ingest", None): "unet_core.io.ingest:STACK_MARK",
+    ("class_weights", None): "unet_core.weights.blockwise:CLASS_WEIGHTS_MARK",
+    ("weights", "weights"): "unet_core.weights.blockwise:WEIGHTS_MARK",
+    ("weights", "plot"): "unet_core.weights.blockwise:WEIGHTS_PLOT_MARK",
+    ("augment", "samples"): "unet_core.augment.samples:AUGMENT_MARK",
+    ("augment", "plot"): "unet_core.augment.samples:AUGMENT_PLOT_MARK",
+    ("merge", "prediction"): "unet_core.infer.merge:PREDICTION_MARK",
+    ("merge", "tiff"): "unet_core.infer.merge:TIFF_MARK",
+    ("merge", "cells"): "unet_core.infer.cells:CELLS_MARK",
+}
+FOLDER_MARKS = {  # rules whose outputs are files in a folder the stage owns -> that folder's mark
+    "train": "unet_core.train.outputs:OUT_DIR_MARK",
+    "predict": "unet_core.infer.part_store:PART_MARK",
+    "evaluate": "unet_core.evaluate.scoring:OUT_DIR_MARK",
+}
+
+
+def declared_outputs():
+    """(path, mark name) of every output the rules declare, for every sample and job: for the
+    rules of FOLDER_MARKS the folder their outputs lie in."""
+    found = {}
+    for rule in workflow.rules:
+        named = dict(rule.output.items()) or ({None: rule.output[0]} if len(rule.output) else {})
+        for key, pattern in named.items():
+            mark = FOLDER_MARKS.get(rule.name) or OUTPUT_MARKS.get((rule.name, key))
+            if mark is None:
+                raise AssertionError(f"rule {rule.name}: no mark for its output {key or 0} in common.smk")
+            for path in expand(strip_wildcard_constraints(str(pattern)), sample=list(samples), job=JOBS):
+                found[os.path.dirname(path) if rule.name in FOLDER_MARKS else path] = mark
+    return found.items()
+
+
+def check_declared_outputs():
+    """Refuse, before any job, a declared output path holding what its stage did not write."""
+    import importlib
+
+    from unet_core.common.outputs import check_replaceable
+
+    for path, name in sorted(declared_outputs()):
+        if os.path.lexists(path):
+            where, attribute = name.split(":")
+            mark = getattr(importlib.import_module(where), attribute)
+            check_replaceable(path, mark, remedy="set another output_dir in the config")
