@@ -117,14 +117,16 @@ _SHORT_SLICE_RECORDS = _edited_stack("slices.ome.zarr",
 _SMALLER_LABELS = _edited_stack("lab.ome.zarr", _smaller_labels)
 
 
-def _damaged_copy(src: str, name: str, array: str) -> Callable[[Path, Path], str]:
+def _damaged_copy(src: str, name: str, array: str, keep: Callable[[int], int] = lambda n: 10,
+                  ) -> Callable[[Path, Path], str]:
     """A copy of the reference validation store ``src`` with its array's first chunk cut short (a disk
-    or copy error)."""
+    or copy error) to ``keep(its length)`` bytes (by default shorter than a Blosc header)."""
     def make(d: Path, ref: Path) -> str:
         store = d / "in" / name
         shutil.copytree(ref / TV / src, store)
         chunk = next(p for p in sorted((store / array / "c").rglob("*")) if p.is_file())
-        chunk.write_bytes(chunk.read_bytes()[:10])  # shorter than a Blosc header
+        data = chunk.read_bytes()
+        chunk.write_bytes(data[:keep(len(data))])
         return str(store)
     return make
 
@@ -132,6 +134,8 @@ def _damaged_copy(src: str, name: str, array: str) -> Callable[[Path, Path], str
 _DAMAGED_LABELS = _damaged_copy("stack.ome.zarr", "damaged-labels.ome.zarr", "labels/gt/0")
 _DAMAGED_PART = _damaged_copy("predict/part-0.zarr", "damaged-part-0.zarr", "probabilities")
 _DAMAGED_PREDICTION = _damaged_copy("prediction.ome.zarr", "damaged-prediction.ome.zarr", "0")
+# cut inside the data: Blosc decoded it silently into garbage (it trusts its header's length)
+_CUT_PART = _damaged_copy("predict/part-0.zarr", "cut-part-0.zarr", "probabilities", keep=lambda n: n - 1)
 
 
 def _part_copied_in_part(d: Path, ref: Path) -> str:
@@ -260,6 +264,10 @@ CASES = {
         lambda d, r: ["evaluate", _DAMAGED_PREDICTION(d, r), r / TV / "stack.ome.zarr",
                       "-o", d / "out/eval3"], "out/eval3/metrics.csv",
         ("damaged-prediction.ome.zarr/0/c/", "damaged Zarr chunk")),
+    "part-chunk-cut-inside-its-data-merge": Case(
+        lambda d, r: ["merge", _CUT_PART(d, r), r / TV / "predict/part-1.zarr", "--stack",
+                      r / TV / "stack.ome.zarr", "-o", d / "out/pred4.ome.zarr"], "out/pred4.ome.zarr",
+        ("cut-part-0.zarr/probabilities/c/", "damaged Zarr chunk", "where its Blosc header says")),
     "class-weights-beyond-float32": Case(  # was a numpy overflow warning on stderr, naming the stack
         lambda d, r: ["weights", r / TV / "stack.ome.zarr", d / "out/w4.zarr", "--class-weights",
                       _class_weights(d, [1e39, 1.0])], "out/w4.zarr", ("cw-huge.json", "float32")),

@@ -57,6 +57,14 @@ class ChunkNamingPipeline(BatchedCodecPipeline):
     file, wherever a stage reads a Zarr array (Dask tasks included), not a codec traceback.
     Installed for every Zarr array this process opens (zarr's ``codec_pipeline.path``)."""
 
+    async def decode_batch(self, chunk_bytes_and_specs):  # type: ignore[no-untyped-def]
+        pairs = list(chunk_bytes_and_specs)
+        if self.bytes_bytes_codecs and isinstance(self.bytes_bytes_codecs[-1], BloscCodec):
+            for chunk_bytes, _ in pairs:
+                if chunk_bytes is not None:
+                    _check_blosc_length(chunk_bytes.as_numpy_array())
+        return await super().decode_batch(pairs)
+
     async def read_batch(self, batch_info, out, drop_axes=()) -> None:  # type: ignore[no-untyped-def]
         batch_info = list(batch_info)
         try:
@@ -68,6 +76,19 @@ class ChunkNamingPipeline(BatchedCodecPipeline):
             store = getattr(getter, "store", None)
             raise _damaged_chunk(Path(store.root) / getter.path if isinstance(store, LocalStore) else getter,
                                  err) from None
+
+
+def _check_blosc_length(data: np.ndarray) -> None:
+    """Raise ValueError unless ``data`` (a chunk's bytes) is as long as its Blosc header says.
+
+    Blosc stores incompressible data as a copy, and its decoder reads as many bytes as the header's
+    compressed size (bytes 12-15, little-endian) from any buffer: a chunk cut short inside its data
+    would decode into garbage silently."""
+    if data.size < 16:
+        raise ValueError(f"{data.size} bytes, shorter than a Blosc header")
+    expected = int(data[12:16].view("<u4")[0])
+    if expected != data.size:
+        raise ValueError(f"{data.size} bytes where its Blosc header says {expected}")
 
 
 register_pipeline(ChunkNamingPipeline)
