@@ -117,6 +117,20 @@ _SHORT_SLICE_RECORDS = _edited_stack("slices.ome.zarr",
 _SMALLER_LABELS = _edited_stack("lab.ome.zarr", _smaller_labels)
 
 
+def _nan_pixel_stack(d: Path, ref: Path) -> str:
+    """A float32 stack ingested from the reference image, then one pixel set to NaN in the store
+    (ingest refuses NaN in a TIFF; this is an edit after ingest)."""
+    import zarr
+
+    from unet_core.io.ingest import ingest
+
+    stack = d / "in/nanpixel.ome.zarr"
+    image = tifffile.imread(ref / "resources/synth/image.tif")[:2].astype(np.float32)
+    ingest(_tiff(d / "in/float.tif", image), stack, chunks=(1, 64, 64))
+    zarr.open_array(stack / "0", mode="r+")[1, 70, 70] = np.nan
+    return str(stack)
+
+
 def _damaged_copy(src: str, name: str, array: str, keep: Callable[[int], int] = lambda n: 10,
                   ) -> Callable[[Path, Path], str]:
     """A copy of the reference validation store ``src`` with its array's first chunk cut short (a disk
@@ -321,6 +335,10 @@ CASES = {
     "stack-intensity-nan": Case(
         lambda d, r: ["predict", _NAN_MEAN(d, r), r / "results/model/model.pt", d / "out/nan-part.zarr",
                       *MODEL_ARGS], "out/nan-part.zarr", ("nan.ome.zarr", "not finite")),
+    "stack-pixel-nan-predict": Case(  # was NaN input to the network: silently background there
+        lambda d, r: ["predict", _nan_pixel_stack(d, r), r / "results/model/model.pt", d / "out/nanpx-part.zarr",
+                      *MODEL_ARGS], "out/nanpx-part.zarr/COMPLETE",
+        ("nanpixel.ome.zarr/0/c/1/1/1", "NaN or Inf")),
     "stack-without-multiscales": Case(
         lambda d, r: ["weights", _NO_MULTISCALES(d, r), d / "out/w2.zarr"], "out/w2.zarr",
         ("noms.ome.zarr", "damaged stack attributes")),

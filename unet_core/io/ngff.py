@@ -48,7 +48,7 @@ LABEL_NAME = "gt"
 
 def _damaged_chunk(path: object, err: BaseException) -> UserInputError:
     """The one-line error for a chunk file that does not decode (its path named)."""
-    return UserInputError(f"{path}: damaged Zarr chunk, cannot decode it ({err}); re-create the store")
+    return UserInputError(f"{path}: damaged Zarr chunk ({err}); re-create the store")
 
 
 class ChunkNamingPipeline(BatchedCodecPipeline):
@@ -63,7 +63,11 @@ class ChunkNamingPipeline(BatchedCodecPipeline):
             for chunk_bytes, _ in pairs:
                 if chunk_bytes is not None:
                     _check_blosc_length(chunk_bytes.as_numpy_array())
-        return await super().decode_batch(pairs)
+        decoded = list(await super().decode_batch(pairs))
+        for chunk in decoded:
+            if chunk is not None:
+                _check_finite(chunk.as_numpy_array())
+        return decoded
 
     async def read_batch(self, batch_info, out, drop_axes=()) -> None:  # type: ignore[no-untyped-def]
         batch_info = list(batch_info)
@@ -89,6 +93,14 @@ def _check_blosc_length(data: np.ndarray) -> None:
     expected = int(data[12:16].view("<u4")[0])
     if expected != data.size:
         raise ValueError(f"{data.size} bytes where its Blosc header says {expected}")
+
+
+def _check_finite(data: np.ndarray) -> None:
+    """Raise ValueError where a decoded float chunk holds NaN or Inf: no stage writes them (ingest
+    refuses them, every stage's float outputs are bounded), so they mean a store edited or damaged
+    after it was written, and would pass through normalisation and the network into the results."""
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ValueError("it holds NaN or Inf values, which no stage writes")
 
 
 register_pipeline(ChunkNamingPipeline)
@@ -353,9 +365,12 @@ def direct_chunk_reader(array: zarr.Array) -> Callable[[tuple[int, ...]], np.nda
         except FileNotFoundError:
             return np.full(shape, fill, array.dtype)
         try:
-            return np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
-        except (RuntimeError, ValueError) as err:  # not a Blosc frame, or not the chunk's size
+            _check_blosc_length(np.frombuffer(raw, np.uint8))
+            data = np.frombuffer(blosc.decompress(raw), stored).reshape(shape).astype(array.dtype, copy=False)
+            _check_finite(data)
+        except (RuntimeError, ValueError) as err:  # not a Blosc frame, not the chunk's size, NaN
             raise _damaged_chunk(path, err) from None
+        return data
 
     return read
 
