@@ -399,6 +399,22 @@ def _broken_link(c: Path, ref: Path) -> list:
     return ["class-weights", stack, "-o", c / "cw.json", "--threads", "1"]
 
 
+def _link_to_own_store(c: Path, ref: Path) -> list:
+    """A link to the stage's own earlier store where its output goes: was found only after the work
+    ("cannot put the output in place (Not a directory)"); for a file the link was replaced."""
+    (image,) = _in(c, ref, "image.tif")
+    _copy(ref, INPUTS["stack.ome.zarr"], c / "own.ome.zarr")
+    os.symlink("own.ome.zarr", c / "link.ome.zarr")
+    return ["ingest", image, c / "link.ome.zarr", "--slices", "0"]
+
+
+def _link_to_own_file(c: Path, ref: Path) -> list:
+    (stack,) = _in(c, ref, "stack.ome.zarr")
+    _copy(ref, INPUTS["class_weights.json"], c / "own.json")
+    os.symlink("own.json", c / "cw.json")
+    return ["class-weights", stack, "-o", c / "cw.json", "--threads", "1"]
+
+
 def _user_tiff_for_synth(c: Path, ref: Path) -> list:
     _tiff(c / "user/scan.tif", IMG)
     return ["synth", "--image", c / "user/scan.tif", "--slices", "1", "--size", "64"]
@@ -413,6 +429,8 @@ CORPUS = {
     "evaluate-dir-holding-a-user-metrics-csv": Case(_foreign_metrics_in_eval_dir, ("metrics.csv", "did not write")),
     "weights-into-an-ingested-stack": Case(_other_stage_store, ("w.zarr", "written by 'unet weights'")),
     "class-weights-onto-a-broken-link": Case(_broken_link, ("cw.json", "broken link")),
+    "ingest-onto-a-link-to-its-own-store": Case(_link_to_own_store, ("link.ome.zarr", "is a link (to own.ome.zarr)")),
+    "class-weights-onto-a-link-to-its-own-file": Case(_link_to_own_file, ("cw.json", "is a link (to own.json)")),
     "synth-onto-a-user-tiff": Case(_user_tiff_for_synth, ("scan.tif", "written by 'unet synth'")),
     "synth-image-and-labels-one-file": Case(
         lambda c, r: ["synth", "--image", c / "x.tif", "--labels", c / "x.tif", "--slices", "1", "--size", "64"],

@@ -10,7 +10,7 @@ just before it renames its temporary into place):
 * where this stage's own earlier output of the same kind stands, recognised by its *mark*
   (table below), it is replaced, atomically;
 * anything else in the way (a user's file or folder, another stage's output, an output of an
-  older version without the mark, a broken link) is refused with one line naming the path.
+  older version without the mark, a link) is refused with one line naming the path.
   The user moves it away or chooses another output path; nothing is deleted.
 
 How each kind of output is recognised (its mark):
@@ -86,11 +86,12 @@ class Mark(ABC):
     def recognises(self, path: str | os.PathLike[str]) -> bool:
         """Whether the thing at ``path`` is an output of this kind that may be replaced.
 
-        A dangling link is not; an empty directory is, where this kind is a directory.
+        A link never is (a stage writes no output through a link, and a folder cannot be put in
+        place over one); an empty directory is, where this kind is a directory.
         """
         path = Path(path)
         try:
-            if not path.exists():
+            if path.is_symlink() or not path.exists():
                 return False
             if self.directory and path.is_dir() and not any(path.iterdir()):
                 return True
@@ -391,7 +392,10 @@ def not_own_message(path: Path, mark: Mark, remedy: str = "choose another output
     """The one-line refusal for ``path``, which stands where an output of kind ``mark`` goes;
     ``remedy`` is the second way out offered beside moving it away."""
     detail = ""
-    if os.path.islink(path) and not path.exists():
+    if os.path.islink(path) and path.exists():
+        return (f"{path}: output path is a link (to {os.readlink(path)}), and no stage writes through a link; "
+                f"it is left untouched: give the link's target instead, or {remedy}")
+    if os.path.islink(path):
         found = "a broken link"
     elif path.is_dir():
         found = "a folder"
