@@ -443,3 +443,21 @@ def test_samples_table_with_spaces_for_tabs_says_so(tmp_path):
     text = res.stdout + res.stderr
     assert res.returncode != 0 and "samples.tsv line" in text and "not spaces" in text, text[-3000:]
     assert "Failed validating" not in text, text[-3000:]
+
+
+def test_cuda_asked_for_where_there_is_none_stops_before_any_job(tmp_path):
+    """Was found by the training job, after synth, ingest, weights and augment had run."""
+    import torch
+    from faults import new_workdir
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    work = new_workdir(tmp_path)
+    (work / "gpu.yaml").write_text("train: {device: cuda}\n")
+    dry = snakemake(work, "-n", "--cores", "1", configfiles=("gpu.yaml",), check=False)
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]  # a dry run may plan for a GPU node
+    res = snakemake(work, "--cores", "1", configfiles=("gpu.yaml",), check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    assert "config train.device = cuda: CUDA is not available on this machine" in text, text[-3000:]
+    assert "rule synth:" not in text and not (work / "results").exists() and not (work / "resources").exists()

@@ -249,3 +249,18 @@ def check_declared_outputs():
             where, attribute = name.split(":")
             mark = getattr(importlib.import_module(where), attribute)
             check_replaceable(path, mark, remedy="set another output_dir in the config")
+
+
+def check_cuda_here():
+    """A CUDA device the config asks for (cuda or cuda:N) must exist where the jobs run. Called by
+    onstart (after the DAG, before any job; not in a dry run) where the jobs run on this machine, so a
+    missing GPU costs seconds, not the stages before training; not where a cluster executor sends
+    the jobs to other machines (the executor is known only then, not while the Snakefile is read)."""
+    stages = ["predict", "augment"] + ([] if MODEL_FILE else ["train"])
+    asked = {s: config[s]["device"] for s in stages if str(config[s]["device"]).startswith("cuda")}
+    if not asked or workflow.non_local_exec:
+        return
+    from unet_core.common.device import resolve_device
+
+    for stage, device in sorted(asked.items()):
+        resolve_device(device, option=f"config {stage}.device =")
