@@ -336,8 +336,8 @@ CASES = {
         lambda d, r: ["predict", _NAN_MEAN(d, r), r / "results/model/model.pt", d / "out/nan-part.zarr",
                       *MODEL_ARGS], "out/nan-part.zarr", ("nan.ome.zarr", "not finite")),
     "stack-pixel-nan-predict": Case(  # was NaN input to the network: silently background there
-        lambda d, r: ["predict", _nan_pixel_stack(d, r), r / "results/model/model.pt", d / "out/nanpx-part.zarr",
-                      *MODEL_ARGS], "out/nanpx-part.zarr/COMPLETE",
+        lambda d, r: ["predict", _nan_pixel_stack(d, r), r / "results/model/model.pt",
+                      d / "out/nanpx-part.zarr", *MODEL_ARGS], "out/nanpx-part.zarr/COMPLETE",
         ("nanpixel.ome.zarr/0/c/1/1/1", "NaN or Inf")),
     "stack-without-multiscales": Case(
         lambda d, r: ["weights", _NO_MULTISCALES(d, r), d / "out/w2.zarr"], "out/w2.zarr",

@@ -429,7 +429,8 @@ CORPUS = {
     "evaluate-dir-holding-a-user-metrics-csv": Case(_foreign_metrics_in_eval_dir, ("metrics.csv", "did not write")),
     "weights-into-an-ingested-stack": Case(_other_stage_store, ("w.zarr", "written by 'unet weights'")),
     "class-weights-onto-a-broken-link": Case(_broken_link, ("cw.json", "broken link")),
-    "ingest-onto-a-link-to-its-own-store": Case(_link_to_own_store, ("link.ome.zarr", "is a link (to own.ome.zarr)")),
+    "ingest-onto-a-link-to-its-own-store": Case(_link_to_own_store,
+                                                ("link.ome.zarr", "is a link (to own.ome.zarr)")),
     "class-weights-onto-a-link-to-its-own-file": Case(_link_to_own_file, ("cw.json", "is a link (to own.json)")),
     "synth-onto-a-user-tiff": Case(_user_tiff_for_synth, ("scan.tif", "written by 'unet synth'")),
     "synth-image-and-labels-one-file": Case(
@@ -712,11 +713,13 @@ def test_exact_numbers_converts_integral_floats():
 # outputs before the job runs (before its stage could refuse them), so the workflow refuses them at
 # start-up. Case: (what is planted, the output named in the refusal, the rule forced to rerun).
 PLANTED = {
-    "file replacing an output": ("results/tiny_val/segmentation.tif", "results/tiny_val/segmentation.tif", "merge"),
+    "file replacing an output": ("results/tiny_val/segmentation.tif", "results/tiny_val/segmentation.tif",
+                                 "merge"),
     "note in the model folder": ("results/model/notes.txt", "results/model", "train"),
     "labels added to the prediction": ("results/tiny_val/prediction.ome.zarr/labels/proofread/zarr.json",
                                        "results/tiny_val/prediction.ome.zarr", "merge"),
-    "file in an evaluate folder": ("results/tiny_val/evaluate/mine.csv", "results/tiny_val/evaluate", "evaluate"),
+    "file in an evaluate folder": ("results/tiny_val/evaluate/mine.csv", "results/tiny_val/evaluate",
+                                   "evaluate"),
     "figure replaced": ("results/tiny_train/weights.png", "results/tiny_train/weights.png", "weights"),
 }
 

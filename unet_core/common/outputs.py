@@ -393,8 +393,8 @@ def not_own_message(path: Path, mark: Mark, remedy: str = "choose another output
     ``remedy`` is the second way out offered beside moving it away."""
     detail = ""
     if os.path.islink(path) and path.exists():
-        return (f"{path}: output path is a link (to {os.readlink(path)}), and no stage writes through a link; "
-                f"it is left untouched: give the link's target instead, or {remedy}")
+        return (f"{path}: output path is a link (to {os.readlink(path)}), and no stage writes through a "
+                f"link; it is left untouched: give the link's target instead, or {remedy}")
     if os.path.islink(path):
         found = "a broken link"
     elif path.is_dir():

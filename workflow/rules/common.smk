@@ -227,14 +227,14 @@ def declared_outputs():
     """(path, mark name) of every output the rules declare, for every sample and job: for the
     rules of FOLDER_MARKS the folder their outputs lie in."""
     found = {}
-    for rule in workflow.rules:
-        named = dict(rule.output.items()) or ({None: rule.output[0]} if len(rule.output) else {})
+    for step in workflow.rules:
+        named = dict(step.output.items()) or ({None: step.output[0]} if len(step.output) else {})
         for key, pattern in named.items():
-            mark = FOLDER_MARKS.get(rule.name) or OUTPUT_MARKS.get((rule.name, key))
+            mark = FOLDER_MARKS.get(step.name) or OUTPUT_MARKS.get((step.name, key))
             if mark is None:
-                raise AssertionError(f"rule {rule.name}: no mark for its output {key or 0} in common.smk")
+                raise AssertionError(f"no mark for output {key or 0} of the rule {step.name} in OUTPUT_MARKS")
             for path in expand(strip_wildcard_constraints(str(pattern)), sample=list(samples), job=JOBS):
-                found[os.path.dirname(path) if rule.name in FOLDER_MARKS else path] = mark
+                found[os.path.dirname(path) if step.name in FOLDER_MARKS else path] = mark
     return found.items()
 
 
