@@ -431,7 +431,8 @@ CORPUS = {
     "class-weights-onto-a-broken-link": Case(_broken_link, ("cw.json", "broken link")),
     "ingest-onto-a-link-to-its-own-store": Case(_link_to_own_store,
                                                 ("link.ome.zarr", "is a link (to own.ome.zarr)")),
-    "class-weights-onto-a-link-to-its-own-file": Case(_link_to_own_file, ("cw.json", "is a link (to own.json)")),
+    "class-weights-onto-a-link-to-its-own-file": Case(_link_to_own_file,
+                                                      ("cw.json", "is a link (to own.json)")),
     "synth-onto-a-user-tiff": Case(_user_tiff_for_synth, ("scan.tif", "written by 'unet synth'")),
     "synth-image-and-labels-one-file": Case(
         lambda c, r: ["synth", "--image", c / "x.tif", "--labels", c / "x.tif", "--slices", "1", "--size", "64"],
