@@ -200,9 +200,9 @@ def get_final_outputs():
 
 
 # Snakemake deletes a job's declared outputs before the job runs, before its stage can check
-# them, and takes what stands there as up to date where it is newer than the inputs. So before any
-# job, every declared output that exists must be the workflow's own: its stage's mark
-# (unet_core.common.outputs). Marks are named "module:NAME" and imported only where something exists.
+# them. So before any job (onstart), every declared output that exists must be the workflow's own:
+# its stage's mark (unet_core.common.outputs). Marks are named "module:NAME" and imported only where
+# something exists (the stage modules import torch: seconds that a dry run need not spend).
 OUTPUT_MARKS = {  # (rule, output name; None for a rule's one unnamed output) -> the output's mark
     ("synth", "image"): "unet_core.io.synth:SYNTH_TIFF_MARK",
     ("synth", "labels"): "unet_core.io.synth:SYNTH_TIFF_MARK",
@@ -239,11 +239,15 @@ def declared_outputs():
 
 
 def check_declared_outputs():
-    """Refuse, before any job, a declared output path holding what its stage did not write."""
+    """Refuse, before any job, a declared output path holding what its stage did not write. Only in
+    the process the user started: jobs that a cluster runs read the workflow again while other jobs
+    write their outputs."""
     import importlib
 
     from unet_core.common.outputs import check_replaceable
 
+    if not workflow.is_main_process:
+        return
     for path, name in sorted(declared_outputs()):
         if os.path.lexists(path):
             where, attribute = name.split(":")
