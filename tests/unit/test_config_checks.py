@@ -140,6 +140,15 @@ def test_training_slices_shared_with_judged_rows_are_found(tmp_path):
     path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\tall\ttrain\nte\tx.tif\ty.tif\t8-9\tpredict\n")
     found = shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
     assert len(found) == 1 and "share slice(s) 8, 9" in found[0] and "the scores" in found[0], found
+    # ranges are compared as ranges: billions of slices cost nothing (expanded, they filled the memory)
+    path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\t0-3000000000\ttrain\n"
+                                     "va\tx.tif\ty.tif\t2999999990-4000000000,7\tval\n")
+    found = shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
+    assert len(found) == 1 and "share slice(s) 7, 2999999990, 2999999991, 2999999992, " in found[0]
+    assert " ..." in found[0], found
+    path = _table(tmp_path, HEADER + "tr\tx.tif\ty.tif\t0-5,3\ttrain\nva\tx.tif\ty.tif\t7\tval\n")
+    with pytest.raises(ConfigError, match=r"sample 'tr': tr: slice selection '0-5,3' lists a slice twice"):
+        shared_slices(read_samples(path, SAMPLES_SCHEMA, need_train=True))
 
 
 def test_voxel_size_column_is_optional_and_checked(tmp_path):

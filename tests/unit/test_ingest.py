@@ -174,6 +174,8 @@ def _bad_cases(tmp: Path) -> list[tuple[list, str]]:
                      metadata={"axes": "ZCYX"})
     cases.append(([tmp / "ch.tif"], "channels"))
     cases.append(([good, "--slices", "3-9"], "out of range"))
+    # a typo of billions of slices: refused from its ranges (expanded first, it filled the memory)
+    cases.append(([good, "--slices", "0-3000000000"], "out of range"))
     empty = tmp / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")

@@ -9,14 +9,13 @@ has run.
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from unet_core.common.config_values import schema_problem
 from unet_core.common.errors import ConfigError, UserInputError
-from unet_core.common.slices import parse_slices
+from unet_core.common.slices import Ranges, count, first, merged, slice_ranges
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -88,15 +87,19 @@ def read_samples(
     return table
 
 
-def _slices(row: Mapping[str, str]) -> set[int] | None:
-    """The row's slice indices, or None for all of them."""
-    text = row["slices"]
-    if text in ("", "all"):
-        return None
+def _ranges(row: Mapping[str, str]) -> Ranges | None:
+    """The row's slice ranges, or None for all of them."""
     try:
-        return set(parse_slices(text, sys.maxsize, what=row["name"]))
+        return slice_ranges(row["slices"], what=row["name"])
     except UserInputError as err:
         raise ConfigError(f"sample {row['name']!r}: {err}") from None
+
+
+def _common(a: Ranges | None, b: Ranges | None) -> Ranges | None:
+    """The slices two rows' ranges share, merged (None: all slices, where both take all)."""
+    if a is None or b is None:
+        return None if a is None and b is None else merged(b if a is None else a)
+    return merged([(max(l1, l2), min(h1, h2)) for l1, h1 in a for l2, h2 in b if max(l1, l2) <= min(h1, h2)])
 
 
 def shared_slices(table: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -110,10 +113,10 @@ def shared_slices(table: Mapping[str, Mapping[str, str]]) -> list[str]:
         for other in judged:
             if Path(train["image"]).resolve() != Path(other["image"]).resolve():
                 continue
-            a, b = _slices(train), _slices(other)
-            common = (a & b) if a is not None and b is not None else (a or b or {"all"})
-            if common:
-                shown = ", ".join(map(str, sorted(common)[:8])) + (" ..." if len(common) > 8 else "")
+            common = _common(_ranges(train), _ranges(other))
+            if common is None or common:
+                shown = "all" if common is None else (
+                    ", ".join(map(str, first(common, 8))) + (" ..." if count(common) > 8 else ""))
                 found.append(f"samples: train sample {train['name']!r} and {other['role']} sample "
                              f"{other['name']!r} share slice(s) {shown} of {train['image']}: "
                              f"{judged_by[other['role']]} would include slices the network was trained on")
