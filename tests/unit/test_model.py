@@ -136,3 +136,19 @@ def test_model_files_of_version_0_1_still_load(tmp_path) -> None:
     model, metadata = load_model(tmp_path / "old.pt", expect={"base_channels": 4})
     assert model.spec == spec and metadata["decision"]["logit_offsets"] == [0.5, -0.5]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+
+
+def test_loading_a_model_does_not_start_torchs_compiler(tmp_path):
+    """load_model checks the file's shapes on a network built on the meta device; its He init drew
+    normal_ there, which imports torch._dynamo: 0.8 CPU-s in every process that loads a model (it
+    took 'unet predict' on the host benchmark from 1.28 to 2.0 CPU-s). A fresh process, as a job is."""
+    import subprocess
+    import sys
+
+    from unet_core.model.checkpoint import save_model
+
+    save_model(tmp_path / "m.pt", UNet(UNetSpec(depth=2, base_channels=4)))
+    code = ("import sys; from unet_core.model.checkpoint import load_model; "
+            f"load_model({str(tmp_path / 'm.pt')!r}); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

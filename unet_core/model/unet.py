@@ -73,6 +73,10 @@ def _he_init(module: nn.Module) -> None:
         fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
     else:
         return
+    if module.weight.is_meta:
+        # built for its shapes only (checkpoint.check_weights, the training memory check): nothing to
+        # draw, and torch's normal_ on the meta device imports its compiler, 0.8 CPU-s in each process
+        return
     nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_in))
     if module.bias is not None:
         nn.init.zeros_(module.bias)
