@@ -64,3 +64,54 @@ def test_blocks_are_written_as_given_even_when_they_equal_the_fill_value(tmp_pat
             arrays.write(block, np.zeros((2, 1, 32, 32), np.uint8), np.zeros((1, 32, 32), np.uint8))
     assert len([p for p in (store.path / "segmentation").rglob("*") if p.is_file() and p.name != "zarr.json"]) == 2
     assert (store.probabilities()[:] == 0).all()
+
+
+SETTINGS = {"format": part_store.PART_FORMAT, "job": 0}
+
+
+def test_marking_a_block_never_lists_the_marker_folder(tmp_path, monkeypatch):
+    # FACTS: each marker cost a listing of done/ (atomic_output's remove_stale): 0.2 ms per block
+    # at 0 markers, 20.7 ms at 16,000. A marker is an empty file created in one step: O(1).
+    tiling = Tiling((4, 256, 256), UNetSpec(depth=1, base_channels=1, dropout=0.0), 32, 32)  # 256 blocks
+    store = PartStore(tmp_path / "part-0.zarr")
+    with store.locked():
+        store.open_for_job(SETTINGS, tiling, np.dtype(np.uint8))
+        listings = {"n": 0}
+        real_iterdir, real_scandir, real_listdir = type(store.path).iterdir, os.scandir, os.listdir
+
+        def counting(real):
+            def wrapper(*args, **kwargs):
+                listings["n"] += 1
+                return real(*args, **kwargs)
+            return wrapper
+
+        monkeypatch.setattr(type(store.path), "iterdir", counting(real_iterdir))
+        monkeypatch.setattr(os, "scandir", counting(real_scandir))
+        monkeypatch.setattr(os, "listdir", counting(real_listdir))
+        for block in tiling.blocks():
+            assert not store.is_done(block)
+            store.mark_done(block)
+            assert store.is_done(block)
+        assert listings["n"] == 0
+        monkeypatch.undo()
+    assert store.done_blocks() == {b.name for b in tiling.blocks()}
+    assert all((store.path / "done" / b.name).stat().st_size == 0 for b in tiling.blocks())
+    assert part_store.PART_MARK.foreign_entry(store.path) is None  # still the store's own layout
+
+
+def test_a_resumed_store_keeps_its_markers_and_loses_an_older_versions_stale_temporaries(tmp_path):
+    tiling = Tiling((1, 32, 64), UNetSpec(depth=1, base_channels=1, dropout=0.0), 32, 32)
+    store = PartStore(tmp_path / "part-0.zarr")
+    first, second = tiling.blocks()
+    with store.locked():
+        store.open_for_job(SETTINGS, tiling, np.dtype(np.uint8))
+        store.mark_done(first)
+    # the marker temporary a killed job of an older version left (host and a PID that is gone)
+    stale = store.path / "done" / f".{second.name}.tmp-{part_store.host_name()}-999999999-abcdef12"
+    stale.write_text("")
+    with store.locked():
+        store.open_for_job(SETTINGS, tiling, np.dtype(np.uint8))  # same settings: resumed
+        assert store.is_done(first) and not store.is_done(second)
+        assert not stale.exists()
+        store.mark_done(second)  # also where done/ went missing in between
+    assert store.done_blocks() == {first.name, second.name}

@@ -9,8 +9,8 @@ A part store is a directory written by exactly one predict job (jobs never share
                            (C, 1, B, B) = one chunk per block; only this job's blocks are stored
       segmentation/        Zarr v3 array uint8 (Z, Y, X): the argmax class, computed from the
                            full-precision probabilities; chunks (1, B, B)
-      done/<z>.<by>.<bx>   per-block completion marker, renamed into place after the
-                           block's chunk is written (a killed job leaves no block that looks
+      done/<z>.<by>.<bx>   per-block completion marker: an empty file created after the
+                           block's chunks are written (a killed job leaves no block that looks
                            finished; a rerun recomputes only blocks without a marker)
       COMPLETE             written last (atomically) with the job summary
     .part.lock             (next to the store) held while a job writes it: host, PID and
@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unet_core.common.atomic import atomic_output, ensure_writable_parent, host_name, pid_alive, process_start
+from unet_core.common.atomic import (atomic_output, ensure_writable_parent, host_name, pid_alive, process_start,
+                                     remove_stale_tree)
 from unet_core.common.errors import UserInputError
 from unet_core.common.outputs import JsonMark, Layout, check_replaceable
 from unet_core.infer.tiling import Block, Tiling
@@ -203,6 +204,9 @@ class PartStore:
         if self.complete:  # a rerun: the job is complete again only when it ends
             (self.path / COMPLETE).unlink()
         if self.settings() == settings and (self.path / SEGMENTATION / "zarr.json").is_file():
+            # markers are created in place now; a killed job of an older version may have left
+            # the hidden temporary of one (one listing per job, never per block)
+            remove_stale_tree(self.path / DONE, max_depth=0)
             return self._arrays_to_write()
         if (self.path / MANIFEST).is_file():
             log.warning("%s: written with other settings; starting it afresh", self.path)
@@ -227,9 +231,20 @@ class PartStore:
         return PartArrays(self.probabilities("r+").with_config(config), self.segmentation("r+").with_config(config))
 
     def mark_done(self, block: Block) -> None:
-        """Record that ``block``'s chunk is written (atomically: the marker appears whole or not at all)."""
-        with atomic_output(self.path / DONE / block.name, own=None) as tmp:
-            tmp.write_text("")
+        """Record that ``block``'s chunks are written: an empty file whose existence is the record.
+
+        Created in one step (``open(O_CREAT)``), after the block's chunks: a killed job leaves it
+        whole or absent, so it needs no temporary and no rename, and costs the same whatever the
+        number of markers already there (it never lists ``done/``; the temporaries of an older
+        version's killed jobs are removed once per job, in :meth:`open_for_job`).
+        """
+        path = self.path / DONE / block.name
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        except FileNotFoundError:  # done/ deleted under a resumed store: create it again
+            ensure_writable_parent(path)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.close(fd)
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         """Write ``COMPLETE`` with the job summary: the last thing a job does."""
