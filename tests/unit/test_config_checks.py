@@ -3,6 +3,8 @@ the key or column and the fix (``unet_core.common.config_values``, ``unet_core.c
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,52 @@ def test_voxel_size_column_is_optional_and_checked(tmp_path):
     path = _table(tmp_path, "name\timage\tlabels\tslices\trole\tvoxel_size_um\na\tx.tif\ty.tif\t0-5\ttrain\t0.1,0.1\n")
     with pytest.raises(ConfigError, match="line 2: column voxel_size_um = '0.1,0.1': Optional column - the voxel"):
         read_samples(path, SAMPLES_SCHEMA, need_train=True)
+
+
+def _dry_run(work: Path, override: dict) -> subprocess.CompletedProcess:
+    """'snakemake -n' of the tiny workflow config with ``override`` merged over it, in ``work``."""
+    import os
+    import sys
+
+    (work / "override.yaml").write_text(yaml.safe_dump(override))
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "snakemake"), "-s", str(REPO / "workflow/Snakefile"), "--configfile",
+           str(REPO / "tests/integration/config.yaml"), "override.yaml", "-n", "--cores", "1"]
+    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
+    return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def small_stack_workdir(tmp_path: Path) -> Path:
+    """A working directory whose samples table predicts slices 0-1 of an existing 3 x 128 x 128
+    TIFF: 2 slices x 2 x 2 blocks of 64 px = 8 blocks (the train row's image is synth's, not yet
+    written)."""
+    import numpy as np
+    import tifffile
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((3, 128, 128), np.uint16), photometric="minisblack")
+    (tmp_path / "samples.tsv").write_text(
+        "name\timage\tlabels\tslices\trole\n"
+        "tiny_train\tresources/synth/image.tif\tresources/synth/labels.tif\t0-2\ttrain\n"
+        "small\tsmall.tif\t\t0-1\tpredict\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("key", ["jobs", "merge_jobs"])
+def test_more_jobs_than_blocks_stop_the_workflow_at_start_up_in_one_line(small_stack_workdir, key):
+    """predict.jobs: 100000 on a 3-block stack was accepted: a 148 s, 2.1 GB dry run planning jobs
+    with nothing to do. Refused before any job, also in a dry run, naming the key, the sample and
+    its block count (from the TIFF header, the row's slices and predict.block_px)."""
+    if key not in CONFIG_SCHEMA["properties"]["predict"]["properties"]:
+        pytest.skip(f"predict.{key} is not in the config schema")
+    res = _dry_run(small_stack_workdir, {"samples": "samples.tsv", "predict": {key: 9, "block_px": 64}})
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    lines = [line for line in text.splitlines() if f"config predict.{key} = 9" in line]
+    assert len(lines) == 1, text[-3000:]
+    assert "8 block(s) of sample 'small' (small.tif)" in lines[0] and "use at most 8" in lines[0], lines[0]
+    assert "Job stats" not in text and "rule " not in text, text[-3000:]
+    ok = _dry_run(small_stack_workdir, {"samples": "samples.tsv", "predict": {key: 8, "block_px": 64}})
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+    assert "Job stats" in ok.stdout + ok.stderr

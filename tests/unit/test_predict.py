@@ -436,6 +436,19 @@ def test_cli_predict(stack: Path, model_file: Path, tmp_path: Path, capsys) -> N
     assert "does not match the config's model" in err and "base_channels: file 4 vs config 64" in err
 
 
+def test_cli_predict_refuses_more_jobs_than_blocks(stack: Path, model_file: Path, tmp_path: Path, capsys) -> None:
+    # 2 slices x 2 x 2 blocks of 64 px: 8 blocks, so at most 8 jobs; a 9th would have nothing to do
+    flags = ["--block-px", "64", "--tile-out", "32", "--device", "cpu", "--threads", "1", *TINY_ARGS]
+    part = tmp_path / "p"
+    assert main(["predict", str(stack), str(model_file), str(part), "--job", "0", "--jobs", "9", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--jobs 9 is more than the 8 block(s)" in err[0] and "use at most 8" in err[0], err
+    assert not part.exists()  # refused before any work
+    assert main(["predict", str(stack), str(model_file), str(part), "--job", "7", "--jobs", "8", *flags]) == 0
+    assert (part / "COMPLETE").is_file() and len(list((part / "done").iterdir())) == 1
+
+
 def test_decision_applies_the_models_logit_offsets(stack: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = tmp_path / "corrected.pt"

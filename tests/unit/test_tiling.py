@@ -158,3 +158,15 @@ def test_roundtrip_dict() -> None:
 def test_empty_stack_rejected() -> None:
     with pytest.raises(UserInputError, match="not a non-empty"):
         Tiling((0, 10, 10), PAPER)
+
+
+def test_check_jobs_refuses_more_jobs_than_blocks_in_one_line() -> None:
+    tiling = Tiling((3, 1000, 700), PAPER, block_px=256, tile_out=256)  # 3 * 4 * 3 = 36 blocks
+    tiling.check_jobs(36, option="--jobs")
+    with pytest.raises(UserInputError) as err:
+        tiling.check_jobs(37, option="config predict.jobs =", of="sample 'a'")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("config predict.jobs = 37 is more than the 36 block(s) of sample 'a'")
+    assert "3 slice(s) x 4 x 3 blocks of 256 px" in line and "use at most 36" in line
+    with pytest.raises(UserInputError, match="--jobs 0: must be a positive integer"):
+        tiling.check_jobs(0, option="--jobs")

@@ -218,7 +218,8 @@ def _prepare_run(
     tta = parse_choice(TTA, tta, option="--tta")
     offsets = (metadata.get("decision") or {}).get("logit_offsets") if decision is Decision.CORRECTED else None
     tiling = Tiling(st.shape, model.spec, block_px, tile_out)
-    tiling.job_blocks(job, jobs)  # validates job and jobs
+    tiling.check_jobs(jobs, option="--jobs")  # no job without a block of its own
+    tiling.job_blocks(job, jobs)  # validates job
     dev = job_device(device, job)
     engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(precision, dev),
                     batch=batch or DEFAULT_BATCH[dev.type], tta=tta, offsets=offsets, encoding=encoding,
