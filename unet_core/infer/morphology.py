@@ -1,0 +1,423 @@
+"""Compiled (numba) kernels of the distance-seeded watershed of ``unet merge``.
+
+Each kernel gives exactly the result (bit for bit, label for label) of the scipy / scikit-image
+call that :mod:`unet_core.infer.instances` used before, several times faster on one core:
+
+:func:`distance_transform_edt`
+    ``scipy.ndimage.distance_transform_edt(mask)``: exact Euclidean distance, px, of each True
+    pixel to the nearest False pixel. Meijster's separable algorithm on integer squared
+    distances (column scans, then the lower envelope of parabolas along each row), then one
+    ``sqrt`` in float64, which is how scipy forms its values too (sqrt of an exact integer).
+:func:`h_maxima`
+    ``skimage.morphology.h_maxima(image, h, footprint=<4-cross>) > 0`` for a float image: the
+    same shifted seed ``image - h - 2 * finfo.resolution * |image|``, its grey reconstruction by
+    dilation under ``image`` (Vincent's hybrid algorithm: a raster and an anti-raster scan, then a
+    FIFO queue; reconstruction is uniquely defined, so any correct algorithm gives the same
+    values), and the same residue test ``image - rec >= h``. scikit-image sorts every pixel
+    twice (argsort + rank order) for its reconstruction; this is O(n) in practice.
+:func:`flood_from_markers`
+    ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 or 2)`` of
+    scikit-image 0.26: the same binary heap, fed in the same order (markers in raster order with
+    age 0 and their own value, then each newly reached neighbour with the next age and the value
+    ``max(its value, the value of the pixel that reached it)``), so even the ties between
+    markers of equal value, which its (value, age) order leaves to the heap's layout, come out
+    the same. Older scikit-image releases order the flooding differently (0.24: no ``max``;
+    0.25: markers at ``-inf``), so there the results may differ on ties.
+
+The kernels are compiled on first use (``cache=True``: once per machine, then loaded from
+numba's cache, about a second per process) and release the GIL, so the blocks of a merge can
+run in threads. This module is imported only by merge code.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["distance_transform_edt", "h_maxima", "flood_from_markers"]
+
+#: skimage's h_maxima widens the shift ``image - h`` by this factor times ``|image|`` (floats).
+_RESOLUTION_FACTOR_F64 = 2 * np.finfo(np.float64).resolution
+
+
+# --------------------------------------------------------------------------------------------
+# Euclidean distance transform
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _edt_squared(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """int64 squared distance of each pixel of a C-contiguous (Y, X) bool mask to the nearest
+    False pixel (0 on False pixels). Assumes at least one False pixel."""
+    ny, nx = mask.shape
+    inf = ny + nx  # larger than any distance within the array
+    g = np.empty((ny, nx), np.int64)
+    # phase 1: distance to the nearest False pixel in the same column (downward, then upward)
+    for j in range(nx):
+        g[0, j] = 0 if not mask[0, j] else inf
+    for i in range(1, ny):
+        for j in range(nx):
+            g[i, j] = 0 if not mask[i, j] else g[i - 1, j] + 1
+    for i in range(ny - 2, -1, -1):
+        for j in range(nx):
+            if g[i + 1, j] < g[i, j]:
+                g[i, j] = g[i + 1, j] + 1
+    # phase 2: per row, lower envelope of the parabolas (x - u)^2 + g(u)^2 (Meijster et al. 2000)
+    out = np.empty((ny, nx), np.int64)
+    s = np.empty(nx, np.int64)
+    t = np.empty(nx, np.int64)
+    f = np.empty(nx, np.int64)
+    for i in range(ny):
+        for u in range(nx):
+            f[u] = g[i, u] * g[i, u]
+        q = 0
+        s[0] = 0
+        t[0] = 0
+        for u in range(1, nx):
+            while q >= 0 and (t[q] - s[q]) ** 2 + f[s[q]] > (t[q] - u) ** 2 + f[u]:
+                q -= 1
+            if q < 0:
+                q = 0
+                s[0] = u
+            else:
+                a = s[q]
+                # first x at which parabola u is below parabola a (integer floor division)
+                w = 1 + (u * u - a * a + f[u] - f[a]) // (2 * (u - a))
+                if w < nx:
+                    q += 1
+                    s[q] = u
+                    t[q] = w
+        for u in range(nx - 1, -1, -1):
+            out[i, u] = (u - s[q]) ** 2 + f[s[q]]
+            if u == t[q]:
+                q -= 1
+    return out
+
+
+def distance_transform_edt(mask: np.ndarray) -> np.ndarray:
+    """(Y, X) float64 Euclidean distance, px, of each True pixel of a 2-D ``mask`` to the nearest
+    False pixel (0 on False pixels); equal to ``scipy.ndimage.distance_transform_edt(mask)``.
+
+    Where ``mask`` has no False pixel at all, scipy measures to the (missing) pixel (-1, 0), i.e.
+    returns ``sqrt((y + 1)^2 + x^2)``; so does this function, to stay identical.
+    """
+    m = np.ascontiguousarray(np.asarray(mask), dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    if m.size == 0:
+        return np.zeros(m.shape, np.float64)
+    if m.all():
+        y, x = np.indices(m.shape, dtype=np.int64)
+        return np.sqrt(((y + 1) ** 2 + x**2).astype(np.float64))
+    return np.sqrt(_edt_squared(m).astype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# h-maxima (grey reconstruction by dilation, 4-connectivity)
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _reconstruct_dilation4(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Grey reconstruction by dilation of ``seed`` (<= ``mask`` everywhere) under ``mask``,
+    4-connectivity, Vincent's hybrid algorithm (IEEE TIP 1993). Returns a new array."""
+    ny, nx = seed.shape
+    rec = seed.copy()
+    # raster scan: propagate from the up and left neighbours
+    for i in range(ny):
+        for j in range(nx):
+            v = rec[i, j]
+            if i > 0 and rec[i - 1, j] > v:
+                v = rec[i - 1, j]
+            if j > 0 and rec[i, j - 1] > v:
+                v = rec[i, j - 1]
+            m = mask[i, j]
+            rec[i, j] = v if v < m else m
+    # anti-raster scan: from the down and right neighbours; queue the pixels that can still
+    # raise a down/right neighbour
+    n = ny * nx
+    queue = np.empty(n, np.int64)
+    queued = np.zeros(n, np.bool_)
+    head = 0
+    size = 0
+    for i in range(ny - 1, -1, -1):
+        for j in range(nx - 1, -1, -1):
+            v = rec[i, j]
+            if i < ny - 1 and rec[i + 1, j] > v:
+                v = rec[i + 1, j]
+            if j < nx - 1 and rec[i, j + 1] > v:
+                v = rec[i, j + 1]
+            m = mask[i, j]
+            v = v if v < m else m
+            rec[i, j] = v
+            grow = False
+            if i < ny - 1 and rec[i + 1, j] < v and rec[i + 1, j] < mask[i + 1, j]:
+                grow = True
+            if j < nx - 1 and rec[i, j + 1] < v and rec[i, j + 1] < mask[i, j + 1]:
+                grow = True
+            if grow:
+                p = i * nx + j
+                queue[(head + size) % n] = p
+                size += 1
+                queued[p] = True
+    # FIFO propagation (a pixel is at most once in the queue, so n slots suffice)
+    while size > 0:
+        p = queue[head]
+        head = (head + 1) % n
+        size -= 1
+        queued[p] = False
+        i = p // nx
+        j = p - i * nx
+        v = rec[i, j]
+        for k in range(4):
+            if k == 0:
+                if i == 0:
+                    continue
+                qi, qj = i - 1, j
+            elif k == 1:
+                if j == 0:
+                    continue
+                qi, qj = i, j - 1
+            elif k == 2:
+                if j == nx - 1:
+                    continue
+                qi, qj = i, j + 1
+            else:
+                if i == ny - 1:
+                    continue
+                qi, qj = i + 1, j
+            r = rec[qi, qj]
+            m = mask[qi, qj]
+            if r < v and r != m:
+                rec[qi, qj] = v if v < m else m
+                q = qi * nx + qj
+                if not queued[q]:
+                    queue[(head + size) % n] = q
+                    size += 1
+                    queued[q] = True
+    return rec
+
+
+@numba.njit(cache=True, nogil=True)
+def _h_maxima_f64(image: np.ndarray, h: float, factor: float) -> np.ndarray:  # pragma: no cover
+    """h-maxima of a float64 image as skimage computes them (see :func:`h_maxima`)."""
+    ny, nx = image.shape
+    seed = np.empty((ny, nx), np.float64)
+    for i in range(ny):
+        for j in range(nx):
+            x = image[i, j]
+            seed[i, j] = (x - h) - factor * abs(x)
+    rec = _reconstruct_dilation4(seed, image)
+    out = np.empty((ny, nx), np.bool_)
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = image[i, j] - rec[i, j] >= h
+    return out
+
+
+def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """(Y, X) bool h-maxima (4-connectivity) of a 2-D float ``image``: the pixels of the regional
+    maxima that stand at least ``h`` (image units, e.g. px of distance) above every path to a
+    higher maximum; equal to ``skimage.morphology.h_maxima(image, h, footprint=cross) > 0``
+    (scikit-image's float arithmetic reproduced: seed ``image - h - 2 * resolution * |image|``,
+    residue ``image - reconstruction >= h``).
+
+    Raises:
+        ValueError: ``h`` is 0 (as skimage), or ``image`` is not 2-D.
+        TypeError: ``image`` is neither float32 nor float64.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {img.shape}")
+    if img.dtype not in (np.float32, np.float64):
+        raise TypeError(f"image must be float32 or float64, got {img.dtype}")
+    if img.size == 0 or h > np.ptp(img):
+        return np.zeros(img.shape, bool)
+    if h == 0:
+        raise ValueError("h = 0 is ambiguous, use local_maxima() instead?")
+    img = np.ascontiguousarray(img)
+    if img.dtype == np.float64:
+        return _h_maxima_f64(img, float(h), _RESOLUTION_FACTOR_F64)
+    # other float types: skimage's arithmetic in that dtype (numpy), the reconstruction compiled
+    seed = img - h - 2 * np.finfo(img.dtype).resolution * np.abs(img)
+    rec = _reconstruct_dilation4(np.ascontiguousarray(seed, dtype=img.dtype), img)
+    return (img - rec) >= h
+
+
+# --------------------------------------------------------------------------------------------
+# seeded flooding (skimage 0.26 watershed, no compactness, no watershed line)
+# --------------------------------------------------------------------------------------------
+
+
+#: ``_order_key`` maps the float64 bits of a negative number through this XOR.
+_LOW63 = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _order_key(v: float) -> int:  # pragma: no cover - compiled
+    """int64 with the order of the float64 ``v`` (not NaN): equal keys iff equal values, so
+    -0.0 and 0.0 share one key."""
+    b = np.float64(v + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
+    return b ^ (_LOW63 if b < 0 else np.int64(0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood(
+    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, eight: bool
+) -> tuple:  # pragma: no cover - compiled
+    """skimage.segmentation.watershed(image, markers, mask=mask) (0.26, no compactness, no
+    watershed line) with image = -height if ``negate`` else height, in float64.
+
+    Returns (int64 labels (Y, X), ok); ok is False (labels undefined) where the image holds NaN.
+
+    The image is padded by one pixel of non-mask and raveled, as skimage does, and the priority
+    queue is the same binary min-heap on (value, age): each slot is two int64, an order key of
+    the value and ``age << 32 | raveled index``; pops move the hole down the smaller-child path
+    and then the last item up (Floyd), which leaves the heap exactly as skimage's sift-down does
+    (the path is sorted, so the item stops below the same elements) with one comparison a level.
+    """
+    ny, nx = height.shape
+    py, px = ny + 2, nx + 2
+    npad = py * px
+    key = np.zeros(npad, np.int64)
+    inside = np.zeros(npad, np.bool_)
+    lab = np.zeros(npad, np.int64)
+    n_items = 0
+    for i in range(ny):
+        for j in range(nx):
+            p = (i + 1) * px + (j + 1)
+            v = np.float64(height[i, j])
+            if v != v:
+                return np.zeros((ny, nx), np.int64), False
+            key[p] = _order_key(-v if negate else v)
+            if mask[i, j]:
+                inside[p] = True
+                n_items += 1
+                if markers[i, j] != 0:
+                    lab[p] = markers[i, j]
+                    n_items += 1
+    # neighbour offsets in skimage's order (sorted by distance, then raveled offset)
+    if eight:
+        offsets = np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
+    else:
+        offsets = np.array([-px, -1, 1, px], np.int64)
+    nnb = offsets.shape[0]
+    # heap slot k: heap[2k] = value key, heap[2k + 1] = age << 32 | index
+    # a slot is "smaller" than another: key <, or key == and age < (age = slot >> 32)
+    heap = np.empty(2 * max(n_items, 1), np.int64)
+    items = 0
+    for p in range(npad):  # markers in raster order, age 0, their own value
+        if lab[p] != 0:
+            child = items
+            v = key[p]
+            items += 1
+            while child > 0:
+                parent = (child + 1) // 2 - 1
+                pv = heap[2 * parent]
+                if v < pv or (v == pv and 0 < (heap[2 * parent + 1] >> 32)):
+                    heap[2 * child] = pv
+                    heap[2 * child + 1] = heap[2 * parent + 1]
+                    child = parent
+                else:
+                    break
+            heap[2 * child] = v
+            heap[2 * child + 1] = p
+    age = 1
+    while items > 0:
+        ev = heap[0]
+        ei = heap[1] & 0xFFFFFFFF
+        items -= 1
+        if items > 0:
+            lv = heap[2 * items]
+            lp = heap[2 * items + 1]
+            la = lp >> 32
+            i = 0
+            while True:  # hole down the smaller-child path (left on ties)
+                c = 2 * i + 1
+                if c >= items:
+                    break
+                r = c + 1
+                if r < items:
+                    rv = heap[2 * r]
+                    cv = heap[2 * c]
+                    if rv < cv or (rv == cv and (heap[2 * r + 1] >> 32) < (heap[2 * c + 1] >> 32)):
+                        c = r
+                heap[2 * i] = heap[2 * c]
+                heap[2 * i + 1] = heap[2 * c + 1]
+                i = c
+            while i > 0:  # last item up while its parent is not smaller than it
+                parent = (i + 1) // 2 - 1
+                pv = heap[2 * parent]
+                if pv < lv or (pv == lv and (heap[2 * parent + 1] >> 32) < la):
+                    break
+                heap[2 * i] = pv
+                heap[2 * i + 1] = heap[2 * parent + 1]
+                i = parent
+            heap[2 * i] = lv
+            heap[2 * i + 1] = lp
+        label = lab[ei]
+        for k in range(nnb):
+            q = ei + offsets[k]
+            if not inside[q] or lab[q] != 0:
+                continue
+            age += 1
+            lab[q] = label
+            v = key[q]
+            if v < ev:  # a pixel costs at least as much as the one that reached it
+                v = ev
+            child = items
+            items += 1
+            while child > 0:
+                parent = (child + 1) // 2 - 1
+                pv = heap[2 * parent]
+                if v < pv or (v == pv and age < (heap[2 * parent + 1] >> 32)):
+                    heap[2 * child] = pv
+                    heap[2 * child + 1] = heap[2 * parent + 1]
+                    child = parent
+                else:
+                    break
+            heap[2 * child] = v
+            heap[2 * child + 1] = (age << 32) | q
+    out = np.empty((ny, nx), np.int64)
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = lab[(i + 1) * px + (j + 1)]
+    return out, True
+
+
+def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
+    """(Y, X) int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``;
+    equal to ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
+    connectivity == 4 else 2).astype(np.int32)`` (scikit-image 0.26).
+
+    Args:
+        height: (Y, X) real heights (e.g. P(cell) or a distance, any real dtype); the highest
+            pixels next to a basin are taken first, ties go to the pixel queued first.
+        markers: (Y, X) integer (or bool) seed ids, 0 = no seed; seeds outside ``mask`` are
+            dropped, as skimage does.
+        mask: (Y, X) bool pixels that may be flooded.
+        connectivity: 4 or 8.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    hgt = np.asarray(height)
+    mk = np.asarray(markers)
+    msk = np.asarray(mask, dtype=bool)
+    if hgt.ndim != 2 or mk.shape != hgt.shape or msk.shape != hgt.shape:
+        raise ValueError(f"height, markers and mask must be 2-D of one shape, got {hgt.shape}, {mk.shape}, {msk.shape}")
+    if mk.dtype.kind not in "biu":
+        raise TypeError(f"markers must be integer, got {mk.dtype}")
+    if hgt.dtype in (np.float32, np.float64):
+        values, negate = np.ascontiguousarray(hgt), True
+    else:
+        # integer heights: negate in their own dtype first, as ``-height`` did (it may wrap)
+        values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
+    if (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**32 or hgt.size >= 2**31:
+        raise ValueError(f"image too large for the compiled flood: {hgt.shape}")
+    labels, ok = _flood(values, negate, np.ascontiguousarray(mk.astype(np.int64, copy=False)),
+                        np.ascontiguousarray(msk), connectivity == 8)
+    if not ok:  # NaN heights: leave skimage's own (ill-defined) ordering to skimage
+        from skimage.segmentation import watershed
+
+        labels = watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2)
+    return labels.astype(np.int32)
