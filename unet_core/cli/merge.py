@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from unet_core.cli.common import nonnegative_int, nonnegative_int_or_auto, positive_float_or_auto, unit_interval
+from unet_core.cli.common import (
+    nonnegative_int,
+    nonnegative_int_or_auto,
+    positive_float_or_auto,
+    positive_int,
+    unit_interval,
+)
+from unet_core.common.errors import UserInputError
+from unet_core.infer.merge_settings import TiffContent
 from unet_core.infer.instances import (
     MASK_THRESHOLD,
     SEED_EROSION_PX,
@@ -13,6 +21,10 @@ from unet_core.infer.instances import (
     InstanceMethod,
     SeedRule,
 )
+
+#: The rounds of a merge in pieces, in order (kept here so that 'unet --help' loads no merge code;
+#: tests/unit/test_merge.py checks it equals unet_core.infer.merge.STEPS).
+STEPS = ("start", "seeds", "number-seeds", "cells", "number-cells", "write", "finish")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,14 +39,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "uint32: 4-connected components of the cell class, or a seeded watershed within the mask "
             "of P(cell) with threshold or size-scaled distance seeds, per slice, merged across block "
             "borders), and optionally a table of cells (CSV). "
-            "Output is identical for any number of jobs."
+            "Every pass over pixels can run as K parallel pieces (--jobs K): without --step, all rounds "
+            "run in this process; with --step STEP [--job k], one round (start; seeds, number-seeds for "
+            "the watershed; cells; number-cells; write; finish), each piece a separate process or "
+            "cluster job. The output is byte-identical for any number of predict jobs and merge pieces."
         ),
     )
     p.add_argument("parts", nargs="+", metavar="PART", help="part stores of jobs 0..N-1, any order")
     p.add_argument("--stack", required=True, help="the stack the parts were predicted from (.ome.zarr)")
     p.add_argument("-o", "--out", required=True, help="output prediction (.ome.zarr; replaced atomically)")
     p.add_argument("--tiff", default=None, help="also export a (Z, Y, X) TIFF of --tiff-content to this file")
-    p.add_argument("--tiff-content", choices=["segmentation", "instances", "cell-probability"],
+    p.add_argument("--tiff-content", choices=[c.value for c in TiffContent],
                    default="segmentation",
                    help="what the TIFF holds: segmentation (uint8 class), instances (uint32) or "
                         "cell-probability (float32, 0..1)")
@@ -64,14 +79,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--halo-px", type=nonnegative_int, default=WATERSHED_HALO_PX,
                    help=f"watershed context around each block, px; exact for cells smaller than it "
                         f"(default {WATERSHED_HALO_PX})")
+    g = p.add_argument_group("pieces (large stacks, clusters)")
+    g.add_argument("--jobs", type=positive_int, default=1,
+                   help="K: every pass over pixels runs as K pieces, each a contiguous run of blocks (at most the "
+                        "number of blocks); without --step they run one after another in this process")
+    g.add_argument("--step", choices=list(STEPS), default=None,
+                   help="run one round of a merge in pieces: start, seeds (watershed), number-seeds (watershed), "
+                        "cells, number-cells, write, finish, in this order; seeds, cells and write run once per "
+                        "piece (--job k), each as its own process or cluster job; give every step the same "
+                        "arguments (default: all rounds here)")
+    g.add_argument("--job", type=nonnegative_int, default=None,
+                   help="the piece k (0 <= k < K) of a --step seeds, cells or write")
+    g.add_argument("--work", default=None, metavar="DIR",
+                   help="with --step: the folder that holds the rounds' records and the store being built "
+                        "(default OUT.work; removed by finish)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.infer.merge import WatershedSettings, merge_parts
+    from unet_core.infer.merge import MergeRequest, merge_parts, run_step
+    from unet_core.infer.merge_settings import MergeSettings, WatershedSettings
 
     watershed = WatershedSettings(seed_threshold=args.seed_threshold, seed_erosion_px=args.seed_erosion_px,
                                   mask_threshold=args.mask_threshold, halo_px=args.halo_px, seeds=args.seeds,
                                   h_px=args.seed_h_px)
-    merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, tiff_content=args.tiff_content,
-                instances=args.instances, watershed=watershed, cells=args.cells, min_object_px=args.min_object_px)
+    settings = MergeSettings(instances=args.instances, min_object_px=args.min_object_px, watershed=watershed,
+                             tiff_content=args.tiff_content, jobs=args.jobs)
+    if args.step is None:
+        if args.job is not None or args.work is not None:
+            raise UserInputError("--job and --work go with --step (without it, every round runs here)")
+        merge_parts(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, cells=args.cells, settings=settings)
+        return
+    request = MergeRequest.of(args.parts, stack=args.stack, out=args.out, tiff=args.tiff, cells=args.cells,
+                              settings=settings)
+    run_step(request, args.step, job=args.job, work=args.work)

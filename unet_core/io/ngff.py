@@ -225,6 +225,8 @@ class PyramidWriter:
         chunks: level-0 chunk shape.
         scale: physical voxel size per axis at level 0, in ``unit``.
         levels: number of levels (0: :func:`pyramid_levels` of the shape).
+        create: create the level arrays (False: open those an earlier process created with the
+            same arguments, e.g. one piece of a parallel merge).
         downscale_chunks: halve the (Y, X) chunk edges with every level, so that block-aligned
             writes of ``chunks``-sized blocks fill exactly one chunk per level (merge's
             layout); the level count is then capped where the chunk edge stops being even.
@@ -243,6 +245,7 @@ class PyramidWriter:
     levels: int = 0
     inflight: int = 3
     downscale_chunks: bool = False
+    create: bool = True
     arrays: list[zarr.Array] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -251,6 +254,9 @@ class PyramidWriter:
             self.levels = min(self.levels, _even_halvings(self.chunks[-2], self.chunks[-1]) + 1)
         shape = list(self.shape)
         for level in range(self.levels):
+            if not self.create:  # the arrays exist (another process created them): write into them
+                self.arrays.append(self.group[str(level)])
+                continue
             chunks = list(self.chunks)
             if self.downscale_chunks:
                 chunks[-2], chunks[-1] = chunks[-2] >> level, chunks[-1] >> level
