@@ -6,7 +6,7 @@ import shlex
 
 import yaml
 from snakemake.logging import logger
-from snakemake.io import strip_wildcard_constraints
+from snakemake.io import get_wildcard_names, strip_wildcard_constraints
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
@@ -266,14 +266,17 @@ FOLDER_MARKS = {  # rules whose outputs are files in a folder the stage owns -> 
 def declared_outputs():
     """(path, mark name) of every output the rules declare, for every sample and job: for the
     rules of FOLDER_MARKS the folder their outputs lie in."""
-    found = {}
+    found, values = {}, {"sample": list(samples), "job": JOBS}
     for step in workflow.rules:
         named = dict(step.output.items()) or ({None: step.output[0]} if len(step.output) else {})
         for key, pattern in named.items():
             mark = FOLDER_MARKS.get(step.name) or OUTPUT_MARKS.get((step.name, key))
             if mark is None:
                 raise AssertionError(f"no mark for output {key or 0} of the rule {step.name} in OUTPUT_MARKS")
-            for path in expand(strip_wildcard_constraints(str(pattern)), sample=list(samples), job=JOBS):
+            pattern = strip_wildcard_constraints(str(pattern))
+            # only the wildcards the pattern has: a per-sample output is not expanded once per job
+            asked = {k: v for k, v in values.items() if k in get_wildcard_names(pattern)}
+            for path in expand(pattern, **asked):
                 found[os.path.dirname(path) if step.name in FOLDER_MARKS else path] = mark
     return found.items()
 
