@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from unet_core.infer.merge import merge_parts
+from unet_core.infer.merge_settings import MergeSettings
 from unet_core.infer.predict import predict_job
 
 
@@ -53,7 +54,7 @@ def main() -> None:
                         decision=args.decision, block_px=args.block_px, tile_out=args.tile_out)
             for method in ("watershed", "components"):
                 out = Path(tmp) / f"{encoding}-{method}.ome.zarr"
-                merge_parts([part], stack=args.stack, out=out, instances=method)
+                merge_parts([part], stack=args.stack, out=out, settings=MergeSettings(instances=method))
                 labels[encoding, method] = zarr.open_group(out, mode="r")["labels/instances/0"][:]
     for method in ("watershed", "components"):
         a, b = labels["float32", method], labels["uint8", method]

@@ -67,16 +67,13 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
-@pytest.mark.parametrize("block_px", [16, 48, 100])
-def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
-    from unet_core.infer.merge import watershed_blockwise
-
+@pytest.mark.parametrize(("block_px", "jobs"), [(16, 3), (48, 2), (100, 1)])
+def test_blockwise_watershed_equals_whole_slice(merge_probability, block_px: int, jobs: int) -> None:
     prob = np.stack([_cell_probability((120, 150), 30, seed) for seed in (1, 2)])
-    out = np.zeros(prob.shape, np.uint32)
-    scratch = np.zeros(prob.shape, np.uint32)
-    final, _ = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64)
-    out, k = final[out], int(final.max())
-    whole = [seeded_watershed(p) for p in prob]
+    out, stored = merge_probability(prob, block_px=block_px, jobs=jobs, instances="watershed",
+                                    watershed={"halo_px": 64})
+    k = int(out.max())
+    whole = [seeded_watershed(p) for p in stored]
     for z in range(2):
         assert _same_partition(out[z], whole[z]), f"slice {z} differs from the whole-slice watershed"
     assert k == sum(int(w.max()) for w in whole)
@@ -84,33 +81,24 @@ def test_blockwise_watershed_equals_whole_slice(block_px: int) -> None:
     assert np.array_equal(np.unique(out), np.arange(k + 1))  # ids 1..K, no gaps
 
 
-def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces() -> None:
+def test_blockwise_watershed_joins_unseeded_pixels_across_block_faces(merge_probability) -> None:
     """A faint cell (no seed) cut by block faces stays one object; one touching a seeded cell
     across a face joins it even where that cell's seed lies outside the halo."""
-    from unet_core.infer.merge import watershed_blockwise
-
-    p = np.zeros((1, 40, 80), np.float32)
+    p = np.full((1, 40, 80), 0.001, np.float32)
     p[0, 5:35, 5:35] = 0.7  # faint: no seed, cut into 4 blocks by the 20-px grid
     p[0, 5:35, 45:78] = 0.99
     p[0, 5:35, 45:60] = 0.6  # the cell's faint left part, 15 px wide
-    out = np.zeros(p.shape, np.uint32)
-    scratch = np.zeros(p.shape, np.uint32)
-    final, _ = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=20, halo_px=0)
-    out = final[out]
-    assert final.max() == 2
+    out, _ = merge_probability(p, block_px=20, jobs=3, instances="watershed", watershed={"halo_px": 0})
+    assert out.max() == 2
     assert len(np.unique(out[0, 5:35, 5:35])) == 1 and out[0, 10, 10] > 0
     assert len(np.unique(out[0, 5:35, 45:78])) == 1 and out[0, 10, 50] != out[0, 10, 10]
 
 
-def test_blockwise_watershed_splits_a_weak_gap_across_blocks() -> None:
-    from unet_core.infer.merge import watershed_blockwise
-
+def test_blockwise_watershed_splits_a_weak_gap_across_blocks(merge_probability) -> None:
     p = two_cells_with_weak_gap()[None]
-    out = np.zeros(p.shape, np.uint32)
-    scratch = np.zeros(p.shape, np.uint32)
-    final, _ = watershed_blockwise(p, out, scratch, shape=p.shape, block_px=16, halo_px=16)
-    assert final.max() == 2
-    assert _same_partition(final[out][0], seeded_watershed(p[0]))
+    out, stored = merge_probability(p, block_px=16, jobs=2, instances="watershed", watershed={"halo_px": 16})
+    assert out.max() == 2
+    assert _same_partition(out[0], seeded_watershed(stored[0]))
 
 
 # -- distance seeds (size-scaled) -----------------------------------------------------------------
@@ -160,30 +148,16 @@ def test_auto_settings_scale_with_the_median_object_area() -> None:
         distance_seeded_watershed(np.zeros((5, 5), np.float32), h_px=0.0)
 
 
-@pytest.mark.parametrize("block_px", [16, 48, 100])
-def test_blockwise_distance_watershed_equals_whole_slice(block_px: int) -> None:
-    from unet_core.infer.merge import watershed_blockwise
-
+@pytest.mark.parametrize(("block_px", "jobs"), [(16, 2), (48, 3), (100, 1)])
+def test_blockwise_distance_watershed_equals_whole_slice(merge_probability, block_px: int, jobs: int) -> None:
     prob = np.stack([_nuclei_probability((120, 150), 25, seed) for seed in (3, 4)])
-    out = np.zeros(prob.shape, np.uint32)
-    scratch = np.zeros(prob.shape, np.uint32)
     h = auto_h_px(np.pi * 8**2)
-    final, _ = watershed_blockwise(prob, out, scratch, shape=prob.shape, block_px=block_px, halo_px=64,
-                                   seeds="distance", h_px=h)
-    out, k = final[out], int(final.max())
-    whole = [distance_seeded_watershed(p, h_px=h) for p in prob]
+    out, stored = merge_probability(prob, block_px=block_px, jobs=jobs, instances="watershed",
+                                    watershed={"halo_px": 64, "seeds": "distance", "h_px": h})
+    k = int(out.max())
+    whole = [distance_seeded_watershed(p, h_px=h) for p in stored]
     for z in range(2):
         assert _same_partition(out[z], whole[z]), f"slice {z} differs from the whole-slice distance watershed"
-        assert whole[z].max() > ndi.label(prob[z] > 0.5)[1]  # touching nuclei were split
+        assert whole[z].max() > ndi.label(stored[z] > 0.5)[1]  # touching nuclei were split
     assert k == sum(int(w.max()) for w in whole)
     assert np.array_equal(np.unique(out), np.arange(k + 1))
-
-
-def test_blockwise_distance_seeds_need_a_depth() -> None:
-    from unet_core.common.errors import UserInputError
-    from unet_core.infer.merge import watershed_blockwise
-
-    p = np.zeros((1, 8, 8), np.float32)
-    with pytest.raises(UserInputError, match="depth h > 0"):
-        watershed_blockwise(p, np.zeros(p.shape, np.uint32), np.zeros(p.shape, np.uint32), shape=p.shape,
-                            block_px=8, seeds="distance")

@@ -17,7 +17,9 @@ from torch import nn
 import unet_core.infer.predict
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
-from unet_core.infer.merge import InstanceMerger, UnionFind, merge_parts
+from unet_core.infer.block_labels import PieceLabeller, flat_index, number_labels
+from unet_core.infer.merge import merge_parts
+from unet_core.infer.merge_settings import MergeSettings
 from unet_core.infer.predict import predict_job
 from unet_core.io.ngff import PyramidWriter, downsample_plane
 from unet_core.model.spec import UNetSpec
@@ -68,29 +70,50 @@ def discs(shape: tuple[int, int, int], centres: list[tuple[int, int, int]], radi
     return img
 
 
-def label_blockwise(mask: np.ndarray, *, block_px: int) -> np.ndarray:
+def label_blockwise(mask: np.ndarray, *, block_px: int, pieces: int = 1) -> np.ndarray:
     """4-connected components of a (Z, Y, X) or (Y, X) bool mask per slice, computed block by
-    block with InstanceMerger (merge's components path); ids unique over the whole array."""
+    block in ``pieces`` contiguous runs of blocks (merge's components path: PieceLabeller per
+    piece, number_labels over all); ids unique over the whole array."""
     vol = mask[None] if mask.ndim == 2 else mask
-    merger = InstanceMerger()
+    grid = (vol.shape[0], -(-vol.shape[1] // block_px), -(-vol.shape[2] // block_px))
+    blocks = list(np.ndindex(*grid))
+    n = len(blocks)
+    local = {}
+    records = []
+    for k in range(pieces):
+        mine = blocks[k * n // pieces:(k + 1) * n // pieces]
+        labeller = PieceLabeller(grid, [flat_index(b, grid) for b in mine], 0)
+        for z, by, bx in mine:
+            sl = (slice(z, z + 1), slice(by * block_px, (by + 1) * block_px), slice(bx * block_px, (bx + 1) * block_px))
+            labels, count = ndimage.label(vol[sl][0])
+            local[(z, by, bx)] = (sl, labels)
+            labeller.add((z, by, bx), labels[None], count)
+        records.append(labeller.record)
+    numbering = number_labels(records, grid, 0, what="cells")
     out = np.zeros(vol.shape, np.int64)
-    for z in range(vol.shape[0]):
-        for by in range(0, vol.shape[1], block_px):
-            for bx in range(0, vol.shape[2], block_px):
-                sl = (z, slice(by, by + block_px), slice(bx, bx + block_px))
-                out[sl] = merger.add_block((z, by // block_px, bx // block_px), vol[sl])
-    out = merger.final_ids()[out]
+    for index, (sl, labels) in local.items():
+        out[sl] = numbering.final[numbering.provisional(flat_index(index, grid), labels)][None]
+    out = out.astype(np.uint32)
     return out[0] if mask.ndim == 2 else out
 
 
 # -- core ----------------------------------------------------------------------------------------
-def test_union_find_numbers_sets_by_smallest_id() -> None:
-    uf = UnionFind()
-    assert uf.add(5) == 1  # ids 1..5
-    uf.union(5, 2)
-    uf.union(4, 5)
-    # sets {1}, {2, 4, 5}, {3} -> 1, 2, 3 by smallest member
-    assert uf.final_ids().tolist() == [0, 1, 2, 3, 2, 2]
+def test_numbering_joins_across_faces_keeps_fixed_ids_apart_and_numbers_by_smallest_id() -> None:
+    # two blocks side by side (grid 1 x 1 x 2); values <= 2 are fixed (seed) ids, never joined
+    left = np.array([[[3, 1], [0, 2]]])  # own value 3 -> provisional 3
+    right = np.array([[[4, 2], [2, 0]]])  # own 3, 4 -> provisional 4, 5 (offset 1)
+    grid = (1, 1, 2)
+    labeller = PieceLabeller(grid, [0, 1], 2)
+    labeller.add((0, 0, 0), left, 1)
+    labeller.add((0, 0, 1), right, 2)
+    numbering = number_labels([labeller.record], grid, 2, what="cells")
+    assert numbering.offsets.tolist() == [0, 1]
+    # across the face: left's 1 meets right's 4 (provisional 5): joined; left's 2 meets right's 2
+    assert numbering.final.tolist() == [0, 1, 2, 3, 4, 1]
+    split = [PieceLabeller(grid, [b], 2) for b in (0, 1)]  # the same in two pieces: the same numbering
+    split[0].add((0, 0, 0), left, 1)
+    split[1].add((0, 0, 1), right, 2)
+    assert number_labels([s.record for s in split], grid, 2, what="cells").final.tolist() == numbering.final.tolist()
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -102,11 +125,13 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
-@pytest.mark.parametrize("block_px", [pytest.param(b, id=f"block-{b}") for b in (1, 3, 8, 17, 200)])
-def test_blockwise_labels_equal_whole_plane_labels(block_px: int) -> None:
+@pytest.mark.parametrize(("block_px", "pieces"), [pytest.param(b, k, id=f"block-{b}-pieces-{k}")
+                                                  for b, k in ((1, 7), (3, 2), (8, 1), (17, 3), (200, 1))])
+def test_blockwise_labels_equal_whole_plane_labels(block_px: int, pieces: int) -> None:
     rng = np.random.default_rng(block_px)
     mask = ndimage.binary_opening(rng.random((2, 61, 75)) > 0.45)  # blobs with long snakes
-    got = label_blockwise(mask, block_px=block_px)
+    got = label_blockwise(mask, block_px=block_px, pieces=pieces)
+    assert np.array_equal(got, label_blockwise(mask, block_px=block_px))  # any number of pieces: the same ids
     assert got.dtype == np.uint32
     for z in range(2):
         assert same_partition(got[z], ndimage.label(mask[z])[0])
@@ -159,7 +184,7 @@ def test_merged_prediction_layout_and_instances(tmp_path: Path, stand_in_model: 
     parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=128, tile_out=128)
     out = tmp_path / "pred.ome.zarr"
     tif = tmp_path / "inst.tif"
-    summary = merge_parts(parts, stack=stack, out=out, tiff=tif, tiff_content="instances")
+    summary = merge_parts(parts, stack=stack, out=out, tiff=tif, settings=MergeSettings(tiff_content="instances"))
     assert summary.instances == 3
     root = zarr.open_group(out, mode="r")
     ome = root.attrs["ome"]
@@ -204,7 +229,7 @@ def test_every_probability_encoding_merges_and_scores(tmp_path: Path, stand_in_m
     stack = write_stack(tmp_path / "s.ome.zarr", image)
     parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16, probabilities=encoding)
     out = tmp_path / "pred.ome.zarr"
-    merge_parts(parts, stack=stack, out=out, instances="watershed")
+    merge_parts(parts, stack=stack, out=out, settings=MergeSettings(instances="watershed"))
     root = zarr.open_group(out, mode="r")
     assert root["0"].dtype == np.dtype(encoding) and root.attrs["unet"]["probabilities"] == encoding
     ws = root.attrs["unet"]["watershed"]["as_stored"]
@@ -332,7 +357,7 @@ def test_small_objects_are_dropped_after_merging_across_blocks(tmp_path: Path, s
     stack = write_stack(tmp_path / "s.ome.zarr", image)
     parts = run_jobs(stack, stand_in_model, tmp_path, 2, block_px=16, tile_out=16)
     out = tmp_path / "pred.ome.zarr"
-    summary = merge_parts(parts, stack=stack, out=out, instances=method, min_object_px=30)
+    summary = merge_parts(parts, stack=stack, out=out, settings=MergeSettings(instances=method, min_object_px=30))
     inst = zarr.open_group(out, mode="r")["labels/instances/0"][0]
     assert summary.instances == 1 and inst.max() == 1
     assert inst[6, 6] == 0 and inst[32, 32] == 1 and (inst == 1).sum() > 300
@@ -386,3 +411,168 @@ def test_auto_settings_need_a_model_that_stores_the_median_area(tmp_path: Path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "auto scales with the median object area" in err[0] and "retrain" in err[0]
         assert not out.exists()
+
+
+# -- pieces (--jobs K, --step) ---------------------------------------------------------------------
+METHODS = {
+    "components": [],
+    "threshold": ["--instances", "watershed", "--seed-threshold", "0.8", "--halo-px", "16"],
+    "distance": ["--instances", "watershed", "--seeds", "distance", "--seed-h-px", "1.5", "--halo-px", "16"],
+}
+
+
+def _stack_and_parts(tmp_path: Path, model: Path) -> tuple[Path, list[Path]]:
+    # discs touching through necks, on block corners, specks; 2 slices of 70 x 90 px, 16-px blocks
+    rng = np.random.default_rng(5)
+    centres = [(z, int(y), int(x)) for z in range(2) for y, x in rng.integers(0, 80, (9, 2))]
+    image = discs((2, 70, 90), centres, 7.5)
+    image[:, 3:5, 3:5] = 200
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    return stack, run_jobs(stack, model, tmp_path / "parts", 2, block_px=16, tile_out=16)
+
+
+def _merge_args(stack: Path, parts: list[Path], out: Path, method: str, jobs: int) -> list[str]:
+    return ["merge", *map(str, parts), "--stack", str(stack), "-o", str(out / "p.ome.zarr"), "--cells",
+            str(out / "cells.csv"), "--tiff", str(out / "t.tif"), "--tiff-content", "instances",
+            "--min-object-px", "5", *METHODS[method], "--jobs", str(jobs)]
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {**store_bytes(out / "p.ome.zarr"), "cells": (out / "cells.csv").read_bytes(),
+            "tiff": (out / "t.tif").read_bytes()}
+
+
+def run_in_pieces(args: list[str], *, steps: tuple[str, ...], jobs: int, order_seed: int) -> None:
+    order = random.Random(order_seed)
+    for step in steps:
+        if step in ("seeds", "cells", "write"):
+            pieces = list(range(jobs))
+            order.shuffle(pieces)
+            for k in pieces:
+                assert main([*args, "--step", step, "--job", str(k)]) == 0
+        else:
+            assert main([*args, "--step", step]) == 0
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_any_number_of_pieces_in_any_order_gives_the_same_bytes(tmp_path: Path, stand_in_model: Path,
+                                                                method: str) -> None:
+    from unet_core.infer.merge import STEPS, steps_for
+    from unet_core.cli.merge import STEPS as CLI_STEPS
+
+    assert CLI_STEPS == STEPS
+    stack, parts = _stack_and_parts(tmp_path, stand_in_model)
+    (tmp_path / "one").mkdir()
+    assert main(_merge_args(stack, parts, tmp_path / "one", method, 1)) == 0
+    reference = _outputs(tmp_path / "one")
+    assert len(reference) > 10 and reference["cells"].count(b"\n") > 5
+    steps = steps_for(MergeSettings(instances="components" if method == "components" else "watershed"))
+    for jobs in (2, 5):
+        out = tmp_path / f"k{jobs}"
+        out.mkdir()
+        run_in_pieces(_merge_args(stack, parts[::-1], out, method, jobs), steps=steps, jobs=jobs, order_seed=jobs)
+        assert _outputs(out) == reference, f"{jobs} pieces"
+        assert not (out / "p.ome.zarr.work").exists()  # finish removes the work folder
+    (tmp_path / "k3").mkdir()
+    assert main(_merge_args(stack, parts, tmp_path / "k3", method, 3)) == 0  # all rounds in one process
+    assert _outputs(tmp_path / "k3") == reference
+
+
+def test_a_killed_piece_reruns_alone_and_a_finished_step_does_nothing(tmp_path: Path, stand_in_model: Path,
+                                                                      monkeypatch, capsys) -> None:
+    import unet_core.infer.merge as merge
+
+    stack, parts = _stack_and_parts(tmp_path, stand_in_model)
+    out = tmp_path / "o"
+    out.mkdir()
+    args = _merge_args(stack, parts, out, "distance", 3)
+    for step, job in (("start", None), ("seeds", 0), ("seeds", 1), ("seeds", 2), ("number-seeds", None),
+                      ("cells", 0)):
+        assert main([*args, "--step", step, *([] if job is None else ["--job", str(job)])]) == 0
+    work = out / "p.ome.zarr.work"
+    done = (work / "cells-0.npz").stat().st_mtime_ns
+    calls = []
+    real = merge.block_rows
+
+    def dies_on_the_second_block(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill: no record is written
+        return real(*a, **kw)
+
+    monkeypatch.setattr(merge, "block_rows", dies_on_the_second_block)
+    assert main([*args, "--step", "cells", "--job", "1"]) != 0
+    monkeypatch.setattr(merge, "block_rows", real)
+    assert not (work / "cells-1.npz").exists() and not (work / ".piece-1.lock").exists()
+    assert main([*args, "--step", "number-cells"]) == 2  # piece 1 is not finished: one line naming it
+    assert "cells-1.npz: missing; run 'unet merge --step cells --job 1'" in capsys.readouterr().err
+    assert main([*args, "--step", "cells", "--job", "0"]) == 0  # done already: nothing to do
+    assert (work / "cells-0.npz").stat().st_mtime_ns == done
+    for step, job in (("cells", 1), ("cells", 2), ("number-cells", None), ("write", 0), ("write", 1),
+                      ("write", 2), ("finish", None)):
+        assert main([*args, "--step", step, *([] if job is None else ["--job", str(job)])]) == 0
+    (tmp_path / "ref").mkdir()
+    assert main(_merge_args(stack, parts, tmp_path / "ref", "distance", 1)) == 0
+    assert _outputs(out) == _outputs(tmp_path / "ref")
+
+
+def test_steps_refuse_other_runs_and_steps_out_of_order_in_one_line(tmp_path: Path, stand_in_model: Path,
+                                                                    capsys) -> None:
+    stack, parts = _stack_and_parts(tmp_path, stand_in_model)
+    out = tmp_path / "o"
+    out.mkdir()
+    args = _merge_args(stack, parts, out, "components", 2)
+
+    def refused(extra: list[str], expected: str, base: list[str] = args) -> None:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+
+    refused(["--step", "cells", "--job", "0"], "no merge was started here")
+    assert main([*args, "--step", "start"]) == 0
+    refused(["--step", "seeds", "--job", "0"], "not a step of a merge with --instances components")
+    refused(["--step", "cells"], "give --job k (0 <= k < 2)")
+    refused(["--step", "cells", "--job", "2"], "--job must be in [0, 2)")
+    refused(["--step", "number-cells"], "cells-0.npz: missing; run 'unet merge --step cells --job 0'")
+    other_k = _merge_args(stack, parts, out, "components", 3)
+    refused(["--step", "cells", "--job", "0"], "started with other inputs or settings than this --step cells "
+            "(differs in settings)", base=other_k)
+    refused(["--min-object-px", "7", "--step", "cells", "--job", "0"], "differs in settings")
+    refused(["--job", "1"], "--job and --work go with --step")
+    refused(["--jobs", "1000", "--step", "cells", "--job", "0"], "merge --jobs 1000")
+    assert not (out / "p.ome.zarr").exists() and not (out / "cells.csv").exists()
+
+
+def test_two_merges_into_one_output_at_once_are_refused(tmp_path: Path, stand_in_model: Path, capsys) -> None:
+    import json
+    import subprocess
+
+    from unet_core.common.atomic import host_name, process_start
+
+    stack, parts = _stack_and_parts(tmp_path, stand_in_model)
+    out = tmp_path / "o"
+    out.mkdir()
+    args = _merge_args(stack, parts, out, "components", 2)
+    other = subprocess.Popen(["sleep", "60"])  # stands for a merge that writes the output now
+    try:
+        lock = out / ".p.ome.zarr.merge-lock"
+        lock.write_text(json.dumps({"host": host_name(), "pid": other.pid, "started": process_start(other.pid)}))
+        for extra in ([], ["--step", "start"]):
+            assert main([*args, *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"another 'unet merge' (pid {other.pid}" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".p.ome.zarr.merge-lock"]
+    finally:
+        other.kill()
+        other.wait()
+    assert main(args) == 0  # the lock of a process that is gone is taken over
+    assert (out / "p.ome.zarr").is_dir() and not lock.exists()
+
+
+def test_more_ids_than_uint32_holds_is_one_line_before_any_id_is_written() -> None:
+    from unet_core.infer.block_labels import PieceLabels
+
+    huge = PieceLabels(blocks=[0, 1], counts=[2**31, 2**31 + 5])
+    with pytest.raises(UserInputError, match=r"4294967301 cells \(counted per block, before joining across "
+                                             r"block faces\): more than 2\*\*32 - 1"):
+        number_labels([huge], (1, 1, 2), 0, what="cells")

@@ -170,7 +170,7 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
         what: what is numbered, for the one-line error beyond uint32 ("cells", "seeds").
 
     Raises:
-        UserInputError: more than 2**32 - 1 ids (uint32 labels cannot hold them).
+        UserInputError: more than 2**32 - 1 ids, counted per block (uint32 labels cannot hold them).
     """
     n_blocks = int(np.prod(grid))
     counts = np.zeros(n_blocks, np.int64)
@@ -178,6 +178,10 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
         counts[np.asarray(piece.blocks, np.int64)] = piece.counts
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if n_blocks else counts
     total = n_fixed + int(counts.sum())
+    if total > UINT32_IDS:  # before any table of that size is made, and before any final id is written
+        raise UserInputError(f"{total} {what} (counted per block, before joining across block faces): more than "
+                             "2**32 - 1, the most that uint32 labels hold; split the stack into several samples "
+                             "(fewer slices each)")
     numbering = Numbering(n_fixed, offsets, np.zeros(0, np.uint32))
     rows = [p for piece in pieces for p in piece.pairs if len(p)]
     rows += _cross_piece_pairs(pieces, grid, n_fixed, face_axes)
@@ -189,10 +193,6 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
     is_root[0] = False
     final = np.cumsum(is_root)[root]
     final[0] = 0
-    n = int(final.max(initial=0))
-    if n > UINT32_IDS:
-        raise UserInputError(f"{n} {what}: more than 2**32 - 1, the most that uint32 labels hold; split the "
-                             "stack into several samples (fewer slices each)")
     return Numbering(n_fixed, offsets, final.astype(np.uint32))
 
 
