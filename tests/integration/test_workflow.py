@@ -22,6 +22,9 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 CONFIG = Path("tests/integration/config.yaml")
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 RULES = ["synth", "ingest", "class_weights", "weights", "augment", "train", "predict", "merge", "evaluate"]
+# the merge's rounds (the demo's watershed has them all): pieces per predict.merge_jobs (2 here)
+MERGE = {"merge_start", "merge_seeds", "merge_number_seeds", "merge_cells", "merge_number_cells", "merge_write",
+         "merge"}
 
 
 # jobs call `unet`: the one installed beside this interpreter
@@ -94,6 +97,12 @@ def test_dry_run_lists_every_stage(tmp_path):
         "synth": 1, "ingest": 2, "class_weights": 1, "weights": 2, "augment": 1, "train": 1,
         "predict": 2, "merge": 1, "evaluate": 1,
     }
+    assert {r: jobs.get(r) for r in sorted(MERGE - {"merge"})} == {
+        "merge_cells": 2, "merge_number_cells": 1, "merge_number_seeds": 1, "merge_seeds": 2, "merge_start": 1,
+        "merge_write": 2}
+    one_piece = {"predict": {"instances": "components", "merge_jobs": 1}}
+    components = planned(snakemake(work, "-n", "--cores", "2", config=one_piece))
+    assert "merge_seeds" not in components and components["merge_cells"] == components["merge_write"] == 1
 
 
 @pytest.mark.parametrize(
@@ -144,14 +153,16 @@ def test_full_run_outputs_and_nothing_to_do(run_a):
 
 def test_parameter_change_reruns_exactly_its_dependants(run_a):
     jobs = planned(snakemake(run_a, "-n", "--cores", "2", config={"weights": {"w0": 12}}))
-    assert set(jobs) == {"weights", "augment", "train", "predict", "merge", "evaluate", "all"}
+    assert set(jobs) == {"weights", "augment", "train", "predict", "evaluate", "all"} | MERGE
     jobs = planned(snakemake(run_a, "-n", "--cores", "2", config={"predict": {"tta": "flips"}}))
-    assert set(jobs) == {"predict", "merge", "evaluate", "all"}
+    assert set(jobs) == {"predict", "evaluate", "all"} | MERGE
+    jobs = planned(snakemake(run_a, "-n", "--cores", "2", config={"predict": {"merge_jobs": 1}}))
+    assert set(jobs) == {"evaluate", "all"} | MERGE  # the cells are the same, but the merge runs again
     res = snakemake(run_a, "-n", "-p", "--cores", "2", config={"augment": {"gamma": 0.5, "contrast": 0.3}})
-    assert set(planned(res)) == {"augment", "train", "predict", "merge", "evaluate", "all"}
+    assert set(planned(res)) == {"augment", "train", "predict", "evaluate", "all"} | MERGE
     assert "--contrast 0.3 --gamma 0.5" in res.stdout + res.stderr  # the grey-value keys reach unet augment
     res = snakemake(run_a, "-n", "-p", "--cores", "2", config={"predict": {"compile": True}})
-    assert set(planned(res)) == {"predict", "merge", "evaluate", "all"}
+    assert set(planned(res)) == {"predict", "evaluate", "all"} | MERGE
     assert " --compile " in res.stdout + res.stderr
 
 
@@ -170,7 +181,7 @@ def test_code_change_reruns_the_stage_that_imports_it(run_a, tmp_path):
 
 def test_reproducible_with_other_parallelism(run_a, tmp_path):
     work_b = new_workdir(tmp_path / "b")
-    snakemake(work_b, "--cores", "1", config={"predict": {"jobs": 1}})
+    snakemake(work_b, "--cores", "1", config={"predict": {"jobs": 1, "merge_jobs": 1}})
     a, b = data_digests(run_a), data_digests(work_b)
     assert a.keys() == b.keys() and len(a) > 20
     differing = [k for k in a if a[k] != b[k]]

@@ -191,6 +191,7 @@ def _start(run: _Run) -> None:
     """Create the store being built and the manifest (kept as it is when this run started it)."""
     if run.work.started():
         log.info("%s: this merge was started already; its finished pieces are kept", run.work.path)
+        run.work.mark_done("start.done", {})
         return
     remove_path(run.work.path)  # another run's work folder (its mark was checked), or nothing
     run.work.path.mkdir(parents=True)
@@ -201,6 +202,7 @@ def _start(run: _Run) -> None:
         create_array(scratch, name, shape=run.tiling.shape, dtype=np.uint32,
                      chunks=(1, run.tiling.block_px, run.tiling.block_px))
     run.work.write_manifest()
+    run.work.mark_done("start.done", {})
 
 
 def _seeds(run: _Run, k: int) -> None:

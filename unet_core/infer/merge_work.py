@@ -5,6 +5,7 @@ round) keeps everything between its rounds in one folder (``--work``; the workfl
 ``results/<sample>/merge/``)::
 
     merge.json            manifest: format, the run's fingerprint (parts, stack, settings, K, code)
+    start.done            written by ``start`` after the manifest (the workflow tracks this one)
     store.ome.zarr/       the prediction being built; ``finish`` moves it to the output path
       _scratch/seeds      uint32 seed labels of each block, numbered within the block
       _scratch/labels     uint32 provisional cell labels of each block (see block_labels)
@@ -48,7 +49,7 @@ _STORE_NODES = ("", "[0-9]*", "labels", *(f"labels/{name}{level}" for name in ("
 #: the store being built, the records and the piece locks.
 WORK_MARK = JsonMark(WORK_FORMAT, "a work folder of 'unet merge'", manifest=MANIFEST,
                      layout=Layout(tuple(f"{STORE}/{n}" if n else STORE for n in _STORE_NODES),
-                                   (MANIFEST, "seeds-[0-9]*.npz", "seed-ids.npz", "cells-[0-9]*.npz", "cell-ids.npz",
+                                   (MANIFEST, "start.done", "seeds-[0-9]*.npz", "seed-ids.npz", "cells-[0-9]*.npz", "cell-ids.npz",
                                     "cell-table.npy", "write-[0-9]*.csv", "write-[0-9]*.done", ".piece-[0-9]*.lock")))
 
 

@@ -76,6 +76,7 @@ VAL = [n for n, r in samples.items() if r["role"] == "val"]
 PREDICT = [n for n, r in samples.items() if r["role"] in ("val", "predict")]
 LABELLED_PREDICT = [n for n in PREDICT if samples[n]["labels"]]
 JOBS = list(range(config["predict"]["jobs"]))
+MERGE_PIECES = list(range(config["predict"]["merge_jobs"]))
 
 
 def check_jobs_fit_blocks(config):
@@ -121,6 +122,7 @@ check_jobs_fit_blocks(config)
 wildcard_constraints:
     sample="|".join(map(re.escape, samples)),
     job=r"\d+",
+    piece=r"\d+",
 
 
 def out(path):
@@ -213,19 +215,36 @@ def predict_normalisation():
     return f"--normalisation {config['normalisation']}"
 
 
+def merge_inputs(wildcards):
+    """What every merge round reads: the stack and the finished predict parts (their markers)."""
+    return {"stack": out(f"{wildcards.sample}/stack.ome.zarr"),
+            "parts": [out(f"{wildcards.sample}/predict/part-{job}.zarr/COMPLETE") for job in JOBS]}
+
+
+def merge_seed_ids(wildcards):
+    """The numbered seeds a cells piece floods from (the watershed only)."""
+    return [out(f"{wildcards.sample}/merge/seed-ids.npz")] if config["predict"]["instances"] == "watershed" else []
+
+
+def merge_args(wildcards):
+    """The arguments every round of a sample's merge gets (unet merge checks they stay the same)."""
+    sample = wildcards.sample
+    parts = " ".join(q(out(f"{sample}/predict/part-{job}.zarr")) for job in JOBS)
+    tiff = config["predict"]["tiff"]  # true: the segmentation, merge's default content
+    content = f" --tiff-content {tiff}" if tiff not in (True, "segmentation") else ""
+    tiff_args = f" --tiff {q(out(f'{sample}/segmentation.tif'))}{content}" if tiff else ""
+    return (
+        f"{parts} --stack {q(out(f'{sample}/stack.ome.zarr'))} -o {q(out(f'{sample}/prediction.ome.zarr'))}"
+        f" --cells {q(out(f'{sample}/cells.csv'))}{tiff_args}"
+        f" --instances {config['predict']['instances']} --min-object-px {config['predict']['min_object_px']}"
+        f" {watershed_options()} --jobs {config['predict']['merge_jobs']} --work {q(out(f'{sample}/merge'))}"
+    )
+
+
 def merge_tiff_output():
     """The merge rule's segmentation TIFF as a declared output when the config asks for it (so
     Snakemake removes it before a rerun and knows who writes it)."""
     return {"tiff": out("{sample}/segmentation.tif")} if config["predict"]["tiff"] else {}
-
-
-def merge_tiff_option(output):
-    """--tiff [--tiff-content] for unet merge: predict.tiff true means the segmentation."""
-    if "tiff" not in output.keys():
-        return ""
-    content = config["predict"]["tiff"]
-    extra = f" --tiff-content {content}" if content not in (True, "segmentation") else ""
-    return f"--tiff {q(output.tiff)}{extra}"
 
 
 def get_final_outputs():
@@ -253,20 +272,22 @@ OUTPUT_MARKS = {  # (rule, output name; None for a rule's one unnamed output) ->
     ("augment", "samples"): "unet_core.augment.samples:AUGMENT_MARK",
     ("augment", "plot"): "unet_core.augment.samples:AUGMENT_PLOT_MARK",
     ("merge", "prediction"): "unet_core.infer.merge:PREDICTION_MARK",
-    ("merge", "tiff"): "unet_core.infer.merge:TIFF_MARK",
+    ("merge", "tiff"): "unet_core.infer.tiff_export:TIFF_MARK",
     ("merge", "cells"): "unet_core.infer.cells:CELLS_MARK",
 }
 FOLDER_MARKS = {  # rules whose outputs are files in a folder the stage owns -> that folder's mark
     "train": "unet_core.train.outputs:OUT_DIR_MARK",
     "predict": "unet_core.infer.part_store:PART_MARK",
     "evaluate": "unet_core.evaluate.scoring:OUT_DIR_MARK",
+    **{f"merge_{step}": "unet_core.infer.merge_work:WORK_MARK"  # the merge rounds' records
+       for step in ("start", "seeds", "number_seeds", "cells", "number_cells", "write")},
 }
 
 
 def declared_outputs():
     """(path, mark name) of every output the rules declare, for every sample and job: for the
     rules of FOLDER_MARKS the folder their outputs lie in."""
-    found, values = {}, {"sample": list(samples), "job": JOBS}
+    found, values = {}, {"sample": list(samples), "job": JOBS, "piece": MERGE_PIECES}
     for step in workflow.rules:
         named = dict(step.output.items()) or ({None: step.output[0]} if len(step.output) else {})
         for key, pattern in named.items():
