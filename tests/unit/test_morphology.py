@@ -111,11 +111,23 @@ def sk_flood(height, markers, mask, connectivity):
     return sk_watershed(-height, markers, mask=mask, connectivity=1 if connectivity == 4 else 2).astype(np.int32)
 
 
+STATUS_SEEN = set()
+
+
 def check_flood(height, markers, mask) -> None:
+    """The public function and both of its kernels (per component; skimage's heap replayed)."""
+    args = (np.ascontiguousarray(height), True, np.ascontiguousarray(markers, dtype=np.int64), mask)
     for conn in (4, 8):
+        ref = sk_flood(height, markers, mask, conn)
         out = M.flood_from_markers(height, markers, mask, connectivity=conn)
         assert out.dtype == np.int32
-        assert np.array_equal(out, sk_flood(height, markers, mask, conn)), (height.shape, conn)
+        assert np.array_equal(out, ref), (height.shape, conn)
+        if height.dtype.kind == "f":
+            labels, ok = M._flood(*args, conn == 8)
+            assert ok and np.array_equal(labels, ref)
+            labels, status = M._flood_by_component(*args, conn == 8)
+            STATUS_SEEN.add(status)
+            assert status == 1 or np.array_equal(labels, ref)
 
 
 def test_flood_equals_skimage_on_distance_maps_with_h_maxima_seeds() -> None:
@@ -146,6 +158,29 @@ def test_flood_equals_skimage_on_ties_markers_off_mask_and_no_markers() -> None:
         markers = np.where(rng.random(shape) < density, rng.integers(1, 6, shape), 0).astype(np.int32)
         check_flood(height, markers, mask)  # markers lie on and off the mask
         check_flood(height, markers.astype(np.int64), np.zeros(shape, bool))  # empty mask
+
+
+def test_flood_both_kernels_were_exercised() -> None:
+    # two touching mirror-image discs: their seeds have equal values, different labels
+    yy, xx = np.indices((21, 37))
+    mask = ((yy - 10) ** 2 + (xx - 10) ** 2 <= 64) | ((yy - 10) ** 2 + (xx - 26) ** 2 <= 64)
+    d = instances.mask_distance(mask)
+    markers, n = ndi.label(sk_peaks(d, 1.0) & mask, structure=CROSS)
+    assert n == 2
+    check_flood(d, markers, mask)
+    assert M._flood_by_component(d, True, markers.astype(np.int64), mask, False)[1] == 1
+    assert STATUS_SEEN >= {0, 1}
+
+
+def test_flood_nan_heights_left_to_skimage() -> None:
+    height = np.random.default_rng(8).random((12, 12))
+    height[3, 4] = np.nan
+    markers = np.zeros((12, 12), np.int32)
+    markers[1, 1], markers[9, 9] = 1, 2
+    mask = np.ones((12, 12), bool)
+    for conn in (4, 8):
+        assert np.array_equal(M.flood_from_markers(height, markers, mask, connectivity=conn),
+                              sk_flood(height, markers, mask, conn))
 
 
 def test_flood_other_dtypes() -> None:

@@ -385,6 +385,170 @@ def _flood(
     return out, True
 
 
+@numba.njit(cache=True, nogil=True)
+def _flood_by_component(
+    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, eight: bool
+) -> tuple:  # pragma: no cover - compiled
+    """The flood of :func:`_flood`, one connected component of ``mask`` after the other, each
+    with a priority queue of its own.
+
+    Returns (int64 labels (Y, X), status): status 0 where the labels are skimage's; 1 (labels
+    unfinished) where two markers of different labels in one component have equal values; 2
+    where ``height`` holds NaN.
+
+    skimage pops its items in increasing (value, age) order: every push is worth at least the
+    item popped before it, so that sequence is fixed by the keys alone, except among markers of
+    equal value (all age 0), which it takes in the order its heap's layout happens to give. A
+    component's labels depend only on the order of its own items, and ages order them as their
+    pushes within the component do; so flooding component by component, with (value, slot)
+    keys where slots number the pushes, gives skimage's labels. Equal-valued markers come here
+    in breadth-first order; where two of them with different labels share a component this
+    kernel gives up (status 1) and the caller replays skimage's heap; otherwise their order
+    cannot change the labels (a run of equal-valued items of one label pushes the same pixels, with
+    that label, whatever its order). Flooding one cell after the other keeps the memory it
+    touches in cache, which the global order (every pop somewhere else in the image) does not.
+    """
+    ny, nx = height.shape
+    py, px = ny + 2, nx + 2
+    npad = py * px
+    key = np.zeros(npad, np.int64)
+    inside = np.zeros(npad, np.bool_)
+    lab = np.zeros(npad, np.int64)
+    for i in range(ny):
+        for j in range(nx):
+            p = (i + 1) * px + (j + 1)
+            v = np.float64(height[i, j])
+            if v != v:
+                return np.zeros((ny, nx), np.int64), 2
+            key[p] = _order_key(-v if negate else v)
+            if mask[i, j]:
+                inside[p] = True
+                lab[p] = markers[i, j]
+    if eight:
+        offsets = np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
+    else:
+        offsets = np.array([-px, -1, 1, px], np.int64)
+    nnb = offsets.shape[0]
+    seen = np.zeros(npad, np.bool_)
+    members = np.empty(npad, np.int64)  # breadth-first list of the current component
+    heap = np.empty(2 * npad, np.int64)  # (key, slot << 32 | index) pairs
+    slot = np.int64(0)
+    for start in range(npad):
+        if lab[start] == 0 or seen[start]:  # lab != 0 only inside the mask
+            continue
+        # the component of this marker, breadth first
+        seen[start] = True
+        members[0] = start
+        n_members = 1
+        h = 0
+        while h < n_members:
+            p = members[h]
+            h += 1
+            for k in range(nnb):
+                q = p + offsets[k]
+                if inside[q] and not seen[q]:
+                    seen[q] = True
+                    members[n_members] = q
+                    n_members += 1
+        # its markers (age 0, before every pixel they reach), then the flood
+        n_markers = 0
+        for t in range(n_members):
+            if lab[members[t]] != 0:
+                n_markers += 1
+        if n_markers > 1:  # equal values with different labels: skimage's heap decides
+            mkeys = np.empty(n_markers, np.int64)
+            mlabels = np.empty(n_markers, np.int64)
+            n_markers = 0
+            for t in range(n_members):
+                p = members[t]
+                if lab[p] != 0:
+                    mkeys[n_markers] = key[p]
+                    mlabels[n_markers] = lab[p]
+                    n_markers += 1
+            order = np.argsort(mkeys)
+            for t in range(1, n_markers):
+                u, w = order[t - 1], order[t]
+                if mkeys[u] == mkeys[w] and mlabels[u] != mlabels[w]:
+                    return np.zeros((ny, nx), np.int64), 1
+        items = 0
+        for t in range(n_members):
+            p = members[t]
+            if lab[p] == 0:
+                continue
+            kv = key[p]
+            pk = (slot << 32) | p
+            slot += 1
+            child = items
+            items += 1
+            while child > 0:
+                parent = (child - 1) >> 1
+                pv = heap[2 * parent]
+                if kv < pv or (kv == pv and pk < heap[2 * parent + 1]):
+                    heap[2 * child] = pv
+                    heap[2 * child + 1] = heap[2 * parent + 1]
+                    child = parent
+                else:
+                    break
+            heap[2 * child] = kv
+            heap[2 * child + 1] = pk
+        while items > 0:
+            ev = heap[0]
+            e = heap[1] & 0xFFFFFFFF
+            items -= 1
+            if items > 0:
+                lv = heap[2 * items]
+                lk = heap[2 * items + 1]
+                i = 0
+                while True:
+                    c = 2 * i + 1
+                    if c >= items:
+                        break
+                    r = c + 1
+                    cv = heap[2 * c]
+                    if r < items:
+                        rv = heap[2 * r]
+                        if rv < cv or (rv == cv and heap[2 * r + 1] < heap[2 * c + 1]):
+                            c = r
+                            cv = rv
+                    if cv < lv or (cv == lv and heap[2 * c + 1] < lk):
+                        heap[2 * i] = cv
+                        heap[2 * i + 1] = heap[2 * c + 1]
+                        i = c
+                    else:
+                        break
+                heap[2 * i] = lv
+                heap[2 * i + 1] = lk
+            label = lab[e]
+            for k in range(nnb):
+                q = e + offsets[k]
+                if not inside[q] or lab[q] != 0:
+                    continue
+                lab[q] = label
+                kv = key[q]
+                if kv < ev:
+                    kv = ev
+                pk = (slot << 32) | q
+                slot += 1
+                child = items
+                items += 1
+                while child > 0:
+                    parent = (child - 1) >> 1
+                    pv = heap[2 * parent]
+                    if kv < pv or (kv == pv and pk < heap[2 * parent + 1]):
+                        heap[2 * child] = pv
+                        heap[2 * child + 1] = heap[2 * parent + 1]
+                        child = parent
+                    else:
+                        break
+                heap[2 * child] = kv
+                heap[2 * child + 1] = pk
+    out = np.empty((ny, nx), np.int64)
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = lab[(i + 1) * px + (j + 1)]
+    return out, 0
+
+
 def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
     """(Y, X) int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``;
     equal to ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
@@ -412,10 +576,14 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
     else:
         # integer heights: negate in their own dtype first, as ``-height`` did (it may wrap)
         values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
-    if (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**32 or hgt.size >= 2**31:
+    if (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**31:  # slot << 32 | index in an int64
         raise ValueError(f"image too large for the compiled flood: {hgt.shape}")
-    labels, ok = _flood(values, negate, np.ascontiguousarray(mk.astype(np.int64, copy=False)),
-                        np.ascontiguousarray(msk), connectivity == 8)
+    mk = np.ascontiguousarray(mk.astype(np.int64, copy=False))
+    msk = np.ascontiguousarray(msk)
+    labels, status = _flood_by_component(values, negate, mk, msk, connectivity == 8)
+    ok = status != 2
+    if status == 1:  # equal-valued markers of different labels: replay skimage's heap
+        labels, ok = _flood(values, negate, mk, msk, connectivity == 8)
     if not ok:  # NaN heights: leave skimage's own (ill-defined) ordering to skimage
         from skimage.segmentation import watershed
 
