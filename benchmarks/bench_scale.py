@@ -63,10 +63,12 @@ SYNTH_SLICES = 10
 MIB = 2**20
 GIB = 2**30
 RSS_TARGET_MIB = 2048
-# Peak disk use of a run over the TIFF's size, the TIFF included, measured with the one-command
-# merge (2026-12-07): quick run (2 x 1024²) 2.20, 1 GiB run (8 x 8192²) 2.06. The check asks for
-# this much, times DISK_MARGIN for what the stepwise merge's work folder may add.
-DISK_RATIO = 2.2
+# Peak disk use of a run over the TIFF's size, the TIFF included (TIFF, ingested stack with its
+# pyramid, part stores, prediction with segmentation, instances and their pyramids, cells.csv),
+# measured with the one-command merge (2026-12-07): quick run (2 x 1024²) 2.98, 1 GiB run
+# (8 x 8192²) 2.85. The check asks for the TIFF plus the stores' share times DISK_MARGIN, for what
+# the stepwise merge's work folder may add: 16 GiB x (1 + 1.9 x 1.5) = 62 GiB for the 16 GiB run.
+DISK_RATIO = 2.9
 DISK_MARGIN = 1.5
 MERGE_OPTIONS = ["--instances", "watershed", "--seeds", "distance", "--seed-h-px", "1", "--min-object-px", "20",
                  "--mask-threshold", "0.5", "--halo-px", "64"]
@@ -189,7 +191,8 @@ def run_stage(commands: list[list[str]], logs: Path, name: str) -> tuple[float, 
         log.close()
     wall = time.perf_counter() - t0
     for p, log, tag, cmd in procs:
-        info = json.loads((logs / f"{tag}.json").read_text()) if (logs / f"{tag}.json").exists() else {"rc": p.returncode}
+        report = logs / f"{tag}.json"
+        info = json.loads(report.read_text()) if report.exists() else {"rc": p.returncode}
         if p.returncode or info["rc"]:
             tail = (logs / f"{tag}.log").read_text()[-3000:]
             raise RuntimeError(f"{name} failed (exit {info['rc']}): {' '.join(cmd)}\n{tail}")
@@ -237,7 +240,8 @@ def build_tiff(path: Path, tiles: np.ndarray, slices: int, side: int) -> None:
         for z in range(slices):
             for i in range(n * n):
                 r, c = divmod(i, n)
-                page[r * SYNTH_SIZE:(r + 1) * SYNTH_SIZE, c * SYNTH_SIZE:(c + 1) * SYNTH_SIZE] = tiles[(z * n * n + i) % count]
+                y, x = r * SYNTH_SIZE, c * SYNTH_SIZE
+                page[y:y + SYNTH_SIZE, x:x + SYNTH_SIZE] = tiles[(z * n * n + i) % count]
             yield page
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -271,17 +275,17 @@ def run_size(result: Result, args: argparse.Namespace, unet: list[str], root: Pa
     work = root / f"z{slices}"
     work.mkdir()
     tiff = work / "stack.tif"
-    t0 = time.perf_counter()
-    build_tiff(tiff, tiles, slices, side)
-    print(f"# {label}: {slices} x {side}² uint16 BigTIFF built in {time.perf_counter() - t0:.1f} s (not timed), "
-          f"{du(tiff) / GIB:.3f} GiB on disk", flush=True)
     mpx = slices * side * side / 1e6
     k = args.jobs
     stack, pred, cells, mwork = work / "S.ome.zarr", work / "P.ome.zarr", work / "cells.csv", work / "merge-work"
     parts = [str(work / f"part-{j}") for j in range(k)]
     first = len(result.rows)
-    load0 = os.getloadavg()[0]
-    with DiskSampler(work) as sampler:
+    with DiskSampler(work) as sampler:  # from before the TIFF, so that its peak compares with the du figures
+        t0 = time.perf_counter()
+        build_tiff(tiff, tiles, slices, side)
+        print(f"# {label}: {slices} x {side}² uint16 BigTIFF built in {time.perf_counter() - t0:.1f} s (not timed), "
+              f"{du(tiff) / GIB:.3f} GiB on disk", flush=True)
+        load0 = os.getloadavg()[0]
         measure(result, label, "ingest", [[*unet, "ingest", str(tiff), str(stack), "--voxel-size-um", "1,0.5,0.5"]],
                 work, mpx)
         block = ["--block-px", str(args.block_px)] if args.block_px else []
@@ -318,7 +322,10 @@ def run_size(result: Result, args: argparse.Namespace, unet: list[str], root: Pa
                  f"stage): {'all stages within' if not over else 'over in ' + ', '.join(over)}")
     notes.append(f"{label}: peak disk use {peak / GIB:.3f} GiB = {peak / tiff_bytes:.2f}x the TIFF (the check "
                  f"assumes {DISK_RATIO}x, with a {DISK_MARGIN}x margin on the stores); filesystem used space peaked "
-                 f"{sampler.peak / GIB:.3f} GiB above the run's start (sampled; counts other writers too)")
+                 f"{sampler.peak / GIB:.3f} GiB above its level before the TIFF (sampled every 0.5 s: sees "
+                 "transient files, and other writers on the disk too)")
+    with open(cells) as fh:
+        notes.append(f"{label}: cells.csv has {sum(1 for _ in fh) - 1} cells")
     merge_wall = sum(s.wall_s for s in stages if s.name.startswith("merge"))
     if args.merge_k_compare:
         one = [*base, "--jobs", "1"] if stepwise else base
@@ -326,7 +333,8 @@ def run_size(result: Result, args: argparse.Namespace, unet: list[str], root: Pa
         if mwork.exists():
             shutil.rmtree(mwork)
         s1 = measure(result, label, "merge K=1 (compare)", [one], work, mpx)
-        how = "" if stepwise else " (today's merge has no --jobs: both runs are one process, the ratio shows noise only)"
+        how = "" if stepwise else (" (this merge has no --jobs: both runs are one process, the ratio shows "
+                                   "noise only)")
         notes.append(f"{label}: merge wall K={k} {merge_wall:.1f} s, K=1 {s1.wall_s:.1f} s: ratio "
                      f"{merge_wall / s1.wall_s:.2f} (target <= 0.6 with K = 2){how}")
     for line in notes:
@@ -403,14 +411,17 @@ def main(argv: list[str] | None = None) -> Result:
     free = shutil.disk_usage(base).free
     if free < need:
         print(f"bench_scale: needs ~{need / GIB:.1f} GiB free in {base} for {args.sizes} x {args.side}² "
-              f"(TIFF + {DISK_RATIO}x for the stores, {DISK_MARGIN}x margin), has {free / GIB:.1f} GiB", file=sys.stderr)
+              f"(TIFF + {DISK_RATIO}x for the stores, {DISK_MARGIN}x margin), has {free / GIB:.1f} GiB",
+              file=sys.stderr)
         raise SystemExit(2)
     unet = unet_command()
     stepwise = stepwise_merge_available(unet)
     result = Result(merge_form="stepwise (--step, K pieces)" if stepwise else "one command (no --step in this merge)")
     root = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=base))
     result.work = root
-    print(f"# bench_scale  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cores={os.cpu_count()}  K={args.jobs}"
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip() or "?"
+    print(f"# bench_scale  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  commit {rev}  cores={os.cpu_count()}  K={args.jobs}"
           f"  merge: {result.merge_form}  work={root}  free {free / GIB:.0f} GiB, need ~{need / GIB:.1f} GiB")
     print(f"{'stack':>10} {'stage':<22} {'procs':>5} {'wall s':>9} {'CPU-s':>9} {'CPU/Mpx':>8} {'RSS MiB':>9} "
           f"{'wrt GiB':>8} {'Δdisk':>8} {'disk GiB':>8}", flush=True)
