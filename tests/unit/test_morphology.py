@@ -116,7 +116,7 @@ STATUS_SEEN = set()
 
 def check_flood(height, markers, mask) -> None:
     """The public function and both of its kernels (per component; skimage's heap replayed)."""
-    args = (np.ascontiguousarray(height), True, np.ascontiguousarray(markers, dtype=np.int64), mask)
+    args = (np.ascontiguousarray(height), True, M._kernel_markers(np.asarray(markers)), mask)
     for conn in (4, 8):
         ref = sk_flood(height, markers, mask, conn)
         out = M.flood_from_markers(height, markers, mask, connectivity=conn)
@@ -168,7 +168,7 @@ def test_flood_both_kernels_were_exercised() -> None:
     markers, n = ndi.label(sk_peaks(d, 1.0) & mask, structure=CROSS)
     assert n == 2
     check_flood(d, markers, mask)
-    assert M._flood_by_component(d, True, markers.astype(np.int64), mask, False)[1] == 1
+    assert M._flood_by_component(d, True, M._kernel_markers(markers), mask, False)[1] == 1
     assert STATUS_SEEN >= {0, 1}
 
 

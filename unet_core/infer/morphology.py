@@ -17,12 +17,16 @@ call that :mod:`unet_core.infer.instances` used before, several times faster on 
     twice (argsort + rank order) for its reconstruction; this is O(n) in practice.
 :func:`flood_from_markers`
     ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 or 2)`` of
-    scikit-image 0.26: the same binary heap, fed in the same order (markers in raster order with
-    age 0 and their own value, then each newly reached neighbour with the next age and the value
-    ``max(its value, the value of the pixel that reached it)``), so even the ties between
-    markers of equal value, which its (value, age) order leaves to the heap's layout, come out
-    the same. Older scikit-image releases order the flooding differently (0.24: no ``max``;
-    0.25: markers at ``-inf``), so there the results may differ on ties.
+    scikit-image 0.26 (markers in raster order with age 0 and their own value; each newly
+    reached neighbour with the next age and the value ``max(its value, the value of the pixel
+    that reached it)``; pops in (value, age) order). Since those pops follow the keys alone and
+    the components of the mask never interact, each component is flooded on its own, with a
+    small heap that stays in cache (:func:`_flood_by_component`). The one order the keys leave
+    open, among markers of equal value, is the layout of skimage's heap; where two such markers
+    of different labels share a component, skimage's heap is replayed exactly, with the same
+    pushes and pops (:func:`_flood`). Older scikit-image releases order the flooding
+    differently (0.24: no ``max``; 0.25: markers at ``-inf``), so there results may differ on
+    ties.
 
 The kernels are compiled on first use (``cache=True``: once per machine, then loaded from
 numba's cache, about a second per process) and release the GIL, so the blocks of a merge can
@@ -392,7 +396,7 @@ def _flood_by_component(
     """The flood of :func:`_flood`, one connected component of ``mask`` after the other, each
     with a priority queue of its own.
 
-    Returns (int64 labels (Y, X), status): status 0 where the labels are skimage's; 1 (labels
+    Returns (int32 labels (Y, X), status): status 0 where the labels are skimage's; 1 (labels
     unfinished) where two markers of different labels in one component have equal values; 2
     where ``height`` holds NaN.
 
@@ -419,7 +423,7 @@ def _flood_by_component(
             p = (i + 1) * px + (j + 1)
             v = np.float64(height[i, j])
             if v != v:
-                return np.zeros((ny, nx), np.int64), 2
+                return np.zeros((ny, nx), np.int32), 2
             key[p] = _order_key(-v if negate else v)
             if mask[i, j]:
                 inside[p] = True
@@ -469,7 +473,7 @@ def _flood_by_component(
             for t in range(1, n_markers):
                 u, w = order[t - 1], order[t]
                 if mkeys[u] == mkeys[w] and mlabels[u] != mlabels[w]:
-                    return np.zeros((ny, nx), np.int64), 1
+                    return np.zeros((ny, nx), np.int32), 1
         items = 0
         for t in range(n_members):
             p = members[t]
@@ -542,11 +546,17 @@ def _flood_by_component(
                         break
                 heap[2 * child] = kv
                 heap[2 * child + 1] = pk
-    out = np.empty((ny, nx), np.int64)
+    out = np.empty((ny, nx), np.int32)  # wraps as numpy's astype(np.int32) does
     for i in range(ny):
         for j in range(nx):
             out[i, j] = lab[(i + 1) * px + (j + 1)]
     return out, 0
+
+
+def _kernel_markers(markers: np.ndarray) -> np.ndarray:
+    """Markers as the kernels take them: int32 (what ``ndi.label`` gives) as is, others as
+    int64 (two compiled variants instead of one per integer type)."""
+    return np.ascontiguousarray(markers, dtype=np.int32 if markers.dtype == np.int32 else np.int64)
 
 
 def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
@@ -578,7 +588,7 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
         values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
     if (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**31:  # slot << 32 | index in an int64
         raise ValueError(f"image too large for the compiled flood: {hgt.shape}")
-    mk = np.ascontiguousarray(mk.astype(np.int64, copy=False))
+    mk = _kernel_markers(mk)
     msk = np.ascontiguousarray(msk)
     labels, status = _flood_by_component(values, negate, mk, msk, connectivity == 8)
     ok = status != 2
@@ -588,4 +598,4 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
         from skimage.segmentation import watershed
 
         labels = watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2)
-    return labels.astype(np.int32)
+    return labels.astype(np.int32, copy=False)
