@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from unet_core.common import lockfile
+from unet_core.common.atomic import host_name
 from unet_core.common.errors import UserInputError
 from unet_core.infer import part_store
 from unet_core.infer.part_store import PartStore
@@ -29,7 +31,7 @@ def test_a_second_holder_is_refused_and_the_lock_is_released(tmp_path):
 
 
 def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(part_store, "LOCK_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(lockfile, "LOCK_HEARTBEAT_S", 0.05)
     store = PartStore(tmp_path / "part-0.zarr")
     with store.locked():
         os.utime(store.lock_path, (1.0, 1.0))
@@ -107,7 +109,7 @@ def test_a_resumed_store_keeps_its_markers_and_loses_an_older_versions_stale_tem
         store.open_for_job(SETTINGS, tiling, np.dtype(np.uint8))
         store.mark_done(first)
     # the marker temporary a killed job of an older version left (host and a PID that is gone)
-    stale = store.path / "done" / f".{second.name}.tmp-{part_store.host_name()}-999999999-abcdef12"
+    stale = store.path / "done" / f".{second.name}.tmp-{host_name()}-999999999-abcdef12"
     stale.write_text("")
     with store.locked():
         store.open_for_job(SETTINGS, tiling, np.dtype(np.uint8))  # same settings: resumed

@@ -58,7 +58,7 @@ from unet_core.common.atomic import atomic_output, atomic_output_with_companions
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.lockfile import holding
-from unet_core.common.outputs import Layout, ZarrMark, check_replaceable, claim_outputs
+from unet_core.common.outputs import Layout, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.infer.block_labels import UINT32_IDS, PieceLabeller, PieceLabels, drop_small, number_labels

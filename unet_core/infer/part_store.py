@@ -17,11 +17,11 @@ A part store is a directory written by exactly one predict job (jobs never share
                            start time of that process
 
 A part store belongs to one run at a time: a job holds the lock file for as long as it
-writes (refreshing its modification time every :data:`LOCK_HEARTBEAT_S` seconds), and a
+writes (refreshing its modification time every :data:`unet_core.common.lockfile.LOCK_HEARTBEAT_S` seconds), and a
 second job on the same store is refused with one line while the first runs. A lock whose
 process is gone is taken over, so a killed job never blocks its rerun: on the same host when
 its PID (with its start time) no longer runs, from another host (a shared file system, a
-requeued cluster job) when it has not been refreshed for :data:`LOCK_STALE_S` seconds. ``part.json`` is the store's mark
+requeued cluster job) when it has not been refreshed for :data:`unet_core.common.lockfile.LOCK_STALE_S` seconds. ``part.json`` is the store's mark
 (:data:`PART_MARK`, :mod:`unet_core.common.outputs`): a store with another run's settings is
 replaced (it is predict's own output), anything else at the path is refused.
 
@@ -37,8 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +45,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unet_core.common.atomic import (atomic_output, ensure_writable_parent, host_name, pid_alive, process_start,
-                                     remove_stale_tree)
+from unet_core.common.atomic import atomic_output, ensure_writable_parent, remove_stale_tree
 from unet_core.common.errors import UserInputError
+from unet_core.common.lockfile import holding
 from unet_core.common.outputs import JsonMark, Layout, check_replaceable
 from unet_core.infer.tiling import Block, Tiling
 from unet_core.io.ngff import create_array, fast_compressor
@@ -61,9 +59,6 @@ PART_FORMAT = "unet-pipeline/predict-part/2"
 OLD_FORMATS = {"unet-pipeline/predict-part/1": "unet-pipeline 0.1 before compact outputs"}
 PROBABILITIES, SEGMENTATION = "probabilities", "segmentation"
 MANIFEST, DONE, COMPLETE = "part.json", "done", "COMPLETE"
-#: A holder refreshes its lock this often; a lock of another host not refreshed for LOCK_STALE_S
-#: is taken over (its process can only be checked on its own host).
-LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
 #: How 'unet predict' recognises its own part stores: the manifest's format, and nothing in them but
 #: the arrays, the manifest and the completion markers.
 PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", manifest=MANIFEST,
@@ -122,72 +117,13 @@ class PartStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the store for this process while the block is entered.
+        """Hold the store for this process while the block is entered (:mod:`unet_core.common.lockfile`).
 
         Raises:
             UserInputError: another live process holds it (named, with its host and PID).
         """
-        lock = self.lock_path
-        ensure_writable_parent(lock)
-        me = {"host": host_name(), "pid": os.getpid(), "started": process_start(os.getpid())}
-        for _ in range(5):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._break_stale_lock(lock)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            break
-        else:
-            raise UserInputError(f"{self.path}: cannot take the lock {lock}; another 'unet predict' keeps taking it")
-        stop = threading.Event()
-
-        def heartbeat() -> None:
-            while not stop.wait(LOCK_HEARTBEAT_S):
-                with contextlib.suppress(OSError):
-                    os.utime(lock)
-
-        beat = threading.Thread(target=heartbeat, name="part-lock", daemon=True)
-        beat.start()
-        try:
+        with holding(self.lock_path, owner=self.path, who="'unet predict'", what="writing this part store"):
             yield
-        finally:
-            stop.set()
-            beat.join()
-            if _read_lock(lock) == me:
-                lock.unlink()
-
-    def _break_stale_lock(self, lock: Path) -> None:
-        """Remove ``lock`` if its process is gone (see the module docstring); else refuse."""
-        holder = _read_lock(lock)
-        if holder is None:  # being written this instant, or removed: look again
-            if lock.exists() and _lock_age(lock) > 10.0:
-                raise UserInputError(f"{self.path}: unreadable lock file {lock}; delete it if no 'unet predict' "
-                                     "is writing this part store")
-            time.sleep(0.2)
-            return
-        host, pid, age = holder.get("host"), holder.get("pid"), _lock_age(lock)
-        if host == host_name():
-            gone = isinstance(pid, int) and not pid_alive(pid, holder.get("started"))
-        else:
-            gone = age > LOCK_STALE_S
-        if not gone:
-            raise UserInputError(
-                f"{self.path}: another 'unet predict' (pid {pid} on host {host}) is writing this part store; wait "
-                f"for it to finish (a lock not refreshed for {LOCK_STALE_S:.0f} s is taken over), or, if that "
-                f"process is gone, delete {lock}"
-            )
-        log.warning("%s: taking over the lock of process %s on %s, which no longer runs", self.path, pid, host)
-        stolen = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
-        try:
-            os.replace(lock, stolen)
-        except FileNotFoundError:
-            return  # another job took it over first
-        if _read_lock(stolen) != holder:  # it changed in between: put the live lock back
-            with contextlib.suppress(FileExistsError):
-                os.link(stolen, lock)
-        stolen.unlink()
 
     # -- writing ----------------------------------------------------------------------------
     def open_for_job(self, settings: dict[str, Any], tiling: Tiling, dtype: np.dtype) -> PartArrays:
@@ -250,22 +186,6 @@ class PartStore:
         """Write ``COMPLETE`` with the job summary: the last thing a job does."""
         with atomic_output(self.path / COMPLETE, own=None) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-
-
-def _read_lock(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _lock_age(path: Path) -> float:
-    """Seconds since ``path`` was last modified (refreshed); 0 where it cannot be read."""
-    try:
-        return max(0.0, time.time() - path.stat().st_mtime)
-    except OSError:
-        return 0.0
 
 
 @dataclass(frozen=True)
