@@ -1,5 +1,6 @@
 # Config and samples: validation, wildcard constraints, input functions.
 
+import functools
 import os
 import re
 import shlex
@@ -228,7 +229,13 @@ def merge_seed_ids(wildcards):
 
 def merge_args(wildcards):
     """The arguments every round of a sample's merge gets (unet merge checks they stay the same)."""
-    sample = wildcards.sample
+    return _merge_args(wildcards.sample)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_args(sample):
+    """merge_args of ``sample``, made once: every merge job of a sample (3 x merge_jobs + 4) gets the
+    same string of all predict.jobs parts (was O(merge_jobs x jobs) per workflow start)."""
     parts = " ".join(q(out(f"{sample}/predict/part-{job}.zarr")) for job in JOBS)
     tiff = config["predict"]["tiff"]  # true: the segmentation, merge's default content
     content = f" --tiff-content {tiff}" if tiff not in (True, "segmentation") else ""

@@ -24,7 +24,7 @@ rule merge_start:
 
 rule merge_seeds:
     input:
-        unpack(merge_inputs),
+        stack=out("{sample}/stack.ome.zarr"),  # the parts come in through start.done: not K x jobs inputs
         start=out("{sample}/merge/start.done"),
     output:
         temp(out("{sample}/merge/seeds-{piece}.npz")),
@@ -65,7 +65,7 @@ rule merge_number_seeds:
 
 rule merge_cells:
     input:
-        unpack(merge_inputs),
+        stack=out("{sample}/stack.ome.zarr"),  # the parts come in through start.done: not K x jobs inputs
         start=out("{sample}/merge/start.done"),
         seeds=merge_seed_ids,
     output:
@@ -107,7 +107,7 @@ rule merge_number_cells:
 
 rule merge_write:
     input:
-        unpack(merge_inputs),
+        stack=out("{sample}/stack.ome.zarr"),  # the parts come in through start.done: not K x jobs inputs
         start=out("{sample}/merge/start.done"),
         ids=out("{sample}/merge/cell-ids.npz"),
     output:
