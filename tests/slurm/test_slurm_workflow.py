@@ -45,11 +45,14 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 BIN = Path(sys.executable).parent  # snakemake and unet are installed beside this interpreter
-RULES = ("synth", "ingest", "class_weights", "weights", "augment", "train", "predict", "merge", "evaluate")
+MERGE_RULES = ("merge_start", "merge_seeds", "merge_number_seeds", "merge_cells", "merge_number_cells", "merge_write",
+               "merge")
+RULES = ("synth", "ingest", "class_weights", "weights", "augment", "train", "predict", *MERGE_RULES, "evaluate")
 THREADED_RULES = ("class_weights", "weights", "augment", "train", "predict")  # take --threads
 GPU_RULES = ("train", "predict")
 
 PREDICT_JOBS = 2  # the 2 validation slices make at least 2 blocks: work for each job
+MERGE_JOBS = 2  # the merge's passes over pixels as 2 pieces each (seeds, cells, write)
 # Small but complete: every stage runs, on 8 synthetic 384 px slices, with a short training.
 # Keys missing from config/config.yaml are left out (see _override), so a renamed optional
 # key does not break the test.
@@ -58,9 +61,9 @@ OVERRIDE = {
     "augment": {"samples_per_slice": 2},
     "train": {"iterations": 20, "validate_every": 10, "val_every": 10, "checkpoint_every": 10,
               "runtime_min": 30},
-    "predict": {"jobs": PREDICT_JOBS},
+    "predict": {"jobs": PREDICT_JOBS, "merge_jobs": MERGE_JOBS},
 }
-REQUIRED_OVERRIDE = {("synth", "size_px"), ("train", "iterations"), ("predict", "jobs")}
+REQUIRED_OVERRIDE = {("synth", "size_px"), ("train", "iterations"), ("predict", "jobs"), ("predict", "merge_jobs")}
 START_TIMEOUT_S = 900  # includes apt-get install on a fresh machine
 STOP_TIMEOUT_S = 120
 LOCAL_TIMEOUT_S = 1200
@@ -332,3 +335,6 @@ def test_workflow_under_slurm_equals_local_run(slurm_cluster: Cluster, tmp_path:
     spans = sorted(records[j][1:] for j in predict_ids)
     overlapping = any(later[0] < earlier[1] for i, earlier in enumerate(spans) for later in spans[i + 1:])
     assert overlapping, f"no two predict jobs ran at the same time: {spans}"
+    # the merge ran in pieces: each pass over pixels as MERGE_JOBS SLURM jobs per predicted sample
+    for rule in ("merge_seeds", "merge_cells", "merge_write"):
+        assert len(set(submitted[rule])) == MERGE_JOBS * predicted, f"{rule} ran as SLURM jobs {submitted[rule]}"

@@ -481,18 +481,19 @@ class _Flooder:
         return labels, n
 
     def _markers(self, window: Box) -> np.ndarray:
-        """Global seed ids over ``window`` (0 = no seed), from the blocks' own seed labels."""
-        local = self.scratch[window.to_slices()][0].astype(np.int64)
-        markers = np.zeros(local.shape, np.int64)
+        """int32 global seed ids over ``window`` (0 = no seed), from the blocks' own seed labels
+        (seed pixels are few: only they are looked up)."""
+        local = self.scratch[window.to_slices()][0]
+        markers = np.zeros(local.shape, np.int32 if self.n_seeds < 2**31 else np.int64)
         b = self.run.tiling.block_px
         z = window.offset[0]
         for by in range(window.offset[1] // b, (window.end[1] - 1) // b + 1):
             for bx in range(window.offset[2] // b, (window.end[2] - 1) // b + 1):
-                part = self.run.tiling.block((z, by, bx)).write.intersect(window)
-                sl = part.relative_to(window).to_slices()[1:]
-                flat = self.run.flat(self.run.tiling.block((z, by, bx)))
+                block = self.run.tiling.block((z, by, bx))
+                sl = block.write.intersect(window).relative_to(window).to_slices()[1:]
                 values = local[sl]
-                markers[sl] = np.where(values > 0, self.final[values + self.offsets[flat]], 0)
+                at = np.nonzero(values)
+                markers[sl][at] = self.final[values[at].astype(np.int64) + self.offsets[self.run.flat(block)]]
         return markers
 
 
