@@ -576,3 +576,33 @@ def test_more_ids_than_uint32_holds_is_one_line_before_any_id_is_written() -> No
     with pytest.raises(UserInputError, match=r"4294967301 cells \(counted per block, before joining across "
                                              r"block faces\): more than 2\*\*32 - 1"):
         number_labels([huge], (1, 1, 2), 0, what="cells")
+
+
+def test_a_rerun_of_a_finished_merge_does_nothing_and_a_foreign_record_is_refused(tmp_path: Path,
+                                                                                 stand_in_model: Path,
+                                                                                 capsys) -> None:
+    stack, parts = _stack_and_parts(tmp_path, stand_in_model)
+    out = tmp_path / "o"
+    out.mkdir()
+    args = _merge_args(stack, parts, out, "components", 2)
+    run_in_pieces(args, steps=("start", "cells", "number-cells", "write", "finish"), jobs=2, order_seed=0)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for extra in ([], ["--step", "finish"], ["--step", "cells", "--job", "1"]):
+        assert main([*args, *extra]) == 0  # nothing to do: nothing written
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # a record of another run (other settings) in this run's work folder: one line naming it
+    other = tmp_path / "other"
+    other.mkdir()
+    other_args = _merge_args(stack, parts, other, "components", 2)
+    assert main([*other_args, "--min-object-px", "9", "--step", "start"]) == 0
+    assert main([*other_args, "--min-object-px", "9", "--step", "cells", "--job", "0"]) == 0
+    again = tmp_path / "again"
+    again.mkdir()
+    again_args = _merge_args(stack, parts, again, "components", 2)
+    assert main([*again_args, "--step", "start"]) == 0
+    (again / "p.ome.zarr.work" / "cells-0.npz").write_bytes((other / "p.ome.zarr.work" / "cells-0.npz").read_bytes())
+    assert main([*again_args, "--step", "cells", "--job", "1"]) == 0
+    capsys.readouterr()
+    assert main([*again_args, "--step", "number-cells"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cells-0.npz: a record of another merge run" in err[0], err

@@ -169,6 +169,19 @@ class _Run:
                 "settings": self.settings.to_dict(), "cells": r.cells is not None, "tiff": r.tiff is not None,
                 "version": __version__, "code": code_hash("merge")}
 
+    def finished(self) -> bool:
+        """Whether the output is this merge's (its attributes record the fingerprint of these parts,
+        stack, settings and code; the number of pieces aside) and every output asked for is there:
+        then no step has anything to do."""
+        r = self.request
+        if not PREDICTION_MARK.recognises(r.out) or any(p is not None and not p.is_file() for p in (r.cells, r.tiff)):
+            return False
+        try:
+            attrs = zarr.open_group(r.out, mode="r").attrs.asdict()
+        except Exception:  # zarr raises several types for damaged metadata: not finished
+            return False
+        return attrs.get("unet", {}).get("merge_fingerprint") == self.work.result_fingerprint
+
     def piece_blocks(self, k: int) -> list[Block]:
         if not isinstance(k, int) or not 0 <= k < self.settings.jobs:
             raise UserInputError(f"--job must be in [0, {self.settings.jobs}) for --jobs {self.settings.jobs}, "
@@ -361,6 +374,9 @@ def run_step(request: MergeRequest, step: str, *, job: int | None = None, work: 
     if step not in steps_for(run.settings):
         raise UserInputError(f"--step {step}: not a step of a merge with --instances {run.settings.instances.value} "
                              f"(steps: {', '.join(steps_for(run.settings))})")
+    if run.finished():
+        log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
+        return None
     if step in PARALLEL_STEPS:
         if job is None:
             raise UserInputError(f"--step {step} runs one piece: give --job k (0 <= k < {run.settings.jobs})")
@@ -414,6 +430,10 @@ def merge_parts(
     with holding(request.out_lock, owner=request.out, who="'unet merge'", what="writing this output"):
         try:
             run = _Run(request, work_path)
+            if run.finished():
+                log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
+                return MergeSummary(run.tiling.n_blocks, int(zarr.open_group(request.out, mode="r").attrs["unet"][
+                    "instances"]), run.tiling.shape)
             _start(run)
             for step in steps_for(run.settings)[1:-1]:
                 if step in PARALLEL_STEPS:
@@ -635,4 +655,5 @@ def _provenance(run: _Run, n_instances: int) -> dict[str, Any]:
         "probability_axes": "czyx", "probabilities": run.encoding.value,
         "probability_encoding": run.encoding.description,
         "min_object_px": settings.min_object_px, "median_object_area_px": run.area,
+        "merge_fingerprint": run.work.result_fingerprint,
     }

@@ -63,6 +63,14 @@ class MergeWork:
         self.fingerprint = hashlib.sha256(text.encode()).hexdigest()
 
     @property
+    def result_fingerprint(self) -> str:
+        """The fingerprint of what the output depends on: the manifest without the output's path
+        and the number of pieces (recorded in the output; equal for any K, so the output's bytes are too)."""
+        manifest = {k: v for k, v in self.manifest.items() if k != "out"}
+        manifest["settings"] = {k: v for k, v in manifest.get("settings", {}).items() if k != "jobs"}
+        return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+    @property
     def store(self) -> Path:
         return self.path / STORE
 
