@@ -97,6 +97,19 @@ def test_h_maxima_equals_skimage_on_plateaus_and_coded_probabilities() -> None:
     assert M.h_maxima(np.zeros((0, 4)), 1.0).shape == (0, 4)
 
 
+def test_h_maxima_non_finite_images() -> None:
+    img = instances.mask_distance(np.pad(np.ones((9, 9), bool), 3))
+    for dtype in (np.float64, np.float32):
+        x = img.astype(dtype)
+        x[2, 2] = -np.inf  # skimage copes: same answer
+        with np.errstate(invalid="ignore"):
+            assert np.array_equal(M.h_maxima(x, 1.0), sk_peaks(x, 1.0))
+        for bad in (np.nan, np.inf):  # skimage crashes or hangs: a clear error instead
+            x[2, 2] = bad
+            with pytest.raises(ValueError, match="NaN or \\+inf"):
+                M.h_maxima(x, 1.0)
+
+
 def test_h_maxima_rejects_what_it_does_not_reproduce() -> None:
     with pytest.raises(TypeError):
         M.h_maxima(np.zeros((3, 3), np.uint8), 1.0)

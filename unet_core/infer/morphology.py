@@ -203,20 +203,23 @@ def _reconstruct_dilation4(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  #
 
 
 @numba.njit(cache=True, nogil=True)
-def _h_maxima_f64(image: np.ndarray, h: float, factor: float) -> np.ndarray:  # pragma: no cover
-    """h-maxima of a float64 image as skimage computes them (see :func:`h_maxima`)."""
+def _h_maxima_f64(image: np.ndarray, h: float, factor: float) -> tuple:  # pragma: no cover
+    """h-maxima of a float64 image as skimage computes them (see :func:`h_maxima`); returns
+    (bool mask, ok), ok False (mask undefined) where the image holds NaN or +inf."""
     ny, nx = image.shape
     seed = np.empty((ny, nx), np.float64)
     for i in range(ny):
         for j in range(nx):
             x = image[i, j]
+            if x != x or x == np.inf:
+                return np.zeros((ny, nx), np.bool_), False
             seed[i, j] = (x - h) - factor * abs(x)
     rec = _reconstruct_dilation4(seed, image)
     out = np.empty((ny, nx), np.bool_)
     for i in range(ny):
         for j in range(nx):
             out[i, j] = image[i, j] - rec[i, j] >= h
-    return out
+    return out, True
 
 
 def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
@@ -227,7 +230,8 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     residue ``image - reconstruction >= h``).
 
     Raises:
-        ValueError: ``h`` is 0 (as skimage), or ``image`` is not 2-D.
+        ValueError: ``h`` is 0 (as skimage), ``image`` is not 2-D, or it holds NaN or +inf
+            (where skimage's seed holds NaN and skimage crashes or hangs).
         TypeError: ``image`` is neither float32 nor float64.
     """
     img = np.asarray(image)
@@ -241,11 +245,17 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
         raise ValueError("h = 0 is ambiguous, use local_maxima() instead?")
     img = np.ascontiguousarray(img)
     if img.dtype == np.float64:
-        return _h_maxima_f64(img, float(h), _RESOLUTION_FACTOR_F64)
-    # other float types: skimage's arithmetic in that dtype (numpy), the reconstruction compiled
+        out, ok = _h_maxima_f64(img, float(h), _RESOLUTION_FACTOR_F64)
+        if ok:
+            return out
+    if np.isnan(img).any() or np.isposinf(img).any():
+        # the seed would hold NaN; scikit-image crashes or hangs on such an image
+        raise ValueError("image holds NaN or +inf")
+    # float32: skimage's arithmetic in that dtype (numpy), the reconstruction compiled
     seed = img - h - 2 * np.finfo(img.dtype).resolution * np.abs(img)
     rec = _reconstruct_dilation4(np.ascontiguousarray(seed, dtype=img.dtype), img)
-    return (img - rec) >= h
+    with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, not a residue >= h (as skimage)
+        return (img - rec) >= h
 
 
 # --------------------------------------------------------------------------------------------
