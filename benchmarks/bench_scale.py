@@ -39,6 +39,13 @@ peak RSS <= 2 GiB (per process); per-piece stages (predict and the parallel merg
 +-20 % peak RSS between the smallest and the largest size run; merge wall with K = 2 <= 0.6 x K = 1.
 Nothing is asserted. The stores are deleted when a size is done (``--keep`` keeps them); the TIFF
 too. ``--markdown FILE`` writes the table in the layout of benchmarks/RESULTS.md.
+
+The stages run whatever ``unet_core`` the ``unet`` command imports. Each merge step checks the
+code hash recorded by ``start``, so editing ``unet_core`` during a run makes the later steps
+refuse ("differs in code"): in a tree others are editing, run from a snapshot of a commit, e.g.
+``git archive HEAD unet_core | tar -x -C $SNAP`` and ``PYTHONPATH=$SNAP`` (started outside the
+repository, so that the working directory does not come first on the path). Wall seconds depend
+on what else the machine runs (the load average is printed); CPU-s much less.
 """
 
 from __future__ import annotations
