@@ -594,17 +594,17 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
     if hgt.dtype in (np.float32, np.float64):
         values, negate = np.ascontiguousarray(hgt), True
     else:
-        # integer heights: negate in their own dtype first, as ``-height`` did (it may wrap)
+        # other dtypes: negate in their own dtype first, as ``-height`` did (integers may wrap)
         values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
-    if (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**31:  # slot << 32 | index in an int64
-        raise ValueError(f"image too large for the compiled flood: {hgt.shape}")
     mk = _kernel_markers(mk)
     msk = np.ascontiguousarray(msk)
-    labels, status = _flood_by_component(values, negate, mk, msk, connectivity == 8)
-    ok = status != 2
-    if status == 1:  # equal-valued markers of different labels: replay skimage's heap
-        labels, ok = _flood(values, negate, mk, msk, connectivity == 8)
-    if not ok:  # NaN heights: leave skimage's own (ill-defined) ordering to skimage
+    ok = (hgt.shape[0] + 2) * (hgt.shape[1] + 2) < 2**31  # slot << 32 | index in an int64
+    if ok:
+        labels, status = _flood_by_component(values, negate, mk, msk, connectivity == 8)
+        ok = status != 2
+        if status == 1:  # equal-valued markers of different labels: replay skimage's heap
+            labels, ok = _flood(values, negate, mk, msk, connectivity == 8)
+    if not ok:  # NaN heights (skimage's own ordering decides) or over 2^31 pixels
         from skimage.segmentation import watershed
 
         labels = watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2)
