@@ -536,8 +536,8 @@ def test_steps_refuse_other_runs_and_steps_out_of_order_in_one_line(tmp_path: Pa
     refused(["--step", "number-cells"], "cells-0.npz: missing; run 'unet merge --step cells --job 0'")
     other_k = _merge_args(stack, parts, out, "components", 3)
     refused(["--step", "cells", "--job", "0"], "started with other inputs or settings than this --step cells "
-            "(differs in settings)", base=other_k)
-    refused(["--min-object-px", "7", "--step", "cells", "--job", "0"], "differs in settings")
+            "(differs in jobs)", base=other_k)
+    refused(["--min-object-px", "7", "--step", "cells", "--job", "0"], "differs in result.settings")
     refused(["--job", "1"], "--job and --work go with --step")
     refused(["--jobs", "1000", "--step", "cells", "--job", "0"], "merge --jobs 1000")
     assert not (out / "p.ome.zarr").exists() and not (out / "cells.csv").exists()

@@ -76,7 +76,7 @@ from unet_core.infer.instances import (
 )
 from unet_core.infer.merge_settings import MergeSettings, WatershedSettings
 from unet_core.infer.merge_work import WORK_MARK, MergeWork
-from unet_core.infer.part_store import open_parts
+from unet_core.infer.part_store import RUN_KEYS, open_parts
 from unet_core.infer.tiff_export import TIFF_MARK, export_tiff
 from unet_core.infer.tiling import Block, Tiling
 from unet_core.io.ngff import IMAGE_LABEL, ChunkCache, PyramidWriter, create_array, direct_chunk_reader, label_group
@@ -164,10 +164,13 @@ class _Run:
 
     def _manifest(self) -> dict[str, Any]:
         r = self.request
-        return {"out": str(r.out), "stack": str(r.stack), "intensity": self.stack.intensity.to_dict(),
-                "parts": [{"path": str(p.path), "settings": p.settings} for p in self.parts],
-                "settings": self.settings.to_dict(), "cells": r.cells is not None, "tiff": r.tiff is not None,
-                "version": __version__, "code": code_hash("merge")}
+        run_settings = {k: self.parts[0].settings.get(k) for k in RUN_KEYS if k != "jobs"}
+        merge_settings = {k: v for k, v in self.settings.to_dict().items() if k != "jobs"}
+        result = {"parts": run_settings, "intensity": self.stack.intensity.to_dict(), "settings": merge_settings,
+                  "cells": r.cells is not None, "tiff": r.tiff is not None, "version": __version__,
+                  "code": code_hash("merge")}
+        return {"out": str(r.out), "stack": str(r.stack), "jobs": self.settings.jobs, "result": result,
+                "parts": [{"path": str(p.path), "settings": p.settings} for p in self.parts]}
 
     def finished(self) -> bool:
         """Whether the output is this merge's (its attributes record the fingerprint of these parts,

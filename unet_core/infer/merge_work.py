@@ -53,6 +53,17 @@ WORK_MARK = JsonMark(WORK_FORMAT, "a work folder of 'unet merge'", manifest=MANI
                                     "cell-table.npy", "write-[0-9]*.csv", "write-[0-9]*.done", ".piece-[0-9]*.lock")))
 
 
+def _differing(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested dicts named by their inner keys (``result.settings``)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x != y:
+            nested = isinstance(x, dict) and isinstance(y, dict) and not prefix
+            out += _differing(x, y, f"{key}.") if nested else [f"{prefix}{key}"]
+    return out
+
+
 class MergeWork:
     """The work folder at ``path`` for the run described by ``manifest`` (a dict of plain data)."""
 
@@ -64,11 +75,11 @@ class MergeWork:
 
     @property
     def result_fingerprint(self) -> str:
-        """The fingerprint of what the output depends on: the manifest without the output's path
-        and the number of pieces (recorded in the output; equal for any K, so the output's bytes are too)."""
-        manifest = {k: v for k, v in self.manifest.items() if k != "out"}
-        manifest["settings"] = {k: v for k, v in manifest.get("settings", {}).items() if k != "jobs"}
-        return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        """The fingerprint of what the output's content depends on: the manifest's ``result`` entry
+        (the run settings the parts share, the stack's statistics, the merge settings but the number
+        of pieces, the outputs asked for, the code), recorded in the output. Equal for any number of
+        predict jobs or merge pieces and any paths, so the output's bytes are too."""
+        return hashlib.sha256(json.dumps(self.manifest["result"], sort_keys=True).encode()).hexdigest()
 
     @property
     def store(self) -> Path:
@@ -92,7 +103,7 @@ class MergeWork:
         except (OSError, ValueError) as err:
             raise UserInputError(f"{self.path / MANIFEST}: unreadable ({err}); run --step start again") from None
         if found != self.manifest:
-            diff = sorted(k for k in set(found) | set(self.manifest) if found.get(k) != self.manifest.get(k))
+            diff = _differing(found, self.manifest)
             raise UserInputError(
                 f"{self.path}: started with other inputs or settings than this --step {step} (differs in "
                 f"{', '.join(diff)}); give every step the same arguments, or run --step start again")
