@@ -230,6 +230,11 @@ def clone_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+#: The merge's rules in the order of its rounds (workflow/rules/merge.smk).
+MERGE_ROUNDS = ("merge_start", "merge_seeds", "merge_number_seeds", "merge_cells", "merge_number_cells", "merge_write",
+                "merge")
+
+
 def parse_jobs(dry_run_text: str) -> list[Job]:
     """The jobs of ``snakemake -n -p`` output: rule, outputs, exact shell command."""
     jobs = []
@@ -252,4 +257,12 @@ class Reference:
     seconds: dict[str, float]
 
     def job(self, rule: str) -> Job:
-        return next(j for j in self.jobs if j.rule == rule)
+        """The rule's job; for ``merge``, the whole merge of the sample: its rounds (``merge_start`` ...
+        ``merge`` = finish, the pieces of a round in order) chained into one command, the stage as a
+        user would run it by hand (the finish round alone has nothing to finish without the others)."""
+        job = next(j for j in self.jobs if j.rule == rule)
+        if rule != "merge":
+            return job
+        rounds = [r for r in MERGE_ROUNDS if any(j.rule == r for j in self.jobs)]
+        chain = [j for r in rounds for j in sorted((j for j in self.jobs if j.rule == r), key=lambda j: j.outputs)]
+        return Job(rule, job.outputs, " && ".join(f"({j.command})" for j in chain))

@@ -334,6 +334,9 @@ def _finish(run: _Run) -> MergeSummary:
     ids = run.work.load("cell-ids.npz", made_by="unet merge --step number-cells")
     n_cells = int(ids["final"].max(initial=0))
     request = run.request
+    if not (run.work.store / "zarr.json").is_file():
+        raise UserInputError(f"{run.work.store}: the store being built is missing (a finish killed half-way?); run "
+                             "the merge again from --step start")
     with atomic_output_with_companions(request.out, own=PREDICTION_MARK) as (tmp, written):
         os.replace(run.work.store, tmp)
         try:
@@ -379,6 +382,8 @@ def run_step(request: MergeRequest, step: str, *, job: int | None = None, work: 
                              f"(steps: {', '.join(steps_for(run.settings))})")
     if run.finished():
         log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
+        if run.work.holds_manifest():  # a finish killed before its cleanup
+            remove_path(run.work.path)
         return None
     if step in PARALLEL_STEPS:
         if job is None:

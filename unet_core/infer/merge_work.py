@@ -86,7 +86,12 @@ class MergeWork:
         return self.path / STORE
 
     def started(self) -> bool:
-        """Whether the folder holds this run's manifest (a start with equal settings)."""
+        """Whether the folder holds this run's manifest (a start with equal settings) and the store
+        being built (a finish killed after moving it away leaves none: start again)."""
+        return (self.store / "zarr.json").is_file() and self.holds_manifest()
+
+    def holds_manifest(self) -> bool:
+        """Whether the folder holds this run's manifest."""
         try:
             found = json.loads((self.path / MANIFEST).read_text())
         except (OSError, ValueError):
