@@ -79,7 +79,15 @@ from unet_core.infer.merge_work import WORK_MARK, MergeWork
 from unet_core.infer.part_store import RUN_KEYS, open_parts
 from unet_core.infer.tiff_export import TIFF_MARK, export_tiff
 from unet_core.infer.tiling import Block, Tiling
-from unet_core.io.ngff import IMAGE_LABEL, ChunkCache, PyramidWriter, create_array, direct_chunk_reader, label_group
+from unet_core.io.ngff import (
+    IMAGE_LABEL,
+    ChunkCache,
+    PyramidWriter,
+    create_array,
+    direct_chunk_reader,
+    fast_compressor,
+    label_group,
+)
 from unet_core.io.ngff import open_stack
 
 log = logging.getLogger(__name__)
@@ -214,9 +222,9 @@ def _start(run: _Run) -> None:
     outputs = run.outputs(create=True)
     outputs.finish()
     scratch = zarr.open_group(run.work.store, mode="r+").require_group("_scratch")
-    for name in ("seeds", "labels"):
+    for name in ("seeds", "labels"):  # read once, by the next round: the fast compressor
         create_array(scratch, name, shape=run.tiling.shape, dtype=np.uint32,
-                     chunks=(1, run.tiling.block_px, run.tiling.block_px))
+                     chunks=(1, run.tiling.block_px, run.tiling.block_px), compressors=fast_compressor())
     run.work.write_manifest()
     run.work.mark_done("start.done", {})
 
@@ -267,8 +275,10 @@ def _cells(run: _Run, k: int) -> None:
             seg = _copy_block(run, outputs, block)
             labels, n = flooder.block(block) if flooder else ndimage.label(seg == CELL_CLASS)
             labels = _as_uint32(labels)
-            labels_out[block.write.to_slices()] = labels[None]
             labeller.add(block.index, labels[None], n)
+            if not labels.any():  # nothing to store (the scratch reads as 0) or to sum
+                continue
+            labels_out[block.write.to_slices()] = labels[None]
             pixels = None if image is None else image[block.write.to_slices()][0]
             rows.append(block_rows(run.flat(block), block.write.offset[0], block.plane.offset, labels, pixels,
                                    n_fixed=n_fixed, slots=slots))
@@ -311,6 +321,8 @@ def _write(run: _Run, k: int) -> None:
         for block in progress(run.piece_blocks(k), desc=f"merge: write, piece {k}/{run.settings.jobs}",
                               unit="block"):
             values = labels[block.write.to_slices()][0].astype(np.int64)
+            if not values.any():  # a block without cells: its chunks stay unwritten (they read as 0)
+                continue
             values += np.where(values > n_fixed, offsets[run.flat(block)], 0)
             outputs.instances.write_block((block.write.offset[0],), block.plane.offset, final[values])
         outputs.instances.flush()
