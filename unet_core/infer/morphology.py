@@ -276,6 +276,121 @@ def _order_key(v: float) -> int:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _padded_inputs(
+    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray
+) -> tuple:  # pragma: no cover - compiled
+    """The flood's inputs padded by one pixel of non-mask and raveled, as skimage does: (order
+    keys of the values, inside the mask, labels (the markers inside the mask, else 0), number of
+    heap items (mask pixels plus markers inside the mask), ok); ok is False (the rest undefined)
+    where ``height`` holds NaN. The image is -height if ``negate`` else height, in float64."""
+    ny, nx = height.shape
+    px = nx + 2
+    npad = (ny + 2) * px
+    key = np.zeros(npad, np.int64)
+    inside = np.zeros(npad, np.bool_)
+    lab = np.zeros(npad, np.int64)
+    n_items = 0
+    for i in range(ny):
+        for j in range(nx):
+            p = (i + 1) * px + (j + 1)
+            v = np.float64(height[i, j])
+            if v != v:
+                return key, inside, lab, 0, False
+            key[p] = _order_key(-v if negate else v)
+            if mask[i, j]:
+                inside[p] = True
+                n_items += 1
+                if markers[i, j] != 0:
+                    lab[p] = markers[i, j]
+                    n_items += 1
+    return key, inside, lab, n_items, True
+
+
+@numba.njit(cache=True, nogil=True)
+def _neighbour_offsets(px: int, eight: bool) -> np.ndarray:  # pragma: no cover - compiled
+    """Raveled offsets of the neighbours in a padded row of ``px`` pixels, in skimage's order
+    (sorted by distance, then by raveled offset)."""
+    if eight:
+        return np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
+    return np.array([-px, -1, 1, px], np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpad(lab: np.ndarray, out: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """``out`` (Y, X) filled with the padded, raveled labels ``lab`` (wrapping to ``out``'s dtype
+    as numpy's astype does)."""
+    ny, nx = out.shape
+    px = nx + 2
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = lab[(i + 1) * px + (j + 1)]
+    return out
+
+
+# skimage's heap (:func:`_flood`): slot k is heap[2k] = value key, heap[2k + 1] = age << 32 |
+# index; a slot is "smaller" than another: key <, or key == and age < (age = heap[2k + 1] >> 32).
+# The heap steps run once a pixel, so they are inlined (``inline="always"``) into the kernels.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _age_heap_push(heap: np.ndarray, items: int, v: int, age: int, p: int) -> int:  # pragma: no cover
+    """Push (value key ``v``, ``age``, index ``p``) onto skimage's heap of ``items`` slots,
+    sifting it up as skimage does; returns the new number of items."""
+    child = items
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        pv = heap[2 * parent]
+        if v < pv or (v == pv and age < (heap[2 * parent + 1] >> 32)):
+            heap[2 * child] = pv
+            heap[2 * child + 1] = heap[2 * parent + 1]
+            child = parent
+        else:
+            break
+    heap[2 * child] = v
+    heap[2 * child + 1] = (age << 32) | p
+    return items + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _age_heap_pop(heap: np.ndarray, items: int) -> tuple:  # pragma: no cover - compiled
+    """Pop the smallest slot of skimage's heap of ``items`` slots: the hole goes down the
+    smaller-child path (left on ties), then the last item up (Floyd), which leaves the heap as
+    skimage's sift-down does. Returns (its value key, its index, the new number of items)."""
+    ev = heap[0]
+    ei = heap[1] & 0xFFFFFFFF
+    items -= 1
+    if items > 0:
+        lv = heap[2 * items]
+        lp = heap[2 * items + 1]
+        la = lp >> 32
+        i = 0
+        while True:  # hole down the smaller-child path (left on ties)
+            c = 2 * i + 1
+            if c >= items:
+                break
+            r = c + 1
+            if r < items:
+                rv = heap[2 * r]
+                cv = heap[2 * c]
+                if rv < cv or (rv == cv and (heap[2 * r + 1] >> 32) < (heap[2 * c + 1] >> 32)):
+                    c = r
+            heap[2 * i] = heap[2 * c]
+            heap[2 * i + 1] = heap[2 * c + 1]
+            i = c
+        while i > 0:  # last item up while its parent is not smaller than it
+            parent = (i + 1) // 2 - 1
+            pv = heap[2 * parent]
+            if pv < lv or (pv == lv and (heap[2 * parent + 1] >> 32) < la):
+                break
+            heap[2 * i] = pv
+            heap[2 * i + 1] = heap[2 * parent + 1]
+            i = parent
+        heap[2 * i] = lv
+        heap[2 * i + 1] = lp
+    return ev, ei, items
+
+
+@numba.njit(cache=True, nogil=True)
 def _flood(
     height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, eight: bool
 ) -> tuple:  # pragma: no cover - compiled
@@ -291,86 +406,20 @@ def _flood(
     (the path is sorted, so the item stops below the same elements) with one comparison a level.
     """
     ny, nx = height.shape
-    py, px = ny + 2, nx + 2
-    npad = py * px
-    key = np.zeros(npad, np.int64)
-    inside = np.zeros(npad, np.bool_)
-    lab = np.zeros(npad, np.int64)
-    n_items = 0
-    for i in range(ny):
-        for j in range(nx):
-            p = (i + 1) * px + (j + 1)
-            v = np.float64(height[i, j])
-            if v != v:
-                return np.zeros((ny, nx), np.int64), False
-            key[p] = _order_key(-v if negate else v)
-            if mask[i, j]:
-                inside[p] = True
-                n_items += 1
-                if markers[i, j] != 0:
-                    lab[p] = markers[i, j]
-                    n_items += 1
-    # neighbour offsets in skimage's order (sorted by distance, then raveled offset)
-    if eight:
-        offsets = np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
-    else:
-        offsets = np.array([-px, -1, 1, px], np.int64)
-    nnb = offsets.shape[0]
-    # heap slot k: heap[2k] = value key, heap[2k + 1] = age << 32 | index
-    # a slot is "smaller" than another: key <, or key == and age < (age = slot >> 32)
+    key, inside, lab, n_items, ok = _padded_inputs(height, negate, markers, mask)
+    if not ok:
+        return np.zeros((ny, nx), np.int64), False
+    offsets = _neighbour_offsets(nx + 2, eight)
     heap = np.empty(2 * max(n_items, 1), np.int64)
     items = 0
-    for p in range(npad):  # markers in raster order, age 0, their own value
+    for p in range(lab.shape[0]):  # markers in raster order, age 0, their own value
         if lab[p] != 0:
-            child = items
-            v = key[p]
-            items += 1
-            while child > 0:
-                parent = (child + 1) // 2 - 1
-                pv = heap[2 * parent]
-                if v < pv or (v == pv and 0 < (heap[2 * parent + 1] >> 32)):
-                    heap[2 * child] = pv
-                    heap[2 * child + 1] = heap[2 * parent + 1]
-                    child = parent
-                else:
-                    break
-            heap[2 * child] = v
-            heap[2 * child + 1] = p
+            items = _age_heap_push(heap, items, key[p], 0, p)
     age = 1
     while items > 0:
-        ev = heap[0]
-        ei = heap[1] & 0xFFFFFFFF
-        items -= 1
-        if items > 0:
-            lv = heap[2 * items]
-            lp = heap[2 * items + 1]
-            la = lp >> 32
-            i = 0
-            while True:  # hole down the smaller-child path (left on ties)
-                c = 2 * i + 1
-                if c >= items:
-                    break
-                r = c + 1
-                if r < items:
-                    rv = heap[2 * r]
-                    cv = heap[2 * c]
-                    if rv < cv or (rv == cv and (heap[2 * r + 1] >> 32) < (heap[2 * c + 1] >> 32)):
-                        c = r
-                heap[2 * i] = heap[2 * c]
-                heap[2 * i + 1] = heap[2 * c + 1]
-                i = c
-            while i > 0:  # last item up while its parent is not smaller than it
-                parent = (i + 1) // 2 - 1
-                pv = heap[2 * parent]
-                if pv < lv or (pv == lv and (heap[2 * parent + 1] >> 32) < la):
-                    break
-                heap[2 * i] = pv
-                heap[2 * i + 1] = heap[2 * parent + 1]
-                i = parent
-            heap[2 * i] = lv
-            heap[2 * i + 1] = lp
+        ev, ei, items = _age_heap_pop(heap, items)
         label = lab[ei]
-        for k in range(nnb):
+        for k in range(offsets.shape[0]):
             q = ei + offsets[k]
             if not inside[q] or lab[q] != 0:
                 continue
@@ -379,24 +428,151 @@ def _flood(
             v = key[q]
             if v < ev:  # a pixel costs at least as much as the one that reached it
                 v = ev
-            child = items
-            items += 1
-            while child > 0:
-                parent = (child + 1) // 2 - 1
-                pv = heap[2 * parent]
-                if v < pv or (v == pv and age < (heap[2 * parent + 1] >> 32)):
-                    heap[2 * child] = pv
-                    heap[2 * child + 1] = heap[2 * parent + 1]
-                    child = parent
-                else:
-                    break
-            heap[2 * child] = v
-            heap[2 * child + 1] = (age << 32) | q
-    out = np.empty((ny, nx), np.int64)
-    for i in range(ny):
-        for j in range(nx):
-            out[i, j] = lab[(i + 1) * px + (j + 1)]
-    return out, True
+            items = _age_heap_push(heap, items, v, age, q)
+    return _unpad(lab, np.empty((ny, nx), np.int64)), True
+
+
+# a component's heap (:func:`_flood_by_component`): slot k is heap[2k] = value key,
+# heap[2k + 1] = push number << 32 | index; slots compare as (key, heap[2k + 1]) pairs.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slot_heap_push(heap: np.ndarray, items: int, kv: int, pk: int) -> int:  # pragma: no cover
+    """Push (value key ``kv``, ``pk`` = push number << 32 | index) onto a component's heap of
+    ``items`` slots; returns the new number of items."""
+    child = items
+    while child > 0:
+        parent = (child - 1) >> 1
+        pv = heap[2 * parent]
+        if kv < pv or (kv == pv and pk < heap[2 * parent + 1]):
+            heap[2 * child] = pv
+            heap[2 * child + 1] = heap[2 * parent + 1]
+            child = parent
+        else:
+            break
+    heap[2 * child] = kv
+    heap[2 * child + 1] = pk
+    return items + 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slot_heap_pop(heap: np.ndarray, items: int) -> tuple:  # pragma: no cover - compiled
+    """Pop the smallest slot of a component's heap of ``items`` slots (the last item sifted down
+    from the top); returns (its value key, its index, the new number of items)."""
+    ev = heap[0]
+    e = heap[1] & 0xFFFFFFFF
+    items -= 1
+    if items > 0:
+        lv = heap[2 * items]
+        lk = heap[2 * items + 1]
+        i = 0
+        while True:
+            c = 2 * i + 1
+            if c >= items:
+                break
+            r = c + 1
+            cv = heap[2 * c]
+            if r < items:
+                rv = heap[2 * r]
+                if rv < cv or (rv == cv and heap[2 * r + 1] < heap[2 * c + 1]):
+                    c = r
+                    cv = rv
+            if cv < lv or (cv == lv and heap[2 * c + 1] < lk):
+                heap[2 * i] = cv
+                heap[2 * i + 1] = heap[2 * c + 1]
+                i = c
+            else:
+                break
+        heap[2 * i] = lv
+        heap[2 * i + 1] = lk
+    return ev, e, items
+
+
+@numba.njit(cache=True, nogil=True)
+def _component(
+    start: int, inside: np.ndarray, seen: np.ndarray, members: np.ndarray, offsets: np.ndarray
+) -> int:  # pragma: no cover - compiled
+    """The connected component of the mask pixel ``start`` (not yet ``seen``), breadth first:
+    written to ``members[:n]`` and marked in ``seen``; returns n."""
+    seen[start] = True
+    members[0] = start
+    n_members = 1
+    h = 0
+    while h < n_members:
+        p = members[h]
+        h += 1
+        for k in range(offsets.shape[0]):
+            q = p + offsets[k]
+            if inside[q] and not seen[q]:
+                seen[q] = True
+                members[n_members] = q
+                n_members += 1
+    return n_members
+
+
+@numba.njit(cache=True, nogil=True)
+def _has_tied_labels(
+    members: np.ndarray, n_members: int, key: np.ndarray, lab: np.ndarray
+) -> bool:  # pragma: no cover - compiled
+    """Whether two markers among ``members[:n_members]`` have equal values and different labels
+    (then skimage's heap layout decides their order)."""
+    n_markers = 0
+    for t in range(n_members):
+        if lab[members[t]] != 0:
+            n_markers += 1
+    if n_markers <= 1:
+        return False
+    mkeys = np.empty(n_markers, np.int64)
+    mlabels = np.empty(n_markers, np.int64)
+    n_markers = 0
+    for t in range(n_members):
+        p = members[t]
+        if lab[p] != 0:
+            mkeys[n_markers] = key[p]
+            mlabels[n_markers] = lab[p]
+            n_markers += 1
+    order = np.argsort(mkeys)
+    for t in range(1, n_markers):
+        u, w = order[t - 1], order[t]
+        if mkeys[u] == mkeys[w] and mlabels[u] != mlabels[w]:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_component(
+    members: np.ndarray,
+    n_members: int,
+    key: np.ndarray,
+    inside: np.ndarray,
+    lab: np.ndarray,
+    offsets: np.ndarray,
+    heap: np.ndarray,
+    slot: int,
+) -> int:  # pragma: no cover - compiled
+    """Flood the component ``members[:n_members]`` from its markers (in ``lab``, age 0, before
+    every pixel they reach) with its own heap, numbering the pushes from ``slot``; writes the
+    labels to ``lab`` and returns the next push number."""
+    items = 0
+    for t in range(n_members):
+        p = members[t]
+        if lab[p] != 0:
+            items = _slot_heap_push(heap, items, key[p], (slot << 32) | p)
+            slot += 1
+    while items > 0:
+        ev, e, items = _slot_heap_pop(heap, items)
+        label = lab[e]
+        for k in range(offsets.shape[0]):
+            q = e + offsets[k]
+            if not inside[q] or lab[q] != 0:
+                continue
+            lab[q] = label
+            kv = key[q]
+            if kv < ev:
+                kv = ev
+            items = _slot_heap_push(heap, items, kv, (slot << 32) | q)
+            slot += 1
+    return slot
 
 
 @numba.njit(cache=True, nogil=True)
@@ -423,144 +599,23 @@ def _flood_by_component(
     touches in cache, which the global order (every pop somewhere else in the image) does not.
     """
     ny, nx = height.shape
-    py, px = ny + 2, nx + 2
-    npad = py * px
-    key = np.zeros(npad, np.int64)
-    inside = np.zeros(npad, np.bool_)
-    lab = np.zeros(npad, np.int64)
-    for i in range(ny):
-        for j in range(nx):
-            p = (i + 1) * px + (j + 1)
-            v = np.float64(height[i, j])
-            if v != v:
-                return np.zeros((ny, nx), np.int32), 2
-            key[p] = _order_key(-v if negate else v)
-            if mask[i, j]:
-                inside[p] = True
-                lab[p] = markers[i, j]
-    if eight:
-        offsets = np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
-    else:
-        offsets = np.array([-px, -1, 1, px], np.int64)
-    nnb = offsets.shape[0]
+    key, inside, lab, _, ok = _padded_inputs(height, negate, markers, mask)
+    if not ok:
+        return np.zeros((ny, nx), np.int32), 2
+    offsets = _neighbour_offsets(nx + 2, eight)
+    npad = lab.shape[0]
     seen = np.zeros(npad, np.bool_)
     members = np.empty(npad, np.int64)  # breadth-first list of the current component
-    heap = np.empty(2 * npad, np.int64)  # (key, slot << 32 | index) pairs
+    heap = np.empty(2 * npad, np.int64)
     slot = np.int64(0)
     for start in range(npad):
         if lab[start] == 0 or seen[start]:  # lab != 0 only inside the mask
             continue
-        # the component of this marker, breadth first
-        seen[start] = True
-        members[0] = start
-        n_members = 1
-        h = 0
-        while h < n_members:
-            p = members[h]
-            h += 1
-            for k in range(nnb):
-                q = p + offsets[k]
-                if inside[q] and not seen[q]:
-                    seen[q] = True
-                    members[n_members] = q
-                    n_members += 1
-        # its markers (age 0, before every pixel they reach), then the flood
-        n_markers = 0
-        for t in range(n_members):
-            if lab[members[t]] != 0:
-                n_markers += 1
-        if n_markers > 1:  # equal values with different labels: skimage's heap decides
-            mkeys = np.empty(n_markers, np.int64)
-            mlabels = np.empty(n_markers, np.int64)
-            n_markers = 0
-            for t in range(n_members):
-                p = members[t]
-                if lab[p] != 0:
-                    mkeys[n_markers] = key[p]
-                    mlabels[n_markers] = lab[p]
-                    n_markers += 1
-            order = np.argsort(mkeys)
-            for t in range(1, n_markers):
-                u, w = order[t - 1], order[t]
-                if mkeys[u] == mkeys[w] and mlabels[u] != mlabels[w]:
-                    return np.zeros((ny, nx), np.int32), 1
-        items = 0
-        for t in range(n_members):
-            p = members[t]
-            if lab[p] == 0:
-                continue
-            kv = key[p]
-            pk = (slot << 32) | p
-            slot += 1
-            child = items
-            items += 1
-            while child > 0:
-                parent = (child - 1) >> 1
-                pv = heap[2 * parent]
-                if kv < pv or (kv == pv and pk < heap[2 * parent + 1]):
-                    heap[2 * child] = pv
-                    heap[2 * child + 1] = heap[2 * parent + 1]
-                    child = parent
-                else:
-                    break
-            heap[2 * child] = kv
-            heap[2 * child + 1] = pk
-        while items > 0:
-            ev = heap[0]
-            e = heap[1] & 0xFFFFFFFF
-            items -= 1
-            if items > 0:
-                lv = heap[2 * items]
-                lk = heap[2 * items + 1]
-                i = 0
-                while True:
-                    c = 2 * i + 1
-                    if c >= items:
-                        break
-                    r = c + 1
-                    cv = heap[2 * c]
-                    if r < items:
-                        rv = heap[2 * r]
-                        if rv < cv or (rv == cv and heap[2 * r + 1] < heap[2 * c + 1]):
-                            c = r
-                            cv = rv
-                    if cv < lv or (cv == lv and heap[2 * c + 1] < lk):
-                        heap[2 * i] = cv
-                        heap[2 * i + 1] = heap[2 * c + 1]
-                        i = c
-                    else:
-                        break
-                heap[2 * i] = lv
-                heap[2 * i + 1] = lk
-            label = lab[e]
-            for k in range(nnb):
-                q = e + offsets[k]
-                if not inside[q] or lab[q] != 0:
-                    continue
-                lab[q] = label
-                kv = key[q]
-                if kv < ev:
-                    kv = ev
-                pk = (slot << 32) | q
-                slot += 1
-                child = items
-                items += 1
-                while child > 0:
-                    parent = (child - 1) >> 1
-                    pv = heap[2 * parent]
-                    if kv < pv or (kv == pv and pk < heap[2 * parent + 1]):
-                        heap[2 * child] = pv
-                        heap[2 * child + 1] = heap[2 * parent + 1]
-                        child = parent
-                    else:
-                        break
-                heap[2 * child] = kv
-                heap[2 * child + 1] = pk
-    out = np.empty((ny, nx), np.int32)  # wraps as numpy's astype(np.int32) does
-    for i in range(ny):
-        for j in range(nx):
-            out[i, j] = lab[(i + 1) * px + (j + 1)]
-    return out, 0
+        n_members = _component(start, inside, seen, members, offsets)
+        if _has_tied_labels(members, n_members, key, lab):
+            return np.zeros((ny, nx), np.int32), 1
+        slot = _flood_component(members, n_members, key, inside, lab, offsets, heap, slot)
+    return _unpad(lab, np.empty((ny, nx), np.int32)), 0
 
 
 def _kernel_markers(markers: np.ndarray) -> np.ndarray:
