@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 UINT8_SCALE = 255.0
+#: float32 value of each uint8 code (code / 255 rounded once to float32): decoding is a table lookup.
+_UINT8_VALUES = (np.arange(256, dtype=np.float64) / UINT8_SCALE).astype(np.float32)
 
 
 class ProbabilityEncoding(str, Enum):
@@ -95,7 +97,7 @@ class ProbabilityEncoding(str, Enum):
         whole number, e.g. t = 0.2: code 51 is not above it, code 52 is).
         """
         if self is ProbabilityEncoding.UINT8:
-            return (np.asarray(stored, np.float64) / UINT8_SCALE).astype(np.float32)
+            return _UINT8_VALUES[np.asarray(stored, np.uint8)]
         return np.asarray(stored, np.float32)
 
     def code_threshold(self, threshold: float) -> str:

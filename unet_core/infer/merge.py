@@ -280,14 +280,27 @@ def _cells(run: _Run, k: int) -> None:
                 continue
             labels_out[block.write.to_slices()] = labels[None]
             pixels = None if image is None else image[block.write.to_slices()][0]
-            rows.append(block_rows(run.flat(block), block.write.offset[0], block.plane.offset, labels, pixels,
-                                   n_fixed=n_fixed, slots=slots))
+            rows.append(_kept_rows(block_rows(run.flat(block), block.write.offset[0], block.plane.offset, labels,
+                                              pixels, n_fixed=n_fixed, slots=slots), labels, n_fixed,
+                                   int(run.settings.min_object_px)))
         outputs.flush()
     finally:
         outputs.close()
     table = np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE)
     run.work.save(f"cells-{k}.npz", {**labeller.record.to_arrays(""), "rows": table,
                                      "n_fixed": np.asarray(n_fixed)})
+
+
+def _kept_rows(rows: np.ndarray, labels: np.ndarray, n_fixed: int, min_px: int) -> np.ndarray:
+    """The rows the numbering needs: a block's own label that touches no edge of the block is a
+    whole object already (own labels join others only across faces); one smaller than ``min_px``
+    is dropped anyway, so its row is left out (its provisional id then has no pixels: the same
+    result, and the serial round holds rows of specks no more)."""
+    if min_px <= 0 or not len(rows):
+        return rows
+    edges = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    keep = (rows["value"] <= n_fixed) | (rows["area"] >= min_px) | np.isin(rows["value"], edges)
+    return rows[keep]
 
 
 def _number_cells(run: _Run) -> None:
@@ -506,7 +519,7 @@ class _Flooder:
         self.n_seeds = int(self.final.max(initial=0))
         self.cells = _CellProbability(run)
         grid_x = run.tiling.grid[2]
-        self.scratch = ChunkCache(zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"), 3 * grid_x + 9)
+        self.scratch = ChunkCache(zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"), grid_x + 4)
         self.whole = Box.from_shape(run.tiling.shape)
 
     def block(self, block: Block) -> tuple[np.ndarray, int]:
@@ -550,12 +563,13 @@ class _CellProbability:
         self.max = 3 * run.tiling.grid[2] + 9
 
     def plane(self, index: tuple[int, int, int]) -> np.ndarray:
+        """The block's stored P(cell) values (codes, as stored: a quarter of floats for uint8)."""
         hit = self.cache.pop(index, None)
         if hit is None:
             block = self.run.tiling.block(index)
             h, w = block.write.shape[1:]
             chunk = self.readers[self.owner[index].job]((0, *index))
-            hit = self.run.encoding.decode(chunk[CELL_CLASS, 0, :h, :w])
+            hit = np.ascontiguousarray(chunk[CELL_CLASS, 0, :h, :w])
         self.cache[index] = hit
         while len(self.cache) > self.max:
             self.cache.popitem(last=False)
@@ -563,7 +577,7 @@ class _CellProbability:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         z, ys, xs = key
-        out = np.empty((ys.stop - ys.start, xs.stop - xs.start), np.float32)
+        out = np.empty((ys.stop - ys.start, xs.stop - xs.start), self.run.encoding.dtype)
         window = Box((z, ys.start, xs.start), (1, ys.stop - ys.start, xs.stop - xs.start))
         b = self.run.tiling.block_px
         for by in range(ys.start // b, (ys.stop - 1) // b + 1):
@@ -572,7 +586,7 @@ class _CellProbability:
                 part = block.write.intersect(window)
                 out[part.relative_to(window).to_slices()[1:]] = self.plane(block.index)[
                     part.relative_to(block.write).to_slices()[1:]]
-        return out
+        return self.run.encoding.decode(out)
 
 
 def _zarr_reader(array: zarr.Array):
