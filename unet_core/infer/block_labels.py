@@ -188,12 +188,12 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
     pairs = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
     a = numbering.provisional(pairs[:, 0], pairs[:, 1])
     b = numbering.provisional(pairs[:, 2], pairs[:, 3])
-    root = _smallest_member(total, a, b)
-    is_root = root == np.arange(total + 1)
+    root = _smallest_member(total, a, b)  # uint32 throughout: 4 bytes per provisional id and array
+    is_root = root == np.arange(total + 1, dtype=np.uint32)
     is_root[0] = False
-    final = np.cumsum(is_root)[root]
+    final = np.cumsum(is_root, dtype=np.uint32)[root]
     final[0] = 0
-    return Numbering(n_fixed, offsets, final.astype(np.uint32))
+    return Numbering(n_fixed, offsets, final)
 
 
 def _cross_piece_pairs(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: int,
@@ -219,8 +219,8 @@ def _cross_piece_pairs(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fix
 
 
 def _smallest_member(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(total + 1,) the smallest id of each id's connected set, for the edges ``a[i] - b[i]``."""
-    root = np.arange(total + 1, dtype=np.int64)
+    """(total + 1,) uint32 smallest id of each id's connected set, for the edges ``a[i] - b[i]``."""
+    root = np.arange(total + 1, dtype=np.uint32)
     if not len(a):
         return root
     from scipy.sparse import coo_matrix
@@ -232,7 +232,7 @@ def _smallest_member(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     _, component = connected_components(graph, directed=False)
     smallest = np.full(component.max() + 1, np.iinfo(np.int64).max)
     np.minimum.at(smallest, component, ids)
-    root[ids] = smallest[component]
+    root[ids] = smallest[component].astype(np.uint32)
     return root
 
 
