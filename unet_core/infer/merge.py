@@ -405,7 +405,7 @@ def run_step(request: MergeRequest, step: str, *, job: int | None = None, work: 
     if step not in steps_for(run.settings):
         raise UserInputError(f"--step {step}: not a step of a merge with --instances {run.settings.instances.value} "
                              f"(steps: {', '.join(steps_for(run.settings))})")
-    if run.finished():
+    if step == "finish" and run.finished():  # (earlier rounds always leave their record: the workflow tracks them)
         log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
         if run.work.holds_manifest():  # a finish killed before its cleanup
             remove_path(run.work.path)
