@@ -78,16 +78,25 @@ class PieceLabels:
             f"{prefix}pairs": np.concatenate(self.pairs) if self.pairs else np.zeros((0, 4), np.int64),
             f"{prefix}strip_keys": np.asarray(keys, np.int64).reshape(-1, 3),
             f"{prefix}strip_sizes": np.asarray([self.strips[k].size for k in keys], np.int64),
-            f"{prefix}strip_values": (np.concatenate([self.strips[k].ravel() for k in keys]) if keys
-                                      else np.zeros(0, np.uint32)).astype(np.uint32),
+            f"{prefix}strip_values": (
+                np.concatenate([self.strips[k].ravel() for k in keys]) if keys else np.zeros(0, np.uint32)
+            ).astype(np.uint32),
         }
 
     @classmethod
     def from_arrays(cls, data: dict[str, np.ndarray], prefix: str) -> PieceLabels:
         keys = [tuple(int(v) for v in row) for row in data[f"{prefix}strip_keys"]]
-        values = np.split(data[f"{prefix}strip_values"], np.cumsum(data[f"{prefix}strip_sizes"])[:-1]) if keys else []
-        return cls([int(b) for b in data[f"{prefix}blocks"]], [int(c) for c in data[f"{prefix}counts"]],
-                   [data[f"{prefix}pairs"]], dict(zip(keys, values)))
+        values = (
+            np.split(data[f"{prefix}strip_values"], np.cumsum(data[f"{prefix}strip_sizes"])[:-1])
+            if keys
+            else []
+        )
+        return cls(
+            [int(b) for b in data[f"{prefix}blocks"]],
+            [int(c) for c in data[f"{prefix}counts"]],
+            [data[f"{prefix}pairs"]],
+            dict(zip(keys, values)),
+        )
 
 
 class PieceLabeller:
@@ -100,8 +109,13 @@ class PieceLabeller:
         face_axes: block-grid axes along which faces join labels.
     """
 
-    def __init__(self, grid: Sequence[int], piece_blocks: Sequence[int], n_fixed: int,
-                 face_axes: Sequence[int] = FACE_AXES) -> None:
+    def __init__(
+        self,
+        grid: Sequence[int],
+        piece_blocks: Sequence[int],
+        n_fixed: int,
+        face_axes: Sequence[int] = FACE_AXES,
+    ) -> None:
         self.grid, self.n_fixed, self.face_axes = tuple(grid), int(n_fixed), tuple(face_axes)
         self.mine = set(int(b) for b in piece_blocks)
         self.record = PieceLabels()
@@ -122,8 +136,16 @@ class PieceLabeller:
                 if prev in self.mine:
                     pairs = face_pairs(self._last.pop((prev, axis)), first, self.n_fixed)
                     if len(pairs):
-                        self.record.pairs.append(np.column_stack([np.full(len(pairs), prev), pairs[:, 0],
-                                                                  np.full(len(pairs), flat), pairs[:, 1]]))
+                        self.record.pairs.append(
+                            np.column_stack(
+                                [
+                                    np.full(len(pairs), prev),
+                                    pairs[:, 0],
+                                    np.full(len(pairs), flat),
+                                    pairs[:, 1],
+                                ]
+                            )
+                        )
                 else:
                     self.record.strips[(flat, axis, 0)] = first.copy()
             if index[axis] + 1 < self.grid[axis]:
@@ -159,8 +181,14 @@ class Numbering:
         return values + np.where(values > self.n_fixed, self.offsets[flat], 0)
 
 
-def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: int, *, what: str,
-                  face_axes: Sequence[int] = FACE_AXES) -> Numbering:
+def number_labels(
+    pieces: Sequence[PieceLabels],
+    grid: Sequence[int],
+    n_fixed: int,
+    *,
+    what: str,
+    face_axes: Sequence[int] = FACE_AXES,
+) -> Numbering:
     """Join the pieces' labels across every face and number the sets (see the module docstring).
 
     Args:
@@ -179,9 +207,11 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if n_blocks else counts
     total = n_fixed + int(counts.sum())
     if total > UINT32_IDS:  # before any table of that size is made, and before any final id is written
-        raise UserInputError(f"{total} {what} (counted per block, before joining across block faces): more than "
-                             "2**32 - 1, the most that uint32 labels hold; split the stack into several samples "
-                             "(fewer slices each)")
+        raise UserInputError(
+            f"{total} {what} (counted per block, before joining across block faces): more than "
+            "2**32 - 1, the most that uint32 labels hold; split the stack into several samples "
+            "(fewer slices each)"
+        )
     numbering = Numbering(n_fixed, offsets, np.zeros(0, np.uint32))
     rows = [p for piece in pieces for p in piece.pairs if len(p)]
     rows += _cross_piece_pairs(pieces, grid, n_fixed, face_axes)
@@ -196,10 +226,13 @@ def number_labels(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: i
     return Numbering(n_fixed, offsets, final)
 
 
-def _cross_piece_pairs(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: int,
-                       face_axes: Sequence[int]) -> list[np.ndarray]:
+def _cross_piece_pairs(
+    pieces: Sequence[PieceLabels], grid: Sequence[int], n_fixed: int, face_axes: Sequence[int]
+) -> list[np.ndarray]:
     """Pair rows across the faces between blocks of different pieces, from their strips."""
-    last = {(flat, axis): strip for piece in pieces for (flat, axis, side), strip in piece.strips.items() if side}
+    last = {
+        (flat, axis): strip for piece in pieces for (flat, axis, side), strip in piece.strips.items() if side
+    }
     rows = []
     for piece in pieces:
         for (flat, axis, side), first in piece.strips.items():
@@ -210,11 +243,16 @@ def _cross_piece_pairs(pieces: Sequence[PieceLabels], grid: Sequence[int], n_fix
             prev = flat_index(index, grid)
             earlier = last.get((prev, axis))
             if earlier is None:
-                raise UserInputError(f"the record of block {prev} lacks its face strip; rerun the merge from its start")
+                raise UserInputError(
+                    f"the record of block {prev} lacks its face strip; rerun the merge from its start"
+                )
             pairs = face_pairs(earlier, first, n_fixed)
             if len(pairs):
-                rows.append(np.column_stack([np.full(len(pairs), prev), pairs[:, 0], np.full(len(pairs), flat),
-                                             pairs[:, 1]]))
+                rows.append(
+                    np.column_stack(
+                        [np.full(len(pairs), prev), pairs[:, 0], np.full(len(pairs), flat), pairs[:, 1]]
+                    )
+                )
     return rows
 
 
@@ -228,7 +266,7 @@ def _smallest_member(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     ids, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
     n = len(ids)
-    graph = coo_matrix((np.ones(len(a), np.int8), (inverse[: len(a)], inverse[len(a):])), shape=(n, n))
+    graph = coo_matrix((np.ones(len(a), np.int8), (inverse[: len(a)], inverse[len(a) :])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     smallest = np.full(component.max() + 1, np.iinfo(np.int64).max)
     np.minimum.at(smallest, component, ids)

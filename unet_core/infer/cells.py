@@ -33,22 +33,66 @@ import numpy as np
 from unet_core.common.atomic import atomic_output
 from unet_core.common.outputs import CsvMark
 
-COLUMNS = ("id", "z", "area_px", "area_um2", "centroid_y_px", "centroid_x_px", "centroid_y_um", "centroid_x_um",
-           "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "mean_intensity")
+COLUMNS = (
+    "id",
+    "z",
+    "area_px",
+    "area_um2",
+    "centroid_y_px",
+    "centroid_x_px",
+    "centroid_y_um",
+    "centroid_x_um",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "mean_intensity",
+)
 #: A cell table is recognised (and may be replaced by the next merge) by its header row.
 CELLS_MARK = CsvMark(",".join(COLUMNS), "a cell table written by 'unet merge --cells'")
 #: One row of sums per (block, label value); ``flat`` is the block's index in C order.
-ROW_DTYPE = np.dtype([("flat", "<i8"), ("value", "<i8"), ("z", "<i8"), ("area", "<i8"), ("sum_y", "<i8"),
-                      ("sum_x", "<i8"), ("sum_i", "<f8"), ("y0", "<i8"), ("x0", "<i8"), ("y1", "<i8"),
-                      ("x1", "<i8")])
+ROW_DTYPE = np.dtype(
+    [
+        ("flat", "<i8"),
+        ("value", "<i8"),
+        ("z", "<i8"),
+        ("area", "<i8"),
+        ("sum_y", "<i8"),
+        ("sum_x", "<i8"),
+        ("sum_i", "<f8"),
+        ("y0", "<i8"),
+        ("x0", "<i8"),
+        ("y1", "<i8"),
+        ("x1", "<i8"),
+    ]
+)
 #: One row per cell (index = final id; row 0 unused).
-CELL_DTYPE = np.dtype([("z", "<i8"), ("area", "<i8"), ("sum_y", "<i8"), ("sum_x", "<i8"), ("sum_i", "<f8"),
-                       ("y0", "<i8"), ("x0", "<i8"), ("y1", "<i8"), ("x1", "<i8")])
+CELL_DTYPE = np.dtype(
+    [
+        ("z", "<i8"),
+        ("area", "<i8"),
+        ("sum_y", "<i8"),
+        ("sum_x", "<i8"),
+        ("sum_i", "<f8"),
+        ("y0", "<i8"),
+        ("x0", "<i8"),
+        ("y1", "<i8"),
+        ("x1", "<i8"),
+    ]
+)
 _LINES_PER_WRITE = 65536
 
 
-def block_rows(flat: int, z: int, offset: Sequence[int], labels: np.ndarray, image: np.ndarray | None,
-               *, n_fixed: int, slots: np.ndarray) -> np.ndarray:
+def block_rows(
+    flat: int,
+    z: int,
+    offset: Sequence[int],
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    *,
+    n_fixed: int,
+    slots: np.ndarray,
+) -> np.ndarray:
     """Rows of sums (:data:`ROW_DTYPE`) of every label value of one (Y, X) block.
 
     Args:
@@ -150,8 +194,12 @@ def combine_rows(rows: np.ndarray, final_of_row: np.ndarray, n_cells: int) -> np
     for name in ("area", "sum_y", "sum_x"):  # exact: integer sums
         np.add.at(table[name], ids, rows[name])
     table["sum_i"] = np.bincount(ids, weights=rows["sum_i"], minlength=n_cells + 1)  # in row (block) order
-    for name, reduce, start in (("y0", np.minimum, np.iinfo(np.int64).max), ("x0", np.minimum, np.iinfo(np.int64).max),
-                                ("y1", np.maximum, -1), ("x1", np.maximum, -1)):
+    for name, reduce, start in (
+        ("y0", np.minimum, np.iinfo(np.int64).max),
+        ("x0", np.minimum, np.iinfo(np.int64).max),
+        ("y1", np.maximum, -1),
+        ("x1", np.maximum, -1),
+    ):
         table[name] = start
         reduce.at(table[name], ids, rows[name])
     return table
@@ -166,17 +214,32 @@ def write_rows(fh: IO[str], table: np.ndarray, lo: int, hi: int, *, pixel_um: tu
     """
     writer = csv.writer(fh, lineterminator="\n")
     for start in range(lo, hi, _LINES_PER_WRITE):
-        part = np.asarray(table[start:min(hi, start + _LINES_PER_WRITE)])
+        part = np.asarray(table[start : min(hi, start + _LINES_PER_WRITE)])
         ids = np.flatnonzero(part["area"]) + start
         part = part[part["area"] > 0]
         area = part["area"]
         cy, cx = part["sum_y"] / area, part["sum_x"] / area
         mean = part["sum_i"] / area
         writer.writerows(
-            [int(i), int(r["z"]), int(a), f"{a * pixel_um[0] * pixel_um[1]:.6g}", f"{y:.3f}", f"{x:.3f}",
-             f"{y * pixel_um[0]:.6g}", f"{x * pixel_um[1]:.6g}", int(r["y0"]), int(r["x0"]), int(r["y1"]),
-             int(r["x1"]), f"{m:.6g}"]
-            for i, r, a, y, x, m in zip(ids.tolist(), part, area.tolist(), cy.tolist(), cx.tolist(), mean.tolist()))
+            [
+                int(i),
+                int(r["z"]),
+                int(a),
+                f"{a * pixel_um[0] * pixel_um[1]:.6g}",
+                f"{y:.3f}",
+                f"{x:.3f}",
+                f"{y * pixel_um[0]:.6g}",
+                f"{x * pixel_um[1]:.6g}",
+                int(r["y0"]),
+                int(r["x0"]),
+                int(r["y1"]),
+                int(r["x1"]),
+                f"{m:.6g}",
+            ]
+            for i, r, a, y, x, m in zip(
+                ids.tolist(), part, area.tolist(), cy.tolist(), cx.tolist(), mean.tolist()
+            )
+        )
 
 
 def concatenate_csv(path: str | os.PathLike[str], pieces: Sequence[str | os.PathLike[str]]) -> None:

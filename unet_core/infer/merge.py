@@ -54,7 +54,12 @@ import zarr
 from scipy import ndimage
 
 from unet_core import __version__
-from unet_core.common.atomic import atomic_output, atomic_output_with_companions, remove_path, temporary_sibling
+from unet_core.common.atomic import (
+    atomic_output,
+    atomic_output_with_companions,
+    remove_path,
+    temporary_sibling,
+)
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.common.lockfile import holding
@@ -96,12 +101,31 @@ CELL_CLASS = 1
 PREDICTION_FORMAT = "unet-pipeline/prediction/1"
 #: How 'unet merge' recognises its own outputs (:mod:`unet_core.common.outputs`): the probability
 #: pyramid and the segmentation's and instances' label pyramids, nothing else.
-PREDICTION_MARK = ZarrMark("merge", Layout(("", "[0-9]*", "labels", *(f"labels/{name}{level}" for name in (
-    "segmentation", "instances") for level in ("", "/[0-9]*")))))
+PREDICTION_MARK = ZarrMark(
+    "merge",
+    Layout(
+        (
+            "",
+            "[0-9]*",
+            "labels",
+            *(f"labels/{name}{level}" for name in ("segmentation", "instances") for level in ("", "/[0-9]*")),
+        )
+    ),
+)
 STEPS = ("start", "seeds", "number-seeds", "cells", "number-cells", "write", "finish")
 PARALLEL_STEPS = ("seeds", "cells", "write")
-__all__ = ["PREDICTION_MARK", "TIFF_MARK", "CELLS_MARK", "WORK_MARK", "STEPS", "MergeRequest", "merge_parts",
-           "run_step", "steps_for", "export_tiff"]
+__all__ = [
+    "PREDICTION_MARK",
+    "TIFF_MARK",
+    "CELLS_MARK",
+    "WORK_MARK",
+    "STEPS",
+    "MergeRequest",
+    "merge_parts",
+    "run_step",
+    "steps_for",
+    "export_tiff",
+]
 
 
 def steps_for(settings: MergeSettings) -> tuple[str, ...]:
@@ -123,11 +147,24 @@ class MergeRequest:
     settings: MergeSettings = MergeSettings()
 
     @classmethod
-    def of(cls, parts: Sequence[str | os.PathLike[str]], *, stack: str | os.PathLike[str],
-           out: str | os.PathLike[str], tiff: str | os.PathLike[str] | None = None,
-           cells: str | os.PathLike[str] | None = None, settings: MergeSettings = MergeSettings()) -> MergeRequest:
-        return cls(tuple(Path(p) for p in parts), Path(stack), Path(out), None if tiff is None else Path(tiff),
-                   None if cells is None else Path(cells), settings)
+    def of(
+        cls,
+        parts: Sequence[str | os.PathLike[str]],
+        *,
+        stack: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        tiff: str | os.PathLike[str] | None = None,
+        cells: str | os.PathLike[str] | None = None,
+        settings: MergeSettings = MergeSettings(),
+    ) -> MergeRequest:
+        return cls(
+            tuple(Path(p) for p in parts),
+            Path(stack),
+            Path(out),
+            None if tiff is None else Path(tiff),
+            None if cells is None else Path(cells),
+            settings,
+        )
 
     @property
     def out_lock(self) -> Path:
@@ -150,17 +187,28 @@ class _Run:
 
     def __init__(self, request: MergeRequest, work_path: Path) -> None:
         if not request.parts:
-            raise UserInputError("no part stores given (pass the OUT_PART directories of all 'unet predict' jobs)")
-        claim_outputs([(request.out, PREDICTION_MARK), (request.tiff, TIFF_MARK), (request.cells, CELLS_MARK),
-                       (work_path, WORK_MARK)], [*request.parts, request.stack])
+            raise UserInputError(
+                "no part stores given (pass the OUT_PART directories of all 'unet predict' jobs)"
+            )
+        claim_outputs(
+            [
+                (request.out, PREDICTION_MARK),
+                (request.tiff, TIFF_MARK),
+                (request.cells, CELLS_MARK),
+                (work_path, WORK_MARK),
+            ],
+            [*request.parts, request.stack],
+        )
         self.request = request
         self.parts, self.tiling = open_parts(request.parts)
         self.stack = open_stack(request.stack)
         ref = self.parts[0].settings
         if tuple(self.stack.shape) != self.tiling.shape:
             raise UserInputError(
-                f"{request.stack}: shape {self.stack.shape} differs from the predicted stack's {self.tiling.shape} "
-                f"({ref['stack']}); pass the stack the parts were predicted from")
+                f"{request.stack}: shape {self.stack.shape} differs from the predicted stack's "
+                f"{self.tiling.shape} "
+                f"({ref['stack']}); pass the stack the parts were predicted from"
+            )
         self.stack.check_made_from(ref.get("intensity"), result=self.parts[0].path)
         self.encoding = ProbabilityEncoding(ref["probabilities"])
         self.area = ref.get("median_object_area_px")
@@ -174,18 +222,31 @@ class _Run:
         r = self.request
         run_settings = {k: self.parts[0].settings.get(k) for k in RUN_KEYS if k != "jobs"}
         merge_settings = {k: v for k, v in self.settings.to_dict().items() if k != "jobs"}
-        result = {"parts": run_settings, "intensity": self.stack.intensity.to_dict(), "settings": merge_settings,
-                  "cells": r.cells is not None, "tiff": r.tiff is not None, "version": __version__,
-                  "code": code_hash("merge")}
-        return {"out": str(r.out), "stack": str(r.stack), "jobs": self.settings.jobs, "result": result,
-                "parts": [{"path": str(p.path), "settings": p.settings} for p in self.parts]}
+        result = {
+            "parts": run_settings,
+            "intensity": self.stack.intensity.to_dict(),
+            "settings": merge_settings,
+            "cells": r.cells is not None,
+            "tiff": r.tiff is not None,
+            "version": __version__,
+            "code": code_hash("merge"),
+        }
+        return {
+            "out": str(r.out),
+            "stack": str(r.stack),
+            "jobs": self.settings.jobs,
+            "result": result,
+            "parts": [{"path": str(p.path), "settings": p.settings} for p in self.parts],
+        }
 
     def finished(self) -> bool:
         """Whether the output is this merge's (its attributes record the fingerprint of these parts,
         stack, settings and code; the number of pieces aside) and every output asked for is there:
         then no step has anything to do."""
         r = self.request
-        if not PREDICTION_MARK.recognises(r.out) or any(p is not None and not p.is_file() for p in (r.cells, r.tiff)):
+        if not PREDICTION_MARK.recognises(r.out) or any(
+            p is not None and not p.is_file() for p in (r.cells, r.tiff)
+        ):
             return False
         try:
             attrs = zarr.open_group(r.out, mode="r").attrs.asdict()
@@ -195,8 +256,9 @@ class _Run:
 
     def piece_blocks(self, k: int) -> list[Block]:
         if not isinstance(k, int) or not 0 <= k < self.settings.jobs:
-            raise UserInputError(f"--job must be in [0, {self.settings.jobs}) for --jobs {self.settings.jobs}, "
-                                 f"got {k!r}")
+            raise UserInputError(
+                f"--job must be in [0, {self.settings.jobs}) for --jobs {self.settings.jobs}, got {k!r}"
+            )
         return self.tiling.job_blocks(k, self.settings.jobs)
 
     def flat(self, block: Block) -> int:
@@ -206,8 +268,14 @@ class _Run:
 
     def outputs(self, *, create: bool) -> _Outputs:
         root = zarr.open_group(self.work.store, mode="w" if create else "r+")
-        return _Outputs.open(root, self.tiling, tuple(float(s) for s in self.stack.scale), self.stack.unit,
-                             self.encoding, create=create)
+        return _Outputs.open(
+            root,
+            self.tiling,
+            tuple(float(s) for s in self.stack.scale),
+            self.stack.unit,
+            self.encoding,
+            create=create,
+        )
 
 
 # -- the rounds --------------------------------------------------------------------------------
@@ -223,8 +291,14 @@ def _start(run: _Run) -> None:
     outputs.finish()
     scratch = zarr.open_group(run.work.store, mode="r+").require_group("_scratch")
     for name in ("seeds", "labels"):  # read once, by the next round: the fast compressor
-        create_array(scratch, name, shape=run.tiling.shape, dtype=np.uint32,
-                     chunks=(1, run.tiling.block_px, run.tiling.block_px), compressors=fast_compressor())
+        create_array(
+            scratch,
+            name,
+            shape=run.tiling.shape,
+            dtype=np.uint32,
+            chunks=(1, run.tiling.block_px, run.tiling.block_px),
+            compressors=fast_compressor(),
+        )
     run.work.write_manifest()
     run.work.mark_done("start.done", {})
 
@@ -250,8 +324,12 @@ def _seeds(run: _Run, k: int) -> None:
 
 def _number_seeds(run: _Run) -> None:
     """Join the seeds across block faces; number them over the stack."""
-    pieces = [PieceLabels.from_arrays(run.work.load(f"seeds-{k}.npz", made_by=f"unet merge --step seeds --job {k}"), "")
-              for k in range(run.settings.jobs)]
+    pieces = [
+        PieceLabels.from_arrays(
+            run.work.load(f"seeds-{k}.npz", made_by=f"unet merge --step seeds --job {k}"), ""
+        )
+        for k in range(run.settings.jobs)
+    ]
     numbering = number_labels(pieces, run.tiling.grid, 0, what="seeds")
     log.info("merge: %d seeds", numbering.n_final)
     run.work.save("seed-ids.npz", {"final": numbering.final, "offsets": numbering.offsets})
@@ -280,15 +358,29 @@ def _cells(run: _Run, k: int) -> None:
                 continue
             labels_out[block.write.to_slices()] = labels[None]
             pixels = None if image is None else image[block.write.to_slices()][0]
-            rows.append(_kept_rows(block_rows(run.flat(block), block.write.offset[0], block.plane.offset, labels,
-                                              pixels, n_fixed=n_fixed, slots=slots), labels, n_fixed,
-                                   int(run.settings.min_object_px)))
+            rows.append(
+                _kept_rows(
+                    block_rows(
+                        run.flat(block),
+                        block.write.offset[0],
+                        block.plane.offset,
+                        labels,
+                        pixels,
+                        n_fixed=n_fixed,
+                        slots=slots,
+                    ),
+                    labels,
+                    n_fixed,
+                    int(run.settings.min_object_px),
+                )
+            )
         outputs.flush()
     finally:
         outputs.close()
     table = np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE)
-    run.work.save(f"cells-{k}.npz", {**labeller.record.to_arrays(""), "rows": table,
-                                     "n_fixed": np.asarray(n_fixed)})
+    run.work.save(
+        f"cells-{k}.npz", {**labeller.record.to_arrays(""), "rows": table, "n_fixed": np.asarray(n_fixed)}
+    )
 
 
 def _kept_rows(rows: np.ndarray, labels: np.ndarray, n_fixed: int, min_px: int) -> np.ndarray:
@@ -305,15 +397,19 @@ def _kept_rows(rows: np.ndarray, labels: np.ndarray, n_fixed: int, min_px: int) 
 
 def _number_cells(run: _Run) -> None:
     """Join the labels across faces, drop small objects, number the cells, one row of sums per cell."""
-    records = [run.work.load(f"cells-{k}.npz", made_by=f"unet merge --step cells --job {k}")
-               for k in range(run.settings.jobs)]
+    records = [
+        run.work.load(f"cells-{k}.npz", made_by=f"unet merge --step cells --job {k}")
+        for k in range(run.settings.jobs)
+    ]
     n_fixed = int(records[0]["n_fixed"])
-    numbering = number_labels([PieceLabels.from_arrays(r, "") for r in records], run.tiling.grid, n_fixed,
-                              what="cells")
+    numbering = number_labels(
+        [PieceLabels.from_arrays(r, "") for r in records], run.tiling.grid, n_fixed, what="cells"
+    )
     rows = np.concatenate([r["rows"] for r in records])
     provisional = numbering.provisional(rows["flat"], rows["value"])
-    areas = np.bincount(numbering.final[provisional], weights=rows["area"],
-                        minlength=numbering.n_final + 1).astype(np.int64)
+    areas = np.bincount(
+        numbering.final[provisional], weights=rows["area"], minlength=numbering.n_final + 1
+    ).astype(np.int64)
     final = drop_small(numbering.final, areas, min_px=int(run.settings.min_object_px))
     n_cells = int(final.max(initial=0))
     log.info("merge: %d cells (%d provisional labels)", n_cells, len(final) - 1)
@@ -321,7 +417,9 @@ def _number_cells(run: _Run) -> None:
         table = combine_rows(rows, final[provisional], n_cells)
         with atomic_output(run.work.record_path("cell-table.npy"), own=None) as tmp, open(tmp, "wb") as fh:
             np.save(fh, table)
-    run.work.save("cell-ids.npz", {"final": final, "offsets": numbering.offsets, "n_fixed": np.asarray(n_fixed)})
+    run.work.save(
+        "cell-ids.npz", {"final": final, "offsets": numbering.offsets, "n_fixed": np.asarray(n_fixed)}
+    )
 
 
 def _write(run: _Run, k: int) -> None:
@@ -331,8 +429,9 @@ def _write(run: _Run, k: int) -> None:
     labels = ChunkCache(zarr.open_array(run.work.store / "_scratch" / "labels", mode="r"), 1)
     outputs = run.outputs(create=False)
     try:
-        for block in progress(run.piece_blocks(k), desc=f"merge: write, piece {k}/{run.settings.jobs}",
-                              unit="block"):
+        for block in progress(
+            run.piece_blocks(k), desc=f"merge: write, piece {k}/{run.settings.jobs}", unit="block"
+        ):
             values = labels[block.write.to_slices()][0].astype(np.int64)
             if not values.any():  # a block without cells: its chunks stay unwritten (they read as 0)
                 continue
@@ -354,14 +453,18 @@ def _finish(run: _Run) -> MergeSummary:
     """Metadata, TIFF and cell table; the store put in place of the output; the work folder removed."""
     for k in range(run.settings.jobs):
         if not run.work.has_record(f"write-{k}.done"):
-            raise UserInputError(f"{run.work.record_path(f'write-{k}.done')}: missing; run 'unet merge --step write "
-                                 f"--job {k}' (with the same arguments) first")
+            raise UserInputError(
+                f"{run.work.record_path(f'write-{k}.done')}: missing; run 'unet merge --step write "
+                f"--job {k}' (with the same arguments) first"
+            )
     ids = run.work.load("cell-ids.npz", made_by="unet merge --step number-cells")
     n_cells = int(ids["final"].max(initial=0))
     request = run.request
     if not (run.work.store / "zarr.json").is_file():
-        raise UserInputError(f"{run.work.store}: the store being built is missing (a finish killed half-way?); run "
-                             "the merge again from --step start")
+        raise UserInputError(
+            f"{run.work.store}: the store being built is missing (a finish killed half-way?); run "
+            "the merge again from --step start"
+        )
     with atomic_output_with_companions(request.out, own=PREDICTION_MARK) as (tmp, written):
         os.replace(run.work.store, tmp)
         try:
@@ -369,8 +472,9 @@ def _finish(run: _Run) -> MergeSummary:
                 export_tiff(tmp, request.tiff, content=run.settings.tiff_content)
                 written.append(request.tiff)
             if request.cells is not None:
-                concatenate_csv(request.cells, [run.work.record_path(f"write-{k}.csv")
-                                                for k in range(run.settings.jobs)])
+                concatenate_csv(
+                    request.cells, [run.work.record_path(f"write-{k}.csv") for k in range(run.settings.jobs)]
+                )
                 written.append(request.cells)
             shutil.rmtree(tmp / "_scratch")
             root = zarr.open_group(tmp, mode="r+")
@@ -381,13 +485,20 @@ def _finish(run: _Run) -> MergeSummary:
             raise
     remove_path(run.work.path)
     summary = MergeSummary(run.tiling.n_blocks, n_cells, run.tiling.shape)
-    log.info("merged %d parts, %d blocks into %s: %d instances", len(run.parts), summary.blocks, request.out, n_cells)
+    log.info(
+        "merged %d parts, %d blocks into %s: %d instances",
+        len(run.parts),
+        summary.blocks,
+        request.out,
+        n_cells,
+    )
     return summary
 
 
 # -- entry points ------------------------------------------------------------------------------
-def run_step(request: MergeRequest, step: str, *, job: int | None = None, work: str | os.PathLike[str] | None = None
-             ) -> MergeSummary | None:
+def run_step(
+    request: MergeRequest, step: str, *, job: int | None = None, work: str | os.PathLike[str] | None = None
+) -> MergeSummary | None:
     """Run one round of a merge in pieces (see the module docstring).
 
     Args:
@@ -403,9 +514,13 @@ def run_step(request: MergeRequest, step: str, *, job: int | None = None, work: 
     work_path = Path(work) if work is not None else request.default_work()
     run = _Run(request, work_path)
     if step not in steps_for(run.settings):
-        raise UserInputError(f"--step {step}: not a step of a merge with --instances {run.settings.instances.value} "
-                             f"(steps: {', '.join(steps_for(run.settings))})")
-    if step == "finish" and run.finished():  # (earlier rounds always leave their record: the workflow tracks them)
+        raise UserInputError(
+            f"--step {step}: not a step of a merge with --instances {run.settings.instances.value} "
+            f"(steps: {', '.join(steps_for(run.settings))})"
+        )
+    if (
+        step == "finish" and run.finished()
+    ):  # (earlier rounds always leave their record: the workflow tracks them)
         log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
         if run.work.holds_manifest():  # a finish killed before its cleanup
             remove_path(run.work.path)
@@ -464,9 +579,14 @@ def merge_parts(
         try:
             run = _Run(request, work_path)
             if run.finished():
-                log.info("%s: merged already by a run with these inputs and settings; nothing to do", request.out)
-                return MergeSummary(run.tiling.n_blocks, int(zarr.open_group(request.out, mode="r").attrs["unet"][
-                    "instances"]), run.tiling.shape)
+                log.info(
+                    "%s: merged already by a run with these inputs and settings; nothing to do", request.out
+                )
+                return MergeSummary(
+                    run.tiling.n_blocks,
+                    int(zarr.open_group(request.out, mode="r").attrs["unet"]["instances"]),
+                    run.tiling.shape,
+                )
             _start(run)
             for step in steps_for(run.settings)[1:-1]:
                 if step in PARALLEL_STEPS:
@@ -488,7 +608,9 @@ class _SeedRule:
 
     @classmethod
     def of(cls, settings: WatershedSettings) -> _SeedRule:
-        if settings.seeds is SeedRule.DISTANCE and not (isinstance(settings.h_px, int | float) and settings.h_px > 0):
+        if settings.seeds is SeedRule.DISTANCE and not (
+            isinstance(settings.h_px, int | float) and settings.h_px > 0
+        ):
             raise UserInputError(f"watershed seeds 'distance' need a depth h > 0 px, got {settings.h_px}")
         return cls(settings)
 
@@ -496,8 +618,12 @@ class _SeedRule:
         """(Y, X) bool seed pixels of a window of P(cell)."""
         s = self.settings
         if s.seeds is SeedRule.THRESHOLD:
-            return seed_mask(p, seed_threshold=s.seed_threshold, seed_erosion_px=s.seed_erosion_px,
-                             mask_threshold=s.mask_threshold)
+            return seed_mask(
+                p,
+                seed_threshold=s.seed_threshold,
+                seed_erosion_px=s.seed_erosion_px,
+                mask_threshold=s.mask_threshold,
+            )
         mask = p > s.mask_threshold
         return distance_seed_mask(mask_distance(mask), mask, h_px=float(s.h_px))
 
@@ -519,7 +645,9 @@ class _Flooder:
         self.n_seeds = int(self.final.max(initial=0))
         self.cells = _CellProbability(run)
         grid_x = run.tiling.grid[2]
-        self.scratch = ChunkCache(zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"), grid_x + 4)
+        self.scratch = ChunkCache(
+            zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"), grid_x + 4
+        )
         self.whole = Box.from_shape(run.tiling.shape)
 
     def block(self, block: Block) -> tuple[np.ndarray, int]:
@@ -530,7 +658,9 @@ class _Flooder:
         core = block.write.relative_to(window).to_slices()[1:]
         p = self.cells[_at(window)]
         labels = self.rule.flood(p, self._markers(window))[core].astype(np.int64)
-        n = label_unflooded(labels, p[core] > self.run.settings.watershed.mask_threshold, first_id=self.n_seeds + 1)
+        n = label_unflooded(
+            labels, p[core] > self.run.settings.watershed.mask_threshold, first_id=self.n_seeds + 1
+        )
         return labels, n
 
     def _markers(self, window: Box) -> np.ndarray:
@@ -557,8 +687,10 @@ class _CellProbability:
     def __init__(self, run: _Run) -> None:
         self.run = run
         self.owner = run.owner
-        self.readers = {p.job: direct_chunk_reader(p.store.probabilities()) or _zarr_reader(p.store.probabilities())
-                        for p in run.parts}
+        self.readers = {
+            p.job: direct_chunk_reader(p.store.probabilities()) or _zarr_reader(p.store.probabilities())
+            for p in run.parts
+        }
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self.max = 3 * run.tiling.grid[2] + 9
 
@@ -585,7 +717,8 @@ class _CellProbability:
                 block = self.run.tiling.block((z, by, bx))
                 part = block.write.intersect(window)
                 out[part.relative_to(window).to_slices()[1:]] = self.plane(block.index)[
-                    part.relative_to(block.write).to_slices()[1:]]
+                    part.relative_to(block.write).to_slices()[1:]
+                ]
         return self.run.encoding.decode(out)
 
 
@@ -593,6 +726,7 @@ def _zarr_reader(array: zarr.Array):
     def read(key: tuple[int, ...]) -> np.ndarray:
         box = Box(tuple(k * c for k, c in zip(key, array.chunks)), tuple(array.chunks))
         return np.asarray(array[box.intersect(Box.from_shape(array.shape)).to_slices()])
+
     return read
 
 
@@ -622,8 +756,10 @@ def _at(box: Box) -> tuple:
 
 def _as_uint32(ids: np.ndarray) -> np.ndarray:
     if ids.size and ids.max() > UINT32_IDS:
-        raise UserInputError(f"{int(ids.max())} labels in one block: more than 2**32 - 1, the most uint32 labels "
-                             "hold; split the stack into several samples")
+        raise UserInputError(
+            f"{int(ids.max())} labels in one block: more than 2**32 - 1, the most uint32 labels "
+            "hold; split the stack into several samples"
+        )
     return ids.astype(np.uint32)
 
 
@@ -636,22 +772,42 @@ class _Outputs:
     instances: PyramidWriter
 
     @classmethod
-    def open(cls, root: zarr.Group, tiling: Tiling, scale: tuple[float, ...], unit: str | None,
-             encoding: ProbabilityEncoding, *, create: bool) -> _Outputs:
+    def open(
+        cls,
+        root: zarr.Group,
+        tiling: Tiling,
+        scale: tuple[float, ...],
+        unit: str | None,
+        encoding: ProbabilityEncoding,
+        *,
+        create: bool,
+    ) -> _Outputs:
         b, shape = tiling.block_px, tiling.shape
 
         def pyramid(group: zarr.Group, dtype, name: str, *, labels: bool) -> PyramidWriter:
             axes, lead = ("czyx", (tiling.spec.n_classes,)) if name == "probabilities" else ("zyx", ())
-            return PyramidWriter(group, (*lead, *shape), dtype, (*(1,) * len(lead), 1, b, b),
-                                 ((1.0,) * len(lead)) + scale, unit=unit, axes=axes, labels=labels, name=name,
-                                 downscale_chunks=True, create=create)
+            return PyramidWriter(
+                group,
+                (*lead, *shape),
+                dtype,
+                (*(1,) * len(lead), 1, b, b),
+                ((1.0,) * len(lead)) + scale,
+                unit=unit,
+                axes=axes,
+                labels=labels,
+                name=name,
+                downscale_chunks=True,
+                create=create,
+            )
 
         def labels_group(name: str) -> zarr.Group:
             return label_group(root, name) if create else root["labels"][name]
 
-        return cls(pyramid(root, encoding.dtype, "probabilities", labels=False),
-                   pyramid(labels_group("segmentation"), np.uint8, "segmentation", labels=True),
-                   pyramid(labels_group("instances"), np.uint32, "instances", labels=True))
+        return cls(
+            pyramid(root, encoding.dtype, "probabilities", labels=False),
+            pyramid(labels_group("segmentation"), np.uint8, "segmentation", labels=True),
+            pyramid(labels_group("instances"), np.uint32, "instances", labels=True),
+        )
 
     def flush(self) -> None:
         for pyr in (self.probabilities, self.segmentation, self.instances):
@@ -677,17 +833,27 @@ def _provenance(run: _Run, n_instances: int) -> dict[str, Any]:
         if settings.watershed.seeds is SeedRule.THRESHOLD:
             ws["as_stored"]["seed"] = run.encoding.code_threshold(settings.watershed.seed_threshold)
     return {
-        "stage": "merge", "format": PREDICTION_FORMAT, "version": __version__, "source": ref["stack"],
-        "model_sha256": ref["model_sha256"], "tiling": ref["tiling"], "tta": ref["tta"],
-        "precision": ref["precision"], "logit_offsets": ref.get("logit_offsets"),
+        "stage": "merge",
+        "format": PREDICTION_FORMAT,
+        "version": __version__,
+        "source": ref["stack"],
+        "model_sha256": ref["model_sha256"],
+        "tiling": ref["tiling"],
+        "tta": ref["tta"],
+        "precision": ref["precision"],
+        "logit_offsets": ref.get("logit_offsets"),
         "devices": sorted({p.settings["device"] for p in run.parts}),
-        "intensity": ref["intensity"], "intensity_normalisation": ref["intensity_normalisation"],
+        "intensity": ref["intensity"],
+        "intensity_normalisation": ref["intensity_normalisation"],
         "decision_rule": settings.rule_text(),
-        "cell_class": CELL_CLASS, "instances": n_instances,
+        "cell_class": CELL_CLASS,
+        "instances": n_instances,
         "instance_method": settings.instances.value,
         "watershed": ws if settings.instances is InstanceMethod.WATERSHED else None,
-        "probability_axes": "czyx", "probabilities": run.encoding.value,
+        "probability_axes": "czyx",
+        "probabilities": run.encoding.value,
         "probability_encoding": run.encoding.description,
-        "min_object_px": settings.min_object_px, "median_object_area_px": run.area,
+        "min_object_px": settings.min_object_px,
+        "median_object_area_px": run.area,
         "merge_fingerprint": run.work.result_fingerprint,
     }

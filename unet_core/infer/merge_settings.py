@@ -33,8 +33,9 @@ INSTANCE_RULES = {
         "{seed_erosion_px} px; mask: P > {mask_threshold}; block-wise with a {halo_px} px halo)"
     ),
     (InstanceMethod.WATERSHED, SeedRule.DISTANCE): (
-        "instances = seeded watershed of the distance transform of the mask P(class 1) > {mask_threshold} per "
-        "slice (seeds: its h-maxima of depth h = {h_px:.3f} px after Gaussian smoothing; flooding in order of "
+        "instances = seeded watershed of the distance transform of the mask P(class 1) > {mask_threshold} "
+        "per slice (seeds: its h-maxima of depth h = {h_px:.3f} px after Gaussian smoothing; flooding in order "
+        "of "
         "decreasing distance; block-wise with a {halo_px} px halo)"
     ),
     InstanceMethod.COMPONENTS: (
@@ -116,9 +117,12 @@ class MergeSettings:
     jobs: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "instances", parse_choice(InstanceMethod, self.instances, option="--instances"))
-        object.__setattr__(self, "tiff_content",
-                           parse_choice(TiffContent, self.tiff_content, option="--tiff-content"))
+        object.__setattr__(
+            self, "instances", parse_choice(InstanceMethod, self.instances, option="--instances")
+        )
+        object.__setattr__(
+            self, "tiff_content", parse_choice(TiffContent, self.tiff_content, option="--tiff-content")
+        )
         mop = self.min_object_px
         if mop != AUTO and (isinstance(mop, bool) or not isinstance(mop, int) or mop < 0):
             raise UserInputError(f"--min-object-px {mop!r}: must be an integer >= 0 or 'auto'")
@@ -139,7 +143,9 @@ class MergeSettings:
         """
         out = self
         if self.min_object_px == AUTO:
-            out = replace(out, min_object_px=auto_min_object_px(_need_area(median_area_px, "--min-object-px", where)))
+            out = replace(
+                out, min_object_px=auto_min_object_px(_need_area(median_area_px, "--min-object-px", where))
+            )
         ws = self.watershed
         if self.instances is InstanceMethod.WATERSHED and ws.seeds is SeedRule.DISTANCE and ws.h_px == AUTO:
             ws = replace(ws, h_px=auto_h_px(_need_area(median_area_px, "--seed-h-px", where)))
@@ -157,8 +163,13 @@ class MergeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the work folder's manifest; equal settings give equal dicts)."""
-        return {"instances": self.instances.value, "min_object_px": self.min_object_px,
-                "watershed": self.watershed.to_dict(), "tiff_content": self.tiff_content.value, "jobs": self.jobs}
+        return {
+            "instances": self.instances.value,
+            "min_object_px": self.min_object_px,
+            "watershed": self.watershed.to_dict(),
+            "tiff_content": self.tiff_content.value,
+            "jobs": self.jobs,
+        }
 
 
 def _need_area(median_area_px: float | None, option: str, where: str) -> float:
@@ -167,5 +178,6 @@ def _need_area(median_area_px: float | None, option: str, where: str) -> float:
         raise UserInputError(
             f"{where}: {option} auto scales with the median object area of the model's training labels, but "
             "the model that predicted these parts does not store one (trained before it was measured); "
-            f"give {option} a number or retrain the model")
+            f"give {option} a number or retrain the model"
+        )
     return float(median_area_px)

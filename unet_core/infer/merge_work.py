@@ -42,15 +42,37 @@ from unet_core.common.outputs import JsonMark, Layout
 WORK_FORMAT = "unet-pipeline/merge-work/1"
 MANIFEST = "merge.json"
 STORE = "store.ome.zarr"
-_STORE_NODES = ("", "[0-9]*", "labels", *(f"labels/{name}{level}" for name in ("segmentation", "instances")
-                                         for level in ("", "/[0-9]*")), "_scratch", "_scratch/seeds",
-                "_scratch/labels")
+_STORE_NODES = (
+    "",
+    "[0-9]*",
+    "labels",
+    *(f"labels/{name}{level}" for name in ("segmentation", "instances") for level in ("", "/[0-9]*")),
+    "_scratch",
+    "_scratch/seeds",
+    "_scratch/labels",
+)
 #: How 'unet merge' recognises its own work folder: the manifest's format, and nothing in it but
 #: the store being built, the records and the piece locks.
-WORK_MARK = JsonMark(WORK_FORMAT, "a work folder of 'unet merge'", manifest=MANIFEST,
-                     layout=Layout(tuple(f"{STORE}/{n}" if n else STORE for n in _STORE_NODES),
-                                   (MANIFEST, "start.done", "seeds-[0-9]*.npz", "seed-ids.npz", "cells-[0-9]*.npz", "cell-ids.npz",
-                                    "cell-table.npy", "write-[0-9]*.csv", "write-[0-9]*.done", ".piece-[0-9]*.lock")))
+WORK_MARK = JsonMark(
+    WORK_FORMAT,
+    "a work folder of 'unet merge'",
+    manifest=MANIFEST,
+    layout=Layout(
+        tuple(f"{STORE}/{n}" if n else STORE for n in _STORE_NODES),
+        (
+            MANIFEST,
+            "start.done",
+            "seeds-[0-9]*.npz",
+            "seed-ids.npz",
+            "cells-[0-9]*.npz",
+            "cell-ids.npz",
+            "cell-table.npy",
+            "write-[0-9]*.csv",
+            "write-[0-9]*.done",
+            ".piece-[0-9]*.lock",
+        ),
+    ),
+)
 
 
 def _differing(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -101,17 +123,22 @@ class MergeWork:
     def check_started(self, step: str) -> None:
         """Raise one line unless ``start`` ran for this very run (same parts, settings, K, code)."""
         if not (self.path / MANIFEST).is_file():
-            raise UserInputError(f"{self.path}: no merge was started here (no {MANIFEST}); run 'unet merge ... "
-                                 "--step start' first, with the same arguments")
+            raise UserInputError(
+                f"{self.path}: no merge was started here (no {MANIFEST}); run 'unet merge ... "
+                "--step start' first, with the same arguments"
+            )
         try:
             found = json.loads((self.path / MANIFEST).read_text())
         except (OSError, ValueError) as err:
-            raise UserInputError(f"{self.path / MANIFEST}: unreadable ({err}); run --step start again") from None
+            raise UserInputError(
+                f"{self.path / MANIFEST}: unreadable ({err}); run --step start again"
+            ) from None
         if found != self.manifest:
             diff = _differing(found, self.manifest)
             raise UserInputError(
                 f"{self.path}: started with other inputs or settings than this --step {step} (differs in "
-                f"{', '.join(diff)}); give every step the same arguments, or run --step start again")
+                f"{', '.join(diff)}); give every step the same arguments, or run --step start again"
+            )
 
     def write_manifest(self) -> None:
         with atomic_output(self.path / MANIFEST, own=None) as tmp:
@@ -156,8 +183,9 @@ class MergeWork:
         except Exception as err:  # numpy raises several types for a damaged archive
             raise UserInputError(f"{path}: damaged record ({err}); run '{made_by}' again") from None
         if str(out.get("fingerprint")) != self.fingerprint:
-            raise UserInputError(f"{path}: a record of another merge run (other parts, settings or K); run "
-                                 f"'{made_by}' again")
+            raise UserInputError(
+                f"{path}: a record of another merge run (other parts, settings or K); run '{made_by}' again"
+            )
         return out
 
     def mark_done(self, name: str, summary: dict[str, Any]) -> None:
@@ -170,8 +198,14 @@ class MergeWork:
         """Hold piece ``k``'s lock; refuse while a serial step or a whole merge holds the output's."""
         holder = held_by_other(out_lock)
         if holder is not None:
-            raise UserInputError(f"{owner}: another 'unet merge' (pid {holder.get('pid')} on host "
-                                 f"{holder.get('host')}) is writing this output; wait for it to finish")
-        with holding(self.path / f".piece-{k}.lock", owner=owner, who="'unet merge' piece",
-                     what=f"running piece {k} of this merge"):
+            raise UserInputError(
+                f"{owner}: another 'unet merge' (pid {holder.get('pid')} on host "
+                f"{holder.get('host')}) is writing this output; wait for it to finish"
+            )
+        with holding(
+            self.path / f".piece-{k}.lock",
+            owner=owner,
+            who="'unet merge' piece",
+            what=f"running piece {k} of this merge",
+        ):
             yield

@@ -21,7 +21,9 @@ TIFF_MARK = TiffMark(TIFF_GENERATOR)
 
 
 def export_tiff(
-    prediction: str | os.PathLike[str], path: str | os.PathLike[str], *,
+    prediction: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
     content: TiffContent | str = TiffContent.SEGMENTATION,
 ) -> None:
     """Write one level-0 array of a merged prediction as a (Z, Y, X) TIFF, one slice at a time.
@@ -46,6 +48,7 @@ def export_tiff(
 
         def pick(z: int) -> np.ndarray:
             return np.asarray(arr[z])
+
     meta = {"generator": TIFF_GENERATOR, "version": __version__, "content": content.value}
     with atomic_output(path, own=TIFF_MARK) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for z in range(arr.shape[-3]):
