@@ -66,20 +66,8 @@ ROW_DTYPE = np.dtype(
         ("x1", "<i8"),
     ]
 )
-#: One row per cell (index = final id; row 0 unused).
-CELL_DTYPE = np.dtype(
-    [
-        ("z", "<i8"),
-        ("area", "<i8"),
-        ("sum_y", "<i8"),
-        ("sum_x", "<i8"),
-        ("sum_i", "<f8"),
-        ("y0", "<i8"),
-        ("x0", "<i8"),
-        ("y1", "<i8"),
-        ("x1", "<i8"),
-    ]
-)
+#: One row per cell (index = final id; row 0 unused): the row fields without the block and value.
+CELL_DTYPE = np.dtype([(name, ROW_DTYPE[name]) for name in ROW_DTYPE.names if name not in ("flat", "value")])
 _LINES_PER_WRITE = 65536
 
 

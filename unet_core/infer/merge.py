@@ -495,6 +495,11 @@ def _finish(run: _Run) -> MergeSummary:
     return summary
 
 
+#: The rounds by step name: those run once per piece, and the serial ones between them.
+_PIECE_ROUNDS = {"seeds": _seeds, "cells": _cells, "write": _write}
+_SERIAL_ROUNDS = {"number-seeds": _number_seeds, "number-cells": _number_cells}
+
+
 # -- entry points ------------------------------------------------------------------------------
 def run_step(
     request: MergeRequest, step: str, *, job: int | None = None, work: str | os.PathLike[str] | None = None
@@ -535,7 +540,7 @@ def run_step(
             log.info("%s: piece %d of step %s is done already; nothing to do", run.work.path, job, step)
             return None
         with run.work.piece_lock(job, request.out_lock, request.out):
-            {"seeds": _seeds, "cells": _cells, "write": _write}[step](run, job)
+            _PIECE_ROUNDS[step](run, job)
         return None
     with holding(request.out_lock, owner=request.out, who="'unet merge'", what="writing this output"):
         if step == "start":
@@ -544,7 +549,7 @@ def run_step(
         run.work.check_started(step)
         if step == "finish":
             return _finish(run)
-        {"number-seeds": _number_seeds, "number-cells": _number_cells}[step](run)
+        _SERIAL_ROUNDS[step](run)
     return None
 
 
@@ -591,9 +596,9 @@ def merge_parts(
             for step in steps_for(run.settings)[1:-1]:
                 if step in PARALLEL_STEPS:
                     for k in range(run.settings.jobs):
-                        {"seeds": _seeds, "cells": _cells, "write": _write}[step](run, k)
+                        _PIECE_ROUNDS[step](run, k)
                 else:
-                    {"number-seeds": _number_seeds, "number-cells": _number_cells}[step](run)
+                    _SERIAL_ROUNDS[step](run)
             return _finish(run)
         finally:
             remove_path(work_path)
