@@ -11,8 +11,12 @@ import pytest
 import zarr
 
 from unet_core.cli import main
-from unet_core.evaluate import metrics as m
 from unet_core.evaluate import scoring as ev
+from unet_core.evaluate.object_matching import match_objects
+from unet_core.evaluate.pixel_scores import class_iou, confusion_matrix, pixel_error
+from unet_core.evaluate.rand_scores import rand_pair_counts, rand_sweep
+from unet_core.evaluate.score_inputs import connected_components
+from unet_core.evaluate.warping_error import warping_error_count
 from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
 
 Z, Y, X = 4, 40, 52
@@ -99,7 +103,7 @@ def test_ground_truth_binary_uses_foreground_components():
     instances, classes = ev.ground_truth_targets(labels, label_kind="binary", foreground_value=255)
     np.testing.assert_array_equal(classes, labels == 255)
     assert instances.max() == _cells(0).max()  # every rectangle its own component
-    assert m.rand_pair_counts(_cells(0), instances).error == 0.0
+    assert rand_pair_counts(_cells(0), instances).error == 0.0
 
 
 def test_ground_truth_instance_separates_touching_cells():
@@ -109,7 +113,7 @@ def test_ground_truth_instance_separates_touching_cells():
     instances, classes = ev.ground_truth_targets(labels, label_kind="instance")
     np.testing.assert_array_equal(instances, labels)
     # a 1-px background line now separates them, and nothing else changed
-    parts = m.connected_components(classes == 1, connectivity=4)
+    parts = connected_components(classes == 1, connectivity=4)
     assert parts.max() == 2
     removed = (labels > 0) & (classes == 0)
     assert removed.sum() == 6  # one column of 6 pixels
@@ -138,17 +142,17 @@ def test_score_slice_equals_the_metric_functions():
     thresholds = [0.3, 0.5, 0.7]
     counts = ev.score_slice(prob, pred, instances, classes, thresholds=thresholds)
     row = ev.summarise(counts, thresholds=thresholds)
-    cm = m.confusion_matrix(classes, pred)
-    assert row["pixel_error"] == pytest.approx(m.pixel_error(cm))
-    assert row["iou_cell"] == pytest.approx(m.class_iou(cm)[1]) == pytest.approx(row["foreground_iou"])
-    sweep = m.rand_sweep(prob, instances, thresholds=thresholds)
+    cm = confusion_matrix(classes, pred)
+    assert row["pixel_error"] == pytest.approx(pixel_error(cm))
+    assert row["iou_cell"] == pytest.approx(class_iou(cm)[1]) == pytest.approx(row["foreground_iou"])
+    sweep = rand_sweep(prob, instances, thresholds=thresholds)
     i = int(np.argmin([c.error for c in sweep]))
     assert row["rand_error_fg"] == pytest.approx(sweep[i].error)
     assert row["rand_threshold"] == thresholds[i]
-    comps = m.connected_components(pred == 1)
-    assert row["adapted_rand_error"] == pytest.approx(m.rand_pair_counts(instances, comps, pred_background="segment").error)
-    assert row["object_f1"] == pytest.approx(m.match_objects(instances, comps).f1)
-    warp = [m.warping_error_count(classes == 1, prob > t) for t in thresholds]
+    comps = connected_components(pred == 1)
+    assert row["adapted_rand_error"] == pytest.approx(rand_pair_counts(instances, comps, pred_background="segment").error)
+    assert row["object_f1"] == pytest.approx(match_objects(instances, comps).f1)
+    warp = [warping_error_count(classes == 1, prob > t) for t in thresholds]
     assert row["warping_pixels"] == warp[i].errors  # at the Rand operating point
     assert row["warping_split_merge_error"] == pytest.approx(warp[i].split_merge_error)
     assert row["warping_error_min"] == pytest.approx(min(w.errors for w in warp) / classes.size)

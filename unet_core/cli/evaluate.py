@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.evaluate.metrics import ISBI_THRESHOLDS
+    from unet_core.evaluate.score_inputs import ISBI_THRESHOLDS
     from unet_core.evaluate.scoring import evaluate
     from unet_core.io.ngff import open_stack
 

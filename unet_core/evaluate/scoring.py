@@ -43,24 +43,11 @@ from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, Mark, PngMark, claim_outputs
 from unet_core.common.labels import LabelKind
 from unet_core.common.progress import progress
-from unet_core.evaluate.metrics import (
-    CELL,
-    ISBI_THRESHOLDS,
-    BinaryCounts,
-    ObjectCounts,
-    PairCounts,
-    best_index,
-    class_dice,
-    class_iou,
-    confusion_matrix,
-    connected_components,
-    match_objects,
-    rand_pair_counts,
-    rand_sweep,
-    threshold_counts,
-    truth_split,
-    warping_sweep,
-)
+from unet_core.evaluate.object_matching import ObjectCounts, match_objects, truth_split
+from unet_core.evaluate.pixel_scores import BinaryCounts, class_dice, class_iou, confusion_matrix, threshold_counts
+from unet_core.evaluate.rand_scores import PairCounts, rand_pair_counts, rand_sweep
+from unet_core.evaluate.score_inputs import CELL, ISBI_THRESHOLDS, best_index, connected_components
+from unet_core.evaluate.warping_error import warping_sweep
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.io.ngff import Stack, open_group, open_stack, recorded_intensity
@@ -185,7 +172,7 @@ class SliceCounts:
         objects: :class:`ObjectCounts` of the predicted instances.
         adapted_rand_cc, objects_cc: the same for the 4-connected components of the argmax.
         objects_split: :class:`ObjectCounts` of the predicted instances' foreground split as
-            the ground truth splits it (:func:`~unet_core.evaluate.metrics.truth_split`).
+            the ground truth splits it (:func:`~unet_core.evaluate.object_matching.truth_split`).
         warping: (topological-error pixels, split + merge pixels) per threshold (empty when
             not computed).
         pixels: pixels scored.
