@@ -67,7 +67,6 @@ from unet_core.train.data import (
 from unet_core.train.outputs import (
     OUT_DIR_MARK,
     METRICS_FILE,
-    STATE_FILE,
     RunRecord,
     decision_metadata,
     write_final_outputs,
@@ -75,6 +74,7 @@ from unet_core.train.outputs import (
 )
 from unet_core.train.runtime import Runtime, batch_loss, make_optimizer, resolve_runtime
 from unet_core.train.state import (
+    STATE_FILE,
     Progress,
     apply_state,
     check_finite_weights,

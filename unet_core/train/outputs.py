@@ -12,17 +12,15 @@ import csv
 import io
 import json
 import logging
-import platform
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.intensity import Normalisation
 from unet_core.common.provenance import sha256_files
@@ -32,14 +30,12 @@ from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 from unet_core.train.config import ExportWeights, TrainConfig
 from unet_core.train.plot import plot_training_curve
-from unet_core.train.runtime import Runtime
-
-if TYPE_CHECKING:  # state.py imports versions() from here
-    from unet_core.train.state import History
+from unet_core.train.runtime import Runtime, versions
+from unet_core.train.state import STATE_FILE, History
 
 log = logging.getLogger(__name__)
 
-STATE_FILE, MODEL_FILE, SCRIPT_FILE = "state.pt", "model.pt", "model.ts"
+MODEL_FILE, SCRIPT_FILE = "model.pt", "model.ts"
 METRICS_FILE, CURVE_FILE, CARD_FILE = "metrics.csv", "curve.png", "model_card.json"
 CARD_FORMAT = "unet-pipeline/model-card/1"
 METRIC_COLUMNS = (
@@ -137,19 +133,6 @@ def export_torchscript(model: UNet, path: Path) -> None:
         scripted = torch.jit.script(clone)
         extra = {"unet_spec.json": model.spec.fingerprint()}
         write_torch_file(path, scripted, own=TORCHSCRIPT_MARK, torchscript=True, extra_files=extra)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software that wrote a file (state.pt, the model card)."""
-    return {
-        "unet_pipeline": __version__,
-        "torch": str(torch.__version__),
-        "numpy": str(np.__version__),
-        "python": platform.python_version(),
-        "cuda": str(torch.version.cuda),
-        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
-        "platform": platform.platform(),
-    }
 
 
 def untimed(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Where and how training runs: device, precision, the optimizer's kernels, the loss of one batch.
+"""Where and how training runs: device, precision, optimizer kernels, one batch's loss, software versions.
 
 On CUDA: TF32 matmuls, cuDNN autotuning (``benchmark``), channels-last, bf16 autocast and the
 fused (single-kernel) optimizer step. On the CPU: float32, deterministic algorithms and the
@@ -9,10 +9,13 @@ training steps measured on an AMX Xeon; see benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from unet_core import __version__
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import ConfigError, UserInputError
 from unet_core.common.precision import Precision, resolve_precision
@@ -66,6 +69,19 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
         return Runtime(device, precision, config.channels_last, desc)
     desc = f"cpu ({torch.get_num_threads()} threads), float32, deterministic"
     return Runtime(device, Precision.FP32, False, desc)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that wrote a file (state.pt, the model card)."""
+    return {
+        "unet_pipeline": __version__,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "platform": platform.platform(),
+    }
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:

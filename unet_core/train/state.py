@@ -23,9 +23,12 @@ from unet_core.model.checkpoint import STATE_FORMAT, STATE_MARK, safe_load, writ
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
 from unet_core.train.config import ExportWeights, TrainConfig
-from unet_core.train.outputs import STATE_FILE, versions
+from unet_core.train.runtime import versions
 
 log = logging.getLogger(__name__)
+
+#: The file of the resumable state in a training's output folder.
+STATE_FILE = "state.pt"
 
 
 def rng_state() -> dict[str, Any]:
