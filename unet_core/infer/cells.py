@@ -12,12 +12,15 @@ stack's metadata, micrometres for stacks ingested from TIFF); the mean intensity
 raw grey values of the stack.
 
 How it scales: each block gives one row of sums per label value it holds (:func:`block_rows`,
-a compiled pass over the block's pixels); the merge's numbering round combines the rows of all
-blocks, in block order, into one row per cell (:func:`combine_rows`: areas and coordinate sums
-are exact integers, intensity sums float64 added in block order, so the table depends neither on
-the number of pieces nor on their order); each piece then writes the CSV lines of its range of
-ids (:func:`write_rows`), and the pieces are concatenated in id order. The whole text is never
-held in memory; the serial round holds about 70 bytes per label row and 80 per cell.
+a compiled pass over the block's pixels); a piece appends its blocks' rows to a file as it goes
+(:class:`RowFile`). The merge's numbering round reads those files a chunk of rows at a time
+(:func:`row_chunks`) and combines them, in block order, into one row per cell, a range of ids at
+a time (:func:`write_cell_table`: areas and coordinate sums are exact integers, intensity sums
+float64 added in row order, so the table depends neither on the number of pieces nor on their
+order); each piece then writes the CSV lines of its range of ids (:func:`write_rows`, reading the
+table a block of rows at a time), and the pieces are concatenated in id order. Neither the rows,
+nor the table, nor the text is ever held whole in memory: the serial round holds 8 bytes per cell
+(the areas), the table of one range of ids (:data:`IDS_PER_PASS` rows) and one chunk of rows.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -69,6 +73,10 @@ ROW_DTYPE = np.dtype(
 #: One row per cell (index = final id; row 0 unused): the row fields without the block and value.
 CELL_DTYPE = np.dtype([(name, ROW_DTYPE[name]) for name in ROW_DTYPE.names if name not in ("flat", "value")])
 _LINES_PER_WRITE = 65536
+#: Rows read from a piece's row file at a time (88 bytes each).
+ROWS_PER_READ = 1 << 20
+#: Cell ids combined per pass over the rows (the table of one pass: 72 bytes per id).
+IDS_PER_PASS = 1 << 22
 
 
 def block_rows(
@@ -167,42 +175,131 @@ def _label_sums(labels, image, has_image, n_fixed, slots):  # pragma: no cover -
     return values[keep], ints[keep], sum_i[keep]
 
 
-def combine_rows(rows: np.ndarray, final_of_row: np.ndarray, n_cells: int) -> np.ndarray:
-    """One row per cell (:data:`CELL_DTYPE`, index = final id) from the blocks' rows.
+class RowFile:
+    """The rows of one piece, appended block by block to an open binary file (raw
+    :data:`ROW_DTYPE` records, in block order); ``count`` rows so far."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.count = fh, 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(rows, ROW_DTYPE).tobytes())
+        self.count += len(rows)
+
+
+def row_chunks(files: Sequence[tuple[Path, int]]) -> Iterator[np.ndarray]:
+    """The rows of ``(path, count)`` row files, in the order given, :data:`ROWS_PER_READ` at a time.
+
+    Raises:
+        ValueError: a file whose size is not ``count`` rows (damaged or of another run).
+    """
+    for path, count in files:
+        if path.stat().st_size != count * ROW_DTYPE.itemsize:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, not the {count} rows its record names")
+        with open(path, "rb") as fh:
+            for start in range(0, count, ROWS_PER_READ):
+                yield np.fromfile(fh, ROW_DTYPE, min(ROWS_PER_READ, count - start))
+
+
+def add_areas(areas: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+    """``areas[ids[r]] += rows[r]["area"]`` for every row (int64, exact)."""
+    _add_areas(areas, np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(rows["area"]))
+
+
+def write_cell_table(
+    fh: BinaryIO, chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n_cells: int
+) -> None:
+    """Write the table of cells (``.npy`` of :data:`CELL_DTYPE`, index = final id, row 0 unused)
+    to ``fh``, combining the rows :data:`IDS_PER_PASS` ids at a time.
 
     Args:
-        rows: all blocks' rows in block order (:func:`block_rows`).
-        final_of_row: the final id of each row (0: background or dropped).
+        chunks: a new iterator, on each call, over ``(rows, ids)``: all blocks' rows in block
+            order (:func:`block_rows`) and the final id of each row (0: background or dropped).
         n_cells: the number of final ids.
     """
-    table = np.zeros(n_cells + 1, CELL_DTYPE)
-    keep = final_of_row > 0
-    ids, rows = final_of_row[keep].astype(np.int64), rows[keep]
-    table["z"][ids] = rows["z"]
-    for name in ("area", "sum_y", "sum_x"):  # exact: integer sums
-        np.add.at(table[name], ids, rows[name])
-    table["sum_i"] = np.bincount(ids, weights=rows["sum_i"], minlength=n_cells + 1)  # in row (block) order
-    for name, reduce, start in (
-        ("y0", np.minimum, np.iinfo(np.int64).max),
-        ("x0", np.minimum, np.iinfo(np.int64).max),
-        ("y1", np.maximum, -1),
-        ("x1", np.maximum, -1),
-    ):
-        table[name] = start
-        reduce.at(table[name], ids, rows[name])
-    return table
+    n = n_cells + 1
+    descr = {"descr": np.lib.format.dtype_to_descr(CELL_DTYPE), "fortran_order": False, "shape": (n,)}
+    np.lib.format.write_array_header_1_0(fh, descr)
+    for lo in range(0, n, IDS_PER_PASS):
+        size = min(IDS_PER_PASS, n - lo)
+        ints = np.zeros((size, 8), np.int64)
+        ints[:, 4:6], ints[:, 6:] = np.iinfo(np.int64).max, -1  # bounding box: min y0, x0; max y1, x1
+        sum_i = np.zeros(size, np.float64)
+        for rows, ids in chunks():
+            _accumulate(
+                ints, sum_i, np.ascontiguousarray(ids, np.int64), lo,
+                *(np.ascontiguousarray(rows[name]) for name in _ROW_FIELDS),
+            )
+        table = np.zeros(size, CELL_DTYPE)
+        for k, name in enumerate(_INT_FIELDS):
+            table[name] = ints[:, k]
+        table["sum_i"] = sum_i
+        fh.write(table.tobytes())
 
 
-def write_rows(fh: IO[str], table: np.ndarray, lo: int, hi: int, *, pixel_um: tuple[float, float]) -> None:
+class CellTable:
+    """The table of cells written by :func:`write_cell_table`, read a range of ids at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            np.lib.format.read_magic(fh)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            self.offset = fh.tell()
+        if dtype != CELL_DTYPE or len(shape) != 1:
+            raise ValueError(f"{self.path}: not a table of cells ({dtype}, shape {shape})")
+        self.size = int(shape[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo..hi-1`` (:data:`CELL_DTYPE`)."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + lo * CELL_DTYPE.itemsize)
+            return np.fromfile(fh, CELL_DTYPE, max(0, min(hi, self.size) - lo))
+
+
+#: The summed fields of a row, in the order of :func:`_accumulate`'s arguments and of ``ints``' columns.
+_INT_FIELDS = ("z", "area", "sum_y", "sum_x", "y0", "x0", "y1", "x1")
+_ROW_FIELDS = (*_INT_FIELDS, "sum_i")
+
+
+@_compiled
+def _add_areas(areas, ids, area):  # pragma: no cover - compiled by numba
+    for r in range(ids.shape[0]):
+        areas[ids[r]] += area[r]
+
+
+@_compiled
+def _accumulate(ints, sum_i, ids, lo, z, area, sum_y, sum_x, y0, x0, y1, x1, si):  # pragma: no cover
+    """Add the rows whose id lies in ``lo .. lo + len(ints) - 1`` to the range's sums, in row order
+    (the float64 intensity sums are added in that order: the same bits for any split into pieces)."""
+    for r in range(ids.shape[0]):
+        k = ids[r] - lo
+        if ids[r] == 0 or k < 0 or k >= ints.shape[0]:
+            continue
+        ints[k, 0] = z[r]
+        ints[k, 1] += area[r]
+        ints[k, 2] += sum_y[r]
+        ints[k, 3] += sum_x[r]
+        ints[k, 4] = min(ints[k, 4], y0[r])
+        ints[k, 5] = min(ints[k, 5], x0[r])
+        ints[k, 6] = max(ints[k, 6], y1[r])
+        ints[k, 7] = max(ints[k, 7], x1[r])
+        sum_i[k] += si[r]
+
+
+def write_rows(fh: IO[str], table: CellTable, lo: int, hi: int, *, pixel_um: tuple[float, float]) -> None:
     """Write the CSV lines of ids ``lo..hi-1`` that hold pixels (no header), a block of lines at a time.
 
     Args:
-        table: the cell rows (:data:`CELL_DTYPE`, index = final id; may be memory-mapped).
+        table: the table of cells (index = final id).
         pixel_um: (y, x) pixel size in the stack's physical unit.
     """
     writer = csv.writer(fh, lineterminator="\n")
     for start in range(lo, hi, _LINES_PER_WRITE):
-        part = np.asarray(table[start : min(hi, start + _LINES_PER_WRITE)])
+        part = table.read(start, min(hi, start + _LINES_PER_WRITE))
         ids = np.flatnonzero(part["area"]) + start
         part = part[part["area"] > 0]
         area = part["area"]

@@ -44,7 +44,7 @@ import logging
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,17 @@ from unet_core.common.outputs import Layout, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.infer.block_labels import UINT32_IDS, PieceLabeller, PieceLabels, drop_small, number_labels
-from unet_core.infer.cells import CELLS_MARK, ROW_DTYPE, block_rows, combine_rows, concatenate_csv, write_rows
+from unet_core.infer.cells import (
+    CELLS_MARK,
+    CellTable,
+    RowFile,
+    add_areas,
+    block_rows,
+    concatenate_csv,
+    row_chunks,
+    write_cell_table,
+    write_rows,
+)
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
     InstanceMethod,
@@ -347,39 +357,35 @@ def _cells(run: _Run, k: int) -> None:
     flooder = _Flooder(run, seeds) if watershed else None
     image = ChunkCache(run.stack.image, _chunks_per_block(run) * 2) if run.request.cells is not None else None
     slots = np.full(n_fixed + 1, -1, np.int64)
-    rows = []
+    rows_path = run.work.record_path(f"cells-{k}.rows")
     try:
-        for block in progress(blocks, desc=f"merge: cells, piece {k}/{run.settings.jobs}", unit="block"):
-            seg = _copy_block(run, outputs, block)
-            labels, n = flooder.block(block) if flooder else ndimage.label(seg == CELL_CLASS)
-            labels = _as_uint32(labels)
-            labeller.add(block.index, labels[None], n)
-            if not labels.any():  # nothing to store (the scratch reads as 0) or to sum
-                continue
-            labels_out[block.write.to_slices()] = labels[None]
-            pixels = None if image is None else image[block.write.to_slices()][0]
-            rows.append(
-                _kept_rows(
-                    block_rows(
-                        run.flat(block),
-                        block.write.offset[0],
-                        block.plane.offset,
-                        labels,
-                        pixels,
-                        n_fixed=n_fixed,
-                        slots=slots,
-                    ),
+        with atomic_output(rows_path, own=None) as tmp, open(tmp, "wb") as fh:
+            rows = RowFile(fh)
+            for block in progress(blocks, desc=f"merge: cells, piece {k}/{run.settings.jobs}", unit="block"):
+                seg = _copy_block(run, outputs, block)
+                labels, n = flooder.block(block) if flooder else ndimage.label(seg == CELL_CLASS)
+                labels = _as_uint32(labels)
+                labeller.add(block.index, labels[None], n)
+                if not labels.any():  # nothing to store (the scratch reads as 0) or to sum
+                    continue
+                labels_out[block.write.to_slices()] = labels[None]
+                pixels = None if image is None else image[block.write.to_slices()][0]
+                block_sums = block_rows(
+                    run.flat(block),
+                    block.write.offset[0],
+                    block.plane.offset,
                     labels,
-                    n_fixed,
-                    int(run.settings.min_object_px),
+                    pixels,
+                    n_fixed=n_fixed,
+                    slots=slots,
                 )
-            )
+                rows.append(_kept_rows(block_sums, labels, n_fixed, int(run.settings.min_object_px)))
         outputs.flush()
     finally:
         outputs.close()
-    table = np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE)
     run.work.save(
-        f"cells-{k}.npz", {**labeller.record.to_arrays(""), "rows": table, "n_fixed": np.asarray(n_fixed)}
+        f"cells-{k}.npz",
+        {**labeller.record.to_arrays(""), "n_rows": np.asarray(rows.count), "n_fixed": np.asarray(n_fixed)},
     )
 
 
@@ -405,18 +411,28 @@ def _number_cells(run: _Run) -> None:
     numbering = number_labels(
         [PieceLabels.from_arrays(r, "") for r in records], run.tiling.grid, n_fixed, what="cells"
     )
-    rows = np.concatenate([r["rows"] for r in records])
-    provisional = numbering.provisional(rows["flat"], rows["value"])
-    areas = np.bincount(
-        numbering.final[provisional], weights=rows["area"], minlength=numbering.n_final + 1
-    ).astype(np.int64)
+    files = [(run.work.record_path(f"cells-{k}.rows"), int(r["n_rows"])) for k, r in enumerate(records)]
+
+    def rows_with(lookup: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All pieces' rows in block order, a chunk at a time, with the id ``lookup`` gives each."""
+        try:
+            for chunk in row_chunks(files):
+                yield chunk, lookup[numbering.provisional(chunk["flat"], chunk["value"])]
+        except (OSError, ValueError) as err:
+            raise UserInputError(
+                f"damaged record of the cells round ({err}); rerun 'unet merge --step cells' for its piece"
+            ) from None
+
+    areas = np.zeros(numbering.n_final + 1, np.int64)
+    for chunk, ids in rows_with(numbering.final):
+        add_areas(areas, ids, chunk)
     final = drop_small(numbering.final, areas, min_px=int(run.settings.min_object_px))
+    del areas
     n_cells = int(final.max(initial=0))
     log.info("merge: %d cells (%d provisional labels)", n_cells, len(final) - 1)
     if run.request.cells is not None:
-        table = combine_rows(rows, final[provisional], n_cells)
         with atomic_output(run.work.record_path("cell-table.npy"), own=None) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, table)
+            write_cell_table(fh, lambda: rows_with(final), n_cells)
     run.work.save(
         "cell-ids.npz", {"final": final, "offsets": numbering.offsets, "n_fixed": np.asarray(n_fixed)}
     )
@@ -441,7 +457,7 @@ def _write(run: _Run, k: int) -> None:
     finally:
         outputs.close()
     if run.request.cells is not None:
-        table = np.load(run.work.record_path("cell-table.npy"), mmap_mode="r")
+        table = CellTable(run.work.record_path("cell-table.npy"))
         n = len(table) - 1
         lo, hi = 1 + k * n // run.settings.jobs, 1 + (k + 1) * n // run.settings.jobs
         with atomic_output(run.work.record_path(f"write-{k}.csv"), own=None) as tmp, open(tmp, "w") as fh:

@@ -11,7 +11,8 @@ round) keeps everything between its rounds in one folder (``--work``; the workfl
       _scratch/labels     uint32 provisional cell labels of each block (see block_labels)
     seeds-<k>.npz         piece k's seed record (counts, face pairs and strips)
     seed-ids.npz          the seeds' numbering (lookup table, block offsets)
-    cells-<k>.npz         piece k's cell record (counts, face pairs and strips, rows of sums)
+    cells-<k>.npz         piece k's cell record (counts, face pairs and strips, number of rows)
+    cells-<k>.rows        piece k's rows of sums, one per (block, label) (cells.ROW_DTYPE, raw)
     cell-ids.npz          the cells' numbering after small objects are dropped
     cell-table.npy        one row of sums per cell (the CSV's numbers)
     write-<k>.csv         piece k's lines of the cell table (its range of ids)
@@ -65,6 +66,7 @@ WORK_MARK = JsonMark(
             "seeds-[0-9]*.npz",
             "seed-ids.npz",
             "cells-[0-9]*.npz",
+            "cells-[0-9]*.rows",
             "cell-ids.npz",
             "cell-table.npy",
             "write-[0-9]*.csv",
