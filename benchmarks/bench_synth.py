@@ -28,7 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unet_core.io.synth import SynthParams, _Scene, slice_rng, synth_slice, write_synth_tiffs  # noqa: E402
+from unet_core.synth.scene import SynthParams, _Scene, slice_rng, synth_slice  # noqa: E402
+from unet_core.synth.tiffs import write_synth_tiffs  # noqa: E402
 
 
 def _child_peak_rss_mb(argv: list[str]) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.synth.scene import voronoi_cells as voronoi
 from unet_core.weights import maps as W
 
 W0, SIGMA, TOL = 10.0, 5.0, 1e-3

@@ -129,7 +129,7 @@ def _i(c: Path, name: str) -> str:
 STAGES = {
     "synth": Stage((), lambda c, o: ["synth", "--image", o, "--labels", c / "labels_out.tif", "--slices", "1",
                                      "--size", "64"],
-                   None, None, "resources/synth/image.tif", _mark("unet_core.io.synth", "SYNTH_TIFF_MARK")),
+                   None, None, "resources/synth/image.tif", _mark("unet_core.synth.tiffs", "SYNTH_TIFF_MARK")),
     "ingest": Stage(("image.tif", "labels.tif"),
                     lambda c, o: ["ingest", _i(c, "image.tif"), o, "--labels", _i(c, "labels.tif"), "--slices", "0-1",
                                   "--chunks", "1,64,64"],

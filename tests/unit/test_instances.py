@@ -48,7 +48,7 @@ def test_bad_arguments() -> None:
 # -- block-wise form (unet merge) ---------------------------------------------------------------
 def _cell_probability(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
     """A P(cell) map of touching cells: interiors near 1, 2-px membranes near 0, a few weak gaps."""
-    from unet_core.io.synth import voronoi_cells
+    from unet_core.synth.scene import voronoi_cells
 
     labels = voronoi_cells(shape, n, seed)
     membrane = ndi.morphological_gradient(labels, size=(2, 2)) > 0

@@ -1,4 +1,4 @@
-"""Tests for unet_core.io.synth and ``unet synth``: determinism, labels, appearance, TIFF output."""
+"""Tests for unet_core.synth (scene, tiffs) and ``unet synth``: determinism, labels, appearance, TIFF output."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import tifffile
 
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
-from unet_core.io import synth
-from unet_core.io.synth import (
-    BorderStyle,
-    SynthParams,
-    iter_synth_slices,
-    read_provenance,
-    synth_slice,
-    write_synth_tiffs,
-)
+from unet_core.synth import scene, tiffs
+from unet_core.synth.scene import BorderStyle, SynthParams, iter_synth_slices, synth_slice
+from unet_core.synth.tiffs import read_provenance, write_synth_tiffs
 
 SMALL = SynthParams(height=96, width=128, cell_size_px=16)
 
@@ -81,8 +75,8 @@ def test_workers_beyond_slices_or_cores_start_no_processes(monkeypatch):
             started.append(max_workers)
             raise InterruptedError
 
-    monkeypatch.setattr(synth, "ProcessPoolExecutor", Recorder)
-    monkeypatch.setattr(synth.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(scene, "ProcessPoolExecutor", Recorder)
+    monkeypatch.setattr(scene.os, "cpu_count", lambda: 8)
     for slices in (3, 20):
         with pytest.raises(InterruptedError):
             list(iter_synth_slices(SMALL, seed=1, slices=slices, workers=100000))
@@ -94,7 +88,7 @@ def test_workers_beyond_slices_or_cores_start_no_processes(monkeypatch):
 )
 def test_strip_size_does_not_change_output(monkeypatch, strip_pixels):
     reference = synth_slice(SMALL, seed=4, index=1)
-    monkeypatch.setattr(synth, "STRIP_PIXELS", strip_pixels)
+    monkeypatch.setattr(scene, "STRIP_PIXELS", strip_pixels)
     image, labels = synth_slice(SMALL, seed=4, index=1)
     assert np.array_equal(image, reference[0]) and np.array_equal(labels, reference[1])
 
@@ -186,7 +180,7 @@ def test_repair_fragments_splits_and_merges():
         ],
         dtype=np.uint16,
     )
-    out = synth._repair_fragments(labels.copy(), min_piece_px=2)
+    out = scene._repair_fragments(labels.copy(), min_piece_px=2)
     assert out[2, 2] == 2  # the one-pixel tip joins the cell it touches most
     assert out[4, 0] == out[4, 1] == 4  # smaller piece -> new id
     assert out[3, 4] == out[4, 3] == out[4, 4] == 3  # the largest piece keeps its id
@@ -268,13 +262,13 @@ def test_image_only(tmp_path):
 @pytest.mark.parametrize(
     ("bigtiff", "threshold", "expected"),
     [
-        pytest.param(True, synth.BIGTIFF_THRESHOLD, True, id="forced"),
-        pytest.param(None, synth.BIGTIFF_THRESHOLD, False, id="auto-small"),
+        pytest.param(True, tiffs.BIGTIFF_THRESHOLD, True, id="forced"),
+        pytest.param(None, tiffs.BIGTIFF_THRESHOLD, False, id="auto-small"),
         pytest.param(None, 1000, True, id="auto-above-threshold"),
     ],
 )
 def test_bigtiff(tmp_path, monkeypatch, bigtiff, threshold, expected):
-    monkeypatch.setattr(synth, "BIGTIFF_THRESHOLD", threshold)
+    monkeypatch.setattr(tiffs, "BIGTIFF_THRESHOLD", threshold)
     write_synth_tiffs(tmp_path / "i.tif", tmp_path / "l.tif", SMALL, seed=0, slices=2, bigtiff=bigtiff)
     for name in ("i.tif", "l.tif"):
         with tifffile.TiffFile(tmp_path / name) as tif:
@@ -290,14 +284,14 @@ def test_classic_tiff_refused_when_too_large(tmp_path):
 
 
 def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
-    real = synth.synth_slice
+    real = scene.synth_slice
 
     def fail_on_second_slice(params, *, seed, index):
         if index == 1:
             raise RuntimeError("disk vanished")
         return real(params, seed=seed, index=index)
 
-    monkeypatch.setattr(synth, "synth_slice", fail_on_second_slice)
+    monkeypatch.setattr(scene, "synth_slice", fail_on_second_slice)
     with pytest.raises(RuntimeError, match="disk vanished"):
         write_synth_tiffs(tmp_path / "image.tif", tmp_path / "labels.tif", SMALL, seed=0, slices=3)
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from unet_core.common.errors import UserInputError
-from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.synth.scene import voronoi_cells as voronoi
 from unet_core.weights import maps as W
 
 

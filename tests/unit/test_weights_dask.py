@@ -13,7 +13,7 @@ import zarr
 from unet_core.cli import main
 from unet_core.common.errors import UserInputError
 from unet_core.io.ngff import IMAGE_LABEL, PyramidWriter, label_group
-from unet_core.io.synth import voronoi_cells as voronoi
+from unet_core.synth.scene import voronoi_cells as voronoi
 from unet_core.weights import blockwise as WD
 from unet_core.weights import maps as W
 from unet_core.weights.recipe import WeightParams

@@ -15,7 +15,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-# Defaults of unet_core.io.synth.SynthParams, repeated here so that building the parser does not
+# Defaults of unet_core.synth.scene.SynthParams, repeated here so that building the parser does not
 # import numpy (keeps `unet --help` fast); tests/unit/test_synth.py checks they agree.
 DEFAULTS = {
     "height": 512, "width": 512, "cell_size_px": 32.0, "density": 0.7, "irregularity": 0.6,
@@ -102,7 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from unet_core.io.synth import SynthParams, write_synth_tiffs
+    from unet_core.synth.scene import SynthParams
+    from unet_core.synth.tiffs import write_synth_tiffs
 
     if args.seed < 0:
         raise UserInputError(f"--seed: {args.seed} must be an integer >= 0")

@@ -1,3 +1,3 @@
-"""Stage 1, data in: the embedded synthetic sample (synth), TIFF reading (tiff), the OME-Zarr
-adapter (ngff) and ingest (TIFF -> OME-Zarr).
+"""Stage 1, data in: TIFF reading (tiff), the OME-Zarr adapter (ngff) and ingest (TIFF -> OME-Zarr);
+the embedded synthetic sample is its own package, unet_core.synth.
 """

@@ -270,8 +270,8 @@ def get_final_outputs():
 # its stage's mark (unet_core.common.outputs). Marks are named "module:NAME" and imported only where
 # something exists (the stage modules import torch: seconds that a dry run need not spend).
 OUTPUT_MARKS = {  # (rule, output name; None for a rule's one unnamed output) -> the output's mark
-    ("synth", "image"): "unet_core.io.synth:SYNTH_TIFF_MARK",
-    ("synth", "labels"): "unet_core.io.synth:SYNTH_TIFF_MARK",
+    ("synth", "image"): "unet_core.synth.tiffs:SYNTH_TIFF_MARK",
+    ("synth", "labels"): "unet_core.synth.tiffs:SYNTH_TIFF_MARK",
     ("ingest", None): "unet_core.io.ingest:STACK_MARK",
     ("class_weights", None): "unet_core.weights.blockwise:CLASS_WEIGHTS_MARK",
     ("weights", "weights"): "unet_core.weights.blockwise:WEIGHTS_MARK",

@@ -29,38 +29,27 @@ is identical whether it is generated alone, inside a stack, in another process, 
 strips of another height.
 
 Pure functions (:func:`synth_slice`, :func:`iter_synth_slices`) produce arrays; the I/O
-adapter :func:`write_synth_tiffs` streams them, page by page, into raw multi-page TIFF
-files (image and labels separately), exactly as a microscope user would bring them.
+adapter :func:`unet_core.synth.tiffs.write_synth_tiffs` streams them, page by page, into raw
+multi-page TIFF files (image and labels separately), exactly as a microscope user would bring them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
-import logging
 import math
 import multiprocessing
 import os
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 
-from unet_core import __version__
-from unet_core.common.atomic import atomic_output
 from unet_core.common.errors import UserInputError
 from unet_core.common.mirror import SCIPY_MODE
-from unet_core.common.outputs import TiffMark, claim_outputs
-from unet_core.common.progress import progress
-
-log = logging.getLogger(__name__)
 
 #: Largest grey value of each supported output dtype (uint16 mimics a 12-bit camera).
 FULL_SCALE = {"uint8": 255, "uint16": 4095}
@@ -74,10 +63,6 @@ MAX_WARP_GRADIENT = (0.5, 0.35)
 WARP_KNOTS = (1.5, 0.4)
 #: Probability that a seed merges with a neighbour into one larger, non-convex cell.
 MERGE_PROBABILITY = 0.12
-#: Files larger than this are written as BigTIFF (classic TIFF offsets are 32-bit).
-BIGTIFF_THRESHOLD = 2 * 1024**3
-#: Largest file tifffile writes as classic TIFF (32-bit offsets, room for the tags).
-CLASSIC_TIFF_LIMIT = 2**32 - 2**25
 #: Pixels per strip of rows (keeps temporaries in cache; any value gives the same result).
 STRIP_PIXELS = 65536
 #: Knot spacings beyond which a field's Gaussian bumps are cut to zero (exp(-4**2 / 2) ~ 3e-4).
@@ -643,160 +628,3 @@ def iter_synth_slices(
                 pending.append(pool.submit(synth_slice, params, seed=seed, index=next_z))
                 next_z += 1
             yield pending.popleft().result()
-
-
-# --------------------------------------------------------------------------- TIFF writer
-@dataclass(frozen=True)
-class SynthResult:
-    """What :func:`write_synth_tiffs` wrote."""
-
-    image_path: Path
-    labels_path: Path | None
-    shape: tuple[int, int, int]
-    image_dtype: str
-    label_dtype: str
-    bigtiff: bool
-    cells: int
-    bytes_written: int
-    seconds: float
-
-    @property
-    def mb_per_s(self) -> float:
-        """Throughput in MB/s (10**6 bytes) of the image + label bytes written."""
-        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
-
-
-#: How 'unet synth' recognises its own TIFFs: the "generator" of the first ImageDescription.
-SYNTH_TIFF_MARK = TiffMark("unet synth")
-
-
-def stack_nbytes(params: SynthParams, slices: int) -> tuple[int, int]:
-    """Raw bytes of the image stack and of the label stack."""
-    px = slices * params.height * params.width
-    return px * np.dtype(params.dtype).itemsize, px * params.label_dtype.itemsize
-
-
-def provenance(params: SynthParams, *, seed: int, slices: int, kind: str) -> dict[str, Any]:
-    """Metadata written into each TIFF's ImageDescription (tifffile 'shaped' JSON)."""
-    meta: dict[str, Any] = {
-        "generator": "unet synth",
-        "version": __version__,
-        "content": kind,
-        "seed": int(seed),
-        "slices": int(slices),
-        "rng": "numpy SeedSequence(seed, spawn_key=(slice,))",
-        "params": params.to_dict(),
-    }
-    if kind == "labels":
-        meta["label_kind"] = "instance"
-    return meta
-
-
-def _use_bigtiff(nbytes: int, bigtiff: bool | None, path: Path) -> bool:
-    if bigtiff is None:
-        return nbytes > BIGTIFF_THRESHOLD
-    if not bigtiff and nbytes > CLASSIC_TIFF_LIMIT:
-        raise UserInputError(
-            f"{path}: {nbytes / 2**30:.1f} GiB does not fit a classic TIFF (4 GiB offsets); allow BigTIFF"
-        )
-    return bigtiff
-
-
-def write_synth_tiffs(
-    image_path: str | Path,
-    labels_path: str | Path | None,
-    params: SynthParams,
-    *,
-    seed: int,
-    slices: int,
-    bigtiff: bool | None = None,
-    workers: int = 1,
-) -> SynthResult:
-    """Generate a stack and stream it into multi-page TIFF files, atomically.
-
-    Pages are written one by one as they are rendered (never the whole stack in memory),
-    to temporary siblings that are renamed into place only when every file is complete.
-    Each file's first ImageDescription holds the generation parameters (:func:`provenance`).
-
-    Args:
-        image_path: output image TIFF: (Z, Y, X) ``params.dtype`` raw grey values.
-        labels_path: output label TIFF: (Z, Y, X) ``params.label_dtype`` instance ids,
-            0 = background; None writes the image only.
-        params: slice parameters.
-        seed: stack seed, >= 0.
-        slices: number of slices Z, >= 1.
-        bigtiff: force BigTIFF (True) or classic TIFF (False); None = BigTIFF for a file
-            larger than 2 GiB.
-        workers: processes rendering slices in parallel (the output does not depend on it).
-
-    Returns:
-        A :class:`SynthResult` (paths, shape, dtypes, cell count, bytes and seconds).
-
-    Raises:
-        UserInputError: bad sizes, the two paths are the same, something other than an earlier
-            'unet synth' TIFF stands at either path, or classic TIFF was forced for a file that
-            needs BigTIFF.
-    """
-    image_path = Path(image_path)
-    labels_path = None if labels_path is None else Path(labels_path)
-    if labels_path is not None and image_path.resolve() == labels_path.resolve():
-        raise UserInputError(f"{image_path}: image and labels must be written to different files")
-    claim_outputs([(image_path, SYNTH_TIFF_MARK), (labels_path, SYNTH_TIFF_MARK)])
-    if slices < 1:
-        raise UserInputError(f"slices: {slices} must be at least 1")
-    if seed < 0:
-        raise UserInputError(f"seed: {seed} must be a non-negative integer")
-    img_bytes, lab_bytes = stack_nbytes(params, slices)
-    big_img = _use_bigtiff(img_bytes, bigtiff, image_path)
-    big_lab = labels_path is not None and _use_bigtiff(lab_bytes, bigtiff, labels_path)
-    shape = (slices, params.height, params.width)
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        tmp_img = stack.enter_context(atomic_output(image_path, own=SYNTH_TIFF_MARK))
-        tmp_lab = None if labels_path is None else stack.enter_context(atomic_output(labels_path, own=SYNTH_TIFF_MARK))
-        cells = _stream_pages(params, seed=seed, slices=slices, workers=workers, image=(tmp_img, big_img),
-                              labels=None if tmp_lab is None else (tmp_lab, big_lab))
-    seconds = time.perf_counter() - t0
-    written = img_bytes + (lab_bytes if labels_path is not None else 0)
-    result = SynthResult(
-        image_path=image_path, labels_path=labels_path, shape=shape, image_dtype=params.dtype,
-        label_dtype=str(params.label_dtype), bigtiff=big_img or big_lab, cells=cells,
-        bytes_written=written, seconds=seconds,
-    )
-    log.info(
-        "wrote %s%s: %d x %d x %d px, %d cells, %.1f MB in %.1f s (%.1f MB/s)",
-        image_path, f" and {labels_path}" if labels_path else "", *shape, cells,
-        written / 1e6, seconds, result.mb_per_s,
-    )
-    return result
-
-
-def _stream_pages(params: SynthParams, *, seed: int, slices: int, workers: int, image: tuple[Path, bool],
-                  labels: tuple[Path, bool] | None) -> int:
-    """Render the slices and write them page by page to the (path, bigtiff) files; returns the cell count."""
-    cells = 0
-    with contextlib.ExitStack() as files:
-        tw_img = files.enter_context(tifffile.TiffWriter(image[0], bigtiff=image[1]))
-        tw_lab = None if labels is None else files.enter_context(tifffile.TiffWriter(labels[0], bigtiff=labels[1]))
-        pages = iter_synth_slices(params, seed=seed, slices=slices, workers=workers)
-        meta_img = provenance(params, seed=seed, slices=slices, kind="image")
-        meta_lab = provenance(params, seed=seed, slices=slices, kind="labels")
-        for image_plane, label_plane in progress(pages, desc="synth", total=slices, unit="slice"):
-            # the metadata goes into the first page only (tifffile updates its shape)
-            tw_img.write(image_plane, contiguous=True, photometric="minisblack", metadata=meta_img)
-            if tw_lab is not None:
-                tw_lab.write(label_plane, contiguous=True, photometric="minisblack", metadata=meta_lab)
-            meta_img = meta_lab = None
-            cells += int(label_plane.max())
-    return cells
-
-
-def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The generation parameters stored in a synthetic TIFF's first ImageDescription."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        meta = tif.shaped_metadata
-    if not meta or meta[0].get("generator") != "unet synth":
-        raise UserInputError(f"{path}: no 'unet synth' parameters in the TIFF ImageDescription")
-    return dict(meta[0])
