@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 15-17, prepared here and run as one command on a lent GPU machine.
 #
-# A lent machine is bare (torch, numpy, scipy, scikit-image, tifffile there; no zarr, dask or
-# snakemake; no network), each command may run 10 minutes and a session has 15 minutes of device
+# A lent machine is bare (its Python packages: scripts/gpu-machine-packages.txt, torch, numpy,
+# scipy, scikit-image, tifffile among them; no zarr, dask, jsonschema or snakemake; no network),
+# each command may run 10 minutes and a session has 15 minutes of device
 # time in all, start-up included. So everything is fetched here, travels with the checkout and is
 # run stage by stage there, without snakemake:
 #
-#   here:   bash scripts/gpu-session.sh prepare   # wheels -> .whl/, ISBI data and the stage list -> .gpu/
+#   here:   bash scripts/gpu-session.sh prepare   # gate, then wheels -> .whl/, ISBI data and the stage list -> .gpu/
 #           (run it with the project's venv: it calls its pip and snakemake)
+#   here:   bash scripts/gpu-session.sh gate      # gpu_check.py imported with only the machine's packages
+#           and the carried wheels (scripts/gpu_import_gate.py; a missing one is named, exit 1)
 #   there:  bash scripts/gpu-session.sh check     # benchmarks/gpu_check.py -> $OUT/gpu_check.md (~8 min)
 #   there:  bash scripts/gpu-session.sh isbi      # config/isbi2012.yaml stage by stage, timed -> $OUT
 #
@@ -20,12 +23,21 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-config/isbi2012.yaml}  # the workflow the `isbi` step runs (config/config.yaml: a CPU smoke test)
 OUT=${OUT:-/tmp/gpu-session-out}
-# what zarr, dask and the MONAI comparison need beyond the packages the GPU image has; `prepare`
+# the GPU machine's Python packages (distribution names), kept up to date by hand
+MACHINE_PACKAGES=scripts/gpu-machine-packages.txt
+# what zarr, dask and the MONAI comparison need beyond $MACHINE_PACKAGES; `prepare`
 # pins each to the development venv's version where the venv has it (stores must read the same)
 PACKAGES=(zarr numcodecs donfig google-crc32c dask distributed partd locket zict tblib tornado msgspec monai)
 ISBI=${ISBI:-../shared/datasets/isbi2012}
 
+gate() {  # here: would gpu_check.py import there? (PYTHON: the interpreter; default the venv's)
+    # GATE_RUN=1: also run its --quick CPU rows under the gate (about 30 s), lazy imports included
+    "${PYTHON:-.venv/bin/python}" scripts/gpu_import_gate.py benchmarks/gpu_check.py --machine "$MACHINE_PACKAGES" \
+        ${GATE_RUN:+"--run=--quick --device cpu ${GATE_RUN_ARGS:-}"} --carried "${PACKAGES[@]}"
+}
+
 prepare() {
+    gate
     local exclude && exclude=$(git rev-parse --git-path info/exclude)
     mkdir -p "$(dirname "$exclude")"
     for ignored in /.whl/ /.gpu/; do
@@ -88,6 +100,6 @@ print('$sample', {k: round(m[k], 4) for k in ('pixel_error', 'rand_error_fg', 'a
 }
 
 case "${1:-}" in
-    prepare | check | isbi) "$1" ;;
+    gate | prepare | check | isbi) "$1" ;;
     *) sed -n '2,${/^#/!q;p}' "$0"; exit 2 ;;
 esac

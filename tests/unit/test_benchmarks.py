@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
 
 
 @pytest.fixture
@@ -26,13 +29,58 @@ def gpu_check():
         sys.modules.pop("gpu_check", None)
 
 
-def test_gpu_check_quick_runs_every_row_on_the_cpu(gpu_check, tmp_path: Path) -> None:
-    table = gpu_check.main(["--quick", "--device", "cpu", "--markdown", str(tmp_path / "table.md")])
-    names = [name for name, _ in table.rows]
+def _gate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``bash scripts/gpu-session.sh gate`` (the import gate, this interpreter) and its output."""
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu-session.sh"), "gate", *args], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_gpu_check_runs_every_row_on_the_cpu_with_only_the_gpu_machines_packages(tmp_path: Path) -> None:
+    """The acceptance script imports and runs its --quick CPU rows in a process that sees only the
+    standard library, scripts/gpu-machine-packages.txt and the wheels gpu-session.sh carries (issue 34:
+    a module-level ``import jsonschema`` stopped it on the GPU machine before its first row)."""
+    table = tmp_path / "table.md"
+    run = _gate(env={"GATE_RUN": "1", "GATE_RUN_ARGS": f"--markdown {table}"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "import gate: gpu_check.py ran with only the standard library" in run.stdout, run.stdout
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", table.read_text(), re.MULTILINE))
+    names = list(rows)
     for row in ("matmul ceiling", "in memory", "unet predict", "training", "elastic deformation", "argmax"):
         assert any(n.startswith(row) for n in names), (row, names)
-    assert "100.000% of pixels agree" in dict(table.rows)[next(n for n in names if n.startswith("argmax"))]
-    assert (tmp_path / "table.md").read_text().startswith("| check | result |")
+    assert "100.000% of pixels agree" in rows[next(n for n in names if n.startswith("argmax"))]
+
+
+def test_the_import_gate_hides_what_the_gpu_machine_lacks(tmp_path: Path) -> None:
+    """The gate's finder hides a module of this venv that is not on the machine's list from
+    ``import`` and ``find_spec`` alike, names it and exits 1; listed and standard modules pass."""
+    gate = [sys.executable, str(REPO / "scripts" / "gpu_import_gate.py")]
+    machine = tmp_path / "machine.txt"
+    machine.write_text("# a machine with numpy only\nnumpy==2.5.2\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib.util, json, numpy\n"
+                     "assert importlib.util.find_spec('yaml') is None\n"
+                     "def main(argv):\n    import yaml\n")
+    ok = subprocess.run([*gate, str(probe), "--machine", str(machine)],
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "probe.py imported" in ok.stdout, ok.stdout + ok.stderr
+    ran = subprocess.run([*gate, str(probe), "--machine", str(machine), "--run="],
+                         capture_output=True, text=True, check=False)
+    assert ran.returncode == 1 and "needs 'yaml'" in ran.stdout, ran.stdout + ran.stderr
+    carried = subprocess.run([*gate, str(probe), "--machine", str(machine), "--run=", "--carried", "PyYAML"],
+                             capture_output=True, text=True, check=False)
+    assert carried.returncode == 1, "find_spec saw yaml: the probe's assert holds only without it"
+    assert "AssertionError" in carried.stderr, carried.stdout + carried.stderr
+
+
+def test_the_gpu_machines_package_list_is_what_gpu_session_reads() -> None:
+    script = (REPO / "scripts" / "gpu-session.sh").read_text()
+    assert "MACHINE_PACKAGES=scripts/gpu-machine-packages.txt" in script
+    names = (REPO / "scripts" / "gpu-machine-packages.txt").read_text()
+    for name in ("torch==", "numpy==", "scipy", "scikit-image", "tifffile", "pyyaml"):
+        assert f"\n{name}" in names, name
+    for absent in ("zarr", "dask", "jsonschema", "snakemake"):
+        assert f"\n{absent}\n" not in names, absent
 
 
 def test_gpu_check_without_a_gpu_says_how_to_run_it(gpu_check, monkeypatch, capsys) -> None:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from unet_core.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 
 def all_finite(*values: Any) -> bool:
@@ -139,6 +140,8 @@ def schema_problem(
     row), named at the start; ``noun`` is what a key is called there (``key``, ``column``).
     Of several violations the most specific one is described (``jsonschema.exceptions.best_match``).
     """
+    import jsonschema  # here: the CLI imports this module's constants, and jsonschema takes 60 ms
+
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
