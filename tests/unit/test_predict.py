@@ -202,7 +202,9 @@ def test_network_input_is_the_mirrored_normalised_image_for_every_stored_dtype(d
     for block in tiling.blocks():
         staged = engine.stage(image, block)
         rows, cols = (mirror_index(np.arange(a, b), n) for a, b, n in zip(staged.read.offset, staged.read.end, shape[1:]))
-        pixels = staged.raw.numpy()  # uint64 is staged as float64 (exact below 2**53)
+        pixels = staged.raw.numpy()  # uint64 is staged as float64 (exact below 2**53), uint16/32 as int16/32
+        if staged.dtype in (np.uint16, np.uint32):
+            pixels = pixels.view(staged.dtype)
         np.testing.assert_array_equal(pixels, image[0][np.ix_(rows, cols)])
         net.inputs.clear()
         engine.block_output(staged, logits=True)
@@ -212,6 +214,28 @@ def test_network_input_is_the_mirrored_normalised_image_for_every_stored_dtype(d
             box = tile_read_box(tile, TINY)
             rows, cols = (mirror_index(np.arange(a, b), n) for a, b, n in zip(box.offset, box.end, shape[1:]))
             np.testing.assert_array_equal(got, normalize(image[0][np.ix_(rows, cols)], stats))
+
+
+@pytest.mark.parametrize("tta", ["none", "flips", "d4"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int16, np.float32])
+def test_test_time_transforms_predict_every_stored_dtype_as_its_float32_values(dtype, tta: str) -> None:
+    # issue 34: on the CPU a uint16/uint32 block was flipped as stored ('"flip_cpu" not implemented
+    # for UInt16'); it is staged as its signed twin on every device and widened as tiles are cut,
+    # so every dtype and transform gives the bytes of the same values stored as float32 (values
+    # above the sign bit included), and the stand-in's exact probabilities
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    shape = (1, 29, 38)
+    if info is None:
+        image = rng.normal(100, 30, shape).astype(dtype)
+    else:  # the top quarter of the range: above the sign bit of the unsigned types' twins
+        image = rng.integers(info.max - (info.max - max(info.min, 0)) // 4, info.max, shape, endpoint=True).astype(dtype)
+    reference = image.astype(np.float32)
+    stats = IntensityStats(float(reference.mean()), float(reference.std()) + 1.0)
+    kw = {"stats": stats, "block_px": 16, "tile_out": 8, "tta": tta}
+    got = predict_plane(StandIn(TINY), image, **kw)
+    assert got.tobytes() == predict_plane(StandIn(TINY), reference, **kw).tobytes()
+    np.testing.assert_allclose(got, expected_standin(reference, stats), rtol=0, atol=1e-6)
 
 
 def test_engine_runs_its_own_model_channels_last_also_on_the_cpu() -> None:

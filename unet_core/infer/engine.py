@@ -48,7 +48,8 @@ from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.io.ngff import ChunkCache
 from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
 
-#: Stored dtypes torch cannot hold are uploaded as their signed twins and reinterpreted on the device.
+#: Stored dtypes torch can hold but barely compute with (on the CPU not even flip them) are staged
+#: as their signed twins on every device, and widened and reinterpreted as tiles are cut.
 _SIGNED_TWIN = {np.dtype(np.uint16): (np.int16, 0xFFFF), np.dtype(np.uint32): (np.int32, 0xFFFFFFFF)}
 
 
@@ -60,7 +61,8 @@ class StagedBlock:
         block: the block.
         read: (Y, X) box the block's tiles read (image coordinates; may extend past the image).
         raw: (Y, X) the pixels of ``read`` on the device, mirrored beyond the image borders, as
-            stored (on a GPU unsigned 16/32-bit values as their signed twins, :data:`_SIGNED_TWIN`).
+            stored (unsigned 16/32-bit values as their signed twins, :data:`_SIGNED_TWIN`; uint64
+            as float64).
         dtype: the stored numpy dtype.
     """
 
@@ -172,7 +174,7 @@ class Engine:
         z = block.write.offset[0]
         raw = read_mirrored(self._reader(image), (z, *read.offset), (z + 1, *read.end))[0]
         dtype = raw.dtype
-        if dtype in _SIGNED_TWIN and self.cuda:
+        if dtype in _SIGNED_TWIN:  # CPU and GPU alike: test-time flips of the block need it on the CPU
             raw = raw.view(_SIGNED_TWIN[dtype][0])
         elif dtype == np.uint64:
             raw = raw.astype(np.float64)  # no signed twin holds it; exact below 2**53
@@ -215,7 +217,7 @@ class Engine:
         x = torch.empty((len(windows), 1, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
         twin = _SIGNED_TWIN.get(staged.dtype)
         for k, window in enumerate(windows):
-            if twin and self.cuda:  # uploaded as the signed twin: widen, then drop the sign extension
+            if twin:  # staged as the signed twin: widen, then drop the sign extension
                 window = window.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
             x[k, 0].copy_(window)
         scaling = self.scaling(staged.block.write.offset[0])
