@@ -44,6 +44,7 @@ holds no data. A store that carries the mark but also holds something the stage 
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -421,10 +422,20 @@ def check_replaceable(path: str | os.PathLike[str], mark: Mark,
         raise UserInputError(not_own_message(path, mark, remedy))
 
 
-def _resolved(path: str | os.PathLike[str]) -> Path:
+def resolved_path(path: str | os.PathLike[str]) -> Path:
     """The absolute path with links resolved before each ``..``, as the file system reads it
-    (``LINK/..`` is the folder above the link's target; a lexical ``..`` would drop the link)."""
-    return Path(path).resolve(strict=False)
+    (``LINK/..`` is the folder above the link's target; a lexical ``..`` would drop the link).
+
+    Raises:
+        UserInputError: the path runs into a loop of symbolic links (``ln -s b a; ln -s a b``).
+    """
+    try:
+        return Path(path).resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # RuntimeError before Python 3.13, OSError (ELOOP) since
+        if isinstance(err, OSError) and err.errno != errno.ELOOP:
+            raise
+        raise UserInputError(f"{path}: a loop of symbolic links (a link that leads back to itself); "
+                             "give the path of a real file or folder") from None
 
 
 def claim_outputs(
@@ -442,8 +453,8 @@ def claim_outputs(
         UserInputError: an output equals, lies inside or contains an input or another output,
             or something other than the stage's own earlier output stands at an output path.
     """
-    ins = [(p, _resolved(p)) for p in inputs if p is not None]
-    outs = [(Path(p), _resolved(p), mark) for p, mark in outputs if p is not None]
+    ins = [(p, resolved_path(p)) for p in inputs if p is not None]
+    outs = [(Path(p), resolved_path(p), mark) for p, mark in outputs if p is not None]
     for i, (out, real, _) in enumerate(outs):
         for other, other_real in ins:
             if real == other_real:

@@ -15,6 +15,7 @@ from typing import Any
 
 from unet_core.common.config_values import schema_problem
 from unet_core.common.errors import ConfigError, UserInputError
+from unet_core.common.outputs import resolved_path
 from unet_core.common.slices import Ranges, count, first, merged, slice_ranges
 
 
@@ -24,7 +25,7 @@ def _lines(path: Path) -> list[tuple[int, str]]:
         raise ConfigError(f"config samples = {str(path)!r}: no such file (a path relative to the directory "
                           "snakemake runs in, usually the repository root)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as spreadsheet programs write, is not a column name
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the samples table ({err})") from None
     return [(n, line) for n, line in enumerate(text.splitlines(), 1)
@@ -111,7 +112,7 @@ def shared_slices(table: Mapping[str, Mapping[str, str]]) -> list[str]:
     found = []
     for train in (r for r in table.values() if r["role"] == "train"):
         for other in judged:
-            if Path(train["image"]).resolve() != Path(other["image"]).resolve():
+            if resolved_path(train["image"]) != resolved_path(other["image"]):
                 continue
             common = _common(_ranges(train), _ranges(other))
             if common is None or common:
