@@ -129,6 +129,33 @@ class SliceStats:
 
 
 FIELDS = ("mean", "std", "minimum", "maximum", "low", "high")
+#: The largest grey value any stage can normalise: every stage does it in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def impossible_statistics(mean: float, std: float, minimum: float, maximum: float,
+                          percentiles: Sequence[float] = ()) -> str | None:
+    """Why statistics of grey values can be no data's (a stack's attributes edited or damaged after
+    ingest), or None: values beyond float32, a negative std, a mean or percentile outside
+    [minimum, maximum], a std larger than half the range (it cannot be), or std 0 for values that
+    differ in float32 (a z-score would then not scale them at all). ``minimum`` and ``maximum`` are
+    trusted as given; rounding of the float64 sums is allowed for."""
+    values = (mean, std, minimum, maximum, *percentiles)
+    if not all(abs(v) <= FLOAT32_MAX for v in values):
+        return f"values beyond the float32 range ±{FLOAT32_MAX:.3g}"
+    tol = 1e-6 * max(abs(minimum), abs(maximum))
+    if std < 0:
+        return f"std {std} < 0"
+    if minimum > maximum:
+        return f"minimum {minimum} > maximum {maximum}"
+    outside = [v for v in (mean, *percentiles) if not minimum - tol <= v <= maximum + tol]
+    if outside:
+        return f"mean or percentile {outside[0]} outside the grey values' range [{minimum}, {maximum}]"
+    if std > (maximum - minimum) / 2 + tol:
+        return f"std {std} > half the range of the grey values [{minimum}, {maximum}]"
+    if std == 0 and np.float32(minimum) != np.float32(maximum):
+        return f"std 0 for grey values that differ (range [{minimum}, {maximum}])"
+    return None
 
 
 def slice_stats_to_attrs(slices: Sequence[SliceStats]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output
 from unet_core.common.outputs import Layout, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.intensity import RunningStats, slice_stats_to_attrs
+from unet_core.common.intensity import FLOAT32_MAX, RunningStats, slice_stats_to_attrs
 from unet_core.common.labels import AUTO_KIND, LabelKind
 from unet_core.common.progress import progress
 from unet_core.common.provenance import sha256_files
@@ -46,6 +46,15 @@ def check_image_slice(plane: np.ndarray, *, path: Path, z: int) -> None:
     if plane.dtype.kind == "f" and not np.isfinite(plane).all():
         bad = "NaN" if np.isnan(plane).any() else "Inf"
         raise UserInputError(f"{path}: slice {z} contains {bad} pixels; fix or mask them before ingesting")
+    if plane.dtype.kind == "f" and plane.dtype.itemsize > 4 and plane.size:
+        # every stage normalises grey values in float32: beyond its range a pixel becomes Inf there
+        # (and the statistics of such values overflow float64 while they are computed)
+        largest = float(np.abs(plane).max())
+        if largest > FLOAT32_MAX:
+            raise UserInputError(
+                f"{path}: slice {z} holds values up to {largest:.3g} in magnitude, beyond the float32 range "
+                f"(±{FLOAT32_MAX:.3g}) in which grey values are normalised; rescale the image (e.g. divide "
+                "it by a power of ten) before ingesting")
     if plane.dtype.kind == "c":
         raise UserInputError(f"{path}: complex-valued pixels are not supported")
 

@@ -39,6 +39,7 @@ from unet_core.common.intensity import (
     Normalisation,
     Scaling,
     StackIntensity,
+    impossible_statistics,
     slice_stats_from_attrs,
 )
 
@@ -532,6 +533,15 @@ class Stack:
         if slices is not None and len(slices) != self.shape[0]:
             raise UserInputError(f"{self.path}: {len(slices)} per-slice intensity records for "
                                  f"{self.shape[0]} slices; ingest it again")
+        if slices is not None:  # finite but no data's: the probabilities collapsed silently
+            for z, s in enumerate(slices):
+                if why := impossible_statistics(s.mean, s.std, s.minimum, s.maximum, (s.low, s.high)):
+                    raise UserInputError(f"{self.path}: per-slice intensity records of slice {z} are impossible "
+                                         f"({why}); ingest it again")
+            low, high = min(s.minimum for s in slices), max(s.maximum for s in slices)
+            if why := impossible_statistics(self.intensity.mean, self.intensity.std, low, high):
+                raise UserInputError(f"{self.path}: intensity statistics (mean {self.intensity.mean}, std "
+                                     f"{self.intensity.std}) are impossible ({why}); ingest it again")
         return StackIntensity(self.intensity, slices, str(self.path))
 
     def check_made_from(self, recorded: Any, *, result: str | os.PathLike[str]) -> None:
