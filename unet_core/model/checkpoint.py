@@ -65,6 +65,26 @@ def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str,
     write_torch_file(path, payload, own=MODEL_MARK)
 
 
+#: How files that are not PyTorch files begin (the usual mix-ups), for the refusal's wording.
+_FOREIGN_MAGIC = {b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image", b"II+\x00": "a BigTIFF image",
+                  b"MM\x00+": "a BigTIFF image", b"\x89PNG": "a PNG image", b"\x89HDF": "an HDF5 file",
+                  b"{": "a JSON file"}
+
+
+def _check_torch_magic(path: Path) -> None:
+    """Raise unless ``path`` begins like a file ``torch.save`` writes: a zip archive (``PK``), or a
+    pickle (``\\x80``, the format before PyTorch 1.6). torch.load reads any other file as a pickle,
+    whose first byte then fails as an "unsafe" object: a TIFF given for the model was refused as
+    untrusted code rather than as what it is."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return
+    kind = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)),
+                "empty" if not head else "not a PyTorch file")
+    raise CheckpointError(f"{path}: not a model file ({kind}); give a file written by 'unet train'")
+
+
 def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one-line errors for unusable files.
 
@@ -74,6 +94,7 @@ def safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model/checkpoint file")
+    _check_torch_magic(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
