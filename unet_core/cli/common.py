@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from unet_core.common.config_values import MAX_INT, MAX_THREADS
 from unet_core.model.spec import UNetSpec
 
 
@@ -18,14 +19,19 @@ def existing_path(text: str) -> Path:
     return path
 
 
-def _number(text: str, kind: type, *, minimum: float, what: str) -> int | float:
-    """Parse ``text`` as a finite ``kind`` >= ``minimum`` or raise argparse's error naming ``what``."""
+def _number(text: str, kind: type, *, minimum: float, what: str, maximum: float | None = None) -> int | float:
+    """Parse ``text`` as a finite ``kind`` in [``minimum``, ``maximum``] (integers: at most
+    :data:`MAX_INT` where no ``maximum`` is given) or raise argparse's error naming ``what``."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if maximum is None and kind is int:
+        maximum = MAX_INT
     if not (value >= minimum and abs(value) != float("inf")):  # also rejects NaN (every comparison is False)
         raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"expected {what} up to {maximum}, got {text}")
     return value
 
 
@@ -42,6 +48,16 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _number(text, int, minimum=0, what="an integer >= 0")
+
+
+def thread_count(text: str) -> int:
+    """argparse type: a number of CPU threads, 1 to :data:`MAX_THREADS`."""
+    return _number(text, int, minimum=1, maximum=MAX_THREADS, what="a positive integer")
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a number of worker processes, 0 to :data:`MAX_THREADS`."""
+    return _number(text, int, minimum=0, maximum=MAX_THREADS, what="an integer >= 0")
 
 
 def nonnegative_float(text: str) -> float:
@@ -75,7 +91,7 @@ def unit_interval(text: str) -> float:
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         help="CPU threads to use (default: all cores; Snakemake passes the rule's threads)",
     )

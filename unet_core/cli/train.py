@@ -16,6 +16,7 @@ from unet_core.cli.common import (
     nonnegative_int,
     positive_int,
     spec_from_args,
+    worker_count,
 )
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import Normalisation
@@ -201,7 +202,7 @@ def _add_run_control_args(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format (CUDA, CPU bf16)")
     r.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CUDA speed-up)")
-    r.add_argument("--workers", type=nonnegative_int, default=2, help="data-loader worker processes")
+    r.add_argument("--workers", type=worker_count, default=2, help="data-loader worker processes")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -284,7 +284,9 @@ def _check_one_run(parts: list[Part]) -> None:
     for part in parts[1:]:
         diff = [k for k in RUN_KEYS if part.settings.get(k) != ref.settings.get(k)]
         if diff:
-            raise UserInputError(f"{part.path}: from another run than {ref.path} (differs in {', '.join(diff)})")
+            raise UserInputError(f"{part.path}: from another run than {ref.path} (differs in {', '.join(diff)}); "
+                                 "predict every job with the same stack, model and settings: rerun 'unet predict' "
+                                 "for the part(s) of the other run (a rerun of the workflow redoes them)")
     jobs = ref.settings["jobs"]
     seen = sorted(part.job for part in parts)
     if seen != list(range(jobs)):

@@ -5,13 +5,12 @@ import os
 import re
 import shlex
 
-import yaml
 from snakemake.logging import logger
 from snakemake.io import get_wildcard_names, strip_wildcard_constraints
 from snakemake.utils import validate
 
 from unet_core.common.atomic import remove_stale_tree
-from unet_core.common.config_values import exact_numbers, schema_problem
+from unet_core.common.config_values import exact_numbers, load_yaml, schema_problem
 from unet_core.common.errors import ConfigError
 from unet_core.common.samples import read_samples, shared_slices
 from unet_core.infer.tiling import check_multiple_of_stride
@@ -20,16 +19,21 @@ from unet_core.common.provenance import code_hash
 
 
 def load_schema(name):
-    with open(os.path.join(workflow.basedir, "schemas", name)) as fh:
-        return yaml.safe_load(fh)
+    return load_yaml(os.path.join(workflow.basedir, "schemas", name))
 
 
 CONFIG_SCHEMA = load_schema("config.schema.yaml")
-GIVEN_MODEL = dict(config.get("model") or {})  # what the user wrote, before the schema fills defaults
-GIVEN_NORMALISATION = config.get("normalisation")
-# one line naming the key and the file(s), instead of Snakemake's dump of the schema and config
 _given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile, over config/config.yaml
 _files = [str(f) for f in workflow.configfiles if str(f) not in _given] + _given
+for _file in _files:  # Snakemake keeps the last of two equal keys (a second train: section) silently
+    load_yaml(_file)
+# What the user wrote, before the schema fills defaults: their --configfile(s) and --config; without
+# a --configfile, config/config.yaml is theirs. With model_file these keys are checked against the
+# file, so the demo's model section must not be (README: delete the model keys to take the file's).
+_USER_CONFIG = workflow.config_settings.overwrite_config if _given else config
+GIVEN_MODEL = dict(_USER_CONFIG["model"]) if isinstance(_USER_CONFIG.get("model"), dict) else {}
+GIVEN_NORMALISATION = _USER_CONFIG.get("normalisation")
+# one line naming the key and the file(s), instead of Snakemake's dump of the schema and config
 _problem = schema_problem(config, CONFIG_SCHEMA, _files)
 if _problem:
     raise ConfigError(_problem)
@@ -37,6 +41,22 @@ validate(config, schema="../schemas/config.schema.yaml")  # fills the defaults
 # the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
 # (exactly) and non-finite numbers stop the run here, naming the key
 exact_numbers(config, CONFIG_SCHEMA)
+
+
+def check_output_dir(path):
+    """config output_dir must be a folder, or a path where one can be made: a file there or above it
+    stopped Snakemake with a traceback while it looked for the outputs."""
+    above = path
+    while above and not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if above and not os.path.isdir(above):
+        found = "a broken link" if os.path.islink(above) else "a file"
+        where = "" if above == path else f"{above!r} "
+        raise ConfigError(f"config output_dir = {path!r}: {where}is {found}, not a folder; "
+                          "set output_dir to a folder for this run's results")
+
+
+check_output_dir(config["output_dir"])
 
 
 MODEL_FILE = config["model_file"]
@@ -145,6 +165,17 @@ def q(value):
 
 
 MODEL = MODEL_FILE or out("model/model.pt")
+
+
+@functools.cache
+def model_file_sha256():
+    """The given model_file's content hash (empty when the workflow trains the model): a predict
+    param, so a part predicted with another model_file is redone on the next run. Its modification
+    time alone misses a model replaced by an older file (mv, cp -p, rsync -t), and then every rerun of
+    the merge refused the mix of parts of two models."""
+    from unet_core.common.provenance import sha256_files
+
+    return sha256_files([MODEL_FILE]) if MODEL_FILE and os.path.isfile(MODEL_FILE) else ""
 
 
 def model_args():

@@ -23,6 +23,7 @@ rule predict:
         probabilities=lookup(dpath="predict/probabilities", within=config),
         normalisation=predict_normalisation(),
         model=model_args(),
+        model_sha256=lambda wc: model_file_sha256(),  # not in the command: a part of another model is redone
         threads=lookup(dpath="predict/threads", within=config),
         code=code_hash("predict"),
     conda:
