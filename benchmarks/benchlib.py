@@ -7,10 +7,11 @@ Timings use wall time around synchronised device work; nothing here asserts a ti
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,22 @@ from unet_core.io.ngff import PyramidWriter
 from unet_core.model.checkpoint import save_model
 from unet_core.model.spec import UNetSpec
 from unet_core.model.unet import UNet
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core math for float32 matmuls and cuDNN convolutions on (``enabled``) or off
+    inside the block; the previous settings are restored on leaving it, also on an error.
+
+    PyTorch's defaults are TF32 convolutions (``cudnn.allow_tf32`` True) and exact matmuls, and
+    ``unet train`` turns both on, so a float32 row on a GPU is TF32 unless it turns them off.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,9 @@ asserted):
 * inference in memory, paper net on one 8192² slice: ours (``predict_plane``; bf16 also through
   ``torch.compile``, ``predict.compile``) vs MONAI
   ``sliding_window_inference`` (same-padded net of the same widths, roi 512, overlap 0.25,
-  gaussian), bf16 and fp32: Mpx/s, executed TFLOP/s, % of the ceiling, peak GPU memory;
+  gaussian), in bf16, TF32 and fp32 (:data:`GPU_ARITHMETIC`: "TF32" is float32 storage with TF32
+  tensor-core convolutions, what ``--precision fp32`` runs on a GPU by cuDNN's default; "fp32
+  (TF32 off)" is true float32): Mpx/s, executed TFLOP/s, % of the ceiling, peak GPU memory;
 * end to end: ``unet predict`` (``predict_job``) from a 4 x 8192² uint16 Zarr stack to its
   part store: Mpx/s and its ratio to the in-memory rate; peak memory vs a 1 x 2048² stack;
 * training: steady-state tiles/s of ``unet train`` vs a minimal loop (paper net, 572 -> 388,
@@ -59,6 +61,14 @@ FULL = Settings(UNetSpec(dropout=0.0), 8192, (4, 8192), 2048, 2048, 2048, 8, 388
 QUICK = Settings(UNetSpec(depth=2, base_channels=4, dropout=0.0), 256, (2, 256), 128, 128, 64, 2, 44, 2, 6, 4, 128)
 
 
+#: The in-memory rows' arithmetic on a GPU: (row label, engine precision, TF32 on). cuDNN runs
+#: float32 convolutions in TF32 unless told otherwise, and ``unet predict`` does not tell it, so
+#: its fp32 on a GPU is the "TF32" row; the "fp32 (TF32 off)" row is true float32.
+GPU_ARITHMETIC = (("bf16", "bf16", True), ("TF32", "fp32", True), ("fp32 (TF32 off)", "fp32", False))
+#: On the CPU there is no TF32: one float32 row.
+CPU_ARITHMETIC = (("fp32", "fp32", False),)
+
+
 class Table:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str]] = []
@@ -78,27 +88,34 @@ def pct(tflops: float, ceiling: float) -> str:
 def inference_rows(table: Table, s: Settings, device: torch.device, ceiling: float) -> float:
     image = np.random.default_rng(0).normal(size=(s.slice_px, s.slice_px)).astype(np.float32)
     best = 0.0
-    for precision in ("bf16", "fp32") if device.type == "cuda" else ("fp32",):
-        ours = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
-                                tile_out=s.tile_out)
-        best = max(best, ours.mpx_per_s)
-        mem = f", peak {ours.peak_gib:.1f} GiB" if ours.peak_gib is not None else ""
-        table.add(f"in memory {s.slice_px}², ours {precision}",
-                  f"{ours.mpx_per_s:.1f} Mpx/s, {ours.tflops:.0f} TFLOP/s, {pct(ours.tflops, ceiling)}{mem}")
-        if device.type == "cuda" and precision == "bf16":  # predict.compile: does it pay? (compiling costs ~1 min on a CPU)
-            comp = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
-                                    tile_out=s.tile_out, compile=True)
-            table.add(f"in memory {s.slice_px}², ours {precision} torch.compile",
-                      f"{comp.mpx_per_s:.1f} Mpx/s, {comp.tflops:.0f} TFLOP/s; compiled/eager "
-                      f"{comp.mpx_per_s / ours.mpx_per_s:.2f}x")
-        monai = B.monai_in_memory(s.spec, image, device, precision=precision)
-        if monai is None:
-            table.add(f"in memory {s.slice_px}², MONAI {precision}", "not installed (pip install monai)")
-        else:
-            table.add(f"in memory {s.slice_px}², MONAI {precision}",
-                      f"{monai.mpx_per_s:.1f} Mpx/s, {monai.tflops:.0f} TFLOP/s; ours/MONAI "
-                      f"{ours.mpx_per_s / monai.mpx_per_s:.2f}x")
+    for label, precision, allow_tf32 in GPU_ARITHMETIC if device.type == "cuda" else CPU_ARITHMETIC:
+        with B.tf32(allow_tf32):
+            best = max(best, _inference_row(table, s, image, device, ceiling, label, precision))
     return best
+
+
+def _inference_row(table: Table, s: Settings, image: np.ndarray, device: torch.device, ceiling: float,
+                   label: str, precision: str) -> float:
+    """Ours (and on a GPU in bf16 ours compiled) against MONAI in one arithmetic; ours' Mpx/s."""
+    ours = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
+                            tile_out=s.tile_out)
+    mem = f", peak {ours.peak_gib:.1f} GiB" if ours.peak_gib is not None else ""
+    table.add(f"in memory {s.slice_px}², ours {label}",
+              f"{ours.mpx_per_s:.1f} Mpx/s, {ours.tflops:.0f} TFLOP/s, {pct(ours.tflops, ceiling)}{mem}")
+    if device.type == "cuda" and precision == "bf16":  # predict.compile: does it pay? (compiling costs ~1 min on a CPU)
+        comp = B.ours_in_memory(s.spec, image, device, precision=precision, batch=s.batch, block_px=s.block_px,
+                                tile_out=s.tile_out, compile=True)
+        table.add(f"in memory {s.slice_px}², ours {label} torch.compile",
+                  f"{comp.mpx_per_s:.1f} Mpx/s, {comp.tflops:.0f} TFLOP/s; compiled/eager "
+                  f"{comp.mpx_per_s / ours.mpx_per_s:.2f}x")
+    monai = B.monai_in_memory(s.spec, image, device, precision=precision)
+    if monai is None:
+        table.add(f"in memory {s.slice_px}², MONAI {label}", "not installed (pip install monai)")
+    else:
+        table.add(f"in memory {s.slice_px}², MONAI {label}",
+                  f"{monai.mpx_per_s:.1f} Mpx/s, {monai.tflops:.0f} TFLOP/s; ours/MONAI "
+                  f"{ours.mpx_per_s / monai.mpx_per_s:.2f}x")
+    return ours.mpx_per_s
 
 
 def end_to_end_rows(table: Table, s: Settings, device: torch.device, in_memory: float) -> None:
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> Table:
     table.add("matmul ceiling (bf16 on GPU, fp32 on CPU)", f"{ceiling:.0f} TFLOP/s" if ceiling >= 1 else f"{ceiling:.3f} TFLOP/s")
     in_memory = inference_rows(table, s, device, ceiling)
     end_to_end_rows(table, s, device, in_memory)
-    training_row(table, s, device, ceiling)
+    with B.tf32(True):  # as unet train sets it; restored for the rows after it
+        training_row(table, s, device, ceiling)
     elastic_row(table, s, device)
     agree = B.argmax_agreement(s.spec, B.smooth_stack(1, s.agreement_px)[0].astype(np.float32), device,
                                block_px=s.block_px, tile_out=min(s.tile_out, s.agreement_px))

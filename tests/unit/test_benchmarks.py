@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
@@ -88,6 +89,61 @@ def test_gpu_check_without_a_gpu_says_how_to_run_it(gpu_check, monkeypatch, caps
     with pytest.raises(SystemExit):
         gpu_check.main([])
     assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_tf32_context_sets_both_flags_and_restores_them_also_on_an_error() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(BENCH))
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = tuple(f.allow_tf32 for f in flags)
+    try:
+        for start in ((True, False), (False, True)):
+            flags[0].allow_tf32, flags[1].allow_tf32 = start
+            for enabled in (False, True):
+                with benchlib.tf32(enabled):
+                    assert (flags[0].allow_tf32, flags[1].allow_tf32) == (enabled, enabled)
+                    with benchlib.tf32(not enabled):
+                        assert flags[1].allow_tf32 is (not enabled)
+                    assert flags[1].allow_tf32 is enabled
+                assert (flags[0].allow_tf32, flags[1].allow_tf32) == start
+                with pytest.raises(RuntimeError), benchlib.tf32(enabled):
+                    raise RuntimeError
+                assert (flags[0].allow_tf32, flags[1].allow_tf32) == start
+    finally:
+        flags[0].allow_tf32, flags[1].allow_tf32 = before
+
+
+def test_gpu_inference_rows_label_tf32_as_such_and_measure_true_fp32_with_tf32_off(gpu_check, monkeypatch) -> None:
+    """Issue 34: cuDNN runs float32 convolutions in TF32 by default, so the old "fp32" rows were
+    TF32. On a (stubbed) GPU the rows are bf16, TF32 and fp32 with TF32 off, each measured in the
+    TF32 state its label names; the state before is restored."""
+    seen = []
+
+    def rate(kind):
+        def measure(spec, image, device, *, precision, compile=False, **kw):
+            seen.append((kind, precision, compile, torch.backends.cudnn.allow_tf32,
+                         torch.backends.cuda.matmul.allow_tf32))
+            return gpu_check.B.Rate(10.0, 1.0, None)
+        return measure
+
+    monkeypatch.setattr(gpu_check.B, "ours_in_memory", rate("ours"))
+    monkeypatch.setattr(gpu_check.B, "monai_in_memory", rate("monai"))
+    table = gpu_check.Table()
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    gpu_check.inference_rows(table, gpu_check.QUICK, torch.device("cuda"), 100.0)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    px = gpu_check.QUICK.slice_px
+    assert [name for name, _ in table.rows] == [
+        f"in memory {px}², ours bf16", f"in memory {px}², ours bf16 torch.compile", f"in memory {px}², MONAI bf16",
+        f"in memory {px}², ours TF32", f"in memory {px}², MONAI TF32",
+        f"in memory {px}², ours fp32 (TF32 off)", f"in memory {px}², MONAI fp32 (TF32 off)"]
+    assert seen == [("ours", "bf16", False, True, True), ("ours", "bf16", True, True, True),
+                    ("monai", "bf16", False, True, True),
+                    ("ours", "fp32", False, True, True), ("monai", "fp32", False, True, True),
+                    ("ours", "fp32", False, False, False), ("monai", "fp32", False, False, False)]
 
 
 def test_bench_train_reports_steady_state_against_the_ceiling_on_the_cpu(capsys) -> None:
