@@ -517,6 +517,30 @@ def test_a_killed_piece_reruns_alone_and_a_finished_step_does_nothing(tmp_path: 
     assert _outputs(out) == _outputs(tmp_path / "ref")
 
 
+def test_specks_inside_a_block_are_dropped_there_and_own_labels_renumbered_in_order() -> None:
+    from unet_core.infer.cells import block_rows
+    from unet_core.infer.merge import _without_specks
+
+    n_fixed = 3  # 1..3: numbered seeds (kept whatever their size)
+    labels = np.zeros((8, 10), np.uint32)
+    labels[0, 0] = 4  # own speck on the block's edge: kept (it may join a neighbour's label)
+    labels[2:4, 2:4] = 5  # own speck inside: dropped
+    labels[5:8, 4:8] = 6  # own object, 12 px: kept
+    labels[2, 7] = 7  # own speck inside: dropped
+    labels[3, 8] = 2  # a seed's single pixel: kept
+    labels[6, 1] = 8  # own speck inside: dropped
+    rows = block_rows(0, 0, (0, 0), labels, None, n_fixed=n_fixed, slots=np.full(n_fixed + 1, -1, np.int64))
+    out, kept, n = _without_specks(labels, rows, n_fixed, 5, min_px=5)
+    assert n == 2
+    expected = np.zeros_like(labels)
+    expected[0, 0], expected[5:8, 4:8], expected[3, 8] = 4, 5, 2
+    assert np.array_equal(out, expected)
+    assert sorted(kept["value"].tolist()) == [2, 4, 5] and kept[kept["value"] == 5]["area"][0] == 12
+    assert labels[2, 2] == 5  # the caller's array is left as it was
+    same = _without_specks(labels, rows, n_fixed, 5, min_px=0)  # no smallest size: nothing dropped
+    assert same[0] is labels and same[2] == 5
+
+
 def test_cell_table_streamed_in_small_chunks_and_id_ranges_gives_the_same_bytes(tmp_path: Path,
                                                                                 stand_in_model: Path,
                                                                                 monkeypatch, capsys) -> None:
