@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -136,6 +137,52 @@ def test_model_files_of_version_0_1_still_load(tmp_path) -> None:
     model, metadata = load_model(tmp_path / "old.pt", expect={"base_channels": 4})
     assert model.spec == spec and metadata["decision"]["logit_offsets"] == [0.5, -0.5]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
+
+
+def test_loading_a_model_draws_no_weights_and_keeps_the_files_bits(tmp_path, monkeypatch) -> None:
+    """Issue 34: load_model He-initialised all weights (31 M for the paper net) only to overwrite
+    them; the network is now built on the meta device and takes the file's tensors. The weights,
+    dtypes and layout, and so the predictions, are the bits of the network that was saved."""
+    import numpy as np
+
+    from unet_core.common.intensity import IntensityStats
+    from unet_core.infer.predict import predict_plane
+    from unet_core.model.checkpoint import load_model, save_model
+
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
+    torch.manual_seed(3)
+    net = UNet(spec).eval()
+    save_model(tmp_path / "m.pt", net)
+    drawn = []
+    real_normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: drawn.append(t.shape) or real_normal(t, *a, **k))
+    model, _ = load_model(tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert drawn == []
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    for (k, a), b in zip(model.state_dict().items(), net.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b), k
+    image = np.random.default_rng(0).normal(size=(40, 44)).astype(np.float32)
+    kw = {"stats": IntensityStats(0.0, 1.0), "block_px": 32, "tile_out": 16}
+    assert predict_plane(model, image, **kw).tobytes() == predict_plane(net, image, **kw).tobytes()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [0, -1, 1001])
+def test_weights_with_one_non_finite_value_are_refused(value: float, where: int) -> None:
+    # the check reads each tensor's extremes (one fast reduction): one NaN or ±Inf anywhere is found
+    from unet_core.common.errors import CheckpointError
+    from unet_core.model.checkpoint import check_weights
+
+    spec = UNetSpec(depth=2, base_channels=4, dropout=0.0)
+    state = {k: v.clone() for k, v in UNet(spec).state_dict().items()}
+    check_weights(spec, state, path="m.pt")
+    key = "downs.1.1.3.weight"  # 2304 values, (16, 16, 3, 3)
+    state[key].view(-1)[where] = value
+    with pytest.raises(CheckpointError, match=f"weights {re.escape(key)} hold NaN or Inf"):
+        check_weights(spec, state, path="m.pt")
 
 
 def test_loading_a_model_does_not_start_torchs_compiler(tmp_path):

@@ -373,6 +373,31 @@ def test_killed_job_resumes_only_missing_blocks(
     assert (part / "COMPLETE").is_file()
 
 
+def test_a_job_reads_the_model_file_once_and_records_the_hash_of_those_bytes(
+        stack: Path, model_file: Path, tmp_path: Path, monkeypatch) -> None:
+    # issue 34: the model was read for loading and read again for its hash (and its first bytes
+    # a third time); now its bytes are read once, hashed and loaded from memory
+    import builtins
+    import hashlib
+    import io
+
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if Path(str(file)) == model_file:
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    part = tmp_path / "part0"
+    predict_job(stack, model_file, part, block_px=64, tile_out=16, device="cpu", expect=TINY)
+    assert len(opened) == 1, opened
+    settings = json.loads((part / "part.json").read_text())
+    assert settings["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest() == sha256_files([model_file])
+
+
 def test_changed_settings_start_afresh(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
     predict_job(stack, model_file, part, block_px=32, tile_out=32, device="cpu", expect=TINY)

@@ -31,7 +31,7 @@ from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.intensity import IntensityStats, Normalisation, Scaling
 from unet_core.common.outputs import claim_outputs
 from unet_core.common.precision import Precision, resolve_precision
-from unet_core.common.provenance import code_hash, sha256_files
+from unet_core.common.provenance import code_hash
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
 from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
@@ -211,7 +211,8 @@ def _prepare_run(
     if not stack_path.exists():
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
-    model, metadata = load_model(model_path, expect=expect)
+    digest = hashlib.sha256()  # of the bytes the model is loaded from, read once (= sha256_files of it)
+    model, metadata = load_model(model_path, expect=expect, digest=digest)
     scaler = st.scaler(checked_normalisation(metadata, normalisation, model=model_path))
     decision = parse_choice(Decision, decision, option="--decision")
     encoding = parse_choice(ProbabilityEncoding, probabilities, option="--probabilities")
@@ -224,7 +225,7 @@ def _prepare_run(
     engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(precision, dev),
                     batch=batch or DEFAULT_BATCH[dev.type], tta=tta, offsets=offsets, encoding=encoding,
                     writers=WRITERS[dev.type], compile=compile)
-    return _Run(st, engine, _part_settings(st, sha256_files([model_path]), engine, job, jobs, metadata, offsets))
+    return _Run(st, engine, _part_settings(st, digest.hexdigest(), engine, job, jobs, metadata, offsets))
 
 
 def predict_job(
