@@ -459,7 +459,13 @@ def _number_cells(run: _Run) -> None:
         with atomic_output(run.work.record_path("cell-table.npy"), own=None) as tmp, open(tmp, "wb") as fh:
             write_cell_table(fh, lambda: rows_with(final), n_cells)
     run.work.save(
-        "cell-ids.npz", {"final": final, "offsets": numbering.offsets, "n_fixed": np.asarray(n_fixed)}
+        "cell-ids.npz",
+        {
+            "final": final,
+            "offsets": numbering.offsets,
+            "n_fixed": np.asarray(n_fixed),
+            "n_cells": np.asarray(n_cells),
+        },
     )
 
 
@@ -498,8 +504,8 @@ def _finish(run: _Run) -> MergeSummary:
                 f"{run.work.record_path(f'write-{k}.done')}: missing; run 'unet merge --step write "
                 f"--job {k}' (with the same arguments) first"
             )
-    ids = run.work.load("cell-ids.npz", made_by="unet merge --step number-cells")
-    n_cells = int(ids["final"].max(initial=0))
+    ids = run.work.load("cell-ids.npz", made_by="unet merge --step number-cells", keys=("n_cells",))
+    n_cells = int(ids["n_cells"])
     request = run.request
     if not (run.work.store / "zarr.json").is_file():
         raise UserInputError(

@@ -170,8 +170,9 @@ class MergeWork:
         with atomic_output(self.path / name, own=None) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, fingerprint=np.asarray(self.fingerprint), **arrays)
 
-    def load(self, name: str, *, made_by: str) -> dict[str, np.ndarray]:
-        """Record ``name`` of this run, all arrays read.
+    def load(self, name: str, *, made_by: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Record ``name`` of this run: all its arrays read, or only ``keys`` (a finish needs the
+        number of cells, not the lookup table of every provisional id).
 
         Raises:
             UserInputError: missing (names the step that makes it), damaged, or of another run.
@@ -181,7 +182,8 @@ class MergeWork:
             raise UserInputError(f"{path}: missing; run '{made_by}' (with the same arguments) first")
         try:
             with np.load(path) as data:
-                out = {k: data[k] for k in data.files}
+                wanted = data.files if keys is None else ["fingerprint", *keys]
+                out = {k: data[k] for k in wanted}
         except Exception as err:  # numpy raises several types for a damaged archive
             raise UserInputError(f"{path}: damaged record ({err}); run '{made_by}' again") from None
         if str(out.get("fingerprint")) != self.fingerprint:
