@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -136,6 +137,10 @@ def tiny_config(**kw) -> TrainConfig:
         "checkpoint_every": 10,
         "log_every": 5,
         "device": "cpu",
+        # pinned: the defaults' warm-up (50 steps) and cosine would change these short runs
+        "schedule": "constant",
+        "warmup_iterations": 0,
+        "export_weights": "last",
     }
     base.update(kw)
     return TrainConfig(**base)
@@ -191,7 +196,7 @@ def test_tiled_validation_equals_monolithic_pass() -> None:
     ],
 )
 def test_lr_schedule(schedule: str, at: int, expected: float) -> None:
-    cfg = TrainConfig(iterations=100, schedule=schedule, lr_step_iterations=10)
+    cfg = TrainConfig(iterations=100, schedule=schedule, lr_step_iterations=10, warmup_iterations=0)
     assert lr_factor(at, config=cfg) == pytest.approx(expected, abs=1e-9)
 
 
@@ -307,7 +312,7 @@ def test_cli_divergence_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     argv = ["train", "--train", str(aug), "--out-dir", str(tmp_path / "cli"), "--depth", "2", "--base-channels", "4",
             "--dropout", "0", "--iterations", "30", "--optimizer", "sgd", "--lr", "50", "--momentum", "0.9",
             "--checkpoint-every", "1", "--validate-every", "1000", "--log-every", "1000", "--workers", "0",
-            "--device", "cpu", "--threads", "1"]
+            "--device", "cpu", "--threads", "1", "--schedule", "constant", "--warmup-iterations", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert re.search(r"the loss became \S+ at iteration \d+ \(learning rate 50\)", err[-1]), err
@@ -464,10 +469,13 @@ def test_export_best_weights_of_the_lowest_validation_error_and_resume(tmp_path:
     assert all(torch.equal(got["state_dict"][k], cut["state_dict"][k]) for k in ref["state_dict"])
 
 
-def test_export_best_needs_validation_and_a_state_that_kept_it(tmp_path: Path) -> None:
+def test_export_best_without_validation_exports_the_last_and_needs_a_state_that_kept_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     aug = make_augmented(tmp_path / "aug.zarr", n=1)
-    with pytest.raises(ConfigError, match=r"train.export_weights: 'best' picks the weights on validation slices"):
+    with caplog.at_level(logging.WARNING):  # 'best' is the default: without validation, the last weights
         train([aug], out_dir=tmp_path / "none", spec=TINY, config=tiny_config(iterations=2, export_weights="best"))
+    assert [r.message for r in caplog.records if "picks the weights on validation slices" in r.message]
+    assert json.loads((tmp_path / "none" / "model_card.json").read_text())["exported_weights"]["choice"] == "last"
     stack, weights = make_validation(tmp_path, slices=1)
     kw = {"spec": TINY, "validation": [(stack, weights)], "out_dir": tmp_path / "run"}
     train([aug], config=tiny_config(iterations=4, validate_every=2), **kw)
@@ -510,7 +518,8 @@ DRIVER = textwrap.dedent(
     aug, out, stack, weights, resume = sys.argv[1:6]
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     cfg = TrainConfig(iterations=30, optimizer="sgd", lr=0.01, momentum=0.99, workers=0, validate_every=7,
-                      checkpoint_every=5, log_every=3, device="cpu", seed=11)
+                      checkpoint_every=5, log_every=3, device="cpu", seed=11, schedule="constant",
+                      warmup_iterations=0, export_weights="last")
     def tick(i):
         print(i, flush=True)
     train([aug], out_dir=out, spec=spec, config=cfg, validation=[(Path(stack), Path(weights))],

@@ -14,8 +14,16 @@ from unet_core.cli.common import (
     positive_int,
     spec_from_args,
 )
-from unet_core.common.intensity import Normalisation
+from unet_core.common.intensity import DEFAULT_NORMALISATION, Normalisation
 from unet_core.common.slices import parse_slices
+from unet_core.train.config import TILE_OUT
+
+#: Default deformed samples per slice (``augment.samples_per_slice``); the deformation's defaults are
+#: unet_core.augment.elastic.DeformParams' (not imported here: it needs torch; test_settings_agreement checks).
+SAMPLES_PER_SLICE = 8
+SEED = 0
+#: The warp's default device: the CPU gives the reference bytes on every machine.
+DEVICE = "cpu"
 
 
 def add_parser(subparsers) -> None:
@@ -36,12 +44,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("stack", type=existing_path, help="ingested stack (.ome.zarr from 'unet ingest')")
     p.add_argument("weights", type=existing_path, help="weights store of that stack (.zarr from 'unet weights')")
     p.add_argument("out", help="output training set (.zarr directory; replaced atomically)")
-    p.add_argument("--samples-per-slice", type=positive_int, default=10,
-                   help="K deformed samples per source slice (default: 10)")
-    p.add_argument("--tile-out", type=positive_int, default=388,
+    p.add_argument("--samples-per-slice", type=positive_int, default=SAMPLES_PER_SLICE,
+                   help=f"K deformed samples per source slice (default: {SAMPLES_PER_SLICE})")
+    p.add_argument("--tile-out", type=positive_int, default=TILE_OUT,
                    help="network output size of a sample, pixels; the stored tile is the matching "
-                        "input size (default: 388, i.e. 572 px tiles for the paper's network)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="global random seed, integer >= 0 (default: 0)")
+                        f"input size (default: {TILE_OUT}, train.tile_out's: 508 px tiles for a depth-4 network; "
+                        "388 gives the paper's 572 px)")
+    p.add_argument("--seed", type=nonnegative_int, default=SEED, help=f"global random seed, integer >= 0 (default: {SEED})")
     p.add_argument("--slices", default=None,
                    help="source slices, e.g. '0-19' or '0,2,5-7' (default: all slices of the stack)")
     g = p.add_argument_group("deformation (defaults: the paper's settings)")
@@ -66,10 +75,10 @@ def add_parser(subparsers) -> None:
                         "prediction; --no-mirror keeps every sample inside the image")
     g.add_argument("--interpolation", choices=["bicubic", "bilinear"], default="bicubic",
                    help="image resampling (labels are always nearest neighbour)")
-    p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default="stack-zscore",
+    p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default=DEFAULT_NORMALISATION.value,
                    help="grey-value normalisation of the stored tiles: stack-zscore (default), slice-zscore or "
                         "slice-percentile (1-99.8 %%, per slice); training and prediction use the same")
-    p.add_argument("--device", default="cpu",
+    p.add_argument("--device", default=DEVICE,
                    help="torch device for the warp: 'cpu' (reference bytes), 'cuda', or 'auto' "
                         "(CUDA when available) (default: cpu)")
     p.add_argument("--plot", default=None, metavar="PNG",

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import MISSING, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from unet_core.common.config_values import MAX_INT, MAX_THREADS
-from unet_core.model.spec import UNetSpec
+from unet_core.model.spec import Norm, Padding, UNetSpec
+
+
+def field_default(owner: type, name: str) -> Any:
+    """The default of the dataclass ``owner``'s field ``name`` (an enum as its value): what an option
+    offers as its default, written once, in the settings object that owns it."""
+    value = next(f for f in fields(owner) if f.name == name).default
+    if value is MISSING:
+        raise TypeError(f"{owner.__name__}.{name} has no default")
+    return value.value if isinstance(value, Enum) else value
+
+
+def choice_values(kind: type[Enum]) -> list[Any]:
+    """An option's ``choices``: the values of the enum that owns the closed set."""
+    return [member.value for member in kind]
 
 
 def existing_path(text: str) -> Path:
@@ -109,16 +125,16 @@ def configure_threads(threads: int | None) -> int:
     return n
 
 
-#: Architecture options: (flag, key, type, paper default, help).
-MODEL_OPTIONS = (
-    ("--depth", "depth", positive_int, 4, "number of 2x2 max-pools (paper: 4)"),
-    ("--base-channels", "base_channels", positive_int, 64, "feature maps at level 0 (paper: 64)"),
-    ("--n-classes", "n_classes", positive_int, 2, "output classes (2: background, cell)"),
-    ("--padding", "padding", str, "valid", "convolution padding: 'valid' as in the paper (exact tiling) or 'same'"),
-    ("--norm", "norm", str, "none", "normalisation after each convolution: none (paper), batch or group"),
-    ("--dropout", "dropout", nonnegative_float, 0.5, "dropout probability at the end of the contracting path"),
-)
-_CHOICES = {"padding": ["valid", "same"], "norm": ["none", "batch", "group"]}
+#: Architecture options: (flag, key, type, paper default, help); the defaults are :class:`UNetSpec`'s.
+MODEL_OPTIONS = tuple((flag, key, kind, field_default(UNetSpec, key), text) for flag, key, kind, text in (
+    ("--depth", "depth", positive_int, "number of 2x2 max-pools (paper: 4)"),
+    ("--base-channels", "base_channels", positive_int, "feature maps at level 0 (paper: 64)"),
+    ("--n-classes", "n_classes", positive_int, "output classes (2: background, cell)"),
+    ("--padding", "padding", str, "convolution padding: 'valid' as in the paper (exact tiling) or 'same'"),
+    ("--norm", "norm", str, "normalisation after each convolution: none (paper), batch or group"),
+    ("--dropout", "dropout", nonnegative_float, "dropout probability at the end of the contracting path"),
+))
+_CHOICES = {"padding": choice_values(Padding), "norm": choice_values(Norm)}
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, check_only: bool = False) -> None:

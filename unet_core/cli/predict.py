@@ -7,15 +7,23 @@ import argparse
 from unet_core.cli.common import (
     add_model_args,
     add_threads_arg,
+    choice_values,
     configure_threads,
     expected_model,
+    field_default,
     positive_int,
 )
 from unet_core.common.intensity import Normalisation
 from unet_core.common.precision import Precision
 from unet_core.infer.encoding import ProbabilityEncoding
+from unet_core.infer.predict_settings import DEFAULT_BATCH, PredictSettings
 from unet_core.infer.tiling import TTA
 from unet_core.model.decision import Decision
+
+
+def _d(name: str):
+    """The default of a :class:`PredictSettings` field (written there once)."""
+    return field_default(PredictSettings, name)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,31 +46,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--job", type=int, default=0, help="index I of this job, 0 <= I < N (default 0)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="number N of jobs the blocks are shared by (default 1)")
-    p.add_argument("--block-px", type=positive_int, default=2048,
-                   help="block edge in px, a multiple of 2**depth; also the output chunk edge (default 2048)")
-    p.add_argument("--tile-out", type=positive_int, default=1024,
+    p.add_argument("--block-px", type=positive_int, default=_d("block_px"),
+                   help=f"block edge in px, a multiple of 2**depth; also the output chunk edge (default {_d('block_px')})")
+    p.add_argument("--tile-out", type=positive_int, default=_d("tile_out"),
                    help="largest output tile per network pass in px, a multiple of 2**depth; larger = "
-                        "less overlap FLOPs, more memory (default 1024: 1.13x the ideal FLOPs for the "
+                        f"less overlap FLOPs, more memory (default {_d('tile_out')}: 1.13x the ideal FLOPs for the "
                         "paper's net)")
-    p.add_argument("--batch", type=positive_int, default=None,
-                   help="tiles per network pass (default: 1 on the CPU, 8 on a GPU); memory grows with it")
-    p.add_argument("--device", default="auto",
-                   help="auto (GPU if available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=[p.value for p in Precision], default="auto",
+    p.add_argument("--batch", type=positive_int, default=_d("batch"),
+                   help=f"tiles per network pass (default: {DEFAULT_BATCH['cpu']} on the CPU, {DEFAULT_BATCH['cuda']} "
+                        "on a GPU); memory grows with it")
+    p.add_argument("--device", default=_d("device"),
+                   help=f"auto (GPU if available), cpu, cuda or cuda:N (default {_d('device')})")
+    p.add_argument("--precision", choices=choice_values(Precision), default=_d("precision"),
                    help="arithmetic: auto = bf16 autocast on a GPU, fp32 on the CPU; bf16 is honoured on a CPU "
                         "with native bf16 (AMX/AVX512-BF16), else fp32 with a warning")
-    p.add_argument("--tta", choices=[t.value for t in TTA], default="none",
+    p.add_argument("--tta", choices=choice_values(TTA), default=_d("tta"),
                    help="test-time augmentation averaged per tile: none, flips (4) or d4 "
                         "(8 rotations/mirrors)")
-    p.add_argument("--decision", choices=[d.value for d in Decision], default="corrected",
+    p.add_argument("--decision", choices=choice_values(Decision), default=_d("decision"),
                    help="corrected (default): add the model's weight-prior logit offsets (stored by "
                         "'unet train'; undo the bias that w(x) gives the argmax toward the heavily "
                         "weighted border class); raw: the network's plain softmax")
-    p.add_argument("--probabilities", choices=[e.value for e in ProbabilityEncoding], default="uint8",
+    p.add_argument("--probabilities", choices=choice_values(ProbabilityEncoding), default=_d("probabilities"),
                    help="storage of the probabilities: uint8 (default; round(255 p), 1 byte per class and "
                         "pixel), float16 (2 bytes) or float32 (4 bytes); the segmentation is always the "
                         "argmax of the full-precision probabilities")
-    p.add_argument("--normalisation", choices=[m.value for m in Normalisation], default=None,
+    p.add_argument("--normalisation", choices=choice_values(Normalisation), default=_d("normalisation"),
                    help="grey-value normalisation; always the model's (stored in model.pt): a different "
                         "value is refused (default: the model's)")
     p.add_argument("--compile", action="store_true",

@@ -23,6 +23,8 @@ DEFAULTS = {
     "illumination": 0.3, "blur_px": 1.0, "photons": 40.0, "read_noise": 1.5, "dtype": "uint8",
 }
 BORDER_STYLES = ("bright", "dark")
+#: unet_core.synth.scene.SLICES and SEED, repeated for the same reason (test_settings_agreement checks).
+SLICES, SEED = 8, 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,11 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels",
                    help="output label TIFF, axes (Z, Y, X), uint16 instance ids (uint32 for more than "
                         "65534 cells per slice), 0 = background; omit to write the image only")
-    p.add_argument("--slices", type=positive_int, default=3, help="number of slices Z (default 3)")
+    p.add_argument("--slices", type=positive_int, default=SLICES, help=f"number of slices Z (default {SLICES})")
     p.add_argument("--size", type=positive_int, default=d["height"],
                    help=f"slice height Y in px, and width X unless --width is given (default {d['height']})")
     p.add_argument("--width", type=positive_int, help="slice width X in px (default: --size)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, an integer >= 0 (default 0)")
+    p.add_argument("--seed", type=int, default=SEED, help=f"random seed, an integer >= 0 (default {SEED})")
     p.add_argument("--dtype", choices=["uint8", "uint16"], default=d["dtype"],
                    help=f"image dtype; uint16 uses a 12-bit range 0..4095 (default {d['dtype']})")
     g = p.add_argument_group("cells")

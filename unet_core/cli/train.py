@@ -9,8 +9,10 @@ from dataclasses import fields
 from unet_core.cli.common import (
     add_model_args,
     add_threads_arg,
+    choice_values,
     configure_threads,
     existing_path,
+    field_default,
     finite_float,
     nonnegative_float,
     nonnegative_int,
@@ -19,8 +21,10 @@ from unet_core.cli.common import (
     worker_count,
 )
 from unet_core.common.errors import UserInputError
-from unet_core.common.intensity import Normalisation
+from unet_core.common.intensity import DEFAULT_NORMALISATION, Normalisation
+from unet_core.common.precision import Precision
 from unet_core.common.slices import parse_slices
+from unet_core.train.config import TILE_OUT, ExportWeights, OptimizerKind, Schedule, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-out",
         type=positive_int,
-        default=None,
-        help="with --train-stacks: network output tile size in px (e.g. 388 for 572 px input tiles)",
+        default=TILE_OUT,
+        help=f"with --train-stacks: network output tile size in px (default {TILE_OUT}; 388 for the paper's "
+             "572 px input tiles)",
     )
     p.add_argument(
         "--val",
@@ -106,40 +111,46 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
-    """Steps, batch, optimizer, learning-rate schedule, loss weighting and seed (defaults: the paper)."""
-    g = p.add_argument_group("optimisation (defaults: the paper)")
-    g.add_argument("--iterations", type=positive_int, default=20000, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=positive_int, default=1, help="tiles per step (paper: 1 large tile)")
-    g.add_argument(
-        "--optimizer", choices=["sgd", "adam"], default="sgd", help="SGD with momentum (paper) or Adam"
-    )
+    """Steps, batch, optimizer, learning-rate schedule, loss weighting and seed (defaults: TrainConfig's,
+    the tested CPU recipe of config/isbi2012_cpu.yaml)."""
+    d = lambda name: field_default(TrainConfig, name)
+    g = p.add_argument_group("optimisation (defaults: the recipe of config/isbi2012_cpu.yaml)")
+    g.add_argument("--iterations", type=positive_int, default=d("iterations"),
+                   help=f"optimizer steps in total (default {d('iterations')})")
+    g.add_argument("--batch-size", type=positive_int, default=d("batch_size"),
+                   help=f"tiles per step (default {d('batch_size')}; paper: 1 large tile)")
+    g.add_argument("--optimizer", choices=choice_values(OptimizerKind), default=d("optimizer"),
+                   help=f"SGD with momentum (paper) or Adam (default {d('optimizer')})")
     g.add_argument(
         "--lr",
         type=finite_float,
-        default=0.001,
-        help="peak learning rate for the mean-over-pixels loss (SGD momentum 0.99 diverges at 0.01 on ISBI)",
+        default=d("lr"),
+        help=f"peak learning rate for the mean-over-pixels loss (default {d('lr')}; SGD momentum 0.99 diverges "
+             "at 0.01 on ISBI)",
     )
-    g.add_argument("--momentum", type=finite_float, default=0.99, help="SGD momentum (paper: 0.99) or Adam beta1")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="L2 weight decay (paper: 0)")
+    g.add_argument("--momentum", type=finite_float, default=d("momentum"),
+                   help=f"SGD momentum (paper: 0.99) or Adam beta1 (default {d('momentum')})")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=d("weight_decay"),
+                   help="L2 weight decay (paper: 0)")
     g.add_argument(
         "--schedule",
-        choices=["constant", "step", "cosine", "poly"],
-        default="constant",
-        help="learning-rate schedule after the warm-up",
+        choices=choice_values(Schedule),
+        default=d("schedule"),
+        help=f"learning-rate schedule after the warm-up (default {d('schedule')})",
     )
     g.add_argument(
         "--warmup-iterations",
         type=nonnegative_int,
-        default=0,
-        help="linear warm-up from lr/100 to lr over this many iterations (0: none)",
+        default=d("warmup_iterations"),
+        help=f"linear warm-up from lr/100 to lr over this many iterations (default {d('warmup_iterations')}; 0: none)",
     )
     g.add_argument(
         "--lr-step-iterations",
         type=positive_int,
-        default=10000,
+        default=d("lr_step_iterations"),
         help="'step' schedule: multiply the learning rate by --lr-gamma every this many iterations",
     )
-    g.add_argument("--lr-gamma", type=finite_float, default=0.1, help="'step' schedule factor, in (0, 1]")
+    g.add_argument("--lr-gamma", type=finite_float, default=d("lr_gamma"), help="'step' schedule factor, in (0, 1]")
     g.add_argument(
         "--unweighted",
         dest="weighted",
@@ -147,67 +158,69 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
         help="plain cross-entropy (ignore the w(x) weights of the training sets)",
     )
     g.add_argument(
-        "--seed", type=nonnegative_int, default=0, help="seed for initialisation, tile order and dropout"
+        "--seed", type=nonnegative_int, default=d("seed"), help="seed for initialisation, tile order and dropout"
     )
 
 
 def _add_run_control_args(p: argparse.ArgumentParser) -> None:
     """Checkpoints, validation, normalisation, export choice, device, precision, compile, workers."""
+    d = lambda name: field_default(TrainConfig, name)
     r = p.add_argument_group("run control")
     r.add_argument(
         "--checkpoint-every",
         type=positive_int,
-        default=500,
-        help="write OUT_DIR/state.pt every this many iterations",
+        default=d("checkpoint_every"),
+        help=f"write OUT_DIR/state.pt every this many iterations (default {d('checkpoint_every')})",
     )
     r.add_argument(
         "--validate-every",
         type=positive_int,
-        default=500,
-        help="validate and append a metrics.csv row every this many iterations",
+        default=d("validate_every"),
+        help=f"validate and append a metrics.csv row every this many iterations (default {d('validate_every')})",
     )
     r.add_argument(
         "--log-every",
         type=positive_int,
-        default=10,
+        default=d("log_every"),
         help="update the progress bar and the training-loss curve every this many iterations",
     )
     r.add_argument(
         "--val-tile-out",
         type=positive_int,
-        default=None,
+        default=d("val_tile_out"),
         help="validation output tile size in px (default: the training output size)",
     )
     r.add_argument(
         "--normalisation",
-        choices=[m.value for m in Normalisation],
-        default="stack-zscore",
+        choices=choice_values(Normalisation),
+        default=DEFAULT_NORMALISATION.value,
         help="grey-value normalisation of the on-the-fly tiles and validation slices (--train sets must be "
         "made with the same 'unet augment --normalisation'); stored in model.pt, which 'unet predict' then uses",
     )
     r.add_argument(
         "--export-weights",
-        choices=["last", "best"],
-        default="last",
-        help="weights written to model.pt/model.ts: 'last' (after the final iteration) or 'best' (the "
-        "validation point with the lowest --val pixel error; needs --val slices that are not the ones you score)",
+        choices=choice_values(ExportWeights),
+        default=d("export_weights"),
+        help="weights written to model.pt/model.ts: 'best' (default; the validation point with the lowest --val "
+        "pixel error, with --val slices that are not the ones you score; without --val the last weights, with a "
+        "warning) or 'last' (after the final iteration)",
     )
-    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    r.add_argument("--device", default=d("device"), help="auto (CUDA when present), cpu, cuda or cuda:N")
     r.add_argument(
         "--precision",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        default="auto",
+        choices=choice_values(Precision),
+        default=d("precision"),
         help="autocast precision on CUDA (auto: bf16 where supported); the CPU uses fp32, or bf16 "
              "where it has it natively (AMX/AVX512-BF16: about 2x faster steps, not bit-comparable to fp32)",
     )
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format (CUDA, CPU bf16)")
     r.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CUDA speed-up)")
-    r.add_argument("--workers", type=worker_count, default=2, help="data-loader worker processes")
+    r.add_argument("--workers", type=worker_count, default=d("workers"),
+                   help=f"data-loader worker processes (default {d('workers')})")
 
 
 def run(args: argparse.Namespace) -> None:
     from unet_core.io.ngff import open_stack
-    from unet_core.train.config import TrainConfig
     from unet_core.train.data import parse_validation_pair
     from unet_core.train.loop import train
 

@@ -50,6 +50,10 @@ class Normalisation(str, Enum):
         return cls(value)
 
 
+#: The default mode (the workflow's ``normalisation``, ``unet augment/train --normalisation``).
+DEFAULT_NORMALISATION = Normalisation.STACK_ZSCORE
+
+
 #: The percentiles of ``slice-percentile`` (mapped to 0 and 1), in percent.
 PERCENTILES = (1.0, 99.8)
 

@@ -46,6 +46,11 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
 from unet_core.model.spec import Padding, UNetSpec
 
+#: Default block edge (also the output chunk edge) and largest output tile per network pass, px
+#: (:class:`unet_core.infer.predict_settings.PredictSettings` and :class:`Tiling` take them).
+BLOCK_PX = 2048
+TILE_OUT = 1024
+
 
 class TTA(str, Enum):
     """Test-time augmentation: which dihedral transforms are averaged."""
@@ -186,8 +191,8 @@ class Tiling:
 
     shape: tuple[int, int, int]
     spec: UNetSpec
-    block_px: int = 2048
-    tile_out: int = 1024
+    block_px: int = BLOCK_PX
+    tile_out: int = TILE_OUT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))

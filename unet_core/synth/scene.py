@@ -73,6 +73,12 @@ EXACT_POISSON_BELOW = 30.0
 BACKGROUND = np.float32(0.12)
 
 
+#: Default number of slices and seed of a synthetic stack (``unet synth --slices/--seed``, the
+#: workflow's ``synth.slices``/``synth.seed``); the rest of the defaults are :class:`SynthParams`'.
+SLICES = 8
+SEED = 0
+
+
 class BorderStyle(enum.Enum):
     """How cell borders (membranes) look relative to the cell interiors."""
 

@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +269,10 @@ def _train(
     tile_out: int | None,
     normalisation: Normalisation,
 ) -> TrainResult:
-    if config.export_weights is ExportWeights.BEST and not validation:
-        raise ConfigError(
-            "train.export_weights: 'best' picks the weights on validation slices, but none are given "
-            "(add --val pairs, a 'val' row in the samples table, or use 'last')"
-        )
+    if config.export_weights is ExportWeights.BEST and not validation:  # the default: best where it can be
+        log.warning("train.export_weights: 'best' picks the weights on validation slices, but none are given: "
+                    "exporting the last weights (add --val pairs or a 'val' row in the samples table, or set 'last')")
+        config = replace(config, export_weights=ExportWeights.LAST)
     data = training_data(train_sets, train_stacks=train_stacks, train_slices=train_slices, tile_out=tile_out,
                          spec=spec, seed=config.seed, normalisation=normalisation)
     val_tile_out = _val_tile_out(config, spec, data.dataset)

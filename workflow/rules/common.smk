@@ -23,7 +23,7 @@ def load_schema(name):
 
 
 CONFIG_SCHEMA = load_schema("config.schema.yaml")
-_given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile, over config/config.yaml
+_given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile: then config/config.yaml is not read
 _files = [str(f) for f in workflow.configfiles if str(f) not in _given] + _given
 for _file in _files:  # Snakemake keeps the last of two equal keys (a second train: section) silently
     load_yaml(_file)
@@ -237,6 +237,13 @@ def watershed_options():
         f" --seed-threshold {w['seed_threshold']} --seed-erosion-px {w['seed_erosion_px']}"
         f" --mask-threshold {w['mask_threshold']} --halo-px {w['halo_px']}"
     )
+
+
+def predict_batch_option():
+    """--batch for unet predict where the config sets predict.batch_size; nothing for null (the
+    default), so predict picks its per-device batch (1 on the CPU, 8 on a GPU)."""
+    batch = config["predict"]["batch_size"]
+    return f"--batch {batch}" if batch is not None else ""
 
 
 def predict_normalisation():

@@ -14,7 +14,7 @@ rule predict:
         jobs=lookup(dpath="predict/jobs", within=config),
         tile_out=lookup(dpath="predict/tile_out", within=config),
         block=lookup(dpath="predict/block_px", within=config),
-        batch=lookup(dpath="predict/batch_size", within=config),
+        batch=lambda wc: predict_batch_option(),
         device=lookup(dpath="predict/device", within=config),
         precision=lookup(dpath="predict/precision", within=config),
         tta=lookup(dpath="predict/tta", within=config),
@@ -40,7 +40,7 @@ rule predict:
     shell:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
         " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
-        " --batch {params.batch} --device {params.device} --precision {params.precision}"
+        " {params.batch} --device {params.device} --precision {params.precision}"
         " --tta {params.tta} {params.compile} {params.model}"
         " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"
         " --threads {params.threads} > {log:q} 2>&1"
