@@ -10,7 +10,9 @@ Measured side by side in one run, on one device, one job:
    with native bf16): ``benchlib.matmul_ceiling_tflops``.
 3. loop: ``benchlib.training_rates``: the steady state of ``unet train`` (a stored Zarr set read by
    the loader, its sampler, device-side loss sums, metrics rows; the first third of the iterations,
-   start-up, worker spawn and cuDNN autotuning excluded) against a minimal hand-written loop over
+   start-up, worker spawn and cuDNN autotuning excluded; validation and ``state.pt`` writes are not
+   training time: the rate counting a write every ``checkpoint_every`` iterations is printed
+   beside it) against a minimal hand-written loop over
    the same tiles already on the device (same net, batch, precision, memory format, optimizer
    kernels), run before and after it. Prints tiles/s, TFLOP/s (forward + backward = 3 x
    ``UNetSpec.tile_flops``), % of the ceiling, peak GPU memory and the ratio.
@@ -115,7 +117,11 @@ def bench_loop(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: in
     print(f"loop  {spec.base_channels}-wide depth-{spec.depth} U-Net, {spec.input_size(tile_out)}->{tile_out} px "
           f"tiles, batch {batch}, {computed}, {workers} loader workers; {r.warmup_iterations + r.timed_iterations} "
           f"iterations per run, the first {r.warmup_iterations} excluded; unet train on {r.description}")
-    print(f"      unet train (steady state): {figures(r.ours, r.peak_gib)}")
+    print(f"      unet train (steady state, training steps only): {figures(r.ours, r.peak_gib)}")
+    if r.checkpoint_seconds is not None:
+        print(f"      unet train counting a state.pt write every {r.checkpoint_every} iterations "
+              f"({r.checkpoint_seconds:.3f} s each, timed in the run): {r.with_checkpoints(r.ours):.3f} tiles/s "
+              "(validation not counted)")
     print(f"      minimal loop: {figures(r.minimal, r.peak_gib_minimal)} "
           f"(before {r.minimal_before:.3f}, after {r.minimal_after:.3f})")
     print(f"      ratio unet-train/minimal: {r.ours / r.minimal:.2f}x throughput")

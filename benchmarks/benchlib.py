@@ -220,6 +220,10 @@ class TrainingRates:
         minimal_before, minimal_after: the two minimal-loop runs (their spread shows load changes).
         flops_per_tile: forward + backward FLOPs of one tile (3 x the forward FLOPs).
         peak_gib, peak_gib_minimal: peak device memory of each (None on the CPU).
+        checkpoint_seconds: wall time of one ``state.pt`` write of ``unet train`` (median of its
+            writes in this run; they are not training time, so ``ours`` does not count them);
+            :meth:`with_checkpoints` counts them.
+        checkpoint_every, batch: the default checkpoint interval (iterations) and the batch.
         description: device and precision as ``unet train`` logged them.
         warmup_iterations, timed_iterations: steps excluded / timed, per run.
     """
@@ -234,10 +238,19 @@ class TrainingRates:
     description: str
     warmup_iterations: int
     timed_iterations: int
+    checkpoint_seconds: float | None = None
+    checkpoint_every: int = 500
+    batch: int = 1
 
     def tflops(self, rate: float) -> float:
         """Achieved TFLOP/s at ``rate`` tiles/s."""
         return rate * self.flops_per_tile / 1e12
+
+    def with_checkpoints(self, rate: float) -> float:
+        """``rate`` (tiles/s of training steps) counting one ``state.pt`` write per
+        ``checkpoint_every`` iterations (validation is still not counted)."""
+        tiles = self.checkpoint_every * self.batch
+        return tiles / (tiles / rate + (self.checkpoint_seconds or 0.0))
 
 
 def _training_set(path: Path, *, in_size: int, n: int) -> Path:
@@ -264,7 +277,8 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
     of ``iterations``; its rate is taken between the first and last rows from their training
     seconds, which are read after the device has finished (the loop synchronises there). Each
     minimal run likewise skips its first third. Nothing of one run is alive during another, so
-    each peak memory is its own.
+    each peak memory is its own. Validation and ``state.pt`` writes are not training time: the
+    write ``unet train`` makes at the end is timed on its own (``checkpoint_seconds``).
     """
     from unet_core.train.config import TrainConfig
     from unet_core.train.loop import train
@@ -277,16 +291,39 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
         before, _ = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
         cfg = TrainConfig(iterations=3 * third, batch_size=batch, optimizer="adam", lr=1e-4, device=str(device),
                           precision=precision, channels_last=channels_last, validate_every=third,
-                          checkpoint_every=3 * third, log_every=third, workers=workers, seed=0,
-                          schedule="constant", warmup_iterations=0, export_weights="last")  # as measured before
+                          checkpoint_every=3 * third, log_every=third, workers=workers, seed=0)
         reset_peak_memory(device)
-        result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
+        with _timed_checkpoints() as writes:
+            result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
         peak = peak_memory_gib(device)
         rows = _metric_rows(Path(tmp) / "run" / "metrics.csv")
         ours = (rows[-1][0] - rows[0][0]) * batch / (rows[-1][1] - rows[0][1])
         after, peak_minimal = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
     return TrainingRates(ours, (before + after) / 2, before, after, 3 * spec.tile_flops(in_size), peak,
-                         peak_minimal, result.device, third, 2 * third)
+                         peak_minimal, result.device, third, 2 * third,
+                         checkpoint_seconds=statistics.median(writes) if writes else None,
+                         checkpoint_every=TrainConfig().checkpoint_every, batch=batch)
+
+
+@contextlib.contextmanager
+def _timed_checkpoints() -> Iterator[list[float]]:
+    """The wall seconds of each ``state.pt`` write of ``unet train`` inside the block (the loop's
+    ``save_state`` wrapped; it returns after the file is written, device state copied to the host)."""
+    from unet_core.train import loop
+
+    writes: list[float] = []
+    save = loop.save_state
+
+    def timed(*args: object, **kwargs: object) -> None:
+        t0 = time.perf_counter()
+        save(*args, **kwargs)
+        writes.append(time.perf_counter() - t0)
+
+    loop.save_state = timed
+    try:
+        yield writes
+    finally:
+        loop.save_state = save
 
 
 def _minimal_rate(spec: UNetSpec, device: torch.device, aug: Path, *, warmup: int, timed_steps: int, batch: int,

@@ -16,7 +16,9 @@ asserted):
 * end to end: ``unet predict`` (``predict_job``) from a 4 x 8192² uint16 Zarr stack to its
   part store: Mpx/s and its ratio to the in-memory rate; peak memory vs a 1 x 2048² stack;
 * training: steady-state tiles/s of ``unet train`` vs a minimal loop (paper net, 572 -> 388,
-  bf16), % of the ceiling;
+  bf16), % of the ceiling; training steps only (validation and ``state.pt`` writes are not
+  training time), and beside it the rate counting a ``state.pt`` write (timed in the run) every
+  ``checkpoint_every`` (500) iterations;
 * elastic deformation: batched 572² image + labels on the GPU vs one CPU thread;
 * agreement: share of pixels where the GPU bf16 argmax equals the CPU fp32 argmax (same net
   and slice).
@@ -137,7 +139,15 @@ def training_row(table: Table, s: Settings, device: torch.device, ceiling: float
     mem = f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else ""
     table.add(f"training {s.spec.input_size(s.train_tile_out)} -> {s.train_tile_out}, batch {s.train_batch}",
               f"unet train {r.ours:.1f} tiles/s ({tflops:.0f} TFLOP/s, {pct(tflops, ceiling)}{mem}); minimal loop "
-              f"{r.minimal:.1f} tiles/s; ratio {r.ours / r.minimal:.2f}x")
+              f"{r.minimal:.1f} tiles/s; ratio {r.ours / r.minimal:.2f}x; steps only: {_with_checkpoints(r)}")
+
+
+def _with_checkpoints(r: B.TrainingRates) -> str:
+    """What the training row's rate leaves out, and the rate counting the checkpoint writes."""
+    if r.checkpoint_seconds is None:
+        return "validation and state.pt writes not counted"
+    return (f"with a {r.checkpoint_seconds:.2f} s state.pt write every {r.checkpoint_every} iterations "
+            f"{r.with_checkpoints(r.ours):.1f} tiles/s (validation not counted)")
 
 
 def elastic_row(table: Table, s: Settings, device: torch.device) -> None:

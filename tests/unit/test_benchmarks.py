@@ -50,6 +50,9 @@ def test_gpu_check_runs_every_row_on_the_cpu_with_only_the_gpu_machines_packages
     for row in ("matmul ceiling", "in memory", "unet predict", "training", "elastic deformation", "argmax"):
         assert any(n.startswith(row) for n in names), (row, names)
     assert "100.000% of pixels agree" in rows[next(n for n in names if n.startswith("argmax"))]
+    training = rows[next(n for n in names if n.startswith("training"))]
+    assert re.search(r"steps only: with a [\d.]+ s state.pt write every 500 iterations [\d.]+ tiles/s "
+                     r"\(validation not counted\)", training), training
 
 
 def test_the_import_gate_hides_what_the_gpu_machine_lacks(tmp_path: Path) -> None:
@@ -146,6 +149,18 @@ def test_gpu_inference_rows_label_tf32_as_such_and_measure_true_fp32_with_tf32_o
                     ("ours", "fp32", False, False, False), ("monai", "fp32", False, False, False)]
 
 
+def test_training_rate_with_checkpoints_counts_one_write_per_interval() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(BENCH))
+    r = benchlib.TrainingRates(10.0, 10.0, 10.0, 10.0, 1.0, None, None, "cpu", 1, 2,
+                               checkpoint_seconds=4.0, checkpoint_every=500, batch=8)
+    assert r.with_checkpoints(10.0) == pytest.approx(4000 / (400 + 4))  # 500 x 8 tiles in 400 s, plus 4 s
+    assert benchlib.TrainingRates(10.0, 10.0, 10.0, 10.0, 1.0, None, None, "cpu", 1, 2).with_checkpoints(10.0) == 10.0
+
+
 def test_bench_train_reports_steady_state_against_the_ceiling_on_the_cpu(capsys) -> None:
     sys.path.insert(0, str(BENCH))
     try:
@@ -158,7 +173,11 @@ def test_bench_train_reports_steady_state_against_the_ceiling_on_the_cpu(capsys)
         sys.path.remove(str(BENCH))
     out = capsys.readouterr().out
     assert "3 iterations per run, the first 1 excluded" in out and "batch 2" in out
-    assert re.search(r"unet train \(steady state\): [\d.]+ tiles/s = [\d.e+-]+ TFLOP/s = [\d.]+% of the fp32", out), out
+    assert re.search(r"unet train \(steady state, training steps only\): [\d.]+ tiles/s = [\d.e+-]+ TFLOP/s = "
+                     r"[\d.]+% of the fp32", out), out
+    # issue 34: checkpoint writes are not training time; the rate counting them is printed beside it
+    assert re.search(r"unet train counting a state.pt write every 500 iterations \([\d.]+ s each, timed in the "
+                     r"run\): [\d.]+ tiles/s \(validation not counted\)", out), out
     assert re.search(r"ratio unet-train/minimal: [\d.]+x", out), out
 
 
