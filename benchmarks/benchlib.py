@@ -291,7 +291,8 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
         before, _ = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
         cfg = TrainConfig(iterations=3 * third, batch_size=batch, optimizer="adam", lr=1e-4, device=str(device),
                           precision=precision, channels_last=channels_last, validate_every=third,
-                          checkpoint_every=3 * third, log_every=third, workers=workers, seed=0)
+                          checkpoint_every=3 * third, log_every=third, workers=workers, seed=0,
+                          schedule="constant", warmup_iterations=0, export_weights="last")  # as measured before
         reset_peak_memory(device)
         with _timed_checkpoints() as writes:
             result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
