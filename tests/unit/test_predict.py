@@ -572,3 +572,32 @@ def test_per_slice_mode_on_a_stack_without_slice_statistics_asks_to_reingest(sta
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ingested before per-slice intensity statistics" in err[0] and "ingest it again" in err[0]
     assert str(stack) in err[0] and not (tmp_path / "p").exists()
+
+
+def test_predict_settings_parse_each_choice_once_where_they_enter() -> None:
+    """One PredictSettings is what a predict job is asked to do: its closed sets are enums from the
+    start (the CLI builds it once), and a bad value is one line naming the option."""
+    from unet_core.common.precision import Precision
+    from unet_core.infer.encoding import ProbabilityEncoding
+    from unet_core.infer.predict_settings import PredictSettings
+    from unet_core.infer.tiling import TTA
+    from unet_core.model.decision import Decision
+
+    Refused = UserInputError
+
+    s = PredictSettings(tta="d4", decision="raw", probabilities="float16", precision="fp32",
+                        normalisation="slice-zscore")
+    assert (s.tta, s.decision, s.probabilities, s.precision, s.normalisation) == (
+        TTA.D4, Decision.RAW, ProbabilityEncoding.FLOAT16, Precision.FP32, Normalisation.SLICE_ZSCORE)
+    assert (s.batch_for("cpu"), s.batch_for("cuda"), PredictSettings(batch=3).batch_for("cuda")) == (1, 8, 3)
+    with pytest.raises(Refused, match=r"--tta 'd8': use one of none, flips, d4"):
+        PredictSettings(tta="d8")
+    with pytest.raises(Refused, match=r"--tile-out 0: must be a positive integer"):
+        PredictSettings(tile_out=0)
+
+
+def test_predict_job_takes_the_settings_object_or_its_fields_not_both(tmp_path: Path) -> None:
+    from unet_core.infer.predict_settings import PredictSettings
+
+    with pytest.raises(TypeError, match="not both"):
+        predict_job(tmp_path / "s.zarr", tmp_path / "m.pt", tmp_path / "p", PredictSettings(), tta="d4")

@@ -87,9 +87,6 @@ def run(args: argparse.Namespace) -> None:
     from unet_core.infer.predict import predict_job
 
     configure_threads(args.threads)
-    predict_job(
-        args.stack, args.model, args.out_part, job=args.job, jobs=args.jobs, block_px=args.block_px,
-        tile_out=args.tile_out, batch=args.batch, device=args.device, precision=args.precision,
-        tta=args.tta, decision=args.decision, probabilities=args.probabilities, expect=expected_model(args),
-        normalisation=args.normalisation, compile=args.compile,
-    )
+    settings = PredictSettings.from_options(args)  # each choice parsed once, here
+    predict_job(args.stack, args.model, args.out_part, settings, job=args.job, jobs=args.jobs,
+                expect=expected_model(args))

@@ -35,7 +35,8 @@ from unet_core.common.provenance import code_hash
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
 from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
-from unet_core.infer.tiling import TTA, Tiling, round_up
+from unet_core.infer.predict_settings import PredictSettings
+from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, round_up
 from unet_core.io.ngff import Stack, open_stack
 from unet_core.model.checkpoint import ModelExpectation, load_model
 from unet_core.model.decision import Decision
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Threads writing (compressing) results, per device type: a GPU outpaces one compressor.
 WRITERS = {"cpu": 1, "cuda": 4}
-#: Tiles per network pass when not given, per device type.
-DEFAULT_BATCH = {"cpu": 1, "cuda": 8}
 
 
 def predict_plane(
@@ -53,8 +52,8 @@ def predict_plane(
     image: np.ndarray,
     *,
     stats: IntensityStats | Scaling | Callable[[int], Scaling],
-    block_px: int = 2048,
-    tile_out: int = 1024,
+    block_px: int = BLOCK_PX,
+    tile_out: int = TILE_OUT,
     device: str | torch.device = "cpu",
     precision: Precision | str = Precision.FP32,
     batch: int = 1,
@@ -201,30 +200,24 @@ def job_device(device: str, job: int) -> torch.device:
     return dev
 
 
-def _prepare_run(
-    stack_path: Path, model_path: Path, *, job: int, jobs: int, block_px: int, tile_out: int, batch: int | None,
-    device: str, precision: Precision | str, tta: TTA | str, decision: Decision | str,
-    probabilities: ProbabilityEncoding | str, expect: ModelExpectation, normalisation: Normalisation | str | None,
-    compile: bool = False,
-) -> _Run:
+def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, *, job: int, jobs: int,
+                 expect: ModelExpectation) -> _Run:
     """Open the stack and the model, resolve device, precision and geometry (errors before any work)."""
     if not stack_path.exists():
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
     digest = hashlib.sha256()  # of the bytes the model is loaded from, read once (= sha256_files of it)
     model, metadata = load_model(model_path, expect=expect, digest=digest)
-    scaler = st.scaler(checked_normalisation(metadata, normalisation, model=model_path))
-    decision = parse_choice(Decision, decision, option="--decision")
-    encoding = parse_choice(ProbabilityEncoding, probabilities, option="--probabilities")
-    tta = parse_choice(TTA, tta, option="--tta")
-    offsets = (metadata.get("decision") or {}).get("logit_offsets") if decision is Decision.CORRECTED else None
-    tiling = Tiling(st.shape, model.spec, block_px, tile_out)
+    scaler = st.scaler(checked_normalisation(metadata, settings.normalisation, model=model_path))
+    corrected = settings.decision is Decision.CORRECTED
+    offsets = (metadata.get("decision") or {}).get("logit_offsets") if corrected else None
+    tiling = Tiling(st.shape, model.spec, settings.block_px, settings.tile_out)
     tiling.check_jobs(jobs, option="--jobs")  # no job without a block of its own
     tiling.job_blocks(job, jobs)  # validates job
-    dev = job_device(device, job)
-    engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(precision, dev),
-                    batch=batch or DEFAULT_BATCH[dev.type], tta=tta, offsets=offsets, encoding=encoding,
-                    writers=WRITERS[dev.type], compile=compile)
+    dev = job_device(settings.device, job)
+    engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(settings.precision, dev),
+                    batch=settings.batch_for(dev.type), tta=settings.tta, offsets=offsets,
+                    encoding=settings.probabilities, writers=WRITERS[dev.type], compile=settings.compile)
     return _Run(st, engine, _part_settings(st, digest.hexdigest(), engine, job, jobs, metadata, offsets))
 
 
@@ -232,20 +225,12 @@ def predict_job(
     stack: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
     out_part: str | os.PathLike[str],
+    settings: PredictSettings | None = None,
     *,
     job: int = 0,
     jobs: int = 1,
-    block_px: int = 2048,
-    tile_out: int = 1024,
-    batch: int | None = None,
-    device: str = "auto",
-    precision: Precision | str = Precision.AUTO,
-    tta: TTA | str = TTA.NONE,
-    decision: Decision | str = Decision.CORRECTED,
-    probabilities: ProbabilityEncoding | str = ProbabilityEncoding.UINT8,
     expect: ModelExpectation = None,
-    normalisation: Normalisation | str | None = None,
-    compile: bool = False,
+    **options: Any,
 ) -> JobSummary:
     """Predict job ``job`` of ``jobs``'s blocks of ``stack`` into the part store ``out_part``.
 
@@ -257,24 +242,13 @@ def predict_job(
             created, or resumed if it holds blocks of a run with identical settings, or
             replaced if it is a part store of other settings; anything else there is refused).
             A second job on the same store is refused while this one runs (its lock).
+        settings: what the job is asked to do (:class:`PredictSettings`: block and tile size, batch,
+            device, precision, test-time augmentation, decision rule, storage of the probabilities,
+            compilation, the normalisation expected); or give its fields as keywords
+            (``block_px=64, tta="flips"``), from which the object is made once, here.
         job, jobs: which share of the C-ordered block list (see :meth:`Tiling.job_blocks`).
-        block_px: block (and output chunk) edge, px, a multiple of 2**depth.
-        tile_out: largest output tile per network pass, px, a multiple of 2**depth.
-        batch: tiles per network pass (default: 1 on the CPU, 8 on a GPU).
-        device: ``auto`` (GPU ``job mod GPUs`` where there are several), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.
-        tta: test-time augmentation, ``none``, ``flips`` or ``d4``.
-        decision: ``corrected`` (default): the probabilities carry the model's weight-prior
-            correction (:mod:`unet_core.model.decision`), so 0.5 / the argmax is the best decision
-            for a network trained with w(x); ``raw``: the plain softmax of the network.
-        probabilities: storage of the probabilities (:class:`ProbabilityEncoding`, default uint8).
         expect: architecture keys the config asks for (a :class:`UNetSpec` or a partial
             mapping); a model file that differs in any of them is rejected.
-        normalisation: the grey-value normalisation the caller expects (None: the model's,
-            which is always the one used; another value is an error naming both).
-        compile: run the network through ``torch.compile`` (one graph per tile shape, compiled
-            on first use; probabilities equal up to float rounding, so a resumed part keeps its
-            blocks only under the same choice).
 
     Returns:
         A :class:`JobSummary` (also logged as one line with Mpx/s).
@@ -285,10 +259,12 @@ def predict_job(
             statistics;
             CheckpointError for a model file that is unreadable or does not match ``expect``.
     """
+    if settings is None:
+        settings = PredictSettings(**options)
+    elif options:
+        raise TypeError(f"predict_job: give the settings object or its fields {sorted(options)}, not both")
     claim_outputs([(out_part, PART_MARK)], [stack, model_path])
-    run = _prepare_run(Path(stack), Path(model_path), job=job, jobs=jobs, block_px=block_px, tile_out=tile_out,
-                       batch=batch, device=device, precision=precision, tta=tta, decision=decision,
-                       probabilities=probabilities, expect=expect, normalisation=normalisation, compile=compile)
+    run = _prepare_run(Path(stack), Path(model_path), settings, job=job, jobs=jobs, expect=expect)
     store = PartStore(out_part)
     with store.locked():
         return _run_job(run, store, job=job, jobs=jobs)
