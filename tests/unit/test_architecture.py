@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "unet_core"
-#: Lower packages never import higher ones (cli sits on top; nothing imports it).
-LAYERS = ("common", "model", "io", "synth", "weights", "augment", "infer", "train", "evaluate", "cli")
+WORKFLOW = PACKAGE.parent / "workflow"
+#: Lower packages never import higher ones (cli sits on top; nothing imports it; the workflow's door
+#: sits below it, reaching every stage's output marks).
+LAYERS = ("common", "model", "io", "synth", "weights", "augment", "infer", "train", "evaluate", "workflow", "cli")
+#: The one module of the package that workflow/Snakefile and workflow/rules/*.smk import.
+DOOR = "unet_core.workflow.door"
 MAX_FUNCTION_LINES = 80
 #: Declarative argparse tables.
 LONG_ALLOWED = {("cli", "add_parser")}
@@ -117,3 +124,42 @@ def test_functions_are_short() -> None:
                 if lines > MAX_FUNCTION_LINES and not allowed:
                     long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 80 lines: " + "; ".join(long)
+
+
+def _workflow_files() -> list[Path]:
+    return [WORKFLOW / "Snakefile", *sorted((WORKFLOW / "rules").glob("*.smk"))]
+
+
+def _workflow_package_names(path: Path) -> list[str]:
+    """Every dotted name starting with ``unet_core`` in the code of a Snakemake file (its import
+    lines, and strings naming a module such as 'unet_core.io.ingest:STACK_MARK'); comments left out.
+    Snakemake files are not Python, so they are read line by line."""
+    names = []
+    for line in path.read_text().splitlines():
+        code = line.split("#", 1)[0]
+        names += re.findall(r"\bunet_core(?:\.[A-Za-z_]\w*)*", code)
+        if re.match(r"\s*import\s+unet_core\b", code):
+            names.append(f"`{code.strip()}` (binds the whole package)")
+    return names
+
+
+@pytest.mark.parametrize("path", _workflow_files(), ids=lambda p: p.name)
+def test_workflow_enters_the_package_by_its_door_only(path: Path) -> None:
+    """The workflow names no module of unet_core but the door (no import of another, no string
+    resolved at run time): what a dry run loads stays what the door imports."""
+    others = sorted({name for name in _workflow_package_names(path) if name != DOOR})
+    assert not others, f"workflow/{path.relative_to(WORKFLOW)} names {others}; import from {DOOR} only"
+
+
+def test_the_workflow_imports_the_door() -> None:
+    """The door is found where the workflow imports it (the parser above sees its imports)."""
+    assert any(DOOR in _workflow_package_names(p) for p in _workflow_files())
+
+
+def test_the_door_imports_neither_torch_nor_jsonschema() -> None:
+    """Every snakemake call (a dry run too) imports the door: no torch (seconds), no jsonschema
+    (the GPU machine lacks it), no zarr or dask, checked in a fresh interpreter."""
+    heavy = ("torch", "jsonschema", "zarr", "dask", "scipy", "tifffile")
+    code = f"import sys, {DOOR}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "", f"importing {DOOR} imports {res.stdout.strip()}"

@@ -9,13 +9,24 @@ from snakemake.logging import logger
 from snakemake.io import get_wildcard_names, strip_wildcard_constraints
 from snakemake.utils import validate
 
-from unet_core.common.atomic import remove_stale_tree
-from unet_core.common.config_values import exact_numbers, load_yaml, schema_problem
-from unet_core.common.errors import ConfigError
-from unet_core.common.samples import read_samples, shared_slices
-from unet_core.infer.tiling import check_multiple_of_stride
-from unet_core.model.spec import UNetSpec
-from unet_core.common.provenance import code_hash
+# the package's one door for the workflow (torch-free; tests/unit/test_architecture.py checks that
+# the workflow imports nothing else of unet_core)
+from unet_core.workflow.door import (
+    FOLDER_RULES,
+    ConfigError,
+    check_devices,
+    check_existing_outputs,
+    check_jobs_fit_blocks,
+    code_hash,
+    exact_numbers,
+    load_yaml,
+    model_geometry,
+    read_samples,
+    remove_stale_tree,
+    schema_problem,
+    sha256_files,
+    shared_slices,
+)
 
 
 def load_schema(name):
@@ -65,33 +76,10 @@ for _warning in shared_slices(samples):
     logger.warning(f"Warning: {_warning}")
 
 
-def check_geometry(config):
-    """Tile and block sizes must fit the network (its geometry, not retyped numbers). With
-    model_file the network is the file's, checked against the model keys the config gives, and the
-    config's normalisation (where it sets one) against the model's. Checked here, before any stage
-    runs, so a mistake costs seconds, not the ingest and augmentation before the stage that fails."""
-    if MODEL_FILE:
-        from unet_core.infer.predict import checked_normalisation
-        from unet_core.model.checkpoint import load_model
-
-        model, metadata = load_model(MODEL_FILE, expect=GIVEN_MODEL)
-        if GIVEN_NORMALISATION is not None:
-            checked_normalisation(metadata, GIVEN_NORMALISATION, model=MODEL_FILE)
-        spec = model.spec
-    else:
-        spec = UNetSpec.from_dict(config["model"])
-        for key in ("tile_out", "val_tile_out"):
-            size = config["train"][key]
-            try:
-                spec.input_size(size or config["train"]["tile_out"])
-            except ValueError as err:
-                raise ConfigError(f"config train.{key} = {size}: {err}") from None
-    for key in ("tile_out", "block_px"):
-        check_multiple_of_stride(config["predict"][key], spec, what=f"config predict.{key} =")
-    return spec
-
-
-SPEC = check_geometry(config)
+# Tile and block sizes must fit the network (its geometry, not retyped numbers): the model_file's
+# network (checked against the model keys and normalisation the user's config gives), or the config's.
+SPEC = model_geometry(config, model_file=MODEL_FILE, given_model=GIVEN_MODEL,
+                      given_normalisation=GIVEN_NORMALISATION)
 TRAIN = [n for n, r in samples.items() if r["role"] == "train"]
 VAL = [n for n, r in samples.items() if r["role"] == "val"]
 PREDICT = [n for n, r in samples.items() if r["role"] in ("val", "predict")]
@@ -100,44 +88,10 @@ JOBS = list(range(config["predict"]["jobs"]))
 MERGE_PIECES = list(range(config["predict"]["merge_jobs"]))
 
 
-def check_jobs_fit_blocks(config):
-    """predict.jobs (and predict.merge_jobs) may not exceed any predicted sample's block count:
-    the extra jobs would have nothing to do, yet each is planned and tracked (predict.jobs: 100000
-    on 3 blocks was a 148 s, 2.1 GB dry run). The count comes from the TIFF header (no pixels read),
-    the row's slice selection and predict.block_px, before any job (also in a dry run); a sample
-    whose image a rule still has to write (synth), or that ingest will refuse, is skipped here."""
-    from unet_core.common.errors import UserInputError
-    from unet_core.common.slices import count, merged, slice_ranges
-    from unet_core.infer.tiling import Tiling
-    from unet_core.io.tiff import open_tiff_stack
-
-    asked = {key: config["predict"].get(key) for key in ("jobs", "merge_jobs")}
-    asked = {key: k for key, k in asked.items() if isinstance(k, int) and k > 1}
-    if not asked or not workflow.is_main_process:
-        return
-    for name in PREDICT:
-        row = samples[name]
-        if not os.path.exists(row["image"]):
-            continue
-        try:
-            with open_tiff_stack(row["image"]) as stack:
-                z, y, x = stack.shape
-            ranges = slice_ranges(row["slices"], what=name)
-        except UserInputError:
-            continue  # ingest names the problem
-        if ranges is not None:
-            z = count(merged([(lo, min(hi, z - 1)) for lo, hi in ranges if lo < z]))
-        if z < 1:
-            continue
-        tiling = Tiling((z, y, x), SPEC, config["predict"]["block_px"], config["predict"]["tile_out"])
-        for key, k in asked.items():
-            try:
-                tiling.check_jobs(k, option=f"config predict.{key} =", of=f"sample {name!r} ({row['image']})")
-            except UserInputError as err:
-                raise ConfigError(str(err)) from None
-
-
-check_jobs_fit_blocks(config)
+# predict.jobs and predict.merge_jobs may not exceed a predicted sample's block count (from the TIFF
+# headers, before any job, also in a dry run); only in the process the user started
+if workflow.is_main_process:
+    check_jobs_fit_blocks(config, samples, PREDICT, SPEC)
 
 
 wildcard_constraints:
@@ -173,8 +127,6 @@ def model_file_sha256():
     param, so a part predicted with another model_file is redone on the next run. Its modification
     time alone misses a model replaced by an older file (mv, cp -p, rsync -t), and then every rerun of
     the merge refused the mix of parts of two models."""
-    from unet_core.common.provenance import sha256_files
-
     return sha256_files([MODEL_FILE]) if MODEL_FILE and os.path.isfile(MODEL_FILE) else ""
 
 
@@ -305,63 +257,33 @@ def get_final_outputs():
 
 # Snakemake deletes a job's declared outputs before the job runs, before its stage can check
 # them. So before any job (onstart), every declared output that exists must be the workflow's own:
-# its stage's mark (unet_core.common.outputs). Marks are named "module:NAME" and imported only where
-# something exists (the stage modules import torch: seconds that a dry run need not spend).
-OUTPUT_MARKS = {  # (rule, output name; None for a rule's one unnamed output) -> the output's mark
-    ("synth", "image"): "unet_core.synth.tiffs:SYNTH_TIFF_MARK",
-    ("synth", "labels"): "unet_core.synth.tiffs:SYNTH_TIFF_MARK",
-    ("ingest", None): "unet_core.io.ingest:STACK_MARK",
-    ("class_weights", None): "unet_core.weights.blockwise:CLASS_WEIGHTS_MARK",
-    ("weights", "weights"): "unet_core.weights.blockwise:WEIGHTS_MARK",
-    ("weights", "plot"): "unet_core.weights.blockwise:WEIGHTS_PLOT_MARK",
-    ("augment", "samples"): "unet_core.augment.samples:AUGMENT_MARK",
-    ("augment", "plot"): "unet_core.augment.samples:AUGMENT_PLOT_MARK",
-    ("merge", "prediction"): "unet_core.infer.merge:PREDICTION_MARK",
-    ("merge", "tiff"): "unet_core.infer.tiff_export:TIFF_MARK",
-    ("merge", "cells"): "unet_core.infer.cells:CELLS_MARK",
-}
-FOLDER_MARKS = {  # rules whose outputs are files in a folder the stage owns -> that folder's mark
-    "train": "unet_core.train.outputs:OUT_DIR_MARK",
-    "predict": "unet_core.infer.part_store:PART_MARK",
-    "evaluate": "unet_core.evaluate.scoring:OUT_DIR_MARK",
-    **{f"merge_{step}": "unet_core.infer.merge_work:WORK_MARK"  # the merge rounds' records
-       for step in ("start", "seeds", "number_seeds", "cells", "number_cells", "write")},
-}
-
-
+# its stage's mark (unet_core.common.outputs), an object the door gives for each rule's output
+# (output_mark), importing the stage module only for outputs that exist (some import torch).
 def declared_outputs():
-    """(path, mark name) of every output the rules declare, for every sample and job: for the
-    rules of FOLDER_MARKS the folder their outputs lie in."""
+    """{path: (rule, output name)} of every output the rules declare, for every sample and job (None
+    for a rule's one unnamed output); for the rules of FOLDER_RULES the folder their outputs lie in."""
     found, values = {}, {"sample": list(samples), "job": JOBS, "piece": MERGE_PIECES}
     for step in workflow.rules:
         named = dict(step.output.items()) or ({None: step.output[0]} if len(step.output) else {})
         for key, pattern in named.items():
-            mark = FOLDER_MARKS.get(step.name) or OUTPUT_MARKS.get((step.name, key))
-            if mark is None:
-                raise AssertionError(f"no mark for output {key or 0} of the rule {step.name} in OUTPUT_MARKS")
             pattern = strip_wildcard_constraints(str(pattern))
             # only the wildcards the pattern has: a per-sample output is not expanded once per job
             asked = {k: v for k, v in values.items() if k in get_wildcard_names(pattern)}
             for path in expand(pattern, **asked):
-                found[os.path.dirname(path) if step.name in FOLDER_MARKS else path] = mark
-    return found.items()
+                if step.name in FOLDER_RULES:
+                    found[os.path.dirname(path)] = (step.name, None)
+                else:
+                    found[path] = (step.name, key)
+    return found
 
 
 def check_declared_outputs():
     """Refuse, before any job, a declared output path holding what its stage did not write. Only in
     the process the user started: jobs that a cluster runs read the workflow again while other jobs
     write their outputs."""
-    import importlib
-
-    from unet_core.common.outputs import check_replaceable
-
     if not workflow.is_main_process:
         return
-    for path, name in sorted(declared_outputs()):
-        if os.path.lexists(path):
-            where, attribute = name.split(":")
-            mark = getattr(importlib.import_module(where), attribute)
-            check_replaceable(path, mark, remedy="set another output_dir in the config")
+    check_existing_outputs(declared_outputs(), remedy="set another output_dir in the config")
 
 
 def check_cuda_here():
@@ -373,7 +295,4 @@ def check_cuda_here():
     asked = {s: config[s]["device"] for s in stages if str(config[s]["device"]).startswith("cuda")}
     if not asked or workflow.non_local_exec:
         return
-    from unet_core.common.device import resolve_device
-
-    for stage, device in sorted(asked.items()):
-        resolve_device(device, option=f"config {stage}.device =")
+    check_devices(asked)

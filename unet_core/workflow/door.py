@@ -1,0 +1,227 @@
+"""The workflow's door into the package: everything ``workflow/Snakefile`` and
+``workflow/rules/*.smk`` use from ``unet_core``, and the only module they import
+(``tests/unit/test_architecture.py`` checks it).
+
+Snakemake reads the workflow at every call, a dry run included, so what this module imports at
+its top is paid by every ``snakemake -n``: no torch, no jsonschema, no zarr, no stage module
+(a test imports it in a fresh interpreter and looks). What needs them is imported inside the
+function that needs it, and called only where it is needed: a given ``model_file`` (torch),
+the CUDA devices a config asks for (torch), the marks of declared outputs that exist (the stage
+modules), the TIFF headers that bound ``predict.jobs`` (tifffile), the schema check of a config
+(jsonschema, inside :func:`schema_problem`).
+
+What the workflow gets here:
+
+* config and samples: :func:`load_yaml`, :func:`schema_problem`, :func:`exact_numbers`,
+  :func:`read_samples`, :func:`shared_slices`, :class:`ConfigError`;
+* geometry checks: :func:`model_geometry` (tile and block sizes against the network),
+  :func:`check_jobs_fit_blocks` (``predict.jobs`` and ``predict.merge_jobs`` against the blocks);
+* output marks as objects: :func:`output_mark` (each rule's outputs to the mark of the stage
+  that writes them), :data:`FOLDER_RULES`, :func:`check_existing_outputs`;
+* :func:`code_hash` (a rule's param: the rule reruns when its stage's code changes),
+  :func:`sha256_files` (a given model file's content, a predict param);
+* :func:`remove_stale_tree` (temporaries of killed stages), :func:`check_devices`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from unet_core.common import provenance
+from unet_core.common.atomic import remove_stale_tree
+from unet_core.common.config_values import exact_numbers, load_yaml, schema_problem
+from unet_core.common.errors import ConfigError, UserInputError
+from unet_core.common.outputs import Mark, check_replaceable
+from unet_core.common.provenance import sha256_files
+from unet_core.common.samples import read_samples, shared_slices
+from unet_core.infer.tiling import Tiling, check_multiple_of_stride
+from unet_core.model.spec import UNetSpec
+
+__all__ = [
+    "FOLDER_RULES",
+    "ConfigError",
+    "check_devices",
+    "check_existing_outputs",
+    "check_jobs_fit_blocks",
+    "code_hash",
+    "exact_numbers",
+    "load_yaml",
+    "model_geometry",
+    "output_mark",
+    "read_samples",
+    "remove_stale_tree",
+    "schema_problem",
+    "sha256_files",
+    "shared_slices",
+]
+
+#: The rules of a sample's merge rounds (their records lie in ``{sample}/merge/``).
+MERGE_ROUNDS = tuple(f"merge_{step}" for step in
+                     ("start", "seeds", "number_seeds", "cells", "number_cells", "write"))
+#: Rules whose outputs are files in a folder the stage owns: the folder is what carries the mark.
+FOLDER_RULES = frozenset({"train", "predict", "evaluate", *MERGE_ROUNDS})
+
+
+@functools.cache
+def code_hash(stage: str) -> str:
+    """The code hash of ``stage`` (:func:`unet_core.common.provenance.code_hash`), computed once
+    per reading of the workflow (its 15 rules share 8 stages)."""
+    return provenance.code_hash(stage)
+
+
+def model_geometry(config: Mapping[str, Any], *, model_file: str, given_model: Mapping[str, Any],
+                   given_normalisation: str | None) -> UNetSpec:
+    """The network's geometry, with the config's tile and block sizes checked against it.
+
+    With ``model_file`` the network is the file's, checked against the model keys the user's
+    config gives (``given_model``), and ``given_normalisation`` (where the config sets one)
+    against the model's; without, the config's model section. Checked when the workflow is read,
+    before any stage runs, so a mistake costs seconds, not the ingest and augmentation before the
+    stage that fails.
+
+    Raises:
+        ConfigError: a tile or block size the network cannot take.
+        UserInputError: a model file that is not one, or does not match the given keys.
+    """
+    if model_file:
+        from unet_core.infer.predict import checked_normalisation  # torch: only with a model file
+        from unet_core.model.checkpoint import load_model
+
+        model, metadata = load_model(model_file, expect=dict(given_model))
+        if given_normalisation is not None:
+            checked_normalisation(metadata, given_normalisation, model=model_file)
+        spec = model.spec
+    else:
+        spec = UNetSpec.from_dict(config["model"])
+        for key in ("tile_out", "val_tile_out"):
+            size = config["train"][key]
+            try:
+                spec.input_size(size or config["train"]["tile_out"])
+            except ValueError as err:
+                raise ConfigError(f"config train.{key} = {size}: {err}") from None
+    for key in ("tile_out", "block_px"):
+        check_multiple_of_stride(config["predict"][key], spec, what=f"config predict.{key} =")
+    return spec
+
+
+def check_jobs_fit_blocks(config: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]],
+                          predicted: Iterable[str], spec: UNetSpec) -> None:
+    """``predict.jobs`` (and ``predict.merge_jobs``) may not exceed any predicted sample's block
+    count: the extra jobs would have nothing to do, yet each is planned and tracked
+    (``predict.jobs: 100000`` on 3 blocks was a 148 s, 2.1 GB dry run).
+
+    The count comes from the TIFF header (no pixels read), the row's slice selection and
+    ``predict.block_px``; a sample whose image a rule still has to write (synth), or that ingest
+    will refuse, is skipped here.
+
+    Raises:
+        ConfigError: more jobs than a sample has blocks, naming the key and the sample.
+    """
+    asked = {key: config["predict"].get(key) for key in ("jobs", "merge_jobs")}
+    asked = {key: k for key, k in asked.items() if isinstance(k, int) and k > 1}
+    if not asked:
+        return
+    from unet_core.common.slices import count, merged, slice_ranges
+    from unet_core.io.tiff import open_tiff_stack  # tifffile: only where jobs are shared
+
+    for name in predicted:
+        row = samples[name]
+        if not os.path.exists(row["image"]):
+            continue
+        try:
+            with open_tiff_stack(row["image"]) as stack:
+                z, y, x = stack.shape
+            ranges = slice_ranges(row["slices"], what=name)
+        except UserInputError:
+            continue  # ingest names the problem
+        if ranges is not None:
+            z = count(merged([(lo, min(hi, z - 1)) for lo, hi in ranges if lo < z]))
+        if z < 1:
+            continue
+        tiling = Tiling((z, y, x), spec, config["predict"]["block_px"], config["predict"]["tile_out"])
+        for key, k in asked.items():
+            try:
+                tiling.check_jobs(k, option=f"config predict.{key} =", of=f"sample {name!r} ({row['image']})")
+            except UserInputError as err:
+                raise ConfigError(str(err)) from None
+
+
+def output_mark(rule: str, output: str | None) -> Mark | None:
+    """The mark of output ``output`` of ``rule`` (None: a rule's one unnamed output; for the
+    rules of :data:`FOLDER_RULES` the mark of the folder their outputs lie in), or None where
+    the output has none.
+
+    Imports only the stage module that holds the mark (some import torch): called for outputs
+    that exist, never in a dry run.
+    """
+    match rule, output:
+        case "synth", "image" | "labels":
+            from unet_core.synth.tiffs import SYNTH_TIFF_MARK as mark
+        case "ingest", None:
+            from unet_core.io.ingest import STACK_MARK as mark
+        case "class_weights", None:
+            from unet_core.weights.blockwise import CLASS_WEIGHTS_MARK as mark
+        case "weights", "weights":
+            from unet_core.weights.blockwise import WEIGHTS_MARK as mark
+        case "weights", "plot":
+            from unet_core.weights.blockwise import WEIGHTS_PLOT_MARK as mark
+        case "augment", "samples":
+            from unet_core.augment.samples import AUGMENT_MARK as mark
+        case "augment", "plot":
+            from unet_core.augment.samples import AUGMENT_PLOT_MARK as mark
+        case "merge", "prediction":
+            from unet_core.infer.merge import PREDICTION_MARK as mark
+        case "merge", "tiff":
+            from unet_core.infer.tiff_export import TIFF_MARK as mark
+        case "merge", "cells":
+            from unet_core.infer.cells import CELLS_MARK as mark
+        case "train", _:
+            from unet_core.train.outputs import OUT_DIR_MARK as mark
+        case "predict", _:
+            from unet_core.infer.part_store import PART_MARK as mark
+        case "evaluate", _:
+            from unet_core.evaluate.scoring import OUT_DIR_MARK as mark
+        case _ if rule in MERGE_ROUNDS:  # the merge rounds' records
+            from unet_core.infer.merge_work import WORK_MARK as mark
+        case _:
+            return None
+    return mark
+
+
+def check_existing_outputs(declared: Mapping[str, tuple[str, str | None]], *, remedy: str) -> None:
+    """Refuse a declared output path that holds what its stage did not write.
+
+    Snakemake deletes a job's declared outputs before the job runs, before its stage can check
+    them; so before any job, every declared output that exists must carry its stage's mark
+    (:mod:`unet_core.common.outputs`).
+
+    Args:
+        declared: ``{path: (rule, output name)}``; for the rules of :data:`FOLDER_RULES` the
+            folder their outputs lie in.
+        remedy: what the user can do, for the message.
+
+    Raises:
+        UserInputError: something else stands at a declared path (one line naming it).
+        AssertionError: an output of a rule that :func:`output_mark` does not know.
+    """
+    for path, (rule, output) in sorted(declared.items()):
+        if os.path.lexists(path):
+            mark = output_mark(rule, output)
+            if mark is None:
+                raise AssertionError(f"no mark for output {output or 0} of the rule {rule} in output_mark")
+            check_replaceable(path, mark, remedy=remedy)
+
+
+def check_devices(asked: Mapping[str, str]) -> None:
+    """Each CUDA device the config asks for (``{stage: device}``) must exist here.
+
+    Raises:
+        UserInputError: no such device, naming the config key.
+    """
+    from unet_core.common.device import resolve_device  # torch: only where CUDA is asked for
+
+    for stage, device in sorted(asked.items()):
+        resolve_device(device, option=f"config {stage}.device =")
