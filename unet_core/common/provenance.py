@@ -12,12 +12,13 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # unet_core/
 
 
+@cache  # the closures of a workflow's stages share most modules: each looked up once
 def _module_path(name: str) -> Path | None:
     parts = name.split(".")
     if parts[0] != "unet_core":
@@ -37,7 +38,8 @@ _FROM = re.compile(r"^[ \t]*from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^
 _IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n#]+)", re.M)
 
 
-def _imports(path: Path, module: str) -> set[str]:
+@cache
+def _imports(path: Path, module: str) -> frozenset[str]:
     """The ``unet_core`` modules (and candidate submodules) ``path`` imports."""
     text = path.read_text()
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
@@ -52,7 +54,7 @@ def _imports(path: Path, module: str) -> set[str]:
         found.update(f"{base}.{n.split()[0]}" for n in names.strip("()").replace("\n", " ").split(",") if n.strip())
     for names in _IMPORT.findall(text):
         found.update(n.split()[0] for n in names.split(",") if n.strip())
-    return {f for f in found if f.startswith("unet_core")}
+    return frozenset(f for f in found if f.startswith("unet_core"))
 
 
 @lru_cache(maxsize=None)
