@@ -105,7 +105,8 @@ def owners() -> dict[str, tuple[Any, type[Enum] | None]]:
               for k in ("iterations", "batch_size", "optimizer", "lr", "momentum", "schedule", "warmup_iterations",
                         "validate_every", "checkpoint_every", "val_tile_out", "export_weights", "seed", "device",
                         "precision", "compile", "workers")}
-    found["train.tile_out"] = (TILE_OUT, None)
+    found["train.tile_out"] = (_field(TrainConfig, "tile_out"), None)
+    assert _field(TrainConfig, "normalisation") is DEFAULT_NORMALISATION and TILE_OUT == _field(TrainConfig, "tile_out")
     enums = {"precision": Precision, "tta": TTA, "decision": Decision, "probabilities": ProbabilityEncoding}
     found |= {f"predict.{k}": (_field(PredictSettings, k), enums.get(k))
               for k in ("tile_out", "block_px", "device", "precision", "tta", "compile", "decision", "probabilities")}

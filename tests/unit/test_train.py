@@ -204,7 +204,7 @@ def test_a_set_normalised_otherwise_is_refused_naming_both(tmp_path: Path) -> No
     aug = make_augmented(tmp_path / "aug.zarr", n=1)  # no mode recorded: a set of the stack z-score era
     with pytest.raises(UserInputError, match=r"aug\.zarr: tiles normalised with stack-zscore .* training uses "
                                              r"slice-percentile .*unet augment --normalisation slice-percentile"):
-        train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(), normalisation="slice-percentile")
+        train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(normalisation="slice-percentile"))
     assert not (tmp_path / "run").exists()
 
 
@@ -579,13 +579,12 @@ class _Crash(Exception):
 def test_on_the_fly_augmentation_trains_and_resumes_exactly(tmp_path: Path) -> None:
     stack, weights = make_validation(tmp_path, size=64, slices=2)
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
-    cfg = tiny_config(iterations=6, optimizer="sgd", checkpoint_every=2, validate_every=3)
+    cfg = tiny_config(iterations=6, optimizer="sgd", checkpoint_every=2, validate_every=3, tile_out=20)
     kw = {
         "spec": spec,
         "config": cfg,
         "train_stacks": [(stack, weights)],
         "train_slices": [0, 1],
-        "tile_out": 20,
     }
     ref = train([], out_dir=tmp_path / "ref", **kw)
     assert ref.iterations == 6
@@ -743,3 +742,27 @@ def test_bad_device_names_the_key(device: str, match: str) -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match=match):
         resolve_runtime(tiny_config(device=device))
+
+
+def test_a_state_from_before_tile_out_and_normalisation_were_settings_resumes_exactly(tmp_path: Path) -> None:
+    """TrainConfig holds tile_out and normalisation now; a state.pt written before (its config
+    without them) resumes, and gives the weights of an uninterrupted run."""
+    aug = make_augmented(tmp_path / "aug.zarr", n=1)
+    cfg = tiny_config(iterations=6, checkpoint_every=2, validate_every=3)
+    ref = train([aug], out_dir=tmp_path / "ref", spec=TINY, config=cfg)
+
+    def crash(i: int) -> None:
+        if i == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train([aug], out_dir=tmp_path / "cut", spec=TINY, config=cfg, on_iteration=crash)
+    path = tmp_path / "cut" / "state.pt"
+    state = safe_load(path)
+    for key in ("tile_out", "normalisation"):
+        del state["config"][key]
+    torch.save(state, path)
+    cut = train([aug], out_dir=tmp_path / "cut", spec=TINY, config=cfg, resume=True)
+    assert cut.iterations == ref.iterations == 6
+    a, b = safe_load(tmp_path / "ref" / "model.pt"), safe_load(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

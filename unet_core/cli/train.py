@@ -251,7 +251,5 @@ def run(args: argparse.Namespace) -> None:
         restart_if_changed=args.restart_if_changed,
         train_stacks=train_pairs,
         train_slices=train_slices,
-        tile_out=args.tile_out,
-        normalisation=args.normalisation,
     )
     log.info("done: %d iterations on %s; last metrics %s", result.iterations, result.device, result.metrics)

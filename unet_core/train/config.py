@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from unet_core.common.errors import ConfigError, check_known_keys
+from unet_core.common.intensity import DEFAULT_NORMALISATION, Normalisation
 from unet_core.common.precision import Precision
 
 
@@ -52,9 +53,10 @@ CHOICES: dict[str, type[Enum]] = {
     "schedule": Schedule,
     "precision": Precision,
     "export_weights": ExportWeights,
+    "normalisation": Normalisation,
 }
 POSITIVE_INTS = (
-    "iterations", "batch_size", "checkpoint_every", "validate_every", "log_every", "lr_step_iterations",
+    "iterations", "batch_size", "checkpoint_every", "validate_every", "log_every", "lr_step_iterations", "tile_out",
 )
 NONNEGATIVE_INTS = ("warmup_iterations", "workers", "seed")
 
@@ -104,6 +106,12 @@ class TrainConfig:
         workers: data-loader worker processes.
         export_weights: ``best`` (lowest validation pixel error; the last weights, with a warning,
             where no validation slices are given) or ``last`` weights in model.pt.
+        tile_out: network output size of the training tiles, px: of the tiles deformed on the fly
+            (``--train-stacks``); stored sets (``unet augment``, whose ``--tile-out`` has the same
+            default) carry their own size, which training then uses.
+        normalisation: grey-value normalisation of the on-the-fly tiles and the validation slices
+            (stored sets must hold tiles normalised the same way); stored in model.pt, which
+            ``unet predict`` then uses.
     """
 
     iterations: int = 6000
@@ -128,6 +136,8 @@ class TrainConfig:
     compile: bool = False
     workers: int = 0
     export_weights: ExportWeights = ExportWeights.BEST
+    tile_out: int = TILE_OUT
+    normalisation: Normalisation = DEFAULT_NORMALISATION
 
     # keys that change the sequence of weights; a resumed run must use the same values
     TRAJECTORY = (

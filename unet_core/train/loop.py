@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_core.common.errors import ConfigError, parse_choice
+from unet_core.common.errors import ConfigError
 from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import claim_outputs
 from unet_core.common.progress import progress_bar
@@ -65,8 +65,8 @@ from unet_core.train.data import (
     load_validation,
 )
 from unet_core.train.outputs import (
-    OUT_DIR_MARK,
     METRICS_FILE,
+    OUT_DIR_MARK,
     RunRecord,
     decision_metadata,
     write_final_outputs,
@@ -194,8 +194,6 @@ def train(
     on_iteration: Callable[[int], None] | None = None,
     train_stacks: Sequence[tuple[Path, Path]] = (),
     train_slices: Sequence[int] | None = None,
-    tile_out: int | None = None,
-    normalisation: Normalisation | str = Normalisation.STACK_ZSCORE,
 ) -> TrainResult:
     """Train a U-Net on augmented tiles; validate, checkpoint and export as configured.
 
@@ -204,7 +202,10 @@ def train(
             empty when ``train_stacks`` is used.
         out_dir: directory for state.pt, model.pt, model.ts, metrics.csv, curve.png, model_card.json.
         spec: the architecture; ``H`` of the sets must be a valid input size for it.
-        config: training settings.
+        config: training settings, among them the output size of on-the-fly tiles
+            (``config.tile_out``) and the grey-value normalisation (``config.normalisation``) of
+            those tiles and the validation slices; augmented sets must hold tiles normalised the
+            same way. The normalisation is stored in model.pt: ``unet predict`` uses it.
         validation: ``(ingested stack, weights store)`` pairs for validation.
         val_slices: z indices used from every validation stack (None: all).
         resume: continue from ``out_dir/state.pt`` if it exists (exactly: same final weights).
@@ -215,10 +216,6 @@ def train(
         train_stacks: instead of ``train_sets``, ``(ingested stack, weights store)`` pairs to
             deform on the fly (fresh tiles every epoch; :class:`unet_core.train.data.OnTheFlyTiles`).
         train_slices: z indices of every training stack (None: all).
-        tile_out: network output size of the on-the-fly tiles, pixels.
-        normalisation: grey-value normalisation (:class:`unet_core.common.intensity.Normalisation`)
-            of the on-the-fly tiles and the validation slices; augmented sets must hold tiles
-            normalised the same way. Stored in model.pt: ``unet predict`` uses it.
 
     Returns:
         A :class:`TrainResult` with the last validation metrics.
@@ -246,8 +243,6 @@ def train(
             on_iteration=on_iteration,
             train_stacks=train_stacks,
             train_slices=train_slices,
-            tile_out=tile_out,
-            normalisation=parse_choice(Normalisation, normalisation, option="--normalisation", error=ConfigError),
         )
     finally:  # the CPU run switches deterministic algorithms on; leave the process as it was
         torch.use_deterministic_algorithms(deterministic)
@@ -266,15 +261,14 @@ def _train(
     on_iteration: Callable[[int], None] | None,
     train_stacks: Sequence[tuple[Path, Path]],
     train_slices: Sequence[int] | None,
-    tile_out: int | None,
-    normalisation: Normalisation,
 ) -> TrainResult:
     if config.export_weights is ExportWeights.BEST and not validation:  # the default: best where it can be
         log.warning("train.export_weights: 'best' picks the weights on validation slices, but none are given: "
                     "exporting the last weights (add --val pairs or a 'val' row in the samples table, or set 'last')")
         config = replace(config, export_weights=ExportWeights.LAST)
-    data = training_data(train_sets, train_stacks=train_stacks, train_slices=train_slices, tile_out=tile_out,
-                         spec=spec, seed=config.seed, normalisation=normalisation)
+    normalisation = config.normalisation
+    data = training_data(train_sets, train_stacks=train_stacks, train_slices=train_slices,
+                         tile_out=config.tile_out, spec=spec, seed=config.seed, normalisation=normalisation)
     val_tile_out = _val_tile_out(config, spec, data.dataset)
     val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes,
                                normalisation=normalisation) if validation else []
