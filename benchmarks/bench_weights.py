@@ -52,11 +52,11 @@ def bench_kernel(cases, *, repeats: int) -> None:
         t_naive = float("nan")
         if run_naive:
             t = time.perf_counter()
-            ref = W.border_weight_reference(cells, w0=W0, sigma_px=SIGMA)
+            ref = W.border_weight_reference(cells, W.WeightParams(w0=W0, sigma_px=SIGMA))
             t_naive = time.perf_counter() - t
         for method in ("kdtree", "bbox", "auto"):
-            out = W.border_weight(cells, w0=W0, sigma_px=SIGMA, tolerance=TOL, method=method)
-            t = best_of(lambda: W.border_weight(cells, w0=W0, sigma_px=SIGMA, tolerance=TOL, method=method), repeats)
+            out = W.border_weight(cells, W.WeightParams(w0=W0, sigma_px=SIGMA, tolerance=TOL, method=method))
+            t = best_of(lambda: W.border_weight(cells, W.WeightParams(w0=W0, sigma_px=SIGMA, tolerance=TOL, method=method)), repeats)
             diff = float(np.abs(out - ref).max()) if ref is not None else float("nan")
             print(f"{name:34s} {n:6d} {bg:5.1f} {t_naive:8.2f} {method:>7s} {t:7.3f} {t_naive / t:8.1f} {diff:10.2e}")
         sys.stdout.flush()

@@ -26,7 +26,7 @@ def random_labels(seed: int, shape=(96, 80)) -> np.ndarray:
 
 def weights_of(labels: np.ndarray) -> np.ndarray:
     classes = W.class_map(labels, separate_touching=True)
-    return W.weight_map(labels, classes, class_weights=(0.5, 1.5), w0=10, sigma_px=5)
+    return W.weight_map(labels, classes, class_weights=(0.5, 1.5), params=W.WeightParams(w0=10, sigma_px=5))
 
 
 @pytest.mark.parametrize("seed", SEEDS)

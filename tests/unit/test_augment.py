@@ -30,7 +30,7 @@ from unet_core.common.labels import median_area
 from unet_core.common.mirror import read_mirrored
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.spec import UNetSpec
-from unet_core.weights.maps import cells_from, class_map, cutoff_px, weight_map
+from unet_core.weights.maps import WeightParams, cells_from, class_map, cutoff_px, weight_map
 from unet_core.weights.recipe import WeightRecipe
 
 TINY = UNetSpec(depth=2, base_channels=4, dropout=0.0)
@@ -78,7 +78,7 @@ def stores(tmp_path_factory) -> tuple[Path, Path]:
         classes = class_map(labels[z], separate_touching=True)
         arrays["classes"][z] = classes
         arrays["weights"][z] = weight_map(labels[z], classes, class_weights=RECIPE["class_weights"],
-                                          w0=RECIPE["w0"], sigma_px=RECIPE["sigma_px"])
+                                          params=WeightParams(w0=RECIPE["w0"], sigma_px=RECIPE["sigma_px"]))
         arrays["instances"][z] = cells_from(labels[z], classes)
     group.attrs["unet"] = RECIPE
     return stack, weights

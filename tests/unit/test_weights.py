@@ -23,7 +23,7 @@ def test_two_cells_one_pixel_apart():
     labels = np.zeros((5, 7), np.int32)
     labels[:, :3] = 1
     labels[:, 4:] = 2
-    term = W.border_weight(labels, w0=10, sigma_px=5)
+    term = W.border_weight(labels, W.WeightParams(w0=10, sigma_px=5))
     expected = 10 * math.exp(-4 / 50)
     np.testing.assert_allclose(term[:, 3], expected, rtol=1e-6)
     assert np.all(term[:, :3] == 0) and np.all(term[:, 4:] == 0)
@@ -37,8 +37,8 @@ def test_two_cells_one_pixel_apart():
 def test_matches_exact_reference_within_tolerance(method, pixels, n, gap):
     labels = voronoi((160, 140), n, seed=n + int(gap * 10), gap=gap)
     cells = W.cells_from(labels, W.class_map(labels, separate_touching=True))
-    ref = W.border_weight_reference(cells, w0=10, sigma_px=5, pixels=pixels)
-    got = W.border_weight(cells, w0=10, sigma_px=5, tolerance=1e-3, pixels=pixels, method=method)
+    ref = W.border_weight_reference(cells, W.WeightParams(w0=10, sigma_px=5, border_pixels=pixels))
+    got = W.border_weight(cells, W.WeightParams(w0=10, sigma_px=5, tolerance=1e-3, border_pixels=pixels, method=method))
     assert got.dtype == np.float32
     assert np.abs(got - ref).max() <= 1e-3
     assert np.abs(got - ref).max() > 0 or gap == 0  # the truncation is real when gaps exist
@@ -47,8 +47,8 @@ def test_matches_exact_reference_within_tolerance(method, pixels, n, gap):
 def test_methods_identical():
     labels = voronoi((200, 200), 40, seed=3, gap=1.15)
     cells = W.cells_from(labels, W.class_map(labels, separate_touching=True))
-    a = W.border_weight(cells, method="kdtree", w0=50, sigma_px=6)
-    b = W.border_weight(cells, method="bbox", w0=50, sigma_px=6)
+    a = W.border_weight(cells, W.WeightParams(method="kdtree", w0=50, sigma_px=6))
+    b = W.border_weight(cells, W.WeightParams(method="bbox", w0=50, sigma_px=6))
     np.testing.assert_array_equal(a, b)
 
 
@@ -100,7 +100,7 @@ def test_bad_labels_raise_user_errors(labels, kind, msg):
 )
 def test_degenerate_slices_get_class_weight_only(labels, expected_class):
     classes = W.class_map(labels, separate_touching=True)
-    w = W.weight_map(labels, classes, class_weights=(0.7, 1.8), w0=10, sigma_px=5)
+    w = W.weight_map(labels, classes, class_weights=(0.7, 1.8), params=W.WeightParams(w0=10, sigma_px=5))
     assert np.all(np.isfinite(w))
     np.testing.assert_array_equal(w, np.float32((0.7, 1.8)[expected_class]))
 
@@ -128,10 +128,10 @@ def test_class_weights_mean_one():
         pytest.param({"w0": -1.0}, id="neg-w0"),
         pytest.param({"sigma_px": 0.0}, id="zero-sigma"),
         pytest.param({"tolerance": 0.0}, id="zero-tol"),
-        pytest.param({"pixels": "cells"}, id="bad-pixels"),
+        pytest.param({"border_pixels": "cells"}, id="bad-pixels"),
         pytest.param({"method": "fast"}, id="bad-method"),
     ],
 )
 def test_bad_parameters(kwargs):
     with pytest.raises(UserInputError):
-        W.border_weight(np.zeros((5, 5), np.int32), **kwargs)
+        W.border_weight(np.zeros((5, 5), np.int32), W.WeightParams(**kwargs))

@@ -47,8 +47,7 @@ def instance_stack(tmp_path) -> tuple[Path, np.ndarray]:
 def whole_slice(labels2d, *, kind, class_weights, params, foreground=None):
     inst = W.instances_from_labels(labels2d, kind=kind, connectivity=params.connectivity, foreground=foreground)
     classes = W.class_map(inst, separate_touching=kind == "instance")
-    w = W.weight_map(inst, classes, class_weights=class_weights, w0=params.w0, sigma_px=params.sigma_px,
-                     tolerance=params.tolerance, pixels=params.border_pixels)
+    w = W.weight_map(inst, classes, class_weights=class_weights, params=params)
     return w, classes, W.cells_from(inst, classes)
 
 

@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -79,8 +81,51 @@ class DistanceMethod(str, Enum):
     KDTREE = "kdtree"
     BBOX = "bbox"
 
+@dataclass(frozen=True)
+class WeightParams:
+    """Parameters of w(x) = w_c(x) + w0·exp(−(d1+d2)²/2σ²); every default written here once.
+
+    Attributes:
+        w0: border weight at a zero-width gap (paper 10).
+        sigma_px: decay length of the border term, px (paper 5).
+        tolerance: the border term is truncated where it is below this value.
+        connectivity: 4 or 8, adjacency for turning binary masks into cells.
+        border_pixels: pixels that get the border term (``background`` as in the paper, or ``all``).
+        method: d1/d2 algorithm (identical results; ``auto`` picks the cheaper).
+    """
+
+    w0: float = 10.0
+    sigma_px: float = 5.0
+    tolerance: float = 1e-3
+    connectivity: int = 4
+    border_pixels: BorderPixels = BorderPixels.BACKGROUND
+    method: DistanceMethod = DistanceMethod.AUTO
+
+    def __post_init__(self) -> None:
+        check_parameters(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
+        if self.connectivity not in (4, 8):
+            raise UserInputError(f"connectivity = {self.connectivity}: must be 4 or 8")
+        object.__setattr__(self, "border_pixels", parse_choice(BorderPixels, self.border_pixels, option="border pixels"))
+        object.__setattr__(self, "method", parse_choice(DistanceMethod, self.method, option="method"))
+
+    @property
+    def cutoff_px(self) -> float:
+        """Distance d1 + d2 beyond which the border term is below ``tolerance``, px."""
+        return cutoff_px(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
+
+    @property
+    def halo_px(self) -> int:
+        """Overlap (px per side) that makes chunked == whole-slice: floor(cutoff) + 2."""
+        return int(math.floor(self.cutoff_px)) + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["border_pixels"], d["method"] = self.border_pixels.value, self.method.value
+        return d
+
+
 PRESETS: dict[str, dict[str, float]] = {
-    "paper": {"w0": 10.0, "sigma_px": 5.0},  # Ronneberger et al. 2015
+    "paper": {"w0": WeightParams.w0, "sigma_px": WeightParams.sigma_px},  # Ronneberger et al. 2015: the defaults
     "fiji": {"w0": 50.0, "sigma_px": 6.0},  # Falk et al. 2019, U-Net Fiji plugin
 }
 N_CLASSES = 2
@@ -370,28 +415,17 @@ def _term(d1: np.ndarray, d2: np.ndarray, *, w0: float, sigma_px: float, cutoff:
     return out
 
 
-def border_weight(
-    instances2d: np.ndarray,
-    *,
-    w0: float = 10.0,
-    sigma_px: float = 5.0,
-    tolerance: float = 1e-3,
-    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
-    method: DistanceMethod | str = DistanceMethod.AUTO,
-) -> np.ndarray:
+def border_weight(instances2d: np.ndarray, params: WeightParams = WeightParams()) -> np.ndarray:
     """Separation term w0 * exp(-(d1 + d2)**2 / (2 sigma**2)) of the loss weight.
 
-    Needs labels within ``cutoff_px(w0=, sigma_px=, tolerance=)`` px of a pixel only (the
-    Dask halo): the term is set to 0 where d1 + d2 exceeds the cutoff.
+    Needs labels within ``params.cutoff_px`` px of a pixel only (the Dask halo): the term is set
+    to 0 where d1 + d2 exceeds the cutoff.
 
     Args:
         instances2d: (Y, X) integer cells, 0 = background (already separated: pass
             :func:`cells_from` output for instance labels).
-        w0: weight at a zero-width gap between two cells.
-        sigma_px: decay length, pixels.
-        tolerance: absolute error allowed versus the untruncated formula.
-        pixels: ``"background"`` (paper) or ``"all"`` pixels receive the term.
-        method: d1/d2 algorithm, ``"auto"``, ``"kdtree"`` or ``"bbox"``.
+        params: w0, sigma, truncation tolerance, which pixels get the term (``background`` as in
+            the paper, or ``all``) and the d1/d2 algorithm (:class:`WeightParams`).
 
     Returns:
         (Y, X) float32; 0 where fewer than two cells are within the cutoff.
@@ -399,10 +433,11 @@ def border_weight(
     Raises:
         UserInputError: non-2-D or non-integer labels, bad parameters.
     """
-    cutoff = cutoff_px(w0=w0, sigma_px=sigma_px, tolerance=tolerance)
-    target, d1, d2 = two_nearest_distances(instances2d, cutoff=cutoff, pixels=pixels, method=method)
+    cutoff = params.cutoff_px
+    target, d1, d2 = two_nearest_distances(instances2d, cutoff=cutoff, pixels=params.border_pixels,
+                                           method=params.method)
     out = np.zeros(target.shape, dtype=np.float32)
-    out[target] = _term(d1, d2, w0=w0, sigma_px=sigma_px, cutoff=cutoff)
+    out[target] = _term(d1, d2, w0=params.w0, sigma_px=params.sigma_px, cutoff=cutoff)
     return out
 
 
@@ -411,11 +446,7 @@ def weight_map(
     classes2d: np.ndarray,
     *,
     class_weights: tuple[float, float] | np.ndarray,
-    w0: float = 10.0,
-    sigma_px: float = 5.0,
-    tolerance: float = 1e-3,
-    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
-    method: DistanceMethod | str = DistanceMethod.AUTO,
+    params: WeightParams = WeightParams(),
 ) -> np.ndarray:
     """Loss weight w(x) = w_c(x) + border term for one slice.
 
@@ -423,7 +454,7 @@ def weight_map(
         instances2d: (Y, X) integer instances, 0 = background.
         classes2d: (Y, X) uint8 classes from :func:`class_map` (1 = cell interior).
         class_weights: ``(w_background, w_cell)`` from :func:`class_weights_from_counts`.
-        w0, sigma_px, tolerance, pixels, method: as in :func:`border_weight`.
+        params: the border term's parameters, as in :func:`border_weight`.
 
     Returns:
         (Y, X) float32 weights, finite everywhere (an empty slice gives w_background).
@@ -432,26 +463,19 @@ def weight_map(
     if wc.shape != (N_CLASSES,) or not np.all(np.isfinite(wc)) or np.any(wc < 0):
         raise UserInputError(f"class_weights {np.asarray(class_weights).tolist()}: need two finite numbers >= 0")
     cells = cells_from(instances2d, classes2d)
-    term = border_weight(cells, w0=w0, sigma_px=sigma_px, tolerance=tolerance, pixels=pixels, method=method)
+    term = border_weight(cells, params)
     return wc[(classes2d == 1).astype(np.intp)] + term
 
 
-def border_weight_reference(
-    instances2d: np.ndarray,
-    *,
-    w0: float = 10.0,
-    sigma_px: float = 5.0,
-    pixels: BorderPixels | str = BorderPixels.BACKGROUND,
-) -> np.ndarray:
+def border_weight_reference(instances2d: np.ndarray, params: WeightParams = WeightParams()) -> np.ndarray:
     """Exact, untruncated, slow reference: one whole-image EDT per cell (tests, benchmark).
 
     O(cells x pixels) time; memory two (Y, X) float64 arrays (running two smallest).
 
     Args:
         instances2d: (Y, X) integer cells, 0 = background.
-        w0: weight at a zero-width gap.
-        sigma_px: decay length, pixels.
-        pixels: ``"background"`` or ``"all"``.
+        params: w0, sigma and the pixels that get the term (no truncation: ``tolerance`` and
+            ``method`` are not used).
 
     Returns:
         (Y, X) float64 border term; 0 where fewer than two cells exist.
@@ -465,8 +489,8 @@ def border_weight_reference(
         dist = ndi.distance_transform_edt(cells != label)
         np.minimum(m2, np.maximum(m1, dist), out=m2)
         np.minimum(m1, dist, out=m1)
-    out = w0 * np.exp(-((m1 + m2) ** 2) / (2.0 * sigma_px**2))
+    out = params.w0 * np.exp(-((m1 + m2) ** 2) / (2.0 * params.sigma_px**2))
     out[~np.isfinite(m2)] = 0.0
-    if pixels == "background":
+    if params.border_pixels is BorderPixels.BACKGROUND:
         out[cells != 0] = 0.0
     return out

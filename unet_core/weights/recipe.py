@@ -1,6 +1,6 @@
 """The parameters of w(x), and the recipe that turns instance labels into classes and w(x).
 
-:class:`WeightParams` holds what the ``weights`` stage is asked for (w0, sigma, truncation,
+:class:`WeightParams` (in :mod:`unet_core.weights.maps`, whose kernels take it whole) holds what the ``weights`` stage is asked for (w0, sigma, truncation,
 connectivity, which pixels get the border term, the d1/d2 algorithm). A :class:`WeightRecipe`
 adds what the stage measured or decided (the class weights w_c, whether touching instances
 are separated) and is stored in the weights store's attributes, so augmentation recomputes
@@ -16,57 +16,9 @@ from typing import Any
 import numpy as np
 
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.weights.maps import (
-    BorderPixels,
-    DistanceMethod,
-    check_parameters,
-    class_map,
-    cutoff_px,
-    weight_map,
-)
+from unet_core.weights.maps import WeightParams, class_map, weight_map
 
-
-@dataclass(frozen=True)
-class WeightParams:
-    """Parameters of w(x) = w_c(x) + w0·exp(−(d1+d2)²/2σ²) (see :mod:`unet_core.weights.maps`).
-
-    Attributes:
-        w0: border weight at a zero-width gap (paper 10).
-        sigma_px: decay length of the border term, px (paper 5).
-        tolerance: the border term is truncated where it is below this value.
-        connectivity: 4 or 8, adjacency for turning binary masks into cells.
-        border_pixels: pixels that get the border term (``background`` as in the paper, or ``all``).
-        method: d1/d2 algorithm (identical results; ``auto`` picks the cheaper).
-    """
-
-    w0: float = 10.0
-    sigma_px: float = 5.0
-    tolerance: float = 1e-3
-    connectivity: int = 4
-    border_pixels: BorderPixels = BorderPixels.BACKGROUND
-    method: DistanceMethod = DistanceMethod.AUTO
-
-    def __post_init__(self) -> None:
-        check_parameters(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
-        if self.connectivity not in (4, 8):
-            raise UserInputError(f"connectivity = {self.connectivity}: must be 4 or 8")
-        object.__setattr__(self, "border_pixels", parse_choice(BorderPixels, self.border_pixels, option="border pixels"))
-        object.__setattr__(self, "method", parse_choice(DistanceMethod, self.method, option="method"))
-
-    @property
-    def cutoff_px(self) -> float:
-        """Distance d1 + d2 beyond which the border term is below ``tolerance``, px."""
-        return cutoff_px(w0=self.w0, sigma_px=self.sigma_px, tolerance=self.tolerance)
-
-    @property
-    def halo_px(self) -> int:
-        """Overlap (px per side) that makes chunked == whole-slice: floor(cutoff) + 2."""
-        return int(math.floor(self.cutoff_px)) + 2
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["border_pixels"], d["method"] = self.border_pixels.value, self.method.value
-        return d
+__all__ = ["WeightParams", "WeightRecipe"]  # WeightParams lives with the kernels that take it
 
 
 @dataclass(frozen=True)
@@ -110,10 +62,8 @@ class WeightRecipe:
         Touching instances (also where a deformation's nearest-neighbour sampling dropped the
         1-px separation line) are separated by :func:`unet_core.weights.maps.class_map`.
         """
-        p = self.params
         classes = class_map(instances, separate_touching=self.separate_touching)
-        weights = weight_map(instances, classes, class_weights=self.class_weights, w0=p.w0, sigma_px=p.sigma_px,
-                             tolerance=p.tolerance, pixels=p.border_pixels, method=p.method)
+        weights = weight_map(instances, classes, class_weights=self.class_weights, params=self.params)
         return classes.astype(np.uint8, copy=False), weights.astype(np.float32, copy=False)
 
     def to_dict(self) -> dict[str, Any]:
