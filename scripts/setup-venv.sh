@@ -29,6 +29,6 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # PyTorch first, pinned: the CPU wheel where no CUDA build is offered, the CUDA build on Linux x86_64.
 # pyproject.toml only asks for torch>=2.4, so an existing torch is kept by the next step.
 "${PIP[@]}" install -q "torch==2.13.0"
-"${PIP[@]}" install -q -e ".[test]"
+"${PIP[@]}" install -q -e ".[test,bioimageio]"
 echo "$want" > "$STAMP"
 echo "setup: environment ready in $VENV" >&2

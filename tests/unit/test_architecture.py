@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "unet_core"
 WORKFLOW = PACKAGE.parent / "workflow"
 #: Lower packages never import higher ones (cli sits on top; nothing imports it; the workflow's door
 #: sits below it, reaching every stage's output marks).
-LAYERS = ("common", "model", "io", "synth", "weights", "augment", "infer", "train", "evaluate", "workflow", "cli")
+LAYERS = ("common", "model", "io", "synth", "weights", "augment", "infer", "train", "evaluate", "export", "workflow",
+          "cli")
 #: The one module of the package that workflow/Snakefile and workflow/rules/*.smk import.
 DOOR = "unet_core.workflow.door"
 MAX_FUNCTION_LINES = 80

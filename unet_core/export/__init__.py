@@ -1,0 +1,1 @@
+"""Models that travel: a trained model written as a bioimage.io package (``unet export-bioimageio``)."""
