@@ -309,6 +309,15 @@ def _writable(folder: Path) -> bool:
     return True
 
 
+@pytest.mark.parametrize(("option", "value"), [("--author", "a/b"), ("--license", "NOT-A-LICENSE"),
+                                               ("--project-url", "not a url")])
+def test_a_value_the_spec_refuses_is_one_line(option: str, value: str, stack: Path, tmp_path: Path, capsys) -> None:
+    _need_extra()
+    model = trained_like(tmp_path / "model.pt", DEPTH3, "slice-zscore")
+    assert export(model, tmp_path / "pkg.zip", stack, option, value) == 2
+    assert value in _one_line(capsys, model, option) and list(tmp_path.iterdir()) == [model]
+
+
 def test_a_rerun_replaces_its_own_package(stack: Path, tmp_path: Path) -> None:
     _need_extra()
     model = trained_like(tmp_path / "model.pt", DEPTH3, "stack-zscore")

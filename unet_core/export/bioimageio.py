@@ -245,11 +245,28 @@ def export_bioimageio(model_path: str | Path, out_path: str | Path, sample: str 
     crop = read_sample(sample, z, model.spec, Normalisation.of_metadata(metadata.get("intensity_normalisation")))
     card = read_card(model_path)
     with tempfile.TemporaryDirectory(prefix="unet-bioimageio-") as folder:
-        descr = describe(Path(folder), model, metadata, crop, card=card, options=options, model_path=model_path)
+        descr = described(Path(folder), model, metadata, crop, card=card, options=options, model_path=model_path)
         with atomic_output(out_path, own=PACKAGE_MARK) as tmp:
             spec_module.save_bioimageio_package(descr, output_path=tmp)
     log.info("wrote %s (%s, sample %s slice %d)", out_path, model_path, sample, crop.z)
     return out_path
+
+
+def described(folder: Path, model: UNet, metadata: dict[str, Any], crop: Sample, *, card: dict[str, Any] | None,
+              options: ExportOptions, model_path: Path) -> Any:
+    """:func:`describe`, with a description the spec refuses (a value the user gave: --author, --license,
+    --project-url, --name) as one line naming the field and the value."""
+    from pydantic import ValidationError
+
+    try:
+        return describe(folder, model, metadata, crop, card=card, options=options, model_path=model_path)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())[:1]) or "description"
+        raise UserInputError(f"{model_path}: bioimage.io refuses the package's {where} = "
+                             f"{str(first.get('input'))[:80]!r}: {str(first.get('msg'))[:120]}; check --author (no '/'), "
+                             "--license (an SPDX identifier such as MIT or CC-BY-4.0), --project-url (http(s) URL) "
+                             "and --name") from None
 
 
 def require_extra() -> Any:
