@@ -248,3 +248,49 @@ def test_missing_voxel_size_is_said_in_the_log(tmp_path, caplog):
     assert run_cli(src, tmp_path / "b.ome.zarr", "--voxel-size-um", "0.5,0.1,0.1") == 0
     assert not [r for r in caplog.records if "no voxel size" in r.getMessage()]
     assert open_stack(tmp_path / "b.ome.zarr").scale == pytest.approx((0.5, 0.1, 0.1))
+
+
+def test_a_binary_labels_foreground_is_decided_once_at_ingest_and_read_by_the_stages(tmp_path):
+    """Ingest records which value is cell interior (the larger of the two; issue 33 item 2); the
+    weights' label arrays and the evaluation read the record through
+    Stack.binary_foreground (they took a Dask max() and the values seen; the kernel the slice maximum)."""
+    import dask.array as da
+
+    from unet_core.common.errors import UserInputError
+    from unet_core.common.labels import LabelKind, binary_foreground
+    from unet_core.weights.blockwise import label_arrays
+
+    mask = np.where(_labels(z=3) > 0, 255, 0).astype(np.uint8)
+    imwrite(tmp_path / "i.tif", _stack(z=3))
+    imwrite(tmp_path / "l.tif", mask)
+    out = tmp_path / "o.zarr"
+    assert run_cli(tmp_path / "i.tif", out, "--labels", tmp_path / "l.tif") == 0
+    stack = open_stack(out, require_labels=True)
+    assert stack.label_kind is LabelKind.BINARY and stack.attrs["foreground_value"] == 255
+    assert stack.binary_foreground() == 255
+    _, classes = label_arrays(da.from_zarr(stack.labels), kind=stack.label_kind, foreground=stack.binary_foreground())
+    np.testing.assert_array_equal(classes.compute() > 0, mask == 255)
+    with pytest.raises(UserInputError, match="foreground value"):  # no second rule (the Dask max) behind it
+        label_arrays(da.from_zarr(stack.labels), kind="binary")
+    # stacks ingested before the record: the same rule on the values ingest saw, or on the labels
+    stack.attrs.pop("foreground_value")
+    assert stack.binary_foreground() == 255
+    stack.attrs["label_values_seen"] = None
+    assert stack.binary_foreground([0, 1]) == 255
+    assert (binary_foreground([0]), binary_foreground([0, 1]), binary_foreground([])) == (1, 1, 1)
+
+
+def test_a_label_kind_is_parsed_once_where_the_stack_is_opened(tmp_path):
+    from unet_core.common.errors import UserInputError
+    from unet_core.common.labels import LabelKind
+
+    imwrite(tmp_path / "i.tif", _stack(z=2))
+    imwrite(tmp_path / "l.tif", _labels(z=2))
+    out = tmp_path / "o.zarr"
+    assert run_cli(tmp_path / "i.tif", out, "--labels", tmp_path / "l.tif") == 0
+    assert open_stack(out).label_kind is LabelKind.INSTANCE
+    root = zarr.open_group(out, mode="r+")
+    root.attrs["unet"] = {**root.attrs["unet"], "label_kind": "semantic"}
+    with pytest.raises(UserInputError, match=r"label kind 'semantic' in attrs\['unet'\] is not one of instance, binary"):
+        open_stack(out, require_labels=True)
+    assert open_stack(out).label_kind is None  # the labels are not needed here (predict)

@@ -181,15 +181,14 @@ class Source:
 
 
 def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathLike[str], *,
-                normalisation: Normalisation | str = Normalisation.STACK_ZSCORE) -> Source:
+                normalisation: Normalisation = Normalisation.STACK_ZSCORE) -> Source:
     """Open a stack and the weights store made from it, to be normalised by ``normalisation``.
 
     Raises:
         UserInputError: missing arrays or attributes, shapes that do not match, or a per-slice
             normalisation on a stack ingested without per-slice statistics.
     """
-    normalisation = Normalisation(normalisation)
-    stack = open_stack(stack_path)
+    stack = open_stack(stack_path)  # ``normalisation`` was parsed where it entered (augment(), TrainConfig)
     scaling = stack.scaler(normalisation)
     weights_path = Path(weights_path)
     group = open_group(weights_path, hint="run 'unet weights' first")

@@ -199,8 +199,7 @@ class StackIntensity:
         Raises:
             UserInputError: a per-slice mode on a stack without per-slice statistics.
         """
-        mode = Normalisation(mode)
-        if mode is Normalisation.STACK_ZSCORE:
+        if mode is Normalisation.STACK_ZSCORE:  # parsed where it entered (Stack.scaler, the settings)
             whole = self.stack.scaling()
             return lambda z: whole
         if self.slices is None:

@@ -6,6 +6,7 @@ and evaluation read it. Connected components everywhere use :func:`connectivity_
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 import numpy as np
@@ -21,6 +22,21 @@ class LabelKind(str, Enum):
 
 #: Ingest's ``--label-kind`` default: decide from the values (two values -> binary, else instance).
 AUTO_KIND = "auto"
+
+
+def binary_foreground(values: Iterable[int]) -> int:
+    """The value meaning cell interior in binary labels with these (at most two) values: the larger
+    one; 1 where the only value is 0 (no cell anywhere). The one rule: ingest records it
+    (``foreground_value``), and the weights and the evaluation read the record.
+
+    Raises:
+        ValueError: more than two values (not binary labels).
+    """
+    seen = sorted({int(v) for v in values})
+    if len(seen) > 2:
+        raise ValueError(f"binary labels hold more than two values ({seen[:5]} ...)")
+    top = seen[-1] if seen else 0
+    return top if top > 0 else 1
 
 
 def connectivity_structure(connectivity: int) -> np.ndarray:

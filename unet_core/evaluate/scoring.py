@@ -150,10 +150,10 @@ def ground_truth_targets(
     """
     label_kind = parse_choice(LabelKind, label_kind, option="label_kind")
     labels = np.asarray(labels)
-    if label_kind == "binary" and foreground_value is None:
+    if label_kind is LabelKind.BINARY and foreground_value is None:
         foreground_value = 1 if labels.size == 0 or labels.max() == 0 else None  # all-zero slice: no cell
     instances = instances_from_labels(labels, kind=label_kind, connectivity=connectivity, foreground=foreground_value)
-    classes = class_map(instances, separate_touching=label_kind == "instance")
+    classes = class_map(instances, separate_touching=label_kind is LabelKind.INSTANCE)
     return instances, classes
 
 
@@ -392,26 +392,6 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
     return Prediction(path, probs, seg, dict(root.attrs), instances)
 
 
-def _binary_foreground(stack, slices: Sequence[int]) -> int | None:
-    """The value meaning cell interior in binary labels: the larger of the two values."""
-    seen = stack.attrs.get("label_values_seen")
-    values: set[int] = set(int(v) for v in seen) if seen else set()
-    if not values:
-        for z in slices:
-            values.update(int(v) for v in np.unique(np.asarray(stack.labels[z])))
-            if len(values) > 2:
-                break
-    if len(values) > 2:
-        raise UserInputError(
-            f"{stack.path}: labels are marked binary but hold more than two values ({sorted(values)[:5]} ...); "
-            "re-ingest with --label-kind instance"
-        )
-    if not values:
-        return None
-    top = max(values)
-    return top if top > 0 else 1  # a single value 0: no cell anywhere
-
-
 def evaluate_arrays(
     prediction: Prediction,
     stack,
@@ -518,7 +498,7 @@ def evaluate(
     chosen = list(range(stack.shape[0])) if slices is None else [int(z) for z in slices]
     thresholds = [float(t) for t in thresholds]
     _check_options(chosen, thresholds, connectivity=connectivity, overlay_count=overlay_count)
-    fg_value = _binary_foreground(stack, chosen) if stack.label_kind == LabelKind.BINARY else None
+    fg_value = stack.binary_foreground(chosen)
     rows, dataset = evaluate_arrays(
         prediction, stack, slices=chosen, thresholds=thresholds, connectivity=connectivity, warping=warping,
         foreground_value=fg_value,
@@ -534,7 +514,7 @@ def evaluate(
             "thresholds": thresholds,
             "connectivity": connectivity,
             "warping": warping,
-            "label_kind": stack.label_kind,
+            "label_kind": stack.label_kind.value,
             "n_classes": prediction.n_classes,
             "dataset_pooling": "counts summed over slices, then the formula; swept scores pick one threshold "
                                "for the dataset",
@@ -566,7 +546,8 @@ def evaluate(
 def _open_inputs(prediction_path: str | os.PathLike[str], stack_path: str | os.PathLike[str]) -> tuple[Stack, Prediction]:
     """The labelled stack and the prediction made on it (one-line errors where they do not fit)."""
     stack = open_stack(stack_path, require_labels=True)
-    parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label kind (re-ingest with --label-kind)")
+    if stack.label_kind is None:  # open_stack parsed it; an unknown one was refused there
+        raise UserInputError(f"{stack.path}: no label kind in attrs['unet']; re-ingest with --label-kind")
     prediction = open_prediction(prediction_path)
     if tuple(prediction.probabilities.shape[1:]) != tuple(stack.shape):
         raise UserInputError(

@@ -182,11 +182,14 @@ def checked_normalisation(metadata: dict[str, Any], asked: Normalisation | str |
         UserInputError: ``asked`` differs from the model's mode (names both).
     """
     mode = model_normalisation(metadata)
-    if asked is not None and parse_choice(Normalisation, asked, option="--normalisation") is not mode:
+    if asked is None:
+        return mode
+    asked = parse_choice(Normalisation, asked, option="--normalisation")  # the workflow's config value enters here
+    if asked is not mode:
         raise UserInputError(
-            f"--normalisation {Normalisation(asked).value} (config normalisation) differs from {mode.value}, "
+            f"--normalisation {asked.value} (config normalisation) differs from {mode.value}, "
             f"the normalisation {model} was trained with; a model predicts only with its own: "
-            f"set normalisation: {mode.value} or train a model with {Normalisation(asked).value}")
+            f"set normalisation: {mode.value} or train a model with {asked.value}")
     return mode
 
 

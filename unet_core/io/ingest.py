@@ -25,7 +25,7 @@ from unet_core.common.atomic import atomic_output
 from unet_core.common.outputs import Layout, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.intensity import FLOAT32_MAX, RunningStats, slice_stats_to_attrs
-from unet_core.common.labels import AUTO_KIND, LabelKind
+from unet_core.common.labels import AUTO_KIND, LabelKind, binary_foreground
 from unet_core.common.progress import progress
 from unet_core.common.provenance import sha256_files
 from unet_core.io.ngff import IMAGE_LABEL, LABEL_NAME, PyramidWriter, label_group
@@ -236,6 +236,9 @@ def _convert(
                              "dtype": str(img.dtype), "shape": list(shape)}
     if label_writer is not None:
         label_writer.finish(IMAGE_LABEL)
-        attrs["label_kind"] = _choose_kind(label_kind, kinds).value
+        kind = _choose_kind(label_kind, kinds)
+        attrs["label_kind"] = kind.value
         attrs["label_values_seen"] = sorted(kinds.values)[:3] if not kinds.many else None
+        if kind is LabelKind.BINARY and not kinds.many:  # decided once, here; the stages read it
+            attrs["foreground_value"] = binary_foreground(kinds.values)
     return attrs

@@ -42,6 +42,7 @@ from unet_core.common.intensity import (
     impossible_statistics,
     slice_stats_from_attrs,
 )
+from unet_core.common.labels import LabelKind, binary_foreground
 
 NGFF_VERSION = "0.5"
 LABEL_NAME = "gt"
@@ -486,8 +487,8 @@ class Stack:
         path: the ``.ome.zarr`` directory.
         image: (Z, Y, X) raw grey values at full resolution.
         labels: (Z, Y, X) integer ground truth, or None.
-        label_kind: ``"instance"`` (0 = background, every other value one object),
-            ``"binary"`` (two values; the larger one is foreground) or None.
+        label_kind: :class:`LabelKind` (parsed once, here): ``instance`` (0 = background, every
+            other value one object), ``binary`` (two values; the larger one is foreground) or None.
         intensity: mean/std of the raw grey values over the whole stack.
         scale: physical size of a voxel per axis (z, y, x), in ``unit``.
         unit: NGFF unit name or None.
@@ -497,7 +498,7 @@ class Stack:
     path: Path
     image: zarr.Array
     labels: zarr.Array | None
-    label_kind: str | None
+    label_kind: LabelKind | None
     intensity: IntensityStats
     scale: tuple[float, ...]
     unit: str | None
@@ -506,6 +507,31 @@ class Stack:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.image.shape)
+
+    def binary_foreground(self, slices: Sequence[int] | None = None) -> int | None:
+        """The value meaning cell interior of binary labels (None for other labels): ingest's record
+        ``foreground_value``; for stacks ingested before it, the same rule
+        (:func:`unet_core.common.labels.binary_foreground`) on the values ingest saw, or on those of
+        ``slices`` (None: all) where it saw too many.
+
+        Raises:
+            UserInputError: labels marked binary holding more than two values.
+        """
+        if self.label_kind is not LabelKind.BINARY:
+            return None
+        if "foreground_value" in self.attrs:
+            return int(self.attrs["foreground_value"])
+        values = {int(v) for v in self.attrs.get("label_values_seen") or ()}
+        if not values:
+            for z in range(self.shape[0]) if slices is None else slices:
+                values.update(int(v) for v in np.unique(np.asarray(self.labels[z])))
+                if len(values) > 2:
+                    break
+        try:
+            return binary_foreground(values)
+        except ValueError as err:
+            raise UserInputError(f"{self.path}: labels are marked binary but {err}; re-ingest with "
+                                 "--label-kind instance") from None
 
     @property
     def name(self) -> str:
@@ -560,7 +586,7 @@ class Stack:
     def scaler(self, mode: Normalisation | str) -> Callable[[int], Scaling]:
         """``z -> Scaling``: the normalisation of each slice under ``mode``
         (:meth:`unet_core.common.intensity.StackIntensity.scaler`)."""
-        return self.intensities.scaler(Normalisation(mode))
+        return self.intensities.scaler(Normalisation(mode))  # a mode by name enters here (API, tests)
 
 
 def recorded_intensity(attrs: Mapping[str, Any]) -> Any:
@@ -568,6 +594,18 @@ def recorded_intensity(attrs: Mapping[str, Any]) -> Any:
     recorded in its ``attrs["unet"]["intensity"]``, for :meth:`Stack.check_made_from` (None: none)."""
     unet = attrs.get("unet")
     return unet.get("intensity") if isinstance(unet, Mapping) else None
+
+
+def _label_kind(path: Path, value: Any, *, required: bool) -> LabelKind | None:
+    """A stack's label kind, parsed once where it is read; an unknown one is refused where the labels
+    are needed (None otherwise)."""
+    try:
+        return LabelKind(value)
+    except ValueError:
+        if not required:
+            return None
+        raise UserInputError(f"{path}: label kind {value!r} in attrs['unet'] is not one of "
+                             f"{', '.join(k.value for k in LabelKind)}; re-ingest with --label-kind") from None
 
 
 def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) -> Stack:
@@ -587,7 +625,7 @@ def open_stack(path: str | os.PathLike[str], *, require_labels: bool = False) ->
     label_kind = None
     if "labels" in root and LABEL_NAME in root["labels"]:
         labels = root["labels"][LABEL_NAME]["0"]
-        label_kind = unet.get("label_kind")
+        label_kind = _label_kind(path, unet.get("label_kind"), required=require_labels)
     if require_labels and labels is None:
         raise UserInputError(f"{path}: has no ground-truth labels (ingest it with --labels)")
     if not isinstance(image, zarr.Array) or image.ndim != 3 or min(image.shape) < 1:

@@ -146,11 +146,11 @@ class AugmentedTiles(torch.utils.data.Dataset):
     def _check_set_attrs(self, path: Path, attrs: dict, normalisation: Normalisation) -> None:
         """Refuse a set normalised otherwise; keep its object-area record (sets of older versions have none)."""
         stored = Normalisation.of_metadata(attrs.get("intensity_normalisation"))
-        if stored is not Normalisation(normalisation):
+        if stored is not normalisation:
             raise UserInputError(
                 f"{path}: tiles normalised with {stored.value} (attribute intensity_normalisation), but training "
-                f"uses {Normalisation(normalisation).value} (--normalisation, config normalisation); regenerate "
-                f"the set with 'unet augment --normalisation {Normalisation(normalisation).value}'")
+                f"uses {normalisation.value} (--normalisation, config normalisation); regenerate "
+                f"the set with 'unet augment --normalisation {normalisation.value}'")
         if "object_areas" in attrs:
             self.area_records.append(attrs["object_areas"])
 
@@ -250,7 +250,7 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
             raise UserInputError("--train-stacks: no training stack given (pass STACK:WEIGHTS.zarr pairs)")
         self.pairs = [(Path(a), Path(b)) for a, b in pairs]
         self.spec, self.seed = spec, int(seed)
-        self.normalisation = Normalisation(normalisation)
+        self.normalisation = normalisation  # parsed where it entered (TrainConfig)
         self.in_size, self.out_size = tile_shapes(spec, tile_out)
         self.params = DeformParams()
         self.items: list[tuple[int, int]] = []

@@ -144,7 +144,8 @@ def label_arrays(labels, *, kind: LabelKind | str, connectivity: int = 4, foregr
         labels: (Z, Y, X) integer Dask array (any chunks; z chunks of 1 keep memory low).
         kind: ``"instance"`` or ``"binary"``.
         connectivity: 4 or 8 (binary labels only).
-        foreground: cell value of binary labels (default: the stack's maximum).
+        foreground: cell value of binary labels: the stack's record (:meth:`Stack.binary_foreground`);
+            required for binary labels.
 
     Returns:
         ``(instances, classes)``: int32 and uint8 Dask arrays with ``labels``' chunks.
@@ -156,7 +157,8 @@ def label_arrays(labels, *, kind: LabelKind | str, connectivity: int = 4, foregr
     kind = parse_choice(LabelKind, kind, option="label kind", error=UserInputError)
     if kind is LabelKind.BINARY:
         if foreground is None:
-            foreground = int(labels.max().compute())
+            raise UserInputError("binary labels: give their foreground value (the stack's record, "
+                                 "Stack.binary_foreground())")
         slices = labels.rechunk((1, labels.shape[1], labels.shape[2]))
         instances = slices.map_blocks(
             _instances_block, kind=kind, connectivity=connectivity, foreground=foreground, dtype=np.int32
@@ -176,7 +178,8 @@ def weight_array(instances, *, kind: LabelKind | str, class_weights: Sequence[fl
     """Lazy (Z, Y, X) float32 w(x) from lazy int32 instances (``map_overlap``, halo_px)."""
     import dask.array as da
 
-    recipe = WeightRecipe(params, tuple(float(c) for c in class_weights), separate_touching=kind == LabelKind.INSTANCE)
+    kind = parse_choice(LabelKind, kind, option="label kind", error=UserInputError)
+    recipe = WeightRecipe(params, tuple(float(c) for c in class_weights), separate_touching=kind is LabelKind.INSTANCE)
     depth = params.halo_px
     return da.map_overlap(
         _weights_block, instances, depth={0: 0, 1: depth, 2: depth}, boundary=0, dtype=np.float32, trim=True,
@@ -199,14 +202,18 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
         with about_stack(path):
             stack = open_stack(path, require_labels=True)
             labels = da.from_zarr(stack.labels)
-            _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity)
+            _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity,
+                                      foreground=stack.binary_foreground())
             cells = int(classes.astype(np.int64).sum().compute())
         total += np.array([classes.size - cells, cells], dtype=np.int64)
     return total
 
 
 def _kind(stack) -> LabelKind:
-    return parse_choice(LabelKind, stack.label_kind, option=f"{stack.path}: label_kind in attrs['unet']")
+    """The stack's label kind (parsed by open_stack; None: ingested without one)."""
+    if stack.label_kind is None:
+        raise UserInputError(f"{stack.path}: no label kind in attrs['unet']; re-ingest the labels")
+    return stack.label_kind
 
 
 def compute_class_weights(
@@ -319,7 +326,8 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         log.info("no --class-weights given: class frequencies from %s alone", stack.path)
         class_weights = compute_class_weights([stack.path], connectivity=params.connectivity)
     wc = [float(w) for w in class_weights["class_weights"]]
-    instances, classes = label_arrays(da.from_zarr(stack.labels), kind=kind, connectivity=params.connectivity)
+    instances, classes = label_arrays(da.from_zarr(stack.labels), kind=kind, connectivity=params.connectivity,
+                                      foreground=stack.binary_foreground())
     arrays = {
         "weights": weight_array(instances, kind=kind, class_weights=wc, params=params),
         "classes": classes,

@@ -61,7 +61,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.labels import LabelKind, connectivity_structure
+from unet_core.common.labels import LabelKind, binary_foreground, connectivity_structure
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,9 @@ def instances_from_labels(
             ``"binary"`` (at most two values; ``foreground`` is cell interior, everything
             else background/membrane).
         connectivity: 4 or 8, neighbourhood of the connected components for binary labels.
-        foreground: value of cell interior for binary labels; default the larger value in
-            this slice (pass the stack's value so an all-one-value slice is read right).
+        foreground: value of cell interior for binary labels: pass the stack's record
+            (:meth:`unet_core.io.ngff.Stack.binary_foreground`); None: the same rule
+            (:func:`unet_core.common.labels.binary_foreground`) on this slice alone.
 
     Returns:
         (Y, X) int32 instances, 0 = background; binary components are numbered 1..n in
@@ -214,7 +215,7 @@ def instances_from_labels(
             raise UserInputError(f"instance labels: value {int(labels2d.max())} does not fit int32; relabel the cells")
         return labels2d.astype(np.int32, copy=False)
     if foreground is None:
-        foreground = int(labels2d.max()) if labels2d.size else 1
+        foreground = binary_foreground(np.unique(labels2d)[-1:])
     fg = labels2d == foreground
     rest = labels2d[~fg]
     if rest.size and rest.min() != rest.max():
