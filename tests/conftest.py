@@ -71,7 +71,7 @@ def merge_probability(tmp_path: Path, monkeypatch):
 
     model = tmp_path / "standin.pt"
     model.write_bytes(b"stand-in")
-    monkeypatch.setattr(unet_core.infer.predict, "load_model", lambda p, expect=None: (StandIn(), {}))
+    monkeypatch.setattr(unet_core.infer.predict, "load_model", lambda p, expect=None, digest=None: (StandIn(), {}))
     runs = iter(range(1000))
 
     def merge(prob, *, block_px: int, jobs: int = 1, predict_jobs: int = 1, **settings):

@@ -48,7 +48,7 @@ def stand_in_model(tmp_path: Path, monkeypatch) -> Path:
     """A model file path whose loading yields the stand-in (the file only feeds the hash)."""
     path = tmp_path / "standin.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr(unet_core.infer.predict, "load_model", lambda p, expect=None: (StandIn(TINY), {}))
+    monkeypatch.setattr(unet_core.infer.predict, "load_model", lambda p, expect=None, digest=None: (StandIn(TINY), {}))
     return path
 
 
@@ -376,7 +376,7 @@ def test_cli_distance_seeds_with_auto_settings_equal_whole_slice(tmp_path: Path,
     model = tmp_path / "m.pt"
     model.write_bytes(b"stand-in")
     monkeypatch.setattr(unet_core.infer.predict, "load_model",
-                        lambda p, expect=None: (StandIn(TINY), {"median_object_area_px": 200.0}))
+                        lambda p, expect=None, digest=None: (StandIn(TINY), {"median_object_area_px": 200.0}))
     # two overlapping discs of different sizes (one mask, a neck), one on a block corner, a 3x3 speck
     image = discs((2, 64, 64), [(0, 20, 18), (0, 20, 36), (0, 48, 48), (1, 32, 32)], 8.5)
     image |= discs((2, 64, 64), [(0, 20, 18)], 11.0)
