@@ -76,7 +76,7 @@ _LINES_PER_WRITE = 65536
 #: Rows read from a piece's row file at a time (88 bytes each).
 ROWS_PER_READ = 1 << 20
 #: Cell ids combined per pass over the rows (the table of one pass: 72 bytes per id).
-IDS_PER_PASS = 1 << 22
+IDS_PER_PASS = 1 << 21
 
 
 def block_rows(
@@ -221,19 +221,14 @@ def write_cell_table(
     descr = {"descr": np.lib.format.dtype_to_descr(CELL_DTYPE), "fortran_order": False, "shape": (n,)}
     np.lib.format.write_array_header_1_0(fh, descr)
     for lo in range(0, n, IDS_PER_PASS):
-        size = min(IDS_PER_PASS, n - lo)
-        ints = np.zeros((size, 8), np.int64)
-        ints[:, 4:6], ints[:, 6:] = np.iinfo(np.int64).max, -1  # bounding box: min y0, x0; max y1, x1
-        sum_i = np.zeros(size, np.float64)
+        table = np.zeros(min(IDS_PER_PASS, n - lo), CELL_DTYPE)
+        table["y0"], table["x0"], table["y1"], table["x1"] = _BIG, _BIG, -1, -1  # min y0, x0; max y1, x1
+        fields = tuple(table[name] for name in _SUMMED)
         for rows, ids in chunks():
             _accumulate(
-                ints, sum_i, np.ascontiguousarray(ids, np.int64), lo,
-                *(np.ascontiguousarray(rows[name]) for name in _ROW_FIELDS),
+                *fields, np.ascontiguousarray(ids, np.int64), lo,
+                *(np.ascontiguousarray(rows[name]) for name in _SUMMED),
             )
-        table = np.zeros(size, CELL_DTYPE)
-        for k, name in enumerate(_INT_FIELDS):
-            table[name] = ints[:, k]
-        table["sum_i"] = sum_i
         fh.write(table.tobytes())
 
 
@@ -260,9 +255,9 @@ class CellTable:
             return np.fromfile(fh, CELL_DTYPE, max(0, min(hi, self.size) - lo))
 
 
-#: The summed fields of a row, in the order of :func:`_accumulate`'s arguments and of ``ints``' columns.
-_INT_FIELDS = ("z", "area", "sum_y", "sum_x", "y0", "x0", "y1", "x1")
-_ROW_FIELDS = (*_INT_FIELDS, "sum_i")
+#: The fields a cell's rows are combined in, in the order of :func:`_accumulate`'s arguments.
+_SUMMED = ("z", "area", "sum_y", "sum_x", "y0", "x0", "y1", "x1", "sum_i")
+_BIG = np.iinfo(np.int64).max
 
 
 @_compiled
@@ -272,22 +267,25 @@ def _add_areas(areas, ids, area):  # pragma: no cover - compiled by numba
 
 
 @_compiled
-def _accumulate(ints, sum_i, ids, lo, z, area, sum_y, sum_x, y0, x0, y1, x1, si):  # pragma: no cover
-    """Add the rows whose id lies in ``lo .. lo + len(ints) - 1`` to the range's sums, in row order
-    (the float64 intensity sums are added in that order: the same bits for any split into pieces)."""
+def _accumulate(
+    z, area, sum_y, sum_x, y0, x0, y1, x1, sum_i, ids, lo, rz, rarea, rsum_y, rsum_x, ry0, rx0, ry1, rx1, rsum_i
+):  # pragma: no cover - compiled by numba
+    """Add the rows whose id lies in ``lo .. lo + len(z) - 1`` to the range's fields (views of
+    the table), in row order (the float64 intensity sums are added in that order: the same bits
+    for any split into pieces)."""
     for r in range(ids.shape[0]):
         k = ids[r] - lo
-        if ids[r] == 0 or k < 0 or k >= ints.shape[0]:
+        if ids[r] == 0 or k < 0 or k >= z.shape[0]:
             continue
-        ints[k, 0] = z[r]
-        ints[k, 1] += area[r]
-        ints[k, 2] += sum_y[r]
-        ints[k, 3] += sum_x[r]
-        ints[k, 4] = min(ints[k, 4], y0[r])
-        ints[k, 5] = min(ints[k, 5], x0[r])
-        ints[k, 6] = max(ints[k, 6], y1[r])
-        ints[k, 7] = max(ints[k, 7], x1[r])
-        sum_i[k] += si[r]
+        z[k] = rz[r]
+        area[k] += rarea[r]
+        sum_y[k] += rsum_y[r]
+        sum_x[k] += rsum_x[r]
+        y0[k] = min(y0[k], ry0[r])
+        x0[k] = min(x0[k], rx0[r])
+        y1[k] = max(y1[k], ry1[r])
+        x1[k] = max(x1[k], rx1[r])
+        sum_i[k] += rsum_i[r]
 
 
 def write_rows(fh: IO[str], table: CellTable, lo: int, hi: int, *, pixel_um: tuple[float, float]) -> None:
