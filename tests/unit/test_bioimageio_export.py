@@ -36,7 +36,8 @@ OFFSETS = [0.35, -0.35]
 VALIDATION = {"iteration": 40, "lr": 0.01, "train_loss": 0.41, "val_loss": 0.38, "val_pixel_error": 0.0712,
               "val_iou": 0.81}
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # bioimageio.core loads TorchScript weights:
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
 
 
 def _need_extra():
@@ -166,6 +167,29 @@ def test_package_passes_the_model_test_and_holds_our_prediction(mode: str, stack
     assert ("0.0712" in docs) if mode != "slice-zscore" else ("had no validation data" in docs)
     assert ("Inexact by construction" in docs) == (mode == "stack-zscore")
     assert member(package, "cover.png").startswith(b"\x89PNG")
+
+
+def test_a_model_trained_with_the_projects_api_exports_with_its_model_card(stack: Path, tmp_path: Path) -> None:
+    """A few iterations of 'unet train' (depth 3, validated): the package's documentation holds the
+    model card's validation scores and training record, and the TorchScript weights pass the test."""
+    _need_extra()
+    from bioimageio.core import test_model
+    from test_train import make_augmented, make_validation, tiny_config  # tests/unit/test_train.py
+
+    from unet_core.train.loop import train
+
+    out = DEPTH3.valid_output_size_at_least(16)
+    augmented = make_augmented(tmp_path / "aug.zarr", spec=DEPTH3, out_size=out, n=2)
+    train([augmented], out_dir=tmp_path / "run", spec=DEPTH3, validation=[make_validation(tmp_path, size=48)],
+          config=tiny_config(iterations=4, validate_every=2, checkpoint_every=2, tile_out=out))
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    package = tmp_path / "pkg.zip"
+    assert export(tmp_path / "run" / "model.pt", package, stack) == 0
+    summary = test_model(package, weight_format="torchscript")
+    assert summary.status == "passed", failed(summary)
+    docs = member(package, "README.md").decode()
+    score = card["metrics"]["final"]["val_pixel_error"]
+    assert f"| val_pixel_error | {score:.6g} |" in docs and "iterations: 4" in docs and "val.ome.zarr" in docs
 
 
 def test_a_corrupted_test_output_fails_the_model_test(stack: Path, tmp_path: Path) -> None:
