@@ -398,6 +398,21 @@ def test_a_job_reads_the_model_file_once_and_records_the_hash_of_those_bytes(
     assert settings["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest() == sha256_files([model_file])
 
 
+def test_unet_predict_imports_no_other_stage_and_no_scipy_ndimage(stack: Path, model_file: Path,
+                                                                   tmp_path: Path) -> None:
+    # issue 34 (start-up): the parser of every stage was built for each command, and merge's
+    # imported scipy.ndimage (0.15-0.3 CPU-s of 'unet predict''s start-up); now only the stage run
+    import subprocess
+    import sys
+
+    code = ("import sys; from unet_core.cli import main; "
+            f"rc = main(['-q', 'predict', {str(stack)!r}, {str(model_file)!r}, {str(tmp_path / 'part')!r}, "
+            "'--device', 'cpu', '--block-px', '64', '--tile-out', '16']); "
+            "print(rc, sorted(m for m in sys.modules if m == 'scipy.ndimage' or m.startswith('unet_core.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "0 ['unet_core.cli.common', 'unet_core.cli.predict']", out.stdout + out.stderr
+
+
 def test_changed_settings_start_afresh(stack: Path, model_file: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
     predict_job(stack, model_file, part, block_px=32, tile_out=32, device="cpu", expect=TINY)

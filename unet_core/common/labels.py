@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from enum import Enum
 
 import numpy as np
-from scipy import ndimage as ndi
 
 
 class LabelKind(str, Enum):
@@ -47,6 +46,10 @@ def connectivity_structure(connectivity: int) -> np.ndarray:
     """
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    # imported here: every 'unet' command imports this module (its CLI parser names LabelKind), and
+    # scipy.ndimage takes 0.15-0.3 CPU-s to import, a third of 'unet predict''s start-up
+    from scipy import ndimage as ndi
+
     return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
 
 
