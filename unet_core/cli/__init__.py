@@ -39,8 +39,8 @@ def _stage_modules() -> list[str]:
     return [s for s in STAGE_ORDER if s in found] + sorted(found - set(STAGE_ORDER))
 
 
-def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
-    """The ``unet`` parser; with ``stage`` (a known stage) only that subcommand's, so that a stage
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``unet`` parser; with ``only`` (a known stage) only that subcommand's, so that a stage
     imports no other stage's modules (scipy.ndimage through merge's: 0.15-0.3 CPU-s of start-up)."""
     parser = argparse.ArgumentParser(
         prog="unet",
@@ -54,7 +54,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in _stage_modules():
-        if stage is None or name == stage:
+        if only is None or name == only:
             importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     for stage in sub.choices.values():
         _show_defaults(stage)
