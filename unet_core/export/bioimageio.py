@@ -402,9 +402,9 @@ def weights(files: dict[str, Path], kwargs: dict[str, Any]) -> Any:
 
 def write_files(folder: Path, net: torch.nn.Module, crop: Sample, mode: Normalisation) -> dict[str, Path]:
     """The package's files (weights, architecture, test and sample tensors, cover) in ``folder``."""
-    from unet_core.export.cover import save_cover
-
     import tifffile
+
+    from unet_core.export.cover import save_cover
 
     files = {name: folder / file for name, file in (
         ("architecture", "packaged_unet.py"), ("state_dict", "weights.pt"), ("torchscript", "weights.torchscript"),
