@@ -605,16 +605,24 @@ def _flood_by_component(
     offsets = _neighbour_offsets(nx + 2, eight)
     npad = lab.shape[0]
     seen = np.zeros(npad, np.bool_)
-    members = np.empty(npad, np.int64)  # breadth-first list of the current component
+    members = np.empty(npad, np.int64)  # the components with markers, breadth first, one after the other
+    bounds = np.empty(npad + 1, np.int64)  # component c: members[bounds[c]:bounds[c + 1]]
+    bounds[0] = 0
+    n_components = 0
+    for start in range(npad):  # first every component and its markers: a tie sends the whole
+        if lab[start] == 0 or seen[start]:  # image to the replay before any flooding is spent
+            continue
+        at = bounds[n_components]
+        n_members = _component(start, inside, seen, members[at:], offsets)
+        if _has_tied_labels(members[at:], n_members, key, lab):
+            return np.zeros((ny, nx), np.int32), 1
+        n_components += 1
+        bounds[n_components] = at + n_members
     heap = np.empty(2 * npad, np.int64)
     slot = np.int64(0)
-    for start in range(npad):
-        if lab[start] == 0 or seen[start]:  # lab != 0 only inside the mask
-            continue
-        n_members = _component(start, inside, seen, members, offsets)
-        if _has_tied_labels(members, n_members, key, lab):
-            return np.zeros((ny, nx), np.int32), 1
-        slot = _flood_component(members, n_members, key, inside, lab, offsets, heap, slot)
+    for c in range(n_components):
+        at = bounds[c]
+        slot = _flood_component(members[at:], bounds[c + 1] - at, key, inside, lab, offsets, heap, slot)
     return _unpad(lab, np.empty((ny, nx), np.int32)), 0
 
 
