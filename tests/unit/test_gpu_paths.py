@@ -448,3 +448,60 @@ def test_bf16_autocast_loss_is_finite_and_within_one_percent_of_fp32(tmp_path: P
     assert bf16 != fp32 and abs(bf16 - fp32) <= 1e-2 * abs(fp32), (bf16, fp32)
     cos = torch.nn.functional.cosine_similarity(grads[Precision.FP32], grads[Precision.BF16], dim=0)
     assert cos > 0.99, float(cos)
+
+
+# (e) ------------------------------------------------------------------------------------------
+def test_compiled_engines_make_one_graph_per_network_and_input_shape(monkeypatch) -> None:
+    # torch.compile(dynamic=False) makes a graph per network input shape (tile shape x transposed
+    # x partial batch) and falls back to eager, with only a warning, past dynamo's recompile limit
+    # per function; counted with a backend that wraps aot_eager (CPU, no inductor), over engines
+    # of one model (two-class margin and d4 full forward) on a stack with edge blocks
+    import torch._dynamo
+
+    graphs: list[tuple] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(next(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 4
+                           and t.shape[1] == 1 and t.shape[2] > 3))  # the network input (B, 1, Y, X)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting, **kw))
+    fed: list[tuple] = []
+    network = Engine._network
+
+    def recording(self, x, shape, net):
+        fed.append(("margin" if net is self._margin_net else "forward", tuple(x.shape)))
+        return network(self, x, shape, net)
+
+    monkeypatch.setattr(Engine, "_network", recording)
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = UNet(TINY).eval()
+        image = _image(np.float32, (1, 45, 38))
+        tiling = Tiling(image.shape, TINY, block_px=32, tile_out=12)
+        stats = IntensityStats(float(image.mean()), float(image.std()))
+        runs = []
+        for tta in ("none", "d4", "none"):  # the third: a new engine over the same model and shapes
+            kw = {"stats": stats, "device": torch.device("cpu"), "batch": 4, "tta": tta, "channels_last": False}
+            before, fed_before = len(graphs), len(fed)
+            engine = Engine(model, tiling, compile=True, **kw)
+            eager = Engine(model, tiling, **kw)
+            for block in tiling.blocks():
+                got = engine.predict(engine.stage(image, block))().probabilities
+                want = eager.predict(eager.stage(image, block))().probabilities
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            new = set(fed[fed_before:]) - set(fed[:fed_before])
+            runs.append((sorted(graphs[before:]), sorted(shape for _, shape in new)))
+        margin, forward, again = runs
+        # every new input shape fed got a graph of its own, once (no eager fallback, no recompile):
+        # the two-class margin network 6 (full and partial batches of edge-block tiles), the d4
+        # forward 4 (two tile shapes, each also transposed; 36 tiles per group: full batches only)
+        assert margin[0] == margin[1] and len(margin[0]) == 6, margin
+        assert forward[0] == forward[1] and len(forward[0]) == 4, forward
+        assert again == ([], []), again  # a second engine over the same model compiles nothing
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+        assert len(margin[0]) <= limit and len(forward[0]) <= limit  # per compiled function
+    finally:
+        torch._dynamo.reset()
