@@ -34,6 +34,15 @@ THREE = UNetSpec(depth=2, base_channels=4, dropout=0.0, n_classes=3)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in tests/conftest.py
 
 
+_calls_lock = threading.Lock()
+
+
+def _bump(calls: Counter, key: str) -> None:
+    """``calls[key] += 1`` from any thread (the engine's readers and writers call the stubs)."""
+    with _calls_lock:
+        calls[key] += 1
+
+
 class FakeStream:
     """A CUDA stream stand-in: every call is recorded, nothing waits."""
 
@@ -41,17 +50,17 @@ class FakeStream:
         self.calls = calls
 
     def synchronize(self) -> None:
-        self.calls["stream.synchronize"] += 1
+        _bump(self.calls, "stream.synchronize")
         _note_sync("stream.synchronize")
 
     def wait_stream(self, other) -> None:
-        self.calls["stream.wait_stream"] += 1
+        _bump(self.calls, "stream.wait_stream")
 
     def wait_event(self, event) -> None:
-        self.calls["stream.wait_event"] += 1
+        _bump(self.calls, "stream.wait_event")
 
     def record_event(self, event=None):
-        self.calls["stream.record_event"] += 1
+        _bump(self.calls, "stream.record_event")
         return event or FakeEvent(self.calls)
 
 
@@ -60,14 +69,14 @@ class FakeEvent:
         self.calls = calls
 
     def record(self, stream=None) -> None:
-        self.calls["event.record"] += 1
+        _bump(self.calls, "event.record")
 
     def synchronize(self) -> None:
-        self.calls["event.synchronize"] += 1
+        _bump(self.calls, "event.synchronize")
         _note_sync("event.synchronize")
 
     def wait(self, stream=None) -> None:
-        self.calls["event.wait"] += 1
+        _bump(self.calls, "event.wait")
 
     def query(self) -> bool:
         return True
@@ -76,6 +85,7 @@ class FakeEvent:
 # -- host synchronisations, counted per window (see count_syncs) ---------------------------------
 _window = threading.local()  # this thread's window name
 _syncs: dict = {"counts": None, "host_memory": lambda t: False}
+_syncs_lock = threading.Lock()  # reader, writer and main threads count into one Counter
 
 
 def _note_sync(kind: str, tensor: torch.Tensor | None = None) -> None:
@@ -84,7 +94,8 @@ def _note_sync(kind: str, tensor: torch.Tensor | None = None) -> None:
         return
     if tensor is not None and _syncs["host_memory"](tensor):
         kind += " (host memory)"  # e.g. .numpy() of a pinned download buffer: no wait for the device
-    counts[(name, kind)] += 1
+    with _syncs_lock:
+        counts[(name, kind)] += 1
 
 
 @contextlib.contextmanager
@@ -125,12 +136,12 @@ def cuda_on_cpu(monkeypatch):
     def empty(*args, pin_memory: bool = False, **kwargs):
         out = real_empty(*args, **kwargs)
         if pin_memory:
-            calls["pinned buffer"] += 1
+            _bump(calls, "pinned buffer")
             pinned.add(out.untyped_storage().data_ptr())
         return out
 
     def pin(self, *args, **kwargs):
-        calls["Tensor.pin_memory"] += 1
+        _bump(calls, "Tensor.pin_memory")
         out = self.clone()
         pinned.add(out.untyped_storage().data_ptr())
         return out
@@ -138,21 +149,21 @@ def cuda_on_cpu(monkeypatch):
     def to(self, *args, **kwargs):
         out = real_to(self, *args, **kwargs)
         if kwargs.get("non_blocking"):
-            calls["non_blocking to"] += 1
+            _bump(calls, "non_blocking to")
             if out.data_ptr() == self.data_ptr():
                 out = out.clone()
         return out
 
     @contextlib.contextmanager
     def on_stream(stream):
-        calls["stream context"] += 1
+        _bump(calls, "stream context")
         yield
 
     def record_stream(self, stream) -> None:
-        calls["record_stream"] += 1
+        _bump(calls, "record_stream")
 
     def synchronize(device=None) -> None:
-        calls["cuda.synchronize"] += 1
+        _bump(calls, "cuda.synchronize")
         _note_sync("cuda.synchronize")
 
     monkeypatch.setattr(torch, "empty", empty)
@@ -343,7 +354,7 @@ def test_prediction_waits_for_the_device_once_per_block_at_its_download(cuda_on_
     written = []
     run_blocks(engine, image, list(tiling.blocks()), lambda r: written.append(r.block), desc="test", readers=2)
     n = len(list(tiling.blocks()))
-    assert len(written) == n and n * 9 * (8 if tta == "d4" else 4 if tta == "flips" else 1) > n
+    assert len(written) == n
     syncs = {k: v for k, v in count_syncs.items() if "(host memory)" not in k[1]}
     # the thread that issues the device work never waits: 0 per tile, 0 per block
     assert not {k: v for k, v in syncs.items() if k[0] == "predict"}, syncs
