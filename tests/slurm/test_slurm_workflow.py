@@ -54,8 +54,8 @@ GPU_RULES = ("train", "predict")
 PREDICT_JOBS = 2  # the 2 validation slices make at least 2 blocks: work for each job
 MERGE_JOBS = 2  # the merge's passes over pixels as 2 pieces each (seeds, cells, write)
 # Small but complete: every stage runs, on 8 synthetic 384 px slices, with a short training.
-# Keys missing from config/config.yaml are left out (see _override), so a renamed optional
-# key does not break the test.
+# Given after config/config.yaml; keys missing from it are left out (see _override), so a renamed
+# optional key does not break the test.
 OVERRIDE = {
     "synth": {"size_px": 384},
     "augment": {"samples_per_slice": 2},
@@ -292,7 +292,9 @@ def test_slurm_profile_rules_exist_in_workflow() -> None:
 def test_workflow_under_slurm_equals_local_run(slurm_cluster: Cluster, tmp_path: Path) -> None:
     env = slurm_cluster.env
     snakemake = str(BIN / "snakemake")
-    common = ["--configfile", "test_override.yaml"]
+    # the demo's config, then the override on top (a --configfile alone takes the keys it leaves out
+    # from the schema's defaults, not from config/config.yaml)
+    common = ["--configfile", "config/config.yaml", "test_override.yaml"]
 
     profile = _test_profile(slurm_cluster, tmp_path / "profile")
     # The same threads per rule in both runs: this test compares executors. (Whether results
