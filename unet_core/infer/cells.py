@@ -19,8 +19,9 @@ a time (:func:`write_cell_table`: areas and coordinate sums are exact integers, 
 float64 added in row order, so the table depends neither on the number of pieces nor on their
 order); each piece then writes the CSV lines of its range of ids (:func:`write_rows`, reading the
 table a block of rows at a time), and the pieces are concatenated in id order. Neither the rows,
-nor the table, nor the text is ever held whole in memory: the serial round holds 8 bytes per cell
-(the areas), the table of one range of ids (:data:`IDS_PER_PASS` rows) and one chunk of rows.
+nor the table, nor the text is ever held whole in memory: the serial round holds about 21 bytes
+per cell (the areas and the uint32 id lookups; measured, benchmarks/bench_merge_serial.py), the
+table of one range of ids (:data:`IDS_PER_PASS` rows) and one chunk of rows.
 """
 
 from __future__ import annotations
