@@ -12,6 +12,11 @@ code that treats a module as optional goes on as it would there. Then the script
 ``main`` not run), and with ``--run`` its ``main(ARGS)`` runs too (``--run`` holds them as one word;
 lazy imports on that path are gated too).
 
+A command runs gated too: ``--module unet_core.cli -- ingest A B ...`` imports the module and runs
+its ``main`` with the arguments after ``--`` (``gpu-session.sh --dry-run``'s ``unet`` shim does, so
+every workflow stage of the dry run sees only what the machine will have); the exit status is then
+that of ``main``.
+
 Prints one line and exits 0 when the script got through, 1 naming the refused module otherwise.
 ``scripts/gpu-session.sh gate`` runs it (``prepare`` does, before anything is fetched), as does
 ``tests/unit/test_benchmarks.py``, so a missing wheel is found here, not on the GPU machine.
@@ -105,36 +110,54 @@ class Gate(importlib.abc.MetaPathFinder):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    program = argv[argv.index("--") + 1 :] if "--" in argv else None  # a command's own arguments
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("script", type=Path)
+    parser.add_argument("script", type=Path, nargs="?", help="a script file (or --module)")
+    parser.add_argument("--module", default=None, help="an importable module instead of a script file")
     parser.add_argument("--machine", type=Path, required=True, help="the machine's package list")
     parser.add_argument("--carried", nargs="*", default=[], help="distributions carried as wheels")
     parser.add_argument("--run", default=None,
                         help='then run main() with these arguments, as one word: --run="--quick --device cpu"')
     args = parser.parse_args(argv)
+    if (args.script is None) == (args.module is None):
+        parser.error("give a script file or --module NAME")
+    if program is not None and args.run is not None:
+        parser.error("give the arguments of main either after -- or with --run, not both")
+    run = program if program is not None else (shlex.split(args.run) if args.run is not None else None)
     allowed = import_names(read_package_list(args.machine) + args.carried)
     gate = Gate(allowed, list(sys.meta_path))
     sys.meta_path[:] = [gate]
-    script = args.script.resolve()
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(script.parent))
+    name = args.module or args.script.name
+    status = None
     try:
-        spec = importlib.util.spec_from_file_location(script.stem, script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[script.stem] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        if args.run is not None:
-            module.main(shlex.split(args.run))
+        if args.module:
+            module = importlib.import_module(args.module)
+        else:
+            script = args.script.resolve()
+            sys.path.insert(0, str(script.parent))
+            spec = importlib.util.spec_from_file_location(script.stem, script)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[script.stem] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+        if run is not None:
+            status = module.main(run)
     except ModuleNotFoundError as err:
         if err.name in gate.refused:
-            print(f"import gate: {script.name} needs {err.name!r}, which the GPU machine lacks: add its "
+            print(f"import gate: {name} needs {err.name!r}, which the GPU machine lacks: add its "
                   "wheel to PACKAGES in scripts/gpu-session.sh, or import it only where it is used", flush=True)
             traceback.print_exc()
             return 1
         raise
     optional = sorted(set(gate.refused))
-    done = "ran" if args.run is not None else "imported"
-    print(f"import gate: {script.name} {done} with only the standard library, {args.machine.name} "
+    if isinstance(status, int) and status != 0:  # the command failed: the refused modules may be why
+        print(f"import gate: {name} exited {status}"
+              + (f"; absent on the GPU machine and refused: {', '.join(optional)}" if optional else ""))
+        return status
+    done = "ran" if run is not None else "imported"
+    print(f"import gate: {name} {done} with only the standard library, {args.machine.name} "
           "and the carried wheels"
           + (f" (absent there and treated as optional: {', '.join(optional)})" if optional else ""))
     return 0
