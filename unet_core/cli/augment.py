@@ -94,6 +94,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     from unet_core.augment.elastic import DeformParams
     from unet_core.augment.samples import augment
+    from unet_core.common.device import out_of_gpu_memory
     from unet_core.io.ngff import open_stack
 
     threads = configure_threads(args.threads)
@@ -105,9 +106,12 @@ def run(args: argparse.Namespace) -> None:
     slices = None
     if args.slices is not None:
         slices = parse_slices(args.slices, open_stack(args.stack).shape[0], what="--slices")
-    augment(
-        args.stack, args.weights, args.out,
-        samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
-        spec=spec_from_args(args), params=params, slices=slices, device=args.device,
-        plot=args.plot, plot_samples=args.plot_samples, workers=threads, normalisation=args.normalisation,
-    )
+    # a GPU out of memory: one line (the set and its figure are discarded before it is printed)
+    with out_of_gpu_memory(f"deforming {args.tile_out}-px output samples on {args.device}, {threads} at once",
+                           "lower --threads or --tile-out (train.tile_out), or use --device cpu"):
+        augment(
+            args.stack, args.weights, args.out,
+            samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
+            spec=spec_from_args(args), params=params, slices=slices, device=args.device,
+            plot=args.plot, plot_samples=args.plot_samples, workers=threads, normalisation=args.normalisation,
+        )

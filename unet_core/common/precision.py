@@ -14,7 +14,7 @@ import logging
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from unet_core.common.errors import parse_choice
+from unet_core.common.errors import UserInputError, parse_choice
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,8 @@ def resolve_precision(precision: Precision | str, device: torch.device, *, optio
     :func:`cpu_has_native_bf16`, and it and fp16 are otherwise ignored with a warning.
 
     Raises:
-        UserInputError: not one of auto, bf16, fp16, fp32.
+        UserInputError: not one of auto, bf16, fp16, fp32; or bf16 asked for on a GPU without
+            native bf16 (before Ampere: torch would emulate it, many times slower).
     """
     chosen = parse_choice(Precision, precision, option=option)
     if device.type != "cuda":
@@ -55,11 +56,28 @@ def resolve_precision(precision: Precision | str, device: torch.device, *, optio
             log.warning("%s %s ignored (%s): computing in float32", option, chosen.value, why)
         return Precision.FP32
     if chosen is Precision.AUTO:
+        return Precision.BF16 if cuda_has_native_bf16(device) else Precision.FP16
+    if chosen is Precision.BF16 and not cuda_has_native_bf16(device):
         import torch
 
-        bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
-        return Precision.BF16 if bf16 else Precision.FP16
+        raise UserInputError(
+            f"{option} bf16: {device} ({torch.cuda.get_device_name(device)}) has no native bf16 (compute "
+            "capability 8.0 or later); use auto (fp16 there) or fp32")
     return chosen
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU ``device`` multiplies bf16 in hardware (compute capability >= 8.0,
+    or ROCm); True where CUDA is not available (nothing to check: the device choice fails first).
+
+    Not ``torch.cuda.is_bf16_supported()``: it asks the current GPU, not ``device``, and by
+    default counts emulated bf16 (pre-Ampere GPUs) as supported.
+    """
+    import torch
+
+    if torch.version.hip or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def cpu_has_native_bf16() -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import zarr
 
-from unet_core.common.errors import UserInputError
+from unet_core.common.device import out_of_gpu_memory
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats, Scaling
 from unet_core.common.memory import reuse_freed_memory
@@ -348,16 +348,12 @@ class Engine:
 
     def predict(self, staged: StagedBlock) -> Callable[[], BlockResult]:
         """All device work of one staged block; returns the waiter of its download."""
-        try:
+        with out_of_gpu_memory(f"at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}",
+                               "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"):
             if self.spec.n_classes == 2 and self.tta is TTA.NONE:
                 probs, seg = self.block_two_class(staged)
             else:
                 probs, seg = self.encode(self.block_output(staged))
-        except torch.cuda.OutOfMemoryError:
-            raise UserInputError(
-                f"out of GPU memory at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}; "
-                "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"
-            ) from None
         return self.download(staged.block, probs, seg)
 
 

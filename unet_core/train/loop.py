@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unet_core.common.device import out_of_gpu_memory
 from unet_core.common.errors import ConfigError
 from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import claim_outputs
@@ -225,7 +226,8 @@ def train(
             an ``out_dir`` that is an input, holds one, or holds files other than training's own.
         CheckpointError: ``resume`` with a state that does not match the data or settings.
         ConfigError: a setting that cannot be used (device, ``export_weights: best`` without
-            validation data) or a diverged run (non-finite loss or weights).
+            validation data), a diverged run (non-finite loss or weights), or a GPU out of memory
+            in a training step or validation (names the setting to lower; no model.pt written).
     """
     claim_outputs([(out_dir, OUT_DIR_MARK)],
                   [*train_sets, *(p for pair in train_stacks for p in pair), *(p for pair in validation for p in pair)])
@@ -439,13 +441,15 @@ def _run(s: Session, loader: torch.utils.data.DataLoader, on_iteration: Callable
     bar = progress_bar(loader, desc="train", total=s.config.iterations, unit="it",
                        initial=s.progress.iteration)
     s.clock = time.perf_counter()
-    for batch in bar:
-        loss = _step(s, batch)
-        s.progress.iteration += 1
-        meter.add(loss, s.progress.iteration)
-        _host_point(s, meter, bar)
-        if on_iteration is not None:
-            on_iteration(s.progress.iteration)
+    where = f"training on {s.runtime.device} (batch {s.config.batch_size} of {s.record.tile_in}-px tiles)"
+    with out_of_gpu_memory(where, "lower train.batch_size, then train.tile_out", error=ConfigError):
+        for batch in bar:
+            loss = _step(s, batch)
+            s.progress.iteration += 1
+            meter.add(loss, s.progress.iteration)
+            _host_point(s, meter, bar)
+            if on_iteration is not None:
+                on_iteration(s.progress.iteration)
     bar.close()
 
 
@@ -530,8 +534,10 @@ def _validation_point(s: Session, meter: LossMeter) -> None:
     }
     if s.val_data:
         check_finite_weights(s.model, iteration=it, config=s.config, kept=s.kept())
-        row.update(validate(s.model, s.val_data, tile_out=s.record.val_tile_out, runtime=s.runtime,
-                            weighted=s.config.weighted, offsets=s.offsets))
+        with out_of_gpu_memory(f"validating on {s.runtime.device} ({s.record.val_tile_out}-px tiles)",
+                               "lower train.val_tile_out", error=ConfigError):
+            row.update(validate(s.model, s.val_data, tile_out=s.record.val_tile_out, runtime=s.runtime,
+                                weighted=s.config.weighted, offsets=s.offsets))
         log.info("iteration %d: val loss %.4f, pixel error %.4f, IoU %.4f",
                  it, row["val_loss"], row["val_pixel_error"], row["val_iou"])
         _keep_if_best(s, row)
