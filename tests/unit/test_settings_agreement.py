@@ -74,7 +74,7 @@ def owners() -> dict[str, tuple[Any, type[Enum] | None]]:
     from unet_core.infer.encoding import ProbabilityEncoding
     from unet_core.infer.instances import InstanceMethod, SeedRule
     from unet_core.infer.merge_settings import MergeSettings, WatershedSettings
-    from unet_core.infer.predict_settings import PredictSettings
+    from unet_core.infer.predict_settings import Backend, PredictSettings
     from unet_core.infer.tiling import TTA
     from unet_core.io.ingest import DEFAULT_CHUNKS
     from unet_core.model.decision import Decision
@@ -107,9 +107,11 @@ def owners() -> dict[str, tuple[Any, type[Enum] | None]]:
                         "precision", "compile", "workers")}
     found["train.tile_out"] = (_field(TrainConfig, "tile_out"), None)
     assert _field(TrainConfig, "normalisation") is DEFAULT_NORMALISATION and TILE_OUT == _field(TrainConfig, "tile_out")
-    enums = {"precision": Precision, "tta": TTA, "decision": Decision, "probabilities": ProbabilityEncoding}
+    enums = {"precision": Precision, "tta": TTA, "decision": Decision, "probabilities": ProbabilityEncoding,
+             "backend": Backend}
     found |= {f"predict.{k}": (_field(PredictSettings, k), enums.get(k))
-              for k in ("tile_out", "block_px", "device", "precision", "tta", "compile", "decision", "probabilities")}
+              for k in ("tile_out", "block_px", "device", "precision", "tta", "compile", "decision", "probabilities",
+                        "backend", "cell_channel", "trust_torchscript")}
     found["predict.batch_size"] = (_field(PredictSettings, "batch"), None)
     found["predict.merge_jobs"] = (_field(MergeSettings, "jobs"), None)
     found["predict.instances"] = (_field(MergeSettings, "instances"), InstanceMethod)
@@ -154,7 +156,8 @@ CLI_KEYS = {
                 "batch": "predict.batch_size", "device": "predict.device", "precision": "predict.precision",
                 "tta": "predict.tta", "compile": "predict.compile", "decision": "predict.decision",
                 "probabilities": "predict.probabilities", "threads": "predict.threads",
-                "normalisation": "normalisation"},
+                "normalisation": "normalisation", "backend": "predict.backend", "cell_channel": "predict.cell_channel",
+                "trust_torchscript": "predict.trust_torchscript"},
     "merge": {"instances": "predict.instances", "min_object_px": "predict.min_object_px",
               "seeds": "predict.watershed.seeds", "seed_h_px": "predict.watershed.h_px",
               "seed_threshold": "predict.watershed.seed_threshold",

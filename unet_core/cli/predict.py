@@ -16,7 +16,7 @@ from unet_core.cli.common import (
 from unet_core.common.intensity import Normalisation
 from unet_core.common.precision import Precision
 from unet_core.infer.encoding import ProbabilityEncoding
-from unet_core.infer.predict_settings import DEFAULT_BATCH, PredictSettings
+from unet_core.infer.predict_settings import DEFAULT_BATCH, Backend, PredictSettings
 from unet_core.infer.tiling import TTA
 from unet_core.model.decision import Decision
 
@@ -40,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("stack", help="ingested stack (.ome.zarr written by 'unet ingest')")
-    p.add_argument("model", help="model file (model.pt from 'unet train')")
+    p.add_argument("model", help="model file (model.pt from 'unet train'), or a bioimage.io model package (.zip or "
+                                 "folder; unet export-bioimageio writes one; see README 'Sharing models')")
     p.add_argument("out_part", metavar="OUT_PART",
                    help="this job's part store (directory; created or resumed)")
     p.add_argument("--job", type=int, default=0, help="index I of this job, 0 <= I < N (default 0)")
@@ -78,6 +79,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="run the network through torch.compile: one graph per tile shape, compiled on first "
                         "use (tens of seconds); the same probabilities up to float rounding. Off by default: "
                         "benchmarks/gpu_check.py measures whether it pays on your GPU")
+    p.add_argument("--backend", choices=choice_values(Backend), default=_d("backend"),
+                   help="what runs the network: torch (default) or onnxruntime (the network exported to ONNX and "
+                        "run by ONNX Runtime; CPU and fp32 only; needs the [bioimageio] extra; the same "
+                        "probabilities up to float rounding). A foreign bioimage.io package's ONNX weights always "
+                        "run on ONNX Runtime")
+    p.add_argument("--cell-channel", default=_d("cell_channel"), metavar="NAME",
+                   help="with a foreign bioimage.io package as MODEL: the name of its output channel that is the "
+                        "cell class (default: the only channel of a one-channel output)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="run a bioimage.io package's TorchScript weights where it has no ONNX weights or state dict "
+                        "of our architecture; TorchScript is code: only for packages you trust (default: refused)")
     add_threads_arg(p)
     add_model_args(p, check_only=True)
     p.set_defaults(func=run)

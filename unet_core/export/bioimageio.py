@@ -63,14 +63,16 @@ from unet_core.export import packaged_unet
 from unet_core.export.documentation import documentation, validation_scores
 from unet_core.infer.tiling import round_up, tile_margins
 from unet_core.io.ngff import open_stack
+from unet_core.model import onnx_network
 from unet_core.model.checkpoint import STATE_MARK, load_model
+from unet_core.model.package import PACKAGE_FORMAT
 from unet_core.model.spec import Padding, UNetSpec
 from unet_core.model.unet import UNet
 
 log = logging.getLogger(__name__)
 
 #: What the rdf of a package this module wrote holds (``config.unet_pipeline.format``): its mark.
-FORMAT = "unet-pipeline/bioimageio-export/1"
+FORMAT = PACKAGE_FORMAT
 PACKAGE_MARK = ZipMark("rdf.yaml", "a bioimage.io package written by 'unet export-bioimageio'",
                        contains=FORMAT.encode())
 UNET_PAPER_DOI = "10.1007/978-3-319-24574-4_28"
@@ -80,7 +82,7 @@ TEST_CROP_PX = 256
 SPEC_EPS = 1e-6
 INPUT_ID, OUTPUT_ID = "raw", "probabilities"
 #: Largest error of the spec's normalisation against ours on a constant slice is unbounded: named in docs.
-ONNX_OPSET = 17
+ONNX_OPSET = onnx_network.ONNX_OPSET
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,8 @@ def describe(folder: Path, model: UNet, metadata: dict[str, Any], crop: Sample, 
         weights=weights(files, kwargs),
         config=v0_5.Config(unet_pipeline={"format": FORMAT, "version": __version__, "normalisation": mode.value,
                                           "spec": model.spec.to_dict(), "exact_blockwise": geo.exact,
+                                          # unet predict of the package reads it as model.pt's ('auto' merges)
+                                          "median_object_area_px": metadata.get("median_object_area_px"),
                                           "validation": validation_scores(metadata, card),
                                           "argmax_agreement_with_unet_predict": agree,
                                           "sample": {"stack": str(crop.path), "z": crop.z}}),
@@ -442,17 +446,5 @@ def agreement(model: UNet, metadata: dict[str, Any], crop: Sample, probabilities
 
 
 def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """ONNX (opset :data:`ONNX_OPSET`) with free batch and spatial sizes.
-
-    The TorchScript-based exporter (``dynamo=False``) took 1 s for a depth-4 net on a 2-core VM, the
-    ``torch.export`` one 19-33 s; the latter is the fallback where the former is gone.
-    """
-    axes = {0: "batch", 2: "y", 3: "x"}
-    try:
-        torch.onnx.export(net, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_ID], output_names=[OUTPUT_ID],
-                          dynamic_axes={INPUT_ID: axes, OUTPUT_ID: axes})
-    except (TypeError, RuntimeError, ImportError):
-        dim = {i: torch.export.Dim(name) for i, name in axes.items()}
-        torch.onnx.export(net, (example,), str(path), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
-                          input_names=[INPUT_ID], output_names=[OUTPUT_ID], dynamic_shapes={"x": dim})
+    """The package's ONNX weights (:func:`unet_core.model.onnx_network.export_onnx`), named by its tensor ids."""
+    onnx_network.export_onnx(net, example, path, input_name=INPUT_ID, output_name=OUTPUT_ID)

@@ -67,7 +67,7 @@ PART_MARK = JsonMark(PART_FORMAT, "a part store written by 'unet predict'", mani
                                    (MANIFEST, COMPLETE, DONE, f"{DONE}/[0-9]*.[0-9]*.[0-9]*")))
 #: Settings that all parts of one run share (merge refuses parts that differ in any of them).
 RUN_KEYS = ("stack", "shape", "model_sha256", "tiling", "jobs", "tta", "precision", "intensity", "logit_offsets",
-            "probabilities", "batch")
+            "probabilities", "batch", "backend", "cell_channel")
 
 
 @dataclass(frozen=True)

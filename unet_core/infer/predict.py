@@ -35,11 +35,13 @@ from unet_core.common.provenance import code_hash
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
 from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
-from unet_core.infer.predict_settings import PredictSettings
+from unet_core.infer.predict_settings import Backend, PredictSettings
 from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, round_up
 from unet_core.io.ngff import Stack, open_stack
-from unet_core.model.checkpoint import ModelExpectation, load_model
+from unet_core.model.checkpoint import ModelExpectation
 from unet_core.model.decision import Decision
+from unet_core.model.package import load_predict_model
+from unet_core.model.unet import UNet
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +212,52 @@ def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, 
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
     digest = hashlib.sha256()  # of the bytes the model is loaded from, read once (= sha256_files of it)
-    model, metadata = load_model(model_path, expect=expect, digest=digest)
+    model, metadata = load_predict_model(model_path, expect=expect, digest=digest, cell_channel=settings.cell_channel,
+                                         trust_torchscript=settings.trust_torchscript)
     scaler = st.scaler(checked_normalisation(metadata, settings.normalisation, model=model_path))
     corrected = settings.decision is Decision.CORRECTED
     offsets = (metadata.get("decision") or {}).get("logit_offsets") if corrected else None
     tiling = Tiling(st.shape, model.spec, settings.block_px, settings.tile_out)
     tiling.check_jobs(jobs, option="--jobs")  # no job without a block of its own
     tiling.job_blocks(job, jobs)  # validates job
-    dev = job_device(settings.device, job)
+    model, dev, backend = backend_network(model, settings, job_device(settings.device, job))
     engine = Engine(model, tiling, stats=scaler, device=dev, precision=resolve_precision(settings.precision, dev),
                     batch=settings.batch_for(dev.type), tta=settings.tta, offsets=offsets,
                     encoding=settings.probabilities, writers=WRITERS[dev.type], compile=settings.compile)
-    return _Run(st, engine, _part_settings(st, digest.hexdigest(), engine, job, jobs, metadata, offsets))
+    settings_of_part = _part_settings(st, digest.hexdigest(), engine, job, jobs, metadata, offsets)
+    return _Run(st, engine, settings_of_part | {"backend": backend, "cell_channel": settings.cell_channel})
+
+
+def backend_network(model: torch.nn.Module, settings: PredictSettings,
+                    device: torch.device) -> tuple[torch.nn.Module, torch.device, str]:
+    """The network that runs, the device it runs on, and the backend's name (part of the part store's
+    settings, so parts of different backends never resume or merge together).
+
+    Our U-Net runs on torch, or with ``--backend onnxruntime`` exported to ONNX and run by ONNX Runtime
+    (:func:`unet_core.model.onnx_network.onnx_unet`); a foreign bioimage.io package's network
+    (:class:`unet_core.model.package.PackageNetwork`) runs its ONNX (or trusted TorchScript) weights. Both
+    run on the CPU in float32: ``--device auto`` then means the CPU.
+
+    Raises:
+        UserInputError: a GPU, bf16/fp16 or ``--compile`` asked of a network that torch does not run.
+    """
+    foreign = not isinstance(model, UNet)
+    if settings.backend is Backend.TORCH and not foreign:
+        return model, device, Backend.TORCH.value
+    what = f"a bioimage.io package's {model.kind} weights" if foreign else "--backend onnxruntime"
+    if device.type != "cpu":
+        if settings.device != "auto":
+            raise UserInputError(f"{what} run(s) on the CPU only, --device {settings.device} asks for {device}; "
+                                 "use --device cpu (or auto)")
+        device = torch.device("cpu")
+    if settings.precision not in (Precision.AUTO, Precision.FP32) or settings.compile:
+        raise UserInputError(f"{what} run(s) in float32 without torch.compile; use --precision fp32 (or auto) "
+                             "and no --compile")
+    if foreign:
+        return model, device, f"package-{model.kind}"
+    from unet_core.model.onnx_network import onnx_unet
+
+    return onnx_unet(model), device, Backend.ONNXRUNTIME.value
 
 
 def predict_job(

@@ -10,6 +10,7 @@ where it enters. Free of torch, so the workflow and command-line parsers can imp
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Any
 
 from unet_core.common.errors import UserInputError, parse_choice
@@ -26,8 +27,17 @@ DEFAULT_BATCH = {"cpu": 1, "cuda": 8}
 OPTIONS = {
     "block_px": "--block-px", "tile_out": "--tile-out", "batch": "--batch", "device": "--device",
     "precision": "--precision", "tta": "--tta", "decision": "--decision", "probabilities": "--probabilities",
-    "compile": "--compile", "normalisation": "--normalisation",
+    "compile": "--compile", "normalisation": "--normalisation", "backend": "--backend",
+    "cell_channel": "--cell-channel", "trust_torchscript": "--trust-torchscript",
 }
+
+
+class Backend(str, Enum):
+    """What runs our network's convolutions on the CPU (a foreign package's ONNX weights always run on
+    ONNX Runtime; :mod:`unet_core.model.package`)."""
+
+    TORCH = "torch"  # PyTorch (oneDNN), channels-last; every device
+    ONNXRUNTIME = "onnxruntime"  # the network exported to ONNX, run by ONNX Runtime; CPU, float32 only
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,12 @@ class PredictSettings:
         compile: run the network through ``torch.compile`` (one graph per tile shape).
         normalisation: the grey-value normalisation the caller expects; None: the model's, which
             is always the one used (another value is an error naming both).
+        backend: ``torch`` or ``onnxruntime`` (:class:`Backend`; same tiles and outputs up to float
+            rounding, tests/unit/test_onnx_backend.py).
+        cell_channel: the output channel of a foreign bioimage.io package that is the cell class (a
+            channel name); None: the only channel of a one-channel output. Unused for our own models.
+        trust_torchscript: run a bioimage.io package's TorchScript weights (code) where it has no ONNX
+            weights and no state dict of our architecture; off: such a package is refused.
     """
 
     block_px: int = BLOCK_PX
@@ -61,10 +77,13 @@ class PredictSettings:
     probabilities: ProbabilityEncoding = ProbabilityEncoding.UINT8
     compile: bool = False
     normalisation: Normalisation | None = None
+    backend: Backend = Backend.TORCH
+    cell_channel: str | None = None
+    trust_torchscript: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("precision", Precision), ("tta", TTA), ("decision", Decision),
-                           ("probabilities", ProbabilityEncoding)):
+                           ("probabilities", ProbabilityEncoding), ("backend", Backend)):
             object.__setattr__(self, name, parse_choice(kind, getattr(self, name), option=OPTIONS[name]))
         if self.normalisation is not None:
             object.__setattr__(self, "normalisation", parse_choice(Normalisation, self.normalisation,

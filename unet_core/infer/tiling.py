@@ -44,7 +44,7 @@ from itertools import product
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
-from unet_core.model.spec import Padding, UNetSpec
+from unet_core.model.spec import PackageSpec, Padding, UNetSpec
 
 #: Default block edge (also the output chunk edge) and largest output tile per network pass, px
 #: (:class:`unet_core.infer.predict_settings.PredictSettings` and :class:`Tiling` take them).
@@ -311,7 +311,7 @@ class Tiling:
 
     @classmethod
     def from_dict(cls, data: dict) -> Tiling:
-        spec = UNetSpec.from_dict(data["spec"])
+        spec = (PackageSpec if "halo_px" in data["spec"] else UNetSpec).from_dict(data["spec"])
         return cls(tuple(data["shape"]), spec, int(data["block_px"]), int(data["tile_out"]))
 
 

@@ -49,9 +49,8 @@ def write_torch_file(path: str | os.PathLike[str], obj: Any, *, own: Mark, torch
         torch.jit.save(obj, buffer, _extra_files=extra_files or {})
     else:
         torch.save(obj, buffer)
-    with atomic_output(path, own=own) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
+    with atomic_output(path, own=own) as tmp, open(tmp, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def save_model(path: str | os.PathLike[str], model: UNet, *, metadata: dict[str, Any] | None = None) -> None:
@@ -110,8 +109,18 @@ def safe_load(path: str | os.PathLike[str], *, digest: Any = None) -> dict[str, 
             raise CheckpointError(f"{path}: not readable ({err.strerror or err})") from err
         digest.update(content)
     _check_torch_magic(path, content)
+    return load_plain_data(path if content is None else io.BytesIO(content), where=path)
+
+
+def load_plain_data(source: Path | io.BytesIO, *, where: str | os.PathLike[str]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of ``source`` (a file, or bytes read already: a member of a
+    bioimage.io package), with one-line errors naming ``where``.
+
+    Raises:
+        CheckpointError: not a readable PyTorch file, holding arbitrary objects, or not a dictionary.
+    """
+    path = where
     try:
-        source = path if content is None else io.BytesIO(content)
         data = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
@@ -256,7 +265,17 @@ def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None,
     except ValueError as err:
         raise CheckpointError(f"{path}: invalid architecture in file: {err}") from err
     check_architecture(spec, expect, path=path)
-    state = data.get("state_dict") or data.get("model")
+    model = model_from_state(spec, data.get("state_dict") or data.get("model"), path=path)
+    return model, checked_metadata(data.get("metadata"), spec, path=path)
+
+
+def model_from_state(spec: UNetSpec, state: Any, *, path: str | os.PathLike[str]) -> UNet:
+    """The network of ``spec`` holding the tensors of ``state`` (checked by :func:`check_weights`),
+    in eval mode on the CPU: built on the meta device, no initialisation the weights would overwrite.
+
+    Raises:
+        CheckpointError: weights that do not fit ``spec`` or are not finite (names ``path``).
+    """
     check_weights(spec, state, path=path)
     with torch.device("meta"):
         model = UNet(spec)
@@ -269,5 +288,4 @@ def load_model(path: str | os.PathLike[str], *, expect: ModelExpectation = None,
             raise RuntimeError("a weight of the network is not in the file")
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from err
-    model.eval()
-    return model, checked_metadata(data.get("metadata"), spec, path=path)
+    return model.eval()

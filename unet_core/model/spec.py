@@ -248,3 +248,33 @@ class UNetSpec:
             total += 2 * 9 * (2 * c * c + c * c) * scale
         total += 2 * c * self.n_classes
         return total
+
+
+@dataclass(frozen=True)
+class PackageSpec(UNetSpec):
+    """The geometry of a foreign network (a bioimage.io package's), as the tiling needs it.
+
+    The network returns one value per input pixel (``padding`` same), takes inputs of ``2**depth * k``
+    px per axis, and its output is trusted only ``halo_px`` px and more inside each edge of its input
+    (the package's declared halo, rounded up to ``2**depth`` and grown to its smallest input). The
+    overlap-tile engine then reads each tile grown by ``halo_px`` per side
+    (:func:`unet_core.infer.tiling.tile_margins`: the receptive-field radius of a same-padded net),
+    so its result equals one whole-image pass only as far as the declared halo guarantees.
+
+    Attributes:
+        halo_px: input pixels per side beyond a tile's output, a multiple of ``2**depth``.
+    """
+
+    halo_px: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.padding is not Padding.SAME:
+            raise ConfigError(f"a package's network has padding same, got {self.padding.value}")
+        if not isinstance(self.halo_px, int) or self.halo_px < 0 or self.halo_px % self.stride:
+            raise ConfigError(f"halo_px must be a multiple of {self.stride} >= 0, got {self.halo_px!r}")
+
+    @property
+    def receptive_field_radius(self) -> int:
+        """The declared halo (see the class docstring), px."""
+        return self.halo_px

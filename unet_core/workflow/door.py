@@ -88,9 +88,12 @@ def model_geometry(config: Mapping[str, Any], *, model_file: str, given_model: M
     """
     if model_file:
         from unet_core.infer.predict import checked_normalisation  # torch: only with a model file
-        from unet_core.model.checkpoint import load_model
+        from unet_core.model.package import load_predict_model
 
-        model, metadata = load_model(model_file, expect=dict(given_model))
+        # a model.pt or a bioimage.io package (README "Sharing models"), loaded as unet predict loads it
+        model, metadata = load_predict_model(model_file, expect=dict(given_model),
+                                             trust_torchscript=config["predict"]["trust_torchscript"],
+                                             cell_channel=config["predict"]["cell_channel"])
         if given_normalisation is not None:
             checked_normalisation(metadata, given_normalisation, model=model_file)
         spec = model.spec

@@ -127,7 +127,7 @@ def model_file_sha256():
     param, so a part predicted with another model_file is redone on the next run. Its modification
     time alone misses a model replaced by an older file (mv, cp -p, rsync -t), and then every rerun of
     the merge refused the mix of parts of two models."""
-    return sha256_files([MODEL_FILE]) if MODEL_FILE and os.path.isfile(MODEL_FILE) else ""
+    return sha256_files([MODEL_FILE]) if MODEL_FILE and os.path.exists(MODEL_FILE) else ""  # a package: a folder
 
 
 def model_args():
@@ -196,6 +196,14 @@ def predict_batch_option():
     default), so predict picks its per-device batch (1 on the CPU, 8 on a GPU)."""
     batch = config["predict"]["batch_size"]
     return f"--batch {batch}" if batch is not None else ""
+
+
+def predict_package_options():
+    """--cell-channel and --trust-torchscript for unet predict where the config sets them (a foreign
+    bioimage.io package as model_file); nothing otherwise."""
+    p = config["predict"]
+    return (f"--cell-channel {q(p['cell_channel'])}" if p["cell_channel"] is not None else "") + (
+        " --trust-torchscript" if p["trust_torchscript"] else "")
 
 
 def predict_normalisation():

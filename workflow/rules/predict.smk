@@ -21,6 +21,8 @@ rule predict:
         compile=lambda wc: "--compile" if config["predict"]["compile"] else "",
         decision=lookup(dpath="predict/decision", within=config),
         probabilities=lookup(dpath="predict/probabilities", within=config),
+        backend=lookup(dpath="predict/backend", within=config),
+        package=predict_package_options(),
         normalisation=predict_normalisation(),
         model=model_args(),
         model_sha256=lambda wc: model_file_sha256(),  # not in the command: a part of another model is redone
@@ -43,4 +45,5 @@ rule predict:
         " {params.batch} --device {params.device} --precision {params.precision}"
         " --tta {params.tta} {params.compile} {params.model}"
         " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"
+        " --backend {params.backend} {params.package}"
         " --threads {params.threads} > {log:q} 2>&1"
