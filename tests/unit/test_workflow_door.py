@@ -8,6 +8,7 @@ import pytest
 from unet_core.augment import samples as augment
 from unet_core.common.errors import ConfigError
 from unet_core.evaluate import scoring
+from unet_core.export import bioimageio
 from unet_core.infer import cells, merge, merge_work, part_store, tiff_export
 from unet_core.io import ingest
 from unet_core.synth import tiffs
@@ -37,6 +38,7 @@ MARKS = {
     ("train", None): train_outputs.OUT_DIR_MARK,
     ("predict", None): part_store.PART_MARK,
     ("evaluate", None): scoring.OUT_DIR_MARK,
+    ("export_bioimageio", None): bioimageio.PACKAGE_MARK,
     **{(rule, None): merge_work.WORK_MARK for rule in MERGE_ROUNDS},
 }
 

@@ -187,6 +187,8 @@ def output_mark(rule: str, output: str | None) -> Mark | None:
             from unet_core.infer.part_store import PART_MARK as mark
         case "evaluate", _:
             from unet_core.evaluate.scoring import OUT_DIR_MARK as mark
+        case "export_bioimageio", None:
+            from unet_core.export.bioimageio import PACKAGE_MARK as mark
         case _ if rule in MERGE_ROUNDS:  # the merge rounds' records
             from unet_core.infer.merge_work import WORK_MARK as mark
         case _:

@@ -206,6 +206,15 @@ def predict_package_options():
         " --trust-torchscript" if p["trust_torchscript"] else "")
 
 
+def export_sample():
+    """The ingested stack whose middle slice gives the bioimage.io package's test tensors and cover
+    (rules/export.smk): the first predicted sample that is not a training sample (the package's
+    documentation then states its argmax agreement with unet predict on a stack the model was not
+    trained on), else the first sample."""
+    held_out = [n for n in PREDICT if n not in TRAIN]
+    return out(f"{(held_out or list(samples))[0]}/stack.ome.zarr")
+
+
 def predict_normalisation():
     """--normalisation for unet predict: the config's when it sets one (checked against the model,
     which predict always follows); nothing otherwise (a given model_file brings its own)."""
