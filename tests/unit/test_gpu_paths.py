@@ -516,3 +516,31 @@ def test_compiled_engines_make_one_graph_per_network_and_input_shape(monkeypatch
         assert len(margin[0]) <= limit and len(forward[0]) <= limit  # per compiled function
     finally:
         torch._dynamo.reset()
+
+
+# item 3 -----------------------------------------------------------------------------------------
+def test_training_uploads_classes_as_uint8_and_widens_them_on_the_device(tmp_path: Path, monkeypatch) -> None:
+    """The loader hands classes over as stored (uint8: 1 byte per pixel through worker pipes, pinned
+    memory and the upload instead of 8); the step widens them to int64 on the device."""
+    import unet_core.train.loop as loop
+    from test_train import make_augmented, tiny_config
+
+    uploads, targets = [], []
+    real_to, real_loss = torch.Tensor.to, loop.batch_loss
+
+    def to(self, *args, **kwargs):
+        if kwargs.get("non_blocking"):
+            uploads.append(self.dtype)
+        return real_to(self, *args, **kwargs)
+
+    def loss(forward, image, classes, weights, *, runtime):
+        targets.append((classes.dtype, classes.device.type))
+        return real_loss(forward, image, classes, weights, runtime=runtime)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(loop, "batch_loss", loss)
+    aug = make_augmented(tmp_path / "aug.zarr", n=2)
+    loop.train([aug], out_dir=tmp_path / "run", spec=TINY, config=tiny_config(iterations=2, validate_every=2,
+                                                                                checkpoint_every=2))
+    assert Counter(uploads) == Counter({torch.float32: 4, torch.uint8: 2}), uploads  # image, weights, classes
+    assert targets == [(torch.int64, "cpu")] * 2

@@ -460,7 +460,7 @@ def _step(s: Session, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     image = image.to(device, non_blocking=True)
     if s.runtime.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    classes = classes.to(device, non_blocking=True)
+    classes = classes.to(device, non_blocking=True).long()  # uploaded as uint8, widened on the device
     weights = weights.to(device, non_blocking=True) if s.config.weighted else None
     loss = batch_loss(s.forward, image, classes, weights, runtime=s.runtime)
     s.optimizer.zero_grad(set_to_none=True)
