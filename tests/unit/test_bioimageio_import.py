@@ -325,3 +325,42 @@ def test_the_workflow_takes_a_package_as_model_file(tmp_path: Path, files: dict[
         model_geometry(config, model_file=str(script), given_model={}, given_normalisation=None)
     config["predict"]["trust_torchscript"] = True
     assert model_geometry(config, model_file=str(script), given_model={}, given_normalisation=None) == spec
+
+
+class ChannelsLast(torch.nn.Module):
+    """:class:`SamePadded` taking and giving (batch, y, x, channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SamePadded()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Plane(torch.nn.Module):
+    """:class:`SamePadded` taking one (y, x) image, giving (channel, y, x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SamePadded()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[None, None])[0]
+
+
+@pytest.mark.parametrize(("network", "inputs", "outputs"), [
+    pytest.param(ChannelsLast, ("batch", "y", "x", "channel"), ("batch", "y", "x", "channel"), id="byxc"),
+    pytest.param(Plane, ("y", "x"), ("channel", "y", "x"), id="yx-no-batch"),
+])
+def test_the_packages_axis_order_is_followed(tmp_path: Path, stack: Path, network, inputs, outputs) -> None:
+    script = io.BytesIO()
+    torch.jit.save(torch.jit.script(network().eval()), script)
+    rdf = foreign_rdf({"net.pt": script.getvalue()}, weights=("torchscript",))
+    by_name = {a.get("id", a["type"]): a for a in rdf["inputs"][0]["axes"]}
+    rdf["inputs"][0]["axes"] = [by_name[a] for a in inputs]
+    by_name = {a.get("id", a["type"]): a for a in rdf["outputs"][0]["axes"]}
+    rdf["outputs"][0]["axes"] = [by_name[a] for a in outputs]
+    package = write_package(tmp_path / "p.zip", rdf, {"net.pt": script.getvalue()})
+    assert predict(stack, package, tmp_path / "a", "--trust-torchscript", "--batch", "3") == 0
+    assert np.abs(probabilities(tmp_path / "a")[1] - whole_image_reference(stack)).max() <= 1e-6
