@@ -18,6 +18,7 @@ from unet_core.workflow.door import (
     FOLDER_RULES,
     MERGE_ROUNDS,
     check_existing_outputs,
+    check_sample_stacks,
     model_geometry,
     output_mark,
 )
@@ -79,3 +80,28 @@ def test_model_geometry_names_the_key() -> None:
     with pytest.raises(Exception, match=r"config predict.block_px = 66"):
         model_geometry({**config, "predict": {"tile_out": 64, "block_px": 66}}, model_file="",
                        given_model={}, given_normalisation=None)
+
+
+def _row(image: str, labels: str, slices: str) -> dict[str, str]:
+    return {"image": image, "labels": labels, "slices": slices, "role": "train", "voxel_size_um": ""}
+
+
+def test_sample_stacks_must_exist_and_hold_the_rows_slices(tmp_path) -> None:
+    """A 3-slice TIFF: slices 0-2 are fine, 2-4 name 3 and 4; a missing labels file is named; a file
+    a rule writes (``made``) is not looked for; an unreadable file is left to ingest."""
+    import numpy as np
+    import tifffile
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.zeros((3, 16, 16), np.uint8), photometric="minisblack")
+    check_sample_stacks({"a": _row(str(stack), str(stack), "0-2")}, table="t.tsv")
+    check_sample_stacks({"a": _row(str(stack), "", "all")}, table="t.tsv")
+    with pytest.raises(ConfigError, match=r"^t.tsv: sample 'a': image .*s.tif: slice\(s\) 3, 4 out of range "
+                                          r"for a stack of 3 slices \(0-2\)$"):
+        check_sample_stacks({"a": _row(str(stack), str(stack), "2-4")}, table="t.tsv")
+    with pytest.raises(ConfigError, match=r"^t.tsv: sample 'a': labels .*nope.tif: no such file or directory"):
+        check_sample_stacks({"a": _row(str(stack), str(tmp_path / "nope.tif"), "0")}, table="t.tsv")
+    made = str(tmp_path / "made" / "image.tif")
+    check_sample_stacks({"a": _row(made, "", "0-9")}, table="t.tsv", made=[made])
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    check_sample_stacks({"a": _row(str(tmp_path / "junk.tif"), "", "0")}, table="t.tsv")

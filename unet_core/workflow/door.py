@@ -14,6 +14,7 @@ What the workflow gets here:
 
 * config and samples: :func:`load_yaml`, :func:`schema_problem`, :func:`exact_numbers`,
   :func:`read_samples`, :func:`shared_slices`, :class:`ConfigError`;
+* the samples' data: :func:`check_sample_stacks` (files exist, selections within their slices);
 * geometry checks: :func:`model_geometry` (tile and block sizes against the network),
   :func:`check_jobs_fit_blocks` (``predict.jobs`` and ``predict.merge_jobs`` against the blocks);
 * output marks as objects: :func:`output_mark` (each rule's outputs to the mark of the stage
@@ -46,6 +47,7 @@ __all__ = [
     "check_devices",
     "check_existing_outputs",
     "check_jobs_fit_blocks",
+    "check_sample_stacks",
     "code_hash",
     "exact_numbers",
     "load_yaml",
@@ -148,6 +150,42 @@ def check_jobs_fit_blocks(config: Mapping[str, Any], samples: Mapping[str, Mappi
         for key, k in asked.items():
             try:
                 tiling.check_jobs(k, option=f"config predict.{key} =", of=f"sample {name!r} ({row['image']})")
+            except UserInputError as err:
+                raise ConfigError(str(err)) from None
+
+
+def check_sample_stacks(samples: Mapping[str, Mapping[str, str]], *, table: str,
+                        made: Iterable[str] = ()) -> None:
+    """Every sample's image and labels exist and hold the slices its row names, before any job.
+
+    Otherwise the workflow stopped later: a missing file as Snakemake's MissingInputException
+    (many lines), a selection beyond the stack's slices in ``unet ingest``, after the other rows had
+    been ingested. The slice count comes from the TIFF header (no pixels read); a file a rule of
+    the workflow writes (``made``, e.g. the synthetic sample) is not looked for, and a file that is
+    not a readable stack is left to ingest, which names the problem.
+
+    Raises:
+        ConfigError: one line naming the samples table, the sample and the file.
+    """
+    made = {os.path.normpath(p) for p in made}
+    for name, row in samples.items():
+        for column in ("image", "labels"):
+            path = row[column]
+            if not path or os.path.normpath(path) in made:
+                continue  # the demo's synthetic sample: tifffile is not imported for it
+            if not os.path.exists(path):
+                raise ConfigError(f"{table}: sample {name!r}: {column} {path}: no such file or directory "
+                                  "(paths are relative to the directory snakemake runs in)")
+            from unet_core.common.slices import parse_slices
+            from unet_core.io.tiff import open_tiff_stack  # tifffile: only where a file is looked at
+
+            try:
+                with open_tiff_stack(path) as stack:
+                    n_slices = stack.shape[0]
+            except UserInputError:
+                continue  # ingest names the problem
+            try:
+                parse_slices(row["slices"], n_slices, what=f"{table}: sample {name!r}: {column} {path}")
             except UserInputError as err:
                 raise ConfigError(str(err)) from None
 

@@ -17,6 +17,7 @@ from unet_core.workflow.door import (
     check_devices,
     check_existing_outputs,
     check_jobs_fit_blocks,
+    check_sample_stacks,
     code_hash,
     exact_numbers,
     load_yaml,
@@ -301,6 +302,17 @@ def check_declared_outputs():
     if not workflow.is_main_process:
         return
     check_existing_outputs(declared_outputs(), remedy="set another output_dir in the config")
+
+
+def check_samples_data():
+    """Each sample's files exist (or a rule of this workflow writes them) and hold the slices its row
+    names: checked when the workflow is read, before Snakemake builds the jobs (a missing file
+    was its MissingInputException) and before any row is ingested. Only in the process the user
+    started."""
+    if not workflow.is_main_process:
+        return
+    made = [str(f) for step in workflow.rules for f in step.output if not get_wildcard_names(str(f))]
+    check_sample_stacks(samples, table=config["samples"], made=made)
 
 
 def check_cuda_here():
