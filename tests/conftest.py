@@ -12,6 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 ISBI_DIR = Path(os.environ.get("UNET_ISBI_DIR", REPO.parent / "shared" / "datasets" / "isbi2012"))
 DSB_DIR = Path(os.environ.get("UNET_DSB_DIR", REPO.parent / "shared" / "datasets" / "dsb2018_fluo_256"))
+HELA_DIR = Path(os.environ.get("UNET_HELA_DIR", REPO.parent / "shared" / "datasets" / "dic_hela_seq01"))
 
 
 @pytest.fixture
@@ -28,6 +29,15 @@ def dsb_dir() -> Path:
     if not (DSB_DIR / "images.tif").is_file():
         pytest.skip(f"DSB2018 data not found in {DSB_DIR} (set UNET_DSB_DIR)")
     return DSB_DIR
+
+
+@pytest.fixture(scope="session")
+def hela_dir() -> Path:
+    """DIC-HeLa sequence 01 (CTC data, never in the repository); skips the test when it is not on this machine."""
+    names = ("images.tif", "st-labels.tif", "gt-images.tif", "gt-labels.tif")
+    if not all((HELA_DIR / name).is_file() for name in names):
+        pytest.skip(f"DIC-HeLa sequence 01 not found in {HELA_DIR} (set UNET_HELA_DIR)")
+    return HELA_DIR
 
 
 @pytest.fixture

@@ -69,10 +69,14 @@ def test_the_synthetic_sample_is_unused_where_its_keys_changed(name: str) -> Non
     assert "resources/synth" not in table
 
 
+#: Profiles written after the record (nothing of theirs could change): only the schema resolves them.
+AFTER_THE_RECORD = {"config/dic_hela.yaml", "config/dic_hela_cpu.yaml"}
+
+
 def test_every_shipped_and_test_config_is_in_the_record() -> None:
     shipped = {f"config/{p.name}" for p in (REPO / "config").glob("*.yaml")}
     tests = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("config*.yaml")}
-    assert shipped | tests == set(BEFORE)
+    assert shipped | tests == set(BEFORE) | AFTER_THE_RECORD
 
 
 def test_isbi2012_cpu_without_its_train_keys_trains_the_same_model() -> None:
