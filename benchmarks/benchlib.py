@@ -45,6 +45,20 @@ def tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning (``torch.backends.cudnn.benchmark``) on or off inside the block, restored
+    on leaving it. ``unet train`` turns it on; ``unet predict`` leaves PyTorch's default (off): an
+    autotuned algorithm is picked by timing, so two processes may pick different ones and their
+    float rounding, and predict's jobs are byte-identical to one job only without it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -60,14 +74,13 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 
 
 def matmul_ceiling_tflops(device: torch.device, *, n: int = 8192, repeats: int = 20,
-                          dtype: torch.dtype | None = None) -> float:
+                          dtype: torch.dtype | None = None, runs: int = 3) -> float:
     """Dense matmul rate, TFLOP/s, in ``dtype`` (default bf16 on a GPU, fp32 on the CPU): the
-    ceiling rates are compared with."""
+    ceiling rates are compared with; the median of ``runs`` timings of ``repeats`` products."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _, seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
+    seconds = median_seconds(lambda: [a @ b for _ in range(repeats)], device, runs)
     return 2 * n**3 * repeats / seconds / 1e12
 
 
@@ -87,33 +100,48 @@ def reset_peak_memory(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Rate:
-    """A throughput figure: output Mpx/s, achieved TFLOP/s and peak device memory."""
+    """A throughput figure: output Mpx/s (the median of the timed runs), achieved TFLOP/s and
+    peak device memory; ``runs``: each timed run's Mpx/s."""
 
     mpx_per_s: float
     tflops: float
     peak_gib: float | None
+    runs: tuple[float, ...] = ()
+
+    def spread(self) -> str:
+        """``median of 3: 30.1-31.0`` (the runs' range), or ``1 run``."""
+        if len(self.runs) < 2:
+            return f"{len(self.runs)} run"
+        return f"median of {len(self.runs)}: {min(self.runs):.1f}-{max(self.runs):.1f}"
+
+
+def _rate(pixels: int, seconds: list[float], flops_per_pixel: float, device: torch.device) -> Rate:
+    """The :class:`Rate` of ``pixels`` output pixels per run, runs of ``seconds``: their median."""
+    runs = tuple(pixels / t / 1e6 for t in seconds)
+    rate = statistics.median(runs)
+    return Rate(rate, rate * 1e6 * flops_per_pixel / 1e12, peak_memory_gib(device), runs)
 
 
 def ours_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str, batch: int,
                    block_px: int, tile_out: int, repeats: int = 1, compile: bool = False) -> Rate:
-    """:func:`predict_plane` of a random He-initialised net on an in-memory (Y, X) slice
-    (``compile``: through ``torch.compile``; the warm-up block compiles the tile shape)."""
+    """:func:`predict_plane` of a random He-initialised net on an in-memory (Y, X) slice, the
+    median of ``repeats`` timed runs (``compile``: through ``torch.compile``; the warm-up block
+    compiles the tile shape)."""
     model = random_net(spec)
     kw = dict(stats=IntensityStats(0.0, 1.0), device=device, precision=precision, batch=batch,
               block_px=block_px, tile_out=tile_out, compile=compile)
     predict_plane(model, image[: block_px, : block_px], **kw)  # warm-up: kernels, allocator, compilation
     reset_peak_memory(device)
     times = [timed(lambda: predict_plane(model, image, **kw), device)[1] for _ in range(repeats)]
-    px = image.size
     flops = Tiling((1, *image.shape), spec, block_px, tile_out).flops_overhead() * spec.ideal_flops_per_output_pixel()
-    rate = px / min(times) / 1e6
-    return Rate(rate, rate * 1e6 * flops / 1e12, peak_memory_gib(device))
+    return _rate(image.size, times, flops, device)
 
 
 def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str,
                     roi: int = 512, sw_batch: int = 4, repeats: int = 1) -> Rate | None:
     """MONAI ``sliding_window_inference`` of a same-padded U-Net of the same widths (roi 512,
-    overlap 0.25, gaussian), the usual MONAI set-up; None where MONAI is not installed."""
+    overlap 0.25, gaussian, ``sw_batch`` windows per pass), the usual MONAI set-up, the median
+    of ``repeats`` timed runs; None where MONAI is not installed."""
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
@@ -137,11 +165,10 @@ def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, 
         sliding_window_inference(x0, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model)
     reset_peak_memory(device)
     times = [timed(run, device)[1] for _ in range(repeats)]
-    rate = image.size / min(times) / 1e6
     step = int(roi * (1 - 0.25))
     windows = np.prod([max(1, -(-(n - roi) // step) + 1) for n in image.shape])
     executed = windows * same.tile_flops(roi) / image.size  # FLOPs per output pixel, overlap included
-    return Rate(rate, rate * 1e6 * executed / 1e12, peak_memory_gib(device))
+    return _rate(image.size, times, executed, device)
 
 
 def whole_image_probabilities(model: UNet, image: np.ndarray, device: torch.device) -> np.ndarray:
@@ -176,8 +203,9 @@ def write_stack(path: Path, volume: np.ndarray) -> Path:
 
 
 def end_to_end(spec: UNetSpec, volume: np.ndarray, device: torch.device, *, precision: str, batch: int,
-               block_px: int, tile_out: int, workdir: Path | None = None) -> Rate:
-    """``unet predict`` (``predict_job``) from a Zarr stack to a part store, one job."""
+               block_px: int, tile_out: int, workdir: Path | None = None, repeats: int = 1) -> Rate:
+    """``unet predict`` (``predict_job``) from a Zarr stack to a part store, one job; the median
+    of ``repeats`` runs, each into a new part store (peak memory: the largest)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         stack = write_stack(Path(tmp) / "stack.ome.zarr", volume)
         model = Path(tmp) / "model.pt"
@@ -186,10 +214,10 @@ def end_to_end(spec: UNetSpec, volume: np.ndarray, device: torch.device, *, prec
         kw = dict(device=str(device), precision=precision, batch=batch, block_px=block_px, tile_out=tile_out)
         predict_job(warm, model, Path(tmp) / "warm-part", **kw)
         reset_peak_memory(device)
-        summary, seconds = timed(lambda: predict_job(stack, model, Path(tmp) / "part", **kw), device)
+        times = [timed(lambda: predict_job(stack, model, Path(tmp) / f"part-{k}", **kw), device)[1]
+                 for k in range(repeats)]
     flops = Tiling(volume.shape, spec, block_px, tile_out).flops_overhead() * spec.ideal_flops_per_output_pixel()
-    rate = volume.size / seconds / 1e6
-    return Rate(rate, rate * 1e6 * flops / 1e12, peak_memory_gib(device))
+    return _rate(volume.size, times, flops, device)
 
 
 def argmax_agreement(spec: UNetSpec, image: np.ndarray, device: torch.device, *, block_px: int,
@@ -224,6 +252,7 @@ class TrainingRates:
             writes in this run; they are not training time, so ``ours`` does not count them);
             :meth:`with_checkpoints` counts them.
         checkpoint_every, batch: the default checkpoint interval (iterations) and the batch.
+        ours_runs: the tiles/s of each ``unet train`` run (``ours`` is their median).
         description: device and precision as ``unet train`` logged them.
         warmup_iterations, timed_iterations: steps excluded / timed, per run.
     """
@@ -241,6 +270,7 @@ class TrainingRates:
     checkpoint_seconds: float | None = None
     checkpoint_every: int = 500
     batch: int = 1
+    ours_runs: tuple[float, ...] = ()
 
     def tflops(self, rate: float) -> float:
         """Achieved TFLOP/s at ``rate`` tiles/s."""
@@ -266,9 +296,9 @@ def _training_set(path: Path, *, in_size: int, n: int) -> Path:
 
 def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch: int, iterations: int,
                    workers: int = 2, precision: str = "auto", channels_last: bool = True,
-                   workdir: Path | None = None) -> TrainingRates:
+                   workdir: Path | None = None, repeats: int = 1) -> TrainingRates:
     """Steady-state tiles/s of ``unet train`` (the real loop on a stored set of ``4 x batch`` tiles,
-    Adam, one job) and of a minimal hand-written loop (tensors already on the device, same net,
+    Adam, one job; the median of ``repeats`` runs, each in a new folder) and of a minimal hand-written loop (tensors already on the device, same net,
     batch, precision, memory format and optimizer kernels: fused Adam on CUDA; TF32 and cuDNN
     autotuning on as ``unet train`` sets them), run before and after it. Their ratio is the cost
     of the loop's data loading and bookkeeping.
@@ -294,16 +324,18 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
                           checkpoint_every=3 * third, log_every=third, workers=workers, seed=0,
                           schedule="constant", warmup_iterations=0, export_weights="last")  # as measured before
         reset_peak_memory(device)
+        runs = []
         with _timed_checkpoints() as writes:
-            result = train([aug], out_dir=Path(tmp) / "run", spec=spec, config=cfg)
+            for k in range(repeats):
+                result = train([aug], out_dir=Path(tmp) / f"run-{k}", spec=spec, config=cfg)
+                rows = _metric_rows(Path(tmp) / f"run-{k}" / "metrics.csv")
+                runs.append((rows[-1][0] - rows[0][0]) * batch / (rows[-1][1] - rows[0][1]))
         peak = peak_memory_gib(device)
-        rows = _metric_rows(Path(tmp) / "run" / "metrics.csv")
-        ours = (rows[-1][0] - rows[0][0]) * batch / (rows[-1][1] - rows[0][1])
         after, peak_minimal = _minimal_rate(spec, device, aug, warmup=third, timed_steps=2 * third, **kw)
-    return TrainingRates(ours, (before + after) / 2, before, after, 3 * spec.tile_flops(in_size), peak,
-                         peak_minimal, result.device, third, 2 * third,
+    return TrainingRates(statistics.median(runs), (before + after) / 2, before, after, 3 * spec.tile_flops(in_size),
+                         peak, peak_minimal, result.device, third, 2 * third,
                          checkpoint_seconds=statistics.median(writes) if writes else None,
-                         checkpoint_every=TrainConfig().checkpoint_every, batch=batch)
+                         checkpoint_every=TrainConfig().checkpoint_every, batch=batch, ours_runs=tuple(runs))
 
 
 @contextlib.contextmanager

@@ -51,6 +51,10 @@ def test_gpu_check_runs_every_row_on_the_cpu_with_only_the_gpu_machines_packages
         assert any(n.startswith(row) for n in names), (row, names)
     assert "100.000% of pixels agree" in rows[next(n for n in names if n.startswith("argmax"))]
     training = rows[next(n for n in names if n.startswith("training"))]
+    # every timed row is a median of the quick settings' 2 runs (issue 34: 3 on a GPU)
+    for row in ("in memory", "unet predict"):
+        assert re.search(r"\(median of 2: [\d.]+-[\d.]+\)$", rows[next(n for n in names if n.startswith(row))]), row
+    assert re.search(r"unet train [\d.]+ tiles/s \(median of 2: ", training), training
     assert re.search(r"steps only: with a [\d.]+ s state.pt write every 500 iterations [\d.]+ tiles/s "
                      r"\(validation not counted\)", training), training
 
@@ -122,14 +126,17 @@ def test_tf32_context_sets_both_flags_and_restores_them_also_on_an_error() -> No
 def test_gpu_inference_rows_label_tf32_as_such_and_measure_true_fp32_with_tf32_off(gpu_check, monkeypatch) -> None:
     """Issue 34: cuDNN runs float32 convolutions in TF32 by default, so the old "fp32" rows were
     TF32. On a (stubbed) GPU the rows are bf16, TF32 and fp32 with TF32 off, each measured in the
-    TF32 state its label names; the state before is restored."""
+    TF32 state its label names; the state before is restored. Each is the median of the
+    settings' repeats; ours runs with cuDNN autotuning off (unet predict's setting) and once more
+    with it on in bf16; MONAI with 4 and 16 windows per pass."""
     seen = []
 
     def rate(kind):
-        def measure(spec, image, device, *, precision, compile=False, **kw):
+        def measure(spec, image, device, *, precision, compile=False, repeats, sw_batch=None, **kw):
+            assert repeats == gpu_check.QUICK.repeats
             seen.append((kind, precision, compile, torch.backends.cudnn.allow_tf32,
-                         torch.backends.cuda.matmul.allow_tf32))
-            return gpu_check.B.Rate(10.0, 1.0, None)
+                         torch.backends.cuda.matmul.allow_tf32, sw_batch, torch.backends.cudnn.benchmark))
+            return gpu_check.B.Rate(10.0, 1.0, None, (9.0, 10.0, 12.0))
         return measure
 
     monkeypatch.setattr(gpu_check.B, "ours_in_memory", rate("ours"))
@@ -140,13 +147,21 @@ def test_gpu_inference_rows_label_tf32_as_such_and_measure_true_fp32_with_tf32_o
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
     px = gpu_check.QUICK.slice_px
     assert [name for name, _ in table.rows] == [
-        f"in memory {px}², ours bf16", f"in memory {px}², ours bf16 torch.compile", f"in memory {px}², MONAI bf16",
-        f"in memory {px}², ours TF32", f"in memory {px}², MONAI TF32",
-        f"in memory {px}², ours fp32 (TF32 off)", f"in memory {px}², MONAI fp32 (TF32 off)"]
-    assert seen == [("ours", "bf16", False, True, True), ("ours", "bf16", True, True, True),
-                    ("monai", "bf16", False, True, True),
-                    ("ours", "fp32", False, True, True), ("monai", "fp32", False, True, True),
-                    ("ours", "fp32", False, False, False), ("monai", "fp32", False, False, False)]
+        f"in memory {px}², ours bf16", f"in memory {px}², ours bf16 torch.compile",
+        f"in memory {px}², ours bf16 cudnn.benchmark",
+        f"in memory {px}², MONAI bf16 sw_batch 4", f"in memory {px}², MONAI bf16 sw_batch 16",
+        f"in memory {px}², ours TF32", f"in memory {px}², MONAI TF32 sw_batch 4", f"in memory {px}², MONAI TF32 sw_batch 16",
+        f"in memory {px}², ours fp32 (TF32 off)", f"in memory {px}², MONAI fp32 (TF32 off) sw_batch 4",
+        f"in memory {px}², MONAI fp32 (TF32 off) sw_batch 16"]
+    tuning = torch.backends.cudnn.benchmark  # MONAI's rows run in the process's setting
+    assert seen == [("ours", "bf16", False, True, True, None, False), ("ours", "bf16", True, True, True, None, tuning),
+                    ("ours", "bf16", False, True, True, None, True),
+                    ("monai", "bf16", False, True, True, 4, tuning), ("monai", "bf16", False, True, True, 16, tuning),
+                    ("ours", "fp32", False, True, True, None, False),
+                    ("monai", "fp32", False, True, True, 4, tuning), ("monai", "fp32", False, True, True, 16, tuning),
+                    ("ours", "fp32", False, False, False, None, False),
+                    ("monai", "fp32", False, False, False, 4, tuning), ("monai", "fp32", False, False, False, 16, tuning)]
+    assert all(value.endswith("(median of 3: 9.0-12.0)") for _, value in table.rows), table.rows
 
 
 def test_training_rate_with_checkpoints_counts_one_write_per_interval() -> None:
