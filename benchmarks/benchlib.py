@@ -49,8 +49,8 @@ def tf32(enabled: bool) -> Iterator[None]:
 def cudnn_benchmark(enabled: bool) -> Iterator[None]:
     """cuDNN autotuning (``torch.backends.cudnn.benchmark``) on or off inside the block, restored
     on leaving it. ``unet train`` turns it on; ``unet predict`` leaves PyTorch's default (off): an
-    autotuned algorithm is picked by timing, so two processes may pick different ones and their
-    float rounding, and predict's jobs are byte-identical to one job only without it."""
+    autotuned algorithm is picked by timing, so two processes may pick different ones and round
+    differently, and predict's K jobs could then differ from one job in the last bits."""
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = enabled
     try:
