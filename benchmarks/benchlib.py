@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +101,14 @@ def reset_peak_memory(device: torch.device) -> None:
 @dataclass(frozen=True)
 class Rate:
     """A throughput figure: output Mpx/s (the median of the timed runs), achieved TFLOP/s and
-    peak device memory; ``runs``: each timed run's Mpx/s."""
+    peak device memory; ``runs``: each timed run's Mpx/s; ``loop_mpx_per_s``: for ``unet predict``,
+    the median rate of its block loop alone (start-up, model load and opening the stores excluded)."""
 
     mpx_per_s: float
     tflops: float
     peak_gib: float | None
     runs: tuple[float, ...] = ()
+    loop_mpx_per_s: float | None = None
 
     def spread(self) -> str:
         """``median of 3: 30.1-31.0`` (the runs' range), or ``1 run``."""
@@ -205,7 +207,8 @@ def write_stack(path: Path, volume: np.ndarray) -> Path:
 def end_to_end(spec: UNetSpec, volume: np.ndarray, device: torch.device, *, precision: str, batch: int,
                block_px: int, tile_out: int, workdir: Path | None = None, repeats: int = 1) -> Rate:
     """``unet predict`` (``predict_job``) from a Zarr stack to a part store, one job; the median
-    of ``repeats`` runs, each into a new part store (peak memory: the largest)."""
+    of ``repeats`` runs, each into a new part store (peak memory: the largest), and the median
+    rate of the job's block loop as the job reports it."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         stack = write_stack(Path(tmp) / "stack.ome.zarr", volume)
         model = Path(tmp) / "model.pt"
@@ -214,10 +217,11 @@ def end_to_end(spec: UNetSpec, volume: np.ndarray, device: torch.device, *, prec
         kw = dict(device=str(device), precision=precision, batch=batch, block_px=block_px, tile_out=tile_out)
         predict_job(warm, model, Path(tmp) / "warm-part", **kw)
         reset_peak_memory(device)
-        times = [timed(lambda: predict_job(stack, model, Path(tmp) / f"part-{k}", **kw), device)[1]
-                 for k in range(repeats)]
+        runs = [timed(lambda: predict_job(stack, model, Path(tmp) / f"part-{k}", **kw), device)
+                for k in range(repeats)]
     flops = Tiling(volume.shape, spec, block_px, tile_out).flops_overhead() * spec.ideal_flops_per_output_pixel()
-    return _rate(volume.size, times, flops, device)
+    rate = _rate(volume.size, [seconds for _, seconds in runs], flops, device)
+    return replace(rate, loop_mpx_per_s=statistics.median(summary.mpx_per_s for summary, _ in runs))
 
 
 def argmax_agreement(spec: UNetSpec, image: np.ndarray, device: torch.device, *, block_px: int,

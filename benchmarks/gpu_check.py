@@ -19,7 +19,8 @@ device tool stops a command at 10 minutes, and rows already printed come back):
   by cuDNN's default; "fp32 (TF32 off)" is true float32): Mpx/s, executed TFLOP/s, % of the
   ceiling, peak GPU memory;
 * end to end (≈ 1.5 min): ``unet predict`` (``predict_job``) from a 4 x 8192² uint16 Zarr stack to its
-  part store: Mpx/s and its ratio to the in-memory rate; peak memory vs a 1 x 2048² stack;
+  part store: Mpx/s and its ratio to the in-memory rate, with and without the job's start-up (the
+  block loop's rate as the job logs it); peak memory vs a 1 x 2048² stack;
 * training (≈ 2 min): steady-state tiles/s of ``unet train`` vs a minimal loop (paper net, 572 -> 388,
   bf16), % of the ceiling; training steps only (validation and ``state.pt`` writes are not
   training time), and beside it the rate counting a ``state.pt`` write (timed in the run) every
@@ -151,7 +152,8 @@ def end_to_end_rows(table: Table, s: Settings, device: torch.device, in_memory: 
     kw = dict(precision="auto", batch=s.batch, block_px=s.block_px, tile_out=s.tile_out)
     big = B.end_to_end(s.spec, B.smooth_stack(z, edge), device, repeats=s.repeats, **kw)
     table.add(f"unet predict {z} x {edge}² uint16, Zarr -> Zarr",
-              f"{big.mpx_per_s:.1f} Mpx/s = {big.mpx_per_s / in_memory:.2f}x in memory ({big.spread()})")
+              f"{big.mpx_per_s:.1f} Mpx/s = {big.mpx_per_s / in_memory:.2f}x in memory ({big.spread()}); "
+              f"block loop alone {big.loop_mpx_per_s:.1f} Mpx/s = {big.loop_mpx_per_s / in_memory:.2f}x")
     if device.type == "cuda":
         small = B.end_to_end(s.spec, B.smooth_stack(1, s.small_px), device, **kw)
         table.add(f"peak GPU memory {z} x {edge}² vs 1 x {s.small_px}²",
