@@ -100,9 +100,9 @@ def _oom(*args, **kwargs):
 
 
 def test_out_of_gpu_memory_becomes_the_error_it_names_and_nothing_else_does() -> None:
-    with pytest.raises(ConfigError, match=r"^out of GPU memory training here; lower x$"):
-        with out_of_gpu_memory("training here", "lower x", error=ConfigError):
-            _oom()
+    with pytest.raises(ConfigError, match=r"^out of GPU memory training here; lower x$"), \
+            out_of_gpu_memory("training here", "lower x", error=ConfigError):
+        _oom()
     with pytest.raises(RuntimeError, match="not memory"), out_of_gpu_memory("w", "r"):
         raise RuntimeError("not memory")
 
