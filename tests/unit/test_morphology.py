@@ -1,5 +1,6 @@
 """Compiled merge kernels (unet_core/infer/morphology.py) against the scipy / scikit-image calls
-they replace: results must be identical (values bit for bit, labels label for label)."""
+they replace: results must be identical (values bit for bit, labels label for label); the flood
+against its order written out in Python, and skimage's wherever the heights alone order it."""
 
 from __future__ import annotations
 
@@ -124,33 +125,73 @@ def sk_flood(height, markers, mask, connectivity):
     return sk_watershed(-height, markers, mask=mask, connectivity=1 if connectivity == 4 else 2).astype(np.int32)
 
 
-STATUS_SEEN = set()
+def reference_flood(height, markers, mask, connectivity):
+    """The flood's order written out in Python: markers inside the mask queued first, in raster
+    order; pops in (value, age) order, value = -height (as ``-height`` computes it, then float);
+    a popped pixel labels each unlabelled mask neighbour (skimage's neighbour order) and queues
+    it at max(its value, the popped value)."""
+    import heapq
+
+    value = (-np.asarray(height)).astype(np.float64) + 0.0
+    ny, nx = value.shape
+    steps = [(-1, 0), (0, -1), (0, 1), (1, 0)] + ([(-1, -1), (-1, 1), (1, -1), (1, 1)] if connectivity == 8 else [])
+    labels = np.where(mask & (markers != 0), markers, 0).astype(np.int64)
+    queue, age = [], 0
+    for i, j in zip(*np.nonzero(labels)):
+        queue.append((value[i, j], age, i, j))
+        age += 1
+    heapq.heapify(queue)
+    while queue:
+        v, _, i, j = heapq.heappop(queue)
+        for di, dj in steps:
+            qi, qj = i + di, j + dj
+            if 0 <= qi < ny and 0 <= qj < nx and mask[qi, qj] and labels[qi, qj] == 0:
+                labels[qi, qj] = labels[i, j]
+                heapq.heappush(queue, (max(value[qi, qj], v), age, qi, qj))
+                age += 1
+    return labels.astype(np.int32)
 
 
-def check_flood(height, markers, mask) -> None:
-    """The public function and both of its kernels (per component; skimage's heap replayed)."""
-    args = (np.ascontiguousarray(height), True, M._kernel_markers(np.asarray(markers)), mask)
+def tied_markers(height, markers, mask, connectivity) -> bool:
+    """Whether two markers of different labels with equal heights share a mask component (where
+    skimage's heap layout, not the heights, orders them)."""
+    comp, _ = ndi.label(mask, structure=ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2))
+    on = mask & (markers != 0)
+    seen = {}
+    for c, v, m in zip(comp[on], (-np.asarray(height)).astype(np.float64)[on] + 0.0, markers[on]):
+        if seen.setdefault((c, v), m) != m:
+            return True
+    return False
+
+
+PATHS_SEEN = set()
+
+
+def check_flood(height, markers, mask, monkeypatch) -> None:
+    """The public function through both of its kernels (a heap per component; the bucket queue
+    over ranks) equals the order written out, and skimage wherever skimage's order is defined by
+    the heights alone (no tied markers of different labels in one component)."""
     for conn in (4, 8):
-        ref = sk_flood(height, markers, mask, conn)
-        out = M.flood_from_markers(height, markers, mask, connectivity=conn)
-        assert out.dtype == np.int32
-        assert np.array_equal(out, ref), (height.shape, conn)
-        if height.dtype.kind == "f":
-            labels, ok = M._flood(*args, conn == 8)
-            assert ok and np.array_equal(labels, ref)
-            labels, status = M._flood_by_component(*args, conn == 8)
-            STATUS_SEEN.add(status)
-            assert status == 1 or np.array_equal(labels, ref)
+        ref = reference_flood(height, markers, mask, conn)
+        for limit in (0, 1 << 30):  # every marked component to the ranked flood / to a heap
+            monkeypatch.setattr(M, "_HEAP_LIMIT_PX", limit)
+            out = M.flood_from_markers(height, markers, mask, connectivity=conn)
+            assert out.dtype == np.int32
+            assert np.array_equal(out, ref), (height.shape, conn, limit)
+        tied = tied_markers(height, markers, mask, conn)
+        PATHS_SEEN.add(tied)
+        if not tied:
+            assert np.array_equal(out, sk_flood(height, markers, mask, conn)), (height.shape, conn)
 
 
-def test_flood_equals_skimage_on_distance_maps_with_h_maxima_seeds() -> None:
+def test_flood_equals_skimage_on_distance_maps_with_h_maxima_seeds(monkeypatch) -> None:
     for m in random_masks(4, 120):
         d = instances.mask_distance(m)
         markers, _ = ndi.label(sk_peaks(d, 1.0) & m, structure=CROSS) if d.size else (np.zeros(m.shape, int), 0)
-        check_flood(d, markers, m)
+        check_flood(d, markers, m, monkeypatch)
 
 
-def test_flood_equals_skimage_on_ties_markers_off_mask_and_no_markers() -> None:
+def test_flood_on_ties_markers_off_mask_and_no_markers(monkeypatch) -> None:
     rng = np.random.default_rng(5)
     for k in range(150):
         shape = SHAPES[k % len(SHAPES)] if k < len(SHAPES) else tuple(rng.integers(1, 45, 2))
@@ -169,20 +210,37 @@ def test_flood_equals_skimage_on_ties_markers_off_mask_and_no_markers() -> None:
         mask = rng.random(shape) < (1.0 if k % 7 == 0 else 0.85)
         density = [0.0, 0.02, 0.2][k % 3]
         markers = np.where(rng.random(shape) < density, rng.integers(1, 6, shape), 0).astype(np.int32)
-        check_flood(height, markers, mask)  # markers lie on and off the mask
-        check_flood(height, markers.astype(np.int64), np.zeros(shape, bool))  # empty mask
+        check_flood(height, markers, mask, monkeypatch)  # markers lie on and off the mask
+        check_flood(height, markers.astype(np.int64), np.zeros(shape, bool), monkeypatch)  # empty mask
+    assert PATHS_SEEN >= {False, True}  # both with and without tied markers
 
 
-def test_flood_both_kernels_were_exercised() -> None:
-    # two touching mirror-image discs: their seeds have equal values, different labels
+def test_flood_tied_markers_go_in_raster_order(monkeypatch) -> None:
+    # two touching mirror-image discs: their seeds have equal heights and different labels; the
+    # first in raster order floods first, so it takes the tied pixels, whatever the labels' values
     yy, xx = np.indices((21, 37))
     mask = ((yy - 10) ** 2 + (xx - 10) ** 2 <= 64) | ((yy - 10) ** 2 + (xx - 26) ** 2 <= 64)
     d = instances.mask_distance(mask)
     markers, n = ndi.label(sk_peaks(d, 1.0) & mask, structure=CROSS)
-    assert n == 2
-    check_flood(d, markers, mask)
-    assert M._flood_by_component(d, True, M._kernel_markers(markers), mask, False)[1] == 1
-    assert STATUS_SEEN >= {0, 1}
+    assert n == 2 and tied_markers(d, markers, mask, 4)
+    check_flood(d, markers, mask, monkeypatch)
+    swapped = np.where(markers > 0, 3 - markers, 0)
+    for conn in (4, 8):
+        a = M.flood_from_markers(d, markers, mask, connectivity=conn)
+        b = M.flood_from_markers(d, swapped, mask, connectivity=conn)
+        assert np.array_equal(np.where(a > 0, 3 - a, 0), b)  # labels permute with the markers
+
+
+def test_flood_marker_ids_of_any_integer_value(monkeypatch) -> None:
+    rng = np.random.default_rng(9)
+    height = ndi.gaussian_filter(rng.random((30, 40)), 2.0)
+    mask = rng.random((30, 40)) < 0.9
+    small = np.where(rng.random((30, 40)) < 0.03, rng.integers(1, 5, (30, 40)), 0)
+    for ids in (np.array([0, -7, 2**40, 2**31 + 5, 11]), np.array([0, 1, 2, 3, 4])):
+        markers = ids[small]
+        out = M.flood_from_markers(height, markers, mask)
+        assert np.array_equal(out, ids.astype(np.int32)[M.flood_from_markers(height, small, mask)])
+        check_flood(height, markers, mask, monkeypatch)
 
 
 def test_flood_nan_heights_left_to_skimage() -> None:
@@ -196,13 +254,13 @@ def test_flood_nan_heights_left_to_skimage() -> None:
                               sk_flood(height, markers, mask, conn))
 
 
-def test_flood_other_dtypes() -> None:
+def test_flood_other_dtypes(monkeypatch) -> None:
     rng = np.random.default_rng(6)
     height = rng.integers(0, 4, (20, 30)).astype(np.uint8)  # -height wraps in uint8, as before
     markers = (rng.random((20, 30)) < 0.05).astype(np.uint16) * 3
     mask = rng.random((20, 30)) < 0.8
-    check_flood(height, markers, mask)
-    check_flood(height.astype(np.int16), markers.astype(bool), mask)
+    check_flood(height, markers, mask, monkeypatch)
+    check_flood(height.astype(np.int16), markers.astype(bool), mask, monkeypatch)
 
 
 # ------------------------------------------------------------------------------ instances
@@ -212,7 +270,7 @@ def old_seeded_watershed(p, seed_threshold=0.9, seed_erosion_px=2, mask_threshol
     s = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
     seeds = ndi.binary_erosion(p > seed_threshold, iterations=seed_erosion_px) & (p > mask_threshold)
     markers, n = ndi.label(seeds, structure=s)
-    labels = sk_flood(p, markers, p > mask_threshold, connectivity)
+    labels = reference_flood(p, markers, p > mask_threshold, connectivity)
     un, _ = ndi.label((p > mask_threshold) & (labels == 0), structure=s)
     labels[un > 0] = un[un > 0] + n
     return labels
@@ -224,7 +282,7 @@ def old_distance_seeded_watershed(p, h_px, mask_threshold=0.5, connectivity=4):
     d = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
     seeds = sk_peaks(d, float(h_px)) & (d >= h_px) & mask
     markers, n = ndi.label(seeds, structure=s)
-    labels = sk_flood(d, markers, mask, connectivity)
+    labels = reference_flood(d, markers, mask, connectivity)
     un, _ = ndi.label(mask & (labels == 0), structure=s)
     labels[un > 0] = un[un > 0] + n
     return labels

@@ -149,7 +149,7 @@ def flood_height(height: np.ndarray, markers: np.ndarray, *, mask: np.ndarray, c
     connectivity_structure(connectivity)
     height, markers = np.asarray(height), np.asarray(markers)
     if height.ndim == 2 and height.dtype.kind in "biuf" and markers.dtype.kind in "biu":
-        # compiled; identical to skimage 0.26's watershed(-height, ...) (morphology.py)
+        # compiled; skimage 0.26's watershed(-height, ...) with tied markers in raster order (morphology.py)
         from unet_core.infer.morphology import flood_from_markers
 
         return flood_from_markers(height, markers, mask, connectivity=connectivity)

@@ -1,7 +1,8 @@
 """Compiled (numba) kernels of the distance-seeded watershed of ``unet merge``.
 
-Each kernel gives exactly the result (bit for bit, label for label) of the scipy / scikit-image
-call that :mod:`unet_core.infer.instances` used before, several times faster on one core:
+The first two give exactly the result (bit for bit) of the scipy / scikit-image call that
+:mod:`unet_core.infer.instances` used before, the flood that call's result but for one tie rule;
+all several times faster on one core:
 
 :func:`distance_transform_edt`
     ``scipy.ndimage.distance_transform_edt(mask)``: exact Euclidean distance, px, of each True
@@ -17,16 +18,17 @@ call that :mod:`unet_core.infer.instances` used before, several times faster on 
     twice (argsort + rank order) for its reconstruction; this is O(n) in practice.
 :func:`flood_from_markers`
     ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 or 2)`` of
-    scikit-image 0.26 (markers in raster order with age 0 and their own value; each newly
-    reached neighbour with the next age and the value ``max(its value, the value of the pixel
-    that reached it)``; pops in (value, age) order). Since those pops follow the keys alone and
-    the components of the mask never interact, each component is flooded on its own, with a
-    small heap that stays in cache (:func:`_flood_by_component`). The one order the keys leave
-    open, among markers of equal value, is the layout of skimage's heap; where two such markers
-    of different labels share a component, skimage's heap is replayed exactly, with the same
-    pushes and pops (:func:`_flood`). Older scikit-image releases order the flooding
-    differently (0.24: no ``max``; 0.25: markers at ``-inf``), so there results may differ on
-    ties.
+    scikit-image 0.26 (markers first with their own value; each newly reached neighbour takes
+    the label at once and is queued at ``max(its value, the value of the pixel that reached
+    it)``; pops in (value, age) order), with one difference: markers of equal value, which
+    skimage takes in the order its heap's layout happens to give, are taken here in raster
+    order (so the result no longer depends on an accident of the heap, and equals skimage's
+    wherever no two such markers of different labels share a mask component). Components of
+    the mask never interact: each small one is flooded on its own with a heap that stays in
+    cache (:func:`_flood_component`); the large ones (a confluent mask: millions of pixels)
+    with a bucket queue over the ranks of their values (:func:`_flood_ranked`, O(1) a pixel).
+    Older scikit-image releases order the flooding differently (0.24: no ``max``; 0.25:
+    markers at ``-inf``).
 
 The kernels are compiled on first use (``cache=True``: once per machine, then loaded from
 numba's cache, about a second per process) and release the GIL, so the blocks of a merge can
@@ -259,51 +261,42 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# seeded flooding (skimage 0.26 watershed, no compactness, no watershed line)
+# seeded flooding: (value, age) order, markers in raster order
 # --------------------------------------------------------------------------------------------
 
 
-#: ``_order_key`` maps the float64 bits of a negative number through this XOR.
+#: Marked components of more pixels than this are flooded with a bucket queue over the ranks of
+#: their values (:func:`_flood_ranked`), smaller ones with a heap each (:func:`_flood_component`).
+_HEAP_LIMIT_PX = 1 << 18
+
+#: The order keys (:func:`_padded_inputs`) map the float64 bits of a negative number through this XOR.
 _LOW63 = np.int64(0x7FFFFFFFFFFFFFFF)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _order_key(v: float) -> int:  # pragma: no cover - compiled
-    """int64 with the order of the float64 ``v`` (not NaN): equal keys iff equal values, so
-    -0.0 and 0.0 share one key."""
-    b = np.float64(v + 0.0).view(np.int64)  # + 0.0 turns -0.0 into 0.0
-    return b ^ (_LOW63 if b < 0 else np.int64(0))
 
 
 @numba.njit(cache=True, nogil=True)
 def _padded_inputs(
     height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray
 ) -> tuple:  # pragma: no cover - compiled
-    """The flood's inputs padded by one pixel of non-mask and raveled, as skimage does: (order
-    keys of the values, inside the mask, labels (the markers inside the mask, else 0), number of
-    heap items (mask pixels plus markers inside the mask), ok); ok is False (the rest undefined)
-    where ``height`` holds NaN. The image is -height if ``negate`` else height, in float64."""
+    """The flood's inputs padded by one pixel of non-mask and raveled: (int64 order keys of the
+    values (equal iff the float64 values are equal, so -0.0 and 0.0 share one), int32 state (-1
+    outside the mask, else the marker id, 0 for none), ok); ok is False (the rest undefined)
+    where ``height`` holds NaN. The values are -height if ``negate`` else height, in float64.
+    ``markers`` hold ids 0 .. 2^31 - 1. Branch-free, so the compiler vectorises it."""
     ny, nx = height.shape
     px = nx + 2
-    npad = (ny + 2) * px
-    key = np.zeros(npad, np.int64)
-    inside = np.zeros(npad, np.bool_)
-    lab = np.zeros(npad, np.int64)
-    n_items = 0
+    key = np.zeros((ny + 2) * px, np.int64)
+    state = np.full((ny + 2) * px, -1, np.int32)
+    sign = -1.0 if negate else 1.0
+    nan = False
     for i in range(ny):
+        row = (i + 1) * px + 1
         for j in range(nx):
-            p = (i + 1) * px + (j + 1)
-            v = np.float64(height[i, j])
-            if v != v:
-                return key, inside, lab, 0, False
-            key[p] = _order_key(-v if negate else v)
-            if mask[i, j]:
-                inside[p] = True
-                n_items += 1
-                if markers[i, j] != 0:
-                    lab[p] = markers[i, j]
-                    n_items += 1
-    return key, inside, lab, n_items, True
+            v = np.float64(height[i, j]) * sign + 0.0  # + 0.0 turns -0.0 into 0.0
+            nan |= v != v
+            b = np.float64(v).view(np.int64)
+            key[row + j] = b ^ ((b >> 63) & _LOW63)
+            state[row + j] = np.int32(markers[i, j]) if mask[i, j] else np.int32(-1)
+    return key, state, not nan
 
 
 @numba.njit(cache=True, nogil=True)
@@ -316,123 +309,30 @@ def _neighbour_offsets(px: int, eight: bool) -> np.ndarray:  # pragma: no cover 
 
 
 @numba.njit(cache=True, nogil=True)
-def _unpad(lab: np.ndarray, out: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """``out`` (Y, X) filled with the padded, raveled labels ``lab`` (wrapping to ``out``'s dtype
-    as numpy's astype does)."""
+def _unpad(state: np.ndarray, ids: np.ndarray, out: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """``out`` (Y, X) filled with ``ids[state]`` of the padded, raveled ``state`` (0 where it
+    is 0 or -1)."""
     ny, nx = out.shape
     px = nx + 2
     for i in range(ny):
         for j in range(nx):
-            out[i, j] = lab[(i + 1) * px + (j + 1)]
+            k = state[(i + 1) * px + (j + 1)]
+            out[i, j] = ids[k] if k > 0 else 0
     return out
 
 
-# skimage's heap (:func:`_flood`): slot k is heap[2k] = value key, heap[2k + 1] = age << 32 |
-# index; a slot is "smaller" than another: key <, or key == and age < (age = heap[2k + 1] >> 32).
-# The heap steps run once a pixel, so they are inlined (``inline="always"``) into the kernels.
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
-def _age_heap_push(heap: np.ndarray, items: int, v: int, age: int, p: int) -> int:  # pragma: no cover
-    """Push (value key ``v``, ``age``, index ``p``) onto skimage's heap of ``items`` slots,
-    sifting it up as skimage does; returns the new number of items."""
-    child = items
-    while child > 0:
-        parent = (child + 1) // 2 - 1
-        pv = heap[2 * parent]
-        if v < pv or (v == pv and age < (heap[2 * parent + 1] >> 32)):
-            heap[2 * child] = pv
-            heap[2 * child + 1] = heap[2 * parent + 1]
-            child = parent
-        else:
-            break
-    heap[2 * child] = v
-    heap[2 * child + 1] = (age << 32) | p
-    return items + 1
+def _append(head: np.ndarray, tail: np.ndarray, nxt: np.ndarray, b: int, p: int) -> None:  # pragma: no cover
+    """Append pixel ``p`` to the first-in-first-out list ``b`` (``head``/``tail`` -1: empty)."""
+    nxt[p] = -1
+    if tail[b] < 0:
+        head[b] = p
+    else:
+        nxt[tail[b]] = p
+    tail[b] = p
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _age_heap_pop(heap: np.ndarray, items: int) -> tuple:  # pragma: no cover - compiled
-    """Pop the smallest slot of skimage's heap of ``items`` slots: the hole goes down the
-    smaller-child path (left on ties), then the last item up (Floyd), which leaves the heap as
-    skimage's sift-down does. Returns (its value key, its index, the new number of items)."""
-    ev = heap[0]
-    ei = heap[1] & 0xFFFFFFFF
-    items -= 1
-    if items > 0:
-        lv = heap[2 * items]
-        lp = heap[2 * items + 1]
-        la = lp >> 32
-        i = 0
-        while True:  # hole down the smaller-child path (left on ties)
-            c = 2 * i + 1
-            if c >= items:
-                break
-            r = c + 1
-            if r < items:
-                rv = heap[2 * r]
-                cv = heap[2 * c]
-                if rv < cv or (rv == cv and (heap[2 * r + 1] >> 32) < (heap[2 * c + 1] >> 32)):
-                    c = r
-            heap[2 * i] = heap[2 * c]
-            heap[2 * i + 1] = heap[2 * c + 1]
-            i = c
-        while i > 0:  # last item up while its parent is not smaller than it
-            parent = (i + 1) // 2 - 1
-            pv = heap[2 * parent]
-            if pv < lv or (pv == lv and (heap[2 * parent + 1] >> 32) < la):
-                break
-            heap[2 * i] = pv
-            heap[2 * i + 1] = heap[2 * parent + 1]
-            i = parent
-        heap[2 * i] = lv
-        heap[2 * i + 1] = lp
-    return ev, ei, items
-
-
-@numba.njit(cache=True, nogil=True)
-def _flood(
-    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, eight: bool
-) -> tuple:  # pragma: no cover - compiled
-    """skimage.segmentation.watershed(image, markers, mask=mask) (0.26, no compactness, no
-    watershed line) with image = -height if ``negate`` else height, in float64.
-
-    Returns (int64 labels (Y, X), ok); ok is False (labels undefined) where the image holds NaN.
-
-    The image is padded by one pixel of non-mask and raveled, as skimage does, and the priority
-    queue is the same binary min-heap on (value, age): each slot is two int64, an order key of
-    the value and ``age << 32 | raveled index``; pops move the hole down the smaller-child path
-    and then the last item up (Floyd), which leaves the heap exactly as skimage's sift-down does
-    (the path is sorted, so the item stops below the same elements) with one comparison a level.
-    """
-    ny, nx = height.shape
-    key, inside, lab, n_items, ok = _padded_inputs(height, negate, markers, mask)
-    if not ok:
-        return np.zeros((ny, nx), np.int64), False
-    offsets = _neighbour_offsets(nx + 2, eight)
-    heap = np.empty(2 * max(n_items, 1), np.int64)
-    items = 0
-    for p in range(lab.shape[0]):  # markers in raster order, age 0, their own value
-        if lab[p] != 0:
-            items = _age_heap_push(heap, items, key[p], 0, p)
-    age = 1
-    while items > 0:
-        ev, ei, items = _age_heap_pop(heap, items)
-        label = lab[ei]
-        for k in range(offsets.shape[0]):
-            q = ei + offsets[k]
-            if not inside[q] or lab[q] != 0:
-                continue
-            age += 1
-            lab[q] = label
-            v = key[q]
-            if v < ev:  # a pixel costs at least as much as the one that reached it
-                v = ev
-            items = _age_heap_push(heap, items, v, age, q)
-    return _unpad(lab, np.empty((ny, nx), np.int64)), True
-
-
-# a component's heap (:func:`_flood_by_component`): slot k is heap[2k] = value key,
+# a component's heap (:func:`_flood_component`): slot k is heap[2k] = value key,
 # heap[2k + 1] = push number << 32 | index; slots compare as (key, heap[2k + 1]) pairs.
 
 
@@ -490,7 +390,7 @@ def _slot_heap_pop(heap: np.ndarray, items: int) -> tuple:  # pragma: no cover -
 
 @numba.njit(cache=True, nogil=True)
 def _component(
-    start: int, inside: np.ndarray, seen: np.ndarray, members: np.ndarray, offsets: np.ndarray
+    start: int, state: np.ndarray, seen: np.ndarray, members: np.ndarray, offsets: np.ndarray
 ) -> int:  # pragma: no cover - compiled
     """The connected component of the mask pixel ``start`` (not yet ``seen``), breadth first:
     written to ``members[:n]`` and marked in ``seen``; returns n."""
@@ -503,7 +403,7 @@ def _component(
         h += 1
         for k in range(offsets.shape[0]):
             q = p + offsets[k]
-            if inside[q] and not seen[q]:
+            if state[q] >= 0 and not seen[q]:
                 seen[q] = True
                 members[n_members] = q
                 n_members += 1
@@ -511,135 +411,176 @@ def _component(
 
 
 @numba.njit(cache=True, nogil=True)
-def _has_tied_labels(
-    members: np.ndarray, n_members: int, key: np.ndarray, lab: np.ndarray
-) -> bool:  # pragma: no cover - compiled
-    """Whether two markers among ``members[:n_members]`` have equal values and different labels
-    (then skimage's heap layout decides their order)."""
-    n_markers = 0
-    for t in range(n_members):
-        if lab[members[t]] != 0:
-            n_markers += 1
-    if n_markers <= 1:
-        return False
-    mkeys = np.empty(n_markers, np.int64)
-    mlabels = np.empty(n_markers, np.int64)
-    n_markers = 0
-    for t in range(n_members):
-        p = members[t]
-        if lab[p] != 0:
-            mkeys[n_markers] = key[p]
-            mlabels[n_markers] = lab[p]
-            n_markers += 1
-    order = np.argsort(mkeys)
-    for t in range(1, n_markers):
-        u, w = order[t - 1], order[t]
-        if mkeys[u] == mkeys[w] and mlabels[u] != mlabels[w]:
-            return True
-    return False
-
-
-@numba.njit(cache=True, nogil=True)
 def _flood_component(
-    members: np.ndarray,
-    n_members: int,
-    key: np.ndarray,
-    inside: np.ndarray,
-    lab: np.ndarray,
-    offsets: np.ndarray,
-    heap: np.ndarray,
-    slot: int,
-) -> int:  # pragma: no cover - compiled
-    """Flood the component ``members[:n_members]`` from its markers (in ``lab``, age 0, before
-    every pixel they reach) with its own heap, numbering the pushes from ``slot``; writes the
-    labels to ``lab`` and returns the next push number."""
-    items = 0
+    members: np.ndarray, n_members: int, key: np.ndarray, state: np.ndarray, offsets: np.ndarray, heap: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """Flood the component ``members[:n_members]`` from its markers (``state`` > 0) in
+    increasing (value key, push number) order with a heap of its own, the markers pushed first
+    in raster order; writes the labels to ``state``."""
+    n_markers = 0
     for t in range(n_members):
-        p = members[t]
-        if lab[p] != 0:
-            items = _slot_heap_push(heap, items, key[p], (slot << 32) | p)
-            slot += 1
+        if state[members[t]] > 0:
+            n_markers += 1
+    markers = np.empty(n_markers, np.int64)
+    n_markers = 0
+    for t in range(n_members):
+        if state[members[t]] > 0:
+            markers[n_markers] = members[t]
+            n_markers += 1
+    markers.sort()
+    items = 0
+    slot = np.int64(0)
+    for t in range(n_markers):
+        p = markers[t]
+        items = _slot_heap_push(heap, items, key[p], (slot << 32) | p)
+        slot += 1
     while items > 0:
         ev, e, items = _slot_heap_pop(heap, items)
-        label = lab[e]
+        label = state[e]
         for k in range(offsets.shape[0]):
             q = e + offsets[k]
-            if not inside[q] or lab[q] != 0:
+            if state[q] != 0:  # outside the mask, or labelled
                 continue
-            lab[q] = label
+            state[q] = label
             kv = key[q]
-            if kv < ev:
+            if kv < ev:  # a pixel costs at least as much as the one that reached it
                 kv = ev
             items = _slot_heap_push(heap, items, kv, (slot << 32) | q)
             slot += 1
-    return slot
 
 
 @numba.njit(cache=True, nogil=True)
-def _flood_by_component(
-    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, eight: bool
-) -> tuple:  # pragma: no cover - compiled
-    """The flood of :func:`_flood`, one connected component of ``mask`` after the other, each
-    with a priority queue of its own.
-
-    Returns (int32 labels (Y, X), status): status 0 where the labels are skimage's; 1 (labels
-    unfinished) where two markers of different labels in one component have equal values; 2
-    where ``height`` holds NaN.
-
-    skimage pops its items in increasing (value, age) order: every push is worth at least the
-    item popped before it, so that sequence is fixed by the keys alone, except among markers of
-    equal value (all age 0), which it takes in the order its heap's layout happens to give. A
-    component's labels depend only on the order of its own items, and ages order them as their
-    pushes within the component do; so flooding component by component, with (value, slot)
-    keys where slots number the pushes, gives skimage's labels. Equal-valued markers come here
-    in breadth-first order; where two of them with different labels share a component this
-    kernel gives up (status 1) and the caller replays skimage's heap; otherwise their order
-    cannot change the labels (a run of equal-valued items of one label pushes the same pixels, with
-    that label, whatever its order). Flooding one cell after the other keeps the memory it
-    touches in cache, which the global order (every pop somewhere else in the image) does not.
-    """
-    ny, nx = height.shape
-    key, inside, lab, _, ok = _padded_inputs(height, negate, markers, mask)
-    if not ok:
-        return np.zeros((ny, nx), np.int32), 2
-    offsets = _neighbour_offsets(nx + 2, eight)
-    npad = lab.shape[0]
+def _flood_small_components(key: np.ndarray, state: np.ndarray, offsets: np.ndarray, limit: int) -> np.ndarray:  # pragma: no cover
+    """Flood every component of the mask that holds a marker and at most ``limit`` pixels, each
+    with a heap of its own (:func:`_flood_component`: its memory stays in cache); returns the
+    raveled positions of the larger marked components' pixels, left for :func:`_flood_ranked`."""
+    npad = state.shape[0]
     seen = np.zeros(npad, np.bool_)
-    members = np.empty(npad, np.int64)  # the components with markers, breadth first, one after the other
-    bounds = np.empty(npad + 1, np.int64)  # component c: members[bounds[c]:bounds[c + 1]]
-    bounds[0] = 0
-    n_components = 0
-    for start in range(npad):  # first every component and its markers: a tie sends the whole
-        if lab[start] == 0 or seen[start]:  # image to the replay before any flooding is spent
+    big = np.zeros(npad, np.bool_)
+    n_big = 0
+    members = np.empty(npad, np.int64)
+    heap = np.empty(2 * min(npad, limit + 1), np.int64)
+    for start in range(npad):
+        if state[start] <= 0 or seen[start]:
             continue
-        at = bounds[n_components]
-        n_members = _component(start, inside, seen, members[at:], offsets)
-        if _has_tied_labels(members[at:], n_members, key, lab):
-            return np.zeros((ny, nx), np.int32), 1
-        n_components += 1
-        bounds[n_components] = at + n_members
-    heap = np.empty(2 * npad, np.int64)
-    slot = np.int64(0)
-    for c in range(n_components):
-        at = bounds[c]
-        slot = _flood_component(members[at:], bounds[c + 1] - at, key, inside, lab, offsets, heap, slot)
-    return _unpad(lab, np.empty((ny, nx), np.int32)), 0
+        n_members = _component(start, state, seen, members, offsets)
+        if n_members > limit:
+            for t in range(n_members):
+                big[members[t]] = True
+            n_big += n_members
+        else:
+            _flood_component(members, n_members, key, state, offsets, heap)
+    positions = np.empty(n_big, np.int64)
+    n_big = 0
+    for p in range(npad):
+        if big[p]:
+            positions[n_big] = p
+            n_big += 1
+    return positions
 
 
-def _kernel_markers(markers: np.ndarray) -> np.ndarray:
-    """Markers as the kernels take them: int32 (what ``ndi.label`` gives) as is, others as
-    int64 (two compiled variants instead of one per integer type)."""
-    return np.ascontiguousarray(markers, dtype=np.int32 if markers.dtype == np.int32 else np.int64)
+@numba.njit(cache=True, nogil=True)
+def _ranks(key: np.ndarray, coarse_sorted: np.ndarray) -> tuple:  # pragma: no cover - compiled
+    """Dense ranks of the keys of some pixels: (int32 rank per pixel of ``key``'s array, 0
+    elsewhere; the number of ranks).
+
+    ``coarse_sorted`` holds, sorted, ``key[p] >> 32 << 32 | p`` for each of these pixels p: the
+    keys ordered by their high 32 bits. A run of equal high bits (rarely more than a few
+    pixels) is ordered by the whole keys here, by insertion; a run of one pixel is a new rank
+    without reading its key, so this pass touches each pixel's rank once and little else."""
+    rank = np.zeros(key.shape[0], np.int32)
+    run = np.empty(64, np.int64)
+    r = -1
+    n = coarse_sorted.shape[0]
+    t = 0
+    while t < n:
+        hi = coarse_sorted[t] >> 32
+        u = t + 1
+        while u < n and (coarse_sorted[u] >> 32) == hi:
+            u += 1
+        if u == t + 1:
+            r += 1
+            rank[coarse_sorted[t] & 0xFFFFFFFF] = r
+            t = u
+            continue
+        if u - t > run.shape[0]:
+            run = np.empty(2 * (u - t), np.int64)
+        for j in range(u - t):  # the run's pixels, by insertion on their whole keys
+            p = coarse_sorted[t + j] & 0xFFFFFFFF
+            i = j
+            while i > 0 and key[run[i - 1]] > key[p]:
+                run[i] = run[i - 1]
+                i -= 1
+            run[i] = p
+        r += 1  # the run's high bits differ from the previous run's: a new rank
+        rank[run[0]] = r
+        for j in range(1, u - t):
+            if key[run[j]] != key[run[j - 1]]:
+                r += 1
+            rank[run[j]] = r
+        t = u
+    return rank, r + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_ranked(
+    rank: np.ndarray, n_ranks: int, positions: np.ndarray, state: np.ndarray, offsets: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """Flood the whole components ``positions`` (raveled, increasing) of ``state`` from their
+    markers in increasing (rank, push number) order, in place, with one first-in-first-out list
+    per rank (a bucket queue): the markers are pushed first, in raster order; a pixel reached
+    from a popped one takes its label at once and is pushed at ``max(its rank, the popped
+    rank)``. Pushes never go below the rank being popped, so the lowest non-empty list only
+    moves up: O(1) a pixel, where a heap over a component of millions of pixels costs a cache
+    miss a level."""
+    head = np.full(max(n_ranks, 1), -1, np.int32)
+    tail = np.full(max(n_ranks, 1), -1, np.int32)
+    nxt = np.empty(state.shape[0], np.int32)
+    for t in range(positions.shape[0]):
+        p = positions[t]
+        if state[p] > 0:
+            _append(head, tail, nxt, rank[p], p)
+    cur = 0
+    while True:
+        while cur < n_ranks and head[cur] < 0:
+            cur += 1
+        if cur >= n_ranks:
+            break
+        e = head[cur]
+        head[cur] = nxt[e]
+        if head[cur] < 0:
+            tail[cur] = -1
+        label = state[e]
+        for k in range(offsets.shape[0]):
+            q = e + offsets[k]
+            if state[q] != 0:  # outside the mask, or labelled
+                continue
+            state[q] = label
+            b = rank[q]
+            if b < cur:  # a pixel costs at least as much as the one that reached it
+                b = cur
+            nxt[q] = -1  # append q to list b (written out: numba's inlining made this loop slower)
+            if tail[b] < 0:
+                head[b] = q
+            else:
+                nxt[tail[b]] = q
+            tail[b] = q
 
 
 def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
-    """(Y, X) int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``;
-    equal to ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
-    connectivity == 4 else 2).astype(np.int32)`` (scikit-image 0.26).
+    """(Y, X) int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``,
+    as ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
+    connectivity == 4 else 2).astype(np.int32)`` (scikit-image 0.26) does, except where markers
+    of different labels have equal heights in one component: these are taken in raster order
+    here (skimage: in its heap's layout, an accident of its pushes).
+
+    The order: a pixel is taken when no queued pixel is higher and none of equal height was
+    queued before it; taken, it gives its label to each unlabelled neighbour in the mask (in
+    skimage's neighbour order), which is queued at the lower of its own height and the taker's.
+    The markers are queued first, in raster order.
 
     Args:
-        height: (Y, X) real heights (e.g. P(cell) or a distance, any real dtype); the highest
-            pixels next to a basin are taken first, ties go to the pixel queued first.
+        height: (Y, X) real heights (e.g. P(cell) or a distance, any real dtype).
         markers: (Y, X) integer (or bool) seed ids, 0 = no seed; seeds outside ``mask`` are
             dropped, as skimage does.
         mask: (Y, X) bool pixels that may be flooded.
@@ -654,21 +595,32 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
         raise ValueError(f"height, markers and mask must be 2-D of one shape, got {hgt.shape}, {mk.shape}, {msk.shape}")
     if mk.dtype.kind not in "biu":
         raise TypeError(f"markers must be integer, got {mk.dtype}")
+    # the marker ids inside the mask as 1..n (ids[k] is id k's value), so the kernels keep int32
+    on = msk & (mk != 0)
+    labels = np.zeros(hgt.shape, np.int32)
+    if not on.any():
+        return labels
+    ids, compact = np.unique(mk[on], return_inverse=True)
+    if ids.size >= 2**31 - 1 or (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**31:
+        raise ValueError(f"at most 2^31 - 2 markers and 2^31 pixels, got {ids.size} and {hgt.size}")
+    numbered = np.zeros(hgt.shape, np.int32)
+    numbered[on] = compact.reshape(-1) + 1
     if hgt.dtype in (np.float32, np.float64):
         values, negate = np.ascontiguousarray(hgt), True
     else:
         # other dtypes: negate in their own dtype first, as ``-height`` did (integers may wrap)
         values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
-    mk = _kernel_markers(mk)
-    msk = np.ascontiguousarray(msk)
-    ok = (hgt.shape[0] + 2) * (hgt.shape[1] + 2) < 2**31  # slot << 32 | index in an int64
-    if ok:
-        labels, status = _flood_by_component(values, negate, mk, msk, connectivity == 8)
-        ok = status != 2
-        if status == 1:  # equal-valued markers of different labels: replay skimage's heap
-            labels, ok = _flood(values, negate, mk, msk, connectivity == 8)
-    if not ok:  # NaN heights (skimage's own ordering decides) or over 2^31 pixels
+    key, state, ok = _padded_inputs(values, negate, numbered, np.ascontiguousarray(msk))
+    if not ok:  # NaN heights: no order is defined; skimage's own decides
         from skimage.segmentation import watershed
 
-        labels = watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2)
-    return labels.astype(np.int32, copy=False)
+        return watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2).astype(np.int32, copy=False)
+    offsets = _neighbour_offsets(hgt.shape[1] + 2, connectivity == 8)
+    positions = _flood_small_components(key, state, offsets, _HEAP_LIMIT_PX)
+    if positions.size:
+        coarse = (key[positions] >> 32 << 32) | positions
+        coarse.sort()  # a sort of int64 is several times faster than an argsort
+        rank, n_ranks = _ranks(key, coarse)
+        _flood_ranked(rank, n_ranks, positions, state, offsets)
+    # the ids wrap to int32 as numpy's astype does
+    return _unpad(state, np.concatenate(([0], ids)).astype(np.int32), labels)
