@@ -39,7 +39,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +163,8 @@ def end_to_end_rows(table: Table, s: Settings, device: torch.device, in_memory: 
 def training_row(table: Table, s: Settings, device: torch.device, ceiling: float) -> None:
     r = B.training_rates(s.spec, device, tile_out=s.train_tile_out, batch=s.train_batch,
                          iterations=s.train_iterations, repeats=s.repeats)
-    runs = f"median of {len(r.ours_runs)}: {min(r.ours_runs):.1f}-{max(r.ours_runs):.1f}"
+    runs = (f"median of {len(r.ours_runs)}: {min(r.ours_runs):.1f}-{max(r.ours_runs):.1f}" if len(r.ours_runs) > 1
+            else "1 run")
     tflops = r.tflops(r.ours)
     mem = f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else ""
     table.add(f"training {s.spec.input_size(s.train_tile_out)} -> {s.train_tile_out}, batch {s.train_batch}",
@@ -196,12 +197,16 @@ def main(argv: list[str] | None = None) -> Table:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run of the same code)")
     parser.add_argument("--device", default="auto", help="auto (the GPU if any), cuda, cuda:N or cpu")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here (Markdown)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per row (default 3, --quick 2; 1 for a smoke run such as gpu-session.sh --dry-run)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu" and not args.quick:
         parser.error("no CUDA GPU here: run with --quick for a CPU smoke run, or on a GPU machine")
     s = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        s = replace(s, repeats=max(1, args.repeats))
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
