@@ -262,6 +262,10 @@ REFUSED = [
     pytest.param(lambda r: r, {"rdf.yaml": b"inputs: [unclosed"}, "not valid YAML", id="bad-yaml"),
     pytest.param(lambda r: _edit(r, "outputs.0.axes.1.channel_names", ["a", "b"]), {}, "predict.cell_channel",
                  id="two-channels-unnamed"),
+    pytest.param(lambda r: _edit(r, "outputs.0.axes", [r["outputs"][0]["axes"][i] for i in (0, 2, 3)]), {},
+                 "an output of 4 axes, its rdf names 3", id="axes-not-the-networks"),
+    pytest.param(lambda r: _edit(r, "inputs.0.axes", r["inputs"][0]["axes"][1:]), {}, "its network fails",
+                 id="input-rank-not-the-networks"),
 ]
 
 
@@ -364,3 +368,14 @@ def test_the_packages_axis_order_is_followed(tmp_path: Path, stack: Path, networ
     package = write_package(tmp_path / "p.zip", rdf, {"net.pt": script.getvalue()})
     assert predict(stack, package, tmp_path / "a", "--trust-torchscript", "--batch", "3") == 0
     assert np.abs(probabilities(tmp_path / "a")[1] - whole_image_reference(stack)).max() <= 1e-6
+
+
+def test_output_channels_the_network_does_not_give_are_refused(tmp_path: Path, stack: Path, files: dict[str, bytes],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rdf = foreign_rdf(files)
+    rdf["outputs"][0]["axes"][1]["channel_names"] = ["cells", "rest"]  # the network gives one channel
+    package = write_package(tmp_path / "p.zip", rdf, {"net.onnx": files["net.onnx"]})
+    assert predict(stack, package, tmp_path / "out", "--cell-channel", "cells") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gives (1, 1, 34, 34) for a 34 x 34 input, not the (1, 2, 34, 34)" in err
+    assert not (tmp_path / "out").exists()

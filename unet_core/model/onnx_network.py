@@ -83,15 +83,19 @@ def onnx_session(model: bytes, *, threads: int | None = None) -> Any:
     # shared machine) needs the cores; paper net, 572-px tile, 2 threads, load 10 on 2 cores, median of 5:
     # 5.65 s without spinning, 6.09 s with (torch channels-last 8.10 s)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    errors = tuple(getattr(state, name) for name in ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph",
-                                                      "NoSuchFile", "NotImplemented", "RuntimeException")
-                   if hasattr(state, name))
     try:
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-    except errors as err:  # ONNX Runtime's own classes, derived from Exception only
+    except onnxruntime_errors() as err:
         raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:120]}") from None
+
+
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception classes (derived from Exception only, not from one base of theirs)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(getattr(state, name) for name in ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph",
+                                                    "NoSuchFile", "NotImplemented", "RuntimeException")
+                 if hasattr(state, name))
 
 
 class OnnxNetwork(torch.nn.Module):
@@ -111,7 +115,10 @@ class OnnxNetwork(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        out = self.session.run([self.output_name], {self.input_name: array})[0]
+        try:
+            out = self.session.run([self.output_name], {self.input_name: array})[0]
+        except onnxruntime_errors() as err:  # e.g. an input of a rank or size the model does not take
+            raise ValueError(f"ONNX Runtime: {type(err).__name__}: {str(err).splitlines()[0][:160]}") from None
         return torch.from_numpy(np.asarray(out, np.float32))
 
 

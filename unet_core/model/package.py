@@ -124,6 +124,7 @@ def load_predict_model(path: str | os.PathLike[str], *, expect: ModelExpectation
     runner = _foreign_runner(package, weights, tensors.spec, trust_torchscript)
     cell = tensors.cell_index(cell_channel, package)
     net = PackageNetwork(runner, tensors.spec, tensors.input_axes, tensors.output_axes, cell, tensors.activation)
+    _probe(net, len(tensors.channels), package)
     return net.eval(), {"intensity_normalisation": tensors.mode.value,
                         "package": {"weights": runner.kind, "cell_channel": tensors.channels[cell],
                                     "halo_px": tensors.spec.halo_px, "step_px": tensors.spec.stride}}
@@ -496,6 +497,9 @@ class PackageNetwork(torch.nn.Module):
         return torch.stack([torch.zeros_like(out[:, 0]), self._margin(out)], dim=1)
 
     def _canonical(self, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != len(self.output_axes):
+            raise ValueError(f"an output of {out.dim()} axes, its rdf names {len(self.output_axes)}: "
+                             f"{list(self.output_axes)}")
         names = list(self.output_axes)
         for name in ("channel", "batch"):
             if name not in names:
@@ -510,6 +514,21 @@ class PackageNetwork(torch.nn.Module):
         p = torch.softmax(out, dim=1)[:, self.cell] if self.activation == "softmax" else out[:, self.cell]
         p = p.double().clamp(EPS, 1 - EPS)
         return (torch.log(p) - torch.log1p(-p)).float()
+
+
+def _probe(net: PackageNetwork, channels: int, package: PackageFiles) -> None:
+    """Run the network once on its smallest tile (zeros): a network that fails there, or whose output
+    is not (channels, Y, X) of the input's size, is refused now, before a job writes anything."""
+    size = net.spec.stride + 2 * net.spec.halo_px
+    x = torch.zeros((1, 1, size, size), dtype=torch.float32)
+    try:
+        with torch.inference_mode():
+            out = net._canonical(net.runner(_to_axes(x, net.input_axes)))
+    except (ValueError, RuntimeError, IndexError) as err:
+        raise package.refuse(f"its network fails on a {size} x {size} input ({str(err).splitlines()[0][:160]})") from None
+    if tuple(out.shape) != (1, channels, size, size):
+        raise package.refuse(f"its network gives {tuple(out.shape)} for a {size} x {size} input, not the "
+                             f"(1, {channels}, {size}, {size}) its output axes describe")
 
 
 def _to_axes(x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
