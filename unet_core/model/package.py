@@ -116,7 +116,8 @@ def load_predict_model(path: str | os.PathLike[str], *, expect: ModelExpectation
     if not isinstance(weights, Mapping) or not weights:
         raise package.refuse("it names no weights")
     state = weights.get("pytorch_state_dict")
-    if isinstance(state, Mapping) and (state.get("architecture") or {}).get("callable") == "PackagedUNet":
+    architecture = state.get("architecture") if isinstance(state, Mapping) else None
+    if isinstance(architecture, Mapping) and architecture.get("callable") == "PackagedUNet":
         return _our_architecture(package, rdf, state, tensors.mode, expect)
     if expect:
         raise package.refuse(f"the config's model keys {sorted(expect)} cannot be checked against a network "
@@ -411,7 +412,8 @@ def _our_architecture(package: PackageFiles, rdf: Mapping[str, Any], entry: Mapp
                       mode: Normalisation, expect: ModelExpectation) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A ``PackagedUNet`` state dict as our :class:`UNet` (its source is not imported), with the metadata
     a ``model.pt`` carries: from ``config.unet_pipeline`` for a package of ours, else from the rdf."""
-    kwargs = dict((entry.get("architecture") or {}).get("kwargs") or {})
+    kwargs = entry["architecture"].get("kwargs")
+    kwargs = dict(kwargs) if isinstance(kwargs, Mapping) else {}
     ours = (rdf.get("config") or {}).get("unet_pipeline") if isinstance(rdf.get("config"), Mapping) else None
     ours = ours if isinstance(ours, Mapping) and ours.get("format") == PACKAGE_FORMAT else None
     given = {k: kwargs[k] for k in ("depth", "base_channels", "in_channels", "n_classes", "padding", "norm")
