@@ -52,12 +52,13 @@ _RESOLUTION_FACTOR_F64 = 2 * np.finfo(np.float64).resolution
 
 
 @numba.njit(cache=True, nogil=True)
-def _edt_squared(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """int64 squared distance of each pixel of a C-contiguous (Y, X) bool mask to the nearest
-    False pixel (0 on False pixels). Assumes at least one False pixel."""
+def _edt(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """float64 distance of each pixel of a C-contiguous (Y, X) bool mask to the nearest False
+    pixel (0 on False pixels): the square root of an exact integer squared distance, as scipy
+    forms it. Assumes at least one False pixel."""
     ny, nx = mask.shape
     inf = ny + nx  # larger than any distance within the array
-    g = np.empty((ny, nx), np.int64)
+    g = np.empty((ny, nx), np.int32)
     # phase 1: distance to the nearest False pixel in the same column (downward, then upward)
     for j in range(nx):
         g[0, j] = 0 if not mask[0, j] else inf
@@ -69,13 +70,13 @@ def _edt_squared(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
             if g[i + 1, j] < g[i, j]:
                 g[i, j] = g[i + 1, j] + 1
     # phase 2: per row, lower envelope of the parabolas (x - u)^2 + g(u)^2 (Meijster et al. 2000)
-    out = np.empty((ny, nx), np.int64)
+    out = np.empty((ny, nx), np.float64)
     s = np.empty(nx, np.int64)
     t = np.empty(nx, np.int64)
     f = np.empty(nx, np.int64)
     for i in range(ny):
         for u in range(nx):
-            f[u] = g[i, u] * g[i, u]
+            f[u] = np.int64(g[i, u]) * g[i, u]
         q = 0
         s[0] = 0
         t[0] = 0
@@ -94,7 +95,7 @@ def _edt_squared(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
                     s[q] = u
                     t[q] = w
         for u in range(nx - 1, -1, -1):
-            out[i, u] = (u - s[q]) ** 2 + f[s[q]]
+            out[i, u] = np.sqrt(np.float64((u - s[q]) ** 2 + f[s[q]]))
             if u == t[q]:
                 q -= 1
     return out
@@ -115,7 +116,7 @@ def distance_transform_edt(mask: np.ndarray) -> np.ndarray:
     if m.all():
         y, x = np.indices(m.shape, dtype=np.int64)
         return np.sqrt(((y + 1) ** 2 + x**2).astype(np.float64))
-    return np.sqrt(_edt_squared(m).astype(np.float64))
+    return _edt(m)
 
 
 # --------------------------------------------------------------------------------------------
