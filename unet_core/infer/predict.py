@@ -38,10 +38,9 @@ from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
 from unet_core.infer.predict_settings import Backend, PredictSettings
 from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, round_up
 from unet_core.io.ngff import Stack, open_stack
-from unet_core.model.checkpoint import ModelExpectation
+from unet_core.model.checkpoint import ModelExpectation, load_model
 from unet_core.model.decision import Decision
-from unet_core.model.package import load_predict_model
-from unet_core.model.unet import UNet
+from unet_core.model.package import PackageNetwork, is_package, load_predict_model
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +211,12 @@ def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, 
         raise UserInputError(f"{stack_path}: input stack not found (run 'unet ingest' first or fix the path)")
     st = open_stack(stack_path)
     digest = hashlib.sha256()  # of the bytes the model is loaded from, read once (= sha256_files of it)
-    model, metadata = load_predict_model(model_path, expect=expect, digest=digest, cell_channel=settings.cell_channel,
-                                         trust_torchscript=settings.trust_torchscript)
+    if is_package(model_path):  # a bioimage.io package (README "Sharing models")
+        model, metadata = load_predict_model(model_path, expect=expect, digest=digest,
+                                             cell_channel=settings.cell_channel,
+                                             trust_torchscript=settings.trust_torchscript)
+    else:
+        model, metadata = load_model(model_path, expect=expect, digest=digest)
     scaler = st.scaler(checked_normalisation(metadata, settings.normalisation, model=model_path))
     corrected = settings.decision is Decision.CORRECTED
     offsets = (metadata.get("decision") or {}).get("logit_offsets") if corrected else None
@@ -241,7 +244,7 @@ def backend_network(model: torch.nn.Module, settings: PredictSettings,
     Raises:
         UserInputError: a GPU, bf16/fp16 or ``--compile`` asked of a network that torch does not run.
     """
-    foreign = not isinstance(model, UNet)
+    foreign = isinstance(model, PackageNetwork)
     if settings.backend is Backend.TORCH and not foreign:
         return model, device, Backend.TORCH.value
     what = f"a bioimage.io package's {model.kind} weights" if foreign else "--backend onnxruntime"
