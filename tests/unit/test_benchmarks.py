@@ -239,3 +239,18 @@ def test_bench_scale_refuses_in_one_line_when_the_disk_is_short(tmp_path: Path, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "GiB free" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_flood_quick_compares_every_case_with_skimage(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_flood", BENCH / "bench_flood.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--quick"])
+    assert [(r["window"], r["seeds"]) for r in rows] == [
+        ("confluent", "distance"), ("confluent", "threshold"), ("cells", "distance"), ("cells", "threshold")]
+    assert rows[0]["largest"] > 0.9 * rows[0]["mask_px"]  # confluent: one component holds the mask
+    assert all(r["skimage_s"] > 0 and r["flood_s"] > 0 and r["ratio"] > 0 for r in rows)
+    # float64 distances: no two seeds of different labels tie, so the labels are skimage's
+    assert all(r["differ_px"] == 0 for r in rows if r["seeds"] == "distance")
+    out = capsys.readouterr().out
+    assert len(re.findall(r"\d+\.\dx  ", out)) == 4 and "skimage s" in out
