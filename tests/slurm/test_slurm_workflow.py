@@ -47,7 +47,8 @@ PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 BIN = Path(sys.executable).parent  # snakemake and unet are installed beside this interpreter
 MERGE_RULES = ("merge_start", "merge_seeds", "merge_number_seeds", "merge_cells", "merge_number_cells", "merge_write",
                "merge")
-RULES = ("synth", "ingest", "class_weights", "weights", "augment", "train", "predict", *MERGE_RULES, "evaluate")
+RULES = ("synth", "ingest", "class_weights", "weights", "augment", "train", "predict", *MERGE_RULES, "evaluate",
+         "export_bioimageio")
 THREADED_RULES = ("class_weights", "weights", "augment", "train", "predict")  # take --threads
 GPU_RULES = ("train", "predict")
 
