@@ -118,7 +118,7 @@ def test_dry_run_lists_every_stage(tmp_path):
 def test_bad_config_names_the_key(tmp_path, override, message):
     work = new_workdir(tmp_path)
     res = snakemake(work, "-n", "--cores", "1", config=override, check=False)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]  # bad input: exit 2, as the stages
     assert message in res.stdout + res.stderr
 
 
@@ -137,7 +137,7 @@ def test_bad_samples_table_names_the_problem(tmp_path):
     table = work / "tests/integration/samples.tsv"
     table.write_text(table.read_text().replace("\tval\n", "\tvalidate\n"))
     res = snakemake(work, "-n", "--cores", "1", check=False)
-    assert res.returncode != 0 and "validate" in res.stdout + res.stderr
+    assert res.returncode == 2 and "validate" in res.stdout + res.stderr
 
 
 def test_full_run_outputs_and_nothing_to_do(run_a):
@@ -218,4 +218,4 @@ def test_a_given_model_file_skips_training_and_predicts_new_stacks(run_a, tmp_pa
     # a model section that disagrees with the file is refused before any work, naming the key
     bad = snakemake(work, "-n", "--cores", "1", config={"model_file": str(model), "model": {"base_channels": 64}},
                     check=False)
-    assert bad.returncode != 0 and "base_channels" in bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "base_channels" in bad.stdout + bad.stderr

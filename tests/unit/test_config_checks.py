@@ -205,7 +205,7 @@ def test_more_jobs_than_blocks_stop_the_workflow_at_start_up_in_one_line(small_s
         pytest.skip(f"predict.{key} is not in the config schema")
     res = _dry_run(small_stack_workdir, {"samples": "samples.tsv", "predict": {key: 9, "block_px": 64}})
     text = res.stdout + res.stderr
-    assert res.returncode != 0, text[-3000:]
+    assert res.returncode == 2, text[-3000:]
     lines = [line for line in text.splitlines() if f"config predict.{key} = 9" in line]
     assert len(lines) == 1, text[-3000:]
     assert "8 block(s) of sample 'small' (small.tif)" in lines[0] and "use at most 8" in lines[0], lines[0]

@@ -21,14 +21,17 @@ What the workflow gets here:
   that writes them), :data:`FOLDER_RULES`, :func:`check_existing_outputs`;
 * :func:`code_hash` (a rule's param: the rule reruns when its stage's code changes),
   :func:`sha256_files` (a given model file's content, a predict param);
-* :func:`remove_stale_tree` (temporaries of killed stages), :func:`check_devices`.
+* :func:`remove_stale_tree` (temporaries of killed stages), :func:`check_devices`;
+* :func:`refusals_exit_2`: the workflow's own checks stop as the stages do (one line, exit 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from unet_core.common import provenance
@@ -54,6 +57,7 @@ __all__ = [
     "model_geometry",
     "output_mark",
     "read_samples",
+    "refusals_exit_2",
     "remove_stale_tree",
     "schema_problem",
     "sha256_files",
@@ -65,6 +69,22 @@ MERGE_ROUNDS = tuple(f"merge_{step}" for step in
                      ("start", "seeds", "number_seeds", "cells", "number_cells", "write"))
 #: Rules whose outputs are files in a folder the stage owns: the folder is what carries the mark.
 FOLDER_RULES = frozenset({"train", "predict", "evaluate", *MERGE_ROUNDS})
+
+
+@contextlib.contextmanager
+def refusals_exit_2() -> Iterator[None]:
+    """Turn a :class:`UserInputError` raised in the block (a bad config value, samples table, data
+    file or model file) into its one line on stderr and exit status 2, as every ``unet`` stage does.
+
+    Snakemake would print it as a multi-line report naming our rules file and exit 1; users and
+    scripts tell bad input (2) from failures (1) by the status. Used around the checks that run
+    while Snakemake reads the workflow and in ``onstart``, before any job: nothing is written yet.
+    """
+    try:
+        yield
+    except UserInputError as error:
+        print(error, file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 @functools.cache

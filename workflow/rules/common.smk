@@ -23,6 +23,7 @@ from unet_core.workflow.door import (
     load_yaml,
     model_geometry,
     read_samples,
+    refusals_exit_2,
     remove_stale_tree,
     schema_problem,
     sha256_files,
@@ -37,8 +38,10 @@ def load_schema(name):
 CONFIG_SCHEMA = load_schema("config.schema.yaml")
 _given = [str(f) for f in workflow.overwrite_configfiles]  # --configfile: then config/config.yaml is not read
 _files = [str(f) for f in workflow.configfiles if str(f) not in _given] + _given
-for _file in _files:  # Snakemake keeps the last of two equal keys (a second train: section) silently
-    load_yaml(_file)
+# Bad input found while the workflow is read (config, samples table, data, model file): one line, exit 2
+with refusals_exit_2():
+    for _file in _files:  # Snakemake keeps the last of two equal keys (a second train: section) silently
+        load_yaml(_file)
 # What the user wrote, before the schema fills defaults: their --configfile(s) and --config; without
 # a --configfile, config/config.yaml is theirs. With model_file these keys are checked against the
 # file, so the demo's model section must not be (README: delete the model keys to take the file's).
@@ -46,13 +49,15 @@ _USER_CONFIG = workflow.config_settings.overwrite_config if _given else config
 GIVEN_MODEL = dict(_USER_CONFIG["model"]) if isinstance(_USER_CONFIG.get("model"), dict) else {}
 GIVEN_NORMALISATION = _USER_CONFIG.get("normalisation")
 # one line naming the key and the file(s), instead of Snakemake's dump of the schema and config
-_problem = schema_problem(config, CONFIG_SCHEMA, _files)
-if _problem:
-    raise ConfigError(_problem)
+with refusals_exit_2():
+    _problem = schema_problem(config, CONFIG_SCHEMA, _files)
+    if _problem:
+        raise ConfigError(_problem)
 validate(config, schema="../schemas/config.schema.yaml")  # fills the defaults
 # the schema lets 400.0 pass as an integer and NaN/Inf pass every bound: integers become int
 # (exactly) and non-finite numbers stop the run here, naming the key
-exact_numbers(config, CONFIG_SCHEMA)
+with refusals_exit_2():
+    exact_numbers(config, CONFIG_SCHEMA)
 
 
 def check_output_dir(path):
@@ -68,19 +73,19 @@ def check_output_dir(path):
                           "set output_dir to a folder for this run's results")
 
 
-check_output_dir(config["output_dir"])
-
-
 MODEL_FILE = config["model_file"]
-samples = read_samples(config["samples"], load_schema("samples.schema.yaml"), need_train=not MODEL_FILE)
+with refusals_exit_2():
+    check_output_dir(config["output_dir"])
+    samples = read_samples(config["samples"], load_schema("samples.schema.yaml"), need_train=not MODEL_FILE)
 for _warning in shared_slices(samples):
     logger.warning(f"Warning: {_warning}")
 
 
 # Tile and block sizes must fit the network (its geometry, not retyped numbers): the model_file's
 # network (checked against the model keys and normalisation the user's config gives), or the config's.
-SPEC = model_geometry(config, model_file=MODEL_FILE, given_model=GIVEN_MODEL,
-                      given_normalisation=GIVEN_NORMALISATION)
+with refusals_exit_2():
+    SPEC = model_geometry(config, model_file=MODEL_FILE, given_model=GIVEN_MODEL,
+                          given_normalisation=GIVEN_NORMALISATION)
 TRAIN = [n for n, r in samples.items() if r["role"] == "train"]
 VAL = [n for n, r in samples.items() if r["role"] == "val"]
 PREDICT = [n for n, r in samples.items() if r["role"] in ("val", "predict")]
@@ -92,7 +97,8 @@ MERGE_PIECES = list(range(config["predict"]["merge_jobs"]))
 # predict.jobs and predict.merge_jobs may not exceed a predicted sample's block count (from the TIFF
 # headers, before any job, also in a dry run); only in the process the user started
 if workflow.is_main_process:
-    check_jobs_fit_blocks(config, samples, PREDICT, SPEC)
+    with refusals_exit_2():
+        check_jobs_fit_blocks(config, samples, PREDICT, SPEC)
 
 
 wildcard_constraints:
@@ -301,7 +307,8 @@ def check_declared_outputs():
     write their outputs."""
     if not workflow.is_main_process:
         return
-    check_existing_outputs(declared_outputs(), remedy="set another output_dir in the config")
+    with refusals_exit_2():
+        check_existing_outputs(declared_outputs(), remedy="set another output_dir in the config")
 
 
 def check_samples_data():
@@ -312,7 +319,8 @@ def check_samples_data():
     if not workflow.is_main_process:
         return
     made = [str(f) for step in workflow.rules for f in step.output if not get_wildcard_names(str(f))]
-    check_sample_stacks(samples, table=config["samples"], made=made)
+    with refusals_exit_2():
+        check_sample_stacks(samples, table=config["samples"], made=made)
 
 
 def check_cuda_here():
@@ -324,4 +332,5 @@ def check_cuda_here():
     asked = {s: config[s]["device"] for s in stages if str(config[s]["device"]).startswith("cuda")}
     if not asked or workflow.non_local_exec:
         return
-    check_devices(asked)
+    with refusals_exit_2():
+        check_devices(asked)
