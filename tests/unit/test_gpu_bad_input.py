@@ -165,7 +165,7 @@ def test_prediction_out_of_gpu_memory_leaves_the_part_incomplete(stack, model_fi
                                                                  monkeypatch, capsys) -> None:
     from unet_core.infer.engine import Engine
 
-    monkeypatch.setattr(Engine, "block_two_class", _oom)
+    monkeypatch.setattr(Engine, "_network", _oom)  # every network pass
     part = tmp_path / "part-0.zarr"
     code = main(["predict", str(stack), str(model_file), str(part), "--device", "cpu", "--block-px", "32",
                  "--tile-out", "16", "--batch", "4"])

@@ -319,25 +319,26 @@ def count_syncs(monkeypatch):
 
 
 def _windows_per_thread(monkeypatch, engine: Engine) -> None:
-    """Count the engine's stage (reader), predict (issuing thread) and download wait (writer)."""
-    stage, predict = engine.stage, engine.predict
+    """Count the engine's stage (reader), predict_blocks (issuing thread) and download wait (writer)."""
+    stage, predict_blocks = engine.stage, engine.predict_blocks
 
     def staged(*a, **k):
         with sync_window("stage"), ScalarReads():
             return stage(*a, **k)
 
-    def predicted(*a, **k):
+    def predicted(blocks, deliver):
+        def delivered(wait):
+            def waited():
+                with sync_window("download wait"), ScalarReads():
+                    return wait()
+
+            deliver(waited)
+
         with sync_window("predict"):
-            wait = predict(*a, **k)
-
-        def waited():
-            with sync_window("download wait"), ScalarReads():
-                return wait()
-
-        return waited
+            predict_blocks(blocks, delivered)
 
     monkeypatch.setattr(engine, "stage", staged)
-    monkeypatch.setattr(engine, "predict", predicted)
+    monkeypatch.setattr(engine, "predict_blocks", predicted)
 
 
 @pytest.mark.parametrize(("spec", "tta"), [(TINY, "none"), (TINY, "d4"), (THREE, "flips")])
@@ -463,8 +464,8 @@ def test_bf16_autocast_loss_is_finite_and_within_one_percent_of_fp32(tmp_path: P
 
 # (e) ------------------------------------------------------------------------------------------
 def test_compiled_engines_make_one_graph_per_network_and_input_shape(monkeypatch) -> None:
-    # torch.compile(dynamic=False) makes a graph per network input shape (tile shape x transposed
-    # x partial batch) and falls back to eager, with only a warning, past dynamo's recompile limit
+    # torch.compile(dynamic=False) makes a graph per network input shape (tile shape x transposed;
+    # passes are padded to the batch size) and falls back to eager, with only a warning, past dynamo's recompile limit
     # per function; counted with a backend that wraps aot_eager (CPU, no inductor), over engines
     # of one model (two-class margin and d4 full forward) on a stack with edge blocks
     import torch._dynamo
@@ -507,9 +508,9 @@ def test_compiled_engines_make_one_graph_per_network_and_input_shape(monkeypatch
             runs.append((sorted(graphs[before:]), sorted(shape for _, shape in new)))
         margin, forward, again = runs
         # every new input shape fed got a graph of its own, once (no eager fallback, no recompile):
-        # the two-class margin network 6 (full and partial batches of edge-block tiles), the d4
-        # forward 4 (two tile shapes, each also transposed; 36 tiles per group: full batches only)
-        assert margin[0] == margin[1] and len(margin[0]) == 6, margin
+        # the two-class margin network 4 (the 2 x 2 blocks' four tile shapes; every pass has the
+        # batch size, a partial one padded), the d4 forward 4 (two tile shapes, each also transposed)
+        assert margin[0] == margin[1] and len(margin[0]) == 4, margin
         assert forward[0] == forward[1] and len(forward[0]) == 4, forward
         assert again == ([], []), again  # a second engine over the same model compiles nothing
         limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit

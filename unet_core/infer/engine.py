@@ -19,6 +19,15 @@ No step waits for the device inside a block: the host waits only when a block's 
 result is written. :func:`run_blocks` overlaps reading and uploading the next blocks,
 computing this one and writing the previous ones.
 
+Network passes are filled across blocks and slices (:class:`TileBatcher`): a block's tiles join
+a queue per tile shape, and a pass runs whenever a queue holds ``batch`` tiles, so small images
+(one tile per block) reach the batch size too. Every pass has exactly ``batch`` rows (a partial
+one is padded with zero tiles): convolution kernels choose their algorithm by batch size, and
+a tile computed in a pass of another size could differ in its last bits. With fixed-size passes
+a tile's bytes do not depend on which other tiles share its pass, so the output is the same for
+any split into jobs, any block order and a resumed job (measured on the CPU: a sample's bits
+differ between batch 1 and >= 2, not between batch sizes >= 2 or positions in the batch).
+
 Where tiles start and what they read is :mod:`unet_core.infer.tiling`'s decision; this
 module only executes it.
 """
@@ -26,9 +35,11 @@ module only executes it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +56,8 @@ from unet_core.common.mirror import read_mirrored
 from unet_core.common.precision import Precision
 from unet_core.common.progress import progress
 from unet_core.infer.encoding import ProbabilityEncoding
-from unet_core.io.ngff import ChunkCache
 from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
+from unet_core.io.ngff import ChunkCache
 
 #: Stored dtypes torch can hold but barely compute with (on the CPU not even flip them) are staged
 #: as their signed twins on every device, and widened and reinterpreted as tiles are cut.
@@ -83,6 +94,95 @@ class BlockResult:
     release: Callable[[], None]
 
 
+#: (transform, tile row, tile column) of one tile pass of a block.
+TileItem = tuple[Dihedral, int, int]
+
+
+@dataclass(eq=False)
+class BlockWork:
+    """A staged block's tile passes, in progress (:class:`TileBatcher` runs them).
+
+    Attributes:
+        staged: the block's raw input on the device.
+        net: the network its tiles run through (the full network or its two-class margin).
+        groups: ``(tile shape in the network's frame, items)`` in the order they must run (the
+            transforms of a tile are summed in this order: :func:`_work_by_shape`).
+        windows: per transform, the (ny', nx', in_y, in_x) strided tile windows of the block.
+        tile: (sy, sx) write size of a tile, px.
+        put: ``put(transform, (C, ty, tx) output in the block's frame, (ys, xs) of the tile in the
+            block's tile grid)``, called once per item, in item order.
+        finish: the block's result, once every item is put.
+        group: index of the group now queued; ``left``: its items not yet put.
+    """
+
+    staged: StagedBlock
+    net: Callable[[torch.Tensor], torch.Tensor]
+    groups: list[tuple[tuple[int, int], list[TileItem]]]
+    windows: dict[Dihedral, torch.Tensor]
+    tile: tuple[int, int]
+    put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None]
+    finish: Callable[[], Any]
+    group: int = 0
+    left: int = 0
+
+
+class TileBatcher:
+    """Network passes of exactly ``engine.batch`` tiles, filled across blocks and slices.
+
+    A block's current group of tiles joins the queue of its (network, tile shape); a pass runs
+    as soon as a queue holds ``batch`` tiles (:meth:`add`), and :meth:`flush` runs the rest,
+    oldest queue first, as passes padded with zero tiles. A block's next group is queued only
+    when its previous one has run, so every tile sums its transforms in the fixed order whatever
+    the other blocks are. ``done(work)`` is called once per block, when its last tile is put.
+    """
+
+    def __init__(self, engine: Engine, done: Callable[[BlockWork], None]) -> None:
+        self.engine, self.done = engine, done
+        self._queues: dict[tuple[Any, tuple[int, int]], deque[tuple[int, BlockWork, TileItem]]] = {}
+        self._order = itertools.count()  # entry order: flush runs the queue with the oldest tile first
+
+    def add(self, work: BlockWork) -> None:
+        """Queue ``work``'s tiles and run every pass that is full."""
+        self._enter(work)
+        self._run(full_only=True)
+
+    def flush(self) -> None:
+        """Run every queued tile (the last pass of each queue padded) and finish their blocks."""
+        self._run(full_only=False)
+
+    def _enter(self, work: BlockWork) -> None:
+        shape, items = work.groups[work.group]
+        work.left = len(items)
+        order = next(self._order)
+        self._queues.setdefault((work.net, shape), deque()).extend((order, work, item) for item in items)
+
+    def _run(self, *, full_only: bool) -> None:
+        batch = self.engine.batch
+        while True:
+            ready = [(q[0][0], key) for key, q in self._queues.items() if len(q) >= (batch if full_only else 1)]
+            if not ready:
+                return
+            key = min(ready)[1]
+            queued = self._queues[key]
+            self._pass(key, [queued.popleft() for _ in range(min(batch, len(queued)))])
+
+    def _pass(self, key: tuple[Any, tuple[int, int]], chunk: list[tuple[int, BlockWork, TileItem]]) -> None:
+        """One network pass over ``chunk``'s tiles; each output to its block, in chunk order."""
+        net, shape = key
+        x = self.engine._network_input([(w.staged, _forward(tr, w.windows[tr][i, j])) for _, w, (tr, i, j) in chunk])
+        out = self.engine._network(x, shape, net)
+        for (_, work, (tr, i, j)), tile_out in zip(chunk, out[: len(chunk)], strict=True):
+            sy, sx = work.tile
+            work.put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
+            work.left -= 1
+            if work.left == 0:
+                work.group += 1
+                if work.group < len(work.groups):
+                    self._enter(work)
+                else:
+                    self.done(work)
+
+
 class _PinnedPool:
     """Reusable page-locked host buffers (GPU transfers); acquire blocks until one is free."""
 
@@ -112,7 +212,8 @@ class Engine:
             :class:`IntensityStats` (its z-score) for every slice; never per tile.
         device: where to compute.
         precision: ``fp32`` or a bf16/fp16 autocast (resolve it first: on the CPU only native bf16).
-        batch: tiles per network pass.
+        batch: tiles per network pass, filled across blocks (:class:`TileBatcher`; a partial
+            pass is padded to this size).
         tta: test-time transforms to average (probabilities only).
         offsets: (C,) decision logit offsets added before the softmax, or None.
         encoding: storage dtype of the probabilities.
@@ -123,9 +224,9 @@ class Engine:
             forward time and no per-shape reorder JIT); True/False: the caller's model, already
             placed and in the mode it wants (validation during training), fed in that layout.
         compile: run the network through ``torch.compile`` (static shapes: one graph per tile
-            shape and batch, compiled on first use, tens of seconds). The probabilities equal the
-            eager ones up to float rounding; whether it is faster is measured by
-            ``benchmarks/gpu_check.py``, not assumed.
+            shape, as every pass has the batch size; compiled on first use, tens of seconds). The
+            probabilities equal the eager ones up to float rounding; whether it is faster is
+            measured by ``benchmarks/gpu_check.py``, not assumed.
     """
 
     def __init__(
@@ -210,22 +311,45 @@ class Engine:
         return dev
 
     # -- on the device ---------------------------------------------------------------------
-    def _network_input(self, windows: Sequence[torch.Tensor], staged: StagedBlock) -> torch.Tensor:
-        """(B, 1, ty, tx) float32 network input from tile windows of the staged block: each cast
-        as it is copied out of the block, then normalised with its slice's :class:`Scaling` in the
-        float32 arithmetic of :func:`unet_core.common.intensity.normalize`."""
-        x = torch.empty((len(windows), 1, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
-        twin = _SIGNED_TWIN.get(staged.dtype)
-        for k, window in enumerate(windows):
+    def _network_input(self, rows: Sequence[tuple[StagedBlock, torch.Tensor]]) -> torch.Tensor:
+        """(batch, 1, ty, tx) float32 network input: row k from the tile window of ``rows[k]``'s
+        staged block, cast as it is copied out and normalised with its slice's :class:`Scaling` in
+        the float32 arithmetic of :func:`unet_core.common.intensity.normalize`; rows past
+        ``rows`` (a partial pass) are zeros, so every pass has the engine's batch size."""
+        first = rows[0][1]
+        x = torch.empty((max(self.batch, len(rows)), 1, *first.shape), dtype=torch.float32, device=first.device)
+        for k, (staged, window) in enumerate(rows):
+            twin = _SIGNED_TWIN.get(staged.dtype)
             if twin:  # staged as the signed twin: widen, then drop the sign extension
                 window = window.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
             x[k, 0].copy_(window)
-        scaling = self.scaling(staged.block.write.offset[0])
-        return x.sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
+            scaling = self.scaling(staged.block.write.offset[0])
+            x[k].sub_(np.float32(scaling.offset)).div_(np.float32(scaling.scale))
+        x[len(rows):].zero_()
+        return x
 
     def block_output(self, staged: StagedBlock, *, logits: bool = False) -> torch.Tensor:
-        """(C, by, bx) float32 of the staged block: probabilities averaged over the test-time
+        """(C, by, bx) float32 of the staged block alone: probabilities averaged over the test-time
         transforms, or (``logits=True``, no transforms, no offsets) the raw network logits."""
+        return self._alone(self._output_work(staged, logits=logits))
+
+    def block_two_class(self, staged: StagedBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored (2, by, bx) probabilities, (by, bx) uint8 argmax classes) of the staged block
+        alone, for a two-class model without test-time transforms (:meth:`_two_class_work`)."""
+        return self._alone(self._two_class_work(staged))
+
+    def block_work(self, staged: StagedBlock) -> BlockWork:
+        """The tile passes of :meth:`predict` for ``staged``; ``finish()`` gives (stored
+        probabilities, uint8 argmax classes): the two-class tile path where it applies, else
+        the averaged probabilities, encoded."""
+        if self.spec.n_classes == 2 and self.tta is TTA.NONE:
+            return self._two_class_work(staged)
+        return self._output_work(staged, encode=True)
+
+    def _output_work(self, staged: StagedBlock, *, logits: bool = False, encode: bool = False) -> BlockWork:
+        """Passes of the full network; ``finish()``: the (C, by, bx) float32 probabilities averaged
+        over the transforms (or the logits, see :meth:`block_output`), or with ``encode`` their
+        :meth:`encode`."""
         trs = (Dihedral(),) if logits else transforms(self.tta)
         canvas = torch.empty((self.spec.n_classes, *self._canvas_shape(staged.block)), dtype=torch.float32,
                              device=staged.raw.device)
@@ -238,14 +362,17 @@ class Engine:
                 class_probabilities(tile_out, self.offsets, out=target, add=tr != trs[0],
                                     tails=self.encoding is not ProbabilityEncoding.UINT8)
 
-        self._run_tiles(staged, trs, put)
-        if len(trs) > 1:
-            canvas /= np.float32(len(trs))
-        return _crop(canvas, staged.block)
+        def finish() -> Any:
+            if len(trs) > 1:
+                canvas.div_(np.float32(len(trs)))
+            probs = _crop(canvas, staged.block)
+            return self.encode(probs) if encode else probs
 
-    def block_two_class(self, staged: StagedBlock) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stored (2, by, bx) probabilities, (by, bx) uint8 argmax classes) of a two-class model
-        without test-time transforms, finished tile by tile while each tile's output is in cache.
+        return self._work(staged, trs, put, finish, self._net)
+
+    def _two_class_work(self, staged: StagedBlock) -> BlockWork:
+        """Passes of a two-class model without test-time transforms, each tile finished while its
+        output is in cache; ``finish()``: (stored (2, by, bx) probabilities, (by, bx) uint8 classes).
 
         Everything follows from the logit margin d = (l1 - l0) + (o1 - o0), which the network
         computes as one output channel (:meth:`unet_core.model.unet.UNet.margin`: its head folded):
@@ -267,33 +394,33 @@ class Engine:
             torch.gt(margin, 0, out=seg[where].view(torch.bool))
             self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
 
-        self._run_tiles(staged, (Dihedral(),), put, net=self._margin_net)
-        return _crop(stored, block), _crop(seg, block)
+        return self._work(staged, (Dihedral(),), put, lambda: (_crop(stored, block), _crop(seg, block)),
+                          self._margin_net)
 
     def _canvas_shape(self, block: Block) -> tuple[int, int]:
         """(Y, X) of the block's tile grid: the block rounded up to whole tiles."""
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
         return ny * sy, nx * sx
 
-    def _run_tiles(self, staged: StagedBlock, trs: Sequence[Dihedral],
-                   put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None], *,
-                   net: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Run the network (or ``net``, e.g. its margin) over the staged block's tiles under each
-        transform of ``trs`` (in this order) and hand each tile to ``put(transform, (C, ty, tx)
-        output in the block's frame, (ys, xs) slices of the tile in the block's tile grid)``."""
+    def _work(self, staged: StagedBlock, trs: Sequence[Dihedral],
+              put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None], finish: Callable[[], Any],
+              net: Callable[[torch.Tensor], torch.Tensor]) -> BlockWork:
+        """The staged block's tiles under each transform of ``trs`` (in this order) through
+        ``net``, each output handed to ``put`` (see :class:`BlockWork`)."""
         block, read, image = staged.block, staged.read, staged.raw
         if self.cuda:
             image.record_stream(torch.cuda.current_stream(self.device))
         tiles = self.tiling.tiles(block)
         (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        for shape, items in _work_by_shape(trs, ny, nx, sy, sx):
-            windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in {tr for tr, _, _ in items}}
-            for start in range(0, len(items), self.batch):
-                chunk = items[start : start + self.batch]
-                x = self._network_input([_forward(tr, windows[tr][i, j]) for tr, i, j in chunk], staged)
-                out = self._network(x, shape, net or self._net)
-                for (tr, i, j), tile_out in zip(chunk, out, strict=True):
-                    put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
+        windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in trs}
+        return BlockWork(staged, net, list(_work_by_shape(trs, ny, nx, sy, sx)), windows, (sy, sx), put, finish)
+
+    def _alone(self, work: BlockWork) -> Any:
+        """Run one block's passes by themselves (the last one padded); its ``finish()``."""
+        batcher = TileBatcher(self, lambda w: None)
+        batcher.add(work)
+        batcher.flush()
+        return work.finish()
 
     def _windows(self, image: torch.Tensor, first: Box, read: Box, tr: Dihedral, sy: int, sx: int) -> torch.Tensor:
         """(ny', nx', in_y, in_x) strided view: the read boxes of all tiles under ``tr``."""
@@ -347,14 +474,21 @@ class Engine:
         return wait
 
     def predict(self, staged: StagedBlock) -> Callable[[], BlockResult]:
-        """All device work of one staged block; returns the waiter of its download."""
+        """All device work of one staged block by itself; returns the waiter of its download."""
+        waiters: list[Callable[[], BlockResult]] = []
+        self.predict_blocks([staged], waiters.append)
+        return waiters[0]
+
+    def predict_blocks(self, blocks: Iterable[StagedBlock], deliver: Callable[[Callable[[], BlockResult]], None]) -> None:
+        """All device work of the staged ``blocks``, their tiles batched across blocks
+        (:class:`TileBatcher`); ``deliver`` gets each block's download waiter as soon as the
+        download is started (the block's last pass may come with later blocks)."""
+        batcher = TileBatcher(self, lambda work: deliver(self.download(work.staged.block, *work.finish())))
         with out_of_gpu_memory(f"at tile {self.tiling.tile_out} px, batch {self.batch}, tta {self.tta.value}",
                                "lower predict.batch_size (--batch) or predict.tile_out (--tile-out)"):
-            if self.spec.n_classes == 2 and self.tta is TTA.NONE:
-                probs, seg = self.block_two_class(staged)
-            else:
-                probs, seg = self.encode(self.block_output(staged))
-        return self.download(staged.block, probs, seg)
+            for staged in blocks:
+                batcher.add(self.block_work(staged))
+            batcher.flush()
 
 
 def _margin_network(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -480,14 +614,21 @@ def run_blocks(
     ):
         staged: list[Future] = [reader.submit(engine.stage, image, b) for b in blocks[:readers]]
         writes: list[Future] = []
-        for i, _ in enumerate(progress(blocks, desc=desc, unit="block")):
-            current = staged.pop(0).result()
-            if i + readers < len(blocks):
-                staged.append(reader.submit(engine.stage, image, blocks[i + readers]))
-            writes.append(writer.submit(finish, engine.predict(current)))
+
+        def in_order() -> Iterator[StagedBlock]:
+            for i, _ in enumerate(progress(blocks, desc=desc, unit="block")):
+                current = staged.pop(0).result()
+                if i + readers < len(blocks):
+                    staged.append(reader.submit(engine.stage, image, blocks[i + readers]))
+                yield current
+
+        def deliver(wait: Callable[[], BlockResult]) -> None:  # at most `writers` writes (and buffers) in flight
+            writes.append(writer.submit(finish, wait))
             while writes and writes[0].done():
                 writes.pop(0).result()
             if len(writes) > engine.writers:
                 writes.pop(0).result()
+
+        engine.predict_blocks(in_order(), deliver)
         for future in writes:
             future.result()

@@ -6,8 +6,8 @@ file; :func:`predict_plane` predicts an array in memory (notebooks, benchmarks, 
 run :class:`unet_core.infer.engine.Engine`, which does all per-pixel work on the device.
 
 Peak memory per job is a few blocks' read boxes and results plus ``batch`` network tiles
-(one block being computed, the next ones being read, the previous ones being written),
-independent of the stack size.
+(the blocks being computed: those whose tiles wait for a full pass, at most a few per tile
+shape; the next ones being read, the previous ones being written), independent of the stack size.
 """
 
 from __future__ import annotations
