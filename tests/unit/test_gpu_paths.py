@@ -10,6 +10,7 @@ operation sees (the ``meta`` device) and where the host waits for the device are
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from collections import Counter
@@ -43,11 +44,17 @@ def _bump(calls: Counter, key: str) -> None:
         calls[key] += 1
 
 
+#: What the stubs did to streams, in order: ("wait_stream", stream, waited-for stream),
+#: ("event.record", stream), ("record_stream", stream), ("upload", current stream), by stream name
+#: (the default stream is "compute"); list.append is atomic, the reader threads log too.
+_stream_log: list[tuple[str, ...]] = []
+
+
 class FakeStream:
     """A CUDA stream stand-in: every call is recorded, nothing waits."""
 
-    def __init__(self, calls: Counter, *args, **kwargs) -> None:
-        self.calls = calls
+    def __init__(self, calls: Counter, name: str = "compute", *args, **kwargs) -> None:
+        self.calls, self.name = calls, name
 
     def synchronize(self) -> None:
         _bump(self.calls, "stream.synchronize")
@@ -55,6 +62,7 @@ class FakeStream:
 
     def wait_stream(self, other) -> None:
         _bump(self.calls, "stream.wait_stream")
+        _stream_log.append(("wait_stream", self.name, other.name))
 
     def wait_event(self, event) -> None:
         _bump(self.calls, "stream.wait_event")
@@ -70,6 +78,7 @@ class FakeEvent:
 
     def record(self, stream=None) -> None:
         _bump(self.calls, "event.record")
+        _stream_log.append(("event.record", (stream or torch.cuda.current_stream()).name))
 
     def synchronize(self) -> None:
         _bump(self.calls, "event.synchronize")
@@ -128,9 +137,13 @@ def cuda_on_cpu(monkeypatch):
     and make the engine believe it is on CUDA. Yields ``(calls, pinned)``: a Counter of the stubs'
     calls and the data pointers of every pinned buffer made. A non-blocking ``.to()`` onto the
     tensor's own device returns a copy, as an upload to a GPU does (the CPU would return the
-    pinned buffer itself, which the pool hands out again)."""
+    pinned buffer itself, which the pool hands out again). Streams have names
+    (``torch.cuda.stream`` sets this thread's current one; the default is "compute") and their
+    use is logged in :data:`_stream_log`."""
     calls: Counter = Counter()
     pinned: set[int] = set()
+    _stream_log.clear()
+    compute, current, names = FakeStream(calls), threading.local(), itertools.count()
     real_empty, real_to = torch.empty, torch.Tensor.to
 
     def empty(*args, pin_memory: bool = False, **kwargs):
@@ -150,17 +163,26 @@ def cuda_on_cpu(monkeypatch):
         out = real_to(self, *args, **kwargs)
         if kwargs.get("non_blocking"):
             _bump(calls, "non_blocking to")
+            _stream_log.append(("upload", current_stream().name))
             if out.data_ptr() == self.data_ptr():
                 out = out.clone()
         return out
 
+    def current_stream(device=None) -> FakeStream:
+        return getattr(current, "stream", compute)
+
     @contextlib.contextmanager
     def on_stream(stream):
         _bump(calls, "stream context")
-        yield
+        before, current.stream = current_stream(), stream
+        try:
+            yield
+        finally:
+            current.stream = before
 
     def record_stream(self, stream) -> None:
         _bump(calls, "record_stream")
+        _stream_log.append(("record_stream", stream.name))
 
     def synchronize(device=None) -> None:
         _bump(calls, "cuda.synchronize")
@@ -171,9 +193,9 @@ def cuda_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.untyped_storage().data_ptr() in pinned)
     monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream(calls))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream(calls, f"stream {next(names)}"))
     monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: FakeEvent(calls))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(calls))
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -232,8 +254,10 @@ def test_cuda_branch_gives_the_cpu_paths_bytes(request, dtype, tta: str, encodin
         bad = [b for b in cuda if cuda[b] != cpu[name][b]]
         assert not bad, f"{name}: blocks {bad} differ from the CPU path"
     blocks = 2 * len(cpu["2 classes"])
-    assert calls["record_stream"] == blocks and calls["event.synchronize"] == blocks
-    assert calls["stream context"] == blocks and calls["non_blocking to"] == blocks  # the uploads
+    # per block: record_stream of the staged block (compute stream) and of its two results (download
+    # stream); a stream context for the upload and one for the download
+    assert calls["record_stream"] == 3 * blocks and calls["event.synchronize"] == blocks
+    assert calls["stream context"] == 2 * blocks and calls["non_blocking to"] == blocks  # the uploads
     # pinned buffers are reused (a pool of 2 upload and writers + 1 download buffers per engine, each
     # made again only when a larger block needs it): fewer allocations than transfers
     assert 0 < calls["pinned buffer"] < 2 * blocks, (calls["pinned buffer"], blocks)
@@ -545,3 +569,36 @@ def test_training_uploads_classes_as_uint8_and_widens_them_on_the_device(tmp_pat
                                                                                 checkpoint_every=2))
     assert Counter(uploads) == Counter({torch.float32: 4, torch.uint8: 2}), uploads  # image, weights, classes
     assert targets == [(torch.int64, "cpu")] * 2
+
+
+def test_downloads_run_on_their_own_stream_after_the_compute_stream(cuda_on_cpu, monkeypatch) -> None:
+    """A block's result is copied to the host on a stream of its own (one per engine, neither the
+    compute nor the upload stream), which first waits for the compute stream; the copies are issued
+    on it, the results' memory is kept for it (record_stream) and the writer's event is recorded on
+    it. On the compute stream the copy queued between two blocks' passes."""
+    real_copy = torch.Tensor.copy_
+
+    def copy_(self, src, non_blocking: bool = False):
+        if non_blocking:
+            _stream_log.append(("download", torch.cuda.current_stream().name))
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    image = _image(np.uint16, SHAPE)
+    n = len(list(Tiling(image.shape, TINY, block_px=32, tile_out=12).blocks()))
+    for spec, tta in ((TINY, "none"), (THREE, "flips")):
+        _stream_log.clear()
+        torch.manual_seed(0)
+        _predict_all(UNet(spec).eval(), image, readers=2, writers=2, tta=tta, batch=4)
+        log = Counter(_stream_log)
+        uploads = {entry[1] for entry in log if entry[0] == "upload"}
+        downloads = {entry[1] for entry in log if entry[0] == "download"}
+        assert len(uploads) == 1 and len(downloads) == 1, log
+        (up,), (down,) = uploads, downloads
+        assert down not in (up, "compute") and up != "compute", log
+        assert log == {("upload", up): n, ("record_stream", "compute"): n, ("wait_stream", down, "compute"): n,
+                       ("download", down): 2 * n, ("record_stream", down): 2 * n, ("event.record", down): n}, log
+        order = [entry for entry in _stream_log if entry[0] != "upload"]  # the reader threads' entries interleave
+        first = order.index(("wait_stream", down, "compute"))
+        assert order[first + 1 : first + 6] == [("download", down)] * 2 + [("record_stream", down)] * 2 + [
+            ("event.record", down)], order

@@ -13,7 +13,8 @@ cover), so there is one engine, not a GPU twin. Per block::
             then / n); argmax segmentation from the full-precision probabilities; encode. Two
             classes without test-time transforms (the usual case) finish each tile while it is in
             cache: logit margin, argmax, encoded probabilities, with no block-sized float array
-    host    download only the encoded probabilities and the segmentation              (writer threads)
+    host    download only the encoded probabilities and the segmentation (GPU: on a stream
+            of its own, overlapping the next passes); the writer threads wait for it
 
 No step waits for the device inside a block: the host waits only when a block's compact
 result is written. :func:`run_blocks` overlaps reading and uploading the next blocks,
@@ -259,6 +260,7 @@ class Engine:
         self._uploads = _PinnedPool(2) if self.cuda else None
         self._downloads = _PinnedPool(self.writers + 1) if self.cuda else None
         self._upload_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._download_stream = torch.cuda.Stream(device) if self.cuda else None
         self._cache: ChunkCache | None = None
         self._cache_lock = threading.Lock()
 
@@ -452,7 +454,11 @@ class Engine:
 
     # -- device -> host ------------------------------------------------------------------------
     def download(self, block: Block, probs: torch.Tensor, seg: torch.Tensor) -> Callable[[], BlockResult]:
-        """Start copying a block's encoded result to the host; the returned function waits for it."""
+        """Start copying a block's encoded result to the host; the returned function waits for it.
+
+        On a GPU the copy runs on a stream of its own, after the compute stream's work so far (which
+        made the result): it overlaps the next passes instead of queueing between them.
+        """
         shape_p, shape_s = (probs.shape[0], 1, *probs.shape[1:]), (1, *seg.shape)
         if not self.cuda:
             result = BlockResult(block, probs.numpy().reshape(shape_p), seg.numpy().reshape(shape_s), lambda: None)
@@ -461,10 +467,15 @@ class Engine:
         buf = self._downloads.acquire(nbytes_p + seg.numel())
         host_p = buf[:nbytes_p].view(probs.dtype).view(probs.shape)
         host_s = buf[nbytes_p : nbytes_p + seg.numel()].view(seg.shape)
-        host_p.copy_(probs, non_blocking=True)
-        host_s.copy_(seg, non_blocking=True)
+        stream = self._download_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            host_p.copy_(probs, non_blocking=True)
+            host_s.copy_(seg, non_blocking=True)
+        for result in (probs, seg):  # made on the compute stream: keep their memory until the copy is done
+            result.record_stream(stream)
         done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
+        done.record(stream)
 
         def wait() -> BlockResult:
             done.synchronize()
