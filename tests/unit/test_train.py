@@ -514,8 +514,11 @@ DRIVER = textwrap.dedent(
     from pathlib import Path
     from unet_core.model.spec import UNetSpec
     from unet_core.train.config import TrainConfig
+    from unet_core.train import loop
     from unet_core.train.loop import train
-    aug, out, stack, weights, resume = sys.argv[1:6]
+    aug, out, stack, weights, resume, background = sys.argv[1:7]
+    if background == "1":  # state.pt from a snapshot on a background thread, as on CUDA
+        loop.background_checkpoints = lambda runtime: True
     spec = UNetSpec(depth=2, base_channels=4, dropout=0.5)
     cfg = TrainConfig(iterations=30, optimizer="sgd", lr=0.01, momentum=0.99, workers=0, validate_every=7,
                       checkpoint_every=5, log_every=3, device="cpu", seed=11, schedule="constant",
@@ -545,20 +548,24 @@ def _run_driver(script: Path, args: list[str], *, kill_at: int | None = None) ->
     return proc.wait(timeout=300)
 
 
+@pytest.mark.parametrize("background", [pytest.param("0", id="sync"), pytest.param("1", id="background")])
 @pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}") for s in RESUME_SEEDS])
-def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, seed: int) -> None:
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, seed: int, background: str) -> None:
+    """Killed at a random iteration, resumed: the same weights. ``background``: state.pt written on a
+    background thread (the CUDA path, :func:`unet_core.train.loop.background_checkpoints`), the
+    uninterrupted reference synchronously."""
     aug = make_augmented(tmp_path / "aug.zarr", n=3)
     stack, weights = make_validation(tmp_path, slices=1)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     common = [str(aug)]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert _run_driver(script, [*common, str(ref), str(stack), str(weights), "0"]) == 0
+    assert _run_driver(script, [*common, str(ref), str(stack), str(weights), "0", "0"]) == 0
     kill_at = int(np.random.default_rng(seed).integers(1, 23))
-    rc = _run_driver(script, [*common, str(cut), str(stack), str(weights), "1"], kill_at=kill_at)
+    rc = _run_driver(script, [*common, str(cut), str(stack), str(weights), "1", background], kill_at=kill_at)
     assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (cut / "model.pt").exists()
-    assert _run_driver(script, [*common, str(cut), str(stack), str(weights), "1"]) == 0
+    assert _run_driver(script, [*common, str(cut), str(stack), str(weights), "1", background]) == 0
     a, b = safe_load(ref / "model.pt")["state_dict"], safe_load(cut / "model.pt")["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
