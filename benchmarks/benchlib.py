@@ -252,9 +252,11 @@ class TrainingRates:
         minimal_before, minimal_after: the two minimal-loop runs (their spread shows load changes).
         flops_per_tile: forward + backward FLOPs of one tile (3 x the forward FLOPs).
         peak_gib, peak_gib_minimal: peak device memory of each (None on the CPU).
-        checkpoint_seconds: wall time of one ``state.pt`` write of ``unet train`` (median of its
-            writes in this run; they are not training time, so ``ours`` does not count them);
-            :meth:`with_checkpoints` counts them.
+        checkpoint_seconds: wall time the loop of ``unet train`` spends in one ``state.pt``
+            checkpoint (median of this run's): on the CPU the write, on CUDA the copy of the state
+            to host memory that the steps wait for (the file is written on a background thread);
+            ``ours`` does not count it (the run's only checkpoint comes after its last metrics
+            row), :meth:`with_checkpoints` does.
         checkpoint_every, batch: the default checkpoint interval (iterations) and the batch.
         ours_runs: the tiles/s of each ``unet train`` run (``ours`` is their median).
         description: device and precision as ``unet train`` logged them.
@@ -311,8 +313,8 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
     of ``iterations``; its rate is taken between the first and last rows from their training
     seconds, which are read after the device has finished (the loop synchronises there). Each
     minimal run likewise skips its first third. Nothing of one run is alive during another, so
-    each peak memory is its own. Validation and ``state.pt`` writes are not training time: the
-    write ``unet train`` makes at the end is timed on its own (``checkpoint_seconds``).
+    each peak memory is its own. Validation is not training time; the ``state.pt`` checkpoint
+    ``unet train`` makes at the end is timed on its own (``checkpoint_seconds``).
     """
     from unet_core.train.config import TrainConfig
     from unet_core.train.loop import train
@@ -344,23 +346,24 @@ def training_rates(spec: UNetSpec, device: torch.device, *, tile_out: int, batch
 
 @contextlib.contextmanager
 def _timed_checkpoints() -> Iterator[list[float]]:
-    """The wall seconds of each ``state.pt`` write of ``unet train`` inside the block (the loop's
-    ``save_state`` wrapped; it returns after the file is written, device state copied to the host)."""
+    """The wall seconds the loop of ``unet train`` spends in each ``state.pt`` checkpoint inside the
+    block (its ``_checkpoint`` wrapped): on the CPU the whole write; on CUDA the copy of the state to
+    host memory, which the steps wait for (the file is written on a background thread beside them)."""
     from unet_core.train import loop
 
     writes: list[float] = []
-    save = loop.save_state
+    checkpoint = loop._checkpoint
 
     def timed(*args: object, **kwargs: object) -> None:
         t0 = time.perf_counter()
-        save(*args, **kwargs)
+        checkpoint(*args, **kwargs)
         writes.append(time.perf_counter() - t0)
 
-    loop.save_state = timed
+    loop._checkpoint = timed
     try:
         yield writes
     finally:
-        loop.save_state = save
+        loop._checkpoint = checkpoint
 
 
 def _minimal_rate(spec: UNetSpec, device: torch.device, aug: Path, *, warmup: int, timed_steps: int, batch: int,
