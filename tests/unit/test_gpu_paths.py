@@ -391,16 +391,20 @@ def test_prediction_waits_for_the_device_once_per_block_at_its_download(cuda_on_
     assert count_syncs[("download wait", "Tensor.numpy (host memory)")] == 2 * n
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync-state", "background-state"])
 def test_training_steps_do_not_wait_for_the_device_between_host_points(tmp_path: Path, cuda_on_cpu, count_syncs,
-                                                                      monkeypatch) -> None:
+                                                                      monkeypatch, background: bool) -> None:
     # the training step with the CUDA runtime's fused optimizer and non-blocking uploads, its loss
     # summed on the device: no host synchronisation of any kind (also none from inside torch: the
-    # waiting aten operators) except at log, validation and checkpoint iterations
+    # waiting aten operators) except at log, validation and checkpoint iterations; with
+    # ``background`` state.pt is written as on CUDA (a host copy at the checkpoint iteration, the
+    # file on a background thread, which must not add waits to the steps)
     import unet_core.train.loop as loop
     import unet_core.train.runtime as runtime_module
     from test_train import make_augmented, tiny_config
 
     monkeypatch.setattr(runtime_module.Runtime, "fused_optimizer", property(lambda self: True))
+    monkeypatch.setattr(loop, "background_checkpoints", lambda runtime: background)
     iteration = [0]
     original_step, original_add, original_point = loop._step, loop.LossMeter.add, loop._host_point
 
