@@ -3,7 +3,7 @@
 `test_workflow_under_slurm_equals_local_run` starts a private SLURM cluster on this machine
 (tests/slurm/start_local_slurm.sh: Debian's munge + slurmctld + slurmd, daemons started by
 hand, stopped by PID in teardown), runs the default workflow in a temporary copy of the
-working tree twice -- once locally (`snakemake`, profiles/default) and once through
+working tree twice, side by side -- once locally (`snakemake`, profiles/default) and once through
 profiles/slurm -- with a small config override so it stays fast, and checks that
 
 * every Zarr chunk file and every TIFF of the SLURM run is byte-identical to the local run's
@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,13 +307,17 @@ def test_workflow_under_slurm_equals_local_run(slurm_cluster: Cluster, tmp_path:
     # are independent of the thread count is the reproducibility test's business.)
     threads = yaml.safe_load((profile / "config.yaml").read_text())["set-threads"]
     local = _copy_working_tree(tmp_path / "local")
-    rc, local_s = _run([snakemake, "--set-threads", *(f"{r}={n}" for r, n in threads.items()), *common],
-                       cwd=local, env=env, log=tmp_path / "local.log", timeout=LOCAL_TIMEOUT_S)
-    assert rc == 0, f"the LOCAL run failed (exit {rc}; not a SLURM problem):\n{_tail(tmp_path / 'local.log')}"
-
     on_slurm = _copy_working_tree(tmp_path / "slurm")
-    rc, slurm_s = _run([snakemake, "--workflow-profile", str(profile), *common], cwd=on_slurm, env=env,
-                       log=tmp_path / "slurm.log", timeout=SLURM_TIMEOUT_S)
+    # The local run goes beside the SLURM run, which mostly waits on submissions and status polls:
+    # about a minute less for the suite; neither run's bytes depend on the other (fixed threads).
+    with ThreadPoolExecutor(1) as pool:
+        local_run = pool.submit(_run, [snakemake, "--set-threads", *(f"{r}={n}" for r, n in threads.items()),
+                                       *common], cwd=local, env=env, log=tmp_path / "local.log",
+                                timeout=LOCAL_TIMEOUT_S)
+        rc, slurm_s = _run([snakemake, "--workflow-profile", str(profile), *common], cwd=on_slurm, env=env,
+                           log=tmp_path / "slurm.log", timeout=SLURM_TIMEOUT_S)
+        local_rc, local_s = local_run.result()
+    assert local_rc == 0, f"the LOCAL run failed (exit {local_rc}; not a SLURM problem):\n{_tail(tmp_path / 'local.log')}"
     assert rc == 0, f"the SLURM run failed (exit {rc}):\n{_tail(tmp_path / 'slurm.log')}"
 
     timings = {"cluster_start_s": round(slurm_cluster.start_seconds, 1), "local_run_s": round(local_s, 1),
