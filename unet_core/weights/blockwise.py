@@ -187,6 +187,60 @@ def weight_array(instances, *, kind: LabelKind | str, class_weights: Sequence[fl
     )
 
 
+def _classes_3d_block(block: np.ndarray, *, separate_touching: bool) -> np.ndarray:
+    return kernel.class_map_3d(block, separate_touching=separate_touching)
+
+
+def _weights_3d_block(block: np.ndarray, *, halo: tuple[int, int, int], separate_touching: bool,
+                      class_weights: tuple[float, float], params: kernel.VolumeWeightParams,
+                      spacing_um: tuple[float, float, float]) -> np.ndarray:
+    """w(x) of a chunk grown by ``halo`` voxels per side; only the core (what Dask keeps) gets the term."""
+    classes = kernel.class_map_3d(block, separate_touching=separate_touching)
+    core = tuple(slice(h, n - h) for h, n in zip(halo, block.shape))
+    return kernel.weight_map_3d(block, classes, class_weights=class_weights, params=params, spacing_um=spacing_um,
+                                within=core)
+
+
+def volume_weight_arrays(instances, *, class_weights: Sequence[float], params: kernel.VolumeWeightParams,
+                         spacing_um: Sequence[float], separate_touching: bool = True):
+    """Lazy classes and w(x) of a (Z, Y, X) instance volume, chunk by chunk in 3-D (``map_overlap``).
+
+    Every chunk is grown along each axis by ``params.halo_voxels(spacing_um)`` =
+    ``ceil(cutoff_um / spacing) + 1`` voxels: the first term holds every voxel within the
+    cutoff of the chunk (no other voxel changes a value), the +1 gives those voxels their
+    class (the 6-connected separation reads one face neighbour further); the classes
+    alone need 1. Outside the volume the halo is 0 (background: no cell beyond the border),
+    which is what the whole-volume kernels assume, so the result equals
+    :func:`unet_core.weights.maps.weight_map_3d` of the whole volume bit for bit.
+
+    Args:
+        instances: (Z, Y, X) integer Dask array of instance labels, 0 = background (any chunks).
+        class_weights: ``(w_background, w_cell)``.
+        params: w0, sigma_um, tolerance, border voxels, d1/d2 method.
+        spacing_um: voxel size (dz, dy, dx), µm.
+        separate_touching: cut 6-connected separation surfaces (instance labels).
+
+    Returns:
+        ``(classes, weights)``: uint8 and float32 Dask arrays with ``instances``' chunks (a
+        chunk thinner than the halo is computed merged with its neighbour, then split again).
+    """
+    import dask.array as da
+
+    if instances.ndim != 3 or not (np.issubdtype(instances.dtype, np.integer) or instances.dtype == np.bool_):
+        raise UserInputError(f"instances: expected a 3-D (Z, Y, X) integer volume, got shape {instances.shape} "
+                             f"dtype {instances.dtype}")
+    spacing = kernel.check_spacing(spacing_um)
+    depth = params.halo_voxels(spacing)
+    wc = tuple(float(c) for c in class_weights)
+    classes = da.map_overlap(_classes_3d_block, instances, depth=1, boundary=0, dtype=np.uint8, trim=True,
+                             separate_touching=separate_touching)
+    weights = da.map_overlap(_weights_3d_block, instances, depth=dict(enumerate(depth)), boundary=0,
+                             dtype=np.float32, trim=True, halo=depth, separate_touching=separate_touching,
+                             class_weights=wc, params=params, spacing_um=spacing)
+    # Dask merges chunks thinner than the halo before growing them; give the caller its chunks back
+    return classes, weights.rechunk(instances.chunks)
+
+
 def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4) -> np.ndarray:
     """Global pixel counts [background, cell] over all slices of all stacks (Dask reduction).
 
