@@ -1,4 +1,5 @@
-"""Object scores of one 2-D slice: one-to-one matching at IoU > 0.5 (precision, recall, F1) and SEG.
+"""Object scores of one 2-D slice or one 3-D volume: one-to-one matching at IoU > 0.5 (precision,
+recall, F1) and SEG.
 
 * object precision/recall/F1: a predicted object matches a ground-truth object when
   their IoU is > 0.5 (strictly greater, which makes the matching one-to-one).
@@ -6,6 +7,11 @@
   the predicted object covering more than half of it (0 if none). :func:`truth_split`
   splits the predicted foreground as the ground truth does: its SEG is what a perfect
   instance rule would reach on that foreground.
+
+:func:`match_objects` scores (Z, Y, X) volumes as 3-D objects (IoU and SEG over voxels: an id is
+one object across all its slices), the same formula as in 2-D; today's per-slice scores of a
+volume are the counts of its slices summed, ``sum(match_objects(t[z], p[z]) for z ...)``, where a
+3-D object counts once in every slice it crosses.
 
 Conventions (labels, connectivity): :mod:`unet_core.evaluate.score_inputs`.
 """
@@ -82,14 +88,15 @@ def match_objects(true_instances: np.ndarray, pred_instances: np.ndarray) -> Obj
     R (|R ∩ S| > 0.5 |R|), scoring |R ∩ S| / |R ∪ S|, else 0.
 
     Args:
-        true_instances: (Y, X) integer ground-truth objects, 0 = background.
-        pred_instances: (Y, X) integer predicted objects, 0 = background.
+        true_instances: (Y, X) or (Z, Y, X) integer ground-truth objects, 0 = background; in a
+            volume an id is one 3-D object, its pixels counted over every slice.
+        pred_instances: integer predicted objects of the same shape, 0 = background.
 
     Returns:
-        The :class:`ObjectCounts`; invariant to relabelling either image.
+        The :class:`ObjectCounts`; invariant to relabelling either array.
     """
-    true_instances = check_2d("true_instances", true_instances)
-    pred_instances = check_2d("pred_instances", pred_instances)
+    true_instances = _image_or_volume("true_instances", true_instances)
+    pred_instances = _image_or_volume("pred_instances", pred_instances)
     check_same_shape(true_instances=true_instances, pred_instances=pred_instances)
     t_idx, n_t = consecutive_labels(true_instances)
     p_idx, n_p = consecutive_labels(pred_instances)
@@ -108,6 +115,14 @@ def match_objects(true_instances: np.ndarray, pred_instances: np.ndarray) -> Obj
     tp = int((iou > 0.5).sum())
     seg_sum = float(iou[inter * 2 > size_t[ti]].sum())
     return ObjectCounts(tp=tp, fp=n_pred - tp, fn=n_true - tp, seg_sum=seg_sum, n_true=n_true)
+
+
+def _image_or_volume(name: str, array: np.ndarray) -> np.ndarray:
+    """``array`` if it is (Y, X) or (Z, Y, X), else ValueError."""
+    array = np.asarray(array)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a 2-D (Y, X) or 3-D (Z, Y, X) array, got shape {array.shape}")
+    return array
 
 
 def truth_split(

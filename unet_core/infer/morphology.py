@@ -10,14 +10,16 @@ all several times faster on one core:
     distances (column scans, then the lower envelope of parabolas along each row), then one
     ``sqrt`` in float64, which is how scipy forms its values too (sqrt of an exact integer).
 :func:`h_maxima`
-    ``skimage.morphology.h_maxima(image, h, footprint=<4-cross>) > 0`` for a float image: the
+    ``skimage.morphology.h_maxima(image, h, footprint=<cross>) > 0`` for a float image (the
+    4-cross in 2-D, the 6-neighbour cross of a (Z, Y, X) volume): the
     same shifted seed ``image - h - 2 * finfo.resolution * |image|``, its grey reconstruction by
     dilation under ``image`` (Vincent's hybrid algorithm: a raster and an anti-raster scan, then a
     FIFO queue; reconstruction is uniquely defined, so any correct algorithm gives the same
     values), and the same residue test ``image - rec >= h``. scikit-image sorts every pixel
     twice (argsort + rank order) for its reconstruction; this is O(n) in practice.
 :func:`flood_from_markers`
-    ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 or 2)`` of
+    ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 or 2)`` (an
+    image, 4 or 8 neighbours; a volume, 6 face neighbours) of
     scikit-image 0.26 (markers first with their own value; each newly reached neighbour takes
     the label at once and is queued at ``max(its value, the value of the pixel that reached
     it)``; pops in (value, age) order), with one difference: markers of equal value, which
@@ -32,7 +34,10 @@ all several times faster on one core:
 
 The kernels are compiled on first use (``cache=True``: once per machine, then loaded from
 numba's cache, about a second per process) and release the GIL, so the blocks of a merge can
-run in threads. This module is imported only by merge code.
+run in threads. This module is imported only by merge code. The reconstruction and the flood
+take a (Y, X) image as a volume of one slice without z neighbours: one kernel for 2-D and 3-D,
+the 2-D results unchanged (the EDT stays 2-D; :mod:`~unet_core.infer.instances` measures an
+anisotropic 3-D distance with scipy).
 """
 
 from __future__ import annotations
@@ -120,145 +125,189 @@ def distance_transform_edt(mask: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# h-maxima (grey reconstruction by dilation, 4-connectivity)
+# h-maxima (grey reconstruction by dilation, 4-connectivity in 2-D, 6 in 3-D)
 # --------------------------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
-def _reconstruct_dilation4(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """Grey reconstruction by dilation of ``seed`` (<= ``mask`` everywhere) under ``mask``,
-    4-connectivity, Vincent's hybrid algorithm (IEEE TIP 1993). Returns a new array."""
-    ny, nx = seed.shape
+def _reconstruct_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Grey reconstruction by dilation of a (Z, Y, X) ``seed`` (<= ``mask`` everywhere) under
+    ``mask``, face connectivity (6 neighbours; a 2-D image passed as one slice: the 4-cross),
+    Vincent's hybrid algorithm (IEEE TIP 1993): a raster scan, an anti-raster scan that queues
+    the voxels that can still raise a neighbour, then a FIFO queue. Returns a new array."""
     rec = seed.copy()
-    # raster scan: propagate from the up and left neighbours
-    for i in range(ny):
-        for j in range(nx):
-            v = rec[i, j]
-            if i > 0 and rec[i - 1, j] > v:
-                v = rec[i - 1, j]
-            if j > 0 and rec[i, j - 1] > v:
-                v = rec[i, j - 1]
-            m = mask[i, j]
-            rec[i, j] = v if v < m else m
-    # anti-raster scan: from the down and right neighbours; queue the pixels that can still
-    # raise a down/right neighbour
-    n = ny * nx
-    queue = np.empty(n, np.int64)
+    _raster_scan(rec, mask)
+    n = rec.size
+    queue = np.empty(n, np.int64)  # a voxel is at most once in the queue, so n slots suffice
     queued = np.zeros(n, np.bool_)
-    head = 0
+    size = _anti_raster_scan(rec, mask, queue, queued)
+    _propagate(rec, mask, queue, queued, size)
+    return rec
+
+
+@numba.njit(cache=True, nogil=True)
+def _raster_scan(rec: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Raise each voxel of ``rec`` to its previous-slice, up and left neighbours, capped by ``mask``."""
+    nz, ny, nx = rec.shape
+    for k in range(nz):
+        for i in range(ny):
+            for j in range(nx):
+                v = rec[k, i, j]
+                if k > 0 and rec[k - 1, i, j] > v:
+                    v = rec[k - 1, i, j]
+                if i > 0 and rec[k, i - 1, j] > v:
+                    v = rec[k, i - 1, j]
+                if j > 0 and rec[k, i, j - 1] > v:
+                    v = rec[k, i, j - 1]
+                m = mask[k, i, j]
+                rec[k, i, j] = v if v < m else m
+
+
+@numba.njit(cache=True, nogil=True)
+def _anti_raster_scan(rec: np.ndarray, mask: np.ndarray, queue: np.ndarray, queued: np.ndarray) -> int:  # pragma: no cover
+    """Raise each voxel of ``rec`` to its next-slice, down and right neighbours, capped by
+    ``mask``, in anti-raster order; queue (raveled) the voxels that can still raise one of those
+    neighbours. Returns the queue's length."""
+    nz, ny, nx = rec.shape
     size = 0
-    for i in range(ny - 1, -1, -1):
-        for j in range(nx - 1, -1, -1):
-            v = rec[i, j]
-            if i < ny - 1 and rec[i + 1, j] > v:
-                v = rec[i + 1, j]
-            if j < nx - 1 and rec[i, j + 1] > v:
-                v = rec[i, j + 1]
-            m = mask[i, j]
-            v = v if v < m else m
-            rec[i, j] = v
-            grow = False
-            if i < ny - 1 and rec[i + 1, j] < v and rec[i + 1, j] < mask[i + 1, j]:
-                grow = True
-            if j < nx - 1 and rec[i, j + 1] < v and rec[i, j + 1] < mask[i, j + 1]:
-                grow = True
-            if grow:
-                p = i * nx + j
-                queue[(head + size) % n] = p
-                size += 1
-                queued[p] = True
-    # FIFO propagation (a pixel is at most once in the queue, so n slots suffice)
+    for k in range(nz - 1, -1, -1):
+        for i in range(ny - 1, -1, -1):
+            for j in range(nx - 1, -1, -1):
+                v = rec[k, i, j]
+                if k < nz - 1 and rec[k + 1, i, j] > v:
+                    v = rec[k + 1, i, j]
+                if i < ny - 1 and rec[k, i + 1, j] > v:
+                    v = rec[k, i + 1, j]
+                if j < nx - 1 and rec[k, i, j + 1] > v:
+                    v = rec[k, i, j + 1]
+                m = mask[k, i, j]
+                v = v if v < m else m
+                rec[k, i, j] = v
+                grow = False
+                if k < nz - 1 and rec[k + 1, i, j] < v and rec[k + 1, i, j] < mask[k + 1, i, j]:
+                    grow = True
+                if i < ny - 1 and rec[k, i + 1, j] < v and rec[k, i + 1, j] < mask[k, i + 1, j]:
+                    grow = True
+                if j < nx - 1 and rec[k, i, j + 1] < v and rec[k, i, j + 1] < mask[k, i, j + 1]:
+                    grow = True
+                if grow:
+                    p = (k * ny + i) * nx + j
+                    queue[size] = p
+                    size += 1
+                    queued[p] = True
+    return size
+
+
+@numba.njit(cache=True, nogil=True)
+def _propagate(rec: np.ndarray, mask: np.ndarray, queue: np.ndarray, queued: np.ndarray, size: int) -> None:  # pragma: no cover
+    """First-in-first-out propagation of ``rec`` from the ``size`` queued voxels (a ring buffer
+    over ``queue``) to their 6 face neighbours, capped by ``mask``, until nothing changes."""
+    nz, ny, nx = rec.shape
+    n = queue.shape[0]
+    head = 0
     while size > 0:
         p = queue[head]
         head = (head + 1) % n
         size -= 1
         queued[p] = False
-        i = p // nx
-        j = p - i * nx
-        v = rec[i, j]
-        for k in range(4):
-            if k == 0:
+        k = p // (ny * nx)
+        i = (p - k * ny * nx) // nx
+        j = p - (k * ny + i) * nx
+        v = rec[k, i, j]
+        for t in range(6):
+            if t == 0:
+                if k == 0:
+                    continue
+                qk, qi, qj = k - 1, i, j
+            elif t == 1:
                 if i == 0:
                     continue
-                qi, qj = i - 1, j
-            elif k == 1:
+                qk, qi, qj = k, i - 1, j
+            elif t == 2:
                 if j == 0:
                     continue
-                qi, qj = i, j - 1
-            elif k == 2:
+                qk, qi, qj = k, i, j - 1
+            elif t == 3:
                 if j == nx - 1:
                     continue
-                qi, qj = i, j + 1
-            else:
+                qk, qi, qj = k, i, j + 1
+            elif t == 4:
                 if i == ny - 1:
                     continue
-                qi, qj = i + 1, j
-            r = rec[qi, qj]
-            m = mask[qi, qj]
+                qk, qi, qj = k, i + 1, j
+            else:
+                if k == nz - 1:
+                    continue
+                qk, qi, qj = k + 1, i, j
+            r = rec[qk, qi, qj]
+            m = mask[qk, qi, qj]
             if r < v and r != m:
-                rec[qi, qj] = v if v < m else m
-                q = qi * nx + qj
+                rec[qk, qi, qj] = v if v < m else m
+                q = (qk * ny + qi) * nx + qj
                 if not queued[q]:
                     queue[(head + size) % n] = q
                     size += 1
                     queued[q] = True
-    return rec
 
 
 @numba.njit(cache=True, nogil=True)
 def _h_maxima_f64(image: np.ndarray, h: float, factor: float) -> tuple:  # pragma: no cover
-    """h-maxima of a float64 image as skimage computes them (see :func:`h_maxima`); returns
-    (bool mask, ok), ok False (mask undefined) where the image holds NaN or +inf."""
-    ny, nx = image.shape
-    seed = np.empty((ny, nx), np.float64)
-    for i in range(ny):
-        for j in range(nx):
-            x = image[i, j]
-            if x != x or x == np.inf:
-                return np.zeros((ny, nx), np.bool_), False
-            seed[i, j] = (x - h) - factor * abs(x)
-    rec = _reconstruct_dilation4(seed, image)
-    out = np.empty((ny, nx), np.bool_)
-    for i in range(ny):
-        for j in range(nx):
-            out[i, j] = image[i, j] - rec[i, j] >= h
+    """h-maxima of a (Z, Y, X) float64 image as skimage computes them (see :func:`h_maxima`);
+    returns (bool mask, ok), ok False (mask undefined) where the image holds NaN or +inf."""
+    nz, ny, nx = image.shape
+    seed = np.empty((nz, ny, nx), np.float64)
+    for k in range(nz):
+        for i in range(ny):
+            for j in range(nx):
+                x = image[k, i, j]
+                if x != x or x == np.inf:
+                    return np.zeros((nz, ny, nx), np.bool_), False
+                seed[k, i, j] = (x - h) - factor * abs(x)
+    rec = _reconstruct_dilation(seed, image)
+    out = np.empty((nz, ny, nx), np.bool_)
+    for k in range(nz):
+        for i in range(ny):
+            for j in range(nx):
+                out[k, i, j] = image[k, i, j] - rec[k, i, j] >= h
     return out, True
 
 
 def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
-    """(Y, X) bool h-maxima (4-connectivity) of a 2-D float ``image``: the pixels of the regional
-    maxima that stand at least ``h`` (image units, e.g. px of distance) above every path to a
-    higher maximum; equal to ``skimage.morphology.h_maxima(image, h, footprint=cross) > 0``
+    """Bool h-maxima of a (Y, X) (4-connectivity) or (Z, Y, X) (6-connectivity: face
+    neighbours) float ``image``: the pixels of the regional maxima that stand at least ``h``
+    (image units, e.g. px or µm of distance) above every path to a higher maximum; equal to
+    ``skimage.morphology.h_maxima(image, h, footprint=<cross of that dimension>) > 0``
     (scikit-image's float arithmetic reproduced: seed ``image - h - 2 * resolution * |image|``,
-    residue ``image - reconstruction >= h``).
+    residue ``image - reconstruction >= h``). One kernel for both: a 2-D image is reconstructed
+    as a volume of one slice, which has no neighbour along z.
 
     Raises:
-        ValueError: ``h`` is 0 (as skimage), ``image`` is not 2-D, or it holds NaN or +inf
-            (where skimage's seed holds NaN and skimage crashes or hangs).
+        ValueError: ``h`` is 0 (as skimage), ``image`` is neither 2-D nor 3-D, or it holds NaN
+            or +inf (where skimage's seed holds NaN and skimage crashes or hangs).
         TypeError: ``image`` is neither float32 nor float64.
     """
     img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {img.shape}")
+    if img.ndim not in (2, 3):
+        raise ValueError(f"image must be 2-D (Y, X) or 3-D (Z, Y, X), got shape {img.shape}")
     if img.dtype not in (np.float32, np.float64):
         raise TypeError(f"image must be float32 or float64, got {img.dtype}")
     if img.size == 0 or h > np.ptp(img):
         return np.zeros(img.shape, bool)
     if h == 0:
         raise ValueError("h = 0 is ambiguous, use local_maxima() instead?")
-    img = np.ascontiguousarray(img)
-    if img.dtype == np.float64:
-        out, ok = _h_maxima_f64(img, float(h), _RESOLUTION_FACTOR_F64)
+    vol = np.ascontiguousarray(img if img.ndim == 3 else img[None])
+    if vol.dtype == np.float64:
+        out, ok = _h_maxima_f64(vol, float(h), _RESOLUTION_FACTOR_F64)
         if ok:
-            return out
-    if np.isnan(img).any() or np.isposinf(img).any():
+            return out.reshape(img.shape)
+    if np.isnan(vol).any() or np.isposinf(vol).any():
         # the seed would hold NaN; scikit-image crashes or hangs on such an image
         raise ValueError("image holds NaN or +inf")
     # float32: skimage's arithmetic in that dtype (numpy), the reconstruction compiled
-    seed = img - h - 2 * np.finfo(img.dtype).resolution * np.abs(img)
-    rec = _reconstruct_dilation4(np.ascontiguousarray(seed, dtype=img.dtype), img)
+    seed = vol - h - 2 * np.finfo(vol.dtype).resolution * np.abs(vol)
+    rec = _reconstruct_dilation(np.ascontiguousarray(seed, dtype=vol.dtype), vol)
     with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, not a residue >= h (as skimage)
-        return (img - rec) >= h
+        return ((vol - rec) >= h).reshape(img.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,49 +325,60 @@ _LOW63 = np.int64(0x7FFFFFFFFFFFFFFF)
 
 @numba.njit(cache=True, nogil=True)
 def _padded_inputs(
-    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray
+    height: np.ndarray, negate: bool, markers: np.ndarray, mask: np.ndarray, pad_z: int
 ) -> tuple:  # pragma: no cover - compiled
-    """The flood's inputs padded by one pixel of non-mask and raveled: (int64 order keys of the
-    values (equal iff the float64 values are equal, so -0.0 and 0.0 share one), int32 state (-1
-    outside the mask, else the marker id, 0 for none), ok); ok is False (the rest undefined)
-    where ``height`` holds NaN. The values are -height if ``negate`` else height, in float64.
-    ``markers`` hold ids 0 .. 2^31 - 1. Branch-free, so the compiler vectorises it."""
-    ny, nx = height.shape
+    """The flood's (Z, Y, X) inputs padded by one pixel of non-mask in y and x, and by ``pad_z``
+    (0 for a 2-D image passed as one slice, 1 for a volume) slices in z, and raveled: (int64
+    order keys of the values (equal iff the float64 values are equal, so -0.0 and 0.0 share
+    one), int32 state (-1 outside the mask, else the marker id, 0 for none), ok); ok is False
+    (the rest undefined) where ``height`` holds NaN. The values are -height if ``negate`` else
+    height, in float64. ``markers`` hold ids 0 .. 2^31 - 1. Branch-free, so the compiler
+    vectorises it."""
+    nz, ny, nx = height.shape
     px = nx + 2
-    key = np.zeros((ny + 2) * px, np.int64)
-    state = np.full((ny + 2) * px, -1, np.int32)
+    pz = (ny + 2) * px
+    key = np.zeros((nz + 2 * pad_z) * pz, np.int64)
+    state = np.full((nz + 2 * pad_z) * pz, -1, np.int32)
     sign = -1.0 if negate else 1.0
     nan = False
-    for i in range(ny):
-        row = (i + 1) * px + 1
-        for j in range(nx):
-            v = np.float64(height[i, j]) * sign + 0.0  # + 0.0 turns -0.0 into 0.0
-            nan |= v != v
-            b = np.float64(v).view(np.int64)
-            key[row + j] = b ^ ((b >> 63) & _LOW63)
-            state[row + j] = np.int32(markers[i, j]) if mask[i, j] else np.int32(-1)
+    for k in range(nz):
+        for i in range(ny):
+            row = (k + pad_z) * pz + (i + 1) * px + 1
+            for j in range(nx):
+                v = np.float64(height[k, i, j]) * sign + 0.0  # + 0.0 turns -0.0 into 0.0
+                nan |= v != v
+                b = np.float64(v).view(np.int64)
+                key[row + j] = b ^ ((b >> 63) & _LOW63)
+                state[row + j] = np.int32(markers[k, i, j]) if mask[k, i, j] else np.int32(-1)
     return key, state, not nan
 
 
-@numba.njit(cache=True, nogil=True)
-def _neighbour_offsets(px: int, eight: bool) -> np.ndarray:  # pragma: no cover - compiled
-    """Raveled offsets of the neighbours in a padded row of ``px`` pixels, in skimage's order
-    (sorted by distance, then by raveled offset)."""
-    if eight:
+def _neighbour_offsets(shape: tuple[int, int, int], pad_z: int, connectivity: int) -> np.ndarray:
+    """Raveled offsets of the neighbours in the padded array of :func:`_padded_inputs` for an
+    input of (Z, Y, X) ``shape``, in skimage's order (sorted by distance, then by raveled
+    offset): 4 or 8 within a slice (``pad_z`` 0), 6 face neighbours in a volume (``pad_z`` 1)."""
+    px = shape[2] + 2
+    pz = (shape[1] + 2) * px
+    if connectivity == 6:
+        return np.array([-pz, -px, -1, 1, px, pz], np.int64)
+    if connectivity == 8:
         return np.array([-px, -1, 1, px, -px - 1, -px + 1, px - 1, px + 1], np.int64)
     return np.array([-px, -1, 1, px], np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
-def _unpad(state: np.ndarray, ids: np.ndarray, out: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """``out`` (Y, X) filled with ``ids[state]`` of the padded, raveled ``state`` (0 where it
-    is 0 or -1)."""
-    ny, nx = out.shape
+def _unpad(state: np.ndarray, ids: np.ndarray, out: np.ndarray, pad_z: int) -> np.ndarray:  # pragma: no cover
+    """``out`` (Z, Y, X) filled with ``ids[state]`` of the padded, raveled ``state`` (0 where it
+    is 0 or -1; padding as :func:`_padded_inputs`)."""
+    nz, ny, nx = out.shape
     px = nx + 2
-    for i in range(ny):
-        for j in range(nx):
-            k = state[(i + 1) * px + (j + 1)]
-            out[i, j] = ids[k] if k > 0 else 0
+    pz = (ny + 2) * px
+    for k in range(nz):
+        for i in range(ny):
+            row = (k + pad_z) * pz + (i + 1) * px + 1
+            for j in range(nx):
+                s = state[row + j]
+                out[k, i, j] = ids[s] if s > 0 else 0
     return out
 
 
@@ -569,31 +629,33 @@ def _flood_ranked(
 
 
 def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray, *, connectivity: int = 4) -> np.ndarray:
-    """(Y, X) int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``,
-    as ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
-    connectivity == 4 else 2).astype(np.int32)`` (scikit-image 0.26) does, except where markers
-    of different labels have equal heights in one component: these are taken in raster order
-    here (skimage: in its heap's layout, an accident of its pushes).
+    """int32 labels: flood ``mask`` from ``markers`` in order of decreasing ``height``, as
+    ``skimage.segmentation.watershed(-height, markers, mask=mask, connectivity=1 if
+    connectivity in (4, 6) else 2).astype(np.int32)`` (scikit-image 0.26) does, except where
+    markers of different labels have equal heights in one component: these are taken in raster
+    order here (skimage: in its heap's layout, an accident of its pushes).
 
     The order: a pixel is taken when no queued pixel is higher and none of equal height was
     queued before it; taken, it gives its label to each unlabelled neighbour in the mask (in
     skimage's neighbour order), which is queued at the lower of its own height and the taker's.
-    The markers are queued first, in raster order.
+    The markers are queued first, in raster order. A volume runs through the same kernels as an
+    image (raveled, padded by one voxel of non-mask on every face), with face neighbours.
 
     Args:
-        height: (Y, X) real heights (e.g. P(cell) or a distance, any real dtype).
-        markers: (Y, X) integer (or bool) seed ids, 0 = no seed; seeds outside ``mask`` are
-            dropped, as skimage does.
-        mask: (Y, X) bool pixels that may be flooded.
-        connectivity: 4 or 8.
+        height: (Y, X) or (Z, Y, X) real heights (e.g. P(cell) or a distance, any real dtype).
+        markers: integer (or bool) seed ids of the same shape, 0 = no seed; seeds outside
+            ``mask`` are dropped, as skimage does.
+        mask: bool pixels that may be flooded, of the same shape.
+        connectivity: 4 or 8 for an image; 6 (face neighbours) for a volume.
     """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     hgt = np.asarray(height)
     mk = np.asarray(markers)
     msk = np.asarray(mask, dtype=bool)
-    if hgt.ndim != 2 or mk.shape != hgt.shape or msk.shape != hgt.shape:
-        raise ValueError(f"height, markers and mask must be 2-D of one shape, got {hgt.shape}, {mk.shape}, {msk.shape}")
+    allowed = {2: (4, 8), 3: (6,)}.get(hgt.ndim, ())
+    if connectivity not in allowed:
+        raise ValueError(f"connectivity must be 4 or 8 for (Y, X), 6 for (Z, Y, X), got {connectivity} for {hgt.shape}")
+    if mk.shape != hgt.shape or msk.shape != hgt.shape:
+        raise ValueError(f"height, markers and mask must have one shape, got {hgt.shape}, {mk.shape}, {msk.shape}")
     if mk.dtype.kind not in "biu":
         raise TypeError(f"markers must be integer, got {mk.dtype}")
     # the marker ids inside the mask as 1..n (ids[k] is id k's value), so the kernels keep int32
@@ -602,21 +664,23 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
     if not on.any():
         return labels
     ids, compact = np.unique(mk[on], return_inverse=True)
-    if ids.size >= 2**31 - 1 or (hgt.shape[0] + 2) * (hgt.shape[1] + 2) >= 2**31:
+    pad_z = 1 if hgt.ndim == 3 else 0
+    shape3 = hgt.shape if pad_z else (1, *hgt.shape)
+    if ids.size >= 2**31 - 1 or (shape3[0] + 2 * pad_z) * (shape3[1] + 2) * (shape3[2] + 2) >= 2**31:
         raise ValueError(f"at most 2^31 - 2 markers and 2^31 pixels, got {ids.size} and {hgt.size}")
-    numbered = np.zeros(hgt.shape, np.int32)
-    numbered[on] = compact.reshape(-1) + 1
+    numbered = np.zeros(shape3, np.int32)
+    numbered.reshape(hgt.shape)[on] = compact.reshape(-1) + 1
     if hgt.dtype in (np.float32, np.float64):
         values, negate = np.ascontiguousarray(hgt), True
     else:
         # other dtypes: negate in their own dtype first, as ``-height`` did (integers may wrap)
         values, negate = np.ascontiguousarray((-hgt).astype(np.float64)), False
-    key, state, ok = _padded_inputs(values, negate, numbered, np.ascontiguousarray(msk))
+    key, state, ok = _padded_inputs(values.reshape(shape3), negate, numbered, np.ascontiguousarray(msk).reshape(shape3), pad_z)
     if not ok:  # NaN heights: no order is defined; skimage's own decides
         from skimage.segmentation import watershed
 
-        return watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity == 4 else 2).astype(np.int32, copy=False)
-    offsets = _neighbour_offsets(hgt.shape[1] + 2, connectivity == 8)
+        return watershed(-hgt, mk, mask=msk, connectivity=1 if connectivity in (4, 6) else 2).astype(np.int32, copy=False)
+    offsets = _neighbour_offsets(shape3, pad_z, connectivity)
     positions = _flood_small_components(key, state, offsets, _HEAP_LIMIT_PX)
     if positions.size:
         coarse = (key[positions] >> 32 << 32) | positions
@@ -624,4 +688,4 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, mask: np.ndarray
         rank, n_ranks = _ranks(key, coarse)
         _flood_ranked(rank, n_ranks, positions, state, offsets)
     # the ids wrap to int32 as numpy's astype does
-    return _unpad(state, np.concatenate(([0], ids)).astype(np.int32), labels)
+    return _unpad(state, np.concatenate(([0], ids)).astype(np.int32), labels.reshape(shape3), pad_z).reshape(hgt.shape)
