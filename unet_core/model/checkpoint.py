@@ -150,7 +150,12 @@ def check_architecture(spec: UNetSpec, expect: ModelExpectation, *, path: str | 
     if expect is None:
         return
     want = expect.to_dict() if isinstance(expect, UNetSpec) else dict(expect)
-    have = spec.to_dict()
+    # a 2-D model's description leaves out dims (the files before the 3-D mode): name it, so a
+    # 3-D config given a 2-D file (or the reverse) is told so
+    have = {"dims": spec.dims, "pool_z": spec.pool_z, "kernel_z": spec.kernel_z, **spec.to_dict()}
+    for key in ("pool_z", "kernel_z"):
+        if isinstance(want.get(key), tuple):
+            want[key] = list(want[key])
     unknown = sorted(set(want) - set(have))
     if unknown:
         raise CheckpointError(f"{path}: unknown architecture key(s) {unknown}; known: {sorted(have)}")

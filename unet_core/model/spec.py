@@ -12,6 +12,7 @@ side (92 for ``d = 4``), every max-pool needs an even size, and valid input size
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
@@ -35,6 +36,129 @@ class Norm(str, Enum):
 
 
 @dataclass(frozen=True)
+class AxisGeometry:
+    """Size arithmetic of a U-Net along one spatial axis, from its kernels and pools there.
+
+    Valid convolutions of size ``k`` lose ``k - 1`` px per convolution (two per level on each
+    path), a pool of ``p`` needs a size divisible by ``p`` and an up-convolution multiplies by it.
+    The paper's axis (kernels 3, pools 2) gives ``context = 6 * 2**depth - 4`` (92 at depth 4)
+    and valid inputs ``188 + 16 k``; an axis without pooling and with 1-px kernels (the z axis
+    of a strongly anisotropic volume, as nnU-Net builds it) has context 0 and stride 1.
+
+    Attributes:
+        kernels: convolution size along the axis per level, ``depth + 1`` values of 1 or 3.
+        pools: pooling (and up-convolution) factor along the axis per level, ``depth`` values of
+            1 or 2.
+        padding: ``valid`` or ``same`` (every output pixel has an input pixel; no context).
+    """
+
+    kernels: tuple[int, ...]
+    pools: tuple[int, ...]
+    padding: Padding = Padding.VALID
+
+    @property
+    def depth(self) -> int:
+        return len(self.pools)
+
+    @property
+    def stride(self) -> int:
+        """Product of the pools: tile origins along the axis are multiples of it."""
+        return math.prod(self.pools)
+
+    @property
+    def receptive_field_radius(self) -> int:
+        """Input px per side one output pixel depends on (the valid net's context), px."""
+        radius, scale = 0, 1
+        for level, k in enumerate(self.kernels):
+            convs = 2 if level == self.depth else 4  # down and up path; the bottom has two
+            radius += convs * (k - 1) // 2 * scale
+            if level < self.depth:
+                scale *= self.pools[level]
+        return radius
+
+    @property
+    def context(self) -> int:
+        """Px the output loses per side relative to the input (0 for same padding)."""
+        return 0 if self.padding is Padding.SAME else self.receptive_field_radius
+
+    def _valid_forward(self, in_size: int) -> int | None:
+        """Output length of a valid-padded net, or None where some layer would break."""
+        size = in_size
+        for k, p in zip(self.kernels, self.pools):
+            size -= 2 * (k - 1)
+            if size < p or size % p:
+                return None
+            size //= p
+        size -= 2 * (self.kernels[-1] - 1)
+        if size < 1:
+            return None
+        for k, p in zip(reversed(self.kernels[:-1]), reversed(self.pools)):
+            size = p * size - 2 * (k - 1)
+            if size < 1:
+                return None
+        return size
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest valid input length (188 for the paper's axis; the stride for same padding)."""
+        if self.padding is Padding.SAME:
+            return self.stride
+        size = 1
+        while self._valid_forward(size) is None:
+            size += 1
+        return size
+
+    def is_valid_input(self, in_size: int) -> bool:
+        return in_size >= self.min_input_size and (in_size - self.min_input_size) % self.stride == 0
+
+    def nearest_valid_inputs(self, in_size: int) -> tuple[int, ...]:
+        """The valid input lengths just below and above ``in_size`` (or it, if valid)."""
+        base, step = self.min_input_size, self.stride
+        if in_size <= base:
+            return (base,)
+        k = (in_size - base) // step
+        lo, hi = base + k * step, base + (k + 1) * step
+        return (lo,) if lo == in_size else (lo, hi)
+
+    def output_size(self, in_size: int, *, what: str = "a U-Net") -> int:
+        """Output length for an input of ``in_size`` px.
+
+        Raises:
+            ValueError: ``in_size`` is not valid along this axis (names the nearest ones).
+        """
+        if self.padding is Padding.SAME:
+            if in_size < 1 or in_size % self.stride:
+                raise ValueError(
+                    f"input size {in_size} is not valid for a same-padded {what}: it must be a positive "
+                    f"multiple of {self.stride} (nearest: {self.nearest_valid_inputs(in_size)})")
+            return in_size
+        out = self._valid_forward(in_size)
+        if out is None:
+            raise ValueError(
+                f"input size {in_size} is not valid for a valid-padded {what}: it must be "
+                f"{self.min_input_size} + {self.stride}*k (nearest: {self.nearest_valid_inputs(in_size)})")
+        return out
+
+    def input_size(self, out_size: int, *, what: str = "U-Net") -> int:
+        """Input length that yields an output of exactly ``out_size`` px.
+
+        Raises:
+            ValueError: no input gives that output; names the nearest valid output sizes.
+        """
+        in_size = out_size + 2 * self.context
+        if not self.is_valid_input(in_size):
+            near = tuple(n - 2 * self.context for n in self.nearest_valid_inputs(in_size))
+            raise ValueError(f"output size {out_size} is not reachable by a {self.padding.value}-padded "
+                             f"{what} (nearest valid output sizes: {near})")
+        return in_size
+
+    def valid_output_size_at_least(self, out_size: int) -> int:
+        """Smallest reachable output length >= ``out_size`` (and >= the minimum)."""
+        need = max(out_size + 2 * self.context, self.min_input_size)
+        return self.nearest_valid_inputs(need)[-1] - 2 * self.context
+
+
+@dataclass(frozen=True)
 class UNetSpec:
     """Architecture of a 2-D U-Net; defaults are the paper's network.
 
@@ -47,6 +171,13 @@ class UNetSpec:
         norm: ``none`` (paper), ``batch`` or ``group`` normalisation.
         dropout: drop probability at the end of the contracting path (paper: dropout layers
             there; 0.5 is the Caffe default).
+        dims: 2 (the paper: (Y, X) slices) or 3 (the 3-D U-Net of Cicek et al. 2016: (Z, Y, X)
+            volumes, every operation in 3-D).
+        pool_z: 3-D only: the pooling factor along z per level, ``depth`` values of 1 or 2
+            (default all 2, isotropic). 1 where the z spacing is still coarser than the in-plane
+            spacing at that level (nnU-Net's rule), so z is not pooled below its resolution.
+        kernel_z: 3-D only: the convolution size along z per level, ``depth + 1`` values of 1 or 3
+            (default all 3); 1 gives 1x3x3 kernels where z is much coarser.
     """
 
     depth: int = 4
@@ -56,6 +187,9 @@ class UNetSpec:
     padding: Padding = Padding.VALID
     norm: Norm = Norm.NONE
     dropout: float = 0.5
+    dims: int = 2
+    pool_z: tuple[int, ...] | None = None
+    kernel_z: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "padding", Padding(self.padding))
@@ -68,12 +202,36 @@ class UNetSpec:
             raise ConfigError(f"model.n_classes must be >= 2 (softmax), got {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self._check_dims()
+
+    def _check_dims(self) -> None:
+        """Validate ``dims``, ``pool_z`` and ``kernel_z``; fill the 3-D defaults."""
+        if self.dims not in (2, 3) or isinstance(self.dims, bool):
+            raise ConfigError(f"model.dims must be 2 or 3, got {self.dims!r}")
+        if self.dims == 2:
+            for key in ("pool_z", "kernel_z"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"model.{key} applies to model.dims 3 only; this model has dims 2")
+            return
+        for key, n, allowed, default in (("pool_z", self.depth, (1, 2), 2), ("kernel_z", self.depth + 1, (1, 3), 3)):
+            value = getattr(self, key)
+            value = (default,) * n if value is None else value
+            if (not isinstance(value, (list, tuple)) or len(value) != n
+                    or any(isinstance(v, bool) or v not in allowed for v in value)):
+                raise ConfigError(f"model.{key} must be a list of {n} values, each {' or '.join(map(str, allowed))} "
+                                  f"(one per level at depth {self.depth}), got {value!r}")
+            object.__setattr__(self, key, tuple(int(v) for v in value))
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["padding"] = self.padding.value
         d["norm"] = self.norm.value
+        if self.dims == 2:  # 2-D models (all models before the 3-D mode) keep their exact description
+            for key in ("dims", "pool_z", "kernel_z"):
+                del d[key]
+        else:
+            d["pool_z"], d["kernel_z"] = list(self.pool_z), list(self.kernel_z)
         return d
 
     @classmethod
@@ -93,111 +251,76 @@ class UNetSpec:
 
     # -- geometry ---------------------------------------------------------------------
     @property
+    def plane(self) -> AxisGeometry:
+        """The geometry along y and x: the paper's 3x3 convolutions and 2x2 pools."""
+        return AxisGeometry((3,) * (self.depth + 1), (2,) * self.depth, self.padding)
+
+    @property
+    def z_axis(self) -> AxisGeometry:
+        """The geometry along z (3-D only): ``kernel_z`` and ``pool_z``."""
+        if self.dims != 3:
+            raise ValueError("a 2-D U-Net has no z axis: it sees one slice at a time")
+        return AxisGeometry(self.kernel_z, self.pool_z, self.padding)
+
+    @property
+    def axes(self) -> tuple[AxisGeometry, ...]:
+        """Geometry per spatial axis in data order: (y, x) for 2-D, (z, y, x) for 3-D."""
+        return (self.plane,) * 2 if self.dims == 2 else (self.z_axis, self.plane, self.plane)
+
+    @property
     def stride(self) -> int:
-        """2**depth: tile origins must be multiples of this for seamless tiling."""
-        return 2**self.depth
+        """2**depth: in-plane tile origins must be multiples of this for seamless tiling."""
+        return self.plane.stride
 
     @property
     def context(self) -> int:
-        """Pixels the output loses per side relative to the input (92 at depth 4, valid)."""
-        if self.padding is Padding.SAME:
-            return 0
-        return 6 * 2**self.depth - 4
+        """In-plane pixels the output loses per side relative to the input (92 at depth 4, valid)."""
+        return self.plane.context
 
     @property
     def receptive_field_radius(self) -> int:
-        """Half-width of the receptive field of one output pixel, in input pixels.
+        """Half-width of the receptive field of one output pixel in the plane, in input pixels.
 
         Equals :attr:`context` for valid padding; for same padding it is the halo a tile
         needs so that border effects stay outside the written region (not exact).
         """
-        return 6 * 2**self.depth - 4
+        return self.plane.receptive_field_radius
 
-    def _valid_forward(self, in_size: int) -> int | None:
-        """Output length of a valid-padded net, or None where some layer would break."""
-        size = in_size
-        for _ in range(self.depth):
-            size -= 4
-            if size < 2 or size % 2:
-                return None
-            size //= 2
-        size -= 4
-        if size < 1:
-            return None
-        for _ in range(self.depth):
-            size = 2 * size - 4
-            if size < 1:
-                return None
-        return size
+    @property
+    def _what(self) -> str:
+        return f"U-Net of depth {self.depth}"
 
     def output_size(self, in_size: int) -> int:
-        """Output length along one axis for an input of ``in_size`` pixels.
+        """In-plane output length along one axis for an input of ``in_size`` pixels.
 
         Raises:
             ValueError: ``in_size`` is not valid for this network (names the nearest ones).
         """
-        if self.padding is Padding.SAME:
-            if in_size < 1 or in_size % self.stride:
-                raise ValueError(
-                    f"input size {in_size} is not valid for a same-padded U-Net of depth "
-                    f"{self.depth}: it must be a positive multiple of {self.stride} "
-                    f"(nearest: {self.nearest_valid_inputs(in_size)})"
-                )
-            return in_size
-        out = self._valid_forward(in_size)
-        if out is None:
-            raise ValueError(
-                f"input size {in_size} is not valid for a valid-padded U-Net of depth "
-                f"{self.depth}: it must be {self.min_input_size} + {self.stride}*k "
-                f"(nearest: {self.nearest_valid_inputs(in_size)})"
-            )
-        return out
+        return self.plane.output_size(in_size, what=self._what)
 
     @property
     def min_input_size(self) -> int:
-        """Smallest valid input length (188 at depth 4, valid; 2**depth for same)."""
-        if self.padding is Padding.SAME:
-            return self.stride
-        bottom = 1  # pixels right after the last max-pool; undo the down path from there
-        while True:
-            size = bottom
-            for _ in range(self.depth):
-                size = 2 * size + 4
-            if self._valid_forward(size) is not None:
-                return size
-            bottom += 1
+        """Smallest valid in-plane input length (188 at depth 4, valid; 2**depth for same)."""
+        return self.plane.min_input_size
 
     def is_valid_input(self, in_size: int) -> bool:
-        return in_size >= self.min_input_size and (in_size - self.min_input_size) % self.stride == 0
+        return self.plane.is_valid_input(in_size)
 
     def nearest_valid_inputs(self, in_size: int) -> tuple[int, ...]:
-        """The valid input lengths just below and above ``in_size`` (or it, if valid)."""
-        base, step = self.min_input_size, self.stride
-        if in_size <= base:
-            return (base,)
-        k = (in_size - base) // step
-        lo, hi = base + k * step, base + (k + 1) * step
-        return (lo,) if lo == in_size else (lo, hi)
+        """The valid in-plane input lengths just below and above ``in_size`` (or it, if valid)."""
+        return self.plane.nearest_valid_inputs(in_size)
 
     def input_size(self, out_size: int) -> int:
-        """Input length that yields an output of exactly ``out_size`` pixels.
+        """In-plane input length that yields an output of exactly ``out_size`` pixels.
 
         Raises:
             ValueError: no input gives that output; names the nearest valid output sizes.
         """
-        in_size = out_size + 2 * self.context
-        if not self.is_valid_input(in_size):
-            near = tuple(n - 2 * self.context for n in self.nearest_valid_inputs(in_size))
-            raise ValueError(
-                f"output size {out_size} is not reachable by a {self.padding.value}-padded "
-                f"U-Net of depth {self.depth} (nearest valid output sizes: {near})"
-            )
-        return in_size
+        return self.plane.input_size(out_size, what=self._what)
 
     def valid_output_size_at_least(self, out_size: int) -> int:
-        """Smallest reachable output length >= ``out_size`` (and >= the minimum)."""
-        need = max(out_size + 2 * self.context, self.min_input_size)
-        return self.nearest_valid_inputs(need)[-1] - 2 * self.context
+        """Smallest reachable in-plane output length >= ``out_size`` (and >= the minimum)."""
+        return self.plane.valid_output_size_at_least(out_size)
 
     def flops_per_output_pixel(self, in_size: int) -> float:
         """Multiply-add FLOPs (2 per MAC) per output pixel of one square tile."""
