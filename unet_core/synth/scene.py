@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -77,6 +77,14 @@ BACKGROUND = np.float32(0.12)
 #: workflow's ``synth.slices``/``synth.seed``); the rest of the defaults are :class:`SynthParams`'.
 SLICES = 8
 SEED = 0
+
+
+class CameraSettings(Protocol):
+    """What :func:`_camera` reads of a slice's or a volume's parameters."""
+
+    dtype: str
+    photons: float
+    read_noise: float
 
 
 class BorderStyle(enum.Enum):
@@ -501,12 +509,17 @@ def synth_slice(params: SynthParams, *, seed: int, index: int) -> tuple[np.ndarr
 
 
 def _camera(
-    rng_normal: np.random.Generator, rng_poisson: np.random.Generator, signal: np.ndarray, params: SynthParams
+    rng_normal: np.random.Generator,
+    rng_poisson: np.random.Generator,
+    signal: np.ndarray,
+    params: CameraSettings,
 ) -> np.ndarray:
     """Poisson photon noise + Gaussian read noise, camera offset, rounding, clipping.
 
     Args:
-        signal: (rows, X) float32, 1 = photons expected at the mean cell interior.
+        signal: float32 of any shape ((rows, X) of a slice, (Z, Y, X) of a volume), 1 = photons
+            expected at the mean cell interior.
+        params: :class:`SynthParams` or ``synth.volume.VolumeParams`` (dtype, photons, read_noise).
     """
     full = FULL_SCALE[params.dtype]
     offset = CAMERA_OFFSET[params.dtype]
@@ -534,33 +547,37 @@ def _consecutive_labels(cells: np.ndarray, n_seeds: int, dtype: np.dtype) -> np.
 
 
 def _repair_fragments(labels: np.ndarray, *, min_piece_px: int, check_all: bool = False) -> np.ndarray:
-    """Make every id one 4-connected region (in place; returns ``labels``).
+    """Make every id one face-connected region (4-connected in 2-D, 6 in 3-D; in place; returns
+    ``labels``).
 
     The continuous cells are connected, but pixel sampling can cut a one-pixel-thin tip
     off a cell (only a diagonal contact remains), and a cell can enter the image in two
-    places. Only such suspects are checked: cells touching the image border and cells with
-    a checkerboard 2 x 2 pattern. The largest piece keeps the id; a piece of at least
-    ``min_piece_px`` pixels becomes a new cell (next free id), a smaller one joins the cell
-    it touches most (4-neighbours), or background if it touches none.
+    places. In 2-D only such suspects are checked: cells touching the image border and cells
+    with a checkerboard 2 x 2 pattern; in 3-D (``unet_core.synth.volume``) every id is. The
+    largest piece keeps the id; a piece of at least ``min_piece_px`` pixels (voxels) becomes a
+    new cell (next free id), a smaller one joins the cell it touches most (face neighbours), or
+    background if it touches none.
 
     Args:
-        labels: (Y, X) unsigned instance ids, 0 = background, 1..n consecutive.
-        min_piece_px: smallest piece kept as a cell of its own, pixels.
+        labels: (Y, X) or (Z, Y, X) unsigned instance ids, 0 = background, 1..n consecutive.
+        min_piece_px: smallest piece kept as a cell of its own, pixels (voxels).
+        check_all: check every id in 2-D too.
     """
     from scipy import ndimage
 
-    a, b, c, d = labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:]
-    diag = np.concatenate([a[(a == d) & (b != a) & (c != a)], b[(b == c) & (a != b) & (d != b)]])
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    suspects = np.unique(np.concatenate([diag, border]))
-    if check_all:  # a gap can cut a thin neck anywhere
+    if check_all or labels.ndim != 2:  # a gap can cut a thin neck anywhere; 3-D: every id
         suspects = np.unique(labels)
+    else:
+        a, b, c, d = labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:]
+        diag = np.concatenate([a[(a == d) & (b != a) & (c != a)], b[(b == c) & (a != b) & (d != b)]])
+        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        suspects = np.unique(np.concatenate([diag, border]))
     suspects = suspects[suspects > 0]
     if suspects.size == 0:
         return labels
     boxes = ndimage.find_objects(labels, max_label=int(suspects.max()))
     next_id = int(labels.max()) + 1
-    four = ndimage.generate_binary_structure(2, 1)
+    four = ndimage.generate_binary_structure(labels.ndim, 1)
     for cell_id in suspects.tolist():
         box = boxes[cell_id - 1]
         if box is None:
@@ -575,7 +592,7 @@ def _repair_fragments(labels: np.ndarray, *, min_piece_px: int, check_all: bool 
             mask = pieces == piece
             if sizes[piece - 1] >= min_piece_px:
                 if next_id > np.iinfo(labels.dtype).max:
-                    raise RuntimeError("synthetic slice has more cells than its label dtype holds")
+                    raise RuntimeError("synthetic image has more cells than its label dtype holds")
                 view[mask] = next_id
                 next_id += 1
                 continue

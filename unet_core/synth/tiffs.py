@@ -5,6 +5,9 @@ page by page (never the whole stack in memory), into raw multi-page TIFF files, 
 separately, exactly as a microscope user would bring them; both are written atomically and marked
 as this stage's own (:data:`SYNTH_TIFF_MARK`). Each file's first ImageDescription holds the
 generation parameters (:func:`provenance`), which :func:`read_provenance` reads back.
+:func:`write_synth_volume_tiffs` writes one 3-D volume of :mod:`unet_core.synth.volume` the same
+way, with its voxel size recorded where ingest reads it (an ImageJ description and the
+resolution tags).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from unet_core.common.errors import UserInputError
 from unet_core.common.outputs import TiffMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.synth.scene import SynthParams, iter_synth_slices
+from unet_core.synth.volume import VolumeParams, synth_volume
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,14 @@ def stack_nbytes(params: SynthParams, slices: int) -> tuple[int, int]:
     return px * np.dtype(params.dtype).itemsize, px * params.label_dtype.itemsize
 
 
-def provenance(params: SynthParams, *, seed: int, slices: int, kind: str) -> dict[str, Any]:
-    """Metadata written into each TIFF's ImageDescription (tifffile 'shaped' JSON)."""
+def provenance(
+    params: SynthParams | VolumeParams, *, seed: int, slices: int, kind: str, volume: int | None = None
+) -> dict[str, Any]:
+    """Metadata written into each TIFF's ImageDescription (tifffile 'shaped' JSON).
+
+    ``volume`` is the index of a 3-D volume (``params`` a :class:`VolumeParams`); None for a
+    stack of independent 2-D slices.
+    """
     meta: dict[str, Any] = {
         "generator": "unet synth",
         "version": __version__,
@@ -75,6 +85,9 @@ def provenance(params: SynthParams, *, seed: int, slices: int, kind: str) -> dic
         "rng": "numpy SeedSequence(seed, spawn_key=(slice,))",
         "params": params.to_dict(),
     }
+    if volume is not None:
+        meta.update(dims=3, volume=int(volume), rng="numpy SeedSequence(seed, spawn_key=(volume,))",
+                    voxel_size_um=list(params.spacing_um))
     if kind == "labels":
         meta["label_kind"] = "instance"
     return meta
@@ -177,6 +190,101 @@ def _stream_pages(params: SynthParams, *, seed: int, slices: int, workers: int, 
             meta_img = meta_lab = None
             cells += int(label_plane.max())
     return cells
+
+
+def write_synth_volume_tiffs(
+    image_path: str | Path,
+    labels_path: str | Path | None,
+    params: VolumeParams,
+    *,
+    seed: int,
+    index: int = 0,
+    bigtiff: bool | None = None,
+) -> SynthResult:
+    """Generate volume ``index`` of :func:`unet_core.synth.volume.synth_volume` and write it as
+    multi-page TIFF files (one page per z slice), atomically, with its voxel size.
+
+    The voxel size is written where :func:`unet_core.io.tiff.open_tiff_stack` (and so ``unet
+    ingest``) reads it: X/YResolution in pixels per µm and an ImageJ description (``unit=micron``,
+    ``spacing`` = the z step). The first ImageDescription stays this stage's JSON
+    (:func:`provenance`, the mark and :func:`read_provenance`), the ImageJ one comes second
+    (:func:`_swap_descriptions`). The volume is generated whole (it is small: 2 MB at the defaults).
+
+    Args:
+        image_path: output image TIFF: (Z, Y, X) ``params.dtype`` raw grey values.
+        labels_path: output label TIFF: (Z, Y, X) ``params.label_dtype`` 3-D instance ids,
+            0 = background; None writes the image only.
+        params: volume parameters.
+        seed: seed, >= 0.
+        index: volume index, >= 0; the volume depends only on (seed, index).
+        bigtiff: as for :func:`write_synth_tiffs`.
+
+    Returns:
+        A :class:`SynthResult` (``cells`` = the number of 3-D objects).
+
+    Raises:
+        UserInputError: as for :func:`write_synth_tiffs`, or a negative index.
+    """
+    image_path = Path(image_path)
+    labels_path = None if labels_path is None else Path(labels_path)
+    if labels_path is not None and image_path.resolve() == labels_path.resolve():
+        raise UserInputError(f"{image_path}: image and labels must be written to different files")
+    claim_outputs([(image_path, SYNTH_TIFF_MARK), (labels_path, SYNTH_TIFF_MARK)])
+    if seed < 0 or index < 0:
+        raise UserInputError(f"seed {seed} / index {index}: must be non-negative integers")
+    t0 = time.perf_counter()
+    image, labels = synth_volume(params, seed=seed, index=index)
+    arrays = [(image_path, image, "image")]
+    if labels_path is not None:
+        arrays.append((labels_path, labels, "labels"))
+    with contextlib.ExitStack() as stack:
+        for path, array, kind in arrays:
+            tmp = stack.enter_context(atomic_output(path, own=SYNTH_TIFF_MARK))
+            meta = provenance(params, seed=seed, slices=params.depth, kind=kind, volume=index)
+            big = _use_bigtiff(array.nbytes, bigtiff, path)
+            _write_volume(tmp, array, meta, params.spacing_um, bigtiff=big)
+    seconds = time.perf_counter() - t0
+    written = sum(a.nbytes for _, a, _ in arrays)
+    result = SynthResult(
+        image_path=image_path, labels_path=labels_path, shape=params.shape, image_dtype=params.dtype,
+        label_dtype=str(params.label_dtype),
+        bigtiff=any(_use_bigtiff(a.nbytes, bigtiff, p) for p, a, _ in arrays),
+        cells=int(labels.max()), bytes_written=written, seconds=seconds,
+    )
+    log.info("wrote %s%s: %d x %d x %d voxels of %s µm, %d nuclei in %.1f s", image_path,
+             f" and {labels_path}" if labels_path else "", *params.shape,
+             " x ".join(f"{s:g}" for s in params.spacing_um), result.cells, seconds)
+    return result
+
+
+def _write_volume(path: Path, array: np.ndarray, meta: dict[str, Any], spacing_um: tuple[float, float, float],
+                  *, bigtiff: bool) -> None:
+    """(Z, Y, X) ``array`` as one page per slice, with the voxel size ``spacing_um`` (z, y, x) µm."""
+    dz, dy, dx = spacing_um
+    z_n = array.shape[0]
+    imagej = f"ImageJ=1.11a\nimages={z_n}\nslices={z_n}\nunit=micron\nspacing={dz!r}\nloop=false\n"
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for z, plane in enumerate(array):
+            first = z == 0  # descriptions go with the first page (tifffile updates the shape)
+            tw.write(plane, contiguous=True, photometric="minisblack", metadata=meta if first else None,
+                     description=imagej if first else None, resolution=(1.0 / dx, 1.0 / dy),
+                     resolutionunit="NONE")
+    _swap_descriptions(path)
+
+
+def _swap_descriptions(path: Path) -> None:
+    """Swap the first page's two ImageDescription tags in place.
+
+    tifffile writes a given ``description`` before the JSON of ``metadata`` and refuses both an
+    ImageJ file with a description and a description as an extra tag; the JSON must come first
+    (:data:`SYNTH_TIFF_MARK` and :func:`read_provenance` read the first), and the ImageJ
+    description is found in either of the first two (tifffile's ``imagej_description``).
+    """
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        first, second = tif.pages.first.tags.getall(270)
+        text_first, text_second = first.value, second.value
+        first.overwrite(text_second)
+        second.overwrite(text_first)
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
