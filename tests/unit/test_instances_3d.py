@@ -182,6 +182,22 @@ def random_volumes(seed: int, n: int):
         yield m, spacing
 
 
+def test_anisotropic_edt_equals_scipy_to_within_rounding() -> None:
+    for m, spacing in random_volumes(0, 120):
+        out = M.distance_transform_edt_um(m, spacing)
+        ref = ndi.distance_transform_edt(m, sampling=spacing)
+        assert out.dtype == np.float64 and out.shape == m.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-15, atol=0, err_msg=str((m.shape, spacing)))
+    hole = np.ones((5, 7, 9), bool)
+    hole[0, 0, 0] = False  # one background voxel in a corner: the distance is sqrt of the sum of terms
+    d = M.distance_transform_edt_um(hole, (4.0, 1.0, 0.5))
+    assert d[4, 6, 8] == np.sqrt((4.0 * 4) ** 2 + 6.0**2 + (0.5 * 8) ** 2)
+    assert np.array_equal(M.distance_transform_edt_um(np.ones((2, 3, 4), bool), ANISO),
+                          ndi.distance_transform_edt(np.ones((2, 3, 4), bool), sampling=ANISO))
+    with pytest.raises(ValueError):
+        M.distance_transform_edt_um(np.ones((3, 3), bool), ANISO)
+
+
 def test_h_maxima_3d_equals_skimage_with_the_6_cross() -> None:
     for m, spacing in random_volumes(1, 60):
         d = I.mask_distance(m, spacing_um=spacing)

@@ -77,3 +77,15 @@ def test_shapes_are_checked() -> None:
         match_objects(truth[None], pred[None])
     with pytest.raises(ValueError):
         match_objects(truth, pred[:3])
+
+
+def test_truth_split_in_3d_separates_what_the_instances_merged() -> None:
+    from unet_core.evaluate.object_matching import truth_split
+
+    truth, _ = scene()
+    truth[2:4, 0:2, 0:2] = 6  # C below A, touching it face to face
+    merged = ((truth == 4) | (truth == 6)).astype(np.int32)  # A and C as one predicted object
+    assert match_objects(truth, merged).tp == 0  # A (8 of 16 voxels): IoU 0.5, not > 0.5
+    split = truth_split(truth, merged, np.ones(truth.shape, np.float32))
+    assert np.array_equal(split, np.where(merged > 0, truth, 0))
+    assert match_objects(truth, split).tp == 2  # A and C; B was not predicted

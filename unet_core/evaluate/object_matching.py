@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from unet_core.evaluate.score_inputs import check_2d, check_same_shape, consecutive_labels
+from unet_core.evaluate.score_inputs import check_same_shape, consecutive_labels
 from unet_core.infer.instances import flood_height, label_unflooded
 
 
@@ -130,7 +130,7 @@ def truth_split(
     pred_instances: np.ndarray,
     cell_probability: np.ndarray,
     *,
-    connectivity: int = 4,
+    connectivity: int | None = None,
 ) -> np.ndarray:
     """The predicted cell foreground split into objects as the ground truth splits it.
 
@@ -142,18 +142,22 @@ def truth_split(
     from it to 1 the pixel classifier's.
 
     Args:
-        true_instances: (Y, X) integer ground-truth objects, 0 = background.
-        pred_instances: (Y, X) integer predicted objects, 0 = background (only their union is used).
-        cell_probability: (Y, X) P(cell) in [0, 1], the flooding order.
-        connectivity: 4 or 8, adjacency of the flooding and of the leftover components.
+        true_instances: (Y, X) or (Z, Y, X) integer ground-truth objects, 0 = background.
+        pred_instances: integer predicted objects of the same shape, 0 = background (only their
+            union is used).
+        cell_probability: P(cell) in [0, 1] of the same shape, the flooding order.
+        connectivity: adjacency of the flooding and of the leftover components: 4 or 8 in
+            (Y, X) (None: 4), 6 in (Z, Y, X) (None: 6).
 
     Returns:
-        (Y, X) int32 objects, 0 = background: ground-truth ids, then leftovers numbered above them.
+        int32 objects, 0 = background: ground-truth ids, then leftovers numbered above them.
     """
-    true_instances = check_2d("true_instances", true_instances)
-    foreground = check_2d("pred_instances", pred_instances) != 0
+    true_instances = _image_or_volume("true_instances", true_instances)
+    foreground = _image_or_volume("pred_instances", pred_instances) != 0
     check_same_shape(true_instances=true_instances, pred_instances=foreground,
-                      cell_probability=check_2d("cell_probability", cell_probability))
+                     cell_probability=_image_or_volume("cell_probability", cell_probability))
+    if connectivity is None:
+        connectivity = 4 if true_instances.ndim == 2 else 6
     markers = np.where(foreground, true_instances, 0).astype(np.int32)
     labels = flood_height(np.asarray(cell_probability, dtype=np.float32), markers, mask=foreground,
                           connectivity=connectivity)

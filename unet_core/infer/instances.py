@@ -30,7 +30,8 @@ rules in 3-D (:func:`cell_instances_3d`): components, seeds and flooding with 6-
 with ``spacing_um``) with ``h_um`` in µm; the ``threshold`` rule's erosion in-plane as in 2-D
 and along z by the same depth in µm (:func:`seed_mask`); objects below ``min_object_um3`` dropped
 (:func:`drop_small_objects`). The h-maxima and the flooding are the 2-D kernels (a 2-D image is
-their volume of one slice), the anisotropic distance transform is scipy's. A volume of one
+their volume of one slice); the anisotropic distance transform has a kernel of its own (float
+µm, where the 2-D one is exact in integer px). A volume of one
 slice with ``spacing_um = (dz, 1, 1)`` gives the 2-D rules' labels.
 """
 
@@ -275,8 +276,11 @@ def mask_distance(mask: np.ndarray, *, spacing_um: Sequence[float] | None = None
         # compiled EDT, identical to scipy.ndimage.distance_transform_edt (morphology.py)
         edt = distance_transform_edt(mask) if mask.ndim == 2 else ndi.distance_transform_edt(mask)
         return ndi.gaussian_filter(edt, DISTANCE_SMOOTH_PX)
+    from unet_core.infer.morphology import distance_transform_edt_um
+
     spacing = check_spacing(spacing_um, mask.ndim)
-    edt = ndi.distance_transform_edt(mask, sampling=spacing) if mask.size else np.zeros(mask.shape)
+    # compiled for volumes, scipy's distance_transform_edt(mask, sampling) to within rounding
+    edt = distance_transform_edt_um(mask, spacing) if mask.ndim == 3 else ndi.distance_transform_edt(mask, sampling=spacing)
     sigma_um = DISTANCE_SMOOTH_PX * min(spacing[-2:])
     sigma = [sigma_um / s if n > 1 else 0.0 for s, n in zip(spacing, mask.shape)]
     return ndi.gaussian_filter(edt, sigma)
