@@ -77,6 +77,8 @@ EGG, PEAR = 0.12, 0.15
 RIM_DIMMING, SEAM_DIMMING, SEAM_WIDTH_UM = 0.3, 0.5, 0.35
 #: Chromatin texture: knot spacing of the smooth field (µm) and its relative amplitude.
 TEXTURE_KNOT_UM, TEXTURE = 2.0, 0.25
+#: Voxels sampled per batch (bounds the float64 temporaries; any value gives the same volume).
+SAMPLE_VOXELS = 2**18
 #: What the module docstring states about volumes of the default parameters (tests check both).
 STATED_DENSITY_PER_1000UM3, STATED_FOREGROUND_FRACTION = 0.6, 0.33
 STATED_TOUCHING_FRACTION, STATED_SNR = 0.71, 7.1
@@ -314,29 +316,41 @@ def _nearest_two(nuclei: _Nuclei, params: VolumeParams) -> tuple[np.ndarray, ...
 
 def _sample(nuclei: _Nuclei, params: VolumeParams) -> _Sampled:
     """Sample the nuclei at the voxel centres: owner (the nearest centre, where the voxel lies
-    inside that nucleus' deformed-ellipsoid shape), relative radius, seam distance."""
-    d1, i1, d2, i2 = _nearest_two(nuclei, params)
+    inside that nucleus' deformed-ellipsoid shape), relative radius, seam distance.
+
+    Works through the voxels SAMPLE_VOXELS at a time (each voxel on its own: any batch gives the
+    same result), so the float64 temporaries stay small for large volumes.
+    """
+    d1, i1, d2, i2 = (a.ravel() for a in _nearest_two(nuclei, params))
     owner = np.full(params.shape, -1, dtype=np.int32)
     rho = np.ones(params.shape, dtype=np.float32)
     seam = np.full(params.shape, np.inf, dtype=np.float32)
-    first = i1.ravel()
-    near = np.flatnonzero(first >= 0)
-    near = near[d1.ravel()[near] <= np.square(nuclei.reach[first[near]])]  # others lie outside
-    o = first[near]
-    points = np.column_stack(np.unravel_index(near, params.shape)) * np.asarray(params.spacing_um)
-    v = points - nuclei.centres[o]
-    u = v / np.maximum(np.linalg.norm(v, axis=1), 1e-9)[:, None]
-    lin = np.linalg.norm(np.einsum("nij,nj->ni", nuclei.inverse[o], v), axis=1)
-    outline = (1 + nuclei.egg[o] * np.einsum("ni,ni->n", u, nuclei.egg_axis[o])
-               + nuclei.pear[o] * (np.einsum("ni,ni->n", u, nuclei.pear_axis[o]) ** 2 - 1 / 3))
-    r = lin / outline  # star-shaped: r grows linearly along every ray from the centre
-    inside = near[r < 1]
-    owner.ravel()[inside] = first[inside]
-    rho.ravel()[near] = np.minimum(r, 1)
-    pair = inside[i2.ravel()[inside] >= 0]
-    gap = np.linalg.norm(nuclei.centres[i2.ravel()[pair]] - nuclei.centres[first[pair]], axis=1)
-    seam.ravel()[pair] = (d2.ravel()[pair] - d1.ravel()[pair]) / (2 * gap)  # distance to the bisector
+    for start in range(0, i1.size, SAMPLE_VOXELS):
+        near = start + np.flatnonzero(i1[start:start + SAMPLE_VOXELS] >= 0)
+        near = near[d1[near] <= np.square(nuclei.reach[i1[near]])]  # the others lie outside
+        r = _relative_radius(nuclei, i1[near], np.unravel_index(near, params.shape), params.spacing_um)
+        inside = near[r < 1]
+        owner.ravel()[inside] = i1[inside]
+        rho.ravel()[near] = np.minimum(r, 1)
+        pair = inside[i2[inside] >= 0]
+        gap = np.linalg.norm(nuclei.centres[i2[pair]] - nuclei.centres[i1[pair]], axis=1)
+        seam.ravel()[pair] = (d2[pair] - d1[pair]) / (2 * gap)  # distance to the bisector, µm
     return _Sampled(owner=owner, rho=rho, seam_um=seam)
+
+
+def _relative_radius(nuclei: _Nuclei, owner: np.ndarray, index: tuple[np.ndarray, ...],
+                     spacing_um: tuple[float, float, float]) -> np.ndarray:
+    """Relative radius (< 1 inside) in nucleus ``owner`` (m,) of the voxels at ``index`` (3 x (m,)).
+
+    The ellipsoid's radius ``|inverse @ v|`` divided by the outline factor of the direction of
+    ``v``: it grows linearly along every ray from the centre, so the body is star-shaped.
+    """
+    v = np.column_stack(index) * np.asarray(spacing_um) - nuclei.centres[owner]
+    u = v / np.maximum(np.linalg.norm(v, axis=1), 1e-9)[:, None]
+    ellipsoid = np.linalg.norm(np.einsum("nij,nj->ni", nuclei.inverse[owner], v), axis=1)
+    outline = (1 + nuclei.egg[owner] * np.einsum("ni,ni->n", u, nuclei.egg_axis[owner])
+               + nuclei.pear[owner] * (np.einsum("ni,ni->n", u, nuclei.pear_axis[owner]) ** 2 - 1 / 3))
+    return ellipsoid / outline
 
 
 # --------------------------------------------------------------------------- appearance, optics
