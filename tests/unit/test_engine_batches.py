@@ -132,7 +132,9 @@ def test_batched_blocks_equal_each_block_alone_any_jobs_order_and_resume(passes,
 def test_batched_probabilities_equal_batch_one_to_float_rounding() -> None:
     # a tile's network output differs in its last bits between a pass of one tile and of several
     # (oneDNN picks another algorithm for batch 1; measured max 8e-6 on the logits of this net),
-    # not between passes of the same size: batch 1 stays today's bytes, batch 4 within rounding
+    # not between passes of the same size: batch 1 stays today's bytes, batch 4 within rounding.
+    # The probabilities differ by < 1e-6 on an AVX-512 CPU and by 2.2e-6 on an AVX2-only one (AMD
+    # EPYC Zen 3, 2026-12-07: other oneDNN kernels): the project's float bound, 1e-5
     image = _image((3, 32, 32))
     tiling = Tiling(image.shape, THREE, block_px=16, tile_out=16)
     torch.manual_seed(0)
@@ -141,4 +143,4 @@ def test_batched_probabilities_equal_batch_one_to_float_rounding() -> None:
     for batch in (1, 4):
         out = _run(_engine(model, tiling, batch=batch, encoding="float32"), image, list(tiling.blocks()))
         probs[batch] = np.frombuffer(b"".join(v[: 3 * 16 * 16 * 4] for _, v in sorted(out.items())), np.float32)
-    assert np.abs(probs[4] - probs[1]).max() < 1e-6
+    assert np.abs(probs[4] - probs[1]).max() < 1e-5
