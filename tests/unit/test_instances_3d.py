@@ -152,6 +152,13 @@ def test_min_object_size_in_um3() -> None:
     assert np.array_equal(I.drop_small_objects(labels, min_voxels=0), labels)
 
 
+def test_auto_settings_scale_with_the_median_object_volume() -> None:
+    ball = 4 / 3 * np.pi * 10.0**3  # radius 10 µm
+    assert I.auto_h_um(ball) == pytest.approx(0.15 * 10.0)
+    assert I.auto_h_um(8 * ball) == pytest.approx(0.15 * 20.0)  # twice the radius, twice the depth
+    assert I.auto_min_object_um3(ball) == pytest.approx(0.05 * ball)
+
+
 def test_bad_arguments() -> None:
     p = np.zeros((2, 3, 4), np.float32)
     with pytest.raises(ValueError, match="spacing_um"):

@@ -25,14 +25,15 @@ The distance transform, the h-maxima and the flooding run as compiled kernels
 scikit-image calls they replace, several times faster.
 
 Volumes (Z, Y, X) with an anisotropic voxel size ``spacing_um = (dz, dy, dx)`` take the same
-rules in 3-D (:func:`cell_instances_3d`): components, seeds and flooding with 6-connectivity
-(face neighbours); the ``distance`` rule on the Euclidean distance in µm (:func:`mask_distance`
-with ``spacing_um``) with ``h_um`` in µm; the ``threshold`` rule's erosion in-plane as in 2-D
-and along z by the same depth in µm (:func:`seed_mask`); objects below ``min_object_um3`` dropped
-(:func:`drop_small_objects`). The h-maxima and the flooding are the 2-D kernels (a 2-D image is
-their volume of one slice); the anisotropic distance transform has a kernel of its own (float
-µm, where the 2-D one is exact in integer px). A volume of one
-slice with ``spacing_um = (dz, 1, 1)`` gives the 2-D rules' labels.
+rules in 3-D (:func:`components_3d`, :func:`seeded_watershed_3d`,
+:func:`distance_seeded_watershed_3d`): components, seeds and flooding with 6-connectivity (face
+neighbours); the ``distance`` rule on the Euclidean distance in µm (:func:`mask_distance` with
+``spacing_um``) with ``h_um`` in µm; the ``threshold`` rule's erosion in-plane as in 2-D and along
+z by the same depth in µm (:func:`seed_mask`); objects below a size in µm³ dropped
+(:func:`min_object_voxels`, :func:`drop_small_objects`). The h-maxima and the flooding are the
+2-D kernels (a 2-D image is their volume of one slice); the anisotropic distance transform has a
+kernel of its own (float µm, where the 2-D one is exact in integer px). A volume of one slice with
+``spacing_um = (dz, 1, 1)`` gives the 2-D rules' labels (4-connected).
 """
 
 from __future__ import annotations
@@ -425,6 +426,17 @@ def min_object_voxels(min_object_um3: float, spacing_um: Sequence[float]) -> int
         raise ValueError(f"min_object_um3 must be finite and >= 0, got {min_object_um3}")
     voxel_um3 = float(np.prod(check_spacing(spacing_um, 3)))
     return int(np.ceil(min_object_um3 / voxel_um3 - 1e-9))
+
+
+def auto_h_um(median_volume_um3: float) -> float:
+    """``h: auto`` of a volume: :data:`H_FRACTION` of the radius, µm, of a ball of the median
+    object volume (µm³), as :func:`auto_h_px` takes it of a disc of the median area."""
+    return H_FRACTION * float(np.cbrt(3.0 * max(float(median_volume_um3), 0.0) / (4.0 * np.pi)))
+
+
+def auto_min_object_um3(median_volume_um3: float) -> float:
+    """``min_object: auto`` of a volume: :data:`MIN_OBJECT_FRACTION` of the median object volume, µm³."""
+    return MIN_OBJECT_FRACTION * float(median_volume_um3)
 
 
 def drop_small_objects(labels: np.ndarray, *, min_voxels: int) -> np.ndarray:

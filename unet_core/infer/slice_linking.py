@@ -2,7 +2,7 @@
 
 The 2-D mode labels each slice of a stack on its own, so a cell spanning slices gets a new id in
 every slice. For a comparison with cells segmented in 3-D, :func:`link_slices` joins them, slice
-by slice from the top (as Cellpose's ``stitch3D`` does):
+by slice from the top:
 
 * an object of slice z and an object of slice z - 1 are *linked* when each is the other's best
   partner by IoU (|A ∩ B| / |A ∪ B|, pixels of the two 2-D footprints) and their IoU exceeds
@@ -16,6 +16,11 @@ the larger half only, and two cells in z - 1 merged in slice z continue one of t
 go to the object whose first pixel comes first in raster order, so the result depends on the
 footprints alone, not on the input ids. The output ids are 1..n in raster order of each 3-D
 object's first voxel (z, then y, then x).
+
+Cellpose's ``stitch3D(masks, stitch_threshold=0.25)`` is the same idea with the same default:
+there each object of the previous slice keeps only its best partner, then each object of slice z
+takes its best remaining one (IoU >= the threshold), which can link an object to its second
+choice; here both must be each other's first choice.
 
 Where the rule fails (by construction; a 3-D segmentation does not):
 
@@ -33,8 +38,8 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Default IoU above which two footprints in consecutive slices are one cell (radius ratio 1/2 for
-#: concentric discs; Cellpose's documented stitch threshold in its 3-D examples is of this order).
+#: Default IoU above which two footprints in consecutive slices are one cell (concentric discs:
+#: radius ratio above 1/2); Cellpose's ``stitch3D`` default.
 LINK_MIN_IOU = 0.25
 
 
