@@ -53,11 +53,11 @@ from unet_core.common.device import out_of_gpu_memory
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import IntensityStats, Scaling
 from unet_core.common.memory import reuse_freed_memory
-from unet_core.common.mirror import read_mirrored
+from unet_core.common.mirror import mirror_index, read_mirrored
 from unet_core.common.precision import Precision
 from unet_core.common.progress import progress
 from unet_core.infer.encoding import ProbabilityEncoding
-from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offset, tile_read_box, transforms
+from unet_core.infer.tiling import TTA, Block, Dihedral, Tiling, output_offsets, tile_read_box, transforms
 from unet_core.io.ngff import ChunkCache
 
 #: Stored dtypes torch can hold but barely compute with (on the CPU not even flip them) are staged
@@ -71,10 +71,12 @@ class StagedBlock:
 
     Attributes:
         block: the block.
-        read: (Y, X) box the block's tiles read (image coordinates; may extend past the image).
+        read: (Y, X) box the block's tiles read (image coordinates; may extend past the image);
+            (Z, Y, X) for a 3-D network.
         raw: (Y, X) the pixels of ``read`` on the device, mirrored beyond the image borders, as
             stored (unsigned 16/32-bit values as their signed twins, :data:`_SIGNED_TWIN`; uint64
-            as float64).
+            as float64). For a 3-D network (Z, Y, X) float32, already normalised: each slice with
+            its own :class:`Scaling` (``dtype`` is then float32).
         dtype: the stored numpy dtype.
     """
 
@@ -95,8 +97,8 @@ class BlockResult:
     release: Callable[[], None]
 
 
-#: (transform, tile row, tile column) of one tile pass of a block.
-TileItem = tuple[Dihedral, int, int]
+#: (transform, the tile's position in the block's tile grid: (row, column), or (z, row, column)).
+TileItem = tuple[Dihedral, tuple[int, ...]]
 
 
 @dataclass(eq=False)
@@ -108,20 +110,21 @@ class BlockWork:
         net: the network its tiles run through (the full network or its two-class margin).
         groups: ``(tile shape in the network's frame, items)`` in the order they must run (the
             transforms of a tile are summed in this order: :func:`_work_by_shape`).
-        windows: per transform, the (ny', nx', in_y, in_x) strided tile windows of the block.
-        tile: (sy, sx) write size of a tile, px.
+        windows: per transform, the (ny', nx', in_y, in_x) strided tile windows of the block
+            (3-D: (nz', ny', nx', in_z, in_y, in_x)).
+        tile: (sy, sx) write size of a tile, px ((sz, sy, sx) for a 3-D network).
         put: ``put(transform, (C, ty, tx) output in the block's frame, (ys, xs) of the tile in the
-            block's tile grid)``, called once per item, in item order.
+            block's tile grid)``, called once per item, in item order (3-D: (C, tz, ty, tx), (zs, ys, xs)).
         finish: the block's result, once every item is put.
         group: index of the group now queued; ``left``: its items not yet put.
     """
 
     staged: StagedBlock
     net: Callable[[torch.Tensor], torch.Tensor]
-    groups: list[tuple[tuple[int, int], list[TileItem]]]
+    groups: list[tuple[tuple[int, ...], list[TileItem]]]
     windows: dict[Dihedral, torch.Tensor]
-    tile: tuple[int, int]
-    put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None]
+    tile: tuple[int, ...]
+    put: Callable[[Dihedral, torch.Tensor, tuple[slice, ...]], None]
     finish: Callable[[], Any]
     group: int = 0
     left: int = 0
@@ -170,11 +173,10 @@ class TileBatcher:
     def _pass(self, key: tuple[Any, tuple[int, int]], chunk: list[tuple[int, BlockWork, TileItem]]) -> None:
         """One network pass over ``chunk``'s tiles; each output to its block, in chunk order."""
         net, shape = key
-        x = self.engine._network_input([(w.staged, _forward(tr, w.windows[tr][i, j])) for _, w, (tr, i, j) in chunk])
+        x = self.engine._network_input([(w.staged, _forward(tr, w.windows[tr][at])) for _, w, (tr, at) in chunk])
         out = self.engine._network(x, shape, net)
-        for (_, work, (tr, i, j)), tile_out in zip(chunk, out[: len(chunk)], strict=True):
-            sy, sx = work.tile
-            work.put(tr, _inverse(tr, tile_out), (slice(i * sy, (i + 1) * sy), slice(j * sx, (j + 1) * sx)))
+        for (_, work, (tr, at)), tile_out in zip(chunk, out[: len(chunk)], strict=True):
+            work.put(tr, _inverse(tr, tile_out), tuple(slice(k * n, (k + 1) * n) for k, n in zip(at, work.tile)))
             work.left -= 1
             if work.left == 0:
                 work.group += 1
@@ -247,15 +249,16 @@ class Engine:
         if self.cuda and device.index is not None:
             torch.cuda.set_device(device)  # this thread's kernels and events go to the job's GPU
         self.channels_last = True if channels_last is None else channels_last
+        self._layout = torch.channels_last if self.spec.dims == 2 else torch.channels_last_3d
         self.model = model
         if channels_last is None:  # a model of its own: move and lay it out; else the caller's model as it is
-            self.model = model.eval().to(device).to(memory_format=torch.channels_last)
+            self.model = model.eval().to(device).to(memory_format=self._layout)
         self.compile = bool(compile)
         self._net = torch.compile(self.model, dynamic=False) if self.compile else self.model
         margin = _margin_network(self.model)
         self._margin_net = torch.compile(margin, dynamic=False) if self.compile else margin
         self.offsets = None if offsets is None else torch.as_tensor(
-            np.asarray(offsets, np.float32), device=device).view(1, -1, 1, 1)
+            np.asarray(offsets, np.float32), device=device).view(1, -1, *(1,) * self.spec.dims)
         self.writers = max(1, int(writers))
         self._uploads = _PinnedPool(2) if self.cuda else None
         self._downloads = _PinnedPool(self.writers + 1) if self.cuda else None
@@ -274,6 +277,8 @@ class Engine:
         copies the borders from it): no second pass over the block.
         """
         read = self.tiling.block_read(block, self.tta)
+        if self.tiling.volumes:
+            return StagedBlock(block, read, self._upload(self._normalised_volume(image, read)), np.dtype(np.float32))
         z = block.write.offset[0]
         raw = read_mirrored(self._reader(image), (z, *read.offset), (z + 1, *read.end))[0]
         dtype = raw.dtype
@@ -283,6 +288,19 @@ class Engine:
             raw = raw.astype(np.float64)  # no signed twin holds it; exact below 2**53
         return StagedBlock(block, read, self._upload(raw), dtype)
 
+    def _normalised_volume(self, image: Any, read: Box) -> np.ndarray:
+        """(Z, Y, X) float32 of the 3-D ``read`` box, mirrored beyond the stack's borders, each slice
+        normalised with its own :class:`Scaling` (that of the slice it mirrors) in the float32
+        arithmetic of :func:`unet_core.common.intensity.normalize`."""
+        raw = read_mirrored(self._reader(image), read.offset, read.end)
+        out = raw.astype(np.float32)
+        sources = mirror_index(np.arange(read.offset[0], read.end[0]), image.shape[0])
+        for plane, z in zip(out, sources):
+            scaling = self.scaling(int(z))
+            plane -= np.float32(scaling.offset)
+            plane /= np.float32(scaling.scale)
+        return out
+
     def _reader(self, image: Any) -> Any:
         """``image`` itself, or for a Zarr array one :class:`ChunkCache` over it holding a block
         row's chunks plus the halo ring (each chunk is decoded about once in raster order)."""
@@ -290,11 +308,15 @@ class Engine:
             return image
         with self._cache_lock:
             if self._cache is None or self._cache.array is not image:
-                _, cy, cx = image.chunks
+                cz, cy, cx = image.chunks
                 halo = self.spec.context + 2 * self.spec.stride  # generous: reads grow by margins and TTA
                 rows = -(-(self.tiling.block_px + 2 * halo) // cy) + 1
                 cols = -(-image.shape[2] // cx) + 2
-                self._cache = ChunkCache(image, max_chunks=rows * cols)
+                layers = 1
+                if self.tiling.volumes:  # a block's slices and their z halo
+                    z = self.spec.z_axis
+                    layers = -(-(self.tiling.block_z + 2 * (z.context + 2 * z.stride)) // cz) + 1
+                self._cache = ChunkCache(image, max_chunks=rows * cols * layers)
             return self._cache
 
     def _upload(self, raw: np.ndarray) -> torch.Tensor:
@@ -321,6 +343,9 @@ class Engine:
         first = rows[0][1]
         x = torch.empty((max(self.batch, len(rows)), 1, *first.shape), dtype=torch.float32, device=first.device)
         for k, (staged, window) in enumerate(rows):
+            if self.tiling.volumes:  # staged normalised, slice by slice
+                x[k, 0].copy_(window)
+                continue
             twin = _SIGNED_TWIN.get(staged.dtype)
             if twin:  # staged as the signed twin: widen, then drop the sign extension
                 window = window.to(torch.int64 if staged.dtype == np.uint32 else torch.int32) & twin[1]
@@ -356,7 +381,7 @@ class Engine:
         canvas = torch.empty((self.spec.n_classes, *self._canvas_shape(staged.block)), dtype=torch.float32,
                              device=staged.raw.device)
 
-        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
+        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, ...]) -> None:
             target = canvas[(slice(None), *where)]
             if logits:
                 target.copy_(tile_out)
@@ -367,7 +392,7 @@ class Engine:
         def finish() -> Any:
             if len(trs) > 1:
                 canvas.div_(np.float32(len(trs)))
-            probs = _crop(canvas, staged.block)
+            probs = _crop(canvas, self.tiling.region(staged.block))
             return self.encode(probs) if encode else probs
 
         return self._work(staged, trs, put, finish, self._net)
@@ -384,38 +409,38 @@ class Engine:
         reads one output plane per tile, once.
         """
         block, device = staged.block, staged.raw.device
-        shape = self._canvas_shape(block)
+        region, shape = self.tiling.region(block), self._canvas_shape(block)
         stored = torch.empty((2, *shape), dtype=self.encoding.torch_dtype, device=device)
         seg = torch.empty(shape, dtype=torch.uint8, device=device)
         offset = 0.0 if self.offsets is None else self.offsets[0, 1] - self.offsets[0, 0]
-        (_, sy), (_, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        margin = torch.empty((sy, sx), dtype=torch.float32, device=device)  # reused by every tile
+        tile = [s for _, s in self.tiling.tile_grid(block)]
+        margin = torch.empty(tile, dtype=torch.float32, device=device)  # reused by every tile
 
-        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, slice]) -> None:
+        def put(tr: Dihedral, tile_out: torch.Tensor, where: tuple[slice, ...]) -> None:
             torch.add(tile_out[0], offset, out=margin)  # a copy of its own: encoding overwrites it
             torch.gt(margin, 0, out=seg[where].view(torch.bool))
             self.encoding.encode_margin(margin, out=stored[(slice(None), *where)])
 
-        return self._work(staged, (Dihedral(),), put, lambda: (_crop(stored, block), _crop(seg, block)),
+        return self._work(staged, (Dihedral(),), put, lambda: (_crop(stored, region), _crop(seg, region)),
                           self._margin_net)
 
-    def _canvas_shape(self, block: Block) -> tuple[int, int]:
-        """(Y, X) of the block's tile grid: the block rounded up to whole tiles."""
-        (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        return ny * sy, nx * sx
+    def _canvas_shape(self, block: Block) -> tuple[int, ...]:
+        """(Y, X) (3-D: (Z, Y, X)) of the block's tile grid: the block rounded up to whole tiles."""
+        return tuple(n * s for n, s in self.tiling.tile_grid(block))
 
     def _work(self, staged: StagedBlock, trs: Sequence[Dihedral],
-              put: Callable[[Dihedral, torch.Tensor, tuple[slice, slice]], None], finish: Callable[[], Any],
+              put: Callable[[Dihedral, torch.Tensor, tuple[slice, ...]], None], finish: Callable[[], Any],
               net: Callable[[torch.Tensor], torch.Tensor]) -> BlockWork:
         """The staged block's tiles under each transform of ``trs`` (in this order) through
         ``net``, each output handed to ``put`` (see :class:`BlockWork`)."""
         block, read, image = staged.block, staged.read, staged.raw
         if self.cuda:
             image.record_stream(torch.cuda.current_stream(self.device))
-        tiles = self.tiling.tiles(block)
-        (ny, sy), (nx, sx) = (self.tiling.tile_px(e) for e in block.plane.shape)
-        windows = {tr: self._windows(image, tiles[0], read, tr, sy, sx) for tr in trs}
-        return BlockWork(staged, net, list(_work_by_shape(trs, ny, nx, sy, sx)), windows, (sy, sx), put, finish)
+        grid = self.tiling.tile_grid(block)
+        first = self.tiling.tiles(block)[0]
+        size = tuple(s for _, s in grid)
+        windows = {tr: self._windows(image, first, read, tr, size) for tr in trs}
+        return BlockWork(staged, net, list(_work_by_shape(trs, grid)), windows, size, put, finish)
 
     def _alone(self, work: BlockWork) -> Any:
         """Run one block's passes by themselves (the last one padded); its ``finish()``."""
@@ -424,22 +449,25 @@ class Engine:
         batcher.flush()
         return work.finish()
 
-    def _windows(self, image: torch.Tensor, first: Box, read: Box, tr: Dihedral, sy: int, sx: int) -> torch.Tensor:
-        """(ny', nx', in_y, in_x) strided view: the read boxes of all tiles under ``tr``."""
+    def _windows(self, image: torch.Tensor, first: Box, read: Box, tr: Dihedral, step: tuple[int, ...]) -> torch.Tensor:
+        """(ny', nx', in_y, in_x) (3-D: (nz', ny', nx', in_z, in_y, in_x)) strided view: the read
+        boxes of all tiles under ``tr``."""
         box = tile_read_box(first, self.spec, tr).relative_to(read)
-        view = image[box.offset[0]:, box.offset[1]:]
-        return view.unfold(0, box.shape[0], sy).unfold(1, box.shape[1], sx)
+        view = image[tuple(slice(o, None) for o in box.offset)]
+        for axis, (n, s) in enumerate(zip(box.shape, step)):
+            view = view.unfold(axis, n, s)
+        return view
 
-    def _network(self, x: torch.Tensor, shape: tuple[int, int],
+    def _network(self, x: torch.Tensor, shape: tuple[int, ...],
                  net: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``net``'s outputs kept for tiles of (transformed) write ``shape``: (B, C, *shape) float32 views."""
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self._layout)
         dtype = self.precision.autocast_dtype
         with torch.inference_mode(), (torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
             out = net(x)
-        oy, ox = (output_offset(self.spec, s) for s in shape)
-        return out[:, :, oy : oy + shape[0], ox : ox + shape[1]].float()
+        kept = tuple(slice(o, o + n) for o, n in zip(output_offsets(self.spec, shape), shape, strict=True))
+        return out[(slice(None), slice(None), *kept)].float()
 
     def encode(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, by, bx) float32 probabilities -> (stored probabilities, uint8 argmax classes).
@@ -459,7 +487,7 @@ class Engine:
         On a GPU the copy runs on a stream of its own, after the compute stream's work so far (which
         made the result): it overlaps the next passes instead of queueing between them.
         """
-        shape_p, shape_s = (probs.shape[0], 1, *probs.shape[1:]), (1, *seg.shape)
+        shape_p, shape_s = (probs.shape[0], *block.write.shape), block.write.shape
         if not self.cuda:
             result = BlockResult(block, probs.numpy().reshape(shape_p), seg.numpy().reshape(shape_s), lambda: None)
             return lambda: result
@@ -516,10 +544,10 @@ def _margin_network(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
     return difference
 
 
-def _crop(canvas: torch.Tensor, block: Block) -> torch.Tensor:
-    """The block's own (..., by, bx) part of a tile-grid canvas."""
-    by, bx = block.plane.shape
-    return canvas[..., :by, :bx]
+def _crop(canvas: torch.Tensor, region: Box) -> torch.Tensor:
+    """The block's own part of a tile-grid canvas: its trailing axes cut to ``region``'s shape
+    ((by, bx), or (bz, by, bx) for a 3-D network: :meth:`Tiling.region`)."""
+    return canvas[(..., *(slice(0, n) for n in region.shape))]
 
 
 def _per_slice(stats: IntensityStats | Scaling | Callable[[int], Scaling]) -> Callable[[int], Scaling]:
@@ -576,14 +604,16 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def _work_by_shape(trs: Sequence[Dihedral], ny: int, nx: int, sy: int, sx: int) -> Iterator[tuple[tuple[int, int], list]]:
-    """``(tile shape in the network's frame, [(transform, i, j), ...])`` groups: transforms in
-    their fixed order, so every pixel sums its transforms in the same order whatever the batch."""
+def _work_by_shape(trs: Sequence[Dihedral], grid: Sequence[tuple[int, int]]) -> Iterator[tuple[tuple[int, ...], list]]:
+    """``(tile shape in the network's frame, [(transform, (i, j)), ...])`` groups for a tile
+    ``grid`` of ``(n, S)`` per axis: transforms in their fixed order, so every pixel sums its
+    transforms in the same order whatever the batch."""
+    size = tuple(s for _, s in grid)
     groups: dict[bool, list] = {}
     for tr in trs:
-        groups.setdefault(tr.transpose, []).extend((tr, i, j) for i in range(ny) for j in range(nx))
+        groups.setdefault(tr.transpose, []).extend((tr, at) for at in itertools.product(*(range(n) for n, _ in grid)))
     for transposed, items in groups.items():
-        yield ((sx, sy) if transposed else (sy, sx)), items
+        yield ((*size[:-2], size[-1], size[-2]) if transposed else size), items
 
 
 def _forward(t: Dihedral, tile: torch.Tensor) -> torch.Tensor:

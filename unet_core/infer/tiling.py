@@ -44,7 +44,7 @@ from itertools import product
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.geometry import Box
-from unet_core.model.spec import PackageSpec, Padding, UNetSpec
+from unet_core.model.spec import AxisGeometry, PackageSpec, Padding, UNetSpec
 
 #: Default block edge (also the output chunk edge) and largest output tile per network pass, px
 #: (:class:`unet_core.infer.predict_settings.PredictSettings` and :class:`Tiling` take them).
@@ -89,19 +89,21 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def check_multiple_of_stride(value: int, spec: UNetSpec, *, what: str) -> int:
-    """Validate a block/tile size: a positive multiple of ``spec.stride``.
+def check_multiple_of_stride(value: int, spec: UNetSpec, *, what: str, z: bool = False) -> int:
+    """Validate a block/tile size: a positive multiple of ``spec.stride`` (with ``z``: of the
+    3-D network's z stride, the product of its ``pool_z``).
 
     Raises:
         UserInputError: not a positive multiple; names the nearest valid sizes.
     """
-    stride = spec.stride
+    stride = spec.z_axis.stride if z else spec.stride
     if not isinstance(value, int) or isinstance(value, bool) or value < stride or value % stride:
         lo = max(stride, (int(value) // stride) * stride)
         hi = max(stride, round_up(int(value), stride))
         near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+        unit, product = ("slices", "the z pooling product") if z else ("px", "2**depth")
         raise UserInputError(
-            f"{what} {value} px is not a multiple of 2**depth = {stride} (tile origins must be aligned "
+            f"{what} {value} {unit} is not a multiple of {product} = {stride} (tile origins must be aligned "
             f"to it for seamless tiling); nearest valid: {near}"
         )
     return value
@@ -120,33 +122,54 @@ def tile_margins(spec: UNetSpec, write_px: int) -> tuple[int, int]:
         with ``extra`` the surplus output pixels (4 at depth 4). Same padding: a halo of
         the receptive-field radius rounded up to ``stride`` on both sides (not exact).
     """
-    if spec.padding is Padding.SAME:
-        halo = round_up(spec.receptive_field_radius, spec.stride)
+    return axis_margins(spec.plane, write_px, radius=spec.receptive_field_radius)
+
+
+def axis_margins(axis: AxisGeometry, write_px: int, *, radius: int | None = None) -> tuple[int, int]:
+    """:func:`tile_margins` along one axis of the network (``radius``: a same-padded net's halo,
+    by default the axis's receptive-field radius; a package declares its own)."""
+    if axis.padding is Padding.SAME:
+        halo = round_up(axis.receptive_field_radius if radius is None else radius, axis.stride)
         return halo, halo
-    out = spec.valid_output_size_at_least(write_px)
-    return spec.context, spec.context + out - write_px
+    out = axis.valid_output_size_at_least(write_px)
+    return axis.context, axis.context + out - write_px
+
+
+def margins(spec: UNetSpec, write: tuple[int, ...]) -> list[tuple[int, int]]:
+    """:func:`tile_margins` per axis of a tile's write shape: (Y, X), or (Z, Y, X) for a 3-D net."""
+    if len(write) == 2:
+        return [tile_margins(spec, n) for n in write]
+    return [axis_margins(spec.z_axis, write[0])] + [tile_margins(spec, n) for n in write[1:]]
 
 
 def output_offset(spec: UNetSpec, write_px: int) -> int:
-    """Index in the network output (its own frame) of the first kept pixel along an axis."""
+    """Index in the network output (its own frame) of the first kept pixel along an in-plane axis."""
     before, _ = tile_margins(spec, write_px)
     return before - spec.context
 
 
+def output_offsets(spec: UNetSpec, write: tuple[int, ...]) -> tuple[int, ...]:
+    """:func:`output_offset` per axis of a tile's write shape ((Y, X) or (Z, Y, X))."""
+    contexts = [a.context for a in spec.axes]
+    return tuple(before - c for (before, _), c in zip(margins(spec, write), contexts, strict=True))
+
+
 def tile_read_box(write: Box, spec: UNetSpec, transform: Dihedral = Dihedral()) -> Box:
-    """The (Y, X) input box (original image frame) a tile needs under ``transform``.
+    """The (Y, X) (3-D net: (Z, Y, X)) input box (original image frame) a tile needs under ``transform``.
 
     Args:
-        write: (Y, X) output box of the tile; origin and shape multiples of ``spec.stride``.
+        write: (Y, X) or (Z, Y, X) output box of the tile; origin and shape multiples of the
+            network's stride along each axis.
         spec: the network.
-        transform: the dihedral transform applied to the read pixels before the network.
+        transform: the dihedral transform applied to the read pixels before the network (in the
+            plane: z is never flipped).
 
     Returns:
         The read box; it may extend past the image (read it mirrored).
     """
     offset, shape = [], []
-    for o, s, flipped in zip(write.offset, write.shape, transform.flips, strict=True):
-        before, after = tile_margins(spec, s)
+    flips = transform.flips if write.ndim == 2 else (False, *transform.flips)
+    for o, s, flipped, (before, after) in zip(write.offset, write.shape, flips, margins(spec, write.shape), strict=True):
         if flipped:
             before, after = after, before
         offset.append(o - before)
@@ -156,11 +179,13 @@ def tile_read_box(write: Box, spec: UNetSpec, transform: Dihedral = Dihedral()) 
 
 @dataclass(frozen=True)
 class Block:
-    """One unit of work and of output: a chunk-aligned (1, Y, X) box of the stack.
+    """One unit of work and of output: a chunk-aligned (1, Y, X) box of the stack (a 3-D
+    network's: (<=Bz, Y, X), several slices).
 
     Attributes:
-        index: ``(z, by, bx)`` position in the block grid.
-        write: (Z, Y, X) box of output voxels, clipped to the stack, shape ``(1, <=B, <=B)``.
+        index: ``(bz, by, bx)`` position in the block grid (``bz`` the slice for a 2-D network).
+        write: (Z, Y, X) box of output voxels, clipped to the stack, shape ``(1, <=B, <=B)``
+            (3-D: ``(<=Bz, <=B, <=B)``).
     """
 
     index: tuple[int, int, int]
@@ -187,12 +212,18 @@ class Tiling:
         block_px: block edge in px, a multiple of ``spec.stride``; also the output chunk edge.
         tile_out: largest tile write edge in px, a multiple of ``spec.stride`` (the network's
             output per pass; larger = less overlap overhead, more memory).
+        block_z: slices per block: 1 for a 2-D network (it sees one slice at a time); for a 3-D
+            network a multiple of its z stride (the product of ``pool_z``), also the output z chunk.
+        tile_z: largest tile write extent along z, slices (3-D only; default ``block_z``), a
+            multiple of the z stride.
     """
 
     shape: tuple[int, int, int]
     spec: UNetSpec
     block_px: int = BLOCK_PX
     tile_out: int = TILE_OUT
+    block_z: int = 1
+    tile_z: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -200,12 +231,26 @@ class Tiling:
             raise UserInputError(f"stack shape {self.shape} is not a non-empty (Z, Y, X) volume")
         check_multiple_of_stride(self.block_px, self.spec, what="block size")
         check_multiple_of_stride(self.tile_out, self.spec, what="tile size")
+        if self.spec.dims == 2:
+            if self.block_z != 1 or self.tile_z not in (None, 1):
+                raise UserInputError(f"a 2-D network predicts one slice at a time: block z {self.block_z}, "
+                                     f"tile z {self.tile_z} must be 1")
+            return
+        check_multiple_of_stride(self.block_z, self.spec, what="block z size", z=True)
+        if self.tile_z is None:
+            object.__setattr__(self, "tile_z", self.block_z)
+        check_multiple_of_stride(self.tile_z, self.spec, what="tile z size", z=True)
+
+    @property
+    def volumes(self) -> bool:
+        """Whether blocks and tiles are (Z, Y, X) volumes (a 3-D network), not (Y, X) planes."""
+        return self.spec.dims == 3
 
     @property
     def grid(self) -> tuple[int, int, int]:
         """Number of blocks along (Z, Y, X)."""
         z, y, x = self.shape
-        return z, math.ceil(y / self.block_px), math.ceil(x / self.block_px)
+        return math.ceil(z / self.block_z), math.ceil(y / self.block_px), math.ceil(x / self.block_px)
 
     @property
     def n_blocks(self) -> int:
@@ -213,10 +258,10 @@ class Tiling:
 
     def block(self, index: tuple[int, int, int]) -> Block:
         """The block at grid position ``(z, by, bx)``."""
-        z, by, bx = index
+        bz, by, bx = index
         b = self.block_px
-        write = Box((z, by * b, bx * b), (1, b, b)).intersect(Box.from_shape(self.shape))
-        return Block((z, by, bx), write)
+        write = Box((bz * self.block_z, by * b, bx * b), (self.block_z, b, b)).intersect(Box.from_shape(self.shape))
+        return Block((bz, by, bx), write)
 
     def blocks(self) -> Iterator[Block]:
         """All blocks in C order of ``(z, by, bx)``."""
@@ -268,31 +313,47 @@ class Tiling:
                 f"{self.block_px} px for {self.shape[1]} x {self.shape[2]} px; each job needs a block of its own, "
                 f"use at most {n}")
 
-    def tile_px(self, extent: int) -> tuple[int, int]:
-        """``(n, S)``: tiles per axis and their write size for a block extent of ``extent`` px.
+    def tile_px(self, extent: int, *, z: bool = False) -> tuple[int, int]:
+        """``(n, S)``: tiles per axis and their write size for a block extent of ``extent`` px
+        (``z``: slices along a 3-D network's z axis).
 
         ``n = ceil(extent / tile_out)`` and ``S`` the smallest multiple of ``stride`` with
         ``n * S >= extent``, so the tiles of a clipped edge block waste little.
         """
-        tile = min(self.tile_out, self.block_px)
+        tile, stride = (min(self.tile_z, self.block_z), self.spec.z_axis.stride) if z else (
+            min(self.tile_out, self.block_px), self.spec.stride)
         n = math.ceil(extent / tile)
-        return n, round_up(math.ceil(extent / n), self.spec.stride)
+        return n, round_up(math.ceil(extent / n), stride)
+
+    def region(self, block: Block) -> Box:
+        """The box the network's tiles cover: (Y, X) of a block (2-D), all of it (3-D)."""
+        return block.write if self.volumes else block.plane
+
+    def tile_grid(self, block: Block) -> list[tuple[int, int]]:
+        """``(n, S)`` per axis of :meth:`region`: tiles and their write size (:meth:`tile_px`)."""
+        region = self.region(block)
+        first = len(region.shape) - 2
+        return [self.tile_px(e, z=a < first) for a, e in enumerate(region.shape)]
 
     def tiles(self, block: Block) -> list[Box]:
-        """(Y, X) write boxes of the tiles of ``block``, row-major; all the same shape.
+        """(Y, X) (3-D: (Z, Y, X)) write boxes of the tiles of ``block``, C order; all one shape.
 
-        Origins are ``block origin + k * S``, multiples of ``stride`` because block origins
-        are multiples of ``block_px``. Their union covers the block (it may run past it).
+        Origins are ``block origin + k * S``, multiples of the stride because block origins
+        are multiples of the block size. Their union covers the block (it may run past it).
         """
-        (ny, sy), (nx, sx) = (self.tile_px(e) for e in block.plane.shape)
-        y0, x0 = block.plane.offset
-        return [Box((y0 + i * sy, x0 + j * sx), (sy, sx)) for i in range(ny) for j in range(nx)]
+        grid = self.tile_grid(block)
+        origin = self.region(block).offset
+        size = tuple(s for _, s in grid)
+        return [Box(tuple(o + k * s for o, k, s in zip(origin, ks, size)), size)
+                for ks in product(*(range(n) for n, _ in grid))]
 
     def block_read(self, block: Block, tta: TTA | str = TTA.NONE) -> Box:
-        """(Y, X) box covering the reads of all tiles of ``block`` under all ``tta`` transforms."""
+        """Box covering the reads of all tiles of ``block`` under all ``tta`` transforms ((Y, X) or
+        for a 3-D network (Z, Y, X))."""
         reads = [tile_read_box(t, self.spec, tr) for t in self.tiles(block) for tr in transforms(tta)]
-        lo = tuple(min(r.offset[a] for r in reads) for a in range(2))
-        hi = tuple(max(r.end[a] for r in reads) for a in range(2))
+        axes = range(reads[0].ndim)
+        lo = tuple(min(r.offset[a] for r in reads) for a in axes)
+        hi = tuple(max(r.end[a] for r in reads) for a in axes)
         return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
 
     def flops_overhead(self) -> float:
@@ -304,15 +365,20 @@ class Tiling:
 
     def to_dict(self) -> dict:
         """Plain-data description (stored in part stores and provenance)."""
-        return {
+        d = {
             "shape": list(self.shape), "spec": self.spec.to_dict(), "block_px": self.block_px,
             "tile_out": self.tile_out, "stride": self.spec.stride, "context": self.spec.context,
         }
+        if self.volumes:  # 2-D layouts keep their description (part stores written before 3-D)
+            d.update(block_z=self.block_z, tile_z=self.tile_z, z_stride=self.spec.z_axis.stride,
+                     z_context=self.spec.z_axis.context)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> Tiling:
         spec = (PackageSpec if "halo_px" in data["spec"] else UNetSpec).from_dict(data["spec"])
-        return cls(tuple(data["shape"]), spec, int(data["block_px"]), int(data["tile_out"]))
+        return cls(tuple(data["shape"]), spec, int(data["block_px"]), int(data["tile_out"]),
+                   int(data.get("block_z", 1)), data.get("tile_z"))
 
 
 def _unravel(i: int, grid: tuple[int, ...]) -> tuple[int, ...]:
