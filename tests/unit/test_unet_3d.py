@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,22 @@ def test_axis_geometry_alone() -> None:
     """The z axis of nnU-Net's anisotropic plans: no pooling, 1-px kernels at the first level."""
     axis = AxisGeometry(kernels=(1, 3), pools=(1,))
     assert (axis.context, axis.stride, axis.min_input_size, axis.output_size(5)) == (2, 1, 5, 1)
+
+
+def test_stages_that_run_2d_models_only_refuse_a_3d_model_in_one_line(tmp_path, capsys) -> None:
+    """unet predict (either backend) and unet export-bioimageio: exit 2, one line naming the file,
+    nothing written (issue 36, item 9, until the stages run volumes)."""
+    from test_bioimageio_export import write_stack
+    from unet_core.cli import main
+
+    stack = write_stack(tmp_path / "s.ome.zarr", np.zeros((4, 40, 40), np.uint8))
+    model = tmp_path / "m3d.pt"
+    save_model(model, UNet(UNetSpec(depth=1, base_channels=2, dims=3, pool_z=(1,), dropout=0.0)))
+    for args in (["predict", str(stack), str(model), str(tmp_path / "part")],
+                 ["predict", str(stack), str(model), str(tmp_path / "part"), "--backend", "onnxruntime"],
+                 ["export-bioimageio", str(model), str(tmp_path / "pkg.zip"), "--sample", str(stack)]):
+        capsys.readouterr()
+        assert main(["-q", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(model) in err[0] and "3-D model" in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m3d.pt", "s.ome.zarr"]

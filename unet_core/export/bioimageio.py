@@ -178,7 +178,11 @@ def checked_model(path: Path) -> tuple[UNet, dict[str, Any]]:
     if path.is_file() and STATE_MARK.recognises(path):
         raise UserInputError(f"{path}: a training state (state.pt), not a model; give the model.pt that "
                              "'unet train' writes beside it when the run finishes")
-    return load_model(path)
+    model, metadata = load_model(path)
+    if model.spec.dims != 2:
+        raise UserInputError(f"{path}: a 3-D model (model.dims 3); bioimage.io packages (and their ONNX weights) "
+                             "are made of 2-D models only in this version")
+    return model, metadata
 
 
 def spec_scaling(raw: np.ndarray, mode: Normalisation) -> Scaling:

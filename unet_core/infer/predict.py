@@ -217,6 +217,9 @@ def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, 
                                              trust_torchscript=settings.trust_torchscript)
     else:
         model, metadata = load_model(model_path, expect=expect, digest=digest)
+    if model.spec.dims != 2:
+        raise UserInputError(f"{model_path}: a 3-D model (model.dims 3); unet predict runs 2-D models slice by slice, "
+                             "3-D prediction of stacks is not part of this version yet")
     scaler = st.scaler(checked_normalisation(metadata, settings.normalisation, model=model_path))
     corrected = settings.decision is Decision.CORRECTED
     offsets = (metadata.get("decision") or {}).get("logit_offsets") if corrected else None
