@@ -112,6 +112,6 @@ def run(args: argparse.Namespace) -> None:
         augment(
             args.stack, args.weights, args.out,
             samples_per_slice=args.samples_per_slice, tile_out=args.tile_out, seed=args.seed,
-            spec=spec_from_args(args), params=params, slices=slices, device=args.device,
+            spec=spec_from_args(args, volumes="augment"), params=params, slices=slices, device=args.device,
             plot=args.plot, plot_samples=args.plot_samples, workers=threads, normalisation=args.normalisation,
         )

@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> None:
     from unet_core.train.loop import train
 
     configure_threads(args.threads)
-    spec = spec_from_args(args)
+    spec = spec_from_args(args, volumes="train")
     pairs = [parse_validation_pair(text, what="--val") for text in args.val]
     train_pairs = [parse_validation_pair(text, what="--train-stacks") for text in args.train_stacks]
 
