@@ -144,3 +144,21 @@ def test_stages_that_run_2d_models_only_refuse_a_3d_model_in_one_line(tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(model) in err[0] and "3-D model" in err[0], err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m3d.pt", "s.ome.zarr"]
+
+
+def test_flops_count_every_axis() -> None:
+    """A 3-D net with 1-px z kernels and no z pooling works slice by slice: a (Z, Y, X) tile costs
+    exactly Z tiles of the 2-D net, and its overhead over the ideal is the 2-D one; an isotropic
+    net's overhead grows as its z tiles shrink (more z context per kept voxel)."""
+    from unet_core.infer.tiling import Tiling
+
+    flat = UNetSpec(depth=2, base_channels=4, dims=3, pool_z=(1, 1), kernel_z=(1, 1, 1))
+    plane = UNetSpec(depth=2, base_channels=4)
+    assert flat.tile_flops((5, 60, 76)) == 5 * plane.tile_flops((60, 76))
+    assert flat.ideal_flops_per_output_pixel() == plane.ideal_flops_per_output_pixel()
+    assert (Tiling((8, 64, 64), flat, 32, 32, block_z=4).flops_overhead()
+            == Tiling((1, 64, 64), plane, 32, 32).flops_overhead())
+    iso = UNetSpec(depth=2, base_channels=4, dims=3)
+    thick = Tiling((64, 64, 64), iso, 32, 32, block_z=32).flops_overhead()
+    thin = Tiling((64, 64, 64), iso, 32, 32, block_z=32, tile_z=8).flops_overhead()
+    assert 1 < thick < thin

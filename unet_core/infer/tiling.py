@@ -357,10 +357,12 @@ class Tiling:
         return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
 
     def flops_overhead(self) -> float:
-        """FLOPs per kept output pixel of a full ``tile_out`` tile over the ideal (infinite image)."""
+        """FLOPs per kept output pixel (voxel) of a full ``tile_out`` (x ``tile_z``) tile over the
+        ideal (infinite image)."""
         tile = min(self.tile_out, self.block_px)
-        before, after = tile_margins(self.spec, tile)
-        per_px = self.spec.tile_flops(tile + before + after) / tile**2
+        write = (tile, tile) if not self.volumes else (min(self.tile_z, self.block_z), tile, tile)
+        read = tuple(n + before + after for n, (before, after) in zip(write, margins(self.spec, write)))
+        per_px = self.spec.tile_flops(read) / math.prod(write)
         return per_px / self.spec.ideal_flops_per_output_pixel()
 
     def to_dict(self) -> dict:

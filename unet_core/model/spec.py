@@ -323,52 +323,61 @@ class UNetSpec:
         return self.plane.valid_output_size_at_least(out_size)
 
     def flops_per_output_pixel(self, in_size: int) -> float:
-        """Multiply-add FLOPs (2 per MAC) per output pixel of one square tile."""
+        """Multiply-add FLOPs (2 per MAC) per output pixel of one square tile (2-D)."""
         return self.tile_flops(in_size) / self.output_size(in_size) ** 2
 
-    def tile_flops(self, in_size: int) -> float:
-        """FLOPs (2 per multiply-add) of one forward pass on a square ``in_size`` tile."""
-        self.output_size(in_size)  # validates
-        pad = 0 if self.padding is Padding.VALID else 2
-        c_in, c = self.in_channels, self.base_channels
-        size, total = in_size, 0.0
-        skips = []
+    def _level_taps(self, level: int) -> tuple[int, int]:
+        """(kernel taps of a convolution, taps of the pool / up-convolution) at ``level``."""
+        kernels = [a.kernels[level] for a in self.axes]
+        pools = [a.pools[level] for a in self.axes] if level < self.depth else [1]
+        return math.prod(kernels), math.prod(pools)
+
+    def tile_flops(self, in_size: int | tuple[int, ...]) -> float:
+        """FLOPs (2 per multiply-add) of one forward pass on an input tile: ``in_size`` px per axis
+        (a square 2-D tile), or its shape per axis ((Y, X), or (Z, Y, X) for a 3-D network)."""
+        sizes = [in_size] * self.dims if isinstance(in_size, int) else list(in_size)
+        for axis, n in zip(self.axes, sizes, strict=True):
+            axis.output_size(n, what=self._what)  # validates
+        same = self.padding is Padding.SAME
+        c_in, c, total = self.in_channels, self.base_channels, 0.0
+
+        def convs(c_in: int, c: int, level: int) -> None:
+            nonlocal sizes, total
+            for _ in range(2):
+                sizes = [n if same else n - a.kernels[level] + 1 for a, n in zip(self.axes, sizes)]
+                total += 2 * self._level_taps(level)[0] * c_in * c * math.prod(sizes)
+                c_in = c
+
         for level in range(self.depth + 1):
-            for _ in range(2):
-                size = size - 2 + pad
-                total += 2 * 9 * c_in * c * size * size
-                c_in = c
+            convs(c_in, c, level)
+            c_in = c
             if level < self.depth:
-                skips.append(c)
-                size //= 2
+                sizes = [n // a.pools[level] for a, n in zip(self.axes, sizes)]
                 c *= 2
-        for _ in range(self.depth):
+        for level in reversed(range(self.depth)):
             c //= 2
-            size *= 2
-            total += 2 * 4 * (2 * c) * c * (size // 2) ** 2  # 2x2 up-convolution
-            c_in = 2 * c
-            for _ in range(2):
-                size = size - 2 + pad
-                total += 2 * 9 * c_in * c * size * size
-                c_in = c
-        total += 2 * c * self.n_classes * size * size
-        return total
+            total += 2 * self._level_taps(level)[1] * (2 * c) * c * math.prod(sizes)  # up-convolution
+            sizes = [n * a.pools[level] for a, n in zip(self.axes, sizes)]
+            convs(2 * c, c, level)
+        return total + 2 * c * self.n_classes * math.prod(sizes)
 
     def ideal_flops_per_output_pixel(self) -> float:
-        """FLOPs per output pixel on an infinitely large image (no tile overhead)."""
+        """FLOPs per output pixel (voxel) on an infinitely large image (no tile overhead)."""
         c, total, scale = self.base_channels, 0.0, 1.0
         c_in = self.in_channels
         for level in range(self.depth + 1):
-            total += 2 * 9 * (c_in * c + c * c) * scale
+            taps, pool = self._level_taps(level)
+            total += 2 * taps * (c_in * c + c * c) * scale
             c_in = c
             if level < self.depth:
-                scale /= 4
+                scale /= pool
                 c *= 2
-        for _ in range(self.depth):
+        for level in reversed(range(self.depth)):
+            taps, pool = self._level_taps(level)
             c //= 2
-            total += 2 * 4 * (2 * c) * c * scale  # up-conv evaluated at the coarse scale
-            scale *= 4
-            total += 2 * 9 * (2 * c * c + c * c) * scale
+            total += 2 * pool * (2 * c) * c * scale  # up-conv evaluated at the coarse scale
+            scale *= pool
+            total += 2 * taps * (2 * c * c + c * c) * scale
         total += 2 * c * self.n_classes
         return total
 
