@@ -1,7 +1,10 @@
-"""Architecture and size arithmetic of the U-Net, without torch.
+"""Architecture and size arithmetic of the U-Net (2-D, or 3-D with per-axis geometry), without torch.
 
 The network owns its geometry: everything that tiles, crops or checks sizes asks a
-:class:`UNetSpec` instead of retyping 572 / 388 / 92.
+:class:`UNetSpec` instead of retyping 572 / 388 / 92. Each spatial axis has an
+:class:`AxisGeometry` (its kernels and pools per level): y and x always the paper's; z, for a
+3-D network (``dims: 3``), its own ``kernel_z`` and ``pool_z``, so an anisotropic volume's z axis
+can skip pooling and 3-px kernels where its spacing is coarse (nnU-Net's rule).
 
 For valid (unpadded) 3x3 convolutions each level's two convolutions remove 2 px per side
 at that level's scale, so for depth ``d`` the output loses ``context = 6 * 2**d - 4`` px per
