@@ -162,3 +162,37 @@ def test_flops_count_every_axis() -> None:
     thick = Tiling((64, 64, 64), iso, 32, 32, block_z=32).flops_overhead()
     thin = Tiling((64, 64, 64), iso, 32, 32, block_z=32, tile_z=8).flops_overhead()
     assert 1 < thick < thin
+
+
+@pytest.mark.parametrize(("spacing", "depth", "pools", "kernels"), [
+    pytest.param((2.0, 0.5, 0.5), 3, (1, 1, 2), (1, 1, 3, 3), id="4x-anisotropic"),
+    pytest.param((1.0, 1.0, 1.0), 2, (2, 2), (3, 3, 3), id="isotropic"),
+    pytest.param((1.0, 0.5, 0.5), 2, (1, 2), (1, 3, 3), id="2x: coarse at level 0 only"),
+    pytest.param((0.9, 0.5, 0.5), 2, (2, 2), (3, 3, 3), id="1.8x: never coarse"),
+    pytest.param((8.0, 0.5, 0.5), 3, (1, 1, 1), (1, 1, 1, 1), id="serial sections: z never mixed"),
+])
+def test_z_geometry_follows_the_spacing(spacing, depth, pools, kernels) -> None:
+    from unet_core.model.spec import check_z_geometry, z_geometry_for
+
+    assert z_geometry_for(depth, spacing) == (pools, kernels)
+    check_z_geometry(UNetSpec(depth=depth, dims=3, pool_z=pools, kernel_z=kernels), spacing, where="s")
+
+
+def test_pooling_a_coarse_z_is_refused_naming_the_rules_choice() -> None:
+    from unet_core.model.spec import check_z_geometry
+
+    spec = UNetSpec(depth=3, dims=3)  # isotropic pools
+    with pytest.raises(ConfigError, match=r"sample 'a': model.pool_z \[2, 2, 2\] pools z at level 0.*"
+                                          r"use pool_z \[1, 1, 2\] \(and kernel_z \[1, 1, 3, 3\]\)"):
+        check_z_geometry(spec, (2.0, 0.5, 0.5), where="sample 'a'")
+    check_z_geometry(spec, (0.5, 0.5, 0.5), where="sample 'a'")
+    check_z_geometry(UNetSpec(depth=3), (2.0, 0.5, 0.5), where="2-D: not checked")
+
+
+def test_a_model_refuses_data_of_another_voxel_size() -> None:
+    from unet_core.model.spec import check_voxel_size
+
+    check_voxel_size((2.0, 0.5, 0.5), (2.1, 0.52, 0.48), where="s")  # within 10 %
+    check_voxel_size(None, (9.0, 9.0, 9.0), where="s")
+    with pytest.raises(ConfigError, match=r"s.ome.zarr: voxel size \[2.0, 1.0, 1.0\] µm differs from the model's"):
+        check_voxel_size((2.0, 0.5, 0.5), (2.0, 1.0, 1.0), where="s.ome.zarr")

@@ -385,6 +385,73 @@ class UNetSpec:
         return total
 
 
+#: z is "coarse" at a level while its spacing is at least this many times the in-plane spacing there:
+#: no pooling and 1-px kernels along z (nnU-Net's anisotropy threshold)
+ANISOTROPY_RATIO = 2.0
+#: relative difference of voxel sizes up to which a model runs on data it was not trained on
+VOXEL_SIZE_TOLERANCE = 0.1
+
+
+def z_geometry_for(depth: int, spacing_um: tuple[float, float, float]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(pool_z, kernel_z)`` for a 3-D network of ``depth`` on voxels of ``spacing_um`` (z, y, x) µm.
+
+    At each level the z and in-plane spacings are the voxel size times the pooling so far; while z
+    is :data:`ANISOTROPY_RATIO` times coarser or more, that level neither pools z nor convolves
+    across it (1-px z kernels), as nnU-Net plans anisotropic data. 2.0 x 0.5 x 0.5 µm at depth 3
+    gives pool_z (1, 1, 2) and kernel_z (1, 1, 3, 3); isotropic voxels give all 2 and all 3.
+    """
+    dz, dy, dx = spacing_um
+    plane, z = min(dy, dx), dz
+    pools, kernels = [], []
+    for level in range(depth + 1):
+        coarse = z >= ANISOTROPY_RATIO * plane
+        kernels.append(1 if coarse else 3)
+        if level < depth:
+            pools.append(1 if coarse else 2)
+            z, plane = z * pools[-1], plane * 2
+    return tuple(pools), tuple(kernels)
+
+
+def check_z_geometry(spec: UNetSpec, spacing_um: tuple[float, float, float], *, where: str) -> None:
+    """Refuse a 3-D network that pools z at a level where z is already coarse (see
+    :func:`z_geometry_for`): each such pool halves a z resolution that is already the poorest, and
+    the network's z context then spans several cells. 1-px or 3-px kernels are left to the user.
+
+    Raises:
+        ConfigError: one line naming ``where`` (the sample or stack), its voxel size and the
+            ``pool_z`` the rule gives.
+    """
+    if spec.dims != 3:
+        return
+    pools, kernels = z_geometry_for(spec.depth, spacing_um)
+    z, plane = spacing_um[0], min(spacing_um[1:])
+    for level, pool in enumerate(spec.pool_z):
+        if pool == 2 and z >= ANISOTROPY_RATIO * plane:
+            raise ConfigError(
+                f"{where}: model.pool_z {list(spec.pool_z)} pools z at level {level}, where the z spacing "
+                f"({z:g} µm) is already >= {ANISOTROPY_RATIO:g}x the in-plane one ({plane:g} µm); for voxels of "
+                f"{list(spacing_um)} µm use pool_z {list(pools)} (and kernel_z {list(kernels)})")
+        z, plane = z * pool, plane * 2
+
+
+def check_voxel_size(trained_um: tuple[float, ...] | None, given_um: tuple[float, ...], *, where: str) -> None:
+    """Refuse data whose voxel size differs from the model's training data by more than
+    :data:`VOXEL_SIZE_TOLERANCE` (relative, on any axis): a network learns cells at a size in
+    voxels. ``trained_um`` None (a model that did not record it) is not checked.
+
+    Raises:
+        ConfigError: one line naming ``where`` and both voxel sizes.
+    """
+    if trained_um is None:
+        return
+    if len(trained_um) != len(given_um) or any(
+            abs(g - t) > VOXEL_SIZE_TOLERANCE * t for t, g in zip(trained_um, given_um)):
+        raise ConfigError(
+            f"{where}: voxel size {list(given_um)} µm differs from the model's training data "
+            f"({list(trained_um)} µm) by more than {VOXEL_SIZE_TOLERANCE:.0%} on an axis; resample the data "
+            "or train on this voxel size")
+
+
 @dataclass(frozen=True)
 class PackageSpec(UNetSpec):
     """The geometry of a foreign network (a bioimage.io package's), as the tiling needs it.
