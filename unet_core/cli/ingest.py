@@ -42,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunks", default="1,512,512", type=lambda t: _triple(t, what="--chunks", kind=int),
                    help="Zarr chunk shape z,y,x in voxels (default 1,512,512)")
     p.add_argument("--voxel-size-um", type=lambda t: _triple(t, what="--voxel-size-um", kind=float),
-                   help="voxel size z,y,x in micrometres (default: from the file, else 1,1,1)")
+                   help="voxel size z,y,x in micrometres (default: from the file; where it gives none, 1 µm "
+                        "stands in, with a warning, and the stack records the size as not given, which "
+                        "the 3-D stages (--dims 3) refuse)")
     p.add_argument("--name", help="dataset name for the metadata (default: the image file name)")
     p.set_defaults(func=run)
 

@@ -145,7 +145,7 @@ def ingest(
                 wide = stack.dtype
                 stack.narrow_integers(chosen)
                 log.info("%s: %s values fit %s; stored as %s (lossless)", stack.path, wide, stack.dtype, stack.dtype)
-        spacing = _spacing(img, spacing_um)
+        spacing, spacing_given = _spacing(img, spacing_um)
         with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(out, own=STACK_MARK) as tmp:
             hashes: dict[str, Future[str]] = {"image": pool.submit(sha256_files, [image_path])}
             if label_path:
@@ -160,6 +160,7 @@ def ingest(
                 stage="ingest",
                 format=STACK_FORMAT,
                 parameters={"chunks": list(chunks), "label_kind": label_kind},
+                voxel_size_given=spacing_given,  # False: 1 µm stood in (Stack.voxel_size_given)
             )
             root = zarr.open_group(tmp, mode="r+")
             root.attrs.update({"unet": attrs})
@@ -175,14 +176,16 @@ class _null:
         return None
 
 
-def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, float, float]:
-    """The voxel size: ``override``, else the file's (1 µm where it says nothing). Every value
+def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[tuple[float, float, float], bool]:
+    """The voxel size (z, y, x) µm and whether it was given: ``override``, else the file's; where
+    the file says nothing for an axis, 1 µm stands in and the size counts as not given (the
+    3-D stages refuse such a stack: distances in µm would be distances in voxels). Every value
     must be finite and > 0 (NaN would end up in zarr.json, which is then not valid JSON)."""
     if override is not None:
         if len(override) != 3 or not all(0 < float(v) < math.inf for v in override):
             raise UserInputError(
                 f"--voxel-size-um: must be three finite positive numbers (z, y, x) in µm, got {list(override)}")
-        return tuple(float(v) for v in override)
+        return tuple(float(v) for v in override), True  # type: ignore[return-value]
     found = img.spacing_um
     if any(v is not None and not 0 < v < math.inf for v in found):
         raise UserInputError(
@@ -191,10 +194,11 @@ def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[float, f
     missing = [axis for axis, v in zip("zyx", found, strict=True) if v is None]
     if missing:
         log.warning("%s: the file gives no voxel size for axis %s; using 1 µm there (areas and centroids "
-                    "in µm are then in pixels): pass --voxel-size-um z,y,x (workflow: the samples "
+                    "in µm are then in pixels, and the stack is recorded as having no given voxel size, which "
+                    "the 3-D mode refuses): pass --voxel-size-um z,y,x (workflow: the samples "
                     "table's voxel_size_um column)", img.path, ", ".join(missing))
     z, y, x = found
-    return (z or 1.0, y or 1.0, x or 1.0)
+    return (z or 1.0, y or 1.0, x or 1.0), not missing
 
 
 def _convert(

@@ -534,6 +534,14 @@ class Stack:
                                  "--label-kind instance") from None
 
     @property
+    def voxel_size_given(self) -> bool:
+        """Whether ingest was given the voxel size (by the file's metadata or ``--voxel-size-um``);
+        False where 1 µm stood in for an axis the file left out, and for stacks ingested before
+        ingest recorded it (unknown). The 3-D stages refuse a stack without it: their distances,
+        sizes and the anisotropy of the network are in µm."""
+        return self.attrs.get("voxel_size_given") is True
+
+    @property
     def name(self) -> str:
         """The sample's name for titles: ingest's ``--name`` (the workflow's sample), else the
         folder holding the store, else the store's own name."""
