@@ -37,14 +37,44 @@ is one batched float32 matrix product and the warp is ``grid_sample``, in torch 
 device (CUDA when asked for), batched over samples that share a source shape.
 :func:`warp_reference` is a slow NumPy version that pins torch's reflection padding to
 :func:`unet_core.common.mirror.mirror_index` in the tests.
+
+Volumes (3-D, issue 36): a :class:`VolumeDeformation` maps every voxel ``p = (z, y, x)`` of a
+``(Z, H, W)`` tile the same way, ``src(p) = origin + c + M (p - c) + d(p)``, with
+
+* ``d``: vectors drawn in µm from N(0, sigma_um^2) per component on a coarse
+  ``Gz x Gy x Gx`` lattice (:func:`coarse_grid_shape`: at most ``params.grid`` knots per axis,
+  at least 2, never closer in µm than the paper's spacing in sigmas, 28.55 sigma, so a
+  128 px tile gets 2 knots per axis where 3 would fold it), divided per axis by the voxel size
+  ``spacing_um = (dz, dy, dx)`` (isotropic in µm, so anisotropic in voxels), and upsampled to every voxel by
+  the same separable Keys cubic convolution as in 2-D (:func:`upsample_matrix` per axis):
+  torch's 5-D ``grid_sample`` has no cubic mode, so the field's smoothness comes from its own
+  interpolation, not from the resampling;
+* ``M``: a rotation about the z axis only (voxels are anisotropic: a rotation tilting z would
+  mix 2 µm and 0.5 µm steps and resample along z from few slices), by an angle in µm space
+  (``S^-1 R S`` on (y, x) with ``S = diag(dy, dx)``, plain R when dy == dx), times flips of y
+  and x; z is never flipped (light microscopy blurs and attenuates with depth, so up and down
+  differ);
+* images resampled trilinearly (``grid_sample(mode="bilinear")`` on 5-D, reflection padding,
+  ``align_corners=True``: the same mirror convention), copied exactly (nearest) where every
+  position is a whole voxel; labels by nearest neighbour, never blended.
+
+:func:`draw_volume_transform` draws it; :func:`sampling_grid`, :func:`deform`,
+:func:`warp_images`, :func:`warp_labels`, :func:`adjust_grey`, :func:`source_coordinates`,
+:func:`displacement_field`, :func:`jacobian_determinant` and :func:`warp_reference` take 2-D
+and 3-D alike (the 3-D grid is built in torch on the images' device; only the per-sample
+knot values, a few dozen numbers, and the 1-D upsampling factors are NumPy). Volumes are
+drawn with the same :class:`DeformParams` as slices (grid, rotate, flip, grey values,
+mirror; ``sigma_um`` defaults to ``sigma_px`` times the in-plane voxel size); their
+``interpolation`` is trilinear whatever ``params.interpolation`` says.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -59,6 +89,7 @@ log = logging.getLogger(__name__)
 
 KEYS_A = -0.5  # displacement upsampling kernel (Keys' third-order accurate choice)
 TORCH_BICUBIC_A = -0.75  # the cubic convolution kernel inside torch.grid_sample(mode="bicubic")
+KNOT_STEP_PER_SIGMA = (572 - 1) / (3 - 1) / 10.0  # the paper's knot spacing in sigmas (28.55); volumes keep it
 
 
 class Interpolation(str, Enum):
@@ -154,10 +185,52 @@ class Deformation:
 
     def matrix(self) -> np.ndarray:
         """(2, 2) float64 linear part ``M = R(angle) @ diag(flip signs)`` acting on (y, x)."""
-        cos, sin = math.cos(self.angle), math.sin(self.angle)
-        rot = np.array([[cos, -sin], [sin, cos]])
-        signs = np.array([-1.0 if self.flip[0] else 1.0, -1.0 if self.flip[1] else 1.0])
-        return rot * signs[None, :]
+        return _plane_matrix(self.angle, self.flip)
+
+
+@dataclass(frozen=True)
+class VolumeDeformation:
+    """The random draws of one volume sample (3-D; mapping in the module docstring).
+
+    Attributes:
+        coarse: (3, Gz, Gy, Gx) float64 displacement (dz, dy, dx) at the coarse knots, voxels
+            (drawn in µm and divided by each axis' voxel size).
+        angle: rotation about the z axis, radians, counter-clockwise in (y, x), in µm space.
+        flip: (flip_y, flip_x); z is never flipped.
+        origin: (z, y, x) integer shift of the tile's first voxel in the source, voxels.
+        spacing_um: (dz, dy, dx) voxel size, µm (makes the rotation physical when dy != dx).
+        brightness: offset added to the z-scored image.
+        contrast: factor applied to the z-scored image.
+        gamma: exponent of the grey-value curve (1 = off).
+    """
+
+    coarse: np.ndarray
+    angle: float
+    flip: tuple[bool, bool]
+    origin: tuple[int, int, int]
+    spacing_um: tuple[float, float, float]
+    brightness: float
+    contrast: float
+    gamma: float
+
+    def matrix(self) -> np.ndarray:
+        """(3, 3) float64 linear part on (z, y, x) voxel offsets: 1 along z, in-plane
+        ``S^-1 R(angle) S diag(flip signs)`` with ``S = diag(dy, dx)`` (R itself when dy == dx)."""
+        m = np.eye(3)
+        m[1:, 1:] = _plane_matrix(self.angle, self.flip, aspect=self.spacing_um[2] / self.spacing_um[1])
+        return m
+
+
+def _plane_matrix(angle: float, flip: Sequence[bool], *, aspect: float = 1.0) -> np.ndarray:
+    """(2, 2) float64 ``S^-1 R(angle) S diag(flip signs)`` on (y, x) offsets, pixels.
+
+    ``aspect = dx / dy`` (pixel width over height) turns a rotation in µm into one in pixels;
+    1 (square pixels, or 2-D) gives ``R`` exactly.
+    """
+    cos, sin = math.cos(angle), math.sin(angle)
+    rot = np.array([[cos, -sin * aspect], [sin / aspect, cos]])
+    signs = np.array([-1.0 if flip[0] else 1.0, -1.0 if flip[1] else 1.0])
+    return rot * signs[None, :]
 
 
 def rng_for(seed: int, *path: int) -> np.random.Generator:
@@ -224,19 +297,27 @@ def upsample_matrix(n_out: int, n_coarse: int) -> np.ndarray:
 
 
 def displacement_field(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Full-resolution displacement from coarse-grid vectors (bicubic, see :func:`upsample_matrix`).
+    """Full-resolution displacement from coarse-grid vectors (:func:`upsample_matrix` along each axis).
 
     Args:
-        coarse: (2, Gy, Gx) or (N, 2, Gy, Gx) float displacement (dy, dx) at the knots, pixels.
-        shape: (H, W) of the tile, pixels.
+        coarse: (D, *G) or (N, D, *G) float displacement at the knots, pixels/voxels, with
+            D = 2 ((dy, dx) on a (Gy, Gx) lattice) or 3 ((dz, dy, dx) on (Gz, Gy, Gx)).
+        shape: (H, W) or (Z, H, W) of the tile, pixels/voxels.
 
     Returns:
-        float64 array (…, 2, H, W): displacement (dy, dx) of every pixel, pixels.
+        float64 array (…, D, *shape): displacement of every pixel/voxel, pixels/voxels.
     """
     coarse = np.asarray(coarse, dtype=np.float64)
-    a_y = upsample_matrix(int(shape[0]), coarse.shape[-2])
-    a_x = upsample_matrix(int(shape[1]), coarse.shape[-1])
-    return np.einsum("hi,...ij,wj->...hw", a_y, coarse, a_x)
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        raise UserInputError(f"a displacement field is 2-D or 3-D, got a tile of shape {tuple(shape)}")
+    factors = [upsample_matrix(int(n), g) for n, g in zip(shape, coarse.shape[-ndim:])]
+    out_axes, knot_axes = "dhw"[-ndim:], "kij"[-ndim:]
+    # 2-D: "hi,...ij,wj->...hw" (operand order kept so 2-D output is unchanged bit for bit).
+    terms = [out_axes[0] + knot_axes[0], "..." + knot_axes]
+    terms += [o + k for o, k in zip(out_axes[1:], knot_axes[1:])]
+    spec = ",".join(terms) + "->..." + out_axes
+    return np.einsum(spec, factors[0], coarse, *factors[1:], optimize=ndim > 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,31 +368,62 @@ def draw_transform(
     angle = 2.0 * math.pi * float(u_angle) if params.rotate else 0.0
     flips = (bool(u_flip_y < 0.5), bool(u_flip_x < 0.5)) if params.flip else (False, False)
     position = (float(u_pos_y), float(u_pos_x))
-    brightness = params.brightness * (2.0 * float(u_bright) - 1.0)
-    contrast = _log_uniform(float(u_contrast), params.contrast)
-    gamma = _log_uniform(float(u_gamma), params.gamma)
+    brightness, contrast, gamma = _grey_draws(params, u_bright, u_contrast, u_gamma)
     partial = Deformation(coarse, angle, flips, (0, 0), brightness, contrast, gamma)
 
-    origin = []
     if params.mirror:
-        for u, n, t, o in zip(position, (sy, sx), (th, tw), (oh, ow)):
-            ctx_lo = (t - o) // 2  # output window starts here inside the tile
-            lo, hi = -ctx_lo, n - o - ctx_lo  # origins keeping the window inside [0, n)
-            origin.append(lo + min(int(u * (hi - lo + 1)), hi - lo) if hi >= lo else (n - t) // 2)
+        origin = [_mirrored_origin(u, n, t, o) for u, n, t, o in zip(position, (sy, sx), (th, tw), (oh, ow))]
     else:
-        offsets = relative_coordinates([partial], (th, tw))[0]  # (2, H, W) = src - origin
         margin = 1 if params.interpolation is Interpolation.BICUBIC else 0
-        for axis, (u, n) in enumerate(zip(position, (sy, sx))):
-            lo = math.ceil(margin - offsets[axis].min())
-            hi = math.floor(n - 1 - margin - offsets[axis].max())
-            if hi < lo:
-                raise UserInputError(
-                    f"a {th}x{tw} px tile (deformed, rotated) does not fit inside the {sy}x{sx} px "
-                    f"source slice and mirroring is off: allow mirroring, use a smaller tile, "
-                    f"or reduce sigma/rotation"
-                )
-            origin.append(lo + min(int(u * (hi - lo + 1)), hi - lo))
+        origin = _inside_origin(partial, position, source_shape=(sy, sx), tile_shape=(th, tw), margin=margin)
     return Deformation(coarse, angle, partial.flip, (int(origin[0]), int(origin[1])), brightness, contrast, gamma)
+
+
+def _grey_draws(
+    params: DeformParams, u_bright: float, u_contrast: float, u_gamma: float
+) -> tuple[float, float, float]:
+    """(brightness, contrast, gamma) of one sample from three uniforms in [0, 1)."""
+    brightness = params.brightness * (2.0 * float(u_bright) - 1.0)
+    contrast = _log_uniform(float(u_contrast), params.contrast)
+    return brightness, contrast, _log_uniform(float(u_gamma), params.gamma)
+
+
+def _mirrored_origin(u: float, n: int, t: int, o: int) -> int:
+    """Origin along one axis, uniform (``u`` in [0, 1)) over those keeping the tile's central
+    ``o``-wide output window inside the ``n`` source pixels; centred where none does."""
+    ctx_lo = (t - o) // 2  # output window starts here inside the tile
+    lo, hi = -ctx_lo, n - o - ctx_lo  # origins keeping the window inside [0, n)
+    return lo + min(int(u * (hi - lo + 1)), hi - lo) if hi >= lo else (n - t) // 2
+
+
+def _inside_origin(
+    partial: Deformation | VolumeDeformation,
+    position: Sequence[float],
+    *,
+    source_shape: Sequence[int],
+    tile_shape: Sequence[int],
+    margin: int,
+) -> list[int]:
+    """Origin per axis, uniform over those keeping every sampled position (and ``margin``
+    pixels of interpolation support) inside the source: mirroring off.
+
+    Raises:
+        UserInputError: no such origin along some axis.
+    """
+    offsets = relative_coordinates([partial], tile_shape)[0]  # (D, *tile) = src - origin
+    origin = []
+    for axis, (u, n) in enumerate(zip(position, source_shape)):
+        lo = math.ceil(margin - offsets[axis].min())
+        hi = math.floor(n - 1 - margin - offsets[axis].max())
+        if hi < lo:
+            unit, noun = ("px", "slice") if len(tile_shape) == 2 else ("voxel", "volume")
+            raise UserInputError(
+                f"a {'x'.join(map(str, tile_shape))} {unit} tile (deformed, rotated) does not fit inside the "
+                f"{'x'.join(map(str, source_shape))} {unit} source {noun} and mirroring is off: allow mirroring, "
+                f"use a smaller tile, or reduce sigma/rotation"
+            )
+        origin.append(lo + min(int(u * (hi - lo + 1)), hi - lo))
+    return origin
 
 
 def check_fits(source_shape: Sequence[int], tile_shape: Sequence[int], *, params: DeformParams) -> None:
@@ -338,52 +450,215 @@ def check_fits(source_shape: Sequence[int], tile_shape: Sequence[int], *, params
 
 
 # --------------------------------------------------------------------------------------
+# random transforms of volumes (3-D)
+# --------------------------------------------------------------------------------------
+def coarse_grid_shape(
+    tile_shape: Sequence[int], spacing_um: Sequence[float], *, grid: int, sigma_um: float
+) -> tuple[int, int, int]:
+    """Knots per axis (Gz, Gy, Gx) of a volume tile's coarse displacement grid.
+
+    Each axis gets ``clip(1 + floor(extent_um / (KNOT_STEP_PER_SIGMA * sigma_um)), 2, grid)``
+    knots, ``extent_um = (n - 1) * spacing``: knots never closer, in units of sigma, than the
+    paper's (3 knots on a 572 px tile at sigma 10 px: 285.5 px = 28.55 sigma apart), and at
+    most ``grid`` per axis. Why not always ``grid``: neighbouring knots' vectors differ by about
+    sigma * sqrt(2), so the strain grows as sigma / knot spacing, and the 3-knot parabola is
+    2.5x steeper still at the tile's ends; 3 knots on a 32 x 128 x 128 tile at (2, 0.5, 0.5) µm
+    with sigma 5 µm (10 px in plane) fold the tile (Jacobian determinant <= 0) in about 45 % of
+    samples, 2 knots never did in our tests. In µm, so z (coarse voxels) gets as many knots as an
+    in-plane axis of the same physical length; a thin tile gets 2 (a field linear in z).
+
+    Args:
+        tile_shape: (Z, H, W) of the tile, voxels.
+        spacing_um: (dz, dy, dx) voxel size, µm.
+        grid: most knots per axis, >= 2 (``DeformParams.grid``).
+        sigma_um: std of the displacement components, µm; 0 gives ``grid`` everywhere.
+
+    Returns:
+        (Gz, Gy, Gx), each in [2, grid].
+    """
+    if sigma_um <= 0:
+        return (grid, grid, grid)
+    step_um = KNOT_STEP_PER_SIGMA * sigma_um
+    extents_um = [(int(n) - 1) * float(d) for n, d in zip(tile_shape, spacing_um)]
+    counts = [1 + math.floor(extent / step_um + 1e-9) for extent in extents_um]
+    gz, gy, gx = (min(max(c, 2), grid) for c in counts)
+    return (gz, gy, gx)
+
+
+def draw_volume_transform(
+    rng: np.random.Generator,
+    *,
+    params: DeformParams,
+    spacing_um: Sequence[float],
+    source_shape: Sequence[int],
+    tile_shape: Sequence[int],
+    out_shape: Sequence[int] | None = None,
+    sigma_um: float | None = None,
+) -> VolumeDeformation:
+    """Draw one volume sample's transform (3-D).
+
+    Draw order: 9 uniforms (angle, flip y, flip x, position z, y, x, brightness, contrast,
+    gamma), each drawn whether or not it is used, then 3 * Gz * Gy * Gx standard normals
+    (coarse (dz, dy, dx), times ``sigma_um``, µm; knots from :func:`coarse_grid_shape`, which
+    depend on sigma: so the uniforms come first, and switching the deformation off leaves the
+    other draws unchanged). The µm vectors are divided by ``spacing_um`` per axis, so the
+    field is isotropic in physical space. Rotation is about z only; ``params.interpolation``
+    is not used (volumes are resampled trilinearly, :func:`deform`). The position is chosen
+    as in :func:`draw_transform`, per axis, but the output window must fit inside the source.
+
+    Args:
+        rng: the sample's generator (:func:`rng_for`, e.g. keyed (volume, sample)).
+        params: the augmentation settings (grid, rotate, flip, grey values, mirror).
+        spacing_um: (dz, dy, dx) voxel size of the source volume, µm, each > 0.
+        source_shape: (Z, Y, X) of the source volume, voxels.
+        tile_shape: (Z, H, W) of the deformed tile (the network input), voxels.
+        out_shape: central window (the network output) that must lie inside the source,
+            voxels; default ``tile_shape``.
+        sigma_um: std of the coarse displacement components, µm (0 = off); default
+            ``params.sigma_px`` times the finer in-plane voxel size (the 2-D setting in µm).
+
+    Raises:
+        ConfigError: a voxel size or sigma_um that is not a finite number (> 0, >= 0).
+        UserInputError: shapes that are not 3-D, an output window larger than the source,
+            or (mirroring off) a tile that does not fit inside the source.
+    """
+    spacing = _checked_spacing(spacing_um)
+    src, tile, out = _checked_volume_shapes(source_shape, tile_shape, out_shape)
+    sigma = params.sigma_px * min(spacing[1:]) if sigma_um is None else float(sigma_um)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(f"augment sigma_um must be a finite number >= 0 (µm), got {sigma_um!r}")
+    u = [float(v) for v in rng.random(9)]
+    knots = coarse_grid_shape(tile, spacing, grid=params.grid, sigma_um=sigma)
+    coarse = rng.standard_normal((3, *knots)) * sigma / np.asarray(spacing)[:, None, None, None]
+    angle = 2.0 * math.pi * u[0] if params.rotate else 0.0
+    flips = (u[1] < 0.5, u[2] < 0.5) if params.flip else (False, False)
+    partial = VolumeDeformation(coarse, angle, flips, (0, 0, 0), spacing, *_grey_draws(params, *u[6:]))
+    if params.mirror:
+        origin = [_mirrored_origin(p, n, t, o) for p, n, t, o in zip(u[3:6], src, tile, out)]
+    else:
+        origin = _inside_origin(partial, u[3:6], source_shape=src, tile_shape=tile, margin=0)
+    return replace(partial, origin=(int(origin[0]), int(origin[1]), int(origin[2])))
+
+
+def _checked_spacing(spacing_um: Sequence[float]) -> tuple[float, float, float]:
+    """(dz, dy, dx) as floats, or a one-line :class:`ConfigError`."""
+    values = tuple(spacing_um) if isinstance(spacing_um, (Sequence, np.ndarray)) else ()
+    if len(values) != 3 or not all(
+        isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise ConfigError(
+            f"spacing_um must be three finite voxel sizes > 0 in µm (dz, dy, dx), got {spacing_um!r}: "
+            f"give the volume's voxel size"
+        )
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _checked_volume_shapes(
+    source_shape: Sequence[int], tile_shape: Sequence[int], out_shape: Sequence[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(source, tile, out) as int tuples of 3 positive sizes, out fitting in the source, or a
+    one-line :class:`UserInputError`."""
+    shapes = [tuple(int(v) for v in shape) for shape in (source_shape, tile_shape, out_shape or tile_shape)]
+    if any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+        raise UserInputError(
+            f"a 3-D deformation needs (Z, Y, X) sizes >= 1: got source {shapes[0]}, tile {shapes[1]}, "
+            f"output window {shapes[2]}; use the 2-D draw_transform for single slices"
+        )
+    src, tile, out = shapes
+    if any(o > n for o, n in zip(out, src)):
+        raise UserInputError(
+            f"the {'x'.join(map(str, out))} voxel output window (z, y, x) is larger than the "
+            f"{'x'.join(map(str, src))} voxel source volume: choose a smaller tile or a larger volume"
+        )
+    return src, tile, out
+
+
+# --------------------------------------------------------------------------------------
 # sampling grid
 # --------------------------------------------------------------------------------------
-def relative_coordinates(transforms: Sequence[Deformation], tile_shape: Sequence[int]) -> np.ndarray:
-    """Source positions minus the origin, ``c + M (p - c) + d(p)``, float64 (N, 2, H, W) (y, x)."""
-    th, tw = (int(v) for v in tile_shape)
-    cy, cx = (th - 1) / 2.0, (tw - 1) / 2.0
-    py = (np.arange(th, dtype=np.float64) - cy)[:, None]
-    px = (np.arange(tw, dtype=np.float64) - cx)[None, :]
-    out = np.empty((len(transforms), 2, th, tw))
+def relative_coordinates(
+    transforms: Sequence[Deformation | VolumeDeformation], tile_shape: Sequence[int]
+) -> np.ndarray:
+    """Source positions minus the origin, ``c + M (p - c) + d(p)``, pixels/voxels.
+
+    Args:
+        transforms: N transforms, all 2-D (:class:`Deformation`) or all 3-D (:class:`VolumeDeformation`).
+        tile_shape: (H, W) or (Z, H, W) of the tile.
+
+    Returns:
+        float64 (N, D, *tile_shape), components (y, x) or (z, y, x).
+    """
+    shape = tuple(int(v) for v in tile_shape)
+    ndim = len(shape)
+    centre = [(n - 1) / 2.0 for n in shape]
+    offsets = [  # p - c along each axis, shaped to broadcast over the tile
+        (np.arange(n, dtype=np.float64) - c).reshape([-1 if b == a else 1 for b in range(ndim)])
+        for a, (n, c) in enumerate(zip(shape, centre))
+    ]
+    out = np.empty((len(transforms), ndim, *shape))
     for i, tr in enumerate(transforms):
-        m = tr.matrix()
-        disp = displacement_field(tr.coarse, (th, tw)) if np.any(tr.coarse) else 0.0
-        out[i, 0] = cy + (m[0, 0] * py + m[0, 1] * px)
-        out[i, 1] = cx + (m[1, 0] * py + m[1, 1] * px)
+        m = _checked_matrix(tr, ndim)
+        disp = displacement_field(tr.coarse, shape) if np.any(tr.coarse) else 0.0
+        for a in range(ndim):
+            turned = m[a, 0] * offsets[0]
+            for b in range(1, ndim):
+                turned = turned + m[a, b] * offsets[b]
+            out[i, a] = centre[a] + turned
         out[i] += disp
     return out
 
 
-def source_coordinates(transforms: Sequence[Deformation], tile_shape: Sequence[int]) -> np.ndarray:
-    """Source position (y, x) of every tile pixel, float64 (N, 2, H, W), pixels."""
+def _checked_matrix(transform: Deformation | VolumeDeformation, ndim: int) -> np.ndarray:
+    """The transform's (D, D) matrix, or a one-line error when it is not for a ``ndim``-D tile."""
+    m = transform.matrix()
+    if m.shape != (ndim, ndim) or transform.coarse.ndim != ndim + 1:
+        raise UserInputError(
+            f"a {m.shape[0]}-D transform cannot sample a {ndim}-D tile: draw volume tiles with "
+            f"draw_volume_transform and slice tiles with draw_transform"
+        )
+    return m
+
+
+def source_coordinates(
+    transforms: Sequence[Deformation | VolumeDeformation], tile_shape: Sequence[int]
+) -> np.ndarray:
+    """Source position of every tile pixel/voxel, float64 (N, D, *tile_shape), (y, x) or (z, y, x)."""
     rel = relative_coordinates(transforms, tile_shape)
     origin = np.array([tr.origin for tr in transforms], dtype=np.float64)
-    return rel + origin[:, :, None, None]
+    return rel + origin.reshape(*origin.shape, *(1,) * len(tile_shape))
 
 
 def jacobian_determinant(coords: np.ndarray) -> np.ndarray:
-    """det of d src / d p by central differences; (2, H, W) float -> (H-2, W-2) float64.
+    """det of d src / d p by central differences, on the interior (each axis 2 shorter).
 
-    Positive everywhere means the map does not fold (flips make it negative everywhere).
+    (2, H, W) -> (H-2, W-2) or (3, Z, H, W) -> (Z-2, H-2, W-2), float64. Positive everywhere
+    means the map does not fold (flips make it negative everywhere).
     """
     c = np.asarray(coords, dtype=np.float64)
-    dy = (c[:, 2:, 1:-1] - c[:, :-2, 1:-1]) / 2.0
-    dx = (c[:, 1:-1, 2:] - c[:, 1:-1, :-2]) / 2.0
-    return dy[0] * dx[1] - dx[0] * dy[1]
+    ndim = c.shape[0]
+
+    def along(b: int) -> np.ndarray:  # d src / d p_b, every component, interior points
+        hi = tuple(slice(2, None) if a == b else slice(1, -1) for a in range(ndim))
+        lo = tuple(slice(None, -2) if a == b else slice(1, -1) for a in range(ndim))
+        return (c[(slice(None), *hi)] - c[(slice(None), *lo)]) / 2.0
+
+    grads = [along(b) for b in range(ndim)]  # grads[b][a] = d src_a / d p_b
+    if ndim == 2:
+        return grads[0][0] * grads[1][1] - grads[1][0] * grads[0][1]
+    jac = np.stack(grads, axis=-1)  # (a, *interior, b)
+    return np.linalg.det(np.moveaxis(jac, 0, -2))
 
 
 # --------------------------------------------------------------------------------------
 # warping (torch, batched)
 # --------------------------------------------------------------------------------------
-def is_whole_pixel(transforms: Sequence[Deformation]) -> bool:
-    """Whether every source position is a whole pixel (no rotation, no displacement)."""
+def is_whole_pixel(transforms: Sequence[Deformation | VolumeDeformation]) -> bool:
+    """Whether every source position is a whole pixel/voxel (no rotation, no displacement)."""
     return all(t.angle == 0.0 and not np.any(t.coarse) for t in transforms)
 
 
 def sampling_grid(
-    transforms: Sequence[Deformation],
+    transforms: Sequence[Deformation | VolumeDeformation],
     *,
     tile_shape: Sequence[int],
     source_shape: Sequence[int],
@@ -393,16 +668,28 @@ def sampling_grid(
     """The ``grid_sample`` grid of :func:`source_coordinates`, computed in torch on ``device``.
 
     Args:
-        transforms: N transforms.
-        tile_shape: (H, W) of the output tiles, pixels.
-        source_shape: (Y, X) of the source images, pixels.
+        transforms: N transforms, all 2-D or all 3-D (:func:`draw_volume_transform`, one tile shape).
+        tile_shape: (H, W) or (Z, H, W) of the output tiles, pixels/voxels.
+        source_shape: (Y, X) or (Z, Y, X) of the source images, pixels/voxels.
         device: where to build the grid (the images' device).
         dtype: float dtype of the grid.
 
     Returns:
-        (N, H, W, 2) grid: (x, y) source positions scaled to [-1, 1] for
-        ``align_corners=True`` (-1 = first pixel centre, 1 = last), outside = beyond the border.
+        (N, H, W, 2) grid of (x, y), or (N, Z, H, W, 3) of (x, y, z): source positions scaled
+        to [-1, 1] for ``align_corners=True`` (-1 = first pixel centre, 1 = last), outside =
+        beyond the border.
     """
+    if len(source_shape) != len(tile_shape) or not transforms:
+        raise UserInputError(
+            f"{len(transforms)} transforms, tile {tuple(tile_shape)}, source {tuple(source_shape)}: "
+            f"need at least one transform and tile and source of the same dimension"
+        )
+    for t in transforms:
+        _checked_matrix(t, len(tile_shape))
+    if len(tile_shape) == 3:
+        return _volume_sampling_grid(
+            transforms, tile_shape=tile_shape, source_shape=source_shape, device=device, dtype=dtype
+        )
     th, tw = (int(v) for v in tile_shape)
     sy, sx = (int(v) for v in source_shape)
     n, g = len(transforms), transforms[0].coarse.shape[-1]
@@ -429,21 +716,89 @@ def sampling_grid(
     return torch.bmm(left_t, right_t).view(n, th, tw, 2)
 
 
+def _volume_sampling_grid(
+    transforms: Sequence[VolumeDeformation],
+    *,
+    tile_shape: Sequence[int],
+    source_shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`sampling_grid` of 3-D transforms, (N, Z, H, W, 3), built in torch on ``device``.
+
+    Per sample and axis a (z, y, x), in ``grid_sample`` units (``scale_a = 2 / (S_a - 1)``)::
+
+        grid_a(p) = scale_a (origin_a + c_a + sum_b M_ab (p_b - c_b) + d_a(p)) - 1
+
+    The affine part is linear in p, and the separable Keys upsampling reproduces every function
+    linear in each axis, so it is added to the knots (float64, NumPy: (N, Gz, Gy, Gx, 3), tiny)
+    and the grid is one upsampling of the knots: three passes along z, y, x, in torch on
+    ``device`` (a CUDA batch never leaves the GPU), writing (x, y, z) last as ``grid_sample``
+    reads it. Every pass is elementwise (no matrix product, whose blocking may depend on the
+    batch size), so a sample's grid is bit-identical alone or in any batch.
+    """
+    tile = tuple(int(v) for v in tile_shape)
+    knots = transforms[0].coarse.shape[1:]
+    if any(t.coarse.shape[1:] != knots for t in transforms):
+        shapes = [t.coarse.shape for t in transforms]
+        raise UserInputError(f"a batch of volume transforms must share the coarse grid, got {shapes}")
+    scale = np.array([2.0 / max(int(n) - 1, 1) for n in source_shape])
+    centre = (np.array(tile, dtype=np.float64) - 1) / 2.0
+    # knot positions minus the centre, per axis, broadcast over the (Gz, Gy, Gx) lattice
+    at = [(np.arange(g) * ((n - 1) / (g - 1)) - c).reshape([-1 if b == a else 1 for b in range(3)])
+          for a, (n, g, c) in enumerate(zip(tile, knots, centre))]
+    values = np.empty((len(transforms), *knots, 3))
+    for i, t in enumerate(transforms):
+        m = t.matrix()
+        for a in range(3):
+            affine = t.origin[a] + centre[a] + m[a, 0] * at[0] + m[a, 1] * at[1] + m[a, 2] * at[2]
+            values[i, ..., 2 - a] = (affine + t.coarse[a]) * scale[a] - 1.0  # slot 2 - a: (x, y, z)
+
+    def on_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device, dtype)
+
+    grid = on_device(values)
+    for dim, (n, g) in enumerate(zip(tile, knots), start=1):
+        grid = _upsample_along(grid, on_device(upsample_matrix(n, g)), dim=dim)
+    return grid
+
+
+def _upsample_along(values: torch.Tensor, factor: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """``sum_k factor[:, k] * values[..., k, ...]`` along ``dim``: (…, G, …) -> (…, n, …).
+
+    A sum of G broadcast products in a fixed order (G = 2 or 3 knots): elementwise, so each
+    output value is computed the same way whatever the batch size or device.
+    """
+    shape = [1] * values.ndim
+    shape[dim] = -1
+    out = factor[:, 0].view(shape) * values.narrow(dim, 0, 1)
+    for k in range(1, values.shape[dim]):
+        out.addcmul_(factor[:, k].view(shape), values.narrow(dim, k, 1))
+    return out
+
+
 def warp_images(
     images: torch.Tensor, grid: torch.Tensor, *, interpolation: Interpolation | str = Interpolation.BICUBIC
 ) -> torch.Tensor:
     """Resample images on a sampling grid, mirroring about the image border.
 
     Args:
-        images: (N, C, Y, X) float source images.
-        grid: (N, H, W, 2) from :func:`sampling_grid` (same device).
-        interpolation: ``bicubic`` (cubic convolution, a = -0.75), ``bilinear`` or
-            ``nearest`` (exact copies; used where every position is a whole pixel).
+        images: (N, C, Y, X) or (N, C, Z, Y, X) float source images.
+        grid: (N, H, W, 2) or (N, Z, H, W, 3) from :func:`sampling_grid` (same device).
+        interpolation: ``bicubic`` (cubic convolution, a = -0.75; 2-D only: torch has no
+            tricubic mode), ``bilinear`` (trilinear on volumes) or ``nearest`` (exact copies;
+            used where every position is a whole pixel).
 
     Returns:
-        (N, C, H, W) tensor of the images' dtype.
+        (N, C, H, W) or (N, C, Z, H, W) tensor of the images' dtype.
+
+    Raises:
+        UserInputError: ``bicubic`` asked for volumes.
     """
     mode = interpolation.value if isinstance(interpolation, Interpolation) else str(interpolation)
+    if images.ndim == 5 and mode == Interpolation.BICUBIC.value:
+        raise UserInputError("volumes (3-D) cannot be resampled bicubically (torch grid_sample has no tricubic "
+                             "mode): use interpolation 'bilinear' (trilinear)")
     return F.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="reflection", align_corners=True)
 
 
@@ -454,13 +809,14 @@ def warp_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     every output value is one of the source values.
 
     Args:
-        labels: (N, Y, X) integer labels (int32 or narrower; int64 below 2**53).
-        grid: (N, H, W, 2) from :func:`sampling_grid`.
+        labels: (N, Y, X) or (N, Z, Y, X) integer labels (int32 or narrower, uint16 included;
+            int64 below 2**53).
+        grid: (N, H, W, 2) or (N, Z, H, W, 3) from :func:`sampling_grid`.
 
     Returns:
-        (N, H, W) labels of the same dtype.
+        (N, H, W) or (N, Z, H, W) labels of the same dtype.
     """
-    if labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.bool) or not labels.numel():
+    if labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.bool) or not labels.numel():
         top = 0
     else:
         low, high = torch.aminmax(labels)
@@ -474,18 +830,21 @@ def warp_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out[:, 0].to(labels.dtype)
 
 
-def adjust_grey(images: torch.Tensor, transforms: Sequence[Deformation]) -> torch.Tensor:
-    """Apply each sample's contrast, brightness and gamma to (N, C, H, W) z-scored images."""
+def adjust_grey(images: torch.Tensor, transforms: Sequence[Deformation | VolumeDeformation]) -> torch.Tensor:
+    """Apply each sample's contrast, brightness and gamma to (N, C, H, W) or (N, C, Z, H, W) z-scored
+    images."""
     out = images
     dtype, device = images.dtype, images.device
+    per_sample = (-1,) + (1,) * (images.ndim - 1)
+    whole = tuple(range(1, images.ndim))  # gamma spans the sample's min..max over channels and space
     if any(t.contrast != 1.0 or t.brightness != 0.0 for t in transforms):
-        contrast = torch.tensor([t.contrast for t in transforms], dtype=dtype, device=device).view(-1, 1, 1, 1)
-        brightness = torch.tensor([t.brightness for t in transforms], dtype=dtype, device=device).view(-1, 1, 1, 1)
+        contrast = torch.tensor([t.contrast for t in transforms], dtype=dtype, device=device).view(per_sample)
+        brightness = torch.tensor([t.brightness for t in transforms], dtype=dtype, device=device).view(per_sample)
         out = out * contrast + brightness
     if any(t.gamma != 1.0 for t in transforms):
-        gamma = torch.tensor([t.gamma for t in transforms], dtype=dtype, device=device).view(-1, 1, 1, 1)
-        lo = out.amin(dim=(1, 2, 3), keepdim=True)
-        span = (out.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(torch.finfo(dtype).tiny)
+        gamma = torch.tensor([t.gamma for t in transforms], dtype=dtype, device=device).view(per_sample)
+        lo = out.amin(dim=whole, keepdim=True)
+        span = (out.amax(dim=whole, keepdim=True) - lo).clamp_min(torch.finfo(dtype).tiny)
         out = lo + span * ((out - lo) / span).clamp(0, 1) ** gamma
     return out
 
@@ -493,27 +852,42 @@ def adjust_grey(images: torch.Tensor, transforms: Sequence[Deformation]) -> torc
 def deform(
     images: torch.Tensor,
     labels: torch.Tensor | None,
-    transforms: Sequence[Deformation],
+    transforms: Sequence[Deformation | VolumeDeformation],
     *,
     tile_shape: Sequence[int],
-    interpolation: Interpolation | str = Interpolation.BICUBIC,
+    interpolation: Interpolation | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Deform a batch: one sampling grid per sample, shared by image and labels.
 
     Args:
-        images: (N, C, Y, X) float z-scored source images (one per transform; the same slice
-            may be repeated), on any device (CUDA when available).
-        labels: (N, Y, X) integer labels aligned with ``images``, or None.
-        transforms: N transforms (:func:`draw_transform`).
-        tile_shape: (H, W) of the output tiles, pixels.
-        interpolation: image resampling (``bicubic`` or ``bilinear``).
+        images: (N, C, Y, X) or, for volumes, (N, C, Z, Y, X) float z-scored sources (one
+            per transform; the same source may be repeated), on any device (CUDA when available).
+        labels: (N, Y, X) or (N, Z, Y, X) integer labels aligned with ``images``, or None.
+        transforms: N transforms (:func:`draw_transform`, or :func:`draw_volume_transform`
+            for volumes).
+        tile_shape: (H, W) or (Z, H, W) of the output tiles, pixels/voxels.
+        interpolation: image resampling, ``bicubic`` or ``bilinear`` (trilinear for volumes);
+            default bicubic for slices, trilinear for volumes.
 
     Returns:
-        images (N, C, H, W) with grey-value changes applied, and labels (N, H, W) or None.
+        images (N, C, *tile_shape) with grey-value changes applied, and labels (N, *tile_shape) or None.
+
+    Raises:
+        UserInputError: arrays whose dimensions do not match the tile and transforms (e.g. a
+            slice given with volume transforms).
     """
+    ndim = len(tile_shape)
+    if images.ndim != ndim + 2 or (labels is not None and labels.ndim != ndim + 1):
+        raise UserInputError(
+            f"a {ndim}-D tile {tuple(tile_shape)} needs images (N, C, {'Z, ' * (ndim == 3)}Y, X) and labels "
+            f"(N, {'Z, ' * (ndim == 3)}Y, X), got {tuple(images.shape)} and "
+            f"{None if labels is None else tuple(labels.shape)}"
+        )
     if len(transforms) != images.shape[0]:
         raise ValueError(f"{len(transforms)} transforms for a batch of {images.shape[0]} images")
-    grid = sampling_grid(transforms, tile_shape=tile_shape, source_shape=images.shape[-2:], device=images.device)
+    grid = sampling_grid(transforms, tile_shape=tile_shape, source_shape=images.shape[2:], device=images.device)
+    if interpolation is None:
+        interpolation = Interpolation.BICUBIC if ndim == 2 else Interpolation.BILINEAR
     mode = "nearest" if is_whole_pixel(transforms) else interpolation
     warped = adjust_grey(warp_images(images, grid, interpolation=mode), transforms)
     return warped, (warp_labels(labels, grid) if labels is not None else None)
@@ -522,32 +896,36 @@ def deform(
 # --------------------------------------------------------------------------------------
 # numpy reference (tests and documentation)
 # --------------------------------------------------------------------------------------
-def warp_reference(image: np.ndarray, coords: np.ndarray, *, interpolation: Interpolation) -> np.ndarray:
-    """Slow, explicit NumPy version of :func:`warp_images` for one 2-D image.
+def warp_reference(image: np.ndarray, coords: np.ndarray, *, interpolation: Interpolation | str) -> np.ndarray:
+    """Slow, explicit NumPy version of :func:`warp_images` for one 2-D image or 3-D volume.
 
-    Cubic convolution with a = -0.75 (bicubic) or linear weights over the 4x4 / 2x2
-    neighbours, each neighbour index mirrored with :func:`unet_core.common.mirror.mirror_index`.
+    Cubic convolution with a = -0.75 (bicubic) or linear weights over the 4 / 2 neighbours
+    per axis (bilinear, trilinear for volumes), each neighbour index mirrored with
+    :func:`unet_core.common.mirror.mirror_index`.
 
     Args:
-        image: (Y, X) float image.
-        coords: (2, H, W) source positions (y, x), pixels.
+        image: (Y, X) or (Z, Y, X) float image.
+        coords: (D, *out) source positions ((y, x) or (z, y, x)), pixels/voxels.
 
     Returns:
-        (H, W) float64.
+        (*out) float64.
     """
     img = np.asarray(image, dtype=np.float64)
-    fy, fx = np.floor(coords[0]), np.floor(coords[1])
-    ty, tx = coords[0] - fy, coords[1] - fx
+    floors = [np.floor(c) for c in coords]
+    fractions = [c - f for c, f in zip(coords, floors)]
     if Interpolation(interpolation) is Interpolation.BICUBIC:
         offsets = np.arange(-1, 3)
-        wy, wx = _keys_weights(ty, TORCH_BICUBIC_A), _keys_weights(tx, TORCH_BICUBIC_A)
+        weights = [_keys_weights(t, TORCH_BICUBIC_A) for t in fractions]
     else:
         offsets = np.arange(0, 2)
-        wy, wx = np.stack([1 - ty, ty], -1), np.stack([1 - tx, tx], -1)
+        weights = [np.stack([1 - t, t], -1) for t in fractions]
     out = np.zeros(coords.shape[1:])
-    for i, oy in enumerate(offsets):
-        rows = mirror_index(fy.astype(np.int64) + oy, img.shape[0])
-        for j, ox in enumerate(offsets):
-            cols = mirror_index(fx.astype(np.int64) + ox, img.shape[1])
-            out += wy[..., i] * wx[..., j] * img[rows, cols]
+    for taps in itertools.product(range(len(offsets)), repeat=img.ndim):  # last axis fastest, as 2-D always did
+        index = tuple(
+            mirror_index(f.astype(np.int64) + offsets[k], n) for f, k, n in zip(floors, taps, img.shape)
+        )
+        w = weights[0][..., taps[0]]
+        for axis in range(1, img.ndim):
+            w = w * weights[axis][..., taps[axis]]
+        out += w * img[index]
     return out
