@@ -31,6 +31,18 @@ Each sample reads only the source region its sampling positions cover (plus the
 interpolation support), with :func:`unet_core.common.mirror.read_mirrored`, i.e. mirrored about the
 true image border: what the network sees at image borders is the same mirror convention as
 in overlap-tile prediction.
+
+**Volumes** (a 3-D network, ``unet augment --dims 3``, :func:`augment_volume`): the arrays are
+(N, Z, H, W), each tile the network's (Z, H, W) input for an output of ``tile_out_z`` x
+``tile_out`` x ``tile_out`` voxels (per axis: output + the axis's context on each side); sample
+``k`` samples the whole volume and draws from ``SeedSequence(seed, spawn_key=(0, k))`` (volume
+0 of the stack); ``source`` holds (0, k). The deformation is
+:func:`unet_core.augment.elastic.draw_volume_transform` (displacements in µm with the stack's
+voxel size, rotation about z), the image resampled trilinearly, the instances by nearest
+neighbour, and classes and w(x) recomputed on the deformed instances in µm
+(:class:`VolumeRecipe`: 6-connected separation, anisotropic d1/d2). ``attrs["unet"]`` records
+``dims: 3``, (z, y, x) tile sizes and ``voxel_size_um``, which training stores in model.pt. A
+single-slice stack, or one whose voxel size was not given at ingest, is refused.
 """
 
 from __future__ import annotations
@@ -52,9 +64,11 @@ from unet_core import __version__
 from unet_core.augment.elastic import (
     Deformation,
     DeformParams,
+    VolumeDeformation,
     check_fits,
     deform,
     draw_transform,
+    draw_volume_transform,
     relative_coordinates,
     rng_for,
     upsample_matrix,
@@ -66,12 +80,13 @@ from unet_core.common.errors import ConfigError, UserInputError, parse_choice
 from unet_core.common.geometry import Box
 from unet_core.common.intensity import Normalisation, Scaling, normalize
 from unet_core.common.labels import area_histogram, object_areas
-from unet_core.common.mirror import read_mirrored
+from unet_core.common.mirror import mirror_index, read_mirrored
 from unet_core.common.outputs import Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.io.ngff import Stack, create_array, open_group, open_stack, recorded_intensity
 from unet_core.model.spec import UNetSpec
+from unet_core.weights.maps import VolumeWeightParams, class_map_3d, weight_map_3d
 from unet_core.weights.recipe import WeightRecipe
 
 log = logging.getLogger(__name__)
@@ -250,6 +265,8 @@ def augment(
     plot_samples: int = 4,
     workers: int = 1,
     normalisation: Normalisation | str = Normalisation.STACK_ZSCORE,
+    tile_out_z: int | None = None,
+    sigma_um: float | None = None,
 ) -> Path:
     """Write the deformed training set of one stack (see the module docstring), atomically.
 
@@ -274,6 +291,8 @@ def augment(
         normalisation: grey-value normalisation of the stored tiles
             (:class:`unet_core.common.intensity.Normalisation`); recorded in the attributes,
             and training must use the same.
+        tile_out_z, sigma_um: a 3-D ``spec`` only (``samples_per_slice`` then counts samples of
+            the whole volume): :func:`augment_volume`.
 
     Returns:
         ``out_path``.
@@ -287,6 +306,24 @@ def augment(
     device = resolve_device(device)
     source = open_source(stack_path, weights_path,
                          normalisation=parse_choice(Normalisation, normalisation, option="--normalisation"))
+    if spec.dims == 3:
+        if slices is not None or plot is not None:
+            raise UserInputError(f"{'--slices' if slices is not None else '--plot'}: not available with --dims 3 "
+                                 "(a 3-D set samples the whole volume and has no figure yet); leave it out")
+        return augment_volume(source, out_path, samples=samples_per_slice, tile_out=tile_out,
+                              tile_out_z=tile_out_z, seed=seed, spec=spec, params=params, device=device,
+                              workers=workers, sigma_um=sigma_um)
+    return _augment_slices(source, out_path, samples_per_slice=samples_per_slice, tile_out=tile_out, seed=seed,
+                           spec=spec, params=params, slices=slices, device=device, plot=plot,
+                           plot_samples=plot_samples, workers=workers)
+
+
+def _augment_slices(
+    source: Source, out_path: str | os.PathLike[str], *, samples_per_slice: int, tile_out: int, seed: int,
+    spec: UNetSpec, params: DeformParams, slices: Sequence[int] | None, device: torch.device | str,
+    plot: str | os.PathLike[str] | None, plot_samples: int, workers: int,
+) -> Path:
+    """The 2-D set of :func:`augment` (which has claimed the outputs and opened the source)."""
     n_z, sy, sx = source.stack.shape
     slices = _checked_slices(slices, n_z)
     tile_in, tile_out = tile_shapes(spec, tile_out)
@@ -335,12 +372,15 @@ def _checked_slices(slices: Sequence[int] | None, n_z: int) -> list[int]:
 
 
 def _write_samples(root: zarr.Group, jobs: list[tuple[int, int, int]], samples: Iterator[Tiles], *,
-                   tile_in: int) -> None:
-    """Create the set's arrays in ``root`` and write sample ``n`` of each job ``(n, z, k)``."""
+                   tile_in: int | tuple[int, int, int]) -> None:
+    """Create the set's arrays in ``root`` and write sample ``n`` of each job ``(n, z, k)`` (a volume
+    set: ``(n, volume, k)``, ``tile_in`` its (Z, H, W) tile)."""
     n = len(jobs)
-    shape, chunks = (n, tile_in, tile_in), (1, tile_in, tile_in)
+    tile = (tile_in, tile_in) if isinstance(tile_in, int) else tuple(tile_in)
+    shape, chunks = (n, *tile), (1, *tile)
+    names = ("n", "y", "x") if len(tile) == 2 else ("n", "z", "y", "x")
     arrays = {
-        name: create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=("n", "y", "x"))
+        name: create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=names)
         for name, dtype in (("image", np.float32), ("classes", np.uint8), ("weights", np.float32),
                             ("instances", np.int32))
     }
@@ -467,3 +507,253 @@ def drawn_transforms(
                        tile_shape=(tile_in, tile_in), out_shape=(tile_out, tile_out))
         for z, k in samples
     ]
+
+
+# --------------------------------------------------------------------------------------
+# volumes (a 3-D network, issue 36)
+# --------------------------------------------------------------------------------------
+#: Default network output extent along z of a 3-D sample, slices (rounded up to a valid size).
+TILE_OUT_Z = 8
+#: Spawn key of a stack's volume in :func:`rng_for`: sample k of a 3-D set draws from (seed, 0, k).
+VOLUME_KEY = 0
+#: Trilinear taps reach floor(p) .. floor(p) + 1; one more for rounding.
+VOLUME_SUPPORT = 2
+
+
+@dataclass(frozen=True)
+class VolumeRecipe:
+    """How deformed (Z, Y, X) instances become classes and w(x), distances in µm.
+
+    The weights store's recipe (class weights, w0, tolerance, separation) with the border term
+    of :func:`unet_core.weights.maps.weight_map_3d`: 6-connected separation surfaces, d1 and d2
+    measured in µm with the stack's voxel size. ``sigma_um`` is the store's where it records
+    one (a 3-D weights stage), else its ``sigma_px`` times the finer in-plane voxel size (the
+    2-D decay length in µm).
+
+    Attributes:
+        recipe: the weights store's recipe.
+        params: the border term's parameters in µm.
+        spacing_um: (dz, dy, dx) voxel size, µm.
+    """
+
+    recipe: WeightRecipe
+    params: VolumeWeightParams
+    spacing_um: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, source: Source, spacing_um: tuple[float, float, float]) -> VolumeRecipe:
+        recipe = source.recipe
+        recorded = zarr.open_group(source.weights_path, mode="r").attrs.get("unet", {}).get("sigma_um")
+        sigma_um = float(recorded) if recorded is not None else recipe.params.sigma_px * min(spacing_um[1:])
+        p = recipe.params
+        params = VolumeWeightParams(sigma_um=sigma_um, w0=p.w0, tolerance=p.tolerance,
+                                    border_pixels=p.border_pixels, method=p.method)
+        return cls(recipe, params, spacing_um)
+
+    def apply(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Z, Y, X) int32 instances -> classes (Z, Y, X) uint8 and w(x) (Z, Y, X) float32."""
+        classes = class_map_3d(instances, separate_touching=self.recipe.separate_touching)
+        weights = weight_map_3d(instances, classes, class_weights=self.recipe.class_weights, params=self.params,
+                                spacing_um=self.spacing_um)
+        return classes.astype(np.uint8, copy=False), weights.astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.recipe.to_dict(), "sigma_um": self.params.sigma_um, "spacing_um": list(self.spacing_um),
+                "separation": "6-connected (class_map_3d)", "distances": "µm (weight_map_3d)"}
+
+
+def volume_tile_shapes(spec: UNetSpec, tile_out: int, tile_out_z: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input, output) (Z, H, W) tile of a 3-D network for an output of ``tile_out_z`` x ``tile_out``
+    x ``tile_out`` voxels (``tile_out_z`` None: the smallest valid z output >= :data:`TILE_OUT_Z`).
+
+    Raises:
+        UserInputError: no valid input gives that output (names the nearest valid ones).
+    """
+    axis = spec.z_axis
+    out_z = axis.valid_output_size_at_least(TILE_OUT_Z) if tile_out_z is None else int(tile_out_z)
+    try:
+        in_z = axis.input_size(out_z, what=f"U-Net of depth {spec.depth} along z")
+    except ValueError as err:
+        raise UserInputError(f"--tile-out-z {out_z}: {err}") from None
+    tile_in, tile_out = tile_shapes(spec, tile_out)
+    return (in_z, tile_in, tile_in), (out_z, tile_out, tile_out)
+
+
+def volume_source_region(transform: VolumeDeformation, tile_shape: Sequence[int]) -> Box:
+    """(Z, Y, X) box of source voxels that sampling ``transform`` touches, with the trilinear support."""
+    coords = relative_coordinates([transform], tile_shape)[0]  # (3, Z, H, W), voxels from the origin
+    axes = tuple(range(1, coords.ndim))
+    lo = coords.min(axis=axes) + np.asarray(transform.origin) - VOLUME_SUPPORT
+    hi = coords.max(axis=axes) + np.asarray(transform.origin) + VOLUME_SUPPORT
+    if not np.abs([lo, hi]).max() < 2**31:
+        raise ConfigError("augment sigma: displacements reach beyond any volume; use a displacement of the order "
+                          "of the cell size")
+    start = np.floor(lo).astype(int)
+    stop = np.ceil(hi).astype(int) + 1
+    return Box(tuple(int(v) for v in start), tuple(int(v) for v in stop - start))
+
+
+def normalised_region(source: Source, region: Box) -> np.ndarray:
+    """(Z, Y, X) float32 of ``region`` (mirrored beyond the stack), each slice normalised with the
+    scaling of the slice it mirrors (as the engine normalises a 3-D block)."""
+    raw = read_mirrored(source.stack.image, region.offset, region.end)
+    slices = mirror_index(np.arange(region.offset[0], region.end[0]), source.stack.shape[0])
+    return np.stack([normalize(plane, source.scaling(int(z))) for plane, z in zip(raw, slices)])
+
+
+def draw_volume_sample(source: Source, k: int, *, seed: int, params: DeformParams, recipe: VolumeRecipe,
+                       tile_in: Sequence[int], tile_out: Sequence[int], sigma_um: float | None = None) -> VolumeDeformation:
+    """The transform of sample ``k`` of the stack's volume: drawn from ``rng_for(seed, VOLUME_KEY, k)``."""
+    return draw_volume_transform(rng_for(seed, VOLUME_KEY, k), params=params, spacing_um=recipe.spacing_um,
+                                 source_shape=source.stack.shape, tile_shape=tile_in, out_shape=tile_out,
+                                 sigma_um=sigma_um)
+
+
+def make_volume_sample(
+    source: Source,
+    k: int,
+    *,
+    seed: int,
+    params: DeformParams,
+    recipe: VolumeRecipe,
+    tile_in: Sequence[int],
+    tile_out: Sequence[int],
+    sigma_um: float | None = None,
+    device: torch.device | str = "cpu",
+) -> Tiles:
+    """Sample ``k`` of the stack's volume: a pure function of (stack, weights, seed, k, settings).
+
+    The image is resampled trilinearly, the instances by nearest neighbour with the same grid
+    (:func:`unet_core.augment.elastic.deform`), from the mirrored source region the sample reads;
+    classes and w(x) are recomputed from the deformed instances (:class:`VolumeRecipe`).
+
+    Returns:
+        :class:`Tiles` with (1, Z, H, W) arrays.
+    """
+    transform = draw_volume_sample(source, k, seed=seed, params=params, recipe=recipe, tile_in=tile_in,
+                                   tile_out=tile_out, sigma_um=sigma_um)
+    region = volume_source_region(transform, tile_in)
+    image = normalised_region(source, region)
+    instances = read_mirrored(source.instances, region.offset, region.end).astype(np.int32, copy=False)
+    local = replace(transform, origin=tuple(o - r for o, r in zip(transform.origin, region.offset)))
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    lab = torch.from_numpy(np.ascontiguousarray(instances))[None].to(device)
+    warped, labels = deform(img, lab, [local], tile_shape=tuple(tile_in))
+    image_np = warped[:, 0].cpu().numpy().astype(np.float32, copy=False)
+    if not np.isfinite(image_np).all():
+        raise ConfigError(f"augmentation settings ({params.describe()}) give grey values of NaN or Inf; "
+                          "use smaller augment.brightness, contrast or sigma")
+    inst_np = labels.cpu().numpy().astype(np.int32, copy=False)
+    classes, weights = recipe.apply(inst_np[0])
+    return Tiles(image_np, classes[None], weights[None], inst_np)
+
+
+def check_volume_stack(stack: Stack, *, what: str) -> tuple[float, float, float]:
+    """The voxel size (dz, dy, dx), µm, of a stack a 3-D network uses, or a one-line refusal
+    (the one check of augment's and training's volumes).
+
+    Args:
+        what: how the stack entered, for the message (``"--val"``, ``"stack"``).
+
+    Raises:
+        UserInputError: a single-slice stack (no z to convolve), or a stack whose voxel size was
+            not given at ingest (``Stack.voxel_size_given`` False: 1 µm stood in).
+    """
+    if stack.shape[0] < 2:
+        raise UserInputError(f"{what} {stack.path}: a single slice ({'x'.join(map(str, stack.shape))}); --dims 3 "
+                             "needs volumes of several slices (use --dims 2 for single slices)")
+    if getattr(stack, "voxel_size_given", None) is False:
+        raise UserInputError(f"{what} {stack.path}: its voxel size was not given at ingest (1 µm was assumed); "
+                             "--dims 3 measures in µm: ingest it again with its voxel size (--voxel-size-um)")
+    return tuple(float(v) for v in stack.scale)  # type: ignore[return-value]
+
+
+def check_volume_source(source: Source, tile_out: Sequence[int]) -> tuple[float, float, float]:
+    """:func:`check_volume_stack` of the source stack, and its volume holds the (z, y, x) output window.
+
+    Raises:
+        UserInputError: as :func:`check_volume_stack`, or a volume smaller than the output window.
+    """
+    spacing = check_volume_stack(source.stack, what="stack")
+    stack = source.stack
+    if any(o > n for o, n in zip(tile_out, stack.shape)):
+        raise UserInputError(f"--tile-out/--tile-out-z: the {'x'.join(map(str, tile_out))} output window (z, y, x) "
+                             f"is larger than the {'x'.join(map(str, stack.shape))} volume {stack.path}; "
+                             "choose smaller output tiles")
+    return spacing
+
+
+def augment_volume(
+    source: Source,
+    out_path: str | os.PathLike[str],
+    *,
+    samples: int,
+    tile_out: int,
+    tile_out_z: int | None,
+    seed: int,
+    spec: UNetSpec,
+    params: DeformParams,
+    device: torch.device | str = "cpu",
+    workers: int = 1,
+    sigma_um: float | None = None,
+) -> Path:
+    """Write ``samples`` deformed (Z, H, W) tiles of one stack's volume for a 3-D ``spec``, atomically.
+
+    The set's layout is the module docstring's with a z axis: image/classes/weights/instances
+    (N, Z, H, W), ``source`` (N, 2) = (volume 0, k); ``attrs["unet"]`` adds ``dims: 3``,
+    ``tile_in``/``tile_out`` as (z, y, x) lists and ``voxel_size_um``, which training stores in
+    model.pt. Sample k depends only on (seed, k) and the inputs, not on ``workers``.
+    (Called by :func:`augment`, which has claimed the outputs and checked the counts.)
+    """
+    tile_in, tile_out_zyx = volume_tile_shapes(spec, tile_out, tile_out_z)
+    spacing = check_volume_source(source, tile_out_zyx)
+    recipe = VolumeRecipe.of(source, spacing)
+    jobs = [(k, VOLUME_KEY, k) for k in range(samples)]
+    log.info("%d samples of %s voxels (output %s) from %s at %s µm", samples, "x".join(map(str, tile_in)),
+             "x".join(map(str, tile_out_zyx)), source.stack.path, spacing)
+
+    def make(job: tuple[int, int, int]) -> Tiles:
+        return make_volume_sample(source, job[2], seed=seed, params=params, recipe=recipe, tile_in=tile_in,
+                                  tile_out=tile_out_zyx, sigma_um=sigma_um, device=device)
+
+    out_path = Path(out_path)
+    with atomic_output_with_companions(out_path, own=AUGMENT_MARK) as (tmp, _):
+        root = zarr.open_group(tmp, mode="w")
+        _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
+        root.attrs.update({"unet": volume_provenance(source, seed=seed, params=params, spec=spec, tile_in=tile_in,
+                                                     tile_out=tile_out_zyx, samples=samples, recipe=recipe,
+                                                     sigma_um=sigma_um)})
+    return out_path
+
+
+def volume_provenance(
+    source: Source, *, seed: int, params: DeformParams, spec: UNetSpec, tile_in: Sequence[int],
+    tile_out: Sequence[int], samples: int, recipe: VolumeRecipe, sigma_um: float | None,
+) -> dict[str, Any]:
+    """``attrs["unet"]`` of a 3-D set (no timestamps: same inputs, same bytes)."""
+    return {
+        "format": FORMAT,
+        "stage": "augment",
+        "version": __version__,
+        "code_hash": code_hash("augment"),
+        "dims": 3,
+        "seed": int(seed),
+        "rng": f"numpy PCG64(SeedSequence(seed, spawn_key=({VOLUME_KEY}, k)))",
+        "samples_per_volume": int(samples),
+        "tile_in": [int(v) for v in tile_in],
+        "tile_out": [int(v) for v in tile_out],
+        "context": [int(a.context) for a in spec.axes],
+        "voxel_size_um": list(recipe.spacing_um),
+        "model": spec.to_dict(),
+        "deformation": params.to_dict(),
+        "sigma_um": float(params.sigma_px * min(recipe.spacing_um[1:]) if sigma_um is None else sigma_um),
+        "displacement_upsampling": "Keys cubic convolution a=-0.5 per axis, on a coarse grid in µm",
+        "interpolation": "trilinear (image), nearest neighbour (labels)",
+        "border": "mirror about the border voxel centre (numpy 'reflect')",
+        "weights": "recomputed from the deformed instances (unet_core.weights.maps.class_map_3d/weight_map_3d)",
+        "weight_recipe": recipe.to_dict(),
+        "intensity_normalisation": source.normalisation.value,
+        "intensity": source.stack.intensity.to_dict(),
+        "source": {"stack": str(source.stack.path), "weights": str(source.weights_path),
+                   "stack_attrs": {k: source.stack.attrs[k] for k in ("name", "sha256") if k in source.stack.attrs}},
+    }
