@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from unet_core.cli.common import existing_path, positive_int
+from unet_core.cli.common import existing_path, finite_float, positive_int
 from unet_core.common.slices import parse_slices
+from unet_core.infer.slice_linking import LINK_MIN_IOU
 
 
 def _thresholds(text: str) -> list[float]:
@@ -27,6 +28,13 @@ def _thresholds(text: str) -> list[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"thresholds must lie in [0, 1], got {text!r}")
     return values
+
+
+def _dims(text: str) -> int:
+    """``2`` or ``3``."""
+    if text.strip() not in ("2", "3"):
+        raise argparse.ArgumentTypeError(f"expected 2 or 3, got {text!r}")
+    return int(text)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +76,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-by", default="adapted_rand_error",
                    help="per-slice score that ranks slices for overlays.png (default adapted_rand_error; "
                         "any metrics.csv column, e.g. pixel_error, rand_error_fg, foreground_iou)")
+    g = p.add_argument_group("3-D objects (volumes)")
+    g.add_argument("--dims", type=_dims, default=None,
+                   help="3: also score 3-D objects over the scored slices (one contiguous run of at least 2): "
+                        "object precision/recall/F1 and SEG of (z, y, x) objects, an id being one cell across "
+                        "its slices (names ending in _3d in metrics.json and the log; the per-slice scores keep "
+                        "their names; metrics.csv and overlays.png stay per slice). The stack's instance ids must "
+                        "each be one 6-connected piece (ids restarting on every slice are refused). 2: per slice "
+                        "only. Default: the prediction's record (a 3-D merge writes dims 3), else 2")
+    g.add_argument("--link-slices", action="store_true",
+                   help="with --dims 3: also link the per-slice 2-D instances of a 2-D prediction (its "
+                        "labels/instances, else the per-slice components of the argmax) into 3-D ids by mutual "
+                        "best IoU between consecutive slices and score them as 3-D objects (*_linked_3d): the "
+                        "2-D per-slice mode with linking, to compare with the 3-D mode")
+    g.add_argument("--link-min-iou", type=finite_float, default=LINK_MIN_IOU,
+                   help="IoU above which --link-slices joins two footprints in consecutive slices, in [0, 1) "
+                        f"(default {LINK_MIN_IOU}, as Cellpose's stitch3D)")
     p.set_defaults(func=run)
 
 
@@ -88,4 +112,7 @@ def run(args: argparse.Namespace) -> None:
         warping=args.warping,
         overlay_count=args.overlays,
         rank_by=args.rank_by,
+        dims=args.dims,
+        link_slices=args.link_slices,
+        link_min_iou=args.link_min_iou,
     )

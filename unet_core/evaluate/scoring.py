@@ -20,6 +20,14 @@ the threshold-swept scores (the ISBI 2012 way) threshold P(cell) and report the 
 threshold, chosen per slice for the per-slice rows and once for the whole dataset for
 the dataset row. The predicted objects are the connected components of the predicted cell
 class in each 2-D slice (the stored ``labels/instances`` may be merged in 3-D).
+
+3-D objects (``dims=3``; ``unet evaluate --dims 3``, the default where the prediction records
+``attrs["unet"]["dims"] = 3``): the per-slice scores above stay as they are, and the dataset
+entry gains the scores of (Z, Y, X) objects over the chosen slices (one contiguous run of at
+least 2), every name ending in ``_3d`` (:mod:`unet_core.evaluate.volume_scores`); with
+``link_slices`` also those of the per-slice instances linked into 3-D ids (``*_linked_3d``).
+metrics.csv and overlays.png stay per slice. Instance ids that lie in several 6-connected pieces
+(ids restarting on every slice) are refused: they are not 3-D objects.
 """
 
 from __future__ import annotations
@@ -47,9 +55,17 @@ from unet_core.evaluate.object_matching import ObjectCounts, match_objects, trut
 from unet_core.evaluate.pixel_scores import BinaryCounts, class_dice, class_iou, confusion_matrix, threshold_counts
 from unet_core.evaluate.rand_scores import PairCounts, rand_pair_counts, rand_sweep
 from unet_core.evaluate.score_inputs import CELL, ISBI_THRESHOLDS, best_index, connected_components
+from unet_core.evaluate.volume_scores import (
+    DECISION_RULES_3D,
+    score_volume,
+    split_ids,
+    summarise_volume,
+    truth_volume,
+)
 from unet_core.evaluate.warping_error import warping_sweep
 from unet_core.evaluate.plot import OverlayPanel, plot_overlays
 from unet_core.infer.encoding import ProbabilityEncoding
+from unet_core.infer.slice_linking import LINK_MIN_IOU, link_slices
 from unet_core.io.ngff import Stack, open_group, open_stack, recorded_intensity
 from unet_core.weights.maps import class_map, instances_from_labels
 
@@ -428,6 +444,105 @@ def evaluate_arrays(
     return rows, dataset
 
 
+# ---------------------------------------------------------------------------------------
+# 3-D objects (--dims 3)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VolumeMode:
+    """What ``--dims 3`` scores: the slices ``z0 .. z0 + Z - 1`` as one volume.
+
+    Attributes:
+        z0: first scored slice of the stack.
+        truth: (Z, Y, X) int32 ground-truth 3-D objects (:func:`truth_volume`).
+        link_min_iou: IoU a slice link needs; None: no ``--link-slices`` scores.
+    """
+
+    z0: int
+    truth: np.ndarray
+    link_min_iou: float | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        """The ``parameters`` entries of metrics.json that only 3-D scoring adds."""
+        out: dict[str, Any] = {"dims": 3, "volume_slices": [self.z0, self.z0 + self.truth.shape[0] - 1],
+                               "volume_connectivity": 6, "link_slices": self.link_min_iou is not None}
+        if self.link_min_iou is not None:
+            out["link_min_iou"] = self.link_min_iou
+        return out
+
+
+def _recorded_dims(prediction: Prediction) -> int | None:
+    dims = prediction.attrs.get("unet", {}).get("dims")
+    return None if dims is None else int(dims)
+
+
+def _volume_mode(prediction: Prediction, stack: Stack, slices: list[int], *, dims: int | None, link_slices: bool,
+                 link_min_iou: float, foreground_value: int | None) -> VolumeMode | None:
+    """Check the 3-D options and read the ground-truth objects (None in 2-D): every refusal comes
+    before any slice is scored or any file written.
+
+    Raises:
+        UserInputError: dims not 2 or 3; linking without 3-D or on 3-D instances; a single slice, a
+            selection with gaps; instance ids in more than one 6-connected piece.
+    """
+    recorded = _recorded_dims(prediction)
+    dims = dims if dims is not None else (recorded or 2)
+    if dims not in (2, 3):
+        raise UserInputError(f"--dims must be 2 or 3, got {dims}")
+    if link_slices and dims != 3:
+        raise UserInputError("--link-slices scores per-slice instances linked into 3-D objects: add --dims 3")
+    if dims == 2:
+        return None
+    if link_slices and recorded == 3:
+        raise UserInputError(f"--link-slices: {prediction.path} holds 3-D instances already (attrs unet.dims 3); "
+                             "link the instances of a 2-D prediction")
+    if not 0.0 <= link_min_iou < 1.0:
+        raise UserInputError(f"--link-min-iou must be in [0, 1), got {link_min_iou}")
+    if stack.shape[0] < 2 or len(slices) < 2:
+        what = f"{stack.path} has a single slice" if stack.shape[0] < 2 else "--slices selects a single slice"
+        raise UserInputError(f"--dims 3: {what}; 3-D objects need a volume (score it per slice with --dims 2)")
+    z0 = slices[0]
+    if slices != list(range(z0, z0 + len(slices))):
+        run = f"{z0}-{z0 + len(slices) - 1}"
+        raise UserInputError(f"--dims 3: --slices must be one contiguous ascending run (e.g. {run}) to score 3-D objects")
+    labels = np.asarray(stack.labels[z0:z0 + len(slices)])
+    if stack.label_kind is LabelKind.INSTANCE and (split := split_ids(labels)):
+        (first, pieces), n = split[0], len(split)
+        raise UserInputError(
+            f"--dims 3: {stack.path}: label id {first} lies in {pieces} separate 6-connected pieces ({n} id(s) so "
+            "split): ids that restart on every slice are 2-D labels, not 3-D objects; score per slice (--dims 2) "
+            "or relabel the cells in 3-D"
+        )
+    truth = truth_volume(labels, label_kind=stack.label_kind, foreground_value=foreground_value)
+    return VolumeMode(z0=z0, truth=truth, link_min_iou=link_min_iou if link_slices else None)
+
+
+def score_prediction_volume(prediction: Prediction, mode: VolumeMode, *, connectivity: int = 4) -> dict[str, Any]:
+    """The ``*_3d`` scores of the prediction over ``mode``'s slices (:func:`score_volume`).
+
+    Reads P(cell), the argmax and the instances of the slices into memory (about 9 bytes per
+    voxel beside the ground truth's 4). ``connectivity`` (4 or 8) makes the per-slice components
+    that ``--link-slices`` links where the prediction stores no instances.
+    """
+    shape = mode.truth.shape
+    cell_probability = np.empty(shape, np.float32)
+    pred_classes = np.empty(shape, np.uint8)
+    for k in range(shape[0]):
+        cell_probability[k], pred_classes[k] = prediction.slice(mode.z0 + k)
+    stored = None
+    if prediction.instances is not None:
+        stored = np.asarray(prediction.instances[mode.z0:mode.z0 + shape[0]])
+        if mode.link_min_iou is None and _recorded_dims(prediction) != 3:
+            log.warning("%s does not record dims 3: if its instance ids are per slice (a 2-D merge), every slice "
+                        "of a cell scores as an object of its own; --link-slices links them", prediction.path)
+    linked = None
+    if mode.link_min_iou is not None:
+        per_slice = stored if stored is not None else np.stack(
+            [connected_components(c == CELL, connectivity=connectivity) for c in pred_classes])
+        linked = link_slices(per_slice, min_iou=mode.link_min_iou)
+    counts = score_volume(cell_probability, pred_classes, mode.truth, pred_instances=stored, linked_instances=linked)
+    return summarise_volume(counts)
+
+
 def _csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -473,6 +588,9 @@ def evaluate(
     warping: bool = True,
     overlay_count: int = 2,
     rank_by: str = "adapted_rand_error",
+    dims: int | None = None,
+    link_slices: bool = False,
+    link_min_iou: float = LINK_MIN_IOU,
 ) -> dict[str, Any]:
     """Score a prediction against its stack's ground truth and write the report files.
 
@@ -486,6 +604,13 @@ def evaluate(
         warping: compute the warping error.
         overlay_count: worst and best slices each shown in ``overlays.png``.
         rank_by: per-slice score that ranks slices for the figure.
+        dims: 3 adds the scores of 3-D objects (names ending in ``_3d``,
+            :mod:`~unet_core.evaluate.volume_scores`) over the chosen slices, which must be a
+            contiguous run of at least 2; 2 scores per slice only. None: the prediction's record
+            (``attrs["unet"]["dims"]``, written by a 3-D merge), else 2.
+        link_slices: with ``dims=3``, also score the per-slice 2-D instances of a 2-D prediction
+            linked into 3-D ids (:func:`~unet_core.infer.slice_linking.link_slices`).
+        link_min_iou: the IoU a link needs, in [0, 1).
 
     Returns:
         The dataset scores (the ``dataset`` entry of ``metrics.json``).
@@ -499,26 +624,44 @@ def evaluate(
     thresholds = [float(t) for t in thresholds]
     _check_options(chosen, thresholds, connectivity=connectivity, overlay_count=overlay_count)
     fg_value = stack.binary_foreground(chosen)
+    volume = _volume_mode(prediction, stack, chosen, dims=dims, link_slices=link_slices, link_min_iou=link_min_iou,
+                          foreground_value=fg_value)
     rows, dataset = evaluate_arrays(
         prediction, stack, slices=chosen, thresholds=thresholds, connectivity=connectivity, warping=warping,
         foreground_value=fg_value,
     )
+    if volume is not None:
+        dataset.update(score_prediction_volume(prediction, volume, connectivity=connectivity))
     worst, best = rank_slices(rows, by=rank_by, count=overlay_count)
-    report = {
+    report = _report(prediction_path, stack_path, prediction, stack, dataset, rows, volume, parameters={
+        "slices": chosen, "thresholds": thresholds, "connectivity": connectivity, "warping": warping,
+    }, rank_by=rank_by)
+    panels = [
+        _overlay_panel(prediction, stack, rows[i], tag, foreground_value=fg_value, connectivity=connectivity)
+        for tag, picks in (("worst", worst), ("best", best)) for i in picks
+    ]
+    _write_report(Path(out_dir), report, rows, panels, rank_by=rank_by)
+    _log_summary(len(chosen), dataset, out_dir)
+    return dataset
+
+
+def _report(prediction_path: str | os.PathLike[str], stack_path: str | os.PathLike[str], prediction: Prediction,
+            stack: Stack, dataset: dict[str, Any], rows: list[dict[str, Any]], volume: VolumeMode | None, *,
+            parameters: dict[str, Any], rank_by: str) -> dict[str, Any]:
+    """The content of metrics.json (3-D entries only where ``volume`` was scored)."""
+    return {
         "format": METRICS_FORMAT,
         "dataset": dataset,
         "slices": rows,
-        "decision_rules": DECISION_RULES,
+        "decision_rules": DECISION_RULES if volume is None else {**DECISION_RULES, **DECISION_RULES_3D},
         "parameters": {
-            "slices": chosen,
-            "thresholds": thresholds,
-            "connectivity": connectivity,
-            "warping": warping,
+            **parameters,
             "label_kind": stack.label_kind.value,
             "n_classes": prediction.n_classes,
             "dataset_pooling": "counts summed over slices, then the formula; swept scores pick one threshold "
                                "for the dataset",
             "rank_by": rank_by,
+            **({} if volume is None else volume.parameters()),
         },
         "provenance": {
             "prediction": str(Path(prediction_path).resolve()),
@@ -527,20 +670,28 @@ def evaluate(
             "tool": f"unet-pipeline {__version__}",
         },
     }
-    panels = [
-        _overlay_panel(prediction, stack, rows[i], tag, foreground_value=fg_value, connectivity=connectivity)
-        for tag, picks in (("worst", worst), ("best", best)) for i in picks
-    ]
-    _write_report(Path(out_dir), report, rows, panels, rank_by=rank_by)
+
+
+def _log_summary(n_slices: int, dataset: dict[str, Any], out_dir: str | os.PathLike[str]) -> None:
+    """The run's scores in two log lines (the second, 3-D objects, only where scored)."""
     log.info(
         "%d slices: pixel error %.4f (argmax), foreground Rand error %.4f (threshold %.1f), instances: adapted Rand "
         "%.4f, object F1 %.4f, SEG %.4f (components of the argmax: %.4f / %.4f; the same foreground split "
         "as the ground truth: SEG %.4f), foreground IoU %.4f -> %s",
-        len(chosen), dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
+        n_slices, dataset["pixel_error"], dataset["rand_error_fg"], dataset["rand_threshold"],
         dataset["adapted_rand_error"], dataset["object_f1"], dataset["seg"], dataset["adapted_rand_error_components"],
         dataset["object_f1_components"], dataset["seg_truth_split"], dataset["foreground_iou"], out_dir,
     )
-    return dataset
+    if "object_f1_3d" in dataset:
+        linked = (f"; per-slice instances linked: object F1 {dataset['object_f1_linked_3d']:.4f}, "
+                  f"SEG {dataset['seg_linked_3d']:.4f}" if "object_f1_linked_3d" in dataset else "")
+        log.info(
+            "3-D objects (%d true, %d predicted): object F1 %.4f, SEG %.4f (per slice: %.4f / %.4f; 3-D components "
+            "of the argmax: %.4f / %.4f; the same foreground split as the ground truth: SEG %.4f)%s",
+            dataset["n_true_objects_3d"], dataset["n_pred_objects_3d"], dataset["object_f1_3d"], dataset["seg_3d"],
+            dataset["object_f1"], dataset["seg"], dataset["object_f1_components_3d"], dataset["seg_components_3d"],
+            dataset["seg_truth_split_3d"], linked,
+        )
 
 
 def _open_inputs(prediction_path: str | os.PathLike[str], stack_path: str | os.PathLike[str]) -> tuple[Stack, Prediction]:
