@@ -128,16 +128,16 @@ def test_axis_geometry_alone() -> None:
 
 
 def test_stages_that_run_2d_models_only_refuse_a_3d_model_in_one_line(tmp_path, capsys) -> None:
-    """unet predict (either backend) and unet export-bioimageio: exit 2, one line naming the file,
-    nothing written (issue 36, item 9, until the stages run volumes)."""
+    """unet predict with --backend onnxruntime and unet export-bioimageio: exit 2, one line naming the
+    file, nothing written (issue 36, item 9; unet predict on torch runs 3-D models:
+    tests/unit/test_predict_3d.py)."""
     from test_bioimageio_export import write_stack
     from unet_core.cli import main
 
     stack = write_stack(tmp_path / "s.ome.zarr", np.zeros((4, 40, 40), np.uint8))
     model = tmp_path / "m3d.pt"
     save_model(model, UNet(UNetSpec(depth=1, base_channels=2, dims=3, pool_z=(1,), dropout=0.0)))
-    for args in (["predict", str(stack), str(model), str(tmp_path / "part")],
-                 ["predict", str(stack), str(model), str(tmp_path / "part"), "--backend", "onnxruntime"],
+    for args in (["predict", str(stack), str(model), str(tmp_path / "part"), "--backend", "onnxruntime"],
                  ["export-bioimageio", str(model), str(tmp_path / "pkg.zip"), "--sample", str(stack)]):
         capsys.readouterr()
         assert main(["-q", *args]) == 2

@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Overlap-tile inference (Ronneberger et al. 2015): each output tile is predicted from "
             "an input tile grown by the network's context, mirrored at the image border; tile "
             "origins are multiples of 2**depth, so the result equals one pass over the whole "
-            "mirror-padded image. The stack is cut into chunk-aligned blocks; job I of N predicts "
+            "mirror-padded image. A 3-D model (model.dims 3) predicts (Z, Y, X) tiles the same way, "
+            "mirrored along z too, in blocks of --block-z slices (test-time augmentation flips and rotates "
+            "in the plane only; torch backend only). The stack is cut into chunk-aligned blocks; job I of N predicts "
             "its contiguous share and writes it to its own part store OUT_PART (resumable: a "
             "rerun redoes only unfinished blocks). Combine all parts with 'unet merge'."
         ),
@@ -53,6 +55,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="largest output tile per network pass in px, a multiple of 2**depth; larger = "
                         f"less overlap FLOPs, more memory (default {_d('tile_out')}: 1.13x the ideal FLOPs for the "
                         "paper's net)")
+    p.add_argument("--block-z", type=positive_int, default=_d("block_z"), metavar="SLICES",
+                   help="3-D models only (model.dims 3): slices per block, a multiple of the network's z stride (the "
+                        "product of its z pooling); also the output z chunk. Default: the stack's z chunk rounded up "
+                        "to a multiple of the z stride. Refused for a 2-D model, which predicts one slice at a time")
+    p.add_argument("--tile-z", type=positive_int, default=_d("tile_z"), metavar="SLICES",
+                   help="3-D models only: largest output tile extent along z per network pass, slices, a multiple of "
+                        "the z stride; larger = less z context recomputed, more memory (default: --block-z)")
     p.add_argument("--batch", type=positive_int, default=_d("batch"),
                    help=f"tiles per network pass (default: {DEFAULT_BATCH['cpu']} on the CPU, {DEFAULT_BATCH['cuda']} "
                         "on a GPU); memory grows with it")

@@ -6,10 +6,12 @@ A part store is a directory written by exactly one predict job (jobs never share
       part.json            manifest: format, geometry, model hash, settings (written first)
       probabilities/       Zarr v3 array (C, Z, Y, X) in the run's encoding (uint8 codes
                            round(255 p) by default; :mod:`unet_core.infer.encoding`), chunks
-                           (C, 1, B, B) = one chunk per block; only this job's blocks are stored
+                           (C, Bz, B, B) = one chunk per block (Bz = 1 for a 2-D model, the
+                           tiling's ``block_z`` slices for a 3-D one); only this job's blocks
+                           are stored
       segmentation/        Zarr v3 array uint8 (Z, Y, X): the argmax class, computed from the
-                           full-precision probabilities; chunks (1, B, B)
-      done/<z>.<by>.<bx>   per-block completion marker: an empty file created after the
+                           full-precision probabilities; chunks (Bz, B, B)
+      done/<bz>.<by>.<bx>  per-block completion marker: an empty file created after the
                            block's chunks are written (a killed job leaves no block that looks
                            finished; a rerun recomputes only blocks without a marker)
       COMPLETE             written last (atomically) with the job summary
@@ -27,7 +29,8 @@ replaced (it is predict's own output), anything else at the path is refused.
 
 The manifest's settings are everything a part's blocks depend on: a rerun reuses the blocks
 of a store only when its settings are equal, and merge accepts parts only when they agree on
-the settings of one run (:data:`RUN_KEYS`). This module is the only place that knows the
+the settings of one run (:data:`RUN_KEYS`; the tiling among them, with a 3-D model's z blocking,
+so parts blocked differently along z never merge together). This module is the only place that knows the
 layout; :mod:`unet_core.infer.predict` writes it and :mod:`unet_core.infer.merge` reads it.
 """
 
@@ -150,10 +153,10 @@ class PartStore:
             tmp.mkdir()
             root = zarr.open_group(tmp, mode="w")
             z, y, x = tiling.shape
-            b, c = tiling.block_px, tiling.spec.n_classes
-            create_array(root, PROBABILITIES, shape=(c, z, y, x), dtype=dtype, chunks=(c, 1, b, b),
+            b, bz, c = tiling.block_px, tiling.block_z, tiling.spec.n_classes  # one chunk per block
+            create_array(root, PROBABILITIES, shape=(c, z, y, x), dtype=dtype, chunks=(c, bz, b, b),
                          dimension_names=list("czyx"), compressors=fast_compressor())
-            create_array(root, SEGMENTATION, shape=(z, y, x), dtype=np.uint8, chunks=(1, b, b),
+            create_array(root, SEGMENTATION, shape=(z, y, x), dtype=np.uint8, chunks=(bz, b, b),
                          dimension_names=list("zyx"), compressors=fast_compressor())
             (tmp / DONE).mkdir()
             (tmp / MANIFEST).write_text(json.dumps(settings, indent=1, sort_keys=True))
@@ -196,7 +199,8 @@ class PartArrays:
     segmentation: zarr.Array
 
     def write(self, block: Block, probabilities: np.ndarray, segmentation: np.ndarray) -> None:
-        """Write one block: (C, 1, by, bx) encoded probabilities and (1, by, bx) uint8 classes."""
+        """Write one block: (C, bz, by, bx) encoded probabilities and (bz, by, bx) uint8 classes
+        (bz = 1 for a 2-D model)."""
         self.probabilities[(slice(None), *block.write.to_slices())] = probabilities
         self.segmentation[block.write.to_slices()] = segmentation
 

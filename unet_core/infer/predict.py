@@ -1,5 +1,8 @@
 """Overlap-tile inference, one job of a scatter: predict some blocks of a stack into a part store.
 
+A 2-D model predicts (1, B, B) blocks, slice by slice; a 3-D model (model.dims 3) predicts (Bz, B, B)
+blocks of several slices with their z halo (:func:`z_blocking` decides Bz).
+
 :func:`predict_job` reads only its blocks plus halo from the stack's Zarr array and writes
 them to its own *part store* (:mod:`unet_core.infer.part_store`), so jobs never write the same
 file; :func:`predict_plane` predicts an array in memory (notebooks, benchmarks, tests). Both
@@ -35,12 +38,13 @@ from unet_core.common.provenance import code_hash
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
 from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
-from unet_core.infer.predict_settings import Backend, PredictSettings
-from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, round_up
+from unet_core.infer.predict_settings import OPTIONS, Backend, PredictSettings
+from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, check_multiple_of_stride, round_up
 from unet_core.io.ngff import Stack, open_stack
 from unet_core.model.checkpoint import ModelExpectation, load_model
 from unet_core.model.decision import Decision
 from unet_core.model.package import PackageNetwork, is_package, load_predict_model
+from unet_core.model.spec import UNetSpec, check_voxel_size
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ def predict_plane(
     tta: TTA | str = TTA.NONE,
     offsets: np.ndarray | None = None,
     compile: bool = False,
+    block_z: int | None = None,
+    tile_z: int | None = None,
 ) -> np.ndarray:
     """Tiled prediction of a whole (Y, X) or (Z, Y, X) array in memory (for notebooks, benchmarks).
 
@@ -71,12 +77,17 @@ def predict_plane(
             from), a :class:`Scaling`, or a function ``z -> Scaling`` (per-slice modes).
         offsets: (C,) decision logit offsets (:mod:`unet_core.model.decision`), or None.
         compile: run the network through ``torch.compile`` (see :class:`Engine`).
+        block_z, tile_z: a 3-D model's block and tile extents along z, slices (multiples of its z
+            stride); None: the whole depth (rounded up to the z stride) in one block, tiles of the
+            block's depth. A 2-D model takes None only (one slice at a time).
 
     Returns:
         (n_classes, Z, Y, X) float32 probabilities (Z = 1 for a 2-D input).
     """
     vol = image[None] if image.ndim == 2 else image
-    tiling = Tiling(vol.shape, model.spec, block_px, tile_out)
+    if model.spec.dims == 3 and block_z is None:
+        block_z = round_up(vol.shape[0], model.spec.z_axis.stride)
+    tiling = Tiling(vol.shape, model.spec, block_px, tile_out, 1 if block_z is None else block_z, tile_z)
     dev = resolve_device(device)
     engine = Engine(model, tiling, stats=stats, device=dev, precision=resolve_precision(precision, dev),
                     batch=batch, tta=tta, offsets=offsets, encoding=ProbabilityEncoding.FLOAT32, compile=compile)
@@ -217,13 +228,11 @@ def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, 
                                              trust_torchscript=settings.trust_torchscript)
     else:
         model, metadata = load_model(model_path, expect=expect, digest=digest)
-    if model.spec.dims != 2:
-        raise UserInputError(f"{model_path}: a 3-D model (model.dims 3); unet predict runs 2-D models slice by slice, "
-                             "3-D prediction of stacks is not part of this version yet")
+    block_z, tile_z = z_blocking(st, model.spec, settings, metadata, model=model_path)
     scaler = st.scaler(checked_normalisation(metadata, settings.normalisation, model=model_path))
     corrected = settings.decision is Decision.CORRECTED
     offsets = (metadata.get("decision") or {}).get("logit_offsets") if corrected else None
-    tiling = Tiling(st.shape, model.spec, settings.block_px, settings.tile_out)
+    tiling = Tiling(st.shape, model.spec, settings.block_px, settings.tile_out, block_z, tile_z)
     tiling.check_jobs(jobs, option="--jobs")  # no job without a block of its own
     tiling.job_blocks(job, jobs)  # validates job
     model, dev, backend = backend_network(model, settings, job_device(settings.device, job))
@@ -232,6 +241,62 @@ def _prepare_run(stack_path: Path, model_path: Path, settings: PredictSettings, 
                     encoding=settings.probabilities, writers=WRITERS[dev.type], compile=settings.compile)
     settings_of_part = _part_settings(st, digest.hexdigest(), engine, job, jobs, metadata, offsets)
     return _Run(st, engine, settings_of_part | {"backend": backend, "cell_channel": settings.cell_channel})
+
+
+def z_blocking(st: Stack, spec: UNetSpec, settings: PredictSettings, metadata: dict[str, Any], *,
+               model: Path) -> tuple[int, int | None]:
+    """``(block_z, tile_z)`` of a job, in slices (:class:`Tiling`'s arguments), checked before any work.
+
+    A 2-D model predicts one slice at a time: ``(1, None)``, and ``--block-z``/``--tile-z`` are refused.
+    A 3-D model (model.dims 3) predicts (Z, Y, X) blocks of ``block_z`` slices: the settings' value, or
+    by default the stack's z chunk rounded up to a multiple of the network's z stride (the product
+    of its ``pool_z``: z tiles start on multiples of it, which keeps the tiled result equal to one pass
+    over the whole volume); ``tile_z`` None means ``block_z``. The stack must suit a 3-D model
+    (:func:`check_volume_input`).
+
+    Raises:
+        UserInputError: ``--block-z``/``--tile-z`` given for a 2-D model or not a multiple of the z
+            stride; what :func:`check_volume_input` refuses.
+    """
+    if spec.dims == 2:
+        for name in ("block_z", "tile_z"):
+            if (value := getattr(settings, name)) is not None:
+                raise UserInputError(f"{OPTIONS[name]} {value}: {model} is a 2-D model (model.dims 2), which predicts "
+                                     "one slice at a time; leave out --block-z and --tile-z (for 3-D models only)")
+        return 1, None
+    check_volume_input(st, settings, metadata, model=model)
+    block_z = settings.block_z
+    if block_z is None:
+        block_z = round_up(int(st.image.chunks[0]), spec.z_axis.stride)
+    check_multiple_of_stride(block_z, spec, what=OPTIONS["block_z"], z=True)
+    if settings.tile_z is not None:
+        check_multiple_of_stride(settings.tile_z, spec, what=OPTIONS["tile_z"], z=True)
+    return block_z, settings.tile_z
+
+
+def check_volume_input(st: Stack, settings: PredictSettings, metadata: dict[str, Any], *, model: Path) -> None:
+    """Refuse what a 3-D model cannot predict, in one line naming the file or option.
+
+    Raises:
+        UserInputError: ``--backend onnxruntime`` (2-D networks only); a single-slice stack; a stack
+            whose voxel size ingest was not given (:attr:`Stack.voxel_size_given`: the 1 µm that stood in
+            would be taken for the z spacing); a voxel size beyond
+            :data:`unet_core.model.spec.VOXEL_SIZE_TOLERANCE` of the one the model was trained at
+            (its metadata's ``voxel_size_um``; a model without it is not checked).
+    """
+    if settings.backend is Backend.ONNXRUNTIME:
+        raise UserInputError(f"{model}: a 3-D model (model.dims 3); --backend onnxruntime runs 2-D models only: "
+                             "use --backend torch")
+    if st.shape[0] < 2:
+        raise UserInputError(f"{st.path}: a single slice (Z = 1); {model} is a 3-D model (model.dims 3), which "
+                             "predicts volumes: give a stack of several slices or use a 2-D model")
+    if not st.voxel_size_given:
+        raise UserInputError(f"{st.path}: ingested without a voxel size (1 µm per axis stood in); {model} is a 3-D "
+                             "model (model.dims 3), which needs the stack's true z, y, x spacing: ingest it again "
+                             "with --voxel-size-um z,y,x (or from a TIFF that records it)")
+    trained = metadata.get("voxel_size_um")
+    check_voxel_size(tuple(float(v) for v in trained) if trained else None, tuple(st.scale),
+                     where=f"{st.path} (model {model})")
 
 
 def backend_network(model: torch.nn.Module, settings: PredictSettings,
@@ -321,9 +386,11 @@ def _run_job(run: _Run, store: PartStore, *, job: int, jobs: int) -> JobSummary:
     arrays = store.open_for_job(run.settings, engine.tiling, engine.encoding.dtype)
     mine = engine.tiling.job_blocks(job, jobs)
     todo = [b for b in mine if not store.is_done(b)]
-    log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px, tile %d px, FLOP overhead %.3fx, "
+    tiling = engine.tiling
+    block_z, tile_z = (f" x {tiling.block_z} slices", f" x {tiling.tile_z} slices") if tiling.volumes else ("", "")
+    log.info("job %d/%d: %d of %d blocks to do (%d already done), block %d px%s, tile %d px%s, FLOP overhead %.3fx, "
              "%s %s%s, batch %d, tta %s, probabilities %s, logit offsets %s", job, jobs, len(todo), len(mine),
-             len(mine) - len(todo), engine.tiling.block_px, engine.tiling.tile_out, engine.tiling.flops_overhead(),
+             len(mine) - len(todo), tiling.block_px, block_z, tiling.tile_out, tile_z, tiling.flops_overhead(),
              engine.device, engine.precision.value, " compiled" if engine.compile else "", engine.batch,
              engine.tta.value, engine.encoding.value, run.settings["logit_offsets"])
 

@@ -1,6 +1,6 @@
 """What ``unet predict`` is asked to do: one :class:`PredictSettings`, passed whole.
 
-Block and tile sizes, batch, device, precision, test-time augmentation, decision rule, storage of
+Block and tile sizes (in the plane, and along z for a 3-D model), batch, device, precision, test-time augmentation, decision rule, storage of
 the probabilities, compilation and the normalisation the caller expects. Every default is written
 here once (the CLI's options and the workflow's schema agree with it:
 tests/unit/test_settings_agreement.py), and every closed set is parsed into its enum once, here,
@@ -29,6 +29,7 @@ OPTIONS = {
     "precision": "--precision", "tta": "--tta", "decision": "--decision", "probabilities": "--probabilities",
     "compile": "--compile", "normalisation": "--normalisation", "backend": "--backend",
     "cell_channel": "--cell-channel", "trust_torchscript": "--trust-torchscript",
+    "block_z": "--block-z", "tile_z": "--tile-z",
 }
 
 
@@ -65,6 +66,13 @@ class PredictSettings:
             channel name); None: the only channel of a one-channel output. Unused for our own models.
         trust_torchscript: run a bioimage.io package's TorchScript weights (code) where it has no ONNX
             weights and no state dict of our architecture; off: such a package is refused.
+        block_z: slices per block of a 3-D model (model.dims 3), a multiple of its z stride (the
+            product of ``pool_z``); also the part store's z chunk. None: the stack's z chunk rounded
+            up to a multiple of the z stride (a block then reads whole chunks of a stack ingested
+            for 3-D, whose z chunk is such a multiple). Must stay None for a 2-D model.
+        tile_z: largest tile extent along z of a 3-D model, slices, a multiple of its z stride (the
+            network's output per pass along z; larger = less z context recomputed, more memory).
+            None: ``block_z``. Must stay None for a 2-D model.
     """
 
     block_px: int = BLOCK_PX
@@ -80,6 +88,8 @@ class PredictSettings:
     backend: Backend = Backend.TORCH
     cell_channel: str | None = None
     trust_torchscript: bool = False
+    block_z: int | None = None
+    tile_z: int | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("precision", Precision), ("tta", TTA), ("decision", Decision),
@@ -88,9 +98,9 @@ class PredictSettings:
         if self.normalisation is not None:
             object.__setattr__(self, "normalisation", parse_choice(Normalisation, self.normalisation,
                                                                    option="--normalisation"))
-        for name in ("block_px", "tile_out", "batch"):
+        for name in ("block_px", "tile_out", "batch", "block_z", "tile_z"):
             value = getattr(self, name)
-            if value is None and name == "batch":
+            if value is None and name in ("batch", "block_z", "tile_z"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{OPTIONS[name]} {value!r}: must be a positive integer")
