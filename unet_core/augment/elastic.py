@@ -463,9 +463,10 @@ def coarse_grid_shape(
     most ``grid`` per axis. Why not always ``grid``: neighbouring knots' vectors differ by about
     sigma * sqrt(2), so the strain grows as sigma / knot spacing, and the 3-knot parabola is
     2.5x steeper still at the tile's ends; 3 knots on a 32 x 128 x 128 tile at (2, 0.5, 0.5) µm
-    with sigma 5 µm (10 px in plane) fold the tile (Jacobian determinant <= 0) in about 45 % of
-    samples, 2 knots never did in our tests. In µm, so z (coarse voxels) gets as many knots as an
-    in-plane axis of the same physical length; a thin tile gets 2 (a field linear in z).
+    with sigma 5 µm (10 px in plane) fold the tile (Jacobian determinant <= 0) in 48 of 100
+    samples; with the 2 knots this rule gives, the smallest determinant of 100 samples was 0.46.
+    In µm, so z (coarse voxels) gets as many knots as an in-plane axis of the same physical
+    length; a thin tile gets 2 (a field linear in z).
 
     Args:
         tile_shape: (Z, H, W) of the tile, voxels.
