@@ -151,3 +151,10 @@ def test_volume_tiling_checks_z_sizes() -> None:
     assert tiling.grid == (2, 2, 2) and [b.write.shape for b in tiling.blocks()][-1] == (1, 8, 8)
     assert Tiling.from_dict(tiling.to_dict()) == tiling
     assert [t.shape for t in tiling.tiles(tiling.block((1, 0, 0)))] == [(2, 4, 4)] * 4
+
+
+def test_too_many_jobs_counts_z_blocks() -> None:
+    spec = UNetSpec(depth=2, base_channels=2, dims=3, pool_z=(1, 2))
+    with pytest.raises(Exception, match=r"--jobs 13 is more than the 12 block\(s\) of the stack: 2 z block\(s\) of "
+                                        r"4 slices for 7 x 3 x 2 blocks of 12 px for 29 x 23 px"):
+        Tiling((7, 29, 23), spec, 12, 8, 4).check_jobs(13, option="--jobs")

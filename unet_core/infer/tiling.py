@@ -308,8 +308,9 @@ class Tiling:
         n = self.n_blocks
         if jobs > n:
             z, gy, gx = self.grid
+            layers = f"{z} slice(s)" if not self.volumes else f"{z} z block(s) of {self.block_z} slices for {self.shape[0]}"
             raise UserInputError(
-                f"{option} {jobs} is more than the {n} block(s) of {of}: {z} slice(s) x {gy} x {gx} blocks of "
+                f"{option} {jobs} is more than the {n} block(s) of {of}: {layers} x {gy} x {gx} blocks of "
                 f"{self.block_px} px for {self.shape[1]} x {self.shape[2]} px; each job needs a block of its own, "
                 f"use at most {n}")
 
