@@ -42,7 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Every pass over pixels can run as K parallel pieces (--jobs K): without --step, all rounds "
             "run in this process; with --step STEP [--job k], one round (start; seeds, number-seeds for "
             "the watershed; cells; number-cells; write; finish), each piece a separate process or "
-            "cluster job. The output is byte-identical for any number of predict jobs and merge pieces."
+            "cluster job. The output is byte-identical for any number of predict jobs and merge pieces. "
+            "Parts of a 3-D network (model.dims 3) give 3-D cells: one id per cell across its slices, the "
+            "6-connected components of the cell class joined across block faces in z, y and x; the table of "
+            "cells then has a volume (voxels, um^3), a z centroid and z bounds; --min-object-px counts voxels "
+            "(give a number: auto is a 2-D area); the watershed is refused for them (not done in 3-D yet)."
         ),
     )
     p.add_argument("parts", nargs="+", metavar="PART", help="part stores of jobs 0..N-1, any order")
@@ -54,7 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="what the TIFF holds: segmentation (uint8 class), instances (uint32) or "
                         "cell-probability (float32, 0..1)")
     p.add_argument("--cells", default=None, metavar="CSV",
-                   help="also write a table of cells: id, z, area (px, um^2), centroid, bounding box, mean intensity")
+                   help="also write a table of cells: id, z, area (px, um^2), centroid, bounding box, mean intensity "
+                        "(3-D cells: id, volume (voxels, um^3), z/y/x centroid (px, um), z/y/x bounding box, mean "
+                        "intensity)")
     g = p.add_argument_group("instances")
     g.add_argument("--instances", choices=[m.value for m in InstanceMethod], default="components",
                    help="components (default): 4-connected components of the argmax cell class; watershed: "

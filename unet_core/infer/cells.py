@@ -6,6 +6,12 @@ unique over the stack and each lies in one slice)::
     id, z, area_px, area_um2, centroid_y_px, centroid_x_px, centroid_y_um, centroid_x_um,
     bbox_y0, bbox_x0, bbox_y1, bbox_x1, mean_intensity
 
+and for the 3-D cells of a 3-D network's parts (an instance spans slices; :data:`COLUMNS_3D`)::
+
+    id, volume_vox, volume_um3, centroid_z_px, centroid_y_px, centroid_x_px, centroid_z_um,
+    centroid_y_um, centroid_x_um, bbox_z0, bbox_y0, bbox_x0, bbox_z1, bbox_y1, bbox_x1,
+    mean_intensity
+
 Centroids are the mean pixel coordinates (pixel centres at integer positions); the bounding box
 is half-open in pixels; physical units come from the stack's voxel size (``unit`` per the
 stack's metadata, micrometres for stacks ingested from TIFF); the mean intensity is that of the
@@ -29,6 +35,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -53,8 +60,41 @@ COLUMNS = (
     "bbox_x1",
     "mean_intensity",
 )
+#: The columns of a table of 3-D cells (volumes in voxels and in the stack's unit cubed, µm³).
+COLUMNS_3D = (
+    "id",
+    "volume_vox",
+    "volume_um3",
+    "centroid_z_px",
+    "centroid_y_px",
+    "centroid_x_px",
+    "centroid_z_um",
+    "centroid_y_um",
+    "centroid_x_um",
+    "bbox_z0",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_z1",
+    "bbox_y1",
+    "bbox_x1",
+    "mean_intensity",
+)
+
+
+@dataclass(frozen=True)
+class _CellTableMark(CsvMark):
+    """A cell table of either layout: 2-D (``header``) or 3-D (``header_3d``)."""
+
+    header_3d: str = ""
+
+    def _carries_mark(self, path: Path) -> bool:
+        return super()._carries_mark(path) or CsvMark(self.header_3d, self.description)._carries_mark(path)
+
+
 #: A cell table is recognised (and may be replaced by the next merge) by its header row.
-CELLS_MARK = CsvMark(",".join(COLUMNS), "a cell table written by 'unet merge --cells'")
+CELLS_MARK = _CellTableMark(
+    ",".join(COLUMNS), "a cell table written by 'unet merge --cells'", header_3d=",".join(COLUMNS_3D)
+)
 #: One row of sums per (block, label value); ``flat`` is the block's index in C order.
 ROW_DTYPE = np.dtype(
     [
@@ -71,12 +111,18 @@ ROW_DTYPE = np.dtype(
         ("x1", "<i8"),
     ]
 )
+#: The rows of 3-D cells: those fields (``z`` the block's first slice) and the sum of z and the
+#: half-open z bounds (a 2-D merge's rows stay 88 bytes).
+ROW_DTYPE_3D = np.dtype(ROW_DTYPE.descr + [("sum_z", "<i8"), ("z0", "<i8"), ("z1", "<i8")])
 #: One row per cell (index = final id; row 0 unused): the row fields without the block and value.
 CELL_DTYPE = np.dtype([(name, ROW_DTYPE[name]) for name in ROW_DTYPE.names if name not in ("flat", "value")])
+CELL_DTYPE_3D = np.dtype(
+    [(name, ROW_DTYPE_3D[name]) for name in ROW_DTYPE_3D.names if name not in ("flat", "value")]
+)
 _LINES_PER_WRITE = 65536
-#: Rows read from a piece's row file at a time (88 bytes each).
+#: Rows read from a piece's row file at a time (88 bytes each; 112 for 3-D cells).
 ROWS_PER_READ = 1 << 20
-#: Cell ids combined per pass over the rows (the table of one pass: 72 bytes per id).
+#: Cell ids combined per pass over the rows (the table of one pass: 72 bytes per id; 96 in 3-D).
 IDS_PER_PASS = 1 << 21
 
 
@@ -115,6 +161,59 @@ def block_rows(
     for k, name in enumerate(("y0", "x0", "y1", "x1")):
         rows[name] += int(offset[k % 2])
     return rows
+
+
+def volume_rows(
+    flat: int,
+    offset: Sequence[int],
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    *,
+    n_fixed: int,
+    slots: np.ndarray,
+) -> np.ndarray:
+    """Rows of sums (:data:`ROW_DTYPE_3D`), one per label value, of a (Z, Y, X) block of 3-D labels.
+
+    Each slice's rows (:func:`block_rows`) combined by value: areas, coordinate sums and the
+    z, y, x bounds exact integers; intensity sums added in slice order (the same bits whatever
+    the pieces). ``z`` holds the block's first slice (3-D cells use ``sum_z``, ``z0``, ``z1``).
+
+    Args:
+        flat: the block's flat index.
+        offset: (z, y, x) of the block's first voxel in the stack.
+        labels: (Z, Y, X) label values (0 = background; ``<= n_fixed``: global ids).
+        image: (Z, Y, X) raw grey values of the same voxels, or None.
+        slots: as :func:`block_rows`.
+
+    Returns:
+        One row per value present, in increasing value order.
+    """
+    z0 = int(offset[0])
+    per_slice = [
+        block_rows(flat, z0 + dz, offset[1:], labels[dz], None if image is None else image[dz],
+                   n_fixed=n_fixed, slots=slots)
+        for dz in range(labels.shape[0])
+    ]
+    rows = np.concatenate(per_slice) if per_slice else np.zeros(0, ROW_DTYPE)
+    values, inverse = np.unique(rows["value"], return_inverse=True)
+    out = np.zeros(len(values), ROW_DTYPE_3D)
+    out["flat"], out["value"], out["z"] = flat, values, z0
+    np.add.at(out["sum_z"], inverse, rows["area"] * rows["z"])
+    for name in ("area", "sum_y", "sum_x", "sum_i"):
+        np.add.at(out[name], inverse, rows[name])
+    rows = _with_z_bounds(rows)
+    for name in ("y0", "x0", "z0"):
+        out[name] = np.iinfo(np.int64).max
+        np.minimum.at(out[name], inverse, rows[name])
+    for name in ("y1", "x1", "z1"):
+        np.maximum.at(out[name], inverse, rows[name])
+    return out
+
+
+def _with_z_bounds(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The fields of one-slice rows with their z bounds ``z0 = z``, ``z1 = z + 1``."""
+    fields = {name: rows[name] for name in rows.dtype.names}
+    return {**fields, "z0": rows["z"], "z1": rows["z"] + 1}
 
 
 def _compiled(fn):  # numba is imported on first use only (a dry run of the workflow needs none of it)
@@ -177,29 +276,31 @@ def _label_sums(labels, image, has_image, n_fixed, slots):  # pragma: no cover -
 
 
 class RowFile:
-    """The rows of one piece, appended block by block to an open binary file (raw
-    :data:`ROW_DTYPE` records, in block order); ``count`` rows so far."""
+    """The rows of one piece, appended block by block to an open binary file (raw ``dtype``
+    records: :data:`ROW_DTYPE`, or :data:`ROW_DTYPE_3D` for 3-D cells, in block order);
+    ``count`` rows so far."""
 
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh, self.count = fh, 0
+    def __init__(self, fh: BinaryIO, dtype: np.dtype = ROW_DTYPE) -> None:
+        self.fh, self.count, self.dtype = fh, 0, dtype
 
     def append(self, rows: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(rows, ROW_DTYPE).tobytes())
+        self.fh.write(np.ascontiguousarray(rows, self.dtype).tobytes())
         self.count += len(rows)
 
 
-def row_chunks(files: Sequence[tuple[Path, int]]) -> Iterator[np.ndarray]:
-    """The rows of ``(path, count)`` row files, in the order given, :data:`ROWS_PER_READ` at a time.
+def row_chunks(files: Sequence[tuple[Path, int]], dtype: np.dtype = ROW_DTYPE) -> Iterator[np.ndarray]:
+    """The rows (``dtype``) of ``(path, count)`` row files, in the order given,
+    :data:`ROWS_PER_READ` at a time.
 
     Raises:
         ValueError: a file whose size is not ``count`` rows (damaged or of another run).
     """
     for path, count in files:
-        if path.stat().st_size != count * ROW_DTYPE.itemsize:
+        if path.stat().st_size != count * dtype.itemsize:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, not the {count} rows its record names")
         with open(path, "rb") as fh:
             for start in range(0, count, ROWS_PER_READ):
-                yield np.fromfile(fh, ROW_DTYPE, min(ROWS_PER_READ, count - start))
+                yield np.fromfile(fh, dtype, min(ROWS_PER_READ, count - start))
 
 
 def add_areas(areas: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -208,7 +309,11 @@ def add_areas(areas: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
 
 
 def write_cell_table(
-    fh: BinaryIO, chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n_cells: int
+    fh: BinaryIO,
+    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    n_cells: int,
+    *,
+    volumes: bool = False,
 ) -> None:
     """Write the table of cells (``.npy`` of :data:`CELL_DTYPE`, index = final id, row 0 unused)
     to ``fh``, combining the rows :data:`IDS_PER_PASS` ids at a time.
@@ -217,19 +322,26 @@ def write_cell_table(
         chunks: a new iterator, on each call, over ``(rows, ids)``: all blocks' rows in block
             order (:func:`block_rows`) and the final id of each row (0: background or dropped).
         n_cells: the number of final ids.
+        volumes: 3-D cells (rows of :data:`ROW_DTYPE_3D`, a table of :data:`CELL_DTYPE_3D`).
     """
     n = n_cells + 1
-    descr = {"descr": np.lib.format.dtype_to_descr(CELL_DTYPE), "fortran_order": False, "shape": (n,)}
+    dtype = CELL_DTYPE_3D if volumes else CELL_DTYPE
+    descr = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
     np.lib.format.write_array_header_1_0(fh, descr)
     for lo in range(0, n, IDS_PER_PASS):
-        table = np.zeros(min(IDS_PER_PASS, n - lo), CELL_DTYPE)
+        table = np.zeros(min(IDS_PER_PASS, n - lo), dtype)
         table["y0"], table["x0"], table["y1"], table["x1"] = _BIG, _BIG, -1, -1  # min y0, x0; max y1, x1
         fields = tuple(table[name] for name in _SUMMED)
+        if volumes:
+            table["z0"], table["z1"] = _BIG, -1
         for rows, ids in chunks():
-            _accumulate(
-                *fields, np.ascontiguousarray(ids, np.int64), lo,
-                *(np.ascontiguousarray(rows[name]) for name in _SUMMED),
-            )
+            ids = np.ascontiguousarray(ids, np.int64)
+            _accumulate(*fields, ids, lo, *(np.ascontiguousarray(rows[name]) for name in _SUMMED))
+            if volumes:
+                _accumulate_z(
+                    *(table[name] for name in _SUMMED_3D), ids, lo,
+                    *(np.ascontiguousarray(rows[name]) for name in _SUMMED_3D),
+                )
         fh.write(table.tobytes())
 
 
@@ -242,22 +354,24 @@ class CellTable:
             np.lib.format.read_magic(fh)
             shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
             self.offset = fh.tell()
-        if dtype != CELL_DTYPE or len(shape) != 1:
+        if dtype not in (CELL_DTYPE, CELL_DTYPE_3D) or len(shape) != 1:
             raise ValueError(f"{self.path}: not a table of cells ({dtype}, shape {shape})")
-        self.size = int(shape[0])
+        self.size, self.dtype = int(shape[0]), np.dtype(dtype)
 
     def __len__(self) -> int:
         return self.size
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo..hi-1`` (:data:`CELL_DTYPE`)."""
+        """Rows ``lo..hi-1`` (:data:`CELL_DTYPE`, or :data:`CELL_DTYPE_3D` for 3-D cells)."""
         with open(self.path, "rb") as fh:
-            fh.seek(self.offset + lo * CELL_DTYPE.itemsize)
-            return np.fromfile(fh, CELL_DTYPE, max(0, min(hi, self.size) - lo))
+            fh.seek(self.offset + lo * self.dtype.itemsize)
+            return np.fromfile(fh, self.dtype, max(0, min(hi, self.size) - lo))
 
 
 #: The fields a cell's rows are combined in, in the order of :func:`_accumulate`'s arguments.
 _SUMMED = ("z", "area", "sum_y", "sum_x", "y0", "x0", "y1", "x1", "sum_i")
+#: Those 3-D cells add, in the order of :func:`_accumulate_z`'s arguments.
+_SUMMED_3D = ("sum_z", "z0", "z1")
 _BIG = np.iinfo(np.int64).max
 
 
@@ -287,6 +401,18 @@ def _accumulate(
         y1[k] = max(y1[k], ry1[r])
         x1[k] = max(x1[k], rx1[r])
         sum_i[k] += rsum_i[r]
+
+
+@_compiled
+def _accumulate_z(sum_z, z0, z1, ids, lo, rsum_z, rz0, rz1):  # pragma: no cover - compiled by numba
+    """The z fields of 3-D cells, as :func:`_accumulate` (exact integers)."""
+    for r in range(ids.shape[0]):
+        k = ids[r] - lo
+        if ids[r] == 0 or k < 0 or k >= sum_z.shape[0]:
+            continue
+        sum_z[k] += rsum_z[r]
+        z0[k] = min(z0[k], rz0[r])
+        z1[k] = max(z1[k], rz1[r])
 
 
 def write_rows(fh: IO[str], table: CellTable, lo: int, hi: int, *, pixel_um: tuple[float, float]) -> None:
@@ -326,11 +452,46 @@ def write_rows(fh: IO[str], table: CellTable, lo: int, hi: int, *, pixel_um: tup
         )
 
 
-def concatenate_csv(path: str | os.PathLike[str], pieces: Sequence[str | os.PathLike[str]]) -> None:
-    """Write the header and the pieces' lines, in the order given, to ``path`` atomically
-    (replacing only an earlier cell table: :data:`CELLS_MARK`); streams, never holds the text."""
+def write_volume_rows(
+    fh: IO[str], table: CellTable, lo: int, hi: int, *, voxel_um: tuple[float, float, float]
+) -> None:
+    """Write the CSV lines (:data:`COLUMNS_3D`) of the 3-D cells ``lo..hi-1`` that hold voxels.
+
+    Args:
+        table: the table of cells (index = final id).
+        voxel_um: (z, y, x) voxel size in the stack's physical unit (volume in that unit cubed).
+    """
+    writer = csv.writer(fh, lineterminator="\n")
+    vz, vy, vx = (float(v) for v in voxel_um)
+    for start in range(lo, hi, _LINES_PER_WRITE):
+        part = table.read(start, min(hi, start + _LINES_PER_WRITE))
+        ids = np.flatnonzero(part["area"]) + start
+        part = part[part["area"] > 0]
+        area = part["area"]
+        cz, cy, cx = part["sum_z"] / area, part["sum_y"] / area, part["sum_x"] / area
+        mean = part["sum_i"] / area
+        writer.writerows(
+            [
+                int(i), int(a), f"{a * vz * vy * vx:.6g}",
+                f"{z:.3f}", f"{y:.3f}", f"{x:.3f}",
+                f"{z * vz:.6g}", f"{y * vy:.6g}", f"{x * vx:.6g}",
+                int(r["z0"]), int(r["y0"]), int(r["x0"]), int(r["z1"]), int(r["y1"]), int(r["x1"]),
+                f"{m:.6g}",
+            ]
+            for i, r, a, z, y, x, m in zip(
+                ids.tolist(), part, area.tolist(), cz.tolist(), cy.tolist(), cx.tolist(), mean.tolist()
+            )
+        )
+
+
+def concatenate_csv(
+    path: str | os.PathLike[str], pieces: Sequence[str | os.PathLike[str]], *, columns: Sequence[str] = COLUMNS
+) -> None:
+    """Write the header (``columns``: :data:`COLUMNS`, or :data:`COLUMNS_3D` for 3-D cells) and the
+    pieces' lines, in the order given, to ``path`` atomically (replacing only an earlier cell table:
+    :data:`CELLS_MARK`); streams, never holds the text."""
     with atomic_output(path, own=CELLS_MARK) as tmp, open(tmp, "w") as out:
-        out.write(",".join(COLUMNS) + "\n")
+        out.write(",".join(columns) + "\n")
         for piece in pieces:
             with open(piece) as fh:
                 shutil.copyfileobj(fh, out, 1 << 20)

@@ -42,6 +42,11 @@ INSTANCE_RULES = {
         "instances = 4-connected components of class 1 (cell interior) per slice, merged across block borders"
     ),
 }
+#: The cells of a 3-D network's parts (``unet merge`` of 3-D part stores: components only).
+VOLUME_INSTANCE_RULE = (
+    "instances = 6-connected components of class 1 (cell interior) in the volume (3-D cells), merged "
+    "across block faces in z, y and x"
+)
 
 
 class TiffContent(str, Enum):
@@ -152,10 +157,12 @@ class MergeSettings:
             out = replace(out, watershed=ws)
         return out
 
-    def rule_text(self) -> str:
+    def rule_text(self, *, volumes: bool = False) -> str:
         """The sentence that says how a prediction's segmentation and cells were made (stored in
-        its attributes)."""
-        if self.instances is InstanceMethod.COMPONENTS:
+        its attributes); ``volumes``: 3-D cells of a 3-D network's parts."""
+        if volumes and self.instances is InstanceMethod.COMPONENTS:
+            cells = VOLUME_INSTANCE_RULE
+        elif self.instances is InstanceMethod.COMPONENTS:
             cells = INSTANCE_RULES[self.instances]
         else:
             cells = INSTANCE_RULES[(self.instances, self.watershed.seeds)].format(**asdict(self.watershed))
