@@ -19,6 +19,14 @@ the halo is filled with 0 (background), which is exactly "no cell beyond the bor
 the chunked result is bit-identical to the whole-slice kernel. (The project's mirror
 convention is for image context; mirroring labels would invent cells.) Binary labels need
 whole-slice connected components, so they are labelled one slice per task, then rechunked.
+
+With :class:`~unet_core.weights.maps.VolumeWeightParams` (``unet weights --dims 3``) the stack is
+one (Z, Y, X) volume: the same three arrays and chunks, classes with 6-connected separation
+surfaces (:func:`volume_class_array`, halo 1 voxel) and w(x) in µm with the stack's voxel size
+(:func:`volume_weight_arrays`, halo ``halo_voxels`` per axis, z included), equal to the
+whole-volume kernels byte for byte; ``attrs["unet"]`` then holds ``dims: 3`` and the
+:class:`~unet_core.weights.recipe.VolumeWeightRecipe` (sigma_um, spacing_um, ...), cutoff_um and
+halo_voxels instead of the px keys. :func:`open_volume_stack` refuses what is not a volume.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from unet_core.common.progress import progress
 from unet_core.io.ngff import Stack, create_array, open_stack
 from unet_core.weights import maps as kernel
 from unet_core.weights.plot import plot_weights
-from unet_core.weights.recipe import WeightParams, WeightRecipe
+from unet_core.weights.recipe import VolumeWeightRecipe, WeightParams, WeightRecipe
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +188,10 @@ def weight_array(instances, *, kind: LabelKind | str, class_weights: Sequence[fl
 
     kind = parse_choice(LabelKind, kind, option="label kind", error=UserInputError)
     recipe = WeightRecipe(params, tuple(float(c) for c in class_weights), separate_touching=kind is LabelKind.INSTANCE)
-    depth = params.halo_px
+    # a halo beyond the slice would read only the zero boundary: clip it to the slice (Dask refuses more)
+    depth = {0: 0, 1: min(params.halo_px, instances.shape[1]), 2: min(params.halo_px, instances.shape[2])}
     return da.map_overlap(
-        _weights_block, instances, depth={0: 0, 1: depth, 2: depth}, boundary=0, dtype=np.float32, trim=True,
+        _weights_block, instances, depth=depth, boundary=0, dtype=np.float32, trim=True,
         recipe=recipe,
     )
 
@@ -230,10 +239,11 @@ def volume_weight_arrays(instances, *, class_weights: Sequence[float], params: k
         raise UserInputError(f"instances: expected a 3-D (Z, Y, X) integer volume, got shape {instances.shape} "
                              f"dtype {instances.dtype}")
     spacing = kernel.check_spacing(spacing_um)
-    depth = params.halo_voxels(spacing)
+    # a halo beyond the volume would read only the zero boundary: clip it to the volume (Dask refuses more;
+    # a volume thinner than the z halo is usual)
+    depth = tuple(min(h, n) for h, n in zip(params.halo_voxels(spacing), instances.shape))
     wc = tuple(float(c) for c in class_weights)
-    classes = da.map_overlap(_classes_3d_block, instances, depth=1, boundary=0, dtype=np.uint8, trim=True,
-                             separate_touching=separate_touching)
+    classes = volume_class_array(instances, separate_touching=separate_touching)
     weights = da.map_overlap(_weights_3d_block, instances, depth=dict(enumerate(depth)), boundary=0,
                              dtype=np.float32, trim=True, halo=depth, separate_touching=separate_touching,
                              class_weights=wc, params=params, spacing_um=spacing)
@@ -241,10 +251,119 @@ def volume_weight_arrays(instances, *, class_weights: Sequence[float], params: k
     return classes, weights.rechunk(instances.chunks)
 
 
-def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4) -> np.ndarray:
+def volume_class_array(instances, *, separate_touching: bool = True):
+    """Lazy (Z, Y, X) uint8 classes of a lazy instance volume (:func:`kernel.class_map_3d`, 6-connected
+    separation surfaces), chunk by chunk with a halo of one voxel per side (the rule reads the face
+    neighbours only), so chunked == whole volume."""
+    import dask.array as da
+
+    return da.map_overlap(_classes_3d_block, instances, depth=1, boundary=0, dtype=np.uint8, trim=True,
+                          separate_touching=separate_touching)
+
+
+def split_label_id(planes: Iterator[np.ndarray]) -> tuple[int, list[list[int]]] | None:
+    """The smallest label id whose voxels form more than one 6-connected piece, and its pieces' slices.
+
+    In 3-D an id is one object; labels made slice by slice (every slice numbered 1..n) reuse an
+    id for different cells, which then lie apart in the volume. Streams the volume a slice at a
+    time: pieces of equal id in each slice (4-connected in the plane), joined where the same id
+    covers the same pixel in the slice before (the z faces), so memory is two slices and a
+    graph of pieces.
+
+    Args:
+        planes: the (Y, X) integer instance slices in z order (0 = background).
+
+    Returns:
+        None where every id is one piece; else ``(id, slices)`` with the sorted slice indices
+        of each piece (pieces in order of their first slice).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from skimage.measure import label as same_value_pieces
+
+    ids, zs, edges = [], [], []
+    previous, previous_pieces, count = None, None, 0
+    for z, plane in enumerate(planes):
+        pieces = same_value_pieces(plane, background=0, connectivity=1).astype(np.int64)
+        n = int(pieces.max())
+        value = np.zeros(n + 1, dtype=np.int64)
+        value[pieces.ravel()] = plane.ravel()
+        ids.append(value[1:])
+        zs.append(np.full(n, z, dtype=np.int64))
+        pieces[pieces > 0] += count
+        if previous is not None:
+            joined = (plane == previous) & (plane != 0)
+            edges.append(np.unique(np.stack([previous_pieces[joined], pieces[joined]]), axis=1) - 1)
+        previous, previous_pieces, count = plane, pieces, count + n
+    if count == 0:
+        return None
+    pairs = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), dtype=np.int64)
+    graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(count, count))
+    _, component = connected_components(graph, directed=False)
+    piece_id, piece_z = np.concatenate(ids), np.concatenate(zs)
+    distinct = np.unique(np.stack([piece_id, component]), axis=1)
+    ids_, per_id = np.unique(distinct[0], return_counts=True)
+    if not np.any(per_id > 1):
+        return None
+    first = int(ids_[per_id > 1][0])
+    mine = piece_id == first
+    slices = [sorted({int(z) for z in piece_z[mine & (component == c)]}) for c in np.unique(component[mine])]
+    return first, sorted(slices)
+
+
+def _check_ids_are_3d(stack: Stack) -> None:
+    """Refuse instance labels with an id in several 6-connected pieces (:func:`split_label_id`)."""
+    labels = stack.labels
+    step = int(labels.chunks[0])
+
+    def planes() -> Iterator[np.ndarray]:
+        for z0 in range(0, labels.shape[0], step):
+            yield from np.asarray(labels[z0:z0 + step])
+
+    found = split_label_id(planes())
+    if found is None:
+        return
+    label_id, pieces = found
+    where = "; ".join(_slice_span(p) for p in pieces[:3]) + ("; ..." if len(pieces) > 3 else "")
+    raise UserInputError(
+        f"{stack.path}: label id {label_id} forms {len(pieces)} separate 6-connected pieces (slices {where}): "
+        "ids restart on each slice? --dims 3 needs one id per cell across its slices; relabel in 3-D "
+        "or make 2-D weights")
+
+
+def _slice_span(slices: list[int]) -> str:
+    return str(slices[0]) if len(slices) == 1 else f"{slices[0]}-{slices[-1]}"
+
+
+def open_volume_stack(stack_path: str | os.PathLike[str], *, plot_slice: int | None = None) -> Stack:
+    """A labelled stack usable as a volume (``--dims 3``): several slices, a voxel size that was given
+    at ingest (w(x) is measured in µm), instance labels, one 6-connected piece per id.
+
+    Raises:
+        UserInputError: any of these fails (one line naming the stack and what to change).
+    """
+    stack = _open_labelled(stack_path, plot_slice)
+    if stack.shape[0] < 2:
+        raise UserInputError(f"{stack.path}: a single slice; --dims 3 needs a volume of several slices "
+                             "(make 2-D weights, or ingest the whole stack)")
+    if not stack.voxel_size_given:
+        raise UserInputError(f"{stack.path}: no voxel size was given at ingest (1 µm stood in, or the stack "
+                             "predates the record); --dims 3 measures w(x) in µm: ingest it again with "
+                             "--voxel-size-um z,y,x")
+    if _kind(stack) is not LabelKind.INSTANCE:
+        raise UserInputError(f"{stack.path}: {_kind(stack).value} labels; --dims 3 needs instance labels "
+                             "(one id per cell across its slices)")
+    _check_ids_are_3d(stack)
+    return stack
+
+
+def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4,
+                 dims: int = 2) -> np.ndarray:
     """Global pixel counts [background, cell] over all slices of all stacks (Dask reduction).
 
-    Classes are those of :func:`label_arrays` (separation lines count as background).
+    Classes are those of :func:`label_arrays` (separation lines count as background), or with
+    ``dims`` 3 those of :func:`volume_class_array` (6-connected separation surfaces; the
+    stacks checked by :func:`open_volume_stack`).
 
     Returns:
         (2,) int64 counts.
@@ -254,10 +373,12 @@ def class_counts(stack_paths: Sequence[str | os.PathLike[str]], *, connectivity:
     total = np.zeros(kernel.N_CLASSES, dtype=np.int64)
     for path in stack_paths:
         with about_stack(path):
-            stack = open_stack(path, require_labels=True)
-            labels = da.from_zarr(stack.labels)
-            _, classes = label_arrays(labels, kind=_kind(stack), connectivity=connectivity,
-                                      foreground=stack.binary_foreground())
+            if dims == 3:
+                classes = volume_class_array(da.from_zarr(open_volume_stack(path).labels))
+            else:
+                stack = open_stack(path, require_labels=True)
+                _, classes = label_arrays(da.from_zarr(stack.labels), kind=_kind(stack), connectivity=connectivity,
+                                          foreground=stack.binary_foreground())
             cells = int(classes.astype(np.int64).sum().compute())
         total += np.array([classes.size - cells, cells], dtype=np.int64)
     return total
@@ -271,15 +392,27 @@ def _kind(stack) -> LabelKind:
 
 
 def compute_class_weights(
-    stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4
+    stack_paths: Sequence[str | os.PathLike[str]], *, connectivity: int = 4, dims: int = 2
 ) -> dict[str, Any]:
     """Class weights from the global class frequencies of the training stacks.
 
+    Args:
+        stack_paths: ingested stacks with labels.
+        connectivity: 4 or 8, binary masks' components (2-D).
+        dims: 2 (classes slice by slice) or 3 (classes of the volumes: :func:`class_counts`).
+
     Returns:
         JSON-ready dict: ``class_weights`` [w_background, w_cell], ``frequencies``,
-        ``counts``, ``formula``, ``connectivity``, ``stacks``, ``version``.
+        ``counts``, ``formula``, ``connectivity`` (2-D) or ``dims`` 3, ``stacks``, ``version``.
     """
-    counts = class_counts(stack_paths, connectivity=connectivity)
+    counts = class_counts(stack_paths, connectivity=connectivity, dims=dims)
+    # a 2-D file keeps its keys (and bytes); a 3-D one says so, and 'unet weights' matches it to its mode
+    return _class_weights_record(counts, stack_paths, {"connectivity": connectivity} if dims == 2 else {"dims": 3})
+
+
+def _class_weights_record(counts: np.ndarray, stack_paths: Sequence[str | os.PathLike[str]],
+                          mode: dict[str, int]) -> dict[str, Any]:
+    """What :func:`compute_class_weights` returns, from the class counts."""
     with about_stack(", ".join(map(str, stack_paths))):
         weights = kernel.class_weights_from_counts(counts)
     return {
@@ -287,7 +420,7 @@ def compute_class_weights(
         "frequencies": [float(c / counts.sum()) for c in counts],
         "counts": [int(c) for c in counts],
         "formula": "w_c = 1 / (K * f_c), K = 2 classes (mean weight over the training pixels = 1)",
-        "connectivity": connectivity,
+        **mode,
         "stacks": [str(p) for p in stack_paths],
         "version": __version__,
         "format": CLASS_WEIGHTS_FORMAT,
@@ -295,7 +428,7 @@ def compute_class_weights(
 
 
 def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
-                        connectivity: int = 4) -> dict[str, Any]:
+                        connectivity: int = 4, dims: int = 2) -> dict[str, Any]:
     """Compute :func:`compute_class_weights` and write it atomically as JSON to ``out``.
 
     Raises:
@@ -303,7 +436,7 @@ def write_class_weights(stack_paths: Sequence[str | os.PathLike[str]], out: str 
             an earlier ``class_weights.json`` at ``out`` (:mod:`unet_core.common.outputs`).
     """
     claim_outputs([(out, CLASS_WEIGHTS_MARK)], stack_paths)
-    result = compute_class_weights(stack_paths, connectivity=connectivity)
+    result = compute_class_weights(stack_paths, connectivity=connectivity, dims=dims)
     with atomic_output(out, own=CLASS_WEIGHTS_MARK) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     log.info("class weights %s (frequencies %s) -> %s", result["class_weights"], result["frequencies"], out)
@@ -333,7 +466,7 @@ def write_weights(
     stack_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    params: WeightParams = WeightParams(),
+    params: WeightParams | kernel.VolumeWeightParams = WeightParams(),
     class_weights: dict[str, Any] | None = None,
     plot_slice: int | None = 0,
     batch_slices: int = 8,
@@ -347,9 +480,15 @@ def write_weights(
     Args:
         stack_path: ingested stack (``unet_core.io.ngff.open_stack``) with labels.
         out: output ``.zarr`` directory.
-        params: w0, sigma, tolerance, connectivity, border pixels, d1/d2 method.
-        class_weights: dict from :func:`compute_class_weights`/:func:`read_class_weights`;
-            None computes the frequencies from this stack alone.
+        params: :class:`WeightParams` (w0, sigma in px, tolerance, connectivity, border pixels,
+            d1/d2 method): every slice on its own, as in the paper; or
+            :class:`~unet_core.weights.maps.VolumeWeightParams` (sigma in µm): the stack as one
+            (Z, Y, X) volume with its voxel size (6-connected separation surfaces, d1/d2 in µm;
+            the stack checked by :func:`open_volume_stack`), attrs ``dims: 3`` and the
+            :class:`VolumeWeightRecipe`.
+        class_weights: dict from :func:`compute_class_weights`/:func:`read_class_weights`,
+            counted in the same mode (2-D or 3-D); None computes the frequencies from this
+            stack alone.
         plot_slice: slice index of the figure.
         batch_slices: slices computed per Dask call (bounds memory; a progress step each).
 
@@ -360,9 +499,19 @@ def write_weights(
     png = _plot_path(out) if plot_slice is not None else None
     claim_outputs([(out, WEIGHTS_MARK), (png, WEIGHTS_PLOT_MARK)],
                   [stack_path, class_weights.get("path") if class_weights else None])
+    _check_class_weights_mode(class_weights, dims=3 if isinstance(params, kernel.VolumeWeightParams) else 2)
     with about_stack(stack_path):
         return _write_weights(stack_path, out, png, params=params, class_weights=class_weights,
                               plot_slice=plot_slice, batch_slices=batch_slices)
+
+
+def _check_class_weights_mode(class_weights: dict[str, Any] | None, *, dims: int) -> None:
+    """Refuse class weights counted in the other mode (a 3-D file has ``dims: 3``; a 2-D one no key)."""
+    counted = 2 if class_weights is None else class_weights.get("dims", 2)
+    if class_weights is not None and counted != dims:
+        raise UserInputError(
+            f"{class_weights.get('path', 'class weights')}: counted in {counted}-D, the weights are made in "
+            f"{dims}-D; count them with 'unet class-weights{' --dims 3' if dims == 3 else ''}'")
 
 
 def _plot_path(out: Path) -> Path:
@@ -370,11 +519,10 @@ def _plot_path(out: Path) -> Path:
     return out.with_suffix(".png") if out.suffix == ".zarr" else out.with_name(out.name + ".png")
 
 
-def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | None, *, params: WeightParams,
-                   class_weights: dict[str, Any] | None, plot_slice: int | None, batch_slices: int) -> dict[str, Any]:
+def _slice_plan(stack: Stack, params: WeightParams, class_weights: dict[str, Any] | None):
+    """The lazy arrays, the mode's leading attributes and the class weights, slice by slice (2-D)."""
     import dask.array as da
 
-    stack = _open_labelled(stack_path, plot_slice)
     kind = _kind(stack)
     if class_weights is None:
         log.info("no --class-weights given: class frequencies from %s alone", stack.path)
@@ -387,10 +535,47 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
         "classes": classes,
         "instances": da.map_blocks(_cells_block, instances, classes, dtype=np.int32),
     }
+    head = {**params.to_dict(), "cutoff_px": params.cutoff_px, "halo_px": params.halo_px}
+    return arrays, head, class_weights, f"sigma={params.sigma_px:g} px", f"{params.halo_px} px"
+
+
+def _volume_plan(stack: Stack, params: kernel.VolumeWeightParams, class_weights: dict[str, Any] | None):
+    """The lazy arrays, the mode's leading attributes and the class weights of the stack as a volume (3-D)."""
+    import dask.array as da
+
+    instances = da.from_zarr(stack.labels)
+    classes = volume_class_array(instances)
+    if class_weights is None:
+        log.info("no --class-weights given: class frequencies of %s alone (3-D classes)", stack.path)
+        cells = int(classes.astype(np.int64).sum().compute())
+        counts = np.array([classes.size - cells, cells], dtype=np.int64)
+        class_weights = _class_weights_record(counts, [stack.path], {"dims": 3})
+    wc = [float(w) for w in class_weights["class_weights"]]
+    recipe = VolumeWeightRecipe(params, (wc[0], wc[1]), tuple(stack.scale))  # type: ignore[arg-type]
+    _, weights = volume_weight_arrays(instances, class_weights=wc, params=params, spacing_um=recipe.spacing_um)
+    arrays = {
+        "weights": weights,
+        "classes": classes,
+        "instances": da.map_blocks(_cells_block, instances, classes, dtype=np.int32),
+    }
+    halo = params.halo_voxels(recipe.spacing_um)
+    head = {**recipe.to_dict(), "cutoff_um": params.cutoff_um, "halo_voxels": list(halo)}
+    return arrays, head, class_weights, f"sigma={params.sigma_um:g} µm (3-D)", f"{halo} voxels (z, y, x)"
+
+
+def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | None, *,
+                   params: WeightParams | kernel.VolumeWeightParams, class_weights: dict[str, Any] | None,
+                   plot_slice: int | None, batch_slices: int) -> dict[str, Any]:
+    if isinstance(params, kernel.VolumeWeightParams):
+        stack = open_volume_stack(stack_path, plot_slice=plot_slice)
+        arrays, head, class_weights, sigma, halo = _volume_plan(stack, params, class_weights)
+    else:
+        stack = _open_labelled(stack_path, plot_slice)
+        arrays, head, class_weights, sigma, halo = _slice_plan(stack, params, class_weights)
+    kind = _kind(stack)
+    wc = [float(w) for w in class_weights["class_weights"]]
     attrs = {
-        **params.to_dict(),
-        "cutoff_px": params.cutoff_px,
-        "halo_px": params.halo_px,
+        **head,
         "class_weights": wc,
         "frequencies": class_weights.get("frequencies"),
         "class_weights_source": class_weights.get("stacks"),
@@ -408,13 +593,13 @@ def _write_weights(stack_path: str | os.PathLike[str], out: Path, png: Path | No
     with atomic_output_with_companions(out, own=WEIGHTS_MARK) as (tmp, written):
         root = zarr.open_group(tmp, mode="w")
         _store_in_batches(root, arrays, chunks=tuple(int(c) for c in stack.labels.chunks),
-                          batch_slices=batch_slices, halo_px=params.halo_px)
+                          batch_slices=batch_slices, halo=halo)
         root.attrs.update({"unet": attrs})
         if png is not None:
             plot_weights(
                 np.asarray(stack.labels[plot_slice]), np.asarray(root["classes"][plot_slice]),
                 np.asarray(root["weights"][plot_slice]), class_weights=wc, path=png,
-                title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, sigma={params.sigma_px:g} px",
+                title=f"{stack.name} z={plot_slice}: w0={params.w0:g}, {sigma}",
             )
             written.append(Path(png))
     return attrs
@@ -437,7 +622,7 @@ _DTYPES = {"weights": np.float32, "classes": np.uint8, "instances": np.int32}
 
 
 def _store_in_batches(root: zarr.Group, arrays: dict[str, Any], *, chunks: tuple[int, ...], batch_slices: int,
-                      halo_px: int) -> None:
+                      halo: str) -> None:
     """Compute the lazy (Z, Y, X) ``arrays`` into new Zarr arrays of ``root``, a batch of slices per
     Dask call (bounds memory; one progress step each)."""
     import dask.array as da
@@ -445,7 +630,7 @@ def _store_in_batches(root: zarr.Group, arrays: dict[str, Any], *, chunks: tuple
     shape = tuple(arrays["weights"].shape)
     targets = [create_array(root, name, shape=shape, dtype=_DTYPES[name], chunks=chunks, dimension_names="zyx")
                for name in arrays]
-    log.info("weights of %s slices of %s px, chunks %s, halo %d px", shape[0], shape[1:], chunks, halo_px)
+    log.info("weights of %s slices of %s px, chunks %s, halo %s", shape[0], shape[1:], chunks, halo)
     step = max(1, batch_slices // chunks[0]) * chunks[0]
     for z0 in progress(range(0, shape[0], step), desc="weights", total=-(-shape[0] // step), unit="batch"):
         z1 = min(z0 + step, shape[0])
