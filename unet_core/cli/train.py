@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train the U-Net of Ronneberger et al. (2015) on the tiles written by 'unet augment' with the "
             "pixel-wise weighted cross-entropy, validating on held-out slices of ingested stacks. Writes "
             "OUT_DIR/model.pt, state.pt (resumable), metrics.csv, curve.png, model.ts (TorchScript) and "
-            "model_card.json. Uses CUDA when present (bf16 autocast, channels_last, TF32, fused optimizer); on the "
+            "model_card.json. With --dims 3 (the 3-D U-Net) the sets hold (Z, Y, X) tiles of "
+            "'unet augment --dims 3', --val stacks are validated as whole volumes, and model.pt records the "
+            "training voxel size. Uses CUDA when present (bf16 autocast, channels_last, TF32, fused optimizer); on the "
             "CPU the run is deterministic and '--resume' after a kill gives bit-identical weights. A loss or "
             "weight that becomes NaN/Inf stops the run naming the iteration and learning rate; state.pt is "
             "never written with non-finite weights."
@@ -88,13 +90,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="STACK:WEIGHTS.zarr",
-        help="validation pairs: an ingested stack and its weights store, joined by ':'",
+        help="validation pairs: an ingested stack and its weights store, joined by ':' (--dims 3: whole volumes "
+        "of the training sets' voxel size, given at ingest)",
     )
     p.add_argument(
         "--val-slices",
         default=None,
         metavar="SEL",
-        help="z slices of every validation stack to use, e.g. '20-29' or '0,3,5-7' (default: all)",
+        help="z slices of every validation stack to use, e.g. '20-29' or '0,3,5-7' (default: all; not with --dims 3)",
     )
     p.add_argument("--out-dir", required=True, help="output directory (created if missing)")
     p.add_argument(
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
     from unet_core.train.loop import train
 
     configure_threads(args.threads)
-    spec = spec_from_args(args, volumes="train")
+    spec = spec_from_args(args)  # --dims 3: (N, Z, H, W) sets from 'unet augment --dims 3', volumes validated whole
     pairs = [parse_validation_pair(text, what="--val") for text in args.val]
     train_pairs = [parse_validation_pair(text, what="--train-stacks") for text in args.train_stacks]
 

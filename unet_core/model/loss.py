@@ -1,7 +1,8 @@
 """The U-Net training loss: pixel-wise softmax + cross-entropy weighted by w(x).
 
 The paper's energy is ``E = sum_x w(x) * log p_{l(x)}(x)`` over the output region (the
-network's valid output, i.e. the input tile minus :attr:`UNetSpec.context` per side). Here
+network's valid output, i.e. the input tile minus :attr:`UNetSpec.context` per side; a 3-D
+network's output region is a (Z, Y, X) box, the same sum over voxels). Here
 it is divided by the number of pixels, so that ``w(x) = 1`` gives exactly the mean plain
 cross-entropy, and the scale of the gradient does not depend on the tile size.
 
@@ -21,31 +22,32 @@ def weighted_cross_entropy(
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over pixels of ``w(x) * -log softmax(logits)[target(x)]``, computed in float32.
+    """Mean over pixels (voxels) of ``w(x) * -log softmax(logits)[target(x)]``, computed in float32.
 
     Args:
-        logits: (N, C, Y, X) class scores of the network, any float dtype (fp32/bf16/fp16).
-        target: (N, Y, X) integer class per pixel, values in ``[0, C)``; same Y, X as
-            ``logits`` (crop it to the output region first).
-        weight: (N, Y, X) float per-pixel weights w(x) (dimensionless), or None for the
-            unweighted loss (w = 1 everywhere).
+        logits: (N, C, Y, X) class scores of the network (a 3-D network: (N, C, Z, Y, X)), any
+            float dtype (fp32/bf16/fp16).
+        target: (N, Y, X) (3-D: (N, Z, Y, X)) integer class per pixel, values in ``[0, C)``;
+            same spatial shape as ``logits`` (crop it to the output region first).
+        weight: float per-pixel weights w(x) (dimensionless) shaped as ``target``, or None for
+            the unweighted loss (w = 1 everywhere).
 
     Returns:
-        0-d float32 tensor: the loss, averaged over all N * Y * X pixels.
+        0-d float32 tensor: the loss, averaged over all N * Y * X pixels (N * Z * Y * X voxels).
 
     Raises:
         ValueError: shapes do not match.
     """
-    if logits.ndim != 4:
-        raise ValueError(f"logits must be (N, C, Y, X), got shape {tuple(logits.shape)}")
-    n, _, y, x = logits.shape
-    if tuple(target.shape) != (n, y, x):
+    if logits.ndim not in (4, 5):
+        raise ValueError(f"logits must be (N, C, Y, X) or (N, C, Z, Y, X), got shape {tuple(logits.shape)}")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
         raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits {(n, y, x)} (crop to the output)"
+            f"target shape {tuple(target.shape)} does not match logits {expected} (crop to the output)"
         )
-    if weight is not None and tuple(weight.shape) != (n, y, x):
+    if weight is not None and tuple(weight.shape) != expected:
         raise ValueError(
-            f"weight shape {tuple(weight.shape)} does not match logits {(n, y, x)} (crop to the output)"
+            f"weight shape {tuple(weight.shape)} does not match logits {expected} (crop to the output)"
         )
     nll = F.cross_entropy(logits.float(), target.long(), reduction="none")  # fused log-softmax + NLL
     if weight is not None:

@@ -10,6 +10,8 @@ contract), or are deformed on the fly from ingested stacks (:class:`OnTheFlyTile
 
 ``H = W`` is a valid network input size; the targets and weights are cropped here to the
 network's output region (``UNetSpec.context`` pixels per side), which is what the loss sees.
+A 3-D network trains on (N, Z, H, W) sets (``unet augment --dims 3``), cropped by the context
+of each axis (:func:`output_contexts`), and validates on whole held-out volumes.
 
 Which tile is used at which iteration is a pure function of ``(seed, iteration)``
 (:class:`IterationSampler`), so a resumed run reads exactly the tiles the uninterrupted run
@@ -24,21 +26,23 @@ slice by slice by the inference engine of ``unet predict``
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
 from unet_core.augment.elastic import DeformParams
-from unet_core.augment.samples import make_sample, open_source, tile_shapes
+from unet_core.augment.samples import check_volume_stack, make_sample, open_source, tile_shapes
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import Normalisation, normalize
 from unet_core.common.labels import area_histogram, median_area, object_areas
-from unet_core.io.ngff import open_group, open_stack, recorded_intensity
+from unet_core.io.ngff import Stack, open_group, open_stack, recorded_intensity
 from unet_core.model.decision import WeightSums
 from unet_core.model.spec import UNetSpec
 
@@ -48,19 +52,28 @@ TRAIN_ARRAYS = ("image", "classes", "weights")
 SCAN_BLOCK = 64  # samples read at once when checking the class values of a training set
 
 
-def crop_to_output(array: np.ndarray, *, context: int) -> np.ndarray:
-    """Cut ``context`` pixels off each side of the last two axes (input tile -> output region).
+def crop_to_output(array: np.ndarray, *, context: int | Sequence[int]) -> np.ndarray:
+    """Cut the network's context off each side of the spatial axes (input tile -> output region).
 
     Args:
-        array: (..., H, W) any dtype, in the geometry of the network input.
-        context: pixels lost per side by the network (``UNetSpec.context``).
+        array: (..., H, W) any dtype, in the geometry of the network input (a 3-D network's:
+            (..., Z, H, W)).
+        context: pixels lost per side by the network (``UNetSpec.context``) on the last two
+            axes, or one value per trailing axis (:func:`output_contexts`: (z, y, x) for a 3-D
+            network, whose z context differs).
 
     Returns:
-        (..., H - 2 context, W - 2 context) view.
+        The output region, a view.
     """
-    if context == 0:
+    contexts = (context, context) if isinstance(context, (int, np.integer)) else tuple(int(c) for c in context)
+    if not any(contexts):
         return array
-    return array[..., context:-context, context:-context]
+    return array[(Ellipsis, *(slice(c, -c if c else None) for c in contexts))]
+
+
+def output_contexts(spec: UNetSpec) -> tuple[int, ...]:
+    """Context per spatial axis of ``spec``'s tiles: (y, x), or (z, y, x) for a 3-D network."""
+    return tuple(axis.context for axis in spec.axes)
 
 
 def check_tile_size(size: int, *, spec: UNetSpec, where: str) -> int:
@@ -79,6 +92,23 @@ def check_tile_size(size: int, *, spec: UNetSpec, where: str) -> int:
         ) from None
 
 
+def check_volume_tile(shape: Sequence[int], *, spec: UNetSpec, where: str) -> tuple[int, int, int]:
+    """(z, y, x) output shape of a (Z, H, W) input tile of a 3-D network, or a one-line error.
+
+    Raises:
+        UserInputError: the tile is not square in the plane or an axis is not a valid input.
+    """
+    z, h, w = (int(v) for v in shape)
+    if h != w:
+        raise UserInputError(f"{where}: tiles must be square in the plane, got {h} x {w} px")
+    try:
+        out_z = spec.z_axis.output_size(z, what=f"U-Net of depth {spec.depth} along z")
+    except ValueError as err:
+        raise UserInputError(f"{where}: tile z size {z}: {err} (regenerate the set with "
+                             f"'unet augment --tile-out-z' or change --pool-z/--kernel-z)") from None
+    return out_z, check_tile_size(h, spec=spec, where=where), check_tile_size(w, spec=spec, where=where)
+
+
 def _check_classes(classes, *, n_classes: int, where: str) -> None:
     """Raise when a classes array holds a value the model cannot predict."""
     for start in range(0, classes.shape[0], SCAN_BLOCK):
@@ -95,9 +125,16 @@ class AugmentedTiles(torch.utils.data.Dataset):
 
     Item ``i`` is a tuple of tensors: image ``(1, H, W)`` float32, classes ``(h, w)`` as stored
     (uint8; widened to int64 on the training device: 8x fewer bytes through the loader and the upload)
-    and weights ``(h, w)`` float32 with ``h = spec.output_size(H)``. Zarr arrays are opened
+    and weights ``(h, w)`` float32 with ``h = spec.output_size(H)``. For a 3-D network the sets
+    hold (N, Z, H, W) tiles (``unet augment --dims 3``) and the items are ``(1, Z, H, W)``,
+    ``(z, h, w)``, ``(z, h, w)``, cropped by the context of each axis. Zarr arrays are opened
     lazily in each process, so the dataset can be used by forked loader workers. Every set must
     hold tiles normalised by ``normalisation`` (its attributes say which).
+
+    Attributes:
+        in_size, out_size: in-plane input and output tile edge, px.
+        in_shape, out_shape: the tile's spatial shape, (H, W) or (Z, H, W).
+        voxel_size_um: (dz, dy, dx) the 3-D sets were made at (their attrs), µm; None in 2-D.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], *, spec: UNetSpec,
@@ -105,6 +142,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
         self.paths = [Path(p) for p in paths]
         self.spec = spec
         self.area_records: list[dict] = []
+        self.voxel_size_um: tuple[float, float, float] | None = None
         if not self.paths:
             raise UserInputError(
                 "--train: no training set given (pass one or more AUG.zarr from 'unet augment')"
@@ -117,29 +155,49 @@ class AugmentedTiles(torch.utils.data.Dataset):
             if missing:
                 raise UserInputError(f"{path}: not an augmented training set (missing arrays {missing})")
             shapes = {name: tuple(group[name].shape) for name in TRAIN_ARRAYS}
-            if len(set(shapes.values())) != 1 or len(shapes["image"]) != 3:
+            shape = self._tile_shape(path, shapes)
+            if tile is not None and shape != tile:
                 raise UserInputError(
-                    f"{path}: arrays image/classes/weights must share one (N, H, W) shape, got {shapes}"
+                    f"{path}: tile size {'x'.join(map(str, shape))} differs from "
+                    f"{'x'.join(map(str, tile))} of {self.paths[0]}; use one size"
                 )
-            n, h, w = shapes["image"]
-            if h != w:
-                raise UserInputError(f"{path}: tiles must be square, got {h} x {w} px")
-            if tile is not None and h != tile:
-                raise UserInputError(
-                    f"{path}: tile size {h} px differs from {tile} px of {self.paths[0]}; use one size"
-                )
-            tile = h
-            check_tile_size(h, spec=spec, where=str(path))
-            self._check_set_attrs(path, dict(group.attrs).get("unet", {}), normalisation)
+            tile = shape
+            attrs = dict(group.attrs).get("unet", {})
+            self._check_set_attrs(path, attrs, normalisation)
             _check_classes(group["classes"], n_classes=spec.n_classes, where=f"{path}/classes")
-            self.lengths.append(n)
+            self.lengths.append(shapes["image"][0])
         if sum(self.lengths) == 0:
             raise UserInputError(f"--train: the training sets {[str(p) for p in self.paths]} hold no tiles")
-        self.in_size = int(tile)
-        self.out_size = spec.output_size(self.in_size)
+        self.in_shape = tuple(int(v) for v in tile)
+        self.out_shape = (check_volume_tile(tile, spec=spec, where=str(self.paths[0])) if spec.dims == 3
+                          else tuple(spec.output_size(v) for v in tile))
+        self.in_size, self.out_size = self.in_shape[-1], self.out_shape[-1]
         self.offsets = np.cumsum([0, *self.lengths])
         self._arrays: list[dict[str, zarr.Array]] | None = None
         self._pid = -1
+
+    def _tile_shape(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """The spatial tile shape of one set, checked against the model: (H, W) or, for a 3-D network, (Z, H, W)."""
+        dims = self.spec.dims
+        if len(set(shapes.values())) != 1 or len(shapes["image"]) not in (3, 4):
+            raise UserInputError(
+                f"{path}: arrays image/classes/weights must share one (N, H, W) (3-D: (N, Z, H, W)) shape, got {shapes}"
+            )
+        if len(shapes["image"]) != dims + 1:
+            kind = "(N, Z, H, W) volume tiles" if dims == 2 else "(N, H, W) slice tiles"
+            raise UserInputError(
+                f"{path}: holds {kind} but the model has --dims {dims}; train with --dims {5 - dims} or "
+                f"regenerate the set with 'unet augment --dims {dims}'"
+            )
+        shape = shapes["image"][1:]
+        if dims == 3:
+            check_volume_tile(shape, spec=self.spec, where=str(path))
+            return shape
+        h, w = shape
+        if h != w:
+            raise UserInputError(f"{path}: tiles must be square, got {h} x {w} px")
+        check_tile_size(h, spec=self.spec, where=str(path))
+        return shape
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -154,6 +212,22 @@ class AugmentedTiles(torch.utils.data.Dataset):
                 f"the set with 'unet augment --normalisation {normalisation.value}'")
         if "object_areas" in attrs:
             self.area_records.append(attrs["object_areas"])
+        if self.spec.dims == 3:
+            self._check_voxel_size(path, attrs.get("voxel_size_um"))
+
+    def _check_voxel_size(self, path: Path, recorded: Any) -> None:
+        """Keep the voxel size of a 3-D set; every set must share it (within 1e-6 relative)."""
+        try:
+            size = tuple(float(v) for v in recorded)
+        except (TypeError, ValueError):
+            size = ()
+        if len(size) != 3 or not all(math.isfinite(v) and v > 0 for v in size):
+            raise UserInputError(f"{path}: records no voxel size (attrs unet.voxel_size_um = {recorded!r}); "
+                                 "regenerate it with 'unet augment --dims 3'")
+        if self.voxel_size_um is not None and not np.allclose(size, self.voxel_size_um, rtol=1e-6, atol=0):
+            raise UserInputError(f"{path}: voxel size {size} µm differs from {self.voxel_size_um} µm of "
+                                 f"{self.paths[0]}; train on sets of one voxel size")
+        self.voxel_size_um = self.voxel_size_um or size  # type: ignore[assignment]
 
     def median_object_area(self) -> float | None:
         """Median area, px, of the objects of the sets' undeformed source slices (None: not recorded)."""
@@ -164,7 +238,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
     def mean_weights(self) -> np.ndarray:
         """Mean loss weight per class over the output region of every tile (the pixels the loss sees)."""
         sums = WeightSums(self.spec.n_classes)
-        context = self.spec.context
+        context = output_contexts(self.spec)
         for arrays in self._open():
             for start in range(0, arrays["classes"].shape[0], SCAN_BLOCK):
                 part = slice(start, start + SCAN_BLOCK)
@@ -187,7 +261,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
         which = int(np.searchsorted(self.offsets, index, side="right") - 1)
         local = index - int(self.offsets[which])
         arrays = self._open()[which]
-        context = self.spec.context
+        context = output_contexts(self.spec)
         image = np.asarray(arrays["image"][local], dtype=np.float32)
         classes = crop_to_output(np.asarray(arrays["classes"][local]), context=context)  # stored dtype (uint8)
         weights = crop_to_output(np.asarray(arrays["weights"][local], dtype=np.float32), context=context)
@@ -337,19 +411,23 @@ class OnTheFlyTiles(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class ValidationSlice:
-    """One held-out slice: normalised image, target classes and loss weights.
+    """One held-out slice (for a 3-D network: one held-out volume): normalised image, target
+    classes and loss weights.
 
     Attributes:
-        source: ``"STACK:z"`` for logs.
-        image: (Y, X) float32 normalised grey values.
-        classes: (Y, X) uint8 target classes.
-        weights: (Y, X) float32 loss weights w(x).
+        source: ``"STACK:z"`` (a volume: ``"STACK"``) for logs.
+        image: (Y, X) (volume: (Z, Y, X)) float32 normalised grey values (a volume's slices each
+            with their own scaling, as the engine normalises them).
+        classes: (Y, X) (volume: (Z, Y, X)) uint8 target classes.
+        weights: (Y, X) (volume: (Z, Y, X)) float32 loss weights w(x).
+        voxel_size_um: (dz, dy, dx) of the volume's stack, µm; None for a slice.
     """
 
     source: str
     image: np.ndarray
     classes: np.ndarray
     weights: np.ndarray
+    voxel_size_um: tuple[float, float, float] | None = None
 
 
 def parse_validation_pair(text: str, *, what: str = "--val") -> tuple[Path, Path]:
@@ -364,39 +442,43 @@ def parse_validation_pair(text: str, *, what: str = "--val") -> tuple[Path, Path
 
 def load_validation(
     pairs: Sequence[tuple[Path, Path]], *, slices: Sequence[int] | None, n_classes: int,
-    normalisation: Normalisation = Normalisation.STACK_ZSCORE,
+    normalisation: Normalisation = Normalisation.STACK_ZSCORE, dims: int = 2,
 ) -> list[ValidationSlice]:
-    """Read held-out slices of ingested stacks with their weights stores.
+    """Read held-out slices (a 3-D network: whole volumes) of ingested stacks with their weights stores.
 
     Args:
         pairs: ``(stack, weights store)`` paths.
-        slices: z indices to use from every stack, or None for all slices.
+        slices: z indices to use from every stack, or None for all slices (must be None with
+            ``dims`` 3: a volume is validated whole).
         n_classes: classes of the model (targets must be below it).
         normalisation: how the images are normalised (as ``unet predict`` will with this model).
+        dims: 2 (one item per slice) or 3 (one (Z, Y, X) item per stack).
 
     Returns:
-        One :class:`ValidationSlice` per (stack, z).
+        One :class:`ValidationSlice` per (stack, z), or per stack for ``dims`` 3.
 
     Raises:
         UserInputError: unreadable stores, mismatched shapes, out-of-range slices or classes,
-            or an empty selection (training would silently run without validation).
+            an empty selection (training would silently run without validation), or for
+            ``dims`` 3 a slice selection, a single-slice stack or one without a given voxel size.
     """
     if slices is not None and not len(slices):
         raise UserInputError("--val-slices: the selection holds no slice; give at least one or leave it out")
+    if dims == 3 and slices is not None:
+        raise UserInputError("--val-slices: a 3-D network is validated on whole volumes; leave --val-slices out")
     out: list[ValidationSlice] = []
     for stack_path, weights_path in pairs:
         stack = open_stack(stack_path)
         scaling = stack.scaler(normalisation)
-        group = open_group(weights_path, hint="a weights store from 'unet weights' expected")
-        missing = [name for name in ("weights", "classes") if name not in group]
-        if missing:
-            raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")
-        if tuple(group["classes"].shape) != stack.shape or tuple(group["weights"].shape) != stack.shape:
-            raise UserInputError(
-                f"{weights_path}: shape {tuple(group['classes'].shape)} does not match "
-                f"stack {stack_path} {stack.shape}"
-            )
-        stack.check_made_from(recorded_intensity(group.attrs), result=weights_path)
+        group = _validation_group(stack, weights_path)
+        if dims == 3:
+            spacing = check_volume_stack(stack, what="--val")
+            classes = np.asarray(group["classes"][:], dtype=np.uint8)
+            _check_classes(classes, n_classes=n_classes, where=f"{weights_path}/classes")
+            image = np.stack([normalize(np.asarray(stack.image[z]), scaling(z)) for z in range(stack.shape[0])])
+            out.append(ValidationSlice(str(stack_path), image, classes,
+                                       np.asarray(group["weights"][:], dtype=np.float32), spacing))
+            continue
         chosen = range(stack.shape[0]) if slices is None else slices
         for z in chosen:
             if not 0 <= z < stack.shape[0]:
@@ -414,3 +496,18 @@ def load_validation(
                 )
             )
     return out
+
+
+def _validation_group(stack: Stack, weights_path: Path) -> zarr.Group:
+    """The weights store of a validation stack, checked: its arrays, shape and source stack."""
+    group = open_group(weights_path, hint="a weights store from 'unet weights' expected")
+    missing = [name for name in ("weights", "classes") if name not in group]
+    if missing:
+        raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")
+    if tuple(group["classes"].shape) != stack.shape or tuple(group["weights"].shape) != stack.shape:
+        raise UserInputError(
+            f"{weights_path}: shape {tuple(group['classes'].shape)} does not match "
+            f"stack {stack.path} {stack.shape}"
+        )
+    stack.check_made_from(recorded_intensity(group.attrs), result=weights_path)
+    return group

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from unet_core.common.device import out_of_gpu_memory
-from unet_core.common.errors import ConfigError
+from unet_core.common.errors import ConfigError, UserInputError
 from unet_core.common.intensity import Normalisation
 from unet_core.common.outputs import claim_outputs
 from unet_core.common.progress import progress_bar
@@ -281,14 +281,15 @@ def _train(
                          tile_out=config.tile_out, spec=spec, seed=config.seed, normalisation=normalisation)
     val_tile_out = _val_tile_out(config, spec, data.dataset)
     val_data = load_validation(validation, slices=val_slices, n_classes=spec.n_classes,
-                               normalisation=normalisation) if validation else []
+                               normalisation=normalisation, dims=spec.dims) if validation else []
+    voxel_size = training_voxel_size(data.dataset, val_data)
     mean_weights = data.dataset.mean_weights() if config.weighted else np.ones(spec.n_classes)
     offsets = logit_offsets(mean_weights)
     log.info("mean loss weight per class %s -> decision logit offsets %s",
              np.round(mean_weights, 4).tolist(), np.round(offsets, 4).tolist())
     runtime = resolve_runtime(config)
-    log.info("training on %s: %d tiles of %d px -> %d px output, %d iterations of batch %d",
-             runtime.description, len(data.dataset), data.dataset.in_size, data.dataset.out_size,
+    log.info("training on %s: %d tiles of %s px -> %s px output, %d iterations of batch %d",
+             runtime.description, len(data.dataset), _shape_text(data.dataset, "in"), _shape_text(data.dataset, "out"),
              config.iterations, config.batch_size)
     record = RunRecord(
         spec=spec, config=config, runtime=runtime,
@@ -298,6 +299,7 @@ def _train(
         val_slices=list(val_slices) if val_slices is not None else None,
         val_tile_out=val_tile_out, decision=decision_metadata(mean_weights, offsets),
         normalisation=normalisation, median_object_area_px=data.dataset.median_object_area(),
+        voxel_size_um=voxel_size, tile_z=_tile_z(data.dataset),
     )
     s = _session(out_dir, record, val_data, offsets, resume=resume, restart_if_changed=restart_if_changed)
     _run(s, _loader(data.dataset, config, runtime, start=s.progress.iteration), on_iteration)
@@ -328,6 +330,9 @@ def training_data(
         raise ConfigError(
             "train: give augmented sets (--train) or stacks to deform on the fly (--train-stacks), not both"
         )
+    if train_stacks and spec.dims == 3:
+        raise ConfigError("--train-stacks: volumes are not deformed on the fly in this version; make the training "
+                          "set with 'unet augment --dims 3' and pass it with --train")
     if not train_stacks:
         return TrainingData(AugmentedTiles(train_sets, spec=spec, normalisation=normalisation), sha256_files(train_sets),
                             {"train_sets": [str(p) for p in train_sets]})
@@ -338,6 +343,41 @@ def training_data(
     stores = [p for pair in train_stacks for p in pair]
     digest = hashlib.sha256((sha256_files(stores) + json.dumps(dataset.describe())).encode()).hexdigest()
     return TrainingData(dataset, digest, {"on_the_fly": dataset.describe()})
+
+
+def _shape_text(dataset: AugmentedTiles | OnTheFlyTiles, which: str) -> str:
+    """The training tile's input or output size for the log: ``508`` or (3-D) ``20x84x84``."""
+    shape = getattr(dataset, f"{which}_shape", None)
+    return "x".join(map(str, shape)) if shape is not None and len(shape) == 3 else str(getattr(dataset, f"{which}_size"))
+
+
+def _tile_z(dataset: AugmentedTiles | OnTheFlyTiles) -> tuple[int, int] | None:
+    """(input, output) z extent of 3-D training tiles, slices; None for slice tiles."""
+    shape_in, shape_out = getattr(dataset, "in_shape", ()), getattr(dataset, "out_shape", ())
+    return (int(shape_in[0]), int(shape_out[0])) if len(shape_in) == 3 else None
+
+
+#: Relative difference of two voxel sizes (per axis) still counted as the same voxel size.
+VOXEL_SIZE_RTOL = 0.01
+
+
+def training_voxel_size(
+    dataset: AugmentedTiles | OnTheFlyTiles, val_data: Sequence[ValidationSlice]
+) -> tuple[float, float, float] | None:
+    """The voxel size (dz, dy, dx), µm, a 3-D network is trained at (None for 2-D): the training
+    sets', which every validation volume must share within :data:`VOXEL_SIZE_RTOL` per axis.
+
+    Raises:
+        UserInputError: a validation volume of another voxel size.
+    """
+    size = getattr(dataset, "voxel_size_um", None)
+    for item in val_data:
+        if size is not None and item.voxel_size_um is not None and not np.allclose(
+                item.voxel_size_um, size, rtol=VOXEL_SIZE_RTOL, atol=0):
+            raise UserInputError(f"--val {item.source}: voxel size {item.voxel_size_um} µm, but the training "
+                                 f"sets' is {size} µm (tolerance {VOXEL_SIZE_RTOL:.0%} per axis); validate on "
+                                 "volumes of the training voxel size")
+    return size
 
 
 def _val_tile_out(config: TrainConfig, spec: UNetSpec, dataset: AugmentedTiles | OnTheFlyTiles) -> int:
@@ -392,7 +432,7 @@ def _session(
     check_model_fits_memory(spec)
     model = UNet(spec).to(runtime.device)
     if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format(spec))
     optimizer = make_optimizer(model, config, runtime)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, config=config))
     scaler = torch.amp.GradScaler("cuda") if runtime.autocast_dtype is torch.float16 else None
@@ -408,6 +448,11 @@ def _session(
     writer = BackgroundStateWriter(out_dir / STATE_FILE) if background_checkpoints(runtime) else None
     return Session(out_dir, config, runtime, record, model, forward, optimizer, scheduler, scaler, val_data,
                    offsets, progress, progress.iteration if state is not None else None, writer)
+
+
+def memory_format(spec: UNetSpec) -> torch.memory_format:
+    """The channels-last layout of ``spec``'s tensors: 4-D (N, H, W, C) for 2-D, 5-D for a 3-D network."""
+    return torch.channels_last_3d if spec.dims == 3 else torch.channels_last
 
 
 def background_checkpoints(runtime: Runtime) -> bool:
@@ -484,7 +529,7 @@ def _step(s: Session, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     device = s.runtime.device
     image = image.to(device, non_blocking=True)
     if s.runtime.channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=memory_format(s.record.spec))
     classes = classes.to(device, non_blocking=True).long()  # uploaded as uint8, widened on the device
     weights = weights.to(device, non_blocking=True) if s.config.weighted else None
     loss = batch_loss(s.forward, image, classes, weights, runtime=s.runtime)
@@ -577,7 +622,8 @@ def _validation_point(s: Session, meter: LossMeter) -> None:
         with out_of_gpu_memory(f"validating on {s.runtime.device} ({s.record.val_tile_out}-px tiles)",
                                "lower train.val_tile_out", error=ConfigError):
             row.update(validate(s.model, s.val_data, tile_out=s.record.val_tile_out, runtime=s.runtime,
-                                weighted=s.config.weighted, offsets=s.offsets))
+                                weighted=s.config.weighted, offsets=s.offsets,
+                                tile_z=s.record.tile_z[1] if s.record.tile_z else None))
         log.info("iteration %d: val loss %.4f, pixel error %.4f, IoU %.4f",
                  it, row["val_loss"], row["val_pixel_error"], row["val_iou"])
         _keep_if_best(s, row)

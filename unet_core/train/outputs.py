@@ -85,6 +85,9 @@ class RunRecord:
         median_object_area_px: median area of the training labels' objects, px (None: the
             training sets do not record object areas); seeds and the smallest kept object of
             ``unet merge`` can scale with it (``auto``).
+        voxel_size_um: (dz, dy, dx) a 3-D network was trained at, µm (None for 2-D): stored in
+            model.pt, so a run on volumes of another voxel size can be refused.
+        tile_z: (input, output) z extent of 3-D training tiles, slices (None for 2-D).
     """
 
     spec: UNetSpec
@@ -101,6 +104,8 @@ class RunRecord:
     decision: dict[str, Any]
     normalisation: Normalisation = Normalisation.STACK_ZSCORE
     median_object_area_px: float | None = None
+    voxel_size_um: tuple[float, float, float] | None = None
+    tile_z: tuple[int, int] | None = None
 
 
 def decision_metadata(mean_weights: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -187,6 +192,10 @@ def write_final_outputs(
         "exported_weights": exported,
         "decision": record.decision,
     }
+    if record.spec.dims == 3:  # 2-D model files keep their metadata keys
+        metadata.update(voxel_size_um=[float(v) for v in record.voxel_size_um or ()],
+                        tile_in_z=record.tile_z[0] if record.tile_z else None,
+                        tile_out_z=record.tile_z[1] if record.tile_z else None)
     save_model(out_dir / MODEL_FILE, export, metadata=metadata)
     export_torchscript(export, out_dir / SCRIPT_FILE)
     write_metrics_csv(out_dir / METRICS_FILE, history.rows)
@@ -228,6 +237,10 @@ def model_card(
             "val_tile_out_px": record.val_tile_out,
             "valid_inputs": f"{spec.min_input_size} + {spec.stride}*k",
         },
+        **({"geometry_z": {"context_slices": spec.z_axis.context, "stride_slices": spec.z_axis.stride,
+                           "train_tile_in_slices": record.tile_z[0] if record.tile_z else None,
+                           "train_tile_out_slices": record.tile_z[1] if record.tile_z else None},
+            "voxel_size_um": list(record.voxel_size_um or ())} if spec.dims == 3 else {}),
         "intensity_normalisation": record.normalisation.value,
         "training_labels": {"median_object_area_px": record.median_object_area_px,
                             "measured_on": "objects of the training slices' instance labels, undeformed"},

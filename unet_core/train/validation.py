@@ -1,10 +1,12 @@
-"""Validation during training: loss, pixel error and IoU of held-out slices.
+"""Validation during training: loss, pixel error and IoU of held-out slices (3-D: volumes).
 
 The slices are predicted by the production inference engine
 (:func:`unet_core.infer.predict.plane_logits`: mirrored borders, tile origins on multiples of
 ``UNetSpec.stride``, equal to one pass over the whole slice), so validation measures the network
 ``unet predict`` will run; the decision is the argmax of the logits plus the weight-prior offsets
-that ``unet predict`` adds.
+that ``unet predict`` adds. A 3-D network's held-out volumes go through the same engine with a
+3-D :class:`unet_core.infer.tiling.Tiling` (:func:`volume_logits`: blocks of ``block_z`` slices,
+tiles aligned to the z stride, equal to one pass over the whole mirror-padded volume).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from unet_core.common.intensity import IntensityStats
+from unet_core.common.precision import Precision
+from unet_core.infer.engine import Engine
 from unet_core.infer.predict import plane_logits
+from unet_core.infer.tiling import Tiling, round_up
 from unet_core.model.decision import correct
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.unet import UNet
@@ -28,9 +34,9 @@ def pixel_metrics(
     """Sums for loss, pixel error and per-class IoU of one slice.
 
     Args:
-        logits: (C, Y, X) float32.
-        classes: (Y, X) integer targets.
-        weights: (Y, X) float32 w(x), or None (unweighted loss).
+        logits: (C, Y, X) float32 (a volume: (C, Z, Y, X)).
+        classes: (Y, X) (volume: (Z, Y, X)) integer targets.
+        weights: float32 w(x) shaped as ``classes``, or None (unweighted loss).
         offsets: (C,) logit offsets of the decision rule (:mod:`unet_core.model.decision`); the
             loss is always that of the raw logits (the training objective).
 
@@ -62,19 +68,26 @@ def validate(
     runtime: Runtime,
     weighted: bool,
     offsets: np.ndarray | None = None,
+    tile_z: int | None = None,
 ) -> dict[str, float]:
-    """Loss, pixel error and mean foreground IoU over all validation pixels.
+    """Loss, pixel error and mean foreground IoU over all validation pixels (voxels).
 
     The decision is the argmax of the logits plus ``offsets`` (the weight-prior correction
     that ``unet predict`` applies; None: plain argmax). The model is left in the mode it was in.
+    ``tile_z``: a 3-D network's output tile along z, slices (its items are volumes).
     """
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     try:
         for item in slices:
-            logits = plane_logits(model, item.image, tile_out=tile_out, device=runtime.device,
-                                  precision=runtime.precision, channels_last=runtime.channels_last)
+            if model.spec.dims == 3:
+                logits = volume_logits(model, item.image, tile_out=tile_out, tile_z=tile_z or 1,
+                                       device=runtime.device, precision=runtime.precision,
+                                       channels_last=runtime.channels_last)
+            else:
+                logits = plane_logits(model, item.image, tile_out=tile_out, device=runtime.device,
+                                      precision=runtime.precision, channels_last=runtime.channels_last)
             metrics = pixel_metrics(logits, item.classes, item.weights if weighted else None, offsets)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -90,3 +103,44 @@ def validate(
         "val_pixel_error": totals["errors"] / totals["pixels"],
         "val_iou": float(np.mean(ious)) if ious else float("nan"),
     }
+
+
+def volume_logits(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    *,
+    tile_out: int,
+    tile_z: int,
+    device: torch.device,
+    precision: Precision = Precision.FP32,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Raw float32 logits of one normalised (Z, Y, X) volume through the engine (3-D validation).
+
+    The 3-D twin of :func:`unet_core.infer.predict.plane_logits`: one block along z holding the
+    whole volume (``block_z`` = Z rounded up to the z stride) and one in the plane, tiles of
+    ``tile_z`` x ``tile_out`` x ``tile_out`` output voxels (rounded down to the strides), no
+    offsets, no softmax, no test-time transforms. ``model`` is used as it is.
+
+    Args:
+        volume: (Z, Y, X) float32, already normalised (slice by slice where the mode says so).
+        tile_out: in-plane output tile edge, px.
+        tile_z: output tile extent along z, slices.
+
+    Returns:
+        (C, Z, Y, X) float32 logits.
+    """
+    spec = model.spec
+    stride, z_stride = spec.stride, spec.z_axis.stride
+    tile = max(stride, tile_out // stride * stride)
+    tz = max(z_stride, tile_z // z_stride * z_stride)
+    block_z = round_up(volume.shape[0], z_stride)
+    tiling = Tiling(volume.shape, spec, block_px=max(tile, round_up(max(volume.shape[1:]), stride)),
+                    tile_out=tile, block_z=max(block_z, tz), tile_z=tz)
+    engine = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=device, precision=precision,
+                    channels_last=channels_last)
+    out = np.empty((spec.n_classes, *volume.shape), np.float32)
+    for block in tiling.blocks():
+        logits = engine.block_output(engine.stage(volume, block), logits=True)
+        out[(slice(None), *block.write.to_slices())] = logits.cpu().numpy()
+    return out
