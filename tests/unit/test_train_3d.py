@@ -127,6 +127,14 @@ def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(data, tmp
     assert ref == again == cut
 
 
+def test_loader_workers_do_not_change_the_weights(data, tmp_path: Path) -> None:
+    kw = {"spec": TINY3D, "config": config(iterations=4, validate_every=4)}
+    train([data["aug"]], out_dir=tmp_path / "w0", **kw)
+    train([data["aug"]], out_dir=tmp_path / "w2", **{**kw, "config": config(iterations=4, validate_every=4, workers=2)})
+    a, b = (safe_load(tmp_path / d / "model.pt")["state_dict"] for d in ("w0", "w2"))  # metadata names the workers
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _cli(data, out: Path, *extra: str, model: list[str] = TINY3D_ARGS) -> list[str]:
     return ["train", "--train", str(data["aug"]), "--out-dir", str(out), "--iterations", "2", "--workers", "0",
             "--device", "cpu", "--threads", "1", "--validate-every", "2", *model, *extra]
