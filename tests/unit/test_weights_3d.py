@@ -182,6 +182,17 @@ def test_chunked_equals_whole_volume_with_decimal_spacing():
     assert lazy.compute(scheduler="synchronous").tobytes() == whole.tobytes()
 
 
+def test_chunked_equals_whole_volume_thinner_than_the_halo():
+    # 3 slices against a z halo of 5, z chunks of 2: the halo reads only the zero boundary there
+    labels = voronoi_volume((3, 33, 29), 6, seed=2, gap=0.8)
+    params = W.VolumeWeightParams(sigma_um=1.5)
+    classes = W.class_map_3d(labels, separate_touching=True)
+    whole = W.weight_map_3d(labels, classes, class_weights=CLASS_WEIGHTS, params=params, spacing_um=SPACING)
+    _, lazy = WD.volume_weight_arrays(da.from_array(labels, chunks=(2, 16, 15)), class_weights=CLASS_WEIGHTS,
+                                      params=params, spacing_um=SPACING)
+    assert (whole > CLASS_WEIGHTS[1]).any()
+    assert lazy.compute(scheduler="synchronous").tobytes() == whole.tobytes()
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_separation_leaves_no_two_cells_face_adjacent(seed):
     labels = voronoi_volume((12, 20, 18), 15, seed=seed)
