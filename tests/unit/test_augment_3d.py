@@ -17,7 +17,6 @@ import zarr
 from unet_core.augment import samples
 from unet_core.augment.elastic import DeformParams, source_coordinates, warp_reference
 from unet_core.augment.samples import (
-    VolumeRecipe,
     augment,
     draw_volume_sample,
     open_source,
@@ -31,6 +30,7 @@ from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.spec import UNetSpec
 from unet_core.synth.volume import VolumeParams, synth_volume
 from unet_core.weights.maps import VolumeWeightParams, class_map_3d, weight_map_3d
+from unet_core.weights.recipe import VolumeWeightRecipe
 
 #: A tiny 3-D net: one level, z never pooled, 1x3x3 then 3x3x3 kernels: z context 2, plane context 8.
 TINY3D = UNetSpec(depth=1, base_channels=4, dropout=0.0, dims=3, pool_z=(1,), kernel_z=(1, 3))
@@ -38,8 +38,10 @@ TINY3D_ARGS = ["--dims", "3", "--depth", "1", "--base-channels", "4", "--dropout
                "--kernel-z", "1,3"]
 TILE_OUT, TILE_OUT_Z = 12, 4  # -> input tiles of 8 x 28 x 28 voxels
 SPACING = (2.0, 0.5, 0.5)
-RECIPE = {"class_weights": [0.7, 1.6], "w0": 10.0, "sigma_px": 3.0, "tolerance": 1e-3,
-          "border_pixels": "background", "separate_touching": True}
+#: What 'unet weights --dims 3' records (sigma 1.5 µm = 3 in-plane voxels).
+RECIPE = VolumeWeightRecipe(VolumeWeightParams(sigma_um=1.5), (0.7, 1.6), SPACING)
+SLICE_RECIPE = {"class_weights": [0.7, 1.6], "w0": 10.0, "sigma_px": 3.0, "tolerance": 1e-3,
+                "border_pixels": "background", "separate_touching": True}
 NO_GREY = DeformParams(brightness=0.0, contrast=0.0)  # geometry only: the stored image is the warp alone
 
 
@@ -52,9 +54,10 @@ def _one_thread():
 
 
 def make_volume_stores(tmp: Path, *, depth: int = 12, size: int = 48, seed: int = 1, name: str = "vol",
-                       voxel_size_given: bool = True) -> tuple[Path, Path]:
+                       voxel_size_given: bool = True, slice_store: bool = False) -> tuple[Path, Path]:
     """A synthetic nuclei volume (unet_core/synth/volume.py) as an ingested stack (level 0, voxel size
-    (2, 0.5, 0.5) µm) and its weights store (3-D classes and w(x) in µm, instances, the recipe)."""
+    (2, 0.5, 0.5) µm) and its weights store as 'unet weights --dims 3' writes it (3-D classes and w(x) in
+    µm, instances, attrs dims 3 + the VolumeWeightRecipe); ``slice_store``: the attrs of a 2-D store."""
     raw, labels = synth_volume(VolumeParams(depth=max(depth, 2), height=size, width=size), seed=seed, index=0)
     raw, labels = raw[:depth], labels[:depth]  # depth 1: a single-slice stack
     stack = tmp / f"{name}.ome.zarr"
@@ -66,14 +69,12 @@ def make_volume_stores(tmp: Path, *, depth: int = 12, size: int = 48, seed: int 
     root.attrs["unet"] = {"intensity": IntensityStats(float(raw.mean()), float(raw.std())).to_dict(),
                           "label_kind": "instance", "name": name, "voxel_size_given": voxel_size_given}
     instances = labels.astype(np.int32)
-    classes = class_map_3d(instances, separate_touching=True)
-    weights = weight_map_3d(instances, classes, class_weights=RECIPE["class_weights"],
-                            params=VolumeWeightParams(sigma_um=1.5), spacing_um=SPACING)
+    classes, weights = RECIPE.apply(instances)
     store = tmp / f"{name}_weights.zarr"
     group = zarr.open_group(store, mode="w")
     for key, arr in (("weights", weights.astype(np.float32)), ("classes", classes), ("instances", instances)):
         create_array(group, key, shape=arr.shape, dtype=arr.dtype, chunks=(4, size, size))[:] = arr
-    group.attrs["unet"] = RECIPE
+    group.attrs["unet"] = SLICE_RECIPE if slice_store else RECIPE.to_dict()
     return stack, store
 
 
@@ -109,7 +110,7 @@ def test_writes_volume_tiles_with_the_geometry_and_voxel_size(stores, tmp_path: 
     attrs = g.attrs["unet"]
     assert attrs["dims"] == 3 and attrs["tile_in"] == [8, 28, 28] and attrs["tile_out"] == [4, 12, 12]
     assert attrs["voxel_size_um"] == list(SPACING) and attrs["model"] == TINY3D.to_dict()
-    assert attrs["sigma_um"] == 10.0 * 0.5 and attrs["weight_recipe"]["sigma_um"] == 3.0 * 0.5
+    assert attrs["sigma_um"] == 10.0 * 0.5 and attrs["weight_recipe"] == RECIPE.to_dict()
     assert np.isfinite(g["image"][:]).all() and set(np.unique(g["classes"][:])) <= {0, 1}
     assert (g["instances"][:] > 0).mean() > 0.05  # nuclei are there
 
@@ -120,13 +121,11 @@ def test_a_tile_is_the_core_deformation_of_the_volume_with_recomputed_weights(st
     3-D functions (µm) on the stored labels."""
     stack, weights = stores
     g = zarr.open_group(_run(stores, tmp_path / "aug.zarr", params=NO_GREY), mode="r")
-    source = open_source(stack, weights)
-    recipe = VolumeRecipe.of(source, SPACING)
+    source = open_source(stack, weights, dims=3)
     volume = np.stack([normalize(np.asarray(source.stack.image[z]), source.scaling(z)) for z in range(12)])
     instances = np.asarray(source.instances[:])
     for k in range(3):
-        tr = draw_volume_sample(source, k, seed=3, params=NO_GREY, recipe=recipe, tile_in=(8, 28, 28),
-                                tile_out=(4, 12, 12))
+        tr = draw_volume_sample(source, k, seed=3, params=NO_GREY, tile_in=(8, 28, 28), tile_out=(4, 12, 12))
         coords = source_coordinates([tr], (8, 28, 28))[0]
         assert np.abs(g["image"][k] - warp_reference(volume, coords, interpolation="bilinear")).max() < 1e-4
         nearest = tuple(mirror_index(np.rint(c).astype(np.int64), n) for c, n in zip(coords, instances.shape))
@@ -134,8 +133,8 @@ def test_a_tile_is_the_core_deformation_of_the_volume_with_recomputed_weights(st
         stored = np.asarray(g["instances"][k])
         classes = class_map_3d(stored, separate_touching=True)
         assert np.array_equal(g["classes"][k], classes)
-        expected = weight_map_3d(stored, classes, class_weights=RECIPE["class_weights"],
-                                 params=VolumeWeightParams(sigma_um=1.5), spacing_um=SPACING)
+        expected = weight_map_3d(stored, classes, class_weights=(0.7, 1.6), params=VolumeWeightParams(sigma_um=1.5),
+                                 spacing_um=SPACING)
         assert np.array_equal(g["weights"][k], expected.astype(np.float32))
 
 
@@ -164,6 +163,7 @@ def test_cli_writes_a_volume_set(stores, tmp_path: Path) -> None:
         pytest.param(dict(voxel_size_given=False), [], "voxel size was not given", id="no-voxel-size"),
         pytest.param({}, ["--tile-out-z", "16"], "larger than the", id="window-beyond-volume"),
         pytest.param({}, ["--slices", "0-3"], "--slices", id="slices"),
+        pytest.param(dict(slice_store=True), [], "a 2-D weights store", id="slice-weights-store"),
         pytest.param({}, ["--plot", "x.png"], "--plot", id="plot"),
     ],
 )
@@ -196,3 +196,11 @@ def test_volumes_are_deformed_on_the_requested_device_only(stores, monkeypatch, 
     monkeypatch.setattr(samples, "deform", spy)
     _run(stores, tmp_path / "aug.zarr", samples_per_slice=2)
     assert seen == [("cpu", 5, 1), ("cpu", 5, 1)]
+
+
+def test_a_volume_weights_store_is_refused_by_the_2d_mode(stores, tmp_path: Path, capsys) -> None:
+    stack, weights = stores
+    code = main(["augment", str(stack), str(weights), str(tmp_path / "o.zarr"), "--tile-out", "20", "--depth", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a 3-D weights store" in err[0], err
+    assert not (tmp_path / "o.zarr").exists()

@@ -39,8 +39,9 @@ in overlap-tile prediction.
 0 of the stack); ``source`` holds (0, k). The deformation is
 :func:`unet_core.augment.elastic.draw_volume_transform` (displacements in µm with the stack's
 voxel size, rotation about z), the image resampled trilinearly, the instances by nearest
-neighbour, and classes and w(x) recomputed on the deformed instances in µm
-(:class:`VolumeRecipe`: 6-connected separation, anisotropic d1/d2). ``attrs["unet"]`` records
+neighbour, and classes and w(x) recomputed on the deformed instances in µm with the 3-D weights
+store's :class:`unet_core.weights.recipe.VolumeWeightRecipe` (``unet weights --dims 3``:
+6-connected separation, anisotropic d1/d2). ``attrs["unet"]`` records
 ``dims: 3``, (z, y, x) tile sizes and ``voxel_size_um``, which training stores in model.pt. A
 single-slice stack, or one whose voxel size was not given at ingest, is refused.
 """
@@ -86,8 +87,7 @@ from unet_core.common.progress import progress
 from unet_core.common.provenance import code_hash
 from unet_core.io.ngff import Stack, create_array, open_group, open_stack, recorded_intensity
 from unet_core.model.spec import UNetSpec
-from unet_core.weights.maps import VolumeWeightParams, class_map_3d, weight_map_3d
-from unet_core.weights.recipe import WeightRecipe
+from unet_core.weights.recipe import VolumeWeightRecipe, WeightRecipe
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +189,22 @@ class Source:
 
     stack: Stack
     instances: zarr.Array
-    recipe: WeightRecipe
+    recipe: WeightRecipe | VolumeWeightRecipe
     weights_path: Path
     normalisation: Normalisation
     scaling: Callable[[int], Scaling]
 
 
 def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathLike[str], *,
-                normalisation: Normalisation = Normalisation.STACK_ZSCORE) -> Source:
+                normalisation: Normalisation = Normalisation.STACK_ZSCORE, dims: int = 2) -> Source:
     """Open a stack and the weights store made from it, to be normalised by ``normalisation``.
 
+    ``dims`` 3: the store must be a volume's (``unet weights --dims 3``, :class:`VolumeWeightRecipe`);
+    2: a store of slices (:class:`WeightRecipe`). Each recipe refuses the other mode's store.
+
     Raises:
-        UserInputError: missing arrays or attributes, shapes that do not match, or a per-slice
-            normalisation on a stack ingested without per-slice statistics.
+        UserInputError: missing arrays or attributes, shapes that do not match, a store of the
+            other mode, or a per-slice normalisation on a stack ingested without per-slice statistics.
     """
     stack = open_stack(stack_path)  # ``normalisation`` was parsed where it entered (augment(), TrainConfig)
     scaling = stack.scaler(normalisation)
@@ -216,7 +219,8 @@ def open_source(stack_path: str | os.PathLike[str], weights_path: str | os.PathL
             f"{stack.path} shape {stack.shape}; pass the weights store made from this stack"
         )
     stack.check_made_from(recorded_intensity(group.attrs), result=weights_path)
-    recipe = WeightRecipe.from_attrs(dict(group.attrs).get("unet", {}), where=str(weights_path))
+    kind = VolumeWeightRecipe if dims == 3 else WeightRecipe
+    recipe = kind.from_attrs(dict(group.attrs).get("unet", {}), where=str(weights_path))
     return Source(stack, instances, recipe, weights_path, normalisation, scaling)
 
 
@@ -305,7 +309,8 @@ def augment(
     _check_counts(samples_per_slice, seed)
     device = resolve_device(device)
     source = open_source(stack_path, weights_path,
-                         normalisation=parse_choice(Normalisation, normalisation, option="--normalisation"))
+                         normalisation=parse_choice(Normalisation, normalisation, option="--normalisation"),
+                         dims=spec.dims)
     if spec.dims == 3:
         if slices is not None or plot is not None:
             raise UserInputError(f"{'--slices' if slices is not None else '--plot'}: not available with --dims 3 "
@@ -520,48 +525,6 @@ VOLUME_KEY = 0
 VOLUME_SUPPORT = 2
 
 
-@dataclass(frozen=True)
-class VolumeRecipe:
-    """How deformed (Z, Y, X) instances become classes and w(x), distances in µm.
-
-    The weights store's recipe (class weights, w0, tolerance, separation) with the border term
-    of :func:`unet_core.weights.maps.weight_map_3d`: 6-connected separation surfaces, d1 and d2
-    measured in µm with the stack's voxel size. ``sigma_um`` is the store's where it records
-    one (a 3-D weights stage), else its ``sigma_px`` times the finer in-plane voxel size (the
-    2-D decay length in µm).
-
-    Attributes:
-        recipe: the weights store's recipe.
-        params: the border term's parameters in µm.
-        spacing_um: (dz, dy, dx) voxel size, µm.
-    """
-
-    recipe: WeightRecipe
-    params: VolumeWeightParams
-    spacing_um: tuple[float, float, float]
-
-    @classmethod
-    def of(cls, source: Source, spacing_um: tuple[float, float, float]) -> VolumeRecipe:
-        recipe = source.recipe
-        recorded = zarr.open_group(source.weights_path, mode="r").attrs.get("unet", {}).get("sigma_um")
-        sigma_um = float(recorded) if recorded is not None else recipe.params.sigma_px * min(spacing_um[1:])
-        p = recipe.params
-        params = VolumeWeightParams(sigma_um=sigma_um, w0=p.w0, tolerance=p.tolerance,
-                                    border_pixels=p.border_pixels, method=p.method)
-        return cls(recipe, params, spacing_um)
-
-    def apply(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Z, Y, X) int32 instances -> classes (Z, Y, X) uint8 and w(x) (Z, Y, X) float32."""
-        classes = class_map_3d(instances, separate_touching=self.recipe.separate_touching)
-        weights = weight_map_3d(instances, classes, class_weights=self.recipe.class_weights, params=self.params,
-                                spacing_um=self.spacing_um)
-        return classes.astype(np.uint8, copy=False), weights.astype(np.float32, copy=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.recipe.to_dict(), "sigma_um": self.params.sigma_um, "spacing_um": list(self.spacing_um),
-                "separation": "6-connected (class_map_3d)", "distances": "µm (weight_map_3d)"}
-
-
 def volume_tile_shapes(spec: UNetSpec, tile_out: int, tile_out_z: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input, output) (Z, H, W) tile of a 3-D network for an output of ``tile_out_z`` x ``tile_out``
     x ``tile_out`` voxels (``tile_out_z`` None: the smallest valid z output >= :data:`TILE_OUT_Z`).
@@ -601,10 +564,11 @@ def normalised_region(source: Source, region: Box) -> np.ndarray:
     return np.stack([normalize(plane, source.scaling(int(z))) for plane, z in zip(raw, slices)])
 
 
-def draw_volume_sample(source: Source, k: int, *, seed: int, params: DeformParams, recipe: VolumeRecipe,
-                       tile_in: Sequence[int], tile_out: Sequence[int], sigma_um: float | None = None) -> VolumeDeformation:
-    """The transform of sample ``k`` of the stack's volume: drawn from ``rng_for(seed, VOLUME_KEY, k)``."""
-    return draw_volume_transform(rng_for(seed, VOLUME_KEY, k), params=params, spacing_um=recipe.spacing_um,
+def draw_volume_sample(source: Source, k: int, *, seed: int, params: DeformParams, tile_in: Sequence[int],
+                       tile_out: Sequence[int], sigma_um: float | None = None) -> VolumeDeformation:
+    """The transform of sample ``k`` of the stack's volume: drawn from ``rng_for(seed, VOLUME_KEY, k)``
+    with the stack's voxel size."""
+    return draw_volume_transform(rng_for(seed, VOLUME_KEY, k), params=params, spacing_um=source.stack.scale,
                                  source_shape=source.stack.shape, tile_shape=tile_in, out_shape=tile_out,
                                  sigma_um=sigma_um)
 
@@ -615,7 +579,6 @@ def make_volume_sample(
     *,
     seed: int,
     params: DeformParams,
-    recipe: VolumeRecipe,
     tile_in: Sequence[int],
     tile_out: Sequence[int],
     sigma_um: float | None = None,
@@ -625,12 +588,13 @@ def make_volume_sample(
 
     The image is resampled trilinearly, the instances by nearest neighbour with the same grid
     (:func:`unet_core.augment.elastic.deform`), from the mirrored source region the sample reads;
-    classes and w(x) are recomputed from the deformed instances (:class:`VolumeRecipe`).
+    classes and w(x) are recomputed from the deformed instances with the store's
+    :class:`unet_core.weights.recipe.VolumeWeightRecipe` (6-connected separation, d1/d2 in µm).
 
     Returns:
         :class:`Tiles` with (1, Z, H, W) arrays.
     """
-    transform = draw_volume_sample(source, k, seed=seed, params=params, recipe=recipe, tile_in=tile_in,
+    transform = draw_volume_sample(source, k, seed=seed, params=params, tile_in=tile_in,
                                    tile_out=tile_out, sigma_um=sigma_um)
     region = volume_source_region(transform, tile_in)
     image = normalised_region(source, region)
@@ -644,8 +608,8 @@ def make_volume_sample(
         raise ConfigError(f"augmentation settings ({params.describe()}) give grey values of NaN or Inf; "
                           "use smaller augment.brightness, contrast or sigma")
     inst_np = labels.cpu().numpy().astype(np.int32, copy=False)
-    classes, weights = recipe.apply(inst_np[0])
-    return Tiles(image_np, classes[None], weights[None], inst_np)
+    classes, weights = source.recipe.apply(inst_np[0])
+    return Tiles(image_np, classes.astype(np.uint8, copy=False)[None], weights[None], inst_np)
 
 
 def check_volume_stack(stack: Stack, *, what: str) -> tuple[float, float, float]:
@@ -676,6 +640,10 @@ def check_volume_source(source: Source, tile_out: Sequence[int]) -> tuple[float,
     """
     spacing = check_volume_stack(source.stack, what="stack")
     stack = source.stack
+    made_at = tuple(source.recipe.spacing_um)
+    if not np.allclose(made_at, spacing, rtol=1e-6, atol=0):
+        raise UserInputError(f"{source.weights_path}: w(x) made for voxels of {made_at} µm, but {stack.path} has "
+                             f"{spacing} µm; make the weights again with 'unet weights --dims 3'")
     if any(o > n for o, n in zip(tile_out, stack.shape)):
         raise UserInputError(f"--tile-out/--tile-out-z: the {'x'.join(map(str, tile_out))} output window (z, y, x) "
                              f"is larger than the {'x'.join(map(str, stack.shape))} volume {stack.path}; "
@@ -707,13 +675,12 @@ def augment_volume(
     """
     tile_in, tile_out_zyx = volume_tile_shapes(spec, tile_out, tile_out_z)
     spacing = check_volume_source(source, tile_out_zyx)
-    recipe = VolumeRecipe.of(source, spacing)
     jobs = [(k, VOLUME_KEY, k) for k in range(samples)]
     log.info("%d samples of %s voxels (output %s) from %s at %s µm", samples, "x".join(map(str, tile_in)),
              "x".join(map(str, tile_out_zyx)), source.stack.path, spacing)
 
     def make(job: tuple[int, int, int]) -> Tiles:
-        return make_volume_sample(source, job[2], seed=seed, params=params, recipe=recipe, tile_in=tile_in,
+        return make_volume_sample(source, job[2], seed=seed, params=params, tile_in=tile_in,
                                   tile_out=tile_out_zyx, sigma_um=sigma_um, device=device)
 
     out_path = Path(out_path)
@@ -721,14 +688,14 @@ def augment_volume(
         root = zarr.open_group(tmp, mode="w")
         _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
         root.attrs.update({"unet": volume_provenance(source, seed=seed, params=params, spec=spec, tile_in=tile_in,
-                                                     tile_out=tile_out_zyx, samples=samples, recipe=recipe,
+                                                     tile_out=tile_out_zyx, samples=samples, spacing_um=spacing,
                                                      sigma_um=sigma_um)})
     return out_path
 
 
 def volume_provenance(
     source: Source, *, seed: int, params: DeformParams, spec: UNetSpec, tile_in: Sequence[int],
-    tile_out: Sequence[int], samples: int, recipe: VolumeRecipe, sigma_um: float | None,
+    tile_out: Sequence[int], samples: int, spacing_um: Sequence[float], sigma_um: float | None,
 ) -> dict[str, Any]:
     """``attrs["unet"]`` of a 3-D set (no timestamps: same inputs, same bytes)."""
     return {
@@ -743,15 +710,15 @@ def volume_provenance(
         "tile_in": [int(v) for v in tile_in],
         "tile_out": [int(v) for v in tile_out],
         "context": [int(a.context) for a in spec.axes],
-        "voxel_size_um": list(recipe.spacing_um),
+        "voxel_size_um": [float(v) for v in spacing_um],
         "model": spec.to_dict(),
         "deformation": params.to_dict(),
-        "sigma_um": float(params.sigma_px * min(recipe.spacing_um[1:]) if sigma_um is None else sigma_um),
+        "sigma_um": float(params.sigma_px * min(spacing_um[1:]) if sigma_um is None else sigma_um),
         "displacement_upsampling": "Keys cubic convolution a=-0.5 per axis, on a coarse grid in µm",
         "interpolation": "trilinear (image), nearest neighbour (labels)",
         "border": "mirror about the border voxel centre (numpy 'reflect')",
         "weights": "recomputed from the deformed instances (unet_core.weights.maps.class_map_3d/weight_map_3d)",
-        "weight_recipe": recipe.to_dict(),
+        "weight_recipe": source.recipe.to_dict(),
         "intensity_normalisation": source.normalisation.value,
         "intensity": source.stack.intensity.to_dict(),
         "source": {"stack": str(source.stack.path), "weights": str(source.weights_path),
