@@ -156,6 +156,7 @@ def test_cli_trains_a_3d_network(data, tmp_path: Path) -> None:
         pytest.param("val-other-size", [], "but the training sets' is", id="val-other-voxel-size"),
         pytest.param("val-slices", ["--val-slices", "0"], "--val-slices", id="val-slices"),
         pytest.param("on-the-fly", [], "--train-stacks", id="on-the-fly"),
+        pytest.param("val-slice-store", [], "a 2-D weights store, but the model has --dims 3", id="val-2d-store"),
         pytest.param("tile-z", [], "tile z size", id="set-of-another-z-geometry"),
     ],
 )
@@ -171,6 +172,8 @@ def test_cli_bad_3d_input_is_one_line_exit_2(data, tmp_path: Path, capsys, which
     elif which == "val-other-size":
         val = make_volume_stores(tmp_path, depth=4, size=32, name="other")
         zarr.open_group(val[0], mode="r+").attrs["ome"] = _rescaled(val[0], (4.0, 0.5, 0.5))
+    elif which == "val-slice-store":
+        val = make_volume_stores(tmp_path, depth=4, size=32, name="flat", slice_store=True)
     elif which == "on-the-fly":
         argv = [a if a != "--train" else "--train-stacks" for a in argv]
         argv[argv.index("--train-stacks") + 1] = f"{val[0]}:{val[1]}"
@@ -198,3 +201,13 @@ def test_a_2d_set_on_a_3d_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--train-stacks"):
         train([], out_dir=tmp_path / "x", spec=TINY3D, config=config(tile_out=12),
               train_stacks=[(tmp_path / "a", tmp_path / "b")])
+
+
+def test_validation_stores_must_match_the_mode(data) -> None:
+    from unet_core.train.data import load_validation
+
+    with pytest.raises(UserInputError, match="a 3-D weights store, but the model has --dims 2"):
+        load_validation([data["val"]], slices=None, n_classes=2, dims=2)
+    (item,) = load_validation([data["val"]], slices=None, n_classes=2, dims=3)
+    assert item.image.shape == item.classes.shape == item.weights.shape == (6, 32, 32)
+    assert item.voxel_size_um == SPACING

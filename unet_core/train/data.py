@@ -470,7 +470,7 @@ def load_validation(
     for stack_path, weights_path in pairs:
         stack = open_stack(stack_path)
         scaling = stack.scaler(normalisation)
-        group = _validation_group(stack, weights_path)
+        group = _validation_group(stack, weights_path, dims=dims)
         if dims == 3:
             spacing = check_volume_stack(stack, what="--val")
             classes = np.asarray(group["classes"][:], dtype=np.uint8)
@@ -498,9 +498,14 @@ def load_validation(
     return out
 
 
-def _validation_group(stack: Stack, weights_path: Path) -> zarr.Group:
-    """The weights store of a validation stack, checked: its arrays, shape and source stack."""
+def _validation_group(stack: Stack, weights_path: Path, *, dims: int) -> zarr.Group:
+    """The weights store of a validation stack, checked: its arrays, shape, source stack and mode (a 3-D
+    network's targets are the volume's classes, 'unet weights --dims 3'; a 2-D one's those of slices)."""
     group = open_group(weights_path, hint="a weights store from 'unet weights' expected")
+    made = dict(group.attrs).get("unet", {}).get("dims", 2)
+    if made != dims:
+        raise UserInputError(f"--val {weights_path}: a {made}-D weights store, but the model has --dims {dims}; "
+                             f"make its weights with 'unet weights --dims {dims}'")
     missing = [name for name in ("weights", "classes") if name not in group]
     if missing:
         raise UserInputError(f"{weights_path}: not a weights store (missing arrays {missing})")
