@@ -16,7 +16,8 @@ from scipy.spatial import cKDTree
 
 from unet_core.cli import main
 from unet_core.weights import maps as W
-from unet_core.weights.blockwise import split_label_id
+from unet_core.weights import blockwise as WD
+from unet_core.weights.blockwise import split_label_id, volume_blocks
 from unet_core.weights.recipe import VolumeWeightRecipe
 
 SPACING = (2.0, 0.5, 0.5)  # µm, as the synthetic 3-D profile: z steps 4x the in-plane ones
@@ -77,13 +78,26 @@ def whole_volume(labels: np.ndarray, params: W.VolumeWeightParams, class_weights
     return classes, weights, np.where(classes == 1, labels, 0).astype(np.int32)
 
 
-@pytest.mark.parametrize("sigma_um", [pytest.param(0.8, id="z-halo-3"), pytest.param(1.5, id="z-halo-wider-than-chunk")])
-def test_3d_weights_equal_the_whole_volume_byte_for_byte(tmp_path, stack, sigma_um):
+@pytest.mark.parametrize(
+    "sigma_um, block_voxels",
+    [
+        # blocks = the stack's chunks (3, 16, 16): 3 z chunks, the last of one slice, 2 x 2 in the plane
+        pytest.param(0.8, 1, id="z-halo-3-stack-chunks"),
+        pytest.param(1.5, 1, id="z-halo-wider-than-chunk"),
+        pytest.param(0.8, 6 * 21 * 19, id="grouped-chunks"),  # blocks (6, 21, 19): 2 z chunks, whole planes
+        pytest.param(1.5, None, id="cli-default-blocks"),  # one block: the whole volume
+    ],
+)
+def test_3d_weights_equal_the_whole_volume_byte_for_byte(tmp_path, stack, sigma_um, block_voxels):
     path, labels = stack
     params = W.VolumeWeightParams(sigma_um=sigma_um)
     assert params.halo_voxels(SPACING)[0] >= 3  # every z chunk (3 slices) needs its neighbours
     out = tmp_path / "weights.zarr"
-    assert unet("weights", path, out, "--dims", 3, "--sigma-um", sigma_um) == 0
+    if block_voxels is None:
+        assert unet("weights", path, out, "--dims", 3, "--sigma-um", sigma_um) == 0
+    else:
+        with WD.dask_scheduler("threads", workers=2):
+            WD.write_weights(path, out, params=params, block_voxels=block_voxels, batch_slices=3)
     root = zarr.open_group(out, mode="r")
     attrs = dict(root.attrs)["unet"]
     classes, weights, cells = whole_volume(labels, params, attrs["class_weights"])
@@ -240,3 +254,19 @@ def test_the_slice_recipe_refuses_a_3d_store(tmp_path, stack):
     attrs2 = dict(zarr.open_group(tmp_path / "w2.zarr", mode="r").attrs)["unet"]
     with pytest.raises(UserInputError, match="2-D weights store"):
         VolumeWeightRecipe.from_attrs(attrs2, where="w2.zarr")
+
+
+@pytest.mark.parametrize(
+    "max_voxels, block",
+    [
+        # chunks (8, 64, 64) of a (32, 128, 128) volume, halo (7, 23, 23): y and x reach the whole
+        # axis (64 < 4 * 23), z grows 8 -> 16 -> 24 -> 32 (24 < 4 * 7 = 28)
+        pytest.param(2**21, (32, 128, 128), id="whole"),
+        pytest.param(16 * 128 * 128, (16, 128, 128), id="bounded"),  # 24 slices would exceed it
+        pytest.param(1, (8, 64, 64), id="chunks"),
+    ],
+)
+def test_volume_blocks_group_whole_chunks(max_voxels, block):
+    assert volume_blocks((8, 64, 64), (32, 128, 128), (7, 23, 23), max_voxels=max_voxels) == block
+    # chunks larger than 4 halos stay as they are
+    assert volume_blocks((8, 256, 256), (64, 1024, 1024), (2, 23, 23)) == (8, 256, 256)
