@@ -100,6 +100,9 @@ def test_loss_falls_validation_runs_and_model_records_3d_spec_and_voxel_size(dat
     model, metadata = load_model(out / "model.pt")
     assert model.spec == TINY3D
     assert metadata["voxel_size_um"] == list(SPACING) and (metadata["tile_in_z"], metadata["tile_out_z"]) == (8, 4)
+    labels = np.asarray(zarr.open_group(data["tmp"] / "train_weights.zarr", mode="r")["instances"][:])
+    voxels = np.bincount(labels.ravel())[1:]
+    assert metadata["median_object_volume_um3"] == float(np.median(voxels[voxels > 0])) * 2.0 * 0.5 * 0.5
     log = safe_load(out / "state.pt")["history"]["train_log"]
     first, last = log[0][1], log[-1][1]
     assert last < 0.8 * first, log

@@ -721,6 +721,9 @@ def volume_provenance(
         "weight_recipe": source.recipe.to_dict(),
         "intensity_normalisation": source.normalisation.value,
         "intensity": source.stack.intensity.to_dict(),
+        # 3-D objects of the undeformed volume by voxel count (area_histogram's format, "area_px" = voxels):
+        # training stores their median volume in µm³ with the model
+        "object_volumes": area_histogram(object_areas(np.asarray(source.instances[:]))),
         "source": {"stack": str(source.stack.path), "weights": str(source.weights_path),
                    "stack_attrs": {k: source.stack.attrs[k] for k in ("name", "sha256") if k in source.stack.attrs}},
     }

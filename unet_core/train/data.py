@@ -143,6 +143,7 @@ class AugmentedTiles(torch.utils.data.Dataset):
         self.spec = spec
         self.area_records: list[dict] = []
         self.voxel_size_um: tuple[float, float, float] | None = None
+        self.volume_records: list[dict] = []
         if not self.paths:
             raise UserInputError(
                 "--train: no training set given (pass one or more AUG.zarr from 'unet augment')"
@@ -214,6 +215,8 @@ class AugmentedTiles(torch.utils.data.Dataset):
             self.area_records.append(attrs["object_areas"])
         if self.spec.dims == 3:
             self._check_voxel_size(path, attrs.get("voxel_size_um"))
+            if "object_volumes" in attrs:
+                self.volume_records.append(attrs["object_volumes"])
 
     def _check_voxel_size(self, path: Path, recorded: Any) -> None:
         """Keep the voxel size of a 3-D set; every set must share it (within 1e-6 relative)."""
@@ -234,6 +237,14 @@ class AugmentedTiles(torch.utils.data.Dataset):
         if len(self.area_records) != len(self.paths):
             return None
         return median_area(self.area_records)
+
+    def median_object_volume_um3(self) -> float | None:
+        """Median volume, µm³, of the 3-D objects of the sets' undeformed source volumes (None: 2-D
+        sets, or not recorded)."""
+        if self.voxel_size_um is None or len(self.volume_records) != len(self.paths):
+            return None
+        voxels = median_area(self.volume_records)
+        return None if voxels is None else voxels * float(np.prod(self.voxel_size_um))
 
     def mean_weights(self) -> np.ndarray:
         """Mean loss weight per class over the output region of every tile (the pixels the loss sees)."""

@@ -300,6 +300,7 @@ def _train(
         val_tile_out=val_tile_out, decision=decision_metadata(mean_weights, offsets),
         normalisation=normalisation, median_object_area_px=data.dataset.median_object_area(),
         voxel_size_um=voxel_size, tile_z=_tile_z(data.dataset),
+        median_object_volume_um3=getattr(data.dataset, "median_object_volume_um3", lambda: None)(),
     )
     s = _session(out_dir, record, val_data, offsets, resume=resume, restart_if_changed=restart_if_changed)
     _run(s, _loader(data.dataset, config, runtime, start=s.progress.iteration), on_iteration)

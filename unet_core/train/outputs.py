@@ -88,6 +88,8 @@ class RunRecord:
         voxel_size_um: (dz, dy, dx) a 3-D network was trained at, µm (None for 2-D): stored in
             model.pt, so a run on volumes of another voxel size can be refused.
         tile_z: (input, output) z extent of 3-D training tiles, slices (None for 2-D).
+        median_object_volume_um3: median volume of the 3-D training objects, µm³ (None: 2-D, or
+            not recorded); the 3-D merge's ``auto`` seeds and smallest object can scale with it.
     """
 
     spec: UNetSpec
@@ -106,6 +108,7 @@ class RunRecord:
     median_object_area_px: float | None = None
     voxel_size_um: tuple[float, float, float] | None = None
     tile_z: tuple[int, int] | None = None
+    median_object_volume_um3: float | None = None
 
 
 def decision_metadata(mean_weights: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -195,7 +198,8 @@ def write_final_outputs(
     if record.spec.dims == 3:  # 2-D model files keep their metadata keys
         metadata.update(voxel_size_um=[float(v) for v in record.voxel_size_um or ()],
                         tile_in_z=record.tile_z[0] if record.tile_z else None,
-                        tile_out_z=record.tile_z[1] if record.tile_z else None)
+                        tile_out_z=record.tile_z[1] if record.tile_z else None,
+                        median_object_volume_um3=record.median_object_volume_um3)
     save_model(out_dir / MODEL_FILE, export, metadata=metadata)
     export_torchscript(export, out_dir / SCRIPT_FILE)
     write_metrics_csv(out_dir / METRICS_FILE, history.rows)
@@ -240,7 +244,8 @@ def model_card(
         **({"geometry_z": {"context_slices": spec.z_axis.context, "stride_slices": spec.z_axis.stride,
                            "train_tile_in_slices": record.tile_z[0] if record.tile_z else None,
                            "train_tile_out_slices": record.tile_z[1] if record.tile_z else None},
-            "voxel_size_um": list(record.voxel_size_um or ())} if spec.dims == 3 else {}),
+            "voxel_size_um": list(record.voxel_size_um or ()),
+            "median_object_volume_um3": record.median_object_volume_um3} if spec.dims == 3 else {}),
         "intensity_normalisation": record.normalisation.value,
         "training_labels": {"median_object_area_px": record.median_object_area_px,
                             "measured_on": "objects of the training slices' instance labels, undeformed"},
