@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "5 times the in-plane voxel size)")
     p.add_argument("--tolerance", type=_positive_float, default=1e-3,
                    help="largest allowed absolute error of w versus the untruncated formula; sets the "
-                        "cutoff sigma*sqrt(2 ln(w0/tolerance)) px and the Dask halo (default 1e-3)")
+                        "cutoff sigma*sqrt(2 ln(w0/tolerance)) (px; µm with --dims 3) and the Dask halo (default 1e-3)")
     p.add_argument("--border-pixels", choices=["background", "all"], default="background",
                    help="pixels that receive the border term: background as in the paper (default) or all")
     p.add_argument("--method", choices=["auto", "kdtree", "bbox"], default="auto",
