@@ -279,12 +279,14 @@ def test_dims_other_than_2_or_3_is_a_usage_error(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- array core
-def test_split_ids_finds_ids_in_several_pieces():
-    assert vs.split_ids(truth_cells(stacked=True)) == []
-    assert vs.split_ids(restarting_ids()) == [(1, 4), (2, 4)]
+def test_split_label_id_finds_ids_in_several_pieces():
+    from unet_core.common.labels import split_label_id
+
+    assert split_label_id(iter(truth_cells(stacked=True))) is None
+    assert split_label_id(iter(restarting_ids())) == (1, [[0], [1], [2], [3]])
     diagonal = np.zeros((2, 3, 3), np.int32)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = 5  # corner contact only: two pieces under 6-connectivity
-    assert vs.split_ids(diagonal) == [(5, 2)]
+    assert split_label_id(iter(diagonal)) == (5, [[0], [1]])
 
 
 def test_truth_volume_of_binary_labels_refuses_a_third_value():

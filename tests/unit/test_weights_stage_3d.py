@@ -17,7 +17,8 @@ from scipy.spatial import cKDTree
 from unet_core.cli import main
 from unet_core.weights import maps as W
 from unet_core.weights import blockwise as WD
-from unet_core.weights.blockwise import split_label_id, volume_blocks
+from unet_core.common.labels import split_label_id
+from unet_core.weights.blockwise import volume_blocks
 from unet_core.weights.recipe import VolumeWeightRecipe
 
 SPACING = (2.0, 0.5, 0.5)  # µm, as the synthetic 3-D profile: z steps 4x the in-plane ones

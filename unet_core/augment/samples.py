@@ -612,33 +612,14 @@ def make_volume_sample(
     return Tiles(image_np, classes.astype(np.uint8, copy=False)[None], weights[None], inst_np)
 
 
-def check_volume_stack(stack: Stack, *, what: str) -> tuple[float, float, float]:
-    """The voxel size (dz, dy, dx), µm, of a stack a 3-D network uses, or a one-line refusal
-    (the one check of augment's and training's volumes).
-
-    Args:
-        what: how the stack entered, for the message (``"--val"``, ``"stack"``).
-
-    Raises:
-        UserInputError: a single-slice stack (no z to convolve), or a stack whose voxel size was
-            not given at ingest (``Stack.voxel_size_given`` False: 1 µm stood in).
-    """
-    if stack.shape[0] < 2:
-        raise UserInputError(f"{what} {stack.path}: a single slice ({'x'.join(map(str, stack.shape))}); --dims 3 "
-                             "needs volumes of several slices (use --dims 2 for single slices)")
-    if getattr(stack, "voxel_size_given", None) is False:
-        raise UserInputError(f"{what} {stack.path}: its voxel size was not given at ingest (1 µm was assumed); "
-                             "--dims 3 measures in µm: ingest it again with its voxel size (--voxel-size-um)")
-    return tuple(float(v) for v in stack.scale)  # type: ignore[return-value]
-
-
 def check_volume_source(source: Source, tile_out: Sequence[int]) -> tuple[float, float, float]:
-    """:func:`check_volume_stack` of the source stack, and its volume holds the (z, y, x) output window.
+    """The source stack's voxel size (:meth:`Stack.volume_voxel_size`), and its volume holds the (z, y, x)
+    output window.
 
     Raises:
-        UserInputError: as :func:`check_volume_stack`, or a volume smaller than the output window.
+        UserInputError: as :meth:`Stack.volume_voxel_size`, or a volume smaller than the output window.
     """
-    spacing = check_volume_stack(source.stack, what="stack")
+    spacing = source.stack.volume_voxel_size(needs="--dims 3 (stack)")
     stack = source.stack
     made_at = tuple(source.recipe.spacing_um)
     if not np.allclose(made_at, spacing, rtol=1e-6, atol=0):

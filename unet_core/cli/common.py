@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from unet_core.common.config_values import MAX_INT, MAX_THREADS
-from unet_core.common.errors import UserInputError
 from unet_core.model.spec import Norm, Padding, UNetSpec
 
 
@@ -165,17 +164,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, check_only: bool = False)
                        help=text if check_only or default is None else f"{text} (default {default})")
 
 
-def spec_from_args(args: argparse.Namespace, *, volumes: str | None = None) -> UNetSpec:
-    """The :class:`UNetSpec` described by :func:`add_model_args` options.
-
-    Args:
-        volumes: for a stage that does not run 3-D networks yet, its name: ``--dims 3`` is then
-            refused in one line (the 3-D mode lands stage by stage, issue 36).
-    """
-    spec = UNetSpec(**{key: getattr(args, key) for _, key, _, _, _ in MODEL_OPTIONS})
-    if volumes and spec.dims == 3:
-        raise UserInputError(f"--dims 3: unet {volumes} works on 2-D networks only in this version")
-    return spec
+def spec_from_args(args: argparse.Namespace) -> UNetSpec:
+    """The :class:`UNetSpec` described by :func:`add_model_args` options."""
+    return UNetSpec(**{key: getattr(args, key) for _, key, _, _, _ in MODEL_OPTIONS})
 
 
 def expected_model(args: argparse.Namespace) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from unet_core import __version__
 from unet_core.common.atomic import atomic_output, remove_path
 from unet_core.common.errors import UserInputError, parse_choice
 from unet_core.common.outputs import CsvMark, FolderMark, JsonMark, Mark, PngMark, claim_outputs
-from unet_core.common.labels import LabelKind
+from unet_core.common.labels import LabelKind, split_label_id
 from unet_core.common.progress import progress
 from unet_core.evaluate.object_matching import ObjectCounts, match_objects, truth_split
 from unet_core.evaluate.pixel_scores import BinaryCounts, class_dice, class_iou, confusion_matrix, threshold_counts
@@ -58,7 +58,6 @@ from unet_core.evaluate.score_inputs import CELL, ISBI_THRESHOLDS, best_index, c
 from unet_core.evaluate.volume_scores import (
     DECISION_RULES_3D,
     score_volume,
-    split_ids,
     summarise_volume,
     truth_volume,
 )
@@ -505,12 +504,12 @@ def _volume_mode(prediction: Prediction, stack: Stack, slices: list[int], *, dim
         run = f"{z0}-{z0 + len(slices) - 1}"
         raise UserInputError(f"--dims 3: --slices must be one contiguous ascending run (e.g. {run}) to score 3-D objects")
     labels = np.asarray(stack.labels[z0:z0 + len(slices)])
-    if stack.label_kind is LabelKind.INSTANCE and (split := split_ids(labels)):
-        (first, pieces), n = split[0], len(split)
+    if stack.label_kind is LabelKind.INSTANCE and (split := split_label_id(iter(labels))):
+        first, pieces = split
         raise UserInputError(
-            f"--dims 3: {stack.path}: label id {first} lies in {pieces} separate 6-connected pieces ({n} id(s) so "
-            "split): ids that restart on every slice are 2-D labels, not 3-D objects; score per slice (--dims 2) "
-            "or relabel the cells in 3-D"
+            f"--dims 3: {stack.path}: label id {first} lies in {len(pieces)} separate 6-connected pieces: ids that "
+            "restart on every slice are 2-D labels, not 3-D objects; score per slice (--dims 2) or relabel the "
+            "cells in 3-D"
         )
     truth = truth_volume(labels, label_kind=stack.label_kind, foreground_value=foreground_value)
     return VolumeMode(z0=z0, truth=truth, link_min_iou=link_min_iou if link_slices else None)

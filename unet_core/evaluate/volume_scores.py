@@ -5,7 +5,7 @@ slice it crosses and never sees whether the prediction gave it one id across tho
 id is one object across all its slices, as the 3-D mode of the workflow (issue 36) makes them:
 
 * the ground-truth objects are the stack's instance ids as they are (each must be one 6-connected
-  piece: :func:`split_ids`), or for binary labels the 6-connected components of the foreground;
+  piece: :func:`unet_core.common.labels.split_label_id`), or for binary labels the 6-connected components of the foreground;
 * the predicted objects are the prediction's instances as stored (``labels/instances``), or the
   6-connected components of the argmax cell class where it has none; the ``*_components_3d``
   scores always use those components, the ``*_truth_split_3d`` scores the predicted foreground
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage.measure import label as label_regions
 
 from unet_core.common.errors import UserInputError
 from unet_core.common.labels import LabelKind, binary_foreground
@@ -54,33 +53,12 @@ DECISION_RULES_3D: dict[str, str] = {
 }
 
 
-def split_ids(labels: np.ndarray) -> list[tuple[int, int]]:
-    """Ids of a (Z, Y, X) instance volume that lie in more than one 6-connected piece.
-
-    Args:
-        labels: (Z, Y, X) integer ids, 0 = background.
-
-    Returns:
-        ``[(id, pieces), ...]`` in ascending id, empty when every id is one piece. Ids numbered
-        per slice (1..n restarting on every slice, valid 2-D labels) show up here: one id then
-        names unrelated cells of several slices.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be (Z, Y, X), got shape {labels.shape}")
-    pieces = label_regions(labels, background=0, connectivity=1)  # regions of one value, face neighbours
-    id_of_piece = np.zeros(int(pieces.max()) + 1, labels.dtype)
-    id_of_piece[pieces.ravel()] = labels.ravel()
-    ids, counts = np.unique(id_of_piece[1:], return_counts=True)
-    return [(int(i), int(c)) for i, c in zip(ids, counts, strict=True) if c > 1]
-
-
 def truth_volume(labels: np.ndarray, *, label_kind: LabelKind, foreground_value: int | None = None) -> np.ndarray:
     """Ground-truth 3-D objects of a (Z, Y, X) label volume.
 
     Args:
         labels: (Z, Y, X) integer labels as ingested.
-        label_kind: instance labels keep their ids (check them with :func:`split_ids` first);
+        label_kind: instance labels keep their ids (check them with :func:`unet_core.common.labels.split_label_id` first);
             binary labels give the 6-connected components of the foreground.
         foreground_value: binary labels' value of cell interior (the stack's record); None:
             the larger value present (:func:`~unet_core.common.labels.binary_foreground`).

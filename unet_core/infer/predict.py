@@ -287,15 +287,9 @@ def check_volume_input(st: Stack, settings: PredictSettings, metadata: dict[str,
     if settings.backend is Backend.ONNXRUNTIME:
         raise UserInputError(f"{model}: a 3-D model (model.dims 3); --backend onnxruntime runs 2-D models only: "
                              "use --backend torch")
-    if st.shape[0] < 2:
-        raise UserInputError(f"{st.path}: a single slice (Z = 1); {model} is a 3-D model (model.dims 3), which "
-                             "predicts volumes: give a stack of several slices or use a 2-D model")
-    if not st.voxel_size_given:
-        raise UserInputError(f"{st.path}: ingested without a voxel size (1 µm per axis stood in); {model} is a 3-D "
-                             "model (model.dims 3), which needs the stack's true z, y, x spacing: ingest it again "
-                             "with --voxel-size-um z,y,x (or from a TIFF that records it)")
+    spacing = st.volume_voxel_size(needs=f"{model}, a 3-D model (model.dims 3),")
     trained = metadata.get("voxel_size_um")
-    check_voxel_size(tuple(float(v) for v in trained) if trained else None, tuple(st.scale),
+    check_voxel_size(tuple(float(v) for v in trained) if trained else None, spacing,
                      where=f"{st.path} (model {model})")
 
 

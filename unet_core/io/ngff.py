@@ -541,6 +541,24 @@ class Stack:
         sizes and the anisotropy of the network are in µm."""
         return self.attrs.get("voxel_size_given") is True
 
+    def volume_voxel_size(self, *, needs: str) -> tuple[float, float, float]:
+        """The voxel size (dz, dy, dx), µm, of this stack used as a volume by a 3-D mode (``needs``:
+        what uses it, for the message, e.g. ``"--dims 3"``) — the one check every 3-D stage makes.
+
+        Raises:
+            UserInputError: a single slice (no z to convolve or to join cells along), or a voxel
+                size ingest was not given (:attr:`voxel_size_given`: the 1 µm that stood in would be
+                taken for the z spacing).
+        """
+        if self.shape[0] < 2:
+            raise UserInputError(f"{self.path}: a single slice ({'x'.join(map(str, self.shape))}); {needs} needs a "
+                                 "volume of several slices (use a 2-D mode for single slices)")
+        if not self.voxel_size_given:
+            raise UserInputError(f"{self.path}: its voxel size was not given at ingest (1 µm stood in, or the stack "
+                                 f"predates the record); {needs} measures in µm: ingest it again with "
+                                 "--voxel-size-um z,y,x (or from a TIFF that records it)")
+        return tuple(float(v) for v in self.scale)  # type: ignore[return-value]
+
     @property
     def name(self) -> str:
         """The sample's name for titles: ingest's ``--name`` (the workflow's sample), else the

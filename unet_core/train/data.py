@@ -38,7 +38,7 @@ import torch
 import zarr
 
 from unet_core.augment.elastic import DeformParams
-from unet_core.augment.samples import check_volume_stack, make_sample, open_source, tile_shapes
+from unet_core.augment.samples import make_sample, open_source, tile_shapes
 from unet_core.common.errors import UserInputError
 from unet_core.common.intensity import Normalisation, normalize
 from unet_core.common.labels import area_histogram, median_area, object_areas
@@ -483,7 +483,7 @@ def load_validation(
         scaling = stack.scaler(normalisation)
         group = _validation_group(stack, weights_path, dims=dims)
         if dims == 3:
-            spacing = check_volume_stack(stack, what="--val")
+            spacing = stack.volume_voxel_size(needs="--dims 3 (--val)")
             classes = np.asarray(group["classes"][:], dtype=np.uint8)
             _check_classes(classes, n_classes=n_classes, where=f"{weights_path}/classes")
             image = np.stack([normalize(np.asarray(stack.image[z]), scaling(z)) for z in range(stack.shape[0])])

@@ -49,7 +49,7 @@ from unet_core.common.atomic import atomic_output, atomic_output_with_companions
 from unet_core.common.background import SettlingThreadPool, background_work
 from unet_core.common.outputs import JsonMark, Layout, PngMark, ZarrMark, claim_outputs
 from unet_core.common.errors import UserInputError, parse_choice
-from unet_core.common.labels import LabelKind
+from unet_core.common.labels import LabelKind, split_label_id
 from unet_core.common.progress import progress
 from unet_core.io.ngff import Stack, create_array, open_stack
 from unet_core.weights import maps as kernel
@@ -264,56 +264,6 @@ def volume_class_array(instances, *, separate_touching: bool = True):
                           separate_touching=separate_touching)
 
 
-def split_label_id(planes: Iterator[np.ndarray]) -> tuple[int, list[list[int]]] | None:
-    """The smallest label id whose voxels form more than one 6-connected piece, and its pieces' slices.
-
-    In 3-D an id is one object; labels made slice by slice (every slice numbered 1..n) reuse an
-    id for different cells, which then lie apart in the volume. Streams the volume a slice at a
-    time: pieces of equal id in each slice (4-connected in the plane), joined where the same id
-    covers the same pixel in the slice before (the z faces), so memory is two slices and a
-    graph of pieces.
-
-    Args:
-        planes: the (Y, X) integer instance slices in z order (0 = background).
-
-    Returns:
-        None where every id is one piece; else ``(id, slices)`` with the sorted slice indices
-        of each piece (pieces in order of their first slice).
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from skimage.measure import label as same_value_pieces
-
-    ids, zs, edges = [], [], []
-    previous, previous_pieces, count = None, None, 0
-    for z, plane in enumerate(planes):
-        pieces = same_value_pieces(plane, background=0, connectivity=1).astype(np.int64)
-        n = int(pieces.max())
-        value = np.zeros(n + 1, dtype=np.int64)
-        value[pieces.ravel()] = plane.ravel()
-        ids.append(value[1:])
-        zs.append(np.full(n, z, dtype=np.int64))
-        pieces[pieces > 0] += count
-        if previous is not None:
-            joined = (plane == previous) & (plane != 0)
-            edges.append(np.unique(np.stack([previous_pieces[joined], pieces[joined]]), axis=1) - 1)
-        previous, previous_pieces, count = plane, pieces, count + n
-    if count == 0:
-        return None
-    pairs = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), dtype=np.int64)
-    graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(count, count))
-    _, component = connected_components(graph, directed=False)
-    piece_id, piece_z = np.concatenate(ids), np.concatenate(zs)
-    distinct = np.unique(np.stack([piece_id, component]), axis=1)
-    ids_, per_id = np.unique(distinct[0], return_counts=True)
-    if not np.any(per_id > 1):
-        return None
-    first = int(ids_[per_id > 1][0])
-    mine = piece_id == first
-    slices = [sorted({int(z) for z in piece_z[mine & (component == c)]}) for c in np.unique(component[mine])]
-    return first, sorted(slices)
-
-
 def _check_ids_are_3d(stack: Stack) -> None:
     """Refuse instance labels with an id in several 6-connected pieces (:func:`split_label_id`)."""
     labels = stack.labels
@@ -381,13 +331,7 @@ def open_volume_stack(stack_path: str | os.PathLike[str], *, plot_slice: int | N
         UserInputError: any of these fails (one line naming the stack and what to change).
     """
     stack = _open_labelled(stack_path, plot_slice)
-    if stack.shape[0] < 2:
-        raise UserInputError(f"{stack.path}: a single slice; --dims 3 needs a volume of several slices "
-                             "(make 2-D weights, or ingest the whole stack)")
-    if not stack.voxel_size_given:
-        raise UserInputError(f"{stack.path}: no voxel size was given at ingest (1 µm stood in, or the stack "
-                             "predates the record); --dims 3 measures w(x) in µm: ingest it again with "
-                             "--voxel-size-um z,y,x")
+    stack.volume_voxel_size(needs="--dims 3")
     if _kind(stack) is not LabelKind.INSTANCE:
         raise UserInputError(f"{stack.path}: {_kind(stack).value} labels; --dims 3 needs instance labels "
                              "(one id per cell across its slices)")
