@@ -156,7 +156,7 @@ def test_cli_trains_a_3d_network(data, tmp_path: Path) -> None:
                      id="2d-model-3d-set"),
         pytest.param("val-single", [], "single slice", id="val-single-slice"),
         pytest.param("val-no-size", [], "voxel size was not given", id="val-no-voxel-size"),
-        pytest.param("val-other-size", [], "but the training sets' is", id="val-other-voxel-size"),
+        pytest.param("val-other-size", [], "differs from the model's training data", id="val-other-voxel-size"),
         pytest.param("val-slices", ["--val-slices", "0"], "--val-slices", id="val-slices"),
         pytest.param("on-the-fly", [], "--train-stacks", id="on-the-fly"),
         pytest.param("val-slice-store", [], "a 2-D weights store, but the model has --dims 3", id="val-2d-store"),

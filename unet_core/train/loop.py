@@ -56,7 +56,7 @@ from unet_core.common.outputs import claim_outputs
 from unet_core.common.progress import progress_bar
 from unet_core.common.provenance import sha256_files
 from unet_core.model.decision import logit_offsets
-from unet_core.model.spec import UNetSpec
+from unet_core.model.spec import UNetSpec, check_voxel_size
 from unet_core.model.unet import UNet
 from unet_core.train.config import ExportWeights, TrainConfig, lr_factor
 from unet_core.train.data import (
@@ -358,26 +358,20 @@ def _tile_z(dataset: AugmentedTiles | OnTheFlyTiles) -> tuple[int, int] | None:
     return (int(shape_in[0]), int(shape_out[0])) if len(shape_in) == 3 else None
 
 
-#: Relative difference of two voxel sizes (per axis) still counted as the same voxel size.
-VOXEL_SIZE_RTOL = 0.01
-
-
 def training_voxel_size(
     dataset: AugmentedTiles | OnTheFlyTiles, val_data: Sequence[ValidationSlice]
 ) -> tuple[float, float, float] | None:
     """The voxel size (dz, dy, dx), µm, a 3-D network is trained at (None for 2-D): the training
-    sets', which every validation volume must share within :data:`VOXEL_SIZE_RTOL` per axis.
+    sets', which every validation volume must share (:func:`unet_core.model.spec.check_voxel_size`,
+    the tolerance a model also has at prediction).
 
     Raises:
-        UserInputError: a validation volume of another voxel size.
+        ConfigError: a validation volume of another voxel size.
     """
     size = getattr(dataset, "voxel_size_um", None)
     for item in val_data:
-        if size is not None and item.voxel_size_um is not None and not np.allclose(
-                item.voxel_size_um, size, rtol=VOXEL_SIZE_RTOL, atol=0):
-            raise UserInputError(f"--val {item.source}: voxel size {item.voxel_size_um} µm, but the training "
-                                 f"sets' is {size} µm (tolerance {VOXEL_SIZE_RTOL:.0%} per axis); validate on "
-                                 "volumes of the training voxel size")
+        if item.voxel_size_um is not None:
+            check_voxel_size(size, tuple(item.voxel_size_um), where=f"--val {item.source} (the training sets' voxel size)")
     return size
 
 
