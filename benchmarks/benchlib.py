@@ -139,6 +139,49 @@ def ours_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, p
     return _rate(image.size, times, flops, device)
 
 
+def same_padded_twin(spec: UNetSpec) -> UNetSpec:
+    """The usual MONAI-style counterpart of ``spec``: the same depth and widths with same padding
+    and no dropout (3-D: the same ``dims``, ``pool_z`` and ``kernel_z``), built by our UNet class."""
+    if spec.dims == 2:
+        return UNetSpec(depth=spec.depth, base_channels=spec.base_channels, padding="same", dropout=0.0)
+    return UNetSpec(depth=spec.depth, base_channels=spec.base_channels, padding="same", dropout=0.0, dims=3,
+                    pool_z=spec.pool_z, kernel_z=spec.kernel_z)
+
+
+def monai_window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Windows ``sliding_window_inference`` runs over an image of ``shape`` (any number of axes):
+    per axis 1 where the image is no longer than the roi (MONAI pads it up to the roi), else
+    ``ceil((n - roi) / step) + 1`` with ``step = int(roi * (1 - overlap))``."""
+    counts = [max(1, -(-(n - r) // max(1, int(r * (1 - overlap)))) + 1) for n, r in zip(shape, roi, strict=True)]
+    return int(np.prod(counts))
+
+
+def monai_predictor(spec: UNetSpec, device: torch.device, roi: tuple[int, ...], *, sw_batch: int = 1,
+                    overlap: float = 0.25, mode: str = "gaussian", seed: int = 1
+                    ) -> Callable[[np.ndarray], torch.Tensor] | None:
+    """``run(image)``: MONAI ``sliding_window_inference`` of ``spec``'s same-padded twin
+    (:func:`same_padded_twin`, random He weights drawn with ``seed``, in the channels-last layout
+    of its dims as our engine runs) over a (Y, X) or (Z, Y, X) float32 image, fp32, returning the
+    (C, ...) softmax probabilities on the CPU; None where MONAI is not installed."""
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        return None
+    same = same_padded_twin(spec)
+    layout = torch.channels_last if same.dims == 2 else torch.channels_last_3d
+    model = random_net(same, seed).to(device).to(memory_format=layout)
+
+    def run(image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+        with torch.inference_mode():
+            out = sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=sw_batch, predictor=model,
+                                           overlap=overlap, mode=mode)
+            return torch.softmax(out.float(), dim=1)[0].cpu()
+
+    run.model = model  # type: ignore[attr-defined]
+    return run
+
+
 def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, precision: str,
                     roi: int = 512, sw_batch: int = 4, repeats: int = 1) -> Rate | None:
     """MONAI ``sliding_window_inference`` of a same-padded U-Net of the same widths (roi 512,
@@ -148,7 +191,7 @@ def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, 
         from monai.inferers import sliding_window_inference
     except ImportError:
         return None
-    same = UNetSpec(depth=spec.depth, base_channels=spec.base_channels, padding="same", dropout=0.0)
+    same = same_padded_twin(spec)
     # channels-last on every device, as our engine runs: a baseline in the slower NCHW layout
     # would flatter the ratio (on the CPU, NCHW costs 25-40 % more per forward)
     model = random_net(same, 1).to(device).to(memory_format=torch.channels_last)
@@ -167,8 +210,7 @@ def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, 
         sliding_window_inference(x0, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model)
     reset_peak_memory(device)
     times = [timed(run, device)[1] for _ in range(repeats)]
-    step = int(roi * (1 - 0.25))
-    windows = np.prod([max(1, -(-(n - roi) // step) + 1) for n in image.shape])
+    windows = monai_window_count(image.shape, (roi, roi), 0.25)
     executed = windows * same.tile_flops(roi) / image.size  # FLOPs per output pixel, overlap included
     return _rate(image.size, times, executed, device)
 
