@@ -26,7 +26,6 @@ slice by slice by the inference engine of ``unet predict``
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from unet_core.common.labels import area_histogram, median_area, object_areas
 from unet_core.io.ngff import Stack, open_group, open_stack, recorded_intensity
 from unet_core.model.decision import WeightSums
 from unet_core.model.spec import UNetSpec
+from unet_core.weights.maps import check_spacing
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,10 @@ class AugmentedTiles(torch.utils.data.Dataset):
     def _check_voxel_size(self, path: Path, recorded: Any) -> None:
         """Keep the voxel size of a 3-D set; every set must share it (within 1e-6 relative)."""
         try:
-            size = tuple(float(v) for v in recorded)
-        except (TypeError, ValueError):
-            size = ()
-        if len(size) != 3 or not all(math.isfinite(v) and v > 0 for v in size):
+            size = check_spacing(recorded)
+        except UserInputError:
             raise UserInputError(f"{path}: records no voxel size (attrs unet.voxel_size_um = {recorded!r}); "
-                                 "regenerate it with 'unet augment --dims 3'")
+                                 "regenerate it with 'unet augment --dims 3'") from None
         if self.voxel_size_um is not None and not np.allclose(size, self.voxel_size_um, rtol=1e-6, atol=0):
             raise UserInputError(f"{path}: voxel size {size} µm differs from {self.voxel_size_um} µm of "
                                  f"{self.paths[0]}; train on sets of one voxel size")
