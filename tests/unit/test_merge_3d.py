@@ -4,7 +4,8 @@ The parts are written here in the layout of a 3-D predict job (chunks (C, block_
 markers ``bz.by.bx``, geometry ``Tiling.to_dict()``) from a known P(cell) volume, so the merge is
 checked against hand values and against one labelling of the whole volume: 6-connected components
 joined across block faces in z, y and x; byte-identical for 1 and K pieces (and K predict jobs);
-the cell table's volume (µm³) and z centroid; the refusals of what 3-D parts do not do yet.
+the cell table's volume (µm³) and z centroid; the seeded watershed in 3-D (threshold and distance
+seeds, block-wise with halos along z) equal to the whole-volume watershed; the refusals.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zarr
 from scipy import ndimage
 
 from unet_core.cli import main
-from unet_core.infer.instances import components_3d
+from unet_core.infer.instances import components_3d, distance_seeded_watershed_3d, seed_mask, seeded_watershed_3d
 from unet_core.infer.merge import merge_parts
 from unet_core.infer.merge_settings import MergeSettings
 from unet_core.infer.part_store import COMPLETE, DONE, MANIFEST, PART_FORMAT, PROBABILITIES, SEGMENTATION, PartStore
@@ -232,11 +233,118 @@ def test_cli_3d_merge_in_steps_and_pieces_gives_the_same_bytes(tmp_path: Path, v
     assert outputs(tmp_path / "k4") == outputs(tmp_path / "one")
 
 
+# -- the seeded watershed in 3-D ------------------------------------------------------------------
+WATERSHED_RULES = {
+    "threshold": (["--seed-threshold", "0.7", "--seed-erosion-px", "1", "--mask-threshold", "0.5"],
+                  lambda p: seeded_watershed_3d(p, spacing_um=VOXEL_UM, seed_threshold=0.7, seed_erosion_px=1,
+                                                mask_threshold=0.5)),
+    "distance": (["--seeds", "distance", "--seed-h-um", "0.3", "--mask-threshold", "0.5"],
+                 lambda p: distance_seeded_watershed_3d(p, spacing_um=VOXEL_UM, h_um=0.3, mask_threshold=0.5)),
+}
+
+
+def balls(shape: tuple[int, int, int], seed: int, r_um: float = 2.2) -> np.ndarray:
+    """P(cell) of nuclei of radius ``r_um`` (mask P > 0.5) on a jittered lattice (4 slices, 10 px
+    apart), many touching: chains of them are single components, each ball smaller than 8 px and
+    2 slices of 2 µm around its centre."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    p = np.zeros(shape, np.float32)
+    for cz in range(1, shape[0], 4):
+        for cy in range(4, shape[1], 10):
+            for cx in range(4, shape[2], 10):
+                jz, jy, jx = rng.integers(-1, 2), rng.integers(-2, 3), rng.integers(-2, 3)
+                d = np.sqrt(((z - cz - jz) * VOXEL_UM[0]) ** 2 + ((y - cy - jy) * VOXEL_UM[1]) ** 2
+                            + ((x - cx - jx) * VOXEL_UM[2]) ** 2)
+                p = np.maximum(p, np.clip(1 - d / (2 * r_um), 0, 1))  # no plateau: few ties to flood
+    return p
+
+
+@pytest.mark.parametrize("rule", list(WATERSHED_RULES))
+def test_3d_watershed_in_pieces_equals_the_whole_volume_watershed(tmp_path: Path, rule: str) -> None:
+    """With a halo of 8 px (4 µm: 2 slices of 2 µm along z), deeper than the cells, the block-wise
+    seeds and flood equal the whole volume's although each window is a part of the volume; 1 and
+    5 pieces give the same bytes. (As in 2-D, a cell larger than the halo may be flooded otherwise
+    than in the whole volume.)"""
+    shape = (13, 37, 35)
+    halo = 8
+    p = balls(shape, 0)
+    stack = write_stack(tmp_path / "s.ome.zarr", (p * 1000).astype(np.uint16))
+    tiling = Tiling(shape, SPEC3, block_px=8, tile_out=4, block_z=2)
+    parts = write_parts(tmp_path / "parts", stack, p, tiling, 2)
+    extra, whole = WATERSHED_RULES[rule]
+    outputs = []
+    for jobs in (1, 5):
+        out = tmp_path / f"k{jobs}"
+        out.mkdir()
+        assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out / "p.ome.zarr"), "--cells",
+                     str(out / "c.csv"), "--instances", "watershed", "--halo-px", str(halo), "--jobs", str(jobs),
+                     *extra]) == 0
+        outputs.append({**store_bytes(out / "p.ome.zarr"), "cells": (out / "c.csv").read_bytes()})
+    assert outputs[0] == outputs[1]
+    root = zarr.open_group(tmp_path / "k1" / "p.ome.zarr", mode="r")
+    inst = root["labels/instances/0"][:]
+    want = whole(p)
+    assert same_partition(inst, want)
+    assert want.max() > components_3d(p > 0.5).max() + 5  # touching nuclei split: not the components
+    unet = root.attrs["unet"]
+    assert unet["dims"] == 3 and "3-D cells, 6-connected" in unet["decision_rule"]
+    if rule == "distance":
+        assert unet["watershed"]["h_um"] == 0.3 and "h = 0.300 µm" in unet["decision_rule"]
+
+
+def test_3d_threshold_seeds_eroded_along_z_are_the_whole_volume_seeds_at_any_cell_size(tmp_path: Path) -> None:
+    """Seeds eroded 4 px of 0.5 µm in-plane and so 1 slice of 2 µm along z: each block's seeds,
+    from its window grown by the erosion (and 1 slice), equal the whole volume's seeds."""
+    shape = (13, 37, 35)
+    p = balls(shape, 0, 3.2)
+    stack = write_stack(tmp_path / "s.ome.zarr", (p * 1000).astype(np.uint16))
+    tiling = Tiling(shape, SPEC3, block_px=8, tile_out=4, block_z=2)
+    parts = write_parts(tmp_path / "parts", stack, p, tiling, 1)
+    work = tmp_path / "work"
+    args = ["merge", *map(str, parts), "--stack", str(stack), "-o", str(tmp_path / "p.ome.zarr"), "--instances",
+            "watershed", "--seed-threshold", "0.5", "--seed-erosion-px", "4", "--jobs", "3", "--work", str(work)]
+    assert main([*args, "--step", "start"]) == 0
+    for k in (2, 0, 1):
+        assert main([*args, "--step", "seeds", "--job", str(k)]) == 0
+    seeds = zarr.open_array(work / "store.ome.zarr" / "_scratch" / "seeds", mode="r")[:] > 0
+    want = seed_mask(p, seed_threshold=0.5, seed_erosion_px=4, mask_threshold=0.5, spacing_um=VOXEL_UM)
+    in_plane = seed_mask(p, seed_threshold=0.5, seed_erosion_px=4, mask_threshold=0.5, spacing_um=(4.0, 0.5, 0.5))
+    assert 50 < want.sum() < in_plane.sum()  # eroded along z too (a z spacing of 4 µm: 0 slices)
+    np.testing.assert_array_equal(seeds, want)
+
+
+def test_3d_threshold_seeds_split_two_cells_touching_across_a_z_block_face(tmp_path: Path) -> None:
+    """Two balls touching through a thin neck that crosses the z face between blocks: components
+    join them, the threshold watershed keeps two ids, each one id across its slices."""
+    shape = (8, 12, 12)
+    z, y, x = np.indices(shape)
+    p = np.zeros(shape, np.float32)
+    for cz, cy in ((3, 3), (4, 8)):  # centres on either side of the z face 4
+        d = np.sqrt(((z - cz) * 2.0) ** 2 + ((y - cy) * 0.5) ** 2 + ((x - 6) * 0.5) ** 2)  # µm
+        p = np.maximum(p, np.clip(1.2 - d / 2.5, 0, 1))
+    stack = write_stack(tmp_path / "s.ome.zarr", (p * 100).astype(np.uint16))
+    tiling = Tiling(shape, SPEC3, block_px=4, tile_out=4, block_z=4)
+    parts = write_parts(tmp_path, stack, p, tiling, 2)
+    out = tmp_path / "o"
+    out.mkdir()
+    assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out / "p.ome.zarr"),
+                 "--instances", "watershed", "--seed-threshold", "0.9", "--seed-erosion-px", "0",
+                 "--mask-threshold", "0.3", "--halo-px", "16", "--jobs", "3"]) == 0
+    inst = zarr.open_group(out / "p.ome.zarr", mode="r")["labels/instances/0"][:]
+    assert components_3d(p > 0.3).max() == 1
+    assert inst.max() == 2 and inst[3, 3, 6] != inst[4, 8, 6] and inst[3, 3, 6] > 0 and inst[4, 8, 6] > 0
+    assert len(np.unique(inst[2:6][inst[2:6] > 0])) == 2 and {1, 2} <= set(np.unique(inst[3])) | set(np.unique(inst[4]))
+    assert same_partition(inst, seeded_watershed_3d(p, spacing_um=VOXEL_UM, seed_threshold=0.9, seed_erosion_px=0,
+                                                    mask_threshold=0.3))
+
+
 # -- refusals ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("extra", "expected"), [
-    pytest.param(["--instances", "watershed"], "--instances watershed is not done for 3-D cells", id="watershed"),
     pytest.param(["--instances", "watershed", "--seeds", "distance", "--seed-h-px", "2"],
-                 "--instances watershed is not done for 3-D cells", id="distance-watershed"),
+                 "distance seeds need --seed-h-um", id="distance-seeds-without-h-um"),
+    pytest.param(["--instances", "watershed", "--seeds", "distance", "--seed-h-um", "0"],
+                 "--seed-h-um 0.0: must be a number of µm > 0", id="h-um-zero"),
     pytest.param(["--min-object-px", "auto"], "--min-object-px auto", id="auto-min-size"),
 ])
 def test_what_3d_parts_do_not_do_is_refused_in_one_line(tmp_path: Path, capsys, extra: list[str],

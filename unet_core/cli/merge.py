@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Parts of a 3-D network (model.dims 3) give 3-D cells: one id per cell across its slices, the "
             "6-connected components of the cell class joined across block faces in z, y and x; the table of "
             "cells then has a volume (voxels, um^3), a z centroid and z bounds; --min-object-px counts voxels "
-            "(give a number: auto is a 2-D area); the watershed is refused for them (not done in 3-D yet)."
+            "(give a number: auto is a 2-D area); the watershed runs in 3-D for them (erosion, distances and "
+            "--seed-h-um in um, the halo as deep in um along z)."
         ),
     )
     p.add_argument("parts", nargs="+", metavar="PART", help="part stores of jobs 0..N-1, any order")
@@ -76,6 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--seed-h-px", type=positive_float_or_auto, default="auto",
                    help="distance seeds: depth h of the distance maxima, px; auto (default): 0.15 x the median "
                         "object radius of the model's training labels")
+    g.add_argument("--seed-h-um", type=float, default=None,
+                   help="distance seeds of 3-D cells (parts of a 3-D network): depth h of the distance maxima, um "
+                        "(required there; e.g. 0.15 x the median cell radius); distances are then anisotropic, in um")
     g.add_argument("--seed-threshold", type=unit_interval, default=SEED_THRESHOLD,
                    help=f"watershed seeds: P(cell) above this ... (default {SEED_THRESHOLD})")
     g.add_argument("--seed-erosion-px", type=nonnegative_int, default=SEED_EROSION_PX,
@@ -84,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"watershed: pixels with P(cell) above this are cell (default {MASK_THRESHOLD})")
     g.add_argument("--halo-px", type=nonnegative_int, default=WATERSHED_HALO_PX,
                    help=f"watershed context around each block, px; exact for cells smaller than it "
-                        f"(default {WATERSHED_HALO_PX})")
+                        f"(default {WATERSHED_HALO_PX}; 3-D cells: along z as deep in um, slices rounded up)")
     g = p.add_argument_group("pieces (large stacks, clusters)")
     g.add_argument("--jobs", type=positive_int, default=1,
                    help="K: every pass over pixels runs as K pieces, each a contiguous run of blocks (at most the "
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
 
     watershed = WatershedSettings(seed_threshold=args.seed_threshold, seed_erosion_px=args.seed_erosion_px,
                                   mask_threshold=args.mask_threshold, halo_px=args.halo_px, seeds=args.seeds,
-                                  h_px=args.seed_h_px)
+                                  h_px=args.seed_h_px, h_um=args.seed_h_um)
     settings = MergeSettings(instances=args.instances, min_object_px=args.min_object_px, watershed=watershed,
                              tiff_content=args.tiff_content, jobs=args.jobs)
     if args.step is None:

@@ -19,7 +19,9 @@ per cell across its slices, the 6-connected components of the argmax cell class 
 block and joined across block faces in z, y and x (the same cells as one labelling of the whole
 volume); the store's layout is the same, its ``attrs["unet"]["dims"]`` is 3, and the cell table
 has 3-D columns (:data:`unet_core.infer.cells.COLUMNS_3D`: volume in µm³, z centroid). The
-seeded watershed of 3-D parts is refused in one line (not block-exact along z yet).
+seeded watershed of 3-D parts runs in 3-D as well (:func:`~unet_core.infer.instances.seeded_watershed_3d`,
+:func:`~unet_core.infer.instances.distance_seeded_watershed_3d`: erosion, distances and h in µm,
+6-connected), its seed margin and halo grown along z by the same depth in µm (:meth:`_Run.window`).
 
 Every pass over pixels runs as K *pieces* (``MergeSettings.jobs``), piece k taking the k-th
 contiguous run of blocks in C order (as predict's jobs do); between them, serial rounds of
@@ -47,7 +49,9 @@ output is byte-identical for any K and any order of the pieces.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import shutil
 from collections import OrderedDict
@@ -100,8 +104,10 @@ from unet_core.infer.cells import (
 )
 from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.instances import (
+    VOLUME_CONNECTIVITY,
     InstanceMethod,
     SeedRule,
+    adjacency_structure,
     components_3d,
     distance_seed_mask,
     flood,
@@ -254,7 +260,9 @@ class _Run:
                     "of a 3-D network, whose cells are measured in µm: ingest it again with "
                     "--voxel-size-um z,y,x (or from a TIFF that records it) and predict again"
                 )
-        self.settings = request.settings.resolved(self.area, where=str(request.parts[0]))
+        self.settings = request.settings.resolved(
+            self.area, where=str(request.parts[0]), volumes=self.volumes
+        )
         self.tiling.check_jobs(self.settings.jobs, option="merge --jobs")
         jobs = self.parts[0].settings["jobs"]
         self.owner = {b.index: part for part in self.parts for b in self.tiling.job_blocks(part.job, jobs)}
@@ -309,6 +317,24 @@ class _Run:
         return VOLUME_FACE_AXES if self.volumes else FACE_AXES
 
     @property
+    def spacing_um(self) -> tuple[float, float, float]:
+        """(dz, dy, dx) voxel size of the stack, in its unit (µm for stacks ingested from TIFF)."""
+        return tuple(float(s) for s in self.stack.scale[-3:])
+
+    def z_margin(self, px: int) -> int:
+        """Slices as deep as ``px`` in-plane pixels (the finer of y, x), rounded up: the z part of
+        a margin of ``px`` for 3-D cells (0 per slice)."""
+        if not self.volumes or px <= 0:
+            return 0
+        dz, dy, dx = self.spacing_um
+        return math.ceil(px * min(dy, dx) / dz - 1e-9)
+
+    def window(self, block: Block, px: int) -> Box:
+        """``block`` grown by a margin of ``px`` in-plane pixels (and as deep in µm along z for
+        3-D cells), clipped to the stack."""
+        return block.write.grow((self.z_margin(px), px, px)).intersect(Box.from_shape(self.tiling.shape))
+
+    @property
     def row_dtype(self) -> np.dtype:
         return ROW_DTYPE_3D if self.volumes else ROW_DTYPE
 
@@ -355,21 +381,25 @@ def _start(run: _Run) -> None:
 
 
 def _seeds(run: _Run, k: int) -> None:
-    """Piece k: each block's seed pixels, labelled within the block (4-connected)."""
-    rule = _SeedRule.of(run.settings.watershed)
+    """Piece k: each block's seed pixels, labelled within the block (4-connected; 3-D cells:
+    6-connected in the volume)."""
+    rule = _SeedRule.of(run.settings.watershed, run)
     blocks = run.piece_blocks(k)
     cells = _CellProbability(run)
     scratch = zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r+")
-    labeller = PieceLabeller(run.tiling.grid, [run.flat(b) for b in blocks], 0)
-    whole = Box.from_shape(run.tiling.shape)
+    labeller = PieceLabeller(run.tiling.grid, [run.flat(b) for b in blocks], 0, run.face_axes)
     margin = run.settings.watershed.margin_px
     for block in progress(blocks, desc=f"merge: seeds, piece {k}/{run.settings.jobs}", unit="block"):
-        window = block.write.grow((0, margin, margin)).intersect(whole)
-        core = block.write.relative_to(window).to_slices()[1:]
-        seeds = rule.seed_pixels(cells[_at(window)])[core]
-        local, n = ndimage.label(seeds)
-        scratch[block.write.to_slices()] = local[None].astype(np.uint32)
-        labeller.add(block.index, local[None], n)
+        window = run.window(block, margin)
+        if run.volumes:
+            seeds = rule.seed_pixels(cells.volume(window))[block.write.relative_to(window).to_slices()]
+            local, n = ndimage.label(seeds, structure=adjacency_structure(3, VOLUME_CONNECTIVITY))
+        else:
+            seeds = rule.seed_pixels(cells[_at(window)])[block.write.relative_to(window).to_slices()[1:]]
+            local, n = ndimage.label(seeds)
+            local = local[None]
+        scratch[block.write.to_slices()] = local.astype(np.uint32)
+        labeller.add(block.index, local, n)
     run.work.save(f"seeds-{k}.npz", labeller.record.to_arrays(""))
 
 
@@ -381,7 +411,7 @@ def _number_seeds(run: _Run) -> None:
         )
         for k in range(run.settings.jobs)
     ]
-    numbering = number_labels(pieces, run.tiling.grid, 0, what="seeds")
+    numbering = number_labels(pieces, run.tiling.grid, 0, what="seeds", face_axes=run.face_axes)
     log.info("merge: %d seeds", numbering.n_final)
     run.work.save("seed-ids.npz", {"final": numbering.final, "offsets": numbering.offsets})
 
@@ -433,7 +463,6 @@ def _block_labels(
     3-D cells 6-connected in the block)."""
     if flooder is not None:
         labels, n = flooder.block(block)
-        labels = labels[None]
     elif run.volumes:
         labels = components_3d(seg == CELL_CLASS)
         n = int(labels.max(initial=0))
@@ -743,17 +772,19 @@ class _SeedRule:
     """One seed rule with its numbers, applied to a window of P(cell)."""
 
     settings: WatershedSettings
+    spacing_um: tuple[float, float, float] | None = None  # 3-D cells: (dz, dy, dx) µm
 
     @classmethod
-    def of(cls, settings: WatershedSettings) -> _SeedRule:
+    def of(cls, settings: WatershedSettings, run: _Run) -> _SeedRule:
         if settings.seeds is SeedRule.DISTANCE and not (
             isinstance(settings.h_px, int | float) and settings.h_px > 0
-        ):
+        ) and not run.volumes:
             raise UserInputError(f"watershed seeds 'distance' need a depth h > 0 px, got {settings.h_px}")
-        return cls(settings)
+        return cls(settings, run.spacing_um if run.volumes else None)
 
     def seed_pixels(self, p: np.ndarray) -> np.ndarray:
-        """(Y, X) bool seed pixels of a window of P(cell)."""
+        """(Y, X) bool seed pixels of a window of P(cell) ((Z, Y, X) for 3-D cells: erosion and
+        distances in µm, h = ``h_um``, as :func:`~unet_core.infer.instances.distance_seeded_watershed_3d`)."""
         s = self.settings
         if s.seeds is SeedRule.THRESHOLD:
             return seed_mask(
@@ -761,60 +792,71 @@ class _SeedRule:
                 seed_threshold=s.seed_threshold,
                 seed_erosion_px=s.seed_erosion_px,
                 mask_threshold=s.mask_threshold,
+                spacing_um=self.spacing_um,
             )
         mask = p > s.mask_threshold
-        return distance_seed_mask(mask_distance(mask), mask, h_px=float(s.h_px))
+        h = float(s.h_um) if self.spacing_um is not None else float(s.h_px)
+        return distance_seed_mask(mask_distance(mask, spacing_um=self.spacing_um), mask, h_px=h)
 
     def flood(self, p: np.ndarray, markers: np.ndarray) -> np.ndarray:
-        """(Y, X) int32 labels of a window flooded from ``markers`` within the mask."""
+        """(Y, X) ((Z, Y, X), 6-connected) int32 labels of a window flooded from ``markers`` within the mask."""
         s = self.settings
+        connectivity = 4 if self.spacing_um is None else VOLUME_CONNECTIVITY
         if s.seeds is SeedRule.THRESHOLD:
-            return flood(p, markers, mask_threshold=s.mask_threshold)
+            return flood(p, markers, mask_threshold=s.mask_threshold, connectivity=connectivity)
         mask = p > s.mask_threshold
-        return flood_height(mask_distance(mask), markers, mask=mask)
+        distance = mask_distance(mask, spacing_um=self.spacing_um)
+        return flood_height(distance, markers, mask=mask, connectivity=connectivity)
 
 
 class _Flooder:
     """The ``cells`` round of the watershed: flood each block's window from the numbered seeds."""
 
     def __init__(self, run: _Run, seeds: dict[str, np.ndarray]) -> None:
-        self.run, self.rule = run, _SeedRule.of(run.settings.watershed)
+        self.run, self.rule = run, _SeedRule.of(run.settings.watershed, run)
         self.final, self.offsets = seeds["final"], seeds["offsets"]
         self.n_seeds = int(self.final.max(initial=0))
         self.cells = _CellProbability(run)
-        grid_x = run.tiling.grid[2]
+        grid = run.tiling.grid
         self.scratch = ChunkCache(
-            zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"), grid_x + 4
+            zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"),
+            (3 * grid[1] * grid[2] + 9) if run.volumes else grid[2] + 4,
         )
-        self.whole = Box.from_shape(run.tiling.shape)
 
     def block(self, block: Block) -> tuple[np.ndarray, int]:
-        """(Y, X) labels of ``block`` (seed ids, then n_seeds + 1.. for unseeded components) and
-        the number of unseeded components."""
-        halo = self.run.settings.watershed.halo_px
-        window = block.write.grow((0, halo, halo)).intersect(self.whole)
-        core = block.write.relative_to(window).to_slices()[1:]
-        p = self.cells[_at(window)]
-        labels = self.rule.flood(p, self._markers(window))[core].astype(np.int64)
+        """(Z, Y, X) labels of ``block`` (Z = 1 per slice; seed ids, then n_seeds + 1.. for
+        unseeded components) and the number of unseeded components."""
+        window = self.run.window(block, self.run.settings.watershed.halo_px)
+        if self.run.volumes:
+            core = block.write.relative_to(window).to_slices()
+            p = self.cells.volume(window)
+            markers = self._markers(window)
+        else:
+            core = block.write.relative_to(window).to_slices()[1:]
+            p = self.cells[_at(window)]
+            markers = self._markers(window)[0]
+        labels = self.rule.flood(p, markers)[core].astype(np.int64)
         n = label_unflooded(
-            labels, p[core] > self.run.settings.watershed.mask_threshold, first_id=self.n_seeds + 1
+            labels,
+            p[core] > self.run.settings.watershed.mask_threshold,
+            first_id=self.n_seeds + 1,
+            connectivity=VOLUME_CONNECTIVITY if self.run.volumes else 4,
         )
-        return labels, n
+        return (labels if self.run.volumes else labels[None]), n
 
     def _markers(self, window: Box) -> np.ndarray:
-        """int32 global seed ids over ``window`` (0 = no seed), from the blocks' own seed labels
-        (seed pixels are few: only they are looked up)."""
-        local = self.scratch[window.to_slices()][0]
+        """(Z, Y, X) int32 global seed ids over ``window`` (0 = no seed), from the blocks' own seed
+        labels (seed pixels are few: only they are looked up)."""
+        local = self.scratch[window.to_slices()]
         markers = np.zeros(local.shape, np.int32 if self.n_seeds < 2**31 else np.int64)
-        b = self.run.tiling.block_px
-        z = window.offset[0]
-        for by in range(window.offset[1] // b, (window.end[1] - 1) // b + 1):
-            for bx in range(window.offset[2] // b, (window.end[2] - 1) // b + 1):
-                block = self.run.tiling.block((z, by, bx))
-                sl = block.write.intersect(window).relative_to(window).to_slices()[1:]
-                values = local[sl]
-                at = np.nonzero(values)
-                markers[sl][at] = self.final[values[at].astype(np.int64) + self.offsets[self.run.flat(block)]]
+        sizes = (self.run.tiling.block_z, self.run.tiling.block_px, self.run.tiling.block_px)
+        ranges = [range(o // s, (e - 1) // s + 1) for o, e, s in zip(window.offset, window.end, sizes)]
+        for index in itertools.product(*ranges):
+            block = self.run.tiling.block(index)
+            sl = block.write.intersect(window).relative_to(window).to_slices()
+            values = local[sl]
+            at = np.nonzero(values)
+            markers[sl][at] = self.final[values[at].astype(np.int64) + self.offsets[self.run.flat(block)]]
         return markers
 
 
@@ -830,20 +872,35 @@ class _CellProbability:
             for p in run.parts
         }
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self.max = 3 * run.tiling.grid[2] + 9
+        grid = run.tiling.grid
+        self.max = 3 * grid[1] * grid[2] + 9 if run.volumes else 3 * grid[2] + 9  # a block row's halo
 
     def plane(self, index: tuple[int, int, int]) -> np.ndarray:
-        """The block's stored P(cell) values (codes, as stored: a quarter of floats for uint8)."""
+        """The block's stored P(cell) values (codes, as stored: a quarter of floats for uint8),
+        (Y, X) per slice, (Z, Y, X) for 3-D parts."""
         hit = self.cache.pop(index, None)
         if hit is None:
             block = self.run.tiling.block(index)
-            h, w = block.write.shape[1:]
+            d, h, w = block.write.shape
             chunk = self.readers[self.owner[index].job]((0, *index))
-            hit = np.ascontiguousarray(chunk[CELL_CLASS, 0, :h, :w])
+            values = chunk[CELL_CLASS, :d, :h, :w] if self.run.volumes else chunk[CELL_CLASS, 0, :h, :w]
+            hit = np.ascontiguousarray(values)
         self.cache[index] = hit
         while len(self.cache) > self.max:
             self.cache.popitem(last=False)
         return hit
+
+    def volume(self, window: Box) -> np.ndarray:
+        """float32 P(cell) over a (Z, Y, X) ``window`` of 3-D parts."""
+        out = np.empty(window.shape, self.run.encoding.dtype)
+        sizes = (self.run.tiling.block_z, self.run.tiling.block_px, self.run.tiling.block_px)
+        ranges = [range(o // s, (e - 1) // s + 1) for o, e, s in zip(window.offset, window.end, sizes)]
+        for index in itertools.product(*ranges):
+            block = self.run.tiling.block(index)
+            part = block.write.intersect(window)
+            values = self.plane(block.index)[part.relative_to(block.write).to_slices()]
+            out[part.relative_to(window).to_slices()] = values
+        return self.run.encoding.decode(out)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         z, ys, xs = key
@@ -1000,17 +1057,17 @@ def _provenance(run: _Run, n_instances: int) -> dict[str, Any]:
 
 
 def _check_volume_settings(settings: MergeSettings, *, where: str) -> None:
-    """Refuse, in one line, what a merge of 3-D parts does not do (yet).
+    """Refuse, in one line, what a merge of 3-D parts does not do.
 
     Raises:
-        UserInputError: the seeded watershed (its seeds and floods are made per slice, and
-            joining them across z block faces is not exact yet), or ``--min-object-px auto``
-            (a fraction of the median object area in px, a 2-D measure).
+        UserInputError: distance seeds without ``h_um`` (their depth in µm), or
+            ``--min-object-px auto`` (a fraction of the median object area in px, a 2-D measure).
     """
-    if settings.instances is InstanceMethod.WATERSHED:
+    ws = settings.watershed
+    if settings.instances is InstanceMethod.WATERSHED and ws.seeds is SeedRule.DISTANCE and ws.h_um is None:
         raise UserInputError(
-            f"{where}: parts of a 3-D network: --instances watershed is not done for 3-D cells yet "
-            "(its seeds and floods are made per slice); use --instances components"
+            f"{where}: parts of a 3-D network: distance seeds need --seed-h-um (the depth h of the distance "
+            "maxima in µm, e.g. 0.15 x the median cell radius; --seed-h-px is for slices)"
         )
     if settings.min_object_px == "auto":
         raise UserInputError(

@@ -42,11 +42,24 @@ INSTANCE_RULES = {
         "instances = 4-connected components of class 1 (cell interior) per slice, merged across block borders"
     ),
 }
-#: The cells of a 3-D network's parts (``unet merge`` of 3-D part stores: components only).
-VOLUME_INSTANCE_RULE = (
-    "instances = 6-connected components of class 1 (cell interior) in the volume (3-D cells), merged "
-    "across block faces in z, y and x"
-)
+#: The 3-D cells of a 3-D network's parts (``unet merge`` of 3-D part stores).
+VOLUME_INSTANCE_RULES = {
+    InstanceMethod.COMPONENTS: (
+        "instances = 6-connected components of class 1 (cell interior) in the volume (3-D cells), merged "
+        "across block faces in z, y and x"
+    ),
+    (InstanceMethod.WATERSHED, SeedRule.THRESHOLD): (
+        "instances = seeded watershed of P(class 1) in the volume (3-D cells, 6-connected; seeds: P > "
+        "{seed_threshold} eroded by {seed_erosion_px} px in-plane and as deep in µm along z; mask: P > "
+        "{mask_threshold}; block-wise with a {halo_px} px halo, as deep in µm along z)"
+    ),
+    (InstanceMethod.WATERSHED, SeedRule.DISTANCE): (
+        "instances = seeded watershed of the anisotropic distance transform (µm) of the mask P(class 1) > "
+        "{mask_threshold} in the volume (3-D cells, 6-connected; seeds: its h-maxima of depth h = {h_um:.3f} µm "
+        "after Gaussian smoothing; flooding in order of decreasing distance; block-wise with a {halo_px} px "
+        "halo, as deep in µm along z)"
+    ),
+}
 
 
 class TiffContent(str, Enum):
@@ -71,6 +84,8 @@ class WatershedSettings:
             ``distance`` (h-maxima of depth ``h_px`` of the mask's smoothed distance transform).
         h_px: depth of the distance seeds, px, or ``"auto"`` (0.15 x the median object radius of
             the model's training labels, resolved by :meth:`resolved`).
+        h_um: depth of the distance seeds of 3-D cells, µm (None: not given; 3-D parts with
+            distance seeds need it).
     """
 
     seed_threshold: float = SEED_THRESHOLD
@@ -79,6 +94,7 @@ class WatershedSettings:
     halo_px: int = WATERSHED_HALO_PX
     seeds: SeedRule = SeedRule.THRESHOLD
     h_px: float | str = AUTO
+    h_um: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", parse_choice(SeedRule, self.seeds, option="--seeds"))
@@ -89,6 +105,10 @@ class WatershedSettings:
             )
         if self.h_px != AUTO and not (isinstance(self.h_px, int | float) and 0 < self.h_px < float("inf")):
             raise UserInputError(f"--seed-h-px {self.h_px!r}: must be a number of px > 0 or 'auto'")
+        if self.h_um is not None and not (
+            isinstance(self.h_um, int | float) and not isinstance(self.h_um, bool) and 0 < self.h_um < float("inf")
+        ):
+            raise UserInputError(f"--seed-h-um {self.h_um!r}: must be a number of µm > 0")
 
     @property
     def margin_px(self) -> int:
@@ -97,7 +117,11 @@ class WatershedSettings:
         return self.halo_px if self.seeds is SeedRule.DISTANCE else self.seed_erosion_px
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "seeds": self.seeds.value}
+        """Plain data; ``h_um`` only where given (the records of 2-D merges stay as they were)."""
+        d = {**asdict(self), "seeds": self.seeds.value}
+        if self.h_um is None:
+            del d["h_um"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -139,9 +163,10 @@ class MergeSettings:
         """The watershed settings where cells are made by the watershed, else None."""
         return self.watershed if self.instances is InstanceMethod.WATERSHED else None
 
-    def resolved(self, median_area_px: float | None, *, where: str) -> MergeSettings:
+    def resolved(self, median_area_px: float | None, *, where: str, volumes: bool = False) -> MergeSettings:
         """The settings with every ``auto`` replaced by its number (from the model's median
-        training object area, which predict copies into the part stores).
+        training object area, which predict copies into the part stores); ``volumes``: 3-D
+        cells, whose distance seeds take ``h_um`` (``h_px`` is left as it is).
 
         Raises:
             UserInputError: ``auto`` where the model stores no median area (names ``where``).
@@ -152,7 +177,12 @@ class MergeSettings:
                 out, min_object_px=auto_min_object_px(_need_area(median_area_px, "--min-object-px", where))
             )
         ws = self.watershed
-        if self.instances is InstanceMethod.WATERSHED and ws.seeds is SeedRule.DISTANCE and ws.h_px == AUTO:
+        if (
+            self.instances is InstanceMethod.WATERSHED
+            and ws.seeds is SeedRule.DISTANCE
+            and ws.h_px == AUTO
+            and not volumes
+        ):
             ws = replace(ws, h_px=auto_h_px(_need_area(median_area_px, "--seed-h-px", where)))
             out = replace(out, watershed=ws)
         return out
@@ -161,7 +191,9 @@ class MergeSettings:
         """The sentence that says how a prediction's segmentation and cells were made (stored in
         its attributes); ``volumes``: 3-D cells of a 3-D network's parts."""
         if volumes and self.instances is InstanceMethod.COMPONENTS:
-            cells = VOLUME_INSTANCE_RULE
+            cells = VOLUME_INSTANCE_RULES[self.instances]
+        elif volumes:
+            cells = VOLUME_INSTANCE_RULES[(self.instances, self.watershed.seeds)].format(**asdict(self.watershed))
         elif self.instances is InstanceMethod.COMPONENTS:
             cells = INSTANCE_RULES[self.instances]
         else:
