@@ -370,5 +370,39 @@ def test_a_stack_without_a_voxel_size_is_refused_for_3d_parts(tmp_path: Path, ca
     out = tmp_path / "p.ome.zarr"
     assert main(["merge", *map(str, parts), "--stack", str(stack), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ingested without a voxel size" in err[0] and "--voxel-size-um" in err[0], err
+    assert len(err) == 1 and "voxel size was not given at ingest" in err[0] and "--voxel-size-um" in err[0], err
     assert not out.exists()
+
+
+# -- through 'unet predict' ----------------------------------------------------------------------
+def test_parts_of_unet_predict_with_a_3d_model_merge_into_3d_cells(tmp_path: Path) -> None:
+    """A tiny 3-D U-Net's parts from 'unet predict' (1 and 3 jobs): the same merged bytes; the
+    segmentation is the parts'; the cells are the whole volume's 6-connected components of it."""
+    import torch
+
+    from unet_core.infer.predict import predict_job
+    from unet_core.model.checkpoint import save_model
+    from unet_core.model.unet import UNet
+
+    shape = (7, 21, 19)
+    image = (balls(shape, 1) * 200 + np.random.default_rng(1).integers(0, 40, shape)).astype(np.uint8)
+    stack = write_stack(tmp_path / "s.ome.zarr", image)
+    spec = UNetSpec(depth=1, base_channels=2, dropout=0.0, dims=3, pool_z=(2,), kernel_z=(3, 3))
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    save_model(model, UNet(spec), metadata={"voxel_size_um": list(VOXEL_UM)})
+    stores = {}
+    for jobs in (1, 3):
+        parts = [tmp_path / f"run{jobs}" / f"part{j}" for j in range(jobs)]
+        for j in reversed(range(jobs)):
+            predict_job(stack, model, parts[j], job=j, jobs=jobs, device="cpu", block_px=8, tile_out=4, block_z=2)
+        out = tmp_path / f"p{jobs}.ome.zarr"
+        merge_parts(parts, stack=stack, out=out, cells=tmp_path / f"c{jobs}.csv", settings=MergeSettings(jobs=jobs))
+        stores[jobs] = {**store_bytes(out), "cells": (tmp_path / f"c{jobs}.csv").read_bytes()}
+    assert stores[1] == stores[3]
+    root = zarr.open_group(tmp_path / "p1.ome.zarr", mode="r")
+    seg = root["labels/segmentation/0"][:]
+    np.testing.assert_array_equal(seg, zarr.open_array(tmp_path / "run1" / "part0" / "segmentation", mode="r")[:])
+    inst = root["labels/instances/0"][:]
+    assert 0 < (seg == 1).mean() < 1
+    assert same_partition(inst, components_3d(seg == 1)) and root.attrs["unet"]["dims"] == 3

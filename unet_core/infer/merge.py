@@ -254,12 +254,7 @@ class _Run:
         self.volumes = self.tiling.volumes
         if self.volumes:
             _check_volume_settings(request.settings, where=str(request.parts[0]))
-            if not self.stack.voxel_size_given:
-                raise UserInputError(
-                    f"{request.stack}: ingested without a voxel size (1 µm per axis assumed); the parts are "
-                    "of a 3-D network, whose cells are measured in µm: ingest it again with "
-                    "--voxel-size-um z,y,x (or from a TIFF that records it) and predict again"
-                )
+            self.stack.volume_voxel_size(needs="a merge of a 3-D network's parts (3-D cells)")
         self.settings = request.settings.resolved(
             self.area, where=str(request.parts[0]), volumes=self.volumes
         )
@@ -820,7 +815,7 @@ class _Flooder:
         grid = run.tiling.grid
         self.scratch = ChunkCache(
             zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"),
-            (3 * grid[1] * grid[2] + 9) if run.volumes else grid[2] + 4,
+            9 * grid[2] + 27 if run.volumes else grid[2] + 4,
         )
 
     def block(self, block: Block) -> tuple[np.ndarray, int]:
@@ -873,7 +868,9 @@ class _CellProbability:
         }
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         grid = run.tiling.grid
-        self.max = 3 * grid[1] * grid[2] + 9 if run.volumes else 3 * grid[2] + 9  # a block row's halo
+        # the windows of a block row and the rows beside it (3-D: of the z layers beside it too,
+        # which are read again per z layer: memory bounded by the width of the stack, not its area)
+        self.max = 9 * grid[2] + 27 if run.volumes else 3 * grid[2] + 9
 
     def plane(self, index: tuple[int, int, int]) -> np.ndarray:
         """The block's stored P(cell) values (codes, as stored: a quarter of floats for uint8),

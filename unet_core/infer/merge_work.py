@@ -12,7 +12,8 @@ round) keeps everything between its rounds in one folder (``--work``; the workfl
     seeds-<k>.npz         piece k's seed record (counts, face pairs and strips)
     seed-ids.npz          the seeds' numbering (lookup table, block offsets)
     cells-<k>.npz         piece k's cell record (counts, face pairs and strips, number of rows)
-    cells-<k>.rows        piece k's rows of sums, one per (block, label) (cells.ROW_DTYPE, raw)
+    cells-<k>.rows        piece k's rows of sums, one per (block, label) (cells.ROW_DTYPE, raw;
+                          cells.ROW_DTYPE_3D for the 3-D cells of a 3-D network's parts)
     cell-ids.npz          the cells' numbering after small objects are dropped
     cell-table.npy        one row of sums per cell (the CSV's numbers)
     write-<k>.csv         piece k's lines of the cell table (its range of ids)
