@@ -157,12 +157,14 @@ def monai_window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: fl
 
 
 def monai_predictor(spec: UNetSpec, device: torch.device, roi: tuple[int, ...], *, sw_batch: int = 1,
-                    overlap: float = 0.25, mode: str = "gaussian", seed: int = 1
+                    overlap: float = 0.25, mode: str = "gaussian", seed: int = 1, precision: str = "fp32"
                     ) -> Callable[[np.ndarray], torch.Tensor] | None:
     """``run(image)``: MONAI ``sliding_window_inference`` of ``spec``'s same-padded twin
     (:func:`same_padded_twin`, random He weights drawn with ``seed``, in the channels-last layout
-    of its dims as our engine runs) over a (Y, X) or (Z, Y, X) float32 image, fp32, returning the
-    (C, ...) softmax probabilities on the CPU; None where MONAI is not installed."""
+    of its dims as our engine runs: a baseline in the slower NCHW layout would flatter the ratio, on
+    the CPU NCHW costs 25-40 % more per forward) over a (Y, X) or (Z, Y, X) float32 image, fp32 or
+    under bf16 autocast, returning the (C, ...) softmax probabilities on the CPU; None where MONAI is
+    not installed."""
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
@@ -170,10 +172,11 @@ def monai_predictor(spec: UNetSpec, device: torch.device, roi: tuple[int, ...], 
     same = same_padded_twin(spec)
     layout = torch.channels_last if same.dims == 2 else torch.channels_last_3d
     model = random_net(same, seed).to(device).to(memory_format=layout)
+    bf16 = precision == "bf16"
 
     def run(image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=sw_batch, predictor=model,
                                            overlap=overlap, mode=mode)
             return torch.softmax(out.float(), dim=1)[0].cpu()
@@ -187,31 +190,14 @@ def monai_in_memory(spec: UNetSpec, image: np.ndarray, device: torch.device, *, 
     """MONAI ``sliding_window_inference`` of a same-padded U-Net of the same widths (roi 512,
     overlap 0.25, gaussian, ``sw_batch`` windows per pass), the usual MONAI set-up, the median
     of ``repeats`` timed runs; None where MONAI is not installed."""
-    try:
-        from monai.inferers import sliding_window_inference
-    except ImportError:
+    run = monai_predictor(spec, device, (roi, roi), sw_batch=sw_batch, precision=precision)
+    if run is None:
         return None
-    same = same_padded_twin(spec)
-    # channels-last on every device, as our engine runs: a baseline in the slower NCHW layout
-    # would flatter the ratio (on the CPU, NCHW costs 25-40 % more per forward)
-    model = random_net(same, 1).to(device).to(memory_format=torch.channels_last)
-    bf16 = precision == "bf16"
-
-    def run() -> torch.Tensor:
-        x = torch.from_numpy(image)[None, None].to(device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sliding_window_inference(x, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model,
-                                           overlap=0.25, mode="gaussian")
-            return torch.softmax(out.float(), dim=1).cpu()
-
-    warm = image[: 2 * roi, : 2 * roi]
-    x0 = torch.from_numpy(np.ascontiguousarray(warm))[None, None].to(device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        sliding_window_inference(x0, roi_size=(roi, roi), sw_batch_size=sw_batch, predictor=model)
+    run(image[: 2 * roi, : 2 * roi])  # warm-up
     reset_peak_memory(device)
-    times = [timed(run, device)[1] for _ in range(repeats)]
+    times = [timed(lambda: run(image), device)[1] for _ in range(repeats)]
     windows = monai_window_count(image.shape, (roi, roi), 0.25)
-    executed = windows * same.tile_flops(roi) / image.size  # FLOPs per output pixel, overlap included
+    executed = windows * same_padded_twin(spec).tile_flops(roi) / image.size  # FLOPs per output pixel, overlap included
     return _rate(image.size, times, executed, device)
 
 
