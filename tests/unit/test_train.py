@@ -26,7 +26,7 @@ from unet_core.common.errors import CheckpointError, ConfigError, UserInputError
 from unet_core.common.intensity import IntensityStats
 from unet_core.common.mirror import mirror_pad
 from unet_core.common.precision import cpu_has_native_bf16
-from unet_core.infer.predict import plane_logits
+from unet_core.infer.predict import network_logits
 from unet_core.io.ngff import PyramidWriter, create_array
 from unet_core.model.checkpoint import load_model, safe_load
 from unet_core.model.spec import UNetSpec
@@ -180,7 +180,7 @@ def test_tiled_validation_equals_monolithic_pass() -> None:
     padded = mirror_pad(image, [(ctx, ctx + 76 - 45), (ctx, ctx + 76 - 70)])
     # oneDNN picks size-dependent kernels (rounding differs by ~1e-6); the reference kernels do not
     with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
-        tiled = plane_logits(model, image, tile_out=20, device=torch.device("cpu"))
+        tiled = network_logits(model, image, tile_out=20, device=torch.device("cpu"))
         whole = model(torch.from_numpy(padded)[None, None])[0].numpy()
     assert np.abs(tiled - whole[:, :45, :70]).max() == 0.0
 

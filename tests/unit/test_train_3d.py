@@ -27,7 +27,7 @@ from unet_core.model.unet import UNet
 from unet_core.train.config import TrainConfig
 from unet_core.train.data import AugmentedTiles
 from unet_core.train.loop import train
-from unet_core.train.validation import volume_logits
+from unet_core.infer.predict import network_logits
 
 
 class _Crash(Exception):
@@ -87,8 +87,8 @@ def test_volume_validation_does_not_depend_on_the_tiles() -> None:
     model = UNet(TINY3D).eval()
     volume = np.random.default_rng(0).normal(size=(5, 13, 11)).astype(np.float32)
     kw = dict(device=torch.device("cpu"), precision=Precision.FP32)
-    small = volume_logits(model, volume, tile_out=4, tile_z=1, **kw)
-    whole = volume_logits(model, volume, tile_out=16, tile_z=8, **kw)
+    small = network_logits(model, volume, tile_out=4, tile_z=1, **kw)
+    whole = network_logits(model, volume, tile_out=16, tile_z=8, **kw)
     assert small.shape == (2, 5, 13, 11) and np.abs(small - whole).max() <= 1e-5
 
 

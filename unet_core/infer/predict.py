@@ -100,39 +100,49 @@ def predict_plane(
     return out
 
 
-def plane_logits(
+def network_logits(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
     tile_out: int,
+    tile_z: int = 1,
     device: torch.device,
     precision: Precision = Precision.FP32,
     channels_last: bool = False,
 ) -> np.ndarray:
-    """Raw float32 logits of one normalised (Y, X) slice, through the engine (training's validation).
+    """Raw float32 logits of one normalised (Y, X) slice, or of a (Z, Y, X) volume for a 3-D network,
+    through the engine (training's validation).
 
     No decision offsets, no softmax, no test-time augmentation, no rounding: what the weighted
-    validation loss needs. ``model`` is used as it is (device, mode and memory layout).
+    validation loss needs. ``model`` is used as it is (device, mode and memory layout). One block
+    holds the whole slice (a volume: all its slices, ``block_z`` = Z rounded up to the z stride).
 
     Args:
-        image: (Y, X) float32, already z-scored.
-        tile_out: output tile edge, px; rounded down to a multiple of 2**depth (tile origins
+        image: (Y, X) float32, already normalised; (Z, Y, X) for a 3-D network (slice by slice where
+            the mode says so).
+        tile_out: in-plane output tile edge, px; rounded down to a multiple of 2**depth (tile origins
             must be aligned for the result to equal one pass over the whole slice).
+        tile_z: 3-D only: output tile extent along z, slices; rounded down to the z stride.
 
     Returns:
-        (C, Y, X) float32 logits.
+        (C, Y, X) (3-D: (C, Z, Y, X)) float32 logits.
     """
     spec = model.spec
     tile = max(spec.stride, tile_out // spec.stride * spec.stride)
-    tiling = Tiling((1, *image.shape), spec, block_px=max(tile, round_up(max(image.shape), spec.stride)),
-                    tile_out=tile)
+    block_px = max(tile, round_up(max(image.shape[-2:]), spec.stride))
+    if spec.dims == 2:
+        stack, tiling = image[None], Tiling((1, *image.shape), spec, block_px=block_px, tile_out=tile)
+    else:
+        z_stride = spec.z_axis.stride
+        tz = max(z_stride, tile_z // z_stride * z_stride)
+        stack, tiling = image, Tiling(image.shape, spec, block_px=block_px, tile_out=tile,
+                                      block_z=max(round_up(image.shape[0], z_stride), tz), tile_z=tz)
     engine = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=device, precision=precision,
                     channels_last=channels_last)
     out = np.empty((spec.n_classes, *image.shape), np.float32)
     for block in tiling.blocks():
-        staged = engine.stage(image[None], block)
-        logits = engine.block_output(staged, logits=True)
-        out[(slice(None), *block.plane.to_slices())] = logits.cpu().numpy()
+        logits = engine.block_output(engine.stage(stack, block), logits=True)
+        out[(slice(None), *tiling.region(block).to_slices())] = logits.cpu().numpy()
     return out
 
 

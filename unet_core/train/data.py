@@ -19,7 +19,7 @@ would have read, whatever the number of loader workers.
 
 Validation uses held-out slices of ingested stacks and their weights stores, predicted
 slice by slice by the inference engine of ``unet predict``
-(:func:`unet_core.infer.predict.plane_logits`: mirrored borders, tile origins on multiples of
+(:func:`unet_core.infer.predict.network_logits`: mirrored borders, tile origins on multiples of
 ``UNetSpec.stride``, equal to one monolithic pass).
 """
 

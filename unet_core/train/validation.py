@@ -1,11 +1,11 @@
 """Validation during training: loss, pixel error and IoU of held-out slices (3-D: volumes).
 
 The slices are predicted by the production inference engine
-(:func:`unet_core.infer.predict.plane_logits`: mirrored borders, tile origins on multiples of
+(:func:`unet_core.infer.predict.network_logits`: mirrored borders, tile origins on multiples of
 ``UNetSpec.stride``, equal to one pass over the whole slice), so validation measures the network
 ``unet predict`` will run; the decision is the argmax of the logits plus the weight-prior offsets
 that ``unet predict`` adds. A 3-D network's held-out volumes go through the same engine with a
-3-D :class:`unet_core.infer.tiling.Tiling` (:func:`volume_logits`: blocks of ``block_z`` slices,
+3-D :class:`unet_core.infer.tiling.Tiling` (the same function: blocks of ``block_z`` slices,
 tiles aligned to the z stride, equal to one pass over the whole mirror-padded volume).
 """
 
@@ -16,11 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from unet_core.common.intensity import IntensityStats
-from unet_core.common.precision import Precision
-from unet_core.infer.engine import Engine
-from unet_core.infer.predict import plane_logits
-from unet_core.infer.tiling import Tiling, round_up
+from unet_core.infer.predict import network_logits
 from unet_core.model.decision import correct
 from unet_core.model.loss import weighted_cross_entropy
 from unet_core.model.unet import UNet
@@ -81,13 +77,8 @@ def validate(
     totals: dict[str, float] = {}
     try:
         for item in slices:
-            if model.spec.dims == 3:
-                logits = volume_logits(model, item.image, tile_out=tile_out, tile_z=tile_z or 1,
-                                       device=runtime.device, precision=runtime.precision,
-                                       channels_last=runtime.channels_last)
-            else:
-                logits = plane_logits(model, item.image, tile_out=tile_out, device=runtime.device,
-                                      precision=runtime.precision, channels_last=runtime.channels_last)
+            logits = network_logits(model, item.image, tile_out=tile_out, tile_z=tile_z or 1, device=runtime.device,
+                                    precision=runtime.precision, channels_last=runtime.channels_last)
             metrics = pixel_metrics(logits, item.classes, item.weights if weighted else None, offsets)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -105,42 +96,3 @@ def validate(
     }
 
 
-def volume_logits(
-    model: torch.nn.Module,
-    volume: np.ndarray,
-    *,
-    tile_out: int,
-    tile_z: int,
-    device: torch.device,
-    precision: Precision = Precision.FP32,
-    channels_last: bool = False,
-) -> np.ndarray:
-    """Raw float32 logits of one normalised (Z, Y, X) volume through the engine (3-D validation).
-
-    The 3-D twin of :func:`unet_core.infer.predict.plane_logits`: one block along z holding the
-    whole volume (``block_z`` = Z rounded up to the z stride) and one in the plane, tiles of
-    ``tile_z`` x ``tile_out`` x ``tile_out`` output voxels (rounded down to the strides), no
-    offsets, no softmax, no test-time transforms. ``model`` is used as it is.
-
-    Args:
-        volume: (Z, Y, X) float32, already normalised (slice by slice where the mode says so).
-        tile_out: in-plane output tile edge, px.
-        tile_z: output tile extent along z, slices.
-
-    Returns:
-        (C, Z, Y, X) float32 logits.
-    """
-    spec = model.spec
-    stride, z_stride = spec.stride, spec.z_axis.stride
-    tile = max(stride, tile_out // stride * stride)
-    tz = max(z_stride, tile_z // z_stride * z_stride)
-    block_z = round_up(volume.shape[0], z_stride)
-    tiling = Tiling(volume.shape, spec, block_px=max(tile, round_up(max(volume.shape[1:]), stride)),
-                    tile_out=tile, block_z=max(block_z, tz), tile_z=tz)
-    engine = Engine(model, tiling, stats=IntensityStats(0.0, 1.0), device=device, precision=precision,
-                    channels_last=channels_last)
-    out = np.empty((spec.n_classes, *volume.shape), np.float32)
-    for block in tiling.blocks():
-        logits = engine.block_output(engine.stage(volume, block), logits=True)
-        out[(slice(None), *block.write.to_slices())] = logits.cpu().numpy()
-    return out
