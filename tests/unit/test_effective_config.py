@@ -41,6 +41,10 @@ ADDED_AFTER_THE_RECORD = {
     "predict.backend": "issue 35: ONNX Runtime as a CPU backend",
     "predict.cell_channel": "issue 35: a foreign bioimage.io package's cell channel",
     "predict.trust_torchscript": "issue 35: a bioimage.io package's TorchScript weights",
+    **{key: "issue 36: the 3-D mode (model.dims 3); 2-D configs leave them at their defaults"
+       for key in ("model.dims", "model.pool_z", "model.kernel_z", "weights.sigma_um", "augment.sigma_um",
+                   "train.tile_out_z", "predict.block_z", "predict.tile_z", "predict.watershed.h_um",
+                   "evaluate.link_slices")},
 }
 
 
@@ -87,7 +91,7 @@ def test_the_synthetic_sample_is_unused_where_its_keys_changed(name: str) -> Non
 
 
 #: Profiles written after the record (nothing of theirs could change): only the schema resolves them.
-AFTER_THE_RECORD = {"config/dic_hela.yaml", "config/dic_hela_cpu.yaml"}
+AFTER_THE_RECORD = {"config/dic_hela.yaml", "config/dic_hela_cpu.yaml", "config/synth3d.yaml"}
 
 
 def test_every_shipped_and_test_config_is_in_the_record() -> None:
@@ -106,7 +110,7 @@ def test_isbi2012_cpu_without_its_train_keys_trains_the_same_model() -> None:
     full, default = resolve("config/isbi2012_cpu.yaml")["train"], copy.deepcopy(stripped)
     validate(default, schema=str(SCHEMA))
     default = default["train"]
-    model_keys = [k for k in TrainConfig.TRAJECTORY if k in full] + ["tile_out", "validate_every", "val_tile_out",
+    model_keys = [k for k in TrainConfig.TRAJECTORY if k in full] + ["tile_out", "tile_out_z", "validate_every", "val_tile_out",
                                                                       "export_weights"]
     assert {k: default[k] for k in model_keys} == {k: full[k] for k in model_keys}
     machine = {"device", "precision", "threads", "workers", "checkpoint_every", "runtime_min", "compile"}

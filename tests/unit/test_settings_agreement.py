@@ -49,6 +49,8 @@ INTENDED_CLI_DIFFERENCES = {
 #: (stage, option dest) -> why its choices differ from the schema's enum on purpose.
 INTENDED_CHOICE_DIFFERENCES = {
     ("augment", "device"): "any torch device by hand (cuda:N); the schema offers cpu, auto and cuda",
+    **{(stage, "dims"): "--dims takes 2 or 3 through its type (one message naming both), not a choices list"
+       for stage in ("augment", "train", "class-weights", "weights")},
 }
 
 
@@ -68,7 +70,9 @@ def _plain(value: Any) -> Any:
 def owners() -> dict[str, tuple[Any, type[Enum] | None]]:
     """Schema key -> (the owner's default, the enum that owns its choices, or None)."""
     from unet_core.augment.elastic import DeformParams
+    from unet_core.augment.samples import augment
     from unet_core.cli import augment as cli_augment
+    from unet_core.evaluate.scoring import evaluate
     from unet_core.common.intensity import DEFAULT_NORMALISATION, Normalisation
     from unet_core.common.precision import Precision
     from unet_core.infer.encoding import ProbabilityEncoding
@@ -94,10 +98,19 @@ def owners() -> dict[str, tuple[Any, type[Enum] | None]]:
     }
     enums = {"padding": Padding, "norm": Norm}
     found |= {f"model.{k}": (_field(UNetSpec, k), enums.get(k))
-              for k in ("depth", "base_channels", "n_classes", "padding", "norm", "dropout")}
+              for k in ("depth", "base_channels", "n_classes", "padding", "norm", "dropout", "dims", "pool_z",
+                        "kernel_z")}
     found |= {f"weights.{k}": (_field(WeightParams, k), BorderPixels if k == "border_pixels" else None)
               for k in ("w0", "sigma_px", "tolerance", "connectivity", "border_pixels")}
     found |= {f"augment.{k}": (_field(DeformParams, k), None) for k in ("grid", "sigma_px", "brightness", "contrast", "gamma")}
+    # the 3-D mode's keys (issue 36): None = not given (2-D runs leave them out)
+    found["weights.sigma_um"] = (None, None)  # required with dims 3: VolumeWeightParams.sigma_um has no default
+    augment_defaults = inspect.signature(augment).parameters
+    found["augment.sigma_um"] = (augment_defaults["sigma_um"].default, None)
+    found["train.tile_out_z"] = (augment_defaults["tile_out_z"].default, None)  # the stored tiles' z extent
+    found |= {f"predict.{k}": (_field(PredictSettings, k), None) for k in ("block_z", "tile_z")}
+    found["predict.watershed.h_um"] = (_field(WatershedSettings, "h_um"), None)
+    found["evaluate.link_slices"] = (inspect.signature(evaluate).parameters["link_slices"].default, None)
     found |= {"augment.samples_per_slice": (cli_augment.SAMPLES_PER_SLICE, None),
               "augment.seed": (cli_augment.SEED, None), "augment.device": (cli_augment.DEVICE, None)}
     enums = {"optimizer": OptimizerKind, "schedule": Schedule, "precision": Precision, "export_weights": ExportWeights}
@@ -134,37 +147,42 @@ def schema_keys(schema: dict = SCHEMA, prefix: str = "") -> dict[str, dict]:
     return out
 
 
+#: The model keys augment and train take as options (--depth ... --kernel-z).
+MODEL = ("depth", "base_channels", "n_classes", "padding", "norm", "dropout", "dims", "pool_z", "kernel_z")
+
 #: (stage, option dest) -> the schema key the workflow passes to it.
 CLI_KEYS = {
     "synth": {"slices": "synth.slices", "size": "synth.size_px", "seed": "synth.seed", "density": "synth.density",
               "gap_px": "synth.gap_px"},
     "ingest": {"chunks": "ingest.chunks"},
-    "class-weights": {"connectivity": "weights.connectivity"},
+    "class-weights": {"connectivity": "weights.connectivity", "dims": "model.dims"},
     "weights": {"w0": "weights.w0", "sigma_px": "weights.sigma_px", "tolerance": "weights.tolerance",
-                "connectivity": "weights.connectivity", "border_pixels": "weights.border_pixels"},
+                "connectivity": "weights.connectivity", "border_pixels": "weights.border_pixels",
+                "dims": "model.dims", "sigma_um": "weights.sigma_um"},
     "augment": {"samples_per_slice": "augment.samples_per_slice", "tile_out": "train.tile_out",
                 "grid": "augment.grid", "sigma_px": "augment.sigma_px", "brightness": "augment.brightness",
                 "contrast": "augment.contrast", "gamma": "augment.gamma", "seed": "augment.seed",
-                "device": "augment.device", "normalisation": "normalisation",
-                **{k: f"model.{k}" for k in ("depth", "base_channels", "n_classes", "padding", "norm", "dropout")}},
+                "device": "augment.device", "normalisation": "normalisation", "tile_out_z": "train.tile_out_z",
+                "sigma_um": "augment.sigma_um", **{k: f"model.{k}" for k in MODEL}},
     "train": {"tile_out": "train.tile_out", "normalisation": "normalisation", "threads": "train.threads",
               **{k: f"train.{k}" for k in ("iterations", "batch_size", "optimizer", "lr", "momentum", "schedule",
                                            "warmup_iterations", "validate_every", "checkpoint_every", "val_tile_out",
                                            "export_weights", "seed", "device", "precision", "compile", "workers")},
-              **{k: f"model.{k}" for k in ("depth", "base_channels", "n_classes", "padding", "norm", "dropout")}},
+              **{k: f"model.{k}" for k in MODEL}},
     "predict": {"jobs": "predict.jobs", "tile_out": "predict.tile_out", "block_px": "predict.block_px",
                 "batch": "predict.batch_size", "device": "predict.device", "precision": "predict.precision",
                 "tta": "predict.tta", "compile": "predict.compile", "decision": "predict.decision",
                 "probabilities": "predict.probabilities", "threads": "predict.threads",
                 "normalisation": "normalisation", "backend": "predict.backend", "cell_channel": "predict.cell_channel",
-                "trust_torchscript": "predict.trust_torchscript"},
+                "trust_torchscript": "predict.trust_torchscript", "block_z": "predict.block_z",
+                "tile_z": "predict.tile_z"},
     "merge": {"instances": "predict.instances", "min_object_px": "predict.min_object_px",
               "seeds": "predict.watershed.seeds", "seed_h_px": "predict.watershed.h_px",
               "seed_threshold": "predict.watershed.seed_threshold",
               "seed_erosion_px": "predict.watershed.seed_erosion_px",
               "mask_threshold": "predict.watershed.mask_threshold", "halo_px": "predict.watershed.halo_px",
-              "jobs": "predict.merge_jobs"},
-    "evaluate": {},  # the workflow passes no setting: evaluate's choices are checked below
+              "jobs": "predict.merge_jobs", "seed_h_um": "predict.watershed.h_um"},
+    "evaluate": {"link_slices": "evaluate.link_slices"},  # evaluate's other choices are checked below
 }
 
 #: Minimal command lines: each stage's defaults as argparse applies them (string defaults typed).

@@ -176,29 +176,41 @@ class _null:
         return None
 
 
-def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[tuple[float, float, float], bool]:
-    """The voxel size (z, y, x) µm and whether it was given: ``override``, else the file's; where
-    the file says nothing for an axis, 1 µm stands in and the size counts as not given (the
-    3-D stages refuse such a stack: distances in µm would be distances in voxels). Every value
-    must be finite and > 0 (NaN would end up in zarr.json, which is then not valid JSON)."""
+def voxel_size(img: TiffStack, override: Sequence[float] | None) -> tuple[tuple[float, float, float], str]:
+    """The voxel size (z, y, x) µm of ``img`` and the axes it is missing for: ``override`` (the
+    samples table's voxel_size_um column, ``--voxel-size-um``), else the file's; where the file says
+    nothing for an axis, 1 µm stands in and the axis is named in the second value ("" = all given).
+    A stack with a missing axis is recorded as having no given voxel size, which the 3-D stages
+    refuse (distances in µm would be distances in voxels). Every value must be finite and > 0 (NaN
+    would end up in zarr.json, which is then not valid JSON). Used by ingest and by the workflow's
+    start-up check of a 3-D run (no pixels are read).
+
+    Raises:
+        UserInputError: an override or file value that is not finite and positive.
+    """
     if override is not None:
         if len(override) != 3 or not all(0 < float(v) < math.inf for v in override):
             raise UserInputError(
                 f"--voxel-size-um: must be three finite positive numbers (z, y, x) in µm, got {list(override)}")
-        return tuple(float(v) for v in override), True  # type: ignore[return-value]
+        return tuple(float(v) for v in override), ""  # type: ignore[return-value]
     found = img.spacing_um
     if any(v is not None and not 0 < v < math.inf for v in found):
         raise UserInputError(
             f"{img.path}: the file gives voxel size {list(found)} µm (not finite and positive); "
             "pass --voxel-size-um z,y,x")
-    missing = [axis for axis, v in zip("zyx", found, strict=True) if v is None]
+    z, y, x = found
+    return (z or 1.0, y or 1.0, x or 1.0), "".join(axis for axis, v in zip("zyx", found, strict=True) if v is None)
+
+
+def _spacing(img: TiffStack, override: Sequence[float] | None) -> tuple[tuple[float, float, float], bool]:
+    """:func:`voxel_size`, warning where the file gives none for an axis; and whether it was given."""
+    spacing, missing = voxel_size(img, override)
     if missing:
         log.warning("%s: the file gives no voxel size for axis %s; using 1 µm there (areas and centroids "
                     "in µm are then in pixels, and the stack is recorded as having no given voxel size, which "
                     "the 3-D mode refuses): pass --voxel-size-um z,y,x (workflow: the samples "
                     "table's voxel_size_um column)", img.path, ", ".join(missing))
-    z, y, x = found
-    return (z or 1.0, y or 1.0, x or 1.0), not missing
+    return spacing, not missing
 
 
 def _convert(

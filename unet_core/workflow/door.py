@@ -16,7 +16,8 @@ What the workflow gets here:
   :func:`read_samples`, :func:`shared_slices`, :class:`ConfigError`;
 * the samples' data: :func:`check_sample_stacks` (files exist, selections within their slices);
 * geometry checks: :func:`model_geometry` (tile and block sizes against the network),
-  :func:`check_jobs_fit_blocks` (``predict.jobs`` and ``predict.merge_jobs`` against the blocks);
+  :func:`check_jobs_fit_blocks` (``predict.jobs`` and ``predict.merge_jobs`` against the blocks),
+  :func:`check_volume_settings` (the 3-D mode's keys and samples);
 * output marks as objects: :func:`output_mark` (each rule's outputs to the mark of the stage
   that writes them), :data:`FOLDER_RULES`, :func:`check_existing_outputs`;
 * :func:`code_hash` (a rule's param: the rule reruns when its stage's code changes),
@@ -41,7 +42,7 @@ from unet_core.common.errors import ConfigError, UserInputError
 from unet_core.common.outputs import Mark, check_replaceable
 from unet_core.common.provenance import sha256_files
 from unet_core.common.samples import read_samples, shared_slices
-from unet_core.infer.tiling import Tiling, check_multiple_of_stride
+from unet_core.infer.tiling import Tiling, check_multiple_of_stride, round_up
 from unet_core.model.spec import UNetSpec
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "check_existing_outputs",
     "check_jobs_fit_blocks",
     "check_sample_stacks",
+    "check_volume_settings",
     "code_hash",
     "exact_numbers",
     "load_yaml",
@@ -149,29 +151,141 @@ def check_jobs_fit_blocks(config: Mapping[str, Any], samples: Mapping[str, Mappi
     asked = {key: k for key, k in asked.items() if isinstance(k, int) and k > 1}
     if not asked:
         return
-    from unet_core.common.slices import count, merged, slice_ranges
-    from unet_core.io.tiff import open_tiff_stack  # tifffile: only where jobs are shared
-
     for name in predicted:
-        row = samples[name]
-        if not os.path.exists(row["image"]):
+        found = _selected_shape(name, samples[name])
+        if found is None:
             continue
-        try:
-            with open_tiff_stack(row["image"]) as stack:
-                z, y, x = stack.shape
-            ranges = slice_ranges(row["slices"], what=name)
-        except UserInputError:
-            continue  # ingest names the problem
-        if ranges is not None:
-            z = count(merged([(lo, min(hi, z - 1)) for lo, hi in ranges if lo < z]))
-        if z < 1:
-            continue
-        tiling = Tiling((z, y, x), spec, config["predict"]["block_px"], config["predict"]["tile_out"])
+        tiling = Tiling(found, spec, config["predict"]["block_px"], config["predict"]["tile_out"],
+                        *_z_blocking(config, spec, found[0]))
         for key, k in asked.items():
             try:
-                tiling.check_jobs(k, option=f"config predict.{key} =", of=f"sample {name!r} ({row['image']})")
+                tiling.check_jobs(k, option=f"config predict.{key} =", of=f"sample {name!r} ({samples[name]['image']})")
             except UserInputError as err:
                 raise ConfigError(str(err)) from None
+
+
+def _z_blocking(config: Mapping[str, Any], spec: UNetSpec, depth: int) -> tuple[int, int | None]:
+    """(block_z, tile_z) that ``unet predict`` uses on a stack of ``depth`` slices: 1 and None for a
+    2-D network; ``predict.block_z``, else the stored z chunk (``ingest.chunks`` z, at most the depth)
+    rounded up to the z stride (:func:`unet_core.infer.predict.z_blocking`)."""
+    if spec.dims == 2:
+        return 1, None
+    block_z = config["predict"]["block_z"]
+    if block_z is None:
+        block_z = round_up(min(config["ingest"]["chunks"][0], depth), spec.z_axis.stride)
+    return block_z, config["predict"]["tile_z"]
+
+
+def _selected_shape(name: str, row: Mapping[str, str]) -> tuple[int, int, int] | None:
+    """(Z, Y, X) of a sample's image after its row's slice selection, from the TIFF header (no
+    pixels read); None where a rule still has to write the image (synth), or where ingest will
+    refuse it (it names the problem) or nothing is selected."""
+    if not os.path.exists(row["image"]):
+        return None
+    from unet_core.common.slices import count, merged, slice_ranges
+    from unet_core.io.tiff import open_tiff_stack  # tifffile: only where a file is looked at
+
+    try:
+        with open_tiff_stack(row["image"]) as stack:
+            z, y, x = stack.shape
+        ranges = slice_ranges(row["slices"], what=name)
+    except UserInputError:
+        return None
+    if ranges is not None:
+        z = count(merged([(lo, min(hi, z - 1)) for lo, hi in ranges if lo < z]))
+    return (z, y, x) if z >= 1 else None
+
+
+#: Config keys of the 3-D mode only (model.dims 3); a 2-D config that sets one is refused.
+VOLUME_KEYS = ("weights.sigma_um", "augment.sigma_um", "train.tile_out_z", "predict.block_z", "predict.tile_z",
+               "predict.watershed.h_um")
+
+
+def _value(config: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_volume_settings(config: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], spec: UNetSpec,
+                          *, table: str, trains: bool) -> None:
+    """The 3-D mode's settings and samples, before any job (also in a dry run), so a mistake costs
+    seconds, not the stages before the one that would refuse it.
+
+    A 2-D network: none of :data:`VOLUME_KEYS` may be set. A 3-D network (``model.dims: 3`` or a
+    3-D ``model_file``): ``weights.sigma_um`` where the workflow trains; ``predict.watershed.h_um``
+    for distance seeds; no ``predict.min_object_px: auto`` (a 2-D area); the z chunk of
+    ``ingest.chunks``, ``predict.block_z`` and ``predict.tile_z`` multiples of the network's z stride;
+    ``train.tile_out_z`` an output size the network reaches; and every sample a stack of several
+    slices whose voxel size is given (the samples table's ``voxel_size_um`` column, else the file's)
+    and coarse enough along z for ``model.pool_z`` (:func:`unet_core.model.spec.check_z_geometry`).
+    Samples whose image a rule still writes are left to the stages.
+
+    Raises:
+        ConfigError: one line naming the key, or the samples table, sample and file.
+    """
+    if spec.dims == 2:
+        given = [key for key in VOLUME_KEYS if _value(config, key) is not None]
+        if given:
+            raise ConfigError(f"config {given[0]} = {_value(config, given[0])}: a setting of the 3-D mode; this "
+                              "network is 2-D (model.dims 2): remove it, or set model.dims: 3")
+        return
+    _check_volume_keys(config, spec, trains=trains)
+    for name, row in samples.items():
+        _check_volume_sample(name, row, spec, table=table)
+
+
+def _check_volume_keys(config: Mapping[str, Any], spec: UNetSpec, *, trains: bool) -> None:
+    """The config keys of a 3-D run (see :func:`check_volume_settings`)."""
+    predict, watershed = config["predict"], config["predict"]["watershed"]
+    if trains and config["weights"]["sigma_um"] is None:
+        raise ConfigError("config weights.sigma_um: the 3-D mode (model.dims 3) needs the border term's decay "
+                          "length in µm (weights.sigma_px is the 2-D key; the paper's 5 px are 5 x the in-plane "
+                          "voxel size)")
+    if predict["instances"] == "watershed" and watershed["seeds"] == "distance" and watershed["h_um"] is None:
+        raise ConfigError("config predict.watershed.h_um: distance seeds of 3-D cells need their depth in µm "
+                          "(e.g. 0.15 x the median nucleus radius); h_px is the 2-D key")
+    if predict["min_object_px"] == "auto":
+        raise ConfigError("config predict.min_object_px = auto: auto is 5 % of a median 2-D area; 3-D cells need "
+                          "a number of voxels")
+    try:
+        check_multiple_of_stride(config["ingest"]["chunks"][0], spec, what="config ingest.chunks z =", z=True)
+        for key in ("block_z", "tile_z"):
+            if predict[key] is not None:
+                check_multiple_of_stride(predict[key], spec, what=f"config predict.{key} =", z=True)
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
+    tile_out_z = config["train"]["tile_out_z"]
+    if trains and tile_out_z is not None:
+        try:
+            spec.z_axis.input_size(tile_out_z, what="U-Net along z")
+        except ValueError as err:
+            raise ConfigError(f"config train.tile_out_z = {tile_out_z}: {err}") from None
+
+
+def _check_volume_sample(name: str, row: Mapping[str, str], spec: UNetSpec, *, table: str) -> None:
+    """One sample of a 3-D run: several slices, a given voxel size, z coarse enough for pool_z."""
+    shape = _selected_shape(name, row)
+    if shape is None:
+        return
+    where = f"{table}: sample {name!r} ({row['image']})"
+    if shape[0] < 2:
+        raise ConfigError(f"{where}: one slice selected; the 3-D mode (model.dims 3) needs a volume of several "
+                          "slices (select more, or use model.dims 2)")
+    from unet_core.io.ingest import voxel_size  # zarr: only for a 3-D run
+    from unet_core.io.tiff import open_tiff_stack
+    from unet_core.model.spec import check_z_geometry
+
+    column = row.get("voxel_size_um", "").replace(" ", "")
+    try:
+        with open_tiff_stack(row["image"]) as stack:
+            spacing, missing = voxel_size(stack, tuple(map(float, column.split(","))) if column else None)
+    except UserInputError:
+        return  # ingest names the problem
+    if missing:
+        raise ConfigError(f"{where}: the file gives no voxel size for axis {', '.join(missing)}, and the 3-D "
+                          "mode measures in µm: give it in the samples table's voxel_size_um column (z,y,x)")
+    check_z_geometry(spec, spacing, where=where)
 
 
 def check_sample_stacks(samples: Mapping[str, Mapping[str, str]], *, table: str,
@@ -219,7 +333,7 @@ def output_mark(rule: str, output: str | None) -> Mark | None:
     that exist, never in a dry run.
     """
     match rule, output:
-        case "synth", "image" | "labels":
+        case "synth" | "synth_volume", "image" | "labels":
             from unet_core.synth.tiffs import SYNTH_TIFF_MARK as mark
         case "ingest", None:
             from unet_core.io.ingest import STACK_MARK as mark

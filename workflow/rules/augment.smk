@@ -24,6 +24,7 @@ rule augment:
         seed=lookup(dpath="augment/seed", within=config),
         device=lookup(dpath="augment/device", within=config),
         normalisation=lookup(dpath="normalisation", within=config),
+        volume=optional_flags("train", {"tile_out_z": "--tile-out-z"}) + optional_flags("augment", {"sigma_um": "--sigma-um"}),
         model=model_args(),
         code=code_hash("augment"),
     conda:
@@ -39,5 +40,5 @@ rule augment:
         "unet augment {input.stack:q} {input.weights:q} {output.samples:q}"
         " --samples-per-slice {params.k} --tile-out {params.tile_out} --grid {params.grid}"
         " --sigma-px {params.sigma_px} --brightness {params.brightness} --contrast {params.contrast}"
-        " --gamma {params.gamma} --seed {params.seed} {params.model}"
+        " --gamma {params.gamma} --seed {params.seed} {params.model}{params.volume}"
         " --device {params.device} --normalisation {params.normalisation} --plot {output.plot:q} --threads {threads} > {log:q} 2>&1"

@@ -6,7 +6,7 @@ import re
 import shlex
 
 from snakemake.logging import logger
-from snakemake.io import get_wildcard_names, strip_wildcard_constraints
+from snakemake.io import get_wildcard_names, regex_from_filepattern as regex_of, strip_wildcard_constraints
 from snakemake.utils import validate
 
 # the package's one door for the workflow (torch-free; tests/unit/test_architecture.py checks that
@@ -18,6 +18,7 @@ from unet_core.workflow.door import (
     check_existing_outputs,
     check_jobs_fit_blocks,
     check_sample_stacks,
+    check_volume_settings,
     code_hash,
     exact_numbers,
     load_yaml,
@@ -99,6 +100,8 @@ MERGE_PIECES = list(range(config["predict"]["merge_jobs"]))
 if workflow.is_main_process:
     with refusals_exit_2():
         check_jobs_fit_blocks(config, samples, PREDICT, SPEC)
+        # the 3-D mode's keys and samples (voxel sizes, z pooling); a 2-D config must not set them
+        check_volume_settings(config, samples, SPEC, table=config["samples"], trains=not MODEL_FILE)
 
 
 wildcard_constraints:
@@ -140,15 +143,39 @@ def model_file_sha256():
 def model_args():
     """The architecture flags: all of the config's model section, or with model_file only the keys
     the config gives (checked against the file by unet predict)."""
-    if MODEL_FILE:
-        flags = {"depth": "--depth", "base_channels": "--base-channels", "n_classes": "--n-classes",
-                 "padding": "--padding", "norm": "--norm", "dropout": "--dropout"}
-        return " ".join(f"{flags[k]} {v}" for k, v in GIVEN_MODEL.items() if k in flags)
-    m = config["model"]
-    return (
-        f"--depth {m['depth']} --base-channels {m['base_channels']} --n-classes {m['n_classes']}"
-        f" --padding {m['padding']} --norm {m['norm']} --dropout {m['dropout']}"
-    )
+    given = GIVEN_MODEL if MODEL_FILE else config["model"]
+    if not MODEL_FILE and given["dims"] == 2:  # 2-D runs keep the commands (and params) they always had
+        given = {k: v for k, v in given.items() if k not in ("dims", "pool_z", "kernel_z")}
+    return " ".join(f"--{k.replace('_', '-')} {_flag_value(given[k])}" for k in MODEL_KEYS
+                    if given.get(k) is not None)
+
+
+MODEL_KEYS = ("depth", "base_channels", "n_classes", "padding", "norm", "dropout", "dims", "pool_z", "kernel_z")
+
+
+def _flag_value(value):
+    """A config value as the CLI takes it: lists (pool_z, kernel_z) comma-joined."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def optional_flags(section, keys):
+    """' --flag value' for each of ``keys`` ({config key: flag}) of config ``section`` (a path like
+    "predict/watershed") that is set (not null): the 3-D keys, which 2-D runs leave out."""
+    values = functools.reduce(lambda d, k: d[k], section.split("/"), config)
+    return "".join(f" {flag} {_flag_value(values[k])}" for k, flag in keys.items() if values[k] is not None)
+
+
+def dims_option():
+    """' --dims 3' for the stages that take the stack as a volume (class-weights, weights, evaluate
+    default to a 3-D prediction's record) where the network is 3-D; nothing in 2-D."""
+    return " --dims 3" if SPEC.dims == 3 else ""
+
+
+def weights_scale_options():
+    """The border term's decay length: --sigma-px in 2-D, --dims 3 --sigma-um in 3-D (checked at
+    start-up: check_volume_settings)."""
+    w = config["weights"]
+    return f"--sigma-px {w['sigma_px']}" if SPEC.dims == 2 else f"--dims 3 --sigma-um {w['sigma_um']}"
 
 
 def train_options():
@@ -195,6 +222,7 @@ def watershed_options():
         f"--seeds {w['seeds']} --seed-h-px {w['h_px']}"
         f" --seed-threshold {w['seed_threshold']} --seed-erosion-px {w['seed_erosion_px']}"
         f" --mask-threshold {w['mask_threshold']} --halo-px {w['halo_px']}"
+        + optional_flags("predict/watershed", {"h_um": "--seed-h-um"})
     )
 
 
@@ -292,8 +320,11 @@ def declared_outputs():
         for key, pattern in named.items():
             pattern = strip_wildcard_constraints(str(pattern))
             # only the wildcards the pattern has: a per-sample output is not expanded once per job
-            asked = {k: v for k, v in values.items() if k in get_wildcard_names(pattern)}
-            for path in expand(pattern, **asked):
+            names = get_wildcard_names(pattern)
+            asked = {k: v for k, v in values.items() if k in names}
+            paths = (expand(pattern, **asked) if set(asked) == names  # else the synthetic volumes the table names
+                     else [p for p in sample_files() if re.fullmatch(regex_of(pattern), p)])
+            for path in paths:
                 if step.name in FOLDER_RULES:
                     found[os.path.dirname(path)] = (step.name, None)
                 else:
@@ -311,6 +342,11 @@ def check_declared_outputs():
         check_existing_outputs(declared_outputs(), remedy="set another output_dir in the config")
 
 
+def sample_files():
+    """Every image and labels path of the samples table."""
+    return [row[c] for row in samples.values() for c in ("image", "labels") if row[c]]
+
+
 def check_samples_data():
     """Each sample's files exist (or a rule of this workflow writes them) and hold the slices its row
     names: checked when the workflow is read, before Snakemake builds the jobs (a missing file
@@ -318,7 +354,7 @@ def check_samples_data():
     started."""
     if not workflow.is_main_process:
         return
-    made = [str(f) for step in workflow.rules for f in step.output if not get_wildcard_names(str(f))]
+    made = [path for path in sample_files() if any(step.is_producer(path) for step in workflow.rules)]  # synth rules
     with refusals_exit_2():
         check_sample_stacks(samples, table=config["samples"], made=made)
 

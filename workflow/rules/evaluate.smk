@@ -21,6 +21,7 @@ rule evaluate:
         ),
     params:
         out_dir=lambda wc, output: q(os.path.dirname(output.csv)),
+        link=" --dims 3 --link-slices" if config["evaluate"]["link_slices"] else "",
         code=code_hash("evaluate"),
     conda:
         "../../environment.yml"
@@ -31,4 +32,4 @@ rule evaluate:
     resources:
         mem_mb=4000,
     shell:
-        "unet evaluate {input.prediction:q} {input.stack:q} -o {params.out_dir} > {log:q} 2>&1"
+        "unet evaluate {input.prediction:q} {input.stack:q} -o {params.out_dir}{params.link} > {log:q} 2>&1"

@@ -14,6 +14,7 @@ rule predict:
         jobs=lookup(dpath="predict/jobs", within=config),
         tile_out=lookup(dpath="predict/tile_out", within=config),
         block=lookup(dpath="predict/block_px", within=config),
+        volume=optional_flags("predict", {"block_z": "--block-z", "tile_z": "--tile-z"}),
         batch=lambda wc: predict_batch_option(),
         device=lookup(dpath="predict/device", within=config),
         precision=lookup(dpath="predict/precision", within=config),
@@ -41,7 +42,7 @@ rule predict:
         mem_mb=4000,
     shell:
         "unet predict {input.stack:q} {input.model:q} {params.part:q} --job {wildcards.job}"
-        " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}"
+        " --jobs {params.jobs} --tile-out {params.tile_out} --block-px {params.block}{params.volume}"
         " {params.batch} --device {params.device} --precision {params.precision}"
         " --tta {params.tta} {params.compile} {params.model}"
         " --decision {params.decision} --probabilities {params.probabilities} {params.normalisation}"

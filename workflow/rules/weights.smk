@@ -8,6 +8,7 @@ rule class_weights:
         out("class_weights.json"),
     params:
         connectivity=lookup(dpath="weights/connectivity", within=config),
+        dims=dims_option(),
         code=code_hash("weights"),
     conda:
         "../../environment.yml"
@@ -15,7 +16,7 @@ rule class_weights:
         out("logs/weights/class_weights.log"),
     threads: 2
     shell:
-        "unet class-weights {input:q} -o {output:q} --connectivity {params.connectivity}"
+        "unet class-weights {input:q} -o {output:q} --connectivity {params.connectivity}{params.dims}"
         " --threads {threads} > {log:q} 2>&1"
 
 
@@ -34,7 +35,7 @@ rule weights:
         ),
     params:
         w0=lookup(dpath="weights/w0", within=config),
-        sigma_px=lookup(dpath="weights/sigma_px", within=config),
+        scale=weights_scale_options(),
         tolerance=lookup(dpath="weights/tolerance", within=config),
         connectivity=lookup(dpath="weights/connectivity", within=config),
         border_pixels=lookup(dpath="weights/border_pixels", within=config),
@@ -50,6 +51,6 @@ rule weights:
         mem_mb=4000,
     shell:
         "unet weights {input.stack:q} {output.weights:q} --class-weights {input.class_weights:q}"
-        " --w0 {params.w0} --sigma-px {params.sigma_px} --tolerance {params.tolerance}"
+        " --w0 {params.w0} {params.scale} --tolerance {params.tolerance}"
         " --connectivity {params.connectivity} --border-pixels {params.border_pixels}"
         " --threads {threads} > {log:q} 2>&1"
