@@ -164,7 +164,6 @@ def test_cli_writes_a_volume_set(stores, tmp_path: Path) -> None:
         pytest.param({}, ["--tile-out-z", "16"], "larger than the", id="window-beyond-volume"),
         pytest.param({}, ["--slices", "0-3"], "--slices", id="slices"),
         pytest.param(dict(slice_store=True), [], "a 2-D weights store", id="slice-weights-store"),
-        pytest.param({}, ["--plot", "x.png"], "--plot", id="plot"),
     ],
 )
 def test_cli_bad_volume_input_is_one_line_exit_2(tmp_path: Path, capsys, make, extra, message) -> None:
@@ -175,6 +174,28 @@ def test_cli_bad_volume_input_is_one_line_exit_2(tmp_path: Path, capsys, make, e
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists() and not (tmp_path / "x.png").exists()
+
+
+def test_cli_plot_shows_the_stored_tiles_and_fails_with_the_set(stores, tmp_path: Path, monkeypatch) -> None:
+    """--plot with --dims 3 draws the stored tiles (slice, z-x section, w(x)); a figure that cannot be
+    drawn leaves neither the set nor the PNG."""
+    from PIL import Image
+
+    stack, weights = stores
+    args = [str(stack), str(weights), "--samples-per-slice", "2", "--tile-out", str(TILE_OUT), "--tile-out-z",
+            str(TILE_OUT_Z), *TINY3D_ARGS]
+    out, png = tmp_path / "aug.zarr", tmp_path / "aug.png"
+    assert main(["augment", args[0], args[1], str(out), *args[2:], "--plot", str(png)]) == 0
+    assert out.is_dir() and Image.open(png).size[0] > 500
+    assert _files(out) == _files(_run(stores, tmp_path / "noplot.zarr", samples_per_slice=2, seed=0))  # the set alone
+
+    def fail(*_a, **_k):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(samples, "plot_volume_samples", fail)
+    out2, png2 = tmp_path / "aug2.zarr", tmp_path / "aug2.png"
+    assert main(["augment", args[0], args[1], str(out2), *args[2:], "--plot", str(png2)]) == 1  # internal error
+    assert not out2.exists() and not png2.exists()
 
 
 def test_3d_options_on_a_2d_run_are_refused(stores, tmp_path: Path, capsys) -> None:

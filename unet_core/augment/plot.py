@@ -91,3 +91,41 @@ def plot_augmentation(path: str | os.PathLike[str], rows: Sequence, *, title: st
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def plot_volume_samples(path: str | os.PathLike[str], samples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                        *, spacing_um: Sequence[float], title: str | None = None) -> Path:
+    """Write the PNG of a 3-D training set (atomically): per sample, the stored (Z, H, W) tile through
+    its middle slice (y, x), through its middle row (z, x; drawn at the voxel size's aspect, so
+    nuclei look as round as they are), each with the instances' outlines, and w(x) of the middle slice.
+
+    Args:
+        path: output ``.png``.
+        samples: ``(name, image, instances, weights)``, each array (Z, H, W) as stored.
+        spacing_um: voxel size (z, y, x), µm: the aspect of the (z, x) section.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    if not samples:
+        raise ValueError("no samples to plot")
+    dz, _, dx = (float(v) for v in spacing_um)
+    fig, axes = plt.subplots(len(samples), 3, figsize=(12, 4 * len(samples)), squeeze=False, constrained_layout=True)
+    for (ax_yx, ax_zx, ax_w), (name, image, instances, weights) in zip(axes, samples):
+        z, y = image.shape[0] // 2, image.shape[1] // 2
+        _show(ax_yx, image[z], instances[z], f"{name}: slice z={z} (y, x)")
+        _show(ax_zx, image[:, y], instances[:, y], f"row y={y} (z, x), {dz:g} x {dx:g} µm voxels")
+        ax_zx.set_aspect(dz / dx)
+        shown = ax_w.imshow(weights[z], cmap="viridis", interpolation="nearest")
+        ax_w.set_title(f"w(x), slice z={z} (max {weights[z].max():.1f})", fontsize=8)
+        ax_w.set_xticks([])
+        ax_w.set_yticks([])
+        fig.colorbar(shown, ax=ax_w, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    try:
+        save_png(fig, path, stage="augment", dpi=80)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -74,7 +74,7 @@ from unet_core.augment.elastic import (
     rng_for,
     upsample_matrix,
 )
-from unet_core.augment.plot import plot_augmentation
+from unet_core.augment.plot import plot_augmentation, plot_volume_samples
 from unet_core.common.atomic import atomic_output_with_companions
 from unet_core.common.device import resolve_device
 from unet_core.common.errors import ConfigError, UserInputError, parse_choice
@@ -312,12 +312,12 @@ def augment(
                          normalisation=parse_choice(Normalisation, normalisation, option="--normalisation"),
                          dims=spec.dims)
     if spec.dims == 3:
-        if slices is not None or plot is not None:
-            raise UserInputError(f"{'--slices' if slices is not None else '--plot'}: not available with --dims 3 "
-                                 "(a 3-D set samples the whole volume and has no figure yet); leave it out")
+        if slices is not None:
+            raise UserInputError("--slices: not available with --dims 3 (a 3-D set samples the whole volume); "
+                                 "leave it out")
         return augment_volume(source, out_path, samples=samples_per_slice, tile_out=tile_out,
                               tile_out_z=tile_out_z, seed=seed, spec=spec, params=params, device=device,
-                              workers=workers, sigma_um=sigma_um)
+                              workers=workers, sigma_um=sigma_um, plot=plot, plot_samples=plot_samples)
     return _augment_slices(source, out_path, samples_per_slice=samples_per_slice, tile_out=tile_out, seed=seed,
                            spec=spec, params=params, slices=slices, device=device, plot=plot,
                            plot_samples=plot_samples, workers=workers)
@@ -645,8 +645,12 @@ def augment_volume(
     device: torch.device | str = "cpu",
     workers: int = 1,
     sigma_um: float | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    plot_samples: int = 4,
 ) -> Path:
-    """Write ``samples`` deformed (Z, H, W) tiles of one stack's volume for a 3-D ``spec``, atomically.
+    """Write ``samples`` deformed (Z, H, W) tiles of one stack's volume for a 3-D ``spec``, atomically,
+    and with ``plot`` a PNG of the first ``plot_samples`` of them as stored
+    (:func:`unet_core.augment.plot.plot_volume_samples`).
 
     The set's layout is the module docstring's with a z axis: image/classes/weights/instances
     (N, Z, H, W), ``source`` (N, 2) = (volume 0, k); ``attrs["unet"]`` adds ``dims: 3``,
@@ -665,12 +669,18 @@ def augment_volume(
                                   tile_out=tile_out_zyx, sigma_um=sigma_um, device=device)
 
     out_path = Path(out_path)
-    with atomic_output_with_companions(out_path, own=AUGMENT_MARK) as (tmp, _):
+    with atomic_output_with_companions(out_path, own=AUGMENT_MARK) as (tmp, written):
         root = zarr.open_group(tmp, mode="w")
         _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
         root.attrs.update({"unet": volume_provenance(source, seed=seed, params=params, spec=spec, tile_in=tile_in,
                                                      tile_out=tile_out_zyx, samples=samples, spacing_um=spacing,
                                                      sigma_um=sigma_um)})
+        if plot is not None:  # drawn before the set is put in place: a run that fails on either leaves neither
+            shown = [(f"sample k={k}", *(np.asarray(root[a][k]) for a in ("image", "instances", "weights")))
+                     for k in range(min(plot_samples, samples))]
+            plot_volume_samples(plot, shown, spacing_um=spacing,
+                                title=f"{source.stack.name}: seed {seed}, {params.describe()}")
+            written.append(Path(plot))
     return out_path
 
 
