@@ -812,10 +812,13 @@ class _Flooder:
         self.final, self.offsets = seeds["final"], seeds["offsets"]
         self.n_seeds = int(self.final.max(initial=0))
         self.cells = _CellProbability(run)
-        grid = run.tiling.grid
+        # 3-D: a window's seed labels are read one chunk at a time. Keeping the neighbours' whole
+        # uint32 blocks (8 MiB each at 32 x 256 x 256) for the thin slab of each a window needs
+        # cost hundreds of MiB per piece, more on wider stacks; seed chunks are mostly zeros, so
+        # decoding one again costs little next to the flood
         self.scratch = ChunkCache(
             zarr.open_array(run.work.store / "_scratch" / "seeds", mode="r"),
-            9 * grid[2] + 27 if run.volumes else grid[2] + 4,
+            1 if run.volumes else run.tiling.grid[2] + 4,
         )
 
     def block(self, block: Block) -> tuple[np.ndarray, int]:
@@ -867,10 +870,11 @@ class _CellProbability:
             for p in run.parts
         }
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        grid = run.tiling.grid
-        # the windows of a block row and the rows beside it (3-D: of the z layers beside it too,
-        # which are read again per z layer: memory bounded by the width of the stack, not its area)
-        self.max = 9 * grid[2] + 27 if run.volumes else 3 * grid[2] + 9
+        # 2-D: the windows of a block row and the rows beside it. 3-D: the blocks one window
+        # touches (3 x 3 x 3 where the halo is at most a block deep), so memory is bounded by the
+        # block and halo sizes, not by the stack's; in raster order a block's window finds the 18
+        # it shares with the previous one (each block is decoded about 9 times per pass)
+        self.max = _window_blocks(run) if run.volumes else 3 * run.tiling.grid[2] + 9
 
     def plane(self, index: tuple[int, int, int]) -> np.ndarray:
         """The block's stored P(cell) values (codes, as stored: a quarter of floats for uint8),
@@ -912,6 +916,15 @@ class _CellProbability:
                     part.relative_to(block.write).to_slices()[1:]
                 ]
         return self.run.encoding.decode(out)
+
+
+def _window_blocks(run: _Run) -> int:
+    """The most blocks one window of 3-D parts touches: per axis 1 + 2 x (blocks its deepest
+    margin, the seed margin or the halo, reaches into), clipped to the block grid."""
+    px = max(run.settings.watershed.halo_px, run.settings.watershed.margin_px)
+    margin = (run.z_margin(px), px, px)
+    sizes = (run.tiling.block_z, run.tiling.block_px, run.tiling.block_px)
+    return math.prod(min(n, 1 + 2 * -(-m // s)) for m, s, n in zip(margin, sizes, run.tiling.grid))
 
 
 def _zarr_reader(array: zarr.Array):
