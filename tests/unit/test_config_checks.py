@@ -41,7 +41,7 @@ def test_schema_descriptions_are_whole():
 @pytest.mark.parametrize("config, expected", [
     ({"normalization": "slice-zscore"}, "unknown key 'normalization' at the top level; did you mean 'normalisation'?"),
     ({"train": {"iteration": 3}}, "unknown key 'iteration' in train; did you mean 'iterations'?"),
-    ({"zzz": 1}, "unknown key 'zzz' at the top level; known keys: augment, ingest, model"),
+    ({"zzz": 1}, "unknown key 'zzz' at the top level; known keys: augment, evaluate, ingest, model"),
     ({"predict": {"device": "gpu"}}, "config predict.device = 'gpu': auto = CUDA when available"),
     ({"train": {"optimizer": "rmsprop"}}, "config train.optimizer = 'rmsprop': use one of sgd, adam"),
     ({"predict": {"tiff": "instance"}},
@@ -66,7 +66,7 @@ def test_device_takes_what_the_command_line_takes(device, ok):
         assert (schema_problem({section: {"device": device}}, CONFIG_SCHEMA, []) is None) is ok
 
 
-@pytest.mark.parametrize("name", ["config"] + PROFILES)
+@pytest.mark.parametrize("name", ["config", *PROFILES, "dic_hela", "dic_hela_cpu", "synth3d", "synth3d_2d"])
 def test_shipped_configs_validate(name):
     config = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
     assert schema_problem(config, CONFIG_SCHEMA, [name]) is None

@@ -91,7 +91,7 @@ def test_the_synthetic_sample_is_unused_where_its_keys_changed(name: str) -> Non
 
 
 #: Profiles written after the record (nothing of theirs could change): only the schema resolves them.
-AFTER_THE_RECORD = {"config/dic_hela.yaml", "config/dic_hela_cpu.yaml", "config/synth3d.yaml"}
+AFTER_THE_RECORD = {"config/dic_hela.yaml", "config/dic_hela_cpu.yaml", "config/synth3d.yaml", "config/synth3d_2d.yaml"}
 
 
 def test_every_shipped_and_test_config_is_in_the_record() -> None:
