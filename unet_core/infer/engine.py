@@ -641,7 +641,12 @@ def run_blocks(
 
     Errors of any thread are raised here; ``write`` is never called twice for a block.
     """
-    reuse_freed_memory()  # block-sized host tensors come and go: reuse their pages
+    if not engine.tiling.volumes:
+        reuse_freed_memory()  # block-sized host tensors come and go: reuse their pages
+    # A 3-D network keeps glibc's own thresholds: its activations (up to 290 MB a pass at base 32,
+    # tiles 48 x 220 x 220) carved from a heap that keeps everything freed fragment it from the
+    # second pass on: a job's peak grew from 1.33 to 1.77-1.86 GB, varying from run to run, for
+    # +7 % CPU without (page faults; wall within noise). benchmarks/RESULTS.md, "3-D peak RSS".
     def finish(wait: Callable[[], BlockResult]) -> None:
         result = wait()
         try:
