@@ -672,14 +672,16 @@ def augment_volume(
     with atomic_output_with_companions(out_path, own=AUGMENT_MARK) as (tmp, written):
         root = zarr.open_group(tmp, mode="w")
         _write_samples(root, jobs, ordered_map(make, jobs, workers=workers), tile_in=tile_in)
-        root.attrs.update({"unet": volume_provenance(source, seed=seed, params=params, spec=spec, tile_in=tile_in,
-                                                     tile_out=tile_out_zyx, samples=samples, spacing_um=spacing,
-                                                     sigma_um=sigma_um)})
+        made = volume_provenance(source, seed=seed, params=params, spec=spec, tile_in=tile_in, tile_out=tile_out_zyx,
+                                 samples=samples, spacing_um=spacing, sigma_um=sigma_um)
+        root.attrs.update({"unet": made})
         if plot is not None:  # drawn before the set is put in place: a run that fails on either leaves neither
             shown = [(f"sample k={k}", *(np.asarray(root[a][k]) for a in ("image", "instances", "weights")))
                      for k in range(min(plot_samples, samples))]
-            plot_volume_samples(plot, shown, spacing_um=spacing,
-                                title=f"{source.stack.name}: seed {seed}, {params.describe()}")
+            plot_volume_samples(plot, shown, spacing_um=spacing, title=(
+                f"{source.stack.name}: seed {seed}, tiles of {'x'.join(map(str, tile_in))} voxels; displacements "
+                f"sigma {made['sigma_um']:.3g} um on a coarse grid (<= {params.grid} knots per axis), rotation about "
+                f"z; {made['interpolation']}; brightness {params.brightness:g}, contrast {params.contrast:g}"))
             written.append(Path(plot))
     return out_path
 
