@@ -48,7 +48,7 @@ PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 BIN = Path(sys.executable).parent  # snakemake and unet are installed beside this interpreter
 MERGE_RULES = ("merge_start", "merge_seeds", "merge_number_seeds", "merge_cells", "merge_number_cells", "merge_write",
                "merge")
-OPTIONAL_RULES = ("export_bioimageio",)  # in the profile, not among the default targets
+OPTIONAL_RULES = ("export_bioimageio", "synth_volume")  # in the profile, not run by the demo config
 RULES = ("synth", "ingest", "class_weights", "weights", "augment", "train", "predict", *MERGE_RULES, "evaluate",
          *OPTIONAL_RULES)
 THREADED_RULES = ("class_weights", "weights", "augment", "train", "predict")  # take --threads
