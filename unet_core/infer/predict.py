@@ -39,7 +39,15 @@ from unet_core.infer.encoding import ProbabilityEncoding
 from unet_core.infer.engine import BlockResult, Engine, run_blocks
 from unet_core.infer.part_store import PART_FORMAT, PART_MARK, PartStore
 from unet_core.infer.predict_settings import OPTIONS, Backend, PredictSettings
-from unet_core.infer.tiling import BLOCK_PX, TILE_OUT, TTA, Tiling, check_multiple_of_stride, round_up
+from unet_core.infer.tiling import (
+    BLOCK_PX,
+    TILE_OUT,
+    TTA,
+    Tiling,
+    check_multiple_of_stride,
+    default_block_z,
+    round_up,
+)
 from unet_core.io.ngff import Stack, open_stack
 from unet_core.model.checkpoint import ModelExpectation, load_model
 from unet_core.model.decision import Decision
@@ -277,7 +285,7 @@ def z_blocking(st: Stack, spec: UNetSpec, settings: PredictSettings, metadata: d
     check_volume_input(st, settings, metadata, model=model)
     block_z = settings.block_z
     if block_z is None:
-        block_z = round_up(int(st.image.chunks[0]), spec.z_axis.stride)
+        block_z = default_block_z(st.image.chunks[0], spec)
     check_multiple_of_stride(block_z, spec, what=OPTIONS["block_z"], z=True)
     if settings.tile_z is not None:
         check_multiple_of_stride(settings.tile_z, spec, what=OPTIONS["tile_z"], z=True)

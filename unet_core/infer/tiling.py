@@ -89,6 +89,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def default_block_z(z_chunk: int, spec: UNetSpec) -> int:
+    """Slices per block of a 3-D network when none is asked for: the stack's stored z chunk (at most
+    its depth) rounded up to the network's z stride, on which z tiles must start for the tiled result
+    to equal one pass over the whole volume. ``unet predict`` and the workflow's job count use it."""
+    return round_up(int(z_chunk), spec.z_axis.stride)
+
+
 def check_multiple_of_stride(value: int, spec: UNetSpec, *, what: str, z: bool = False) -> int:
     """Validate a block/tile size: a positive multiple of ``spec.stride`` (with ``z``: of the
     3-D network's z stride, the product of its ``pool_z``).

@@ -42,7 +42,7 @@ from unet_core.common.errors import ConfigError, UserInputError
 from unet_core.common.outputs import Mark, check_replaceable
 from unet_core.common.provenance import sha256_files
 from unet_core.common.samples import read_samples, shared_slices
-from unet_core.infer.tiling import Tiling, check_multiple_of_stride, round_up
+from unet_core.infer.tiling import Tiling, check_multiple_of_stride, default_block_z
 from unet_core.model.spec import UNetSpec
 
 __all__ = [
@@ -166,14 +166,26 @@ def check_jobs_fit_blocks(config: Mapping[str, Any], samples: Mapping[str, Mappi
 
 def _z_blocking(config: Mapping[str, Any], spec: UNetSpec, depth: int) -> tuple[int, int | None]:
     """(block_z, tile_z) that ``unet predict`` uses on a stack of ``depth`` slices: 1 and None for a
-    2-D network; ``predict.block_z``, else the stored z chunk (``ingest.chunks`` z, at most the depth)
-    rounded up to the z stride (:func:`unet_core.infer.predict.z_blocking`)."""
+    2-D network; ``predict.block_z``, else :func:`unet_core.infer.tiling.default_block_z` of the
+    stored z chunk (``ingest.chunks`` z, at most the depth)."""
     if spec.dims == 2:
         return 1, None
     block_z = config["predict"]["block_z"]
     if block_z is None:
-        block_z = round_up(min(config["ingest"]["chunks"][0], depth), spec.z_axis.stride)
+        block_z = default_block_z(min(config["ingest"]["chunks"][0], depth), spec)
     return block_z, config["predict"]["tile_z"]
+
+
+def _selected_depth(name: str, row: Mapping[str, str], depth: int) -> int:
+    """Slices of a stack of ``depth`` slices that the row's selection keeps (0: none).
+
+    Raises:
+        UserInputError: a malformed selection (ingest names it).
+    """
+    from unet_core.common.slices import count, merged, slice_ranges
+
+    ranges = slice_ranges(row["slices"], what=name)
+    return depth if ranges is None else count(merged([(lo, min(hi, depth - 1)) for lo, hi in ranges if lo < depth]))
 
 
 def _selected_shape(name: str, row: Mapping[str, str]) -> tuple[int, int, int] | None:
@@ -182,17 +194,14 @@ def _selected_shape(name: str, row: Mapping[str, str]) -> tuple[int, int, int] |
     refuse it (it names the problem) or nothing is selected."""
     if not os.path.exists(row["image"]):
         return None
-    from unet_core.common.slices import count, merged, slice_ranges
     from unet_core.io.tiff import open_tiff_stack  # tifffile: only where a file is looked at
 
     try:
         with open_tiff_stack(row["image"]) as stack:
             z, y, x = stack.shape
-        ranges = slice_ranges(row["slices"], what=name)
+        z = _selected_depth(name, row, z)
     except UserInputError:
         return None
-    if ranges is not None:
-        z = count(merged([(lo, min(hi, z - 1)) for lo, hi in ranges if lo < z]))
     return (z, y, x) if z >= 1 else None
 
 
@@ -264,14 +273,10 @@ def _check_volume_keys(config: Mapping[str, Any], spec: UNetSpec, *, trains: boo
 
 
 def _check_volume_sample(name: str, row: Mapping[str, str], spec: UNetSpec, *, table: str) -> None:
-    """One sample of a 3-D run: several slices, a given voxel size, z coarse enough for pool_z."""
-    shape = _selected_shape(name, row)
-    if shape is None:
+    """One sample of a 3-D run: several slices, a given voxel size, z coarse enough for pool_z (one
+    reading of the TIFF header; a file a rule still writes, or that ingest will refuse, is skipped)."""
+    if not os.path.exists(row["image"]):
         return
-    where = f"{table}: sample {name!r} ({row['image']})"
-    if shape[0] < 2:
-        raise ConfigError(f"{where}: one slice selected; the 3-D mode (model.dims 3) needs a volume of several "
-                          "slices (select more, or use model.dims 2)")
     from unet_core.io.ingest import voxel_size  # zarr: only for a 3-D run
     from unet_core.io.tiff import open_tiff_stack
     from unet_core.model.spec import check_z_geometry
@@ -279,9 +284,16 @@ def _check_volume_sample(name: str, row: Mapping[str, str], spec: UNetSpec, *, t
     column = row.get("voxel_size_um", "").replace(" ", "")
     try:
         with open_tiff_stack(row["image"]) as stack:
+            depth = _selected_depth(name, row, stack.shape[0])
             spacing, missing = voxel_size(stack, tuple(map(float, column.split(","))) if column else None)
     except UserInputError:
         return  # ingest names the problem
+    if depth == 0:
+        return  # nothing selected: ingest names it
+    where = f"{table}: sample {name!r} ({row['image']})"
+    if depth == 1:
+        raise ConfigError(f"{where}: one slice selected; the 3-D mode (model.dims 3) needs a volume of several "
+                          "slices (select more, or use model.dims 2)")
     if missing:
         raise ConfigError(f"{where}: the file gives no voxel size for axis {', '.join(missing)}, and the 3-D "
                           "mode measures in µm: give it in the samples table's voxel_size_um column (z,y,x)")
